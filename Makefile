@@ -1,0 +1,129 @@
+# qemu-vnet: install, demo and test on Debian 12.
+#   sudo make demo   installs everything and runs a VM on the default NAT network vnet2
+#   sudo make test   the whole test suite (real bus, polkitd, kernel, QEMU guests)
+# Other targets: install, uninstall, install-files, start, stop, lint, unit, bench.
+
+VENV        ?= /opt/qemu-vnet
+PY          := $(VENV)/bin/python
+BINDIR      ?= /usr/local/bin
+SBINDIR     ?= /usr/local/sbin
+LIBEXECDIR  ?= /usr/libexec/qemu-vnet
+DBUS_SYSD   ?= /usr/share/dbus-1/system.d
+DBUS_SVCD   ?= /usr/share/dbus-1/system-services
+DBUS_IFACES ?= /usr/share/dbus-1/interfaces
+POLKIT_ACT  ?= /usr/share/polkit-1/actions
+POLKIT_RUL  ?= /usr/share/polkit-1/rules.d
+UNITDIR     ?= /etc/systemd/system
+LOGDIR      ?= /var/log/qemu-vnet
+
+# What the service needs, and what the tests and the demo need on top.
+DEB_RUNTIME := dbus-daemon dbus-bin polkitd pkexec python3 python3-venv python3-pip \
+               python3-nftables nftables iproute2 dnsmasq-base isc-dhcp-server vde2
+DEB_TEST    := qemu-system-x86 linux-image-cloud-amd64 busybox-static expect dnsutils \
+               iperf3 systemd procps psmisc
+PIP_TEST    := pytest pytest-asyncio hypothesis pexpect ruff
+
+SYSTEMD_PID1 := $(shell [ "$$(cat /proc/1/comm 2>/dev/null)" = systemd ] && echo yes)
+
+.PHONY: all install install-deps install-test-deps install-files venv start stop uninstall \
+        demo test unit lint bench clean check-root
+
+all:
+	@echo "Try: sudo make demo    (install and boot a VM on network vnet2)"
+	@echo "     sudo make test    (the whole test suite)"
+
+check-root:
+	@[ "$$(id -u)" = 0 ] || { echo "make: run this as root (sudo make $(MAKECMDGOALS))" >&2; exit 1; }
+
+install: check-root install-deps install-files start
+	@echo "qemu-vnet is installed. Add users to group 'vnet' to let them attach VMs:"
+	@echo "  sudo usermod -aG vnet USER"
+
+install-deps: check-root
+	@missing=""; for p in $(DEB_RUNTIME); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+install-test-deps: check-root install-deps
+	@missing=""; for p in $(DEB_TEST); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages for tests:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+venv: check-root
+	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall . >/dev/null
+	@$(PY) -c "import dbus_fast, pyroute2" 2>/dev/null || \
+	  $(PY) -m pip install -q --disable-pip-version-check ".[daemon]"
+	@chmod -R a+rX $(VENV)
+
+install-files: check-root venv
+	@getent group vnet >/dev/null || groupadd --system vnet
+	@install -d -m 755 $(BINDIR) $(SBINDIR) $(LIBEXECDIR) $(DBUS_SYSD) $(DBUS_SVCD) $(DBUS_IFACES) \
+	  $(POLKIT_ACT) $(POLKIT_RUL) $(UNITDIR) /etc/qemu-vnet/networks $(LOGDIR)
+	@for c in vnet-client vnet-ifup vnet-ifdown; do ln -sf $(VENV)/bin/$$c $(BINDIR)/$$c; done
+	@ln -sf $(VENV)/bin/vnetd $(SBINDIR)/vnetd
+	@ln -sf $(VENV)/bin/vnet-bridge-helper $(LIBEXECDIR)/vnet-bridge-helper
+	@install -m 644 dbus/org.qemuvnet.Vnet1.conf $(DBUS_SYSD)/
+	@install -m 644 dbus/org.qemuvnet.Vnet1.service $(DBUS_SVCD)/
+	@install -m 644 dbus/org.qemuvnet.Vnet1.xml $(DBUS_IFACES)/
+	@install -m 644 polkit/org.qemuvnet.Vnet1.policy $(POLKIT_ACT)/
+	@install -m 644 polkit/rules.d/50-qemu-vnet.rules $(POLKIT_RUL)/
+	@install -m 644 systemd/vnetd.service $(UNITDIR)/vnetd.service
+	@echo "Installed files under $(VENV), $(BINDIR), $(DBUS_SYSD), $(POLKIT_ACT), $(UNITDIR)."
+
+# Start the bus, polkitd and vnetd: through systemd where it is PID 1, by hand otherwise.
+start: check-root
+ifeq ($(SYSTEMD_PID1),yes)
+	systemctl daemon-reload
+	systemctl reload dbus || true
+	systemctl enable --now vnetd.service
+else
+	@$(PY) -m tests.harness.services start --vnetd
+endif
+
+stop: check-root
+ifeq ($(SYSTEMD_PID1),yes)
+	systemctl stop vnetd.service || true
+else
+	@$(PY) -m tests.harness.services stop-vnetd
+endif
+
+uninstall: check-root stop
+ifeq ($(SYSTEMD_PID1),yes)
+	-systemctl disable vnetd.service
+endif
+	rm -f $(BINDIR)/vnet-client $(BINDIR)/vnet-ifup $(BINDIR)/vnet-ifdown $(SBINDIR)/vnetd
+	rm -rf $(LIBEXECDIR)
+	rm -f $(DBUS_SYSD)/org.qemuvnet.Vnet1.conf $(DBUS_SVCD)/org.qemuvnet.Vnet1.service \
+	  $(DBUS_IFACES)/org.qemuvnet.Vnet1.xml $(POLKIT_ACT)/org.qemuvnet.Vnet1.policy \
+	  $(POLKIT_RUL)/50-qemu-vnet.rules $(UNITDIR)/vnetd.service
+	rm -rf $(VENV)
+	@echo "Uninstalled. Definitions in /etc/qemu-vnet and state in /var/lib/qemu-vnet were kept;"
+	@echo "remove them by hand if you want them gone. Group 'vnet' was kept."
+
+demo: check-root install install-test-deps
+	@$(PY) -m tests.harness.demo
+
+test-env: check-root install-deps install-test-deps install-files
+	@$(PY) -c "import pytest, pytest_asyncio, hypothesis, pexpect" 2>/dev/null || \
+	  $(PY) -m pip install -q --disable-pip-version-check $(PIP_TEST)
+
+test: test-env
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+unit:
+	python3 -m pytest -q -p no:cacheprovider tests/unit
+
+lint:
+	ruff check .
+
+bench: test-env
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf build *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

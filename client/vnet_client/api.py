@@ -1,0 +1,183 @@
+"""The Python client library: talk to vnetd over the system bus.
+
+    from vnet_client import Client
+    async with Client() as c:
+        for net in await c.list_networks():
+            print(net["name"], net["state"])
+
+Errors from the service are raised as VnetClientError with the D-Bus error name and the
+service's sentence. This module imports only dbus-fast (the client never needs the daemon's
+dependencies).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+BUS_NAME = "org.qemuvnet.Vnet1"
+MANAGER_PATH = "/org/qemuvnet/Vnet1"
+MANAGER = "org.qemuvnet.Vnet1.Manager"
+ERR = "org.qemuvnet.Vnet1.Error."
+AUTH_ERRORS = (
+    "org.freedesktop.DBus.Error.AccessDenied",
+    "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
+    "org.freedesktop.PolicyKit1.Error.NotAuthorized",
+)
+UNAVAILABLE = (
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.Spawn.ChildExited",
+)
+CALL_TIMEOUT = 300.0  # a person may be typing a password
+
+
+class VnetClientError(Exception):
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+        self.message = message
+
+    @property
+    def short_name(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def is_auth(self) -> bool:
+        return self.name in AUTH_ERRORS
+
+    @property
+    def needs_interaction(self) -> bool:
+        return self.name == "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+
+
+def plain(v: Any) -> Any:
+    """Variants and nested containers as plain Python values."""
+    if isinstance(v, Variant):
+        return plain(v.value)
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [plain(x) for x in v]
+    return v
+
+
+def variant(v: Any) -> Variant:
+    if isinstance(v, bool):
+        return Variant("b", v)
+    if isinstance(v, int):
+        return Variant("i", v) if -(2**31) <= v < 2**31 else Variant("x", v)
+    if isinstance(v, str):
+        return Variant("s", v)
+    if isinstance(v, list | tuple):
+        if all(isinstance(x, str) for x in v):
+            return Variant("as", list(v))
+        if all(isinstance(x, dict) for x in v):
+            return Variant("aa{sv}", [asv(x) for x in v])
+    if isinstance(v, dict):
+        return Variant("a{sv}", asv(v))
+    raise TypeError(f"cannot send {type(v).__name__} over D-Bus")
+
+
+def asv(d: dict[str, Any]) -> dict[str, Variant]:
+    return {k: variant(v) for k, v in d.items() if v is not None}
+
+
+class Client:
+    """One connection to vnetd. `interactive` sets ALLOW_INTERACTIVE_AUTHORIZATION on calls,
+    so that polkit may ask for a password through a registered agent."""
+
+    def __init__(self, bus_address: str | None = None, interactive: bool = False):
+        self.bus_address = bus_address or os.environ.get("VNET_BUS_ADDRESS") or None
+        self.interactive = interactive
+        self.bus: MessageBus | None = None
+
+    async def connect(self) -> Client:
+        if self.bus_address:
+            self.bus = MessageBus(bus_address=self.bus_address, negotiate_unix_fd=True)
+        else:
+            self.bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+        try:
+            await self.bus.connect()
+        except (OSError, Exception) as e:
+            raise VnetClientError(
+                "org.qemuvnet.Vnet1.Error.NoBus",
+                f"Cannot connect to the system bus ({e}): is dbus-daemon running?",
+            ) from None
+        return self
+
+    async def __aenter__(self) -> Client:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bus is not None:
+            self.bus.disconnect()
+            self.bus = None
+
+    async def call(self, member: str, signature: str = "", body: list[Any] | None = None,
+                   path: str = MANAGER_PATH, interface: str = MANAGER,
+                   interactive: bool | None = None) -> Message:
+        """Call a method; return the reply Message (its unix_fds are the caller's to close)."""
+        interactive = self.interactive if interactive is None else interactive
+        flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if interactive else MessageFlag.NONE
+        msg = Message(destination=BUS_NAME, path=path, interface=interface, member=member,
+                      signature=signature, body=body or [], flags=flags)
+        reply = await self._send(msg)
+        if reply.message_type == MessageType.ERROR:
+            for fd in reply.unix_fds:
+                os.close(fd)
+            text = reply.body[0] if reply.body else reply.error_name
+            if reply.error_name in UNAVAILABLE:
+                text = (f"The qemu-vnet service (vnetd) is not running or not reachable ({text}). "
+                        "Start it with 'sudo make install' or 'systemctl start vnetd'.")
+            raise VnetClientError(reply.error_name, text)
+        return reply
+
+    async def _send(self, msg: Message) -> Message:
+        import asyncio
+
+        try:
+            return await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT)
+        except TimeoutError:
+            raise VnetClientError("org.freedesktop.DBus.Error.NoReply",
+                                  "vnetd did not answer in time.") from None
+
+    async def value(self, member: str, signature: str = "", body: list[Any] | None = None,
+                    **kw: Any) -> Any:
+        reply = await self.call(member, signature, body, **kw)
+        if not reply.body:
+            return None
+        return plain(reply.body[0]) if len(reply.body) == 1 else [plain(b) for b in reply.body]
+
+    # --- networks -----------------------------------------------------------------------
+    async def list_networks(self) -> list[dict[str, Any]]:
+        return await self.value("ListNetworks")
+
+    async def get_network(self, name: str) -> dict[str, Any]:
+        return await self.value("GetNetwork", "s", [name])
+
+    async def define(self, name: str, **options: Any) -> str:
+        opts = {k.replace("_", "-"): v for k, v in options.items() if v is not None}
+        return await self.value("Define", "sa{sv}", [name, asv(opts)])
+
+    async def undefine(self, name: str) -> None:
+        await self.call("Undefine", "s", [name])
+
+    async def start(self, name: str) -> None:
+        await self.call("Start", "s", [name])
+
+    async def stop(self, name: str) -> None:
+        await self.call("Stop", "s", [name])
+
+    async def set_autostart(self, name: str, enabled: bool) -> None:
+        await self.call("SetAutostart", "sb", [name, enabled])
+
+    async def reload(self) -> list[str]:
+        return await self.value("Reload")

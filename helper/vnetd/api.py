@@ -1,0 +1,136 @@
+"""The D-Bus contract, declared once: interfaces, methods, their polkit action, signals.
+
+`dbus/org.qemuvnet.Vnet1.xml` is generated from this table (`python -m vnetd.api`), the running
+service answers Introspect from it, and a test checks that the two agree. A method that names
+no polkit action cannot be declared: the table refuses it (fail closed).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from xml.sax.saxutils import escape
+
+from .authz import ACTIONS, ATTACH, FORWARD, INFO, MANAGE  # noqa: F401  (FORWARD: later methods)
+
+BUS_NAME = "org.qemuvnet.Vnet1"
+MANAGER_PATH = "/org/qemuvnet/Vnet1"
+NETWORK_PATH = MANAGER_PATH + "/network"
+PORT_PATH = MANAGER_PATH + "/port"
+MANAGER = "org.qemuvnet.Vnet1.Manager"
+NETWORK = "org.qemuvnet.Vnet1.Network"
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    sig: str
+
+
+@dataclass(frozen=True)
+class Method:
+    iface: str
+    name: str
+    args: tuple[Arg, ...]
+    returns: tuple[Arg, ...]
+    action: str
+    doc: str
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"{self.name}: every method needs a polkit action")
+
+    @property
+    def in_sig(self) -> str:
+        return "".join(a.sig for a in self.args)
+
+    @property
+    def out_sig(self) -> str:
+        return "".join(a.sig for a in self.returns)
+
+
+@dataclass(frozen=True)
+class Signal:
+    iface: str
+    name: str
+    args: tuple[Arg, ...]
+    doc: str
+
+
+def _a(*pairs: str) -> tuple[Arg, ...]:
+    return tuple(Arg(*p.split(":")) for p in pairs)
+
+
+METHODS: tuple[Method, ...] = (
+    Method(MANAGER, "ListNetworks", (), _a("networks:aa{sv}"), INFO,
+           "Every defined network with its definition and state."),
+    Method(MANAGER, "GetNetwork", _a("name:s"), _a("network:a{sv}"), INFO,
+           "One network: definition, state, bridge, addresses."),
+    Method(MANAGER, "Define", _a("name:s", "options:a{sv}"), _a("network:o"), MANAGE,
+           "Define a network. Options: mode, subnet, subnet6, mtu, autostart, taps, tap-user, "
+           "tap-group, dhcp."),
+    Method(MANAGER, "Undefine", _a("name:s"), (), MANAGE,
+           "Remove a stopped network's definition."),
+    Method(MANAGER, "Start", _a("name:s"), (), MANAGE,
+           "Create the bridge, its addresses and the pre-created taps."),
+    Method(MANAGER, "Stop", _a("name:s"), (), MANAGE,
+           "Remove everything the network's start made."),
+    Method(MANAGER, "SetAutostart", _a("name:s", "enabled:b"), (), MANAGE,
+           "Start the network whenever vnetd starts."),
+    Method(MANAGER, "Reload", (), _a("problems:as"), MANAGE,
+           "Re-read the definition files; returns a sentence per file that could not be used."),
+    Method(NETWORK, "GetInfo", (), _a("network:a{sv}"), INFO,
+           "This network, as Manager.GetNetwork returns it."),
+    Method(NETWORK, "Start", (), (), MANAGE, "Start this network."),
+    Method(NETWORK, "Stop", (), (), MANAGE, "Stop this network."),
+)
+
+SIGNALS: tuple[Signal, ...] = (
+    Signal(MANAGER, "NetworkChanged", _a("name:s", "state:s"),
+           "A network was defined, undefined, started, stopped or reloaded."),
+)
+
+INTERFACES = (MANAGER, NETWORK)
+
+
+def interface_xml(iface: str, indent: str = "  ") -> str:
+    lines = [f'{indent}<interface name="{iface}">']
+    for m in METHODS:
+        if m.iface != iface:
+            continue
+        lines.append(f'{indent}  <method name="{m.name}">')
+        lines.append(f'{indent}    <annotation name="org.qemuvnet.Vnet1.Doc" '
+                     f'value="{escape(m.doc, {chr(34): "&quot;"})}"/>')
+        lines.append(f'{indent}    <annotation name="org.qemuvnet.Vnet1.PolkitAction" '
+                     f'value="{m.action}"/>')
+        for a in m.args:
+            lines.append(f'{indent}    <arg name="{a.name}" type="{a.sig}" direction="in"/>')
+        for a in m.returns:
+            lines.append(f'{indent}    <arg name="{a.name}" type="{a.sig}" direction="out"/>')
+        lines.append(f"{indent}  </method>")
+    for s in SIGNALS:
+        if s.iface != iface:
+            continue
+        lines.append(f'{indent}  <signal name="{s.name}">')
+        lines.append(f'{indent}    <annotation name="org.qemuvnet.Vnet1.Doc" '
+                     f'value="{escape(s.doc, {chr(34): "&quot;"})}"/>')
+        for a in s.args:
+            lines.append(f'{indent}    <arg name="{a.name}" type="{a.sig}"/>')
+        lines.append(f"{indent}  </signal>")
+    lines.append(f"{indent}</interface>")
+    return "\n".join(lines)
+
+
+DOCTYPE = ('<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'
+           ' "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">')
+
+
+def contract_xml() -> str:
+    """The whole contract: every interface of the service, as dbus/org.qemuvnet.Vnet1.xml."""
+    body = "\n".join(interface_xml(i) for i in INTERFACES)
+    return (f"{DOCTYPE}\n<!-- Generated by 'python -m vnetd.api'; the API contract of vnetd. -->\n"
+            f"<node>\n{body}\n</node>\n")
+
+
+if __name__ == "__main__":
+    sys.stdout.write(contract_xml())

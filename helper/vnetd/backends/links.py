@@ -1,0 +1,143 @@
+"""Links and addresses through netlink (pyroute2's asyncio socket).
+
+Every lookup is a kernel-side filtered request (RTM_GETLINK by name or index); the only full
+dump is the one reconcile makes once at start-up to find what carries our alias.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+from dataclasses import dataclass
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import Failed
+from ..model import ALIAS_PREFIX
+
+log = logging.getLogger("vnetd.links")
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    ifname: str
+    kind: str | None
+    alias: str | None
+    master: int | None
+    up: bool
+    mtu: int
+    address: str | None
+
+
+def _to_link(msg) -> Link:
+    return Link(
+        index=msg["index"],
+        ifname=msg.get("ifname"),
+        kind=msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"),
+        alias=msg.get("ifalias"),
+        master=msg.get("master"),
+        up=bool(msg["flags"] & 1),
+        mtu=msg.get("mtu"),
+        address=msg.get("address"),
+    )
+
+
+def _failed(what: str, e: NetlinkError) -> Failed:
+    return Failed(f"The kernel refused to {what}: {errno.errorcode.get(e.code, e.code)} "
+                  f"({e.args[1] if len(e.args) > 1 else e}).")
+
+
+class Links:
+    def __init__(self) -> None:
+        self.ipr: AsyncIPRoute | None = None
+
+    async def open(self) -> None:
+        self.ipr = AsyncIPRoute()
+        await self.ipr.setup_endpoint()
+
+    async def close(self) -> None:
+        if self.ipr is not None:
+            self.ipr.close()
+            self.ipr = None
+
+    async def get(self, ifname: str | None = None, index: int | None = None) -> Link | None:
+        try:
+            if index is not None:
+                msgs = await self.ipr.link("get", index=index)
+            else:
+                msgs = await self.ipr.link("get", ifname=ifname)
+        except NetlinkError as e:
+            if e.code in (errno.ENODEV, errno.EINVAL):
+                return None
+            raise _failed(f"look up {ifname or index}", e) from None
+        return _to_link(msgs[0]) if msgs else None
+
+    async def dump_ours(self) -> list[Link]:
+        """Every link whose alias says vnetd made it (start-up reconcile only)."""
+        out = []
+        async for msg in await self.ipr.link("dump"):
+            alias = msg.get("ifalias")
+            if alias and alias.startswith(ALIAS_PREFIX):
+                out.append(_to_link(msg))
+        return out
+
+    async def create_bridge(self, name: str, mac: str, mtu: int, alias: str) -> Link:
+        try:
+            await self.ipr.link(
+                "add", ifname=name, kind="bridge", br_forward_delay=0, br_stp_state=0,
+                address=mac, mtu=mtu,
+            )
+        except NetlinkError as e:
+            raise _failed(f"create bridge {name}", e) from None
+        link = await self.get(name)
+        await self.set(link.index, ifalias=alias)
+        return link
+
+    async def set(self, index: int, **kw) -> None:
+        try:
+            await self.ipr.link("set", index=index, **kw)
+        except NetlinkError as e:
+            raise _failed(f"change interface #{index} ({', '.join(kw)})", e) from None
+
+    async def up(self, index: int) -> None:
+        await self.set(index, state="up")
+
+    async def delete(self, index: int) -> bool:
+        try:
+            await self.ipr.link("del", index=index)
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return False
+            raise _failed(f"delete interface #{index}", e) from None
+        return True
+
+    async def addresses(self, index: int) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+        out = []
+        async for msg in await self.ipr.addr("dump", index=index):
+            if msg["index"] != index:
+                continue
+            out.append(ipaddress.ip_interface(f"{msg.get('address')}/{msg['prefixlen']}"))
+        return out
+
+    async def all_addresses(self) -> list[tuple[int, ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
+        out = []
+        async for msg in await self.ipr.addr("dump"):
+            out.append((msg["index"],
+                        ipaddress.ip_interface(f"{msg.get('address')}/{msg['prefixlen']}")))
+        return out
+
+    async def add_address(self, index: int, iface) -> None:
+        kw = {}
+        if iface.version == 6:
+            kw["flags"] = 0x80  # IFA_F_NODAD: the gateway owns its address, no DAD wait
+        try:
+            await self.ipr.addr("add", index=index, address=str(iface.ip),
+                                prefixlen=iface.network.prefixlen, **kw)
+        except NetlinkError as e:
+            if e.code == errno.EEXIST:
+                return
+            raise _failed(f"add address {iface}", e) from None
+

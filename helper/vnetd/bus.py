@@ -1,0 +1,332 @@
+"""The D-Bus surface, thin: decode, authorize, call the engine, encode, map errors, send fds.
+
+Messages are taken with a low-level handler so that each call's sender, flags and file
+descriptors are seen exactly (dbus-fast's high-level service hides the flags). Received fds
+that no method expects are closed at once. A reply that carries fds is awaited until written,
+and only then are the service's copies closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from . import api
+from .authz import Authorizer, Caller
+from .engine import Engine
+from .errors import InvalidArgument, VnetError
+from .model import Network
+
+log = logging.getLogger("vnetd.bus")
+
+STD_IFACES = """  <interface name="org.freedesktop.DBus.Introspectable">
+    <method name="Introspect"><arg name="xml" type="s" direction="out"/></method>
+  </interface>
+  <interface name="org.freedesktop.DBus.Peer">
+    <method name="Ping"/>
+    <method name="GetMachineId"><arg name="machine_uuid" type="s" direction="out"/></method>
+  </interface>"""
+
+MAX_DEPTH = 8
+
+
+# --- value conversion -------------------------------------------------------------------
+def to_variant(v: Any) -> Variant:
+    if isinstance(v, Variant):
+        return v
+    if isinstance(v, bool):
+        return Variant("b", v)
+    if isinstance(v, int):
+        return Variant("i", v) if -(2**31) <= v < 2**31 else Variant("x", v)
+    if isinstance(v, str):
+        return Variant("s", v)
+    if isinstance(v, dict):
+        return Variant("a{sv}", to_asv(v))
+    if isinstance(v, list | tuple):
+        if v and all(isinstance(x, dict) for x in v):
+            return Variant("aa{sv}", [to_asv(x) for x in v])
+        if all(isinstance(x, str) for x in v):
+            return Variant("as", list(v))
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            return Variant("ax", list(v))
+    raise TypeError(f"cannot encode {type(v).__name__}")
+
+
+def to_asv(d: dict[str, Any]) -> dict[str, Variant]:
+    return {k: to_variant(v) for k, v in d.items() if v is not None}
+
+
+def unwrap(v: Any, depth: int = 0) -> Any:
+    """Plain Python values from what dbus-fast decoded (Variants nested at most MAX_DEPTH)."""
+    if depth > MAX_DEPTH:
+        raise InvalidArgument("The arguments are nested too deeply.")
+    if isinstance(v, Variant):
+        return unwrap(v.value, depth + 1)
+    if isinstance(v, dict):
+        return {unwrap(k, depth + 1): unwrap(x, depth + 1) for k, x in v.items()}
+    if isinstance(v, list):
+        return [unwrap(x, depth + 1) for x in v]
+    return v
+
+
+def label_escape(name: str) -> str:
+    """A network name as one object-path element ([A-Za-z0-9_] only), systemd style."""
+    return "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):02x}" for c in name) or "_"
+
+
+def label_unescape(label: str) -> str:
+    out, i = [], 0
+    while i < len(label):
+        if label[i] == "_" and i + 3 <= len(label):
+            try:
+                out.append(chr(int(label[i + 1:i + 3], 16)))
+                i += 3
+                continue
+            except ValueError:
+                pass
+        out.append(label[i])
+        i += 1
+    return "".join(out)
+
+
+def network_path(name: str) -> str:
+    return f"{api.NETWORK_PATH}/{label_escape(name)}"
+
+
+class Reply:
+    """What a handler returns: body values, and fds to send and close after the write."""
+
+    def __init__(self, *body: Any, fds: list[int] | None = None):
+        self.body = list(body)
+        self.fds = fds or []
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+class Service:
+    def __init__(self, bus: MessageBus, engine: Engine, authz: Authorizer):
+        self.bus = bus
+        self.engine = engine
+        self.authz = authz
+        self.methods = {(m.iface, m.name): m for m in api.METHODS}
+        self.handlers: dict[tuple[str, str], Handler] = {
+            (api.MANAGER, "ListNetworks"): self.list_networks,
+            (api.MANAGER, "GetNetwork"): self.get_network,
+            (api.MANAGER, "Define"): self.define,
+            (api.MANAGER, "Undefine"): self.undefine,
+            (api.MANAGER, "Start"): self.start,
+            (api.MANAGER, "Stop"): self.stop,
+            (api.MANAGER, "SetAutostart"): self.set_autostart,
+            (api.MANAGER, "Reload"): self.reload,
+            (api.NETWORK, "GetInfo"): self.get_network,
+            (api.NETWORK, "Start"): self.start,
+            (api.NETWORK, "Stop"): self.stop,
+        }
+        missing = set(self.methods) ^ set(self.handlers)
+        if missing:
+            raise RuntimeError(f"contract and handlers disagree: {sorted(missing)}")
+        self.tasks: set[asyncio.Task] = set()
+        engine.listeners.append(self.emit_network_changed)
+
+    # --- wiring -------------------------------------------------------------------------
+    def install(self) -> None:
+        self.bus.add_message_handler(self.on_message)
+
+    def on_message(self, msg: Message) -> bool | None:
+        if msg.message_type == MessageType.SIGNAL:
+            self._on_signal(msg)
+            return None
+        if msg.message_type != MessageType.METHOD_CALL:
+            return None
+        path = msg.path or ""
+        if not (path == api.MANAGER_PATH or path.startswith(api.MANAGER_PATH + "/")
+                or path in ("/", "/org", "/org/qemuvnet")):
+            return None
+        for fd in msg.unix_fds:  # no method takes fds: never keep what a caller sends
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if msg.interface == "org.freedesktop.DBus.Introspectable" and msg.member == "Introspect":
+            return self._introspect(msg)
+        if msg.interface == "org.freedesktop.DBus.Peer" or path in ("/", "/org", "/org/qemuvnet"):
+            return None  # dbus-fast answers Ping/GetMachineId and unknown paths
+        task = asyncio.get_running_loop().create_task(self._dispatch(msg))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    def _on_signal(self, msg: Message) -> None:
+        if msg.interface == "org.freedesktop.DBus" and msg.member == "NameOwnerChanged":
+            name, _old, new = msg.body
+            if name.startswith(":") and not new:
+                self.authz.forget_sender(name)
+        elif msg.interface == "org.freedesktop.PolicyKit1.Authority" and msg.member == "Changed":
+            self.authz.polkit_changed()
+
+    async def subscribe(self) -> None:
+        for rule in (
+            "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+            "member='NameOwnerChanged'",
+            "type='signal',sender='org.freedesktop.PolicyKit1',"
+            "interface='org.freedesktop.PolicyKit1.Authority',member='Changed'",
+        ):
+            await self.bus.call(Message(
+                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule],
+            ))
+
+    # --- introspection ------------------------------------------------------------------
+    def _children(self, path: str) -> list[str]:
+        if path == "/":
+            return ["org"]
+        if path == "/org":
+            return ["qemuvnet"]
+        if path == "/org/qemuvnet":
+            return ["Vnet1"]
+        if path == api.MANAGER_PATH:
+            return ["network", "port"]
+        if path == api.NETWORK_PATH:
+            return [label_escape(n) for n in sorted(self.engine.defs)]
+        return []
+
+    def _introspect(self, msg: Message) -> Message:
+        path = msg.path
+        ifaces = []
+        if path == api.MANAGER_PATH:
+            ifaces.append(api.interface_xml(api.MANAGER))
+        elif path.startswith(api.NETWORK_PATH + "/"):
+            name = label_unescape(path[len(api.NETWORK_PATH) + 1:])
+            if name in self.engine.defs:
+                ifaces.append(api.interface_xml(api.NETWORK))
+        nodes = "".join(f'\n  <node name="{c}"/>' for c in self._children(path))
+        xml = (f"{api.DOCTYPE}\n<node>\n{STD_IFACES}\n" + "\n".join(ifaces)
+               + f"{nodes}\n</node>\n")
+        return Message.new_method_return(msg, "s", [xml])
+
+    # --- dispatch -----------------------------------------------------------------------
+    def _error(self, msg: Message, name: str, text: str) -> Message:
+        return Message.new_error(msg, name, text)
+
+    async def _dispatch(self, msg: Message) -> None:
+        reply: Message
+        fds: list[int] = []
+        try:
+            reply, fds = await self._call(msg)
+        except VnetError as e:
+            reply = self._error(msg, e.dbus_name, e.message)
+        except Exception:
+            log.exception("internal error in %s.%s", msg.interface, msg.member)
+            reply = self._error(msg, "org.qemuvnet.Vnet1.Error.Failed",
+                                "vnetd hit an internal error; the details are in its log.")
+        try:
+            if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+                return
+            await self.bus.send(reply)
+        finally:
+            for fd in fds:  # only now, after the reply carrying them was written
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    async def _call(self, msg: Message) -> tuple[Message, list[int]]:
+        path = msg.path
+        iface = msg.interface
+        target: str | None = None
+        if path == api.MANAGER_PATH:
+            iface = iface or api.MANAGER
+            if iface != api.MANAGER:
+                return self._unknown(msg), []
+        elif path.startswith(api.NETWORK_PATH + "/"):
+            iface = iface or api.NETWORK
+            target = label_unescape(path[len(api.NETWORK_PATH) + 1:])
+            if iface != api.NETWORK or target not in self.engine.defs:
+                return self._unknown(msg), []
+        else:
+            return self._unknown(msg), []
+        spec = self.methods.get((iface, msg.member))
+        if spec is None:
+            return self._unknown(msg), []
+        if msg.signature != spec.in_sig:
+            return self._error(
+                msg, "org.freedesktop.DBus.Error.InvalidArgs",
+                f"{spec.name} takes arguments of type '{spec.in_sig}', not '{msg.signature}'.",
+            ), []
+        interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+        caller = await self.authz.caller(msg.sender, interactive)
+        args = [unwrap(a) for a in msg.body]
+        if target is not None:
+            args.insert(0, target)
+        details = {"network": args[0]} if args and isinstance(args[0], str) else {}
+        handler = self.handlers[(iface, msg.member)]
+        try:
+            await self.authz.check(caller, spec.action, details)
+            result = await handler(caller, *args)
+        except VnetError as e:
+            log.info("uid=%d sender=%s %s%s: refused: %s: %s", caller.uid, caller.sender,
+                     spec.name, _fmt_args(args), e.dbus_name.rsplit(".", 1)[-1], e.message)
+            raise
+        if spec.action != api.INFO:
+            log.info("uid=%d sender=%s %s%s: ok", caller.uid, caller.sender, spec.name,
+                     _fmt_args(args))
+        if not isinstance(result, Reply):
+            result = Reply() if result is None else Reply(result)
+        return Message(
+            message_type=MessageType.METHOD_RETURN, reply_serial=msg.serial,
+            destination=msg.sender, signature=spec.out_sig, body=result.body,
+            unix_fds=result.fds,
+        ), result.fds
+
+    def _unknown(self, msg: Message) -> Message:
+        return self._error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
+                           f"No method {msg.interface}.{msg.member} at {msg.path}.")
+
+    def emit_network_changed(self, name: str, state: str) -> None:
+        self.bus.send(Message.new_signal(api.MANAGER_PATH, api.MANAGER, "NetworkChanged",
+                                         "ss", [name, state]))
+
+    # --- handlers -----------------------------------------------------------------------
+    async def list_networks(self, caller: Caller) -> Any:
+        return [to_asv(d) for d in self.engine.list()]
+
+    async def get_network(self, caller: Caller, name: str) -> Any:
+        return to_asv(await self.engine.show(name))
+
+    async def define(self, caller: Caller, name: str, options: dict[str, Any]) -> Any:
+        opts = dict(options)
+        if opts.get("taps") and "tap-user" not in opts:
+            opts["tap-user"] = caller.uid  # the original's default: the caller owns the taps
+        net = Network.from_options(name, opts)
+        await self.engine.define(net)
+        return network_path(net.name)
+
+    async def undefine(self, caller: Caller, name: str) -> None:
+        await self.engine.undefine(name)
+
+    async def start(self, caller: Caller, name: str) -> None:
+        await self.engine.start(name)
+
+    async def stop(self, caller: Caller, name: str) -> None:
+        await self.engine.stop(name)
+
+    async def set_autostart(self, caller: Caller, name: str, enabled: bool) -> None:
+        await self.engine.set_autostart(name, enabled)
+
+    async def reload(self, caller: Caller) -> Any:
+        return await self.engine.reload()
+
+
+def _fmt_args(args: list[Any]) -> str:
+    parts = []
+    for a in args:
+        r = repr(a)
+        parts.append(r if len(r) <= 80 else r[:77] + "...")
+    return "(" + ", ".join(parts) + ")"

@@ -1,0 +1,309 @@
+"""The one place that changes state.
+
+The engine holds the declared state (definitions from the store) and makes the kernel match
+it. Every operation that makes kernel objects records how to undo each step and unwinds on any
+failure, so nothing half-made is left behind. At start-up it reconciles: it adopts what carries
+its alias and is still wanted, restarts autostart networks, and removes only objects carrying
+its alias that no definition wants. Interfaces it did not make are never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import model
+from .backends import tap as tapdev
+from .backends.links import Link, Links
+from .errors import Busy, Exists, Failed, InvalidArgument, NotFound, VnetError
+from .model import Network
+from .store import Store
+
+log = logging.getLogger("vnetd")
+
+
+@dataclass
+class Rollback:
+    """Undo steps, run newest first, when an operation fails part-way."""
+
+    steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = field(default_factory=list)
+
+    def add(self, what: str, fn: Callable[[], Awaitable[Any]]) -> None:
+        self.steps.append((what, fn))
+
+    async def run(self) -> None:
+        for what, fn in reversed(self.steps):
+            try:
+                await fn()
+            except Exception as e:  # keep unwinding; report what could not be undone
+                log.error("rollback: could not %s: %s", what, e)
+        self.steps.clear()
+
+
+class Engine:
+    def __init__(self, store: Store, links: Links):
+        self.store = store
+        self.links = links
+        self.defs: dict[str, Network] = {}
+        self.running: set[str] = set()
+        self.lock = asyncio.Lock()
+        self.problems: list[str] = []
+        self.listeners: list[Callable[[str, str], None]] = []
+
+    # --- events -------------------------------------------------------------------------
+    def _changed(self, name: str, state: str) -> None:
+        for fn in self.listeners:
+            fn(name, state)
+
+    # --- start-up -----------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.defs, self.problems = self.store.load_all()
+        for p in self.problems:
+            log.error("definition problem: %s", p)
+        async with self.lock:
+            await self._reconcile()
+        for name, net in sorted(self.defs.items()):
+            if net.autostart and name not in self.running:
+                try:
+                    async with self.lock:
+                        await self._start(net)
+                    log.info("autostart %s: started", name)
+                except VnetError as e:
+                    log.error("autostart %s failed: %s", name, e.message)
+
+    async def _reconcile(self) -> None:
+        ours = await self.links.dump_ours()
+        bridges = [lk for lk in ours if lk.kind == "bridge"]
+        others = [lk for lk in ours if lk.kind != "bridge"]
+        for lk in others:
+            net = self.defs.get(model.network_of_alias(lk.alias) or "")
+            if net is None or lk.ifname not in net.tap_names:
+                await self._remove_unwanted(lk)
+        for lk in bridges:
+            name = model.network_of_alias(lk.alias)
+            net = self.defs.get(name or "")
+            if net is None or lk.ifname != net.bridge:
+                await self._remove_unwanted(lk)
+                continue
+            try:
+                await self._ensure_running(net, lk)
+                self.running.add(net.name)
+                log.info("reconcile: adopted running network %s", net.name)
+            except VnetError as e:
+                log.error("reconcile: could not adopt %s (%s); removing it", net.name, e.message)
+                await self._teardown(net)
+
+    async def _remove_unwanted(self, lk: Link) -> None:
+        log.info("reconcile: removing %s (alias %s): no definition wants it", lk.ifname, lk.alias)
+        await self.links.delete(lk.index)
+
+    async def _ensure_running(self, net: Network, bridge: Link) -> None:
+        """Make an adopted network match its definition (idempotent)."""
+        if bridge.mtu != net.mtu:
+            await self.links.set(bridge.index, mtu=net.mtu)
+        have = set(await self.links.addresses(bridge.index))
+        for want in self._gateway_ifaces(net):
+            if want not in have:
+                await self.links.add_address(bridge.index, want)
+        gid = self._tap_gid(net) if net.taps else None
+        for tname in net.tap_names:
+            lk = await self.links.get(tname)
+            if lk is None:
+                await self._make_tap(net, tname, bridge.index, gid, Rollback())
+            elif lk.master != bridge.index or not lk.up:
+                await self.links.set(lk.index, master=bridge.index, state="up")
+        if not bridge.up:
+            await self.links.up(bridge.index)
+
+    # --- queries ------------------------------------------------------------------------
+    def get(self, name: str) -> Network:
+        model.validate_network_name(name)
+        net = self.defs.get(name)
+        if net is None:
+            raise NotFound(f"There is no network named '{name}'. 'vnet-client list' shows them.")
+        return net
+
+    def summary(self, net: Network) -> dict[str, Any]:
+        d = net.to_dict()
+        d["state"] = "running" if net.name in self.running else "stopped"
+        d["gateway"] = str(net.gateway)
+        if net.gateway6:
+            d["gateway6"] = str(net.gateway6)
+        d["bridge"] = net.bridge
+        d["tap-names"] = net.tap_names
+        return d
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.summary(n) for _, n in sorted(self.defs.items())]
+
+    async def show(self, name: str) -> dict[str, Any]:
+        net = self.get(name)
+        d = self.summary(net)
+        if net.name in self.running:
+            lk = await self.links.get(net.bridge)
+            if lk is not None:
+                d["ifindex"] = lk.index
+                d["mac"] = lk.address
+                d["addresses"] = [str(a) for a in await self.links.addresses(lk.index)]
+        return d
+
+    # --- definitions --------------------------------------------------------------------
+    async def define(self, net: Network) -> Network:
+        async with self.lock:
+            if net.name in self.defs:
+                raise Exists(f"A network named '{net.name}' is already defined.")
+            lk = await self.links.get(net.bridge)
+            if lk is not None:
+                raise Exists(
+                    f"An interface named '{net.bridge}' already exists on this host and was not "
+                    "made by qemu-vnet; choose another network name."
+                )
+            for tname in net.tap_names:
+                if await self.links.get(tname) is not None:
+                    raise Exists(f"An interface named '{tname}' already exists on this host.")
+            await self._check_subnets(net)
+            self.store.save(net)
+            self.defs[net.name] = net
+        self._changed(net.name, "defined")
+        return net
+
+    async def _check_subnets(self, net: Network, ignore: str | None = None) -> None:
+        for other in self.defs.values():
+            if other.name in (net.name, ignore):
+                continue
+            for a, b in ((net.subnet, other.subnet), (net.subnet6, other.subnet6)):
+                if a is not None and b is not None and model.overlapping(a, b):
+                    raise InvalidArgument(
+                        f"The subnet {a} overlaps {b} of network '{other.name}'."
+                    )
+        ours = {n for n in self.running}
+        for index, iface in await self.links.all_addresses():
+            for mine in (net.subnet, net.subnet6):
+                if mine is None or iface.version != mine.version or iface.is_loopback:
+                    continue
+                if iface.network.overlaps(mine) and not iface.ip.is_link_local:
+                    lk = await self.links.get(index=index)
+                    if lk is not None and model.network_of_alias(lk.alias) in ours:
+                        continue
+                    raise InvalidArgument(
+                        f"The subnet {mine} overlaps {iface} already on interface "
+                        f"'{lk.ifname if lk else index}' of this host."
+                    )
+
+    async def undefine(self, name: str) -> None:
+        async with self.lock:
+            self.get(name)
+            if name in self.running:
+                raise Busy(f"The network '{name}' is running: stop it first.")
+            self.store.delete(name)
+            del self.defs[name]
+        self._changed(name, "undefined")
+
+    async def set_autostart(self, name: str, enabled: bool) -> Network:
+        async with self.lock:
+            net = self.get(name).with_changes(autostart=bool(enabled))
+            self.store.save(net)
+            self.defs[name] = net
+        return net
+
+    async def reload(self) -> list[str]:
+        """Re-read the definition files an admin may have edited by hand."""
+        async with self.lock:
+            defs, problems = self.store.load_all()
+            for name in list(self.defs):
+                if name not in defs and name in self.running:
+                    problems.append(f"{name}: its file is gone but it is running: kept until stopped.")
+                    defs[name] = self.defs[name]
+            changed = [n for n in defs if self.defs.get(n) != defs[n]]
+            self.defs = defs
+            self.problems = problems
+            for name in changed:
+                if name in self.running:
+                    lk = await self.links.get(name)
+                    if lk is not None:
+                        await self._ensure_running(defs[name], lk)
+        for name in changed:
+            self._changed(name, "reloaded")
+        return problems
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self, name: str) -> None:
+        async with self.lock:
+            net = self.get(name)
+            if name in self.running:
+                raise Busy(f"The network '{name}' is already running.")
+            await self._start(net)
+        self._changed(name, "running")
+
+    def _gateway_ifaces(self, net: Network) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+        out: list[Any] = [ipaddress.ip_interface(f"{net.gateway}/{net.subnet.prefixlen}")]
+        if net.subnet6 is not None:
+            out.append(ipaddress.ip_interface(f"{net.gateway6}/{net.subnet6.prefixlen}"))
+        return out
+
+    def _tap_gid(self, net: Network) -> int:
+        try:
+            return grp.getgrnam(net.tap_group).gr_gid
+        except KeyError:
+            raise InvalidArgument(
+                f"The group '{net.tap_group}' for the taps of '{net.name}' does not exist on this "
+                "host (make install creates group 'vnet')."
+            ) from None
+
+    async def _make_tap(self, net: Network, tname: str, master: int, gid: int | None,
+                        rb: Rollback) -> None:
+        try:
+            await asyncio.to_thread(tapdev.make_persistent_tap, tname, net.tap_user, gid)
+        except OSError as e:
+            raise Failed(f"Could not create tap '{tname}': {e.strerror}.") from None
+        lk = await self.links.get(tname)
+        rb.add(f"delete tap {tname}", lambda idx=lk.index: self.links.delete(idx))
+        await self.links.set(lk.index, ifalias=model.alias_for(net.name), master=master,
+                             mtu=net.mtu, state="up")
+
+    async def _start(self, net: Network) -> None:
+        existing = await self.links.get(net.bridge)
+        if existing is not None:
+            raise Exists(f"An interface named '{net.bridge}' already exists and was not made "
+                         "by qemu-vnet for this network.")
+        await self._check_subnets(net)
+        gid = self._tap_gid(net) if net.taps else None
+        rb = Rollback()
+        try:
+            br = await self.links.create_bridge(net.bridge, net.mac, net.mtu,
+                                                model.alias_for(net.name))
+            rb.add(f"delete bridge {net.bridge}", lambda: self.links.delete(br.index))
+            for iface in self._gateway_ifaces(net):
+                await self.links.add_address(br.index, iface)
+            for tname in net.tap_names:
+                if await self.links.get(tname) is not None:
+                    raise Exists(f"An interface named '{tname}' already exists on this host.")
+                await self._make_tap(net, tname, br.index, gid, rb)
+            await self.links.up(br.index)
+        except BaseException:
+            await rb.run()
+            raise
+        self.running.add(net.name)
+
+    async def stop(self, name: str) -> None:
+        async with self.lock:
+            net = self.get(name)
+            if name not in self.running:
+                raise Busy(f"The network '{name}' is not running.")
+            await self._teardown(net)
+        self._changed(name, "stopped")
+
+    async def _teardown(self, net: Network) -> None:
+        for tname in net.tap_names:
+            lk = await self.links.get(tname)
+            if lk is not None and model.network_of_alias(lk.alias) == net.name:
+                await self.links.delete(lk.index)
+        lk = await self.links.get(net.bridge)
+        if lk is not None and model.network_of_alias(lk.alias) == net.name:
+            await self.links.delete(lk.index)
+        self.running.discard(net.name)

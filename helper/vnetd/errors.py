@@ -1,0 +1,59 @@
+"""Named errors. Each maps to one D-Bus error name; the message is a sentence for a person."""
+
+ERROR_PREFIX = "org.qemuvnet.Vnet1.Error."
+
+
+class VnetError(Exception):
+    """Base class: a refusal or failure that the caller should see as a named error."""
+
+    dbus_name = ERROR_PREFIX + "Failed"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(VnetError):
+    dbus_name = ERROR_PREFIX + "InvalidArgument"
+
+
+class NotFound(VnetError):
+    dbus_name = ERROR_PREFIX + "NotFound"
+
+
+class Exists(VnetError):
+    dbus_name = ERROR_PREFIX + "Exists"
+
+
+class Busy(VnetError):
+    dbus_name = ERROR_PREFIX + "Busy"
+
+
+class QuotaExceeded(VnetError):
+    dbus_name = ERROR_PREFIX + "QuotaExceeded"
+
+
+class Failed(VnetError):
+    """The kernel or a child process refused; the state was rolled back."""
+
+    dbus_name = ERROR_PREFIX + "Failed"
+
+
+class AccessDenied(VnetError):
+    dbus_name = "org.freedesktop.DBus.Error.AccessDenied"
+
+
+class InteractiveAuthorizationRequired(VnetError):
+    dbus_name = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+
+
+ALL_ERRORS = (
+    InvalidArgument,
+    NotFound,
+    Exists,
+    Busy,
+    QuotaExceeded,
+    Failed,
+    AccessDenied,
+    InteractiveAuthorizationRequired,
+)

@@ -1,0 +1,346 @@
+"""Pure data and validation: names, subnets, MACs, network definitions. No I/O here.
+
+Everything a caller can send reaches the engine only after passing through this module, so a
+bad value is refused with a named error before any kernel object is made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import InvalidArgument
+
+IFNAMSIZ = 16  # with the trailing NUL: names of 15 bytes at most
+MAX_IFNAME = IFNAMSIZ - 1
+ALIAS_PREFIX = "qemu-vnet:"
+MODES = ("nat", "host-only")
+DHCP_KINDS = ("dnsmasq", "dhcpd", "none")
+MAX_TAPS = 64
+MIN_MTU, MAX_MTU = 576, 9216
+MAX_VM_NAME = 64
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_VM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_TRAILING_DIGITS = re.compile(r"(\d+)$")
+
+
+def _printable(value: object) -> str:
+    """A value as it may be quoted in an error sentence: short and free of control bytes."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def validate_ifname(name: object, what: str = "network name") -> str:
+    """An interface name the kernel accepts and a shell cannot misread: 1-15 bytes of
+    [A-Za-z0-9_.-], starting with a letter or digit (so never '.', '..' or an option)."""
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"The {what} must not be empty.")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_IFNAME:
+        raise InvalidArgument(
+            f"The {what} '{_printable(name)}' is too long: Linux interface names are at most "
+            f"{MAX_IFNAME} bytes (IFNAMSIZ is {IFNAMSIZ} with the NUL)."
+        )
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidArgument(
+            f"The {what} '{_printable(name)}' is not allowed: use letters, digits, '_', '.' "
+            "and '-', starting with a letter or digit."
+        )
+    return name
+
+
+def validate_network_name(name: object) -> str:
+    return validate_ifname(name, "network name")
+
+
+def validate_vm_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument("The VM name must not be empty.")
+    if len(name) > MAX_VM_NAME:
+        raise InvalidArgument(f"The VM name is too long: at most {MAX_VM_NAME} characters.")
+    if not _VM_RE.fullmatch(name):
+        raise InvalidArgument(
+            f"The VM name '{_printable(name)}' is not allowed: use letters, digits, '_', '.' "
+            "and '-', starting with a letter or digit."
+        )
+    return name
+
+
+def validate_mac(mac: object) -> str:
+    if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()):
+        raise InvalidArgument(
+            f"'{_printable(mac)}' is not a MAC address: write six hex pairs such as "
+            "52:54:00:12:34:56."
+        )
+    mac = mac.lower()
+    if int(mac[:2], 16) & 1:
+        raise InvalidArgument(f"The MAC address {mac} is a multicast address.")
+    if mac == "00:00:00:00:00:00":
+        raise InvalidArgument("The MAC address 00:00:00:00:00:00 is not usable.")
+    return mac
+
+
+def network_number(name: str) -> int | None:
+    """The original qemu-vlan's network number: the trailing digits of the bridge name."""
+    m = _TRAILING_DIGITS.search(name)
+    return int(m.group(1)) if m else None
+
+
+def default_subnet(name: str) -> ipaddress.IPv4Network:
+    """vnetN -> 172.16.(10+N).0/24, as qemu-vlan did."""
+    n = network_number(name)
+    if n is None:
+        raise InvalidArgument(
+            f"The network name '{name}' has no trailing number to derive a subnet from "
+            "(vnetN -> 172.16.(10+N).0/24): give a subnet, e.g. --subnet=172.16.50.0/24."
+        )
+    if n > 245:
+        raise InvalidArgument(
+            f"The network number {n} of '{name}' is too large for 172.16.(10+N).0/24 "
+            "(N is at most 245): give a subnet, e.g. --subnet=10.20.30.0/24."
+        )
+    return ipaddress.IPv4Network(f"172.16.{10 + n}.0/24")
+
+
+def parse_subnet4(text: object) -> ipaddress.IPv4Network:
+    if not isinstance(text, str):
+        raise InvalidArgument("The IPv4 subnet must be a string such as 172.16.12.0/24.")
+    try:
+        net = ipaddress.IPv4Network(text, strict=True)
+    except ValueError as e:
+        raise InvalidArgument(
+            f"'{_printable(text)}' is not an IPv4 subnet in CIDR form (e.g. 172.16.12.0/24): {e}."
+        ) from None
+    if "/" not in text:
+        raise InvalidArgument(f"The subnet '{text}' needs a prefix length, e.g. {text}/24.")
+    if not 8 <= net.prefixlen <= 30:
+        raise InvalidArgument(
+            f"The subnet {net} has prefix length /{net.prefixlen}: use /8 to /30 so that it "
+            "holds a gateway and guests."
+        )
+    if net.is_loopback or net.is_multicast or net.is_link_local or net.is_reserved or (
+        net.network_address == ipaddress.IPv4Address("0.0.0.0")
+    ):
+        raise InvalidArgument(f"The subnet {net} is a special-purpose range; use a private one.")
+    return net
+
+
+def parse_subnet6(text: object) -> ipaddress.IPv6Network:
+    if not isinstance(text, str):
+        raise InvalidArgument("The IPv6 prefix must be a string such as fd00:12::/64.")
+    try:
+        net = ipaddress.IPv6Network(text, strict=True)
+    except ValueError as e:
+        raise InvalidArgument(
+            f"'{_printable(text)}' is not an IPv6 prefix in CIDR form (e.g. fd00:12::/64): {e}."
+        ) from None
+    if "/" not in text:
+        raise InvalidArgument(f"The IPv6 prefix '{text}' needs a length, e.g. {text}/64.")
+    if not 48 <= net.prefixlen <= 120:
+        raise InvalidArgument(
+            f"The IPv6 prefix {net} has length /{net.prefixlen}: use /48 to /120 (/64 for SLAAC)."
+        )
+    if net.is_loopback or net.is_multicast or net.is_link_local or net.is_unspecified:
+        raise InvalidArgument(f"The IPv6 prefix {net} is a special-purpose range.")
+    return net
+
+
+def _int_in(value: object, lo: int, hi: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"The {what} must be a whole number from {lo} to {hi}.")
+    if not lo <= value <= hi:
+        raise InvalidArgument(f"The {what} {value} is out of range: use {lo} to {hi}.")
+    return value
+
+
+def _bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"'{what}' must be true or false.")
+    return value
+
+
+def bridge_mac(name: str) -> str:
+    """A fixed, locally administered unicast MAC for a network's bridge, from its name."""
+    digest = hashlib.sha256(b"qemu-vnet-bridge:" + name.encode()).digest()
+    first = (digest[0] & 0xFC) | 0x02  # unicast, locally administered
+    return ":".join(f"{b:02x}" for b in bytes([first]) + digest[1:6])
+
+
+def alias_for(network: str) -> str:
+    return ALIAS_PREFIX + network
+
+
+def network_of_alias(alias: str | None) -> str | None:
+    if alias and alias.startswith(ALIAS_PREFIX):
+        return alias[len(ALIAS_PREFIX):] or None
+    return None
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network definition: what the admin declared, as stored in <name>.toml."""
+
+    name: str
+    mode: str = "nat"
+    subnet: ipaddress.IPv4Network = field(default=None)  # type: ignore[assignment]
+    subnet6: ipaddress.IPv6Network | None = None
+    mtu: int = 1500
+    autostart: bool = False
+    taps: int = 0
+    tap_user: int | None = None
+    tap_group: str = "vnet"
+    dhcp: str = "dnsmasq"
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address + 1
+
+    @property
+    def gateway6(self) -> ipaddress.IPv6Address | None:
+        return self.subnet6.network_address + 1 if self.subnet6 else None
+
+    @property
+    def bridge(self) -> str:
+        return self.name
+
+    @property
+    def tap_names(self) -> list[str]:
+        return [f"{self.name}_{j}" for j in range(1, self.taps + 1)]
+
+    @property
+    def mac(self) -> str:
+        return bridge_mac(self.name)
+
+    # --- construction -------------------------------------------------------------------
+    KEYS = ("mode", "subnet", "subnet6", "mtu", "autostart", "taps", "tap-user", "tap-group",
+            "dhcp")
+
+    @classmethod
+    def from_options(cls, name: object, options: dict[str, Any]) -> Network:
+        """Build and validate a definition from D-Bus options or a parsed TOML table."""
+        name = validate_network_name(name)
+        if not isinstance(options, dict):
+            raise InvalidArgument("The network options must be a dictionary.")
+        unknown = sorted(str(k) for k in options if k not in cls.KEYS and k != "name")
+        if unknown:
+            raise InvalidArgument(
+                f"Unknown network option(s): {', '.join(_printable(k) for k in unknown)}. "
+                f"Known: {', '.join(cls.KEYS)}."
+            )
+        if "name" in options and options["name"] != name:
+            raise InvalidArgument(
+                f"The definition says name = '{_printable(options['name'])}' but is for '{name}'."
+            )
+        mode = options.get("mode", "nat")
+        if mode not in MODES:
+            raise InvalidArgument(
+                f"Unknown mode '{_printable(mode)}': use one of {', '.join(MODES)}."
+            )
+        if "subnet" in options:
+            subnet = parse_subnet4(options["subnet"])
+        else:
+            subnet = default_subnet(name)
+        subnet6 = parse_subnet6(options["subnet6"]) if options.get("subnet6") else None
+        mtu = _int_in(options.get("mtu", 1500), MIN_MTU, MAX_MTU, "MTU")
+        autostart = _bool(options.get("autostart", False), "autostart")
+        taps = 0
+        if "taps" in options:
+            taps = _int_in(options["taps"], 1, MAX_TAPS, "tap count (-n)")
+            longest = f"{name}_{taps}"
+            if len(longest) > MAX_IFNAME:
+                raise InvalidArgument(
+                    f"With {taps} taps the tap name '{longest}' would exceed {MAX_IFNAME} bytes: "
+                    "use a shorter network name or fewer taps."
+                )
+        tap_user = options.get("tap-user")
+        if tap_user is not None:
+            tap_user = _int_in(tap_user, 0, 2**32 - 2, "tap owner uid")
+        tap_group = options.get("tap-group", "vnet")
+        if not isinstance(tap_group, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", tap_group):
+            raise InvalidArgument(f"'{_printable(tap_group)}' is not a valid group name.")
+        dhcp = options.get("dhcp", "dnsmasq")
+        if dhcp not in DHCP_KINDS:
+            raise InvalidArgument(
+                f"Unknown DHCP server '{_printable(dhcp)}': use one of {', '.join(DHCP_KINDS)}."
+            )
+        return cls(
+            name=name, mode=mode, subnet=subnet, subnet6=subnet6, mtu=mtu, autostart=autostart,
+            taps=taps, tap_user=tap_user, tap_group=tap_group, dhcp=dhcp,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML table (and D-Bus 'definition'); the exact inverse of from_options."""
+        d: dict[str, Any] = {
+            "name": self.name,
+            "mode": self.mode,
+            "subnet": str(self.subnet),
+        }
+        if self.subnet6:
+            d["subnet6"] = str(self.subnet6)
+        d["mtu"] = self.mtu
+        d["autostart"] = self.autostart
+        if self.taps:
+            d["taps"] = self.taps
+            if self.tap_user is not None:
+                d["tap-user"] = self.tap_user
+            d["tap-group"] = self.tap_group
+        d["dhcp"] = self.dhcp
+        return d
+
+    def with_changes(self, **kw: Any) -> Network:
+        return replace(self, **kw)
+
+
+def overlapping(a: ipaddress._BaseNetwork, b: ipaddress._BaseNetwork) -> bool:
+    return a.version == b.version and a.overlaps(b)
+
+
+# --- a small TOML writer (tomllib reads; the standard library does not write) -------------
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        out = ['"']
+        for ch in v:
+            if ch in '"\\':
+                out.append("\\" + ch)
+            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+                out.append(f"\\u{ord(ch):04x}")
+            else:
+                out.append(ch)
+        out.append('"')
+        return "".join(out)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+
+
+def render_toml(data: dict[str, Any], header: str = "") -> str:
+    """Scalars and inline arrays first, then arrays of tables ([[hosts]] and the like)."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    tables: list[tuple[str, list[dict[str, Any]]]] = []
+    for k, v in data.items():
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            tables.append((k, v))
+        else:
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    for k, rows in tables:
+        for row in rows:
+            lines.append("")
+            lines.append(f"[[{_toml_key(k)}]]")
+            lines.extend(f"{_toml_key(rk)} = {_toml_value(rv)}" for rk, rv in row.items())
+    return "\n".join(lines) + "\n"

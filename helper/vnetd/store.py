@@ -1,0 +1,152 @@
+"""Persistence: network definitions (admin-editable TOML) and daemon state, written atomically.
+
+Every write goes to a temporary file in the same directory, is fsynced, renamed over the old
+file, and the directory is fsynced: a crash leaves either the old or the new file, never half
+of one. Each definition that loads cleanly is also kept as a last good copy under the state
+directory, so a definition an admin truncated or mangled by hand is reported and the last good
+copy is used instead of failing the whole service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .errors import VnetError
+from .model import Network, render_toml, validate_network_name
+
+log = logging.getLogger("vnetd.store")
+
+HEADER = (
+    "qemu-vnet network definition. Edit by hand if you like, then run 'vnet-client reload'.\n"
+    "Reference: docs/cli.md (keys are the long option names of 'vnet-client define')."
+)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class Store:
+    def __init__(self, config_dir: Path, state_dir: Path):
+        self.config_dir = Path(config_dir)
+        self.networks_dir = self.config_dir / "networks"
+        self.state_dir = Path(state_dir)
+        self.good_dir = self.state_dir / "last-good"
+        for d, mode in ((self.networks_dir, 0o755), (self.good_dir, 0o700)):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, mode)
+
+    # --- definitions --------------------------------------------------------------------
+    def path_of(self, name: str) -> Path:
+        return self.networks_dir / f"{validate_network_name(name)}.toml"
+
+    def save(self, net: Network) -> None:
+        text = render_toml(net.to_dict(), HEADER).encode()
+        atomic_write(self.path_of(net.name), text)
+        atomic_write(self.good_dir / f"{net.name}.toml", text, 0o600)
+
+    def delete(self, name: str) -> None:
+        for p in (self.path_of(name), self.good_dir / f"{name}.toml"):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    @staticmethod
+    def parse(name: str, text: str) -> Network:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise VnetError(f"it is not valid TOML ({e})") from None
+        return Network.from_options(name, data)
+
+    def load_all(self) -> tuple[dict[str, Network], list[str]]:
+        """All definitions, and a sentence for each file that could not be used."""
+        nets: dict[str, Network] = {}
+        problems: list[str] = []
+        for path in sorted(self.networks_dir.glob("*.toml")):
+            name = path.stem
+            try:
+                validate_network_name(name)
+            except VnetError as e:
+                problems.append(f"{path}: ignored: {e.message}")
+                continue
+            good = self.good_dir / path.name
+            try:
+                net = self.parse(name, path.read_text(encoding="utf-8"))
+            except (VnetError, UnicodeDecodeError, OSError) as e:
+                reason = e.message if isinstance(e, VnetError) else str(e)
+                if good.exists():
+                    try:
+                        net = self.parse(name, good.read_text(encoding="utf-8"))
+                    except VnetError:
+                        problems.append(f"{path}: cannot be used: {reason}; no good copy either.")
+                        continue
+                    problems.append(
+                        f"{path}: cannot be used: {reason}; using the last good copy {good}."
+                    )
+                    nets[name] = net
+                else:
+                    problems.append(f"{path}: cannot be used: {reason}.")
+                continue
+            nets[name] = net
+            text = render_toml(net.to_dict(), HEADER).encode()
+            if not good.exists() or good.read_bytes() != text:
+                atomic_write(good, text, 0o600)
+        return nets, problems
+
+    # --- small JSON state files (MAC registry, ports, ...) ------------------------------
+    def load_json(self, name: str, default: Any) -> Any:
+        path = self.state_dir / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return default
+        except (ValueError, OSError) as e:
+            backup = path.with_name(path.name + ".bad")
+            log.error("state file %s is unreadable (%s); kept it as %s", path, e, backup)
+            os.replace(path, backup)
+            prev = path.with_name(path.name + ".prev")
+            if prev.exists():
+                try:
+                    return json.loads(prev.read_text(encoding="utf-8"))
+                except ValueError:
+                    pass
+            return default
+
+    def save_json(self, name: str, data: Any) -> None:
+        path = self.state_dir / name
+        text = json.dumps(data, indent=1, sort_keys=True).encode()
+        if path.exists():
+            prev = path.with_name(path.name + ".prev")
+            try:
+                atomic_write(prev, path.read_bytes(), 0o600)
+            except OSError:
+                pass
+        atomic_write(path, text, 0o600)

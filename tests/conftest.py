@@ -1,0 +1,52 @@
+"""Test harness: a real system bus, real polkitd with the project's policy, test users, and a
+vnetd from the working tree (installed into /opt/qemu-vnet by `make test`) in a fresh network
+namespace per test module."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.harness import daemon as hd
+from tests.harness import services
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "/system/" in str(item.fspath) or "/guest/" in str(item.fspath):
+            item.add_marker(pytest.mark.system)
+
+
+@pytest.fixture(scope="session")
+def system_services():
+    if os.geteuid() != 0:
+        pytest.fail("the system tests need root: run 'sudo make test'")
+    if not hd.PY.exists():
+        pytest.fail("/opt/qemu-vnet is missing: run 'sudo make test' (it installs first)")
+    services.start(with_vnetd=False)
+    # One daemon owns org.qemuvnet.Vnet1 at a time: a host vnetd yields to the tests and is
+    # started again afterwards.
+    host_vnetd = services.stop_vnetd()
+    hd.ensure_users()
+    yield
+    if host_vnetd:
+        services.ensure_vnetd()
+
+
+@pytest.fixture(scope="module")
+def vnetd(system_services, request):
+    d = hd.Daemon(request.module.__name__.rsplit(".", 1)[-1].replace("test_", ""))
+    d.start()
+    yield d
+    try:
+        log = d.log()
+        if "Traceback" in log:
+            print(f"--- vnetd log ({d.netns}) ---\n{log}")
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def client():
+    return hd.run_client

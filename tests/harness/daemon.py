@@ -1,0 +1,182 @@
+"""A vnetd under test: its own network namespace, its own config/state/runtime dirs, the real
+system bus and polkitd. Also test users and a runner for `vnet-client` as any of them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from . import services
+
+VENV = Path("/opt/qemu-vnet")
+PY = VENV / "bin/python"
+CLIENT = VENV / "bin/vnet-client"
+ALICE = "vnet-test-alice"  # in group vnet
+BOB = "vnet-test-bob"  # not in group vnet
+ADMIN = "vnet-test-admin"  # the admin identity for password prompts
+ADMIN_PASSWORD = "vnet-test-Pa55word"
+RULES_DIR = Path("/etc/polkit-1/rules.d")
+
+
+def sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), check=check, capture_output=True, text=True, **kw)
+
+
+def ensure_users() -> None:
+    if sh("getent", "group", "vnet", check=False).returncode != 0:
+        sh("groupadd", "--system", "vnet")
+    for user, groups in ((ALICE, ["vnet"]), (BOB, []), (ADMIN, [])):
+        if sh("id", user, check=False).returncode != 0:
+            argv = ["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh"]
+            if groups:
+                argv += ["-G", ",".join(groups)]
+            sh(*argv, user)
+    subprocess.run(["chpasswd"], input=f"{ADMIN}:{ADMIN_PASSWORD}\n", text=True, check=True)
+
+
+def uid_of(user: str) -> int:
+    return int(sh("id", "-u", user).stdout)
+
+
+class PolkitRule:
+    """A temporary polkit rules file; polkitd re-reads its rules directories on change."""
+
+    def __init__(self, name: str, body: str):
+        self.path = RULES_DIR / f"{name}.rules"
+        self.body = body
+
+    def __enter__(self) -> PolkitRule:
+        RULES_DIR.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(self.body)
+        os.chmod(self.path, 0o644)
+        time.sleep(0.6)  # polkitd reloads on inotify; give it a moment
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+        time.sleep(0.6)
+
+
+def grant_rule(user: str, action: str) -> str:
+    return (
+        "polkit.addRule(function(action, subject) {\n"
+        f'  if (action.id == "{action}" && subject.user == "{user}") return polkit.Result.YES;\n'
+        "});\n"
+    )
+
+
+def run_client(*args: str, user: str | None = None, timeout: float = 60,
+               env: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run vnet-client as root or as `user` (no terminal: no password prompt)."""
+    argv = [str(CLIENT), *args]
+    if user:
+        argv = ["runuser", "-u", user, "--", *argv]
+    e = dict(os.environ, VNET_CLIENT_DEBUG="1")
+    e.pop("VNET_BUS_ADDRESS", None)
+    if env:
+        e.update(env)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=e,
+                       stdin=subprocess.DEVNULL)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr}")
+    return r
+
+
+class Daemon:
+    def __init__(self, label: str = "t"):
+        self.netns = f"vnt-{label[:8]}-{uuid.uuid4().hex[:6]}"
+        self.dir = Path(tempfile.mkdtemp(prefix="vnetd-test-"))
+        self.config_dir = self.dir / "etc"
+        self.state_dir = self.dir / "lib"
+        self.runtime_dir = self.dir / "run"
+        self.log_path = self.dir / "vnetd.log"
+        self.proc: subprocess.Popen | None = None
+        sh("ip", "netns", "add", self.netns)
+        sh("ip", "-n", self.netns, "link", "set", "lo", "up")
+
+    # --- process --------------------------------------------------------------------------
+    def start(self, extra: list[str] | None = None) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        services.wait_for(lambda: not services.has_owner("org.qemuvnet.Vnet1"), 10,
+                          "the previous vnetd to release its bus name")
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, str(PY), "-m", "vnetd",
+             "--config-dir", str(self.config_dir), "--state-dir", str(self.state_dir),
+             "--runtime-dir", str(self.runtime_dir), "--log-level", "debug", *(extra or [])],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vnetd exited ({self.proc.returncode}):\n{self.log()}")
+            if services.name_owner_pid("org.qemuvnet.Vnet1") == self.proc.pid:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"vnetd did not come up:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def close(self) -> None:
+        self.stop()
+        keep = Path("/tmp/vnetd-test-logs")
+        keep.mkdir(exist_ok=True)
+        if self.log_path.exists():
+            shutil.copy(self.log_path, keep / f"{self.netns}.log")
+        sh("ip", "netns", "del", self.netns, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # --- looking at the namespace ---------------------------------------------------------
+    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return sh("ip", "-n", self.netns, *args, check=check)
+
+    def ipj(self, *args: str) -> list[dict]:
+        return json.loads(self.ip("-j", *args).stdout or "[]")
+
+    def links(self) -> list[dict]:
+        return self.ipj("-d", "link", "show")
+
+    def link_names(self) -> set[str]:
+        return {lk["ifname"] for lk in self.ipj("link", "show")}
+
+    def snapshot(self) -> tuple[str, str]:
+        """`ip -j link` and `ip -j addr` as they are, for 'unchanged' checks."""
+        return self.ip("-j", "link").stdout, self.ip("-j", "addr").stdout
+
+    def exec(self, *argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return sh("ip", "netns", "exec", self.netns, *argv, check=check, **kw)
