@@ -28,8 +28,11 @@ def system_services():
     # One daemon owns org.qemuvnet.Vnet1 at a time: a host vnetd yields to the tests and is
     # started again afterwards.
     host_vnetd = services.stop_vnetd()
-    hd.ensure_users()
-    yield
+    # While tests stop and kill their daemons, a stray call must not D-Bus-activate a vnetd
+    # in the host's namespace: park the activation file for the session.
+    with services.activation_parked():
+        hd.ensure_users()
+        yield
     if host_vnetd:
         services.ensure_vnetd()
 

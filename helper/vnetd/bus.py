@@ -21,7 +21,7 @@ from . import api
 from .authz import Authorizer, Caller
 from .engine import Engine
 from .errors import InvalidArgument, VnetError
-from .model import Network
+from .model import Network, validate_network_name
 
 log = logging.getLogger("vnetd.bus")
 
@@ -301,6 +301,7 @@ class Service:
         return to_asv(await self.engine.show(name))
 
     async def define(self, caller: Caller, name: str, options: dict[str, Any]) -> Any:
+        await self.engine.check_new_name(validate_network_name(name))
         opts = dict(options)
         if opts.get("taps") and "tap-user" not in opts:
             opts["tap-user"] = caller.uid  # the original's default: the caller owns the taps

@@ -153,16 +153,19 @@ class Engine:
         return d
 
     # --- definitions --------------------------------------------------------------------
+    async def check_new_name(self, name: str) -> None:
+        """Refuse a name already defined or taken by an interface vnetd did not make."""
+        if name in self.defs:
+            raise Exists(f"A network named '{name}' is already defined.")
+        if await self.links.get(name) is not None:
+            raise Exists(
+                f"An interface named '{name}' already exists on this host and was not "
+                "made by qemu-vnet; choose another network name."
+            )
+
     async def define(self, net: Network) -> Network:
         async with self.lock:
-            if net.name in self.defs:
-                raise Exists(f"A network named '{net.name}' is already defined.")
-            lk = await self.links.get(net.bridge)
-            if lk is not None:
-                raise Exists(
-                    f"An interface named '{net.bridge}' already exists on this host and was not "
-                    "made by qemu-vnet; choose another network name."
-                )
+            await self.check_new_name(net.name)
             for tname in net.tap_names:
                 if await self.links.get(tname) is not None:
                     raise Exists(f"An interface named '{tname}' already exists on this host.")

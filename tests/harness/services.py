@@ -10,6 +10,7 @@ left alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -79,6 +80,27 @@ def install_policy_files() -> bool:
             os.chmod(dst, 0o644)
             changed = True
     return changed
+
+
+ACTIVATION_FILE = Path("/usr/share/dbus-1/system-services/org.qemuvnet.Vnet1.service")
+
+
+@contextlib.contextmanager
+def activation_parked(path: Path = ACTIVATION_FILE):
+    """Hide a D-Bus activation file (and tell the bus) for the duration of the block."""
+    parked = path.with_name(path.name + ".parked-by-tests")
+    if parked.exists() and not path.exists():
+        parked.rename(path)  # left over from an interrupted run
+    moved = path.exists()
+    if moved:
+        path.rename(parked)
+        reload_bus()
+    try:
+        yield
+    finally:
+        if moved and parked.exists():
+            parked.rename(path)
+            reload_bus()
 
 
 def ensure_bus() -> None:

@@ -68,25 +68,18 @@ def test_root_may_do_everything(vnetd, client):
 
 def test_polkit_absent_denies_non_root(vnetd, client):
     """With polkitd gone, non-root callers are denied (fail closed); root still works."""
-    activation = Path("/usr/share/dbus-1/system-services/org.freedesktop.PolicyKit1.service")
-    parked = activation.with_suffix(".parked-by-vnet-tests")
-    if activation.exists():  # D-Bus activation must not bring polkitd back during the test
-        activation.rename(parked)
-        services.reload_bus()
-    pid = services.name_owner_pid("org.freedesktop.PolicyKit1")
-    if pid:
-        os.kill(pid, signal.SIGTERM)
-    services.wait_for(lambda: not services.has_owner("org.freedesktop.PolicyKit1"), 10,
-                      "polkitd to exit")
-    try:
+    # D-Bus activation must not bring polkitd back during the test
+    with services.activation_parked(
+            Path("/usr/share/dbus-1/system-services/org.freedesktop.PolicyKit1.service")):
+        pid = services.name_owner_pid("org.freedesktop.PolicyKit1")
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+        services.wait_for(lambda: not services.has_owner("org.freedesktop.PolicyKit1"), 10,
+                          "polkitd to exit")
         r = client("define", "vnet8", "--no-ask-password", user=ALICE)
         assert r.returncode == 4, r.stderr
         assert DENIED in r.stderr
         r = client("define", "vnet8")
         assert r.returncode == 0, r.stderr
         client("undefine", "vnet8", check=True)
-    finally:
-        if parked.exists():
-            parked.rename(activation)
-            services.reload_bus()
-        services.ensure_polkitd()
+    services.ensure_polkitd()

@@ -1,0 +1,136 @@
+"""Network lifecycle against the real kernel: start/stop leaves no trace, restarts and
+crashes lose nothing and duplicate nothing, reconcile removes only what vnetd made."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+
+from tests.harness.daemon import ALICE, uid_of
+
+
+def link_view(vnetd) -> list[tuple]:
+    return sorted((lk["ifname"], lk.get("address"), lk["mtu"], tuple(lk["flags"]))
+                  for lk in vnetd.ipj("link", "show"))
+
+
+def test_start_then_stop_restores_links_exactly(vnetd, client):
+    before_links, before_addrs = vnetd.snapshot()
+    client("define", "vnet2", "--subnet6=fd00:12::/64", "-n", "2", check=True)
+    client("start", "vnet2", check=True)
+    br = vnetd.ipj("-d", "link", "show", "vnet2")[0]
+    assert br["linkinfo"]["info_kind"] == "bridge"
+    assert br["linkinfo"]["info_data"]["forward_delay"] == 0
+    assert br["linkinfo"]["info_data"]["stp_state"] == 0
+    assert br["ifalias"] == "qemu-vnet:vnet2"
+    addrs = {(a["local"], a["prefixlen"]) for a in vnetd.ipj("addr", "show", "vnet2")[0]["addr_info"]}
+    assert ("172.16.12.1", 24) in addrs and ("fd00:12::1", 64) in addrs
+    for t in ("vnet2_1", "vnet2_2"):
+        tap = vnetd.ipj("-d", "link", "show", t)[0]
+        assert tap["master"] == "vnet2" and tap["ifalias"] == "qemu-vnet:vnet2"
+        assert tap["linkinfo"]["info_kind"] == "tun"
+        assert "UP" in tap["flags"]
+    client("stop", "vnet2", check=True)
+    assert vnetd.snapshot() == (before_links, before_addrs)
+    client("undefine", "vnet2", check=True)
+
+
+def test_taps_are_owned_by_the_requested_user_and_group(vnetd, client):
+    client("define", "vnet3", "-n", "1", f"--user={ALICE}", check=True)
+    client("start", "vnet3", check=True)
+    owner = vnetd.exec("cat", "/sys/class/net/vnet3_1/owner").stdout.strip()
+    group = vnetd.exec("cat", "/sys/class/net/vnet3_1/group").stdout.strip()
+    assert int(owner) == uid_of(ALICE)
+    import grp
+    assert int(group) == grp.getgrnam("vnet").gr_gid
+    assert pwd.getpwuid(int(owner)).pw_name == ALICE
+    client("stop", "vnet3", check=True)
+    client("undefine", "vnet3", check=True)
+
+
+def test_definitions_persist_as_toml(vnetd, client):
+    client("define", "vnet4", "--mode=host-only", "--mtu=1400", "--autostart", check=True)
+    text = (vnetd.config_dir / "networks" / "vnet4.toml").read_text()
+    assert 'mode = "host-only"' in text and "mtu = 1400" in text and "autostart = true" in text
+    client("undefine", "vnet4", check=True)
+    assert not (vnetd.config_dir / "networks" / "vnet4.toml").exists()
+
+
+def test_sigkill_and_restart_keeps_everything_and_duplicates_nothing(vnetd, client):
+    client("define", "vnet6", "-n", "2", check=True)
+    client("start", "vnet6", check=True)
+    client("define", "vnet7", check=True)
+    before = link_view(vnetd)
+    addrs_before = vnetd.ip("-j", "addr").stdout
+    vnetd.kill()
+    vnetd.start()
+    assert link_view(vnetd) == before
+    assert json.loads(vnetd.ip("-j", "addr").stdout) == json.loads(addrs_before)
+    nets = {n["name"]: n for n in json.loads(client("list", "--json", check=True).stdout)}
+    assert nets["vnet6"]["state"] == "running" and nets["vnet7"]["state"] == "stopped"
+    # and it still works afterwards
+    client("stop", "vnet6", check=True)
+    assert "vnet6" not in vnetd.link_names()
+    for n in ("vnet6", "vnet7"):
+        client("undefine", n, check=True)
+
+
+def test_autostart_networks_come_back(vnetd, client):
+    client("define", "vnet8", "--autostart", check=True)
+    assert "vnet8" not in vnetd.link_names()  # define does not start
+    vnetd.stop()
+    vnetd.start()
+    assert "vnet8" in vnetd.link_names()
+    vnetd.stop()
+    vnetd.ip("link", "del", "vnet8")  # as after a reboot
+    vnetd.start()
+    assert "vnet8" in vnetd.link_names()
+    client("autostart", "vnet8", "off", check=True)
+    client("stop", "vnet8", check=True)
+    client("undefine", "vnet8", check=True)
+
+
+def test_reconcile_removes_only_what_vnetd_made(vnetd, client):
+    vnetd.stop()
+    vnetd.ip("link", "add", "ghost0", "type", "bridge")
+    vnetd.ip("link", "set", "ghost0", "alias", "qemu-vnet:ghost0")  # ours, unwanted
+    vnetd.ip("link", "add", "mine0", "type", "bridge")  # the admin's: never touched
+    vnetd.ip("link", "add", "mine1", "type", "veth", "peer", "name", "mine1p")
+    vnetd.ip("link", "set", "mine1", "alias", "made-by-admin")
+    vnetd.start()
+    names = vnetd.link_names()
+    assert "ghost0" not in names
+    assert {"mine0", "mine1"} <= names
+    vnetd.ip("link", "del", "mine0")
+    vnetd.ip("link", "del", "mine1")
+
+
+def test_reload_reads_hand_edits_and_survives_a_broken_file(vnetd, client):
+    client("define", "vnet9", "--mtu=1500", check=True)
+    path = vnetd.config_dir / "networks" / "vnet9.toml"
+    path.write_text(path.read_text().replace("mtu = 1500", "mtu = 1400"))
+    r = client("reload", "--json", check=True)
+    assert json.loads(r.stdout)["problems"] == []
+    assert json.loads(client("show", "vnet9", "--json").stdout)["mtu"] == 1400
+    path.write_text('name = "vnet9"\nmtu = ')  # truncated by a careless editor
+    r = client("reload")
+    assert r.returncode == 1 and "vnet9.toml" in r.stderr and "last good copy" in r.stderr
+    assert json.loads(client("show", "vnet9", "--json").stdout)["mtu"] == 1400
+    # a restart with the broken file keeps the definition too (no crash loop)
+    vnetd.restart()
+    assert json.loads(client("show", "vnet9", "--json").stdout)["mtu"] == 1400
+    os.unlink(path)
+    client("reload", check=True)
+    assert "vnet9" not in client("list").stdout
+
+
+def test_compat_form(vnetd, client):
+    r = client("--br=vnet10", "-n4", "--start")
+    assert r.returncode == 0, r.stderr
+    assert "172.16.20.1" in r.stdout and "vnet10_4" in r.stdout
+    assert {"vnet10", "vnet10_1", "vnet10_4"} <= vnetd.link_names()
+    r = client("--br=vnet10", "--use-vnet", "--stop")
+    assert r.returncode == 0, r.stderr
+    assert "vnet10" not in vnetd.link_names()
+    client("undefine", "vnet10", check=True)
