@@ -13,6 +13,7 @@ dependencies).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
@@ -85,6 +86,28 @@ def variant(v: Any) -> Variant:
 
 def asv(d: dict[str, Any]) -> dict[str, Variant]:
     return {k: variant(v) for k, v in d.items() if v is not None}
+
+
+@dataclass
+class Attachment:
+    """A port vnetd opened for you: the tap fd(s) are yours (inheritable=False until you say)."""
+
+    ifname: str
+    mac: str
+    network: str
+    vm: str
+    nic: int
+    fds: list[int]
+    vhostfds: list[int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for fd in self.fds + self.vhostfds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds, self.vhostfds = [], []
 
 
 class Client:
@@ -181,3 +204,43 @@ class Client:
 
     async def reload(self) -> list[str]:
         return await self.value("Reload")
+
+    # --- ports --------------------------------------------------------------------------
+    async def attach(self, network: str, vm: str, *, nic: int = 0, queues: int = 1,
+                     vhost: bool = False, mac: str | None = None, learn_mac: bool = False,
+                     holder_pid: int | None = None) -> Attachment:
+        opts: dict[str, Any] = {"nic": nic, "queues": queues, "vhost": vhost}
+        if mac:
+            opts["mac"] = mac
+        if learn_mac:
+            opts["learn-mac"] = True
+        if holder_pid:
+            opts["holder-pid"] = holder_pid
+        reply = await self.call("Attach", "ssa{sv}", [network, vm, asv(opts)])
+        info = plain(reply.body[0])
+        all_fds = list(reply.unix_fds)
+        fds = [all_fds[i] for i in reply.body[1]]
+        vhostfds = [all_fds[i] for i in reply.body[2]]
+        return Attachment(ifname=info["ifname"], mac=info["mac"], network=info["network"],
+                          vm=info["vm"], nic=info["nic"], fds=fds, vhostfds=vhostfds, info=info)
+
+    async def detach(self, ifname: str) -> None:
+        await self.call("Detach", "s", [ifname])
+
+    async def list_ports(self) -> list[dict[str, Any]]:
+        return await self.value("ListPorts")
+
+    async def get_mac(self, network: str, vm: str, nic: int = 0) -> str:
+        return await self.value("GetMac", "ssu", [network, vm, nic])
+
+    async def export_ether_conf(self, network: str) -> str:
+        return await self.value("ExportEtherConf", "s", [network])
+
+    async def import_macs(self, network: str, macs: dict[str, str]) -> int:
+        return await self.value("ImportMacs", "sa{ss}", [network, macs])
+
+    async def enslave(self, ifname: str) -> str:
+        return await self.value("Enslave", "s", [ifname])
+
+    async def release(self, ifname: str) -> str:
+        return await self.value("Release", "s", [ifname])

@@ -15,12 +15,15 @@ import grp
 import json
 import os
 import pwd
+import re
+import shutil
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .agent import TextAgent
-from .api import Client, VnetClientError
+from .api import Attachment, Client, VnetClientError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 4
 
@@ -104,7 +107,43 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("state", choices=["on", "off"])
     cmd("reload", "re-read the definition files after editing them by hand")
+
+    sp = cmd("attach", "attach a VM to a network and run COMMAND (QEMU) with the tap fd(s)")
+    sp.usage = ("vnet-client attach --br=NET --vm=NAME [--nic=N] [--queues=N] [--vhost] "
+                "[--mac=MAC] [--br=NET2 ...] -- COMMAND [ARGS...]")
+    sp.description = ATTACH_HELP
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp = cmd("ports", "list your ports (administrators: everyone's)")
+    sp = cmd("detach", "remove a port now (its owner or an administrator)")
+    sp.add_argument("ifname")
+    sp = cmd("mac", "print a VM's stable MAC on a network, or the network's ether.conf")
+    sp.add_argument("--br", required=True, metavar="NET", help="the network")
+    sp.add_argument("--vm", metavar="NAME", help="the VM")
+    sp.add_argument("--nic", type=int, default=0, help="NIC index (default 0)")
+    sp.add_argument("--export-ether-conf", nargs="?", const="-", metavar="FILE",
+                    help="write qemu-vlan's ether.conf lines (ether_<i>=MAC) to FILE or stdout")
+    sp = cmd("import-ether-conf", "take in an old qemu-vlan ether.conf so VMs keep their MACs")
+    sp.add_argument("file", help="e.g. /etc/qemu/vnet3/ether.conf")
+    sp.add_argument("--br", metavar="NET",
+                    help="the network (default: the file's directory name, e.g. vnet3)")
     return p
+
+
+ATTACH_HELP = """\
+Ask vnetd for a tap on each network named with --br, then run COMMAND with the fds.
+Placeholders in COMMAND are replaced:
+  {fd}        the tap fd            {fds}       all queue fds, colon-joined
+  {vhostfds}  vhost fds (if any)    {mac}       the VM's stable MAC
+  {ifname}    the tap's name
+With several --br groups, add the group's index: {fd0}, {mac1}, ...
+Options after a --br apply to that group; --vm given once applies to all.
+
+example:
+  vnet-client attach --br=vnet2 --vm web1 -- qemu-system-x86_64 -m 512 \\
+      -netdev tap,id=n0,fd={fd} -device virtio-net-pci,netdev=n0,mac={mac} disk.img
+
+The tap lives as long as COMMAND holds its fd: when QEMU exits it is gone.
+"""
 
 
 def build_compat_parser() -> argparse.ArgumentParser:
@@ -248,6 +287,19 @@ async def run_command(args: argparse.Namespace) -> int:
         elif cmd == "autostart":
             await s.run(lambda c: c.set_autostart(args.name, args.state == "on"))
             print(f"Autostart of {args.name}: {args.state}.")
+        elif cmd == "ports":
+            ports = await s.run(lambda c: c.list_ports())
+            if out_json:
+                print(json.dumps(ports, indent=2))
+            elif not ports:
+                print("No ports.")
+            else:
+                print(_table([[p["ifname"], p["network"], p["vm"], str(p["nic"]), p["mac"],
+                               str(p["uid"]), str(p.get("holder-pid", "-"))] for p in ports],
+                             ["PORT", "NETWORK", "VM", "NIC", "MAC", "UID", "HOLDER"]))
+        elif cmd == "detach":
+            await s.run(lambda c: c.detach(args.ifname))
+            print(f"Detached {args.ifname}.")
         elif cmd == "reload":
             problems = await s.run(lambda c: c.reload())
             if out_json:
@@ -283,6 +335,188 @@ async def run_compat(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- attach --------------------------------------------------------------------------------
+PLACEHOLDER = re.compile(r"\{(fd|fds|vhostfds|mac|ifname)(\d*)\}")
+
+
+@dataclass
+class Group:
+    network: str
+    vm: str | None = None
+    nic: int = 0
+    queues: int = 1
+    vhost: bool = False
+    mac: str | None = None
+
+
+def parse_attach(argv: list[str]) -> tuple[list[Group], list[str], argparse.Namespace]:
+    """attach's own parser: --br starts a group; --vm/--nic/--queues/--vhost/--mac belong to
+    the current group; everything after '--' is the command."""
+    if "--" not in argv:
+        raise Usage("attach needs a command after '--', e.g. "
+                    "vnet-client attach --br=vnet2 --vm web1 -- qemu-system-x86_64 ...")
+    i = argv.index("--")
+    opts, command = argv[:i], argv[i + 1:]
+    if not command:
+        raise Usage("attach needs a command after '--'.")
+    common = argparse.Namespace(json=False, no_ask_password=False, bus_address=None)
+    groups: list[Group] = []
+    vm_all: str | None = None
+    it = iter(opts)
+
+    def value(flag: str, inline: str | None) -> str:
+        if inline is not None:
+            return inline
+        try:
+            return next(it)
+        except StopIteration:
+            raise Usage(f"{flag} needs a value.") from None
+
+    def number(flag: str, text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise Usage(f"{flag} takes a whole number, not '{text}'.") from None
+
+    for tok in it:
+        flag, _, inline = tok.partition("=")
+        inline = inline if "=" in tok else None
+        if flag == "--br":
+            groups.append(Group(network=value(flag, inline)))
+            continue
+        if flag in ("--json", "--no-ask-password"):
+            setattr(common, flag[2:].replace("-", "_"), True)
+            continue
+        if flag == "--bus-address":
+            common.bus_address = value(flag, inline)
+            continue
+        if flag == "--vm" and not groups:
+            vm_all = value(flag, inline)
+            continue
+        if not groups:
+            raise Usage(f"{tok}: give --br=NETWORK first.")
+        g = groups[-1]
+        if flag == "--vm":
+            g.vm = value(flag, inline)
+            vm_all = vm_all or g.vm
+        elif flag == "--nic":
+            g.nic = number(flag, value(flag, inline))
+        elif flag == "--queues":
+            g.queues = number(flag, value(flag, inline))
+        elif flag == "--vhost":
+            g.vhost = True
+        elif flag == "--mac":
+            g.mac = value(flag, inline)
+        else:
+            raise Usage(f"attach does not know '{tok}' (see vnet-client attach --help).")
+    if not groups:
+        raise Usage("attach needs --br=NETWORK.")
+    for g in groups:
+        g.vm = g.vm or vm_all
+        if not g.vm:
+            raise Usage("attach needs --vm=NAME (the VM's name keys its stable MAC).")
+    return groups, command, common
+
+
+def substitute(command: list[str], atts: list[Attachment]) -> list[str]:
+    def one(m: re.Match) -> str:
+        what, idx = m.group(1), m.group(2)
+        if idx == "":
+            if len(atts) > 1 and what != "fds":
+                raise Usage(f"{{{what}}} is ambiguous with {len(atts)} NICs: use "
+                            f"{{{what}0}}..{{{what}{len(atts) - 1}}}.")
+            a = atts[0]
+        else:
+            if int(idx) >= len(atts):
+                raise Usage(f"{{{what}{idx}}} names NIC {idx}, but only {len(atts)} attached.")
+            a = atts[int(idx)]
+        return {
+            "fd": str(a.fds[0]),
+            "fds": ":".join(str(f) for f in a.fds),
+            "vhostfds": ":".join(str(f) for f in a.vhostfds),
+            "mac": a.mac,
+            "ifname": a.ifname,
+        }[what]
+
+    return [PLACEHOLDER.sub(one, arg) for arg in command]
+
+
+async def run_attach(groups: list[Group], command: list[str],
+                     common: argparse.Namespace) -> int:
+    exe = shutil.which(command[0])
+    if exe is None:
+        raise Usage(f"command not found: {command[0]} (nothing was attached).")
+    atts: list[Attachment] = []
+    try:
+        async with Session(common) as s:
+            for g in groups:
+                atts.append(await s.run(lambda c, g=g: c.attach(
+                    g.network, g.vm, nic=g.nic, queues=g.queues, vhost=g.vhost, mac=g.mac)))
+        argv = substitute(command, atts)
+    except BaseException:
+        for a in atts:
+            a.close()
+        raise
+    for a in atts:
+        for fd in a.fds + a.vhostfds:
+            os.set_inheritable(fd, True)
+        note = f"attached {a.vm} nic {a.nic} to {a.network} as {a.ifname} (mac {a.mac})"
+        print(json.dumps(a.info) if common.json else f"vnet-client: {note}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(exe, argv)
+
+
+async def run_mac(args: argparse.Namespace) -> int:
+    async with Session(args) as s:
+        if args.export_ether_conf:
+            text = await s.run(lambda c: c.export_ether_conf(args.br))
+            if args.export_ether_conf == "-":
+                sys.stdout.write(text)
+            else:
+                with open(args.export_ether_conf, "w") as f:
+                    f.write(text)
+                print(f"Wrote {args.export_ether_conf}.")
+            return EXIT_OK
+        if not args.vm:
+            raise Usage("mac needs --vm=NAME (or --export-ether-conf).")
+        mac = await s.run(lambda c: c.get_mac(args.br, args.vm, args.nic))
+        print(json.dumps({"network": args.br, "vm": args.vm, "nic": args.nic, "mac": mac})
+              if args.json else mac)
+    return EXIT_OK
+
+
+ETHER_LINE = re.compile(r"\s*ether_(\d{1,4})\s*=\s*['\"]?([0-9A-Fa-f:]{17})['\"]?\s*(#.*)?")
+
+
+def read_ether_conf(path: str, network: str) -> dict[str, str]:
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise Usage(f"cannot read {path}: {e.strerror}.") from None
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        m = ETHER_LINE.fullmatch(line)
+        if not m:
+            raise Usage(f"{path}:{n}: not an 'ether_<i>=52:54:00:xx:xx:xx' line: {s[:60]!r}")
+        out[f"{network}_{int(m.group(1))}"] = m.group(2).lower()
+    if not out:
+        raise Usage(f"{path} holds no ether_<i>= lines.")
+    return out
+
+
+async def run_import_ether_conf(args: argparse.Namespace) -> int:
+    network = args.br or os.path.basename(os.path.dirname(os.path.abspath(args.file)))
+    macs = read_ether_conf(args.file, network)
+    async with Session(args) as s:
+        n = await s.run(lambda c: c.import_macs(network, macs))
+    print(f"Imported {n} MAC(s) into {network}: VM '{network}_<i>' keeps ether_<i>'s MAC.")
+    return EXIT_OK
+
+
 def is_compat(argv: list[str]) -> bool:
     for a in argv:
         if a in ("-h", "--help"):
@@ -297,6 +531,10 @@ def is_compat(argv: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["attach"] and not {"-h", "--help"} & set(argv[1:argv.index("--")]
+                                                                if "--" in argv else argv[1:]):
+            groups, command, common = parse_attach(argv[1:])
+            return asyncio.run(run_attach(groups, command, common))
         if is_compat(argv):
             args = build_compat_parser().parse_args(argv)
             runner = run_compat
@@ -306,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.cmd:
                 parser.print_help(sys.stderr)
                 return EXIT_USAGE
-            runner = run_command
+            runner = {"mac": run_mac, "import-ether-conf": run_import_ether_conf}.get(
+                args.cmd, run_command)
         return asyncio.run(runner(args))
     except Usage as e:
         print(f"vnet-client: {e}", file=sys.stderr)

@@ -35,6 +35,7 @@ class Method:
     returns: tuple[Arg, ...]
     action: str
     doc: str
+    details: tuple[str, ...] = ("name",)  # args passed to polkit ("name" as "network")
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -63,7 +64,7 @@ def _a(*pairs: str) -> tuple[Arg, ...]:
 
 METHODS: tuple[Method, ...] = (
     Method(MANAGER, "ListNetworks", (), _a("networks:aa{sv}"), INFO,
-           "Every defined network with its definition and state."),
+           "Every defined network with its definition and state.", details=()),
     Method(MANAGER, "GetNetwork", _a("name:s"), _a("network:a{sv}"), INFO,
            "One network: definition, state, bridge, addresses."),
     Method(MANAGER, "Define", _a("name:s", "options:a{sv}"), _a("network:o"), MANAGE,
@@ -78,7 +79,33 @@ METHODS: tuple[Method, ...] = (
     Method(MANAGER, "SetAutostart", _a("name:s", "enabled:b"), (), MANAGE,
            "Start the network whenever vnetd starts."),
     Method(MANAGER, "Reload", (), _a("problems:as"), MANAGE,
-           "Re-read the definition files; returns a sentence per file that could not be used."),
+           "Re-read the definition files; returns a sentence per file that could not be used.",
+           details=()),
+    Method(MANAGER, "Attach", _a("network:s", "vm:s", "options:a{sv}"),
+           _a("port:a{sv}", "fds:ah", "vhostfds:ah"), ATTACH,
+           "Open a tap on the network for a VM and hand its fd(s) to the caller. Options: nic, "
+           "queues (1-8, one fd each), vhost, mac (the guest's, when it is not the stable one), "
+           "holder-pid (the caller's parent, for helpers run by QEMU).",
+           details=("network", "vm")),
+    Method(MANAGER, "Detach", _a("ifname:s"), (), ATTACH,
+           "Remove a port now, persistent or not. Its owner or an administrator (manage).",
+           details=("ifname",)),
+    Method(MANAGER, "ListPorts", (), _a("ports:aa{sv}"), INFO,
+           "Your ports; administrators (manage) see everyone's.", details=()),
+    Method(MANAGER, "GetMac", _a("network:s", "vm:s", "nic:u"), _a("mac:s"), ATTACH,
+           "The stable MAC of a VM's NIC on a network (given out and remembered if new).",
+           details=("network", "vm")),
+    Method(MANAGER, "ExportEtherConf", _a("network:s"), _a("text:s"), INFO,
+           "The network's MACs as qemu-vlan's ether.conf (ether_<i>=MAC lines).",
+           details=("network",)),
+    Method(MANAGER, "ImportMacs", _a("network:s", "macs:a{ss}"), _a("count:u"), MANAGE,
+           "Take in VM -> MAC entries (from an old ether.conf: VM '<network>_<i>'); all or "
+           "nothing.", details=("network",)),
+    Method(MANAGER, "Enslave", _a("ifname:s"), _a("network:s"), ATTACH,
+           "vnet-ifup: put a tap you own on the bridge its name names (<network>_<n>).",
+           details=("ifname",)),
+    Method(MANAGER, "Release", _a("ifname:s"), _a("network:s"), ATTACH,
+           "vnet-ifdown: take a tap you own off its bridge.", details=("ifname",)),
     Method(NETWORK, "GetInfo", (), _a("network:a{sv}"), INFO,
            "This network, as Manager.GetNetwork returns it."),
     Method(NETWORK, "Start", (), (), MANAGE, "Start this network."),
@@ -88,6 +115,8 @@ METHODS: tuple[Method, ...] = (
 SIGNALS: tuple[Signal, ...] = (
     Signal(MANAGER, "NetworkChanged", _a("name:s", "state:s"),
            "A network was defined, undefined, started, stopped or reloaded."),
+    Signal(MANAGER, "PortChanged", _a("ifname:s", "network:s", "state:s"),
+           "A port was attached or detached (its holder closed it, or Detach)."),
 )
 
 INTERFACES = (MANAGER, NETWORK)

@@ -125,6 +125,14 @@ class Service:
             (api.MANAGER, "Stop"): self.stop,
             (api.MANAGER, "SetAutostart"): self.set_autostart,
             (api.MANAGER, "Reload"): self.reload,
+            (api.MANAGER, "Attach"): self.attach,
+            (api.MANAGER, "Detach"): self.detach,
+            (api.MANAGER, "ListPorts"): self.list_ports,
+            (api.MANAGER, "GetMac"): self.get_mac,
+            (api.MANAGER, "ExportEtherConf"): self.export_ether_conf,
+            (api.MANAGER, "ImportMacs"): self.import_macs,
+            (api.MANAGER, "Enslave"): self.enslave,
+            (api.MANAGER, "Release"): self.release,
             (api.NETWORK, "GetInfo"): self.get_network,
             (api.NETWORK, "Start"): self.start,
             (api.NETWORK, "Stop"): self.stop,
@@ -134,6 +142,7 @@ class Service:
             raise RuntimeError(f"contract and handlers disagree: {sorted(missing)}")
         self.tasks: set[asyncio.Task] = set()
         engine.listeners.append(self.emit_network_changed)
+        engine.ports.listeners.append(self.emit_port_changed)
 
     # --- wiring -------------------------------------------------------------------------
     def install(self) -> None:
@@ -265,7 +274,7 @@ class Service:
         args = [unwrap(a) for a in msg.body]
         if target is not None:
             args.insert(0, target)
-        details = {"network": args[0]} if args and isinstance(args[0], str) else {}
+        details = self._details(spec, args, target)
         handler = self.handlers[(iface, msg.member)]
         try:
             await self.authz.check(caller, spec.action, details)
@@ -285,9 +294,25 @@ class Service:
             unix_fds=result.fds,
         ), result.fds
 
+    @staticmethod
+    def _details(spec: api.Method, args: list[Any], target: str | None) -> dict[str, str]:
+        """polkit details from the named arguments (what a rules file may test)."""
+        if target is not None:
+            return {"network": target}
+        names = [a.name for a in spec.args]
+        out = {}
+        for want in spec.details:
+            if want in names and isinstance(args[names.index(want)], str):
+                out["network" if want == "name" else want] = args[names.index(want)]
+        return out
+
     def _unknown(self, msg: Message) -> Message:
         return self._error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
                            f"No method {msg.interface}.{msg.member} at {msg.path}.")
+
+    def emit_port_changed(self, port, state: str) -> None:
+        self.bus.send(Message.new_signal(api.MANAGER_PATH, api.MANAGER, "PortChanged", "sss",
+                                         [port.ifname, port.network, state]))
 
     def emit_network_changed(self, name: str, state: str) -> None:
         self.bus.send(Message.new_signal(api.MANAGER_PATH, api.MANAGER, "NetworkChanged",
@@ -323,6 +348,58 @@ class Service:
 
     async def reload(self, caller: Caller) -> Any:
         return await self.engine.reload()
+
+
+    # --- ports ------------------------------------------------------------------------
+    async def attach(self, caller: Caller, network: str, vm: str,
+                     options: dict[str, Any]) -> Reply:
+        port, fds, vhostfds, info = await self.engine.attach(network, vm, caller.uid, caller.pid,
+                                                             options)
+        self.emit_port_changed(port, "attached")
+        n = len(fds)
+        return Reply(to_asv(info), list(range(n)), list(range(n, n + len(vhostfds))),
+                     fds=fds + vhostfds)
+
+    async def is_admin(self, caller: Caller, network: str | None = None) -> bool:
+        if caller.is_root:
+            return True
+        quiet = Caller(caller.sender, caller.uid, caller.pid, interactive=False)
+        try:
+            await self.authz.check(quiet, api.MANAGE, {"network": network} if network else {})
+        except VnetError:
+            return False
+        return True
+
+    async def detach(self, caller: Caller, ifname: str) -> None:
+        port = self.engine.ports.get(ifname)
+        if port.uid != caller.uid and not caller.is_root:
+            # not the owner: an administrator may (and may be asked for a password)
+            await self.authz.check(caller, api.MANAGE, {"network": port.network})
+        await self.engine.detach(port)
+        self.emit_port_changed(port, "detached")
+
+    async def list_ports(self, caller: Caller) -> Any:
+        ports = list(self.engine.ports.by_name.values())
+        if not await self.is_admin(caller):
+            ports = [p for p in ports if p.uid == caller.uid]
+        return [to_asv(p.to_dict()) for p in sorted(ports, key=lambda p: p.ifname)]
+
+    async def get_mac(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
+        return self.engine.get_mac(network, vm, nic)
+
+    async def export_ether_conf(self, caller: Caller, network: str) -> Any:
+        self.engine.get(network)
+        return self.engine.macs.export_ether_conf(network)
+
+    async def import_macs(self, caller: Caller, network: str, macs: dict[str, str]) -> Any:
+        self.engine.get(network)
+        return self.engine.macs.import_macs(network, macs)
+
+    async def enslave(self, caller: Caller, ifname: str) -> Any:
+        return await self.engine.enslave(ifname, caller.uid)
+
+    async def release(self, caller: Caller, ifname: str) -> Any:
+        return await self.engine.enslave(ifname, caller.uid, release=True)
 
 
 def _fmt_args(args: list[Any]) -> str:

@@ -17,11 +17,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import macs as macs_mod
 from . import model
 from .backends import tap as tapdev
 from .backends.links import Link, Links
-from .errors import Busy, Exists, Failed, InvalidArgument, NotFound, VnetError
+from .errors import Busy, Exists, Failed, InvalidArgument, NotFound, NotRunning, VnetError
+from .macs import MacRegistry
 from .model import Network
+from .ports import Port, Ports, parse_attach_options
 from .store import Store
 
 log = logging.getLogger("vnetd")
@@ -46,9 +49,14 @@ class Rollback:
 
 
 class Engine:
-    def __init__(self, store: Store, links: Links):
+    def __init__(self, store: Store, links: Links, max_ports_per_user: int = 64):
         self.store = store
         self.links = links
+        self.macs = MacRegistry(
+            macs_mod.load(store.load_json(MacRegistry.FILE, {})),
+            lambda data: store.save_json(MacRegistry.FILE, data),
+        )
+        self.ports = Ports(links, self.macs, store, max_ports_per_user)
         self.defs: dict[str, Network] = {}
         self.running: set[str] = set()
         self.lock = asyncio.Lock()
@@ -66,7 +74,10 @@ class Engine:
         for p in self.problems:
             log.error("definition problem: %s", p)
         async with self.lock:
+            self.ports.begin_reconcile()
             await self._reconcile()
+            self.ports.end_reconcile()
+        await self.ports.start_monitor()
         for name, net in sorted(self.defs.items()):
             if net.autostart and name not in self.running:
                 try:
@@ -82,8 +93,11 @@ class Engine:
         others = [lk for lk in ours if lk.kind != "bridge"]
         for lk in others:
             net = self.defs.get(model.network_of_alias(lk.alias) or "")
-            if net is None or lk.ifname not in net.tap_names:
-                await self._remove_unwanted(lk)
+            if net is not None and lk.ifname in net.tap_names:
+                continue
+            if net is not None and await self.ports.adopt(lk):
+                continue
+            await self._remove_unwanted(lk)
         for lk in bridges:
             name = model.network_of_alias(lk.alias)
             net = self.defs.get(name or "")
@@ -302,6 +316,7 @@ class Engine:
         self._changed(name, "stopped")
 
     async def _teardown(self, net: Network) -> None:
+        await self.ports.remove_network_ports(net.name)
         for tname in net.tap_names:
             lk = await self.links.get(tname)
             if lk is not None and model.network_of_alias(lk.alias) == net.name:
@@ -310,3 +325,55 @@ class Engine:
         if lk is not None and model.network_of_alias(lk.alias) == net.name:
             await self.links.delete(lk.index)
         self.running.discard(net.name)
+
+    # --- ports --------------------------------------------------------------------------
+    async def _running_bridge(self, net: Network) -> Link:
+        if net.name not in self.running:
+            raise NotRunning(f"The network '{net.name}' is not running: start it first "
+                             f"(vnet-client start {net.name}).")
+        br = await self.links.get(net.bridge)
+        if br is None:
+            raise NotRunning(f"The bridge of '{net.name}' is gone; restart the network.")
+        return br
+
+    async def attach(self, network: str, vm: str, uid: int, pid: int | None,
+                     options: dict[str, Any]) -> tuple[Port, list[int], list[int], dict]:
+        net = self.get(network)
+        model.validate_vm_name(vm)
+        opts = parse_attach_options(options)
+        async with self.lock:
+            br = await self._running_bridge(net)
+            return await self.ports.attach(net, br.index, vm, uid, pid, opts)
+
+    async def detach(self, port: Port) -> None:
+        async with self.lock:
+            await self.ports.detach(port)
+
+    async def enslave(self, ifname: str, uid: int, release: bool = False) -> str:
+        """vnet-ifup/-ifdown: put a tap the caller owns on (or off) the bridge its name says."""
+        model.validate_ifname(ifname, "interface name")
+        if "_" not in ifname:
+            raise InvalidArgument(
+                f"'{ifname}' does not name its network: taps for vnet-ifup are called "
+                "<network>_<n>, e.g. vnet2_1.")
+        network = ifname.rsplit("_", 1)[0]
+        net = self.get(network)
+        async with self.lock:
+            lk = await self.links.get(ifname)
+            if lk is None:
+                raise NotFound(f"There is no interface named '{ifname}'.")
+            if lk.kind != "tun":
+                raise InvalidArgument(f"'{ifname}' is not a tap device.")
+            if uid != 0 and lk.tun_owner != uid:
+                raise InvalidArgument(f"The tap '{ifname}' does not belong to you (uid {uid}).")
+            if release:
+                if lk.master is not None:
+                    await self.links.set(lk.index, master=0)
+                return net.name
+            br = await self._running_bridge(net)
+            await self.links.set(lk.index, master=br.index, mtu=net.mtu, state="up")
+            return net.name
+
+    def get_mac(self, network: str, vm: str, nic: int) -> str:
+        self.get(network)
+        return self.macs.get(network, vm, nic)

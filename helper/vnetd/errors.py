@@ -25,6 +25,10 @@ class Exists(VnetError):
     dbus_name = ERROR_PREFIX + "Exists"
 
 
+class NotRunning(VnetError):
+    dbus_name = ERROR_PREFIX + "NotRunning"
+
+
 class Busy(VnetError):
     dbus_name = ERROR_PREFIX + "Busy"
 
@@ -52,6 +56,7 @@ ALL_ERRORS = (
     NotFound,
     Exists,
     Busy,
+    NotRunning,
     QuotaExceeded,
     Failed,
     AccessDenied,

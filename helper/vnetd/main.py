@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MAC registry, leases, last good copies (default: %(default)s)")
     p.add_argument("--runtime-dir", type=Path, default=Path("/run/qemu-vnet"),
                    help="generated configs, pids, sockets (default: %(default)s)")
+    p.add_argument("--max-ports-per-user", type=int, default=64, metavar="N",
+                   help="ports one user may hold at once (default: %(default)s)")
     p.add_argument("--log-level", default=os.environ.get("VNETD_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"vnetd {__version__}")
@@ -51,10 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> int:
     for d in (args.state_dir, args.runtime_dir):
         d.mkdir(parents=True, exist_ok=True)
-    store = Store(args.config_dir, args.state_dir)
+    store = Store(args.config_dir, args.state_dir, args.runtime_dir)
     links = Links()
     await links.open()
-    engine = Engine(store, links)
+    engine = Engine(store, links, max_ports_per_user=args.max_ports_per_user)
     await engine.startup()
 
     if args.bus_address:

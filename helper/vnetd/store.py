@@ -53,7 +53,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class Store:
-    def __init__(self, config_dir: Path, state_dir: Path):
+    def __init__(self, config_dir: Path, state_dir: Path, runtime_dir: Path | None = None):
+        self.runtime_dir = Path(runtime_dir) if runtime_dir else Path(state_dir) / "run"
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
         self.config_dir = Path(config_dir)
         self.networks_dir = self.config_dir / "networks"
         self.state_dir = Path(state_dir)
@@ -150,3 +152,16 @@ class Store:
             except OSError:
                 pass
         atomic_write(path, text, 0o600)
+
+    # --- runtime state (gone at reboot, kept across daemon restarts) ---------------------
+    def load_runtime_json(self, name: str, default: Any) -> Any:
+        try:
+            return json.loads((self.runtime_dir / name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return default
+        except (ValueError, OSError) as e:
+            log.error("runtime file %s is unreadable (%s); starting from empty", name, e)
+            return default
+
+    def save_runtime_json(self, name: str, data: Any) -> None:
+        atomic_write(self.runtime_dir / name, json.dumps(data, sort_keys=True).encode(), 0o600)

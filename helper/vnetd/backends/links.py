@@ -30,18 +30,30 @@ class Link:
     up: bool
     mtu: int
     address: str | None
+    tun_owner: int | None = None
+    tun_persist: bool = False
 
 
 def _to_link(msg) -> Link:
+    kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+    owner, persist = None, False
+    if kind == "tun":
+        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+        attrs = dict(data["attrs"]) if data else {}
+        owner = attrs.get("IFLA_TUN_OWNER")
+        owner = None if owner in (None, 0xFFFFFFFF) else owner
+        persist = bool(attrs.get("IFLA_TUN_PERSIST"))
     return Link(
         index=msg["index"],
         ifname=msg.get("ifname"),
-        kind=msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"),
+        kind=kind,
         alias=msg.get("ifalias"),
         master=msg.get("master"),
         up=bool(msg["flags"] & 1),
         mtu=msg.get("mtu"),
         address=msg.get("address"),
+        tun_owner=owner,
+        tun_persist=persist,
     )
 
 

@@ -1,0 +1,50 @@
+"""Shared bits for the benchmarks: a daemon in its own namespace, percentiles, JSON out."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.harness import daemon as hd  # noqa: E402
+from tests.harness import services  # noqa: E402
+
+
+def pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def summary_ms(samples: list[float]) -> dict:
+    ms = [x * 1000 for x in samples]
+    return {"n": len(ms), "p50_ms": round(pct(ms, 50), 3), "p99_ms": round(pct(ms, 99), 3),
+            "mean_ms": round(statistics.fmean(ms), 3), "max_ms": round(max(ms), 3)}
+
+
+@contextmanager
+def bench_daemon(label: str):
+    if os.geteuid() != 0:
+        sys.exit("benchmarks need root (sudo make bench)")
+    services.start(with_vnetd=False)
+    host = services.stop_vnetd()
+    with services.activation_parked():
+        hd.ensure_users()
+        d = hd.Daemon(label)
+        try:
+            d.start()
+            yield d
+        finally:
+            d.close()
+    if host:
+        services.ensure_vnetd()
+
+
+def emit(name: str, result: dict) -> None:
+    print(json.dumps({"bench": name, **result}, indent=1))

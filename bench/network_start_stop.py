@@ -1,0 +1,44 @@
+"""Start/stop latency of a host-only network, from a long-lived client (JSON out).
+
+Target (issue 2): start p50 <= 20 ms on a 2-core machine.
+    sudo /opt/qemu-vnet/bin/python bench/network_start_stop.py [--runs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from _common import bench_daemon, emit, summary_ms
+from vnet_client import Client
+
+
+async def measure(runs: int) -> dict:
+    async with Client() as c:
+        await c.define("benchnet", mode="host-only", subnet="10.201.0.0/24", dhcp="none")
+        starts, stops = [], []
+        for _ in range(runs):
+            t = time.perf_counter()
+            await c.start("benchnet")
+            starts.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await c.stop("benchnet")
+            stops.append(time.perf_counter() - t)
+        await c.undefine("benchnet")
+    return {"start": summary_ms(starts), "stop": summary_ms(stops),
+            "target_start_p50_ms": 20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=50)
+    a = ap.parse_args()
+    with bench_daemon("bench"):
+        result = asyncio.run(measure(a.runs))
+    result["met"] = result["start"]["p50_ms"] <= 20
+    emit("network_start_stop", result)
+
+
+if __name__ == "__main__":
+    main()
