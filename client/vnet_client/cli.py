@@ -50,7 +50,11 @@ This is the qemu-vlan compatible form. The same as:
 
 
 class Usage(Exception):
-    pass
+    """A mistake in the command line: exit 2."""
+
+
+class Failure(Exception):
+    """Something the client itself found wrong (a file, a command): exit 1."""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -445,7 +449,7 @@ async def run_attach(groups: list[Group], command: list[str],
                      common: argparse.Namespace) -> int:
     exe = shutil.which(command[0])
     if exe is None:
-        raise Usage(f"command not found: {command[0]} (nothing was attached).")
+        raise Failure(f"command not found: {command[0]} (nothing was attached).")
     atts: list[Attachment] = []
     try:
         async with Session(common) as s:
@@ -493,7 +497,7 @@ def read_ether_conf(path: str, network: str) -> dict[str, str]:
     try:
         text = open(path, encoding="utf-8").read()
     except OSError as e:
-        raise Usage(f"cannot read {path}: {e.strerror}.") from None
+        raise Failure(f"cannot read {path}: {e.strerror}.") from None
     out: dict[str, str] = {}
     for n, line in enumerate(text.splitlines(), 1):
         s = line.strip()
@@ -501,10 +505,10 @@ def read_ether_conf(path: str, network: str) -> dict[str, str]:
             continue
         m = ETHER_LINE.fullmatch(line)
         if not m:
-            raise Usage(f"{path}:{n}: not an 'ether_<i>=52:54:00:xx:xx:xx' line: {s[:60]!r}")
+            raise Failure(f"{path}:{n}: not an 'ether_<i>=52:54:00:xx:xx:xx' line: {s[:60]!r}")
         out[f"{network}_{int(m.group(1))}"] = m.group(2).lower()
     if not out:
-        raise Usage(f"{path} holds no ether_<i>= lines.")
+        raise Failure(f"{path} holds no ether_<i>= lines.")
     return out
 
 
@@ -550,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     except Usage as e:
         print(f"vnet-client: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Failure as e:
+        print(f"vnet-client: {e}", file=sys.stderr)
+        return EXIT_FAIL
     except VnetClientError as e:
         print(f"vnet-client: {e.message}", file=sys.stderr)
         if os.environ.get("VNET_CLIENT_DEBUG"):

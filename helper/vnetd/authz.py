@@ -64,7 +64,11 @@ class Authorizer:
     def forget_sender(self, name: str) -> None:
         self._creds.pop(name, None)
         if self._cache:
+            before = len(self._cache)
             self._cache = {k for k in self._cache if k[0] != name}
+            if len(self._cache) != before:
+                log.debug("forgot %d cached answer(s) for %s: it disconnected",
+                          before - len(self._cache), name)
 
     def polkit_changed(self) -> None:
         if self._cache:

@@ -41,6 +41,12 @@ def ensure_users() -> None:
     subprocess.run(["chpasswd"], input=f"{ADMIN}:{ADMIN_PASSWORD}\n", text=True, check=True)
 
 
+def as_user(user: str, argv: list[str]) -> list[str]:
+    """argv run as `user` with its groups, exec'd in place (no forked parent to outlive)."""
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
+            "--", *argv]
+
+
 def uid_of(user: str) -> int:
     return int(sh("id", "-u", user).stdout)
 
@@ -77,7 +83,7 @@ def run_client(*args: str, user: str | None = None, timeout: float = 60,
     """Run vnet-client as root or as `user` (no terminal: no password prompt)."""
     argv = [str(CLIENT), *args]
     if user:
-        argv = ["runuser", "-u", user, "--", *argv]
+        argv = as_user(user, argv)
     e = dict(os.environ, VNET_CLIENT_DEBUG="1")
     e.pop("VNET_BUS_ADDRESS", None)
     if env:
@@ -174,9 +180,18 @@ class Daemon:
     def link_names(self) -> set[str]:
         return {lk["ifname"] for lk in self.ipj("link", "show")}
 
-    def snapshot(self) -> tuple[str, str]:
-        """`ip -j link` and `ip -j addr` as they are, for 'unchanged' checks."""
-        return self.ip("-j", "link").stdout, self.ip("-j", "addr").stdout
+    def snapshot(self) -> tuple[list, list]:
+        """What `ip -j link` and `ip -j addr` say, less what moves by itself (operstate,
+        carrier, lifetimes), for 'unchanged' checks."""
+        links = sorted(
+            (lk["ifname"], lk.get("master"), lk["mtu"], lk.get("address"), lk.get("ifalias"),
+             "UP" in lk["flags"])
+            for lk in self.ipj("link", "show"))
+        addrs = sorted(
+            (a["ifname"], ai["local"], ai["prefixlen"])
+            for a in self.ipj("addr", "show") for ai in a.get("addr_info", [])
+            if not ai["local"].startswith("fe80:"))
+        return links, addrs
 
     def exec(self, *argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
         return sh("ip", "netns", "exec", self.netns, *argv, check=check, **kw)
