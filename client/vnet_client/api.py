@@ -244,3 +244,18 @@ class Client:
 
     async def release(self, ifname: str) -> str:
         return await self.value("Release", "s", [ifname])
+
+    # --- static hosts and leases --------------------------------------------------------
+    async def add_host(self, network: str, vm: str, *, ip: str | None = None,
+                       mac: str | None = None) -> dict[str, Any]:
+        opts = {k: v for k, v in (("ip", ip), ("mac", mac)) if v is not None}
+        return await self.value("AddHost", "ssa{sv}", [network, vm, asv(opts)])
+
+    async def remove_host(self, network: str, vm: str) -> None:
+        await self.call("RemoveHost", "ss", [network, vm])
+
+    async def list_hosts(self, network: str) -> list[dict[str, Any]]:
+        return await self.value("ListHosts", "s", [network])
+
+    async def leases(self, network: str) -> list[dict[str, Any]]:
+        return await self.value("Leases", "s", [network])

@@ -126,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nic", type=int, default=0, help="NIC index (default 0)")
     sp.add_argument("--export-ether-conf", nargs="?", const="-", metavar="FILE",
                     help="write qemu-vlan's ether.conf lines (ether_<i>=MAC) to FILE or stdout")
+    hp = cmd("host", "static hosts: fixed addresses and DNS names for VMs")
+    hsub = hp.add_subparsers(dest="host_cmd", metavar="ACTION", required=True)
+    ha = hsub.add_parser("add", help="give a VM a fixed address (applied live)")
+    _add_common(ha)
+    ha.add_argument("network")
+    ha.add_argument("--vm", required=True, help="the VM (also its DNS name: VM.NETWORK)")
+    ha.add_argument("--ip", help="the address (default: first free below the DHCP range)")
+    ha.add_argument("--mac", help="the VM's MAC (default: its stable MAC on the network)")
+    hr = hsub.add_parser("remove", help="remove a VM's fixed address")
+    _add_common(hr)
+    hr.add_argument("network")
+    hr.add_argument("--vm", required=True)
+    hl = hsub.add_parser("list", help="list static hosts")
+    _add_common(hl)
+    hl.add_argument("network")
+    sp = cmd("leases", "show the network's DHCP leases")
+    sp.add_argument("network")
     sp = cmd("import-ether-conf", "take in an old qemu-vlan ether.conf so VMs keep their MACs")
     sp.add_argument("file", help="e.g. /etc/qemu/vnet3/ether.conf")
     sp.add_argument("--br", metavar="NET",
@@ -301,6 +318,18 @@ async def run_command(args: argparse.Namespace) -> int:
                 print(_table([[p["ifname"], p["network"], p["vm"], str(p["nic"]), p["mac"],
                                str(p["uid"]), str(p.get("holder-pid", "-"))] for p in ports],
                              ["PORT", "NETWORK", "VM", "NIC", "MAC", "UID", "HOLDER"]))
+        elif cmd == "host":
+            return await run_host(s, args)
+        elif cmd == "leases":
+            leases = await s.run(lambda c: c.leases(args.network))
+            if out_json:
+                print(json.dumps(leases, indent=2))
+            elif not leases:
+                print(f"No leases on {args.network}.")
+            else:
+                print(_table([[le["ip"], le["mac"], le["hostname"] or "-", le.get("vm", "-"),
+                               le.get("port", "-"), _when(le["expiry"])] for le in leases],
+                             ["IP", "MAC", "HOSTNAME", "VM", "PORT", "EXPIRES"]))
         elif cmd == "detach":
             await s.run(lambda c: c.detach(args.ifname))
             print(f"Detached {args.ifname}.")
@@ -314,6 +343,34 @@ async def run_command(args: argparse.Namespace) -> int:
                 print(f"Reloaded definitions ({len(problems)} problem(s)).")
                 if problems:
                     return EXIT_FAIL
+    return EXIT_OK
+
+
+def _when(expiry: int) -> str:
+    import time
+
+    if not expiry:
+        return "never"
+    left = expiry - int(time.time())
+    return f"in {left // 60} min" if left > 0 else "expired"
+
+
+async def run_host(s: Session, args: argparse.Namespace) -> int:
+    if args.host_cmd == "add":
+        h = await s.run(lambda c: c.add_host(args.network, args.vm, ip=args.ip, mac=args.mac))
+        print(json.dumps(h) if args.json else
+              f"{h['vm']} on {args.network}: {h['ip']} for {h['mac']}.")
+    elif args.host_cmd == "remove":
+        await s.run(lambda c: c.remove_host(args.network, args.vm))
+        print(f"Removed the static host of {args.vm} on {args.network}.")
+    else:
+        hosts = await s.run(lambda c: c.list_hosts(args.network))
+        if args.json:
+            print(json.dumps(hosts, indent=2))
+        elif not hosts:
+            print(f"No static hosts on {args.network}.")
+        else:
+            print(_table([[h["vm"], h["ip"], h["mac"]] for h in hosts], ["VM", "IP", "MAC"]))
     return EXIT_OK
 
 

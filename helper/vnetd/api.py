@@ -106,6 +106,16 @@ METHODS: tuple[Method, ...] = (
            details=("ifname",)),
     Method(MANAGER, "Release", _a("ifname:s"), _a("network:s"), ATTACH,
            "vnet-ifdown: take a tap you own off its bridge.", details=("ifname",)),
+    Method(MANAGER, "AddHost", _a("network:s", "vm:s", "options:a{sv}"), _a("host:a{sv}"),
+           MANAGE, "Give a VM a fixed address. Options: ip (default: the first free one below "
+           "the DHCP range), mac (default: the VM's stable MAC).", details=("network", "vm")),
+    Method(MANAGER, "RemoveHost", _a("network:s", "vm:s"), (), MANAGE,
+           "Remove a VM's fixed address.", details=("network", "vm")),
+    Method(MANAGER, "ListHosts", _a("network:s"), _a("hosts:aa{sv}"), INFO,
+           "The network's static hosts.", details=("network",)),
+    Method(MANAGER, "Leases", _a("network:s"), _a("leases:aa{sv}"), INFO,
+           "Current DHCP leases: mac, ip, hostname, expiry, and the vm/port when known.",
+           details=("network",)),
     Method(NETWORK, "GetInfo", (), _a("network:a{sv}"), INFO,
            "This network, as Manager.GetNetwork returns it."),
     Method(NETWORK, "Start", (), (), MANAGE, "Start this network."),
@@ -115,6 +125,8 @@ METHODS: tuple[Method, ...] = (
 SIGNALS: tuple[Signal, ...] = (
     Signal(MANAGER, "NetworkChanged", _a("name:s", "state:s"),
            "A network was defined, undefined, started, stopped or reloaded."),
+    Signal(MANAGER, "LeaseChanged", _a("network:s", "mac:s", "ip:s", "hostname:s", "event:s"),
+           "A DHCP lease was added, changed or removed (event)."),
     Signal(MANAGER, "PortChanged", _a("ifname:s", "network:s", "state:s"),
            "A port was attached or detached (its holder closed it, or Detach)."),
 )

@@ -133,6 +133,10 @@ class Service:
             (api.MANAGER, "ImportMacs"): self.import_macs,
             (api.MANAGER, "Enslave"): self.enslave,
             (api.MANAGER, "Release"): self.release,
+            (api.MANAGER, "AddHost"): self.add_host,
+            (api.MANAGER, "RemoveHost"): self.remove_host,
+            (api.MANAGER, "ListHosts"): self.list_hosts,
+            (api.MANAGER, "Leases"): self.leases,
             (api.NETWORK, "GetInfo"): self.get_network,
             (api.NETWORK, "Start"): self.start,
             (api.NETWORK, "Stop"): self.stop,
@@ -143,6 +147,7 @@ class Service:
         self.tasks: set[asyncio.Task] = set()
         engine.listeners.append(self.emit_network_changed)
         engine.ports.listeners.append(self.emit_port_changed)
+        engine.dhcp.listeners.append(self.emit_lease_changed)
 
     # --- wiring -------------------------------------------------------------------------
     def install(self) -> None:
@@ -314,6 +319,10 @@ class Service:
         self.bus.send(Message.new_signal(api.MANAGER_PATH, api.MANAGER, "PortChanged", "sss",
                                          [port.ifname, port.network, state]))
 
+    def emit_lease_changed(self, network: str, lease, event: str) -> None:
+        self.bus.send(Message.new_signal(api.MANAGER_PATH, api.MANAGER, "LeaseChanged", "sssss",
+                                         [network, lease.mac, lease.ip, lease.hostname, event]))
+
     def emit_network_changed(self, name: str, state: str) -> None:
         self.bus.send(Message.new_signal(api.MANAGER_PATH, api.MANAGER, "NetworkChanged",
                                          "ss", [name, state]))
@@ -400,6 +409,20 @@ class Service:
 
     async def release(self, caller: Caller, ifname: str) -> Any:
         return await self.engine.enslave(ifname, caller.uid, release=True)
+
+    # --- static hosts and leases --------------------------------------------------------
+    async def add_host(self, caller: Caller, network: str, vm: str,
+                       options: dict[str, Any]) -> Any:
+        return to_asv((await self.engine.add_host(network, vm, options)).to_dict())
+
+    async def remove_host(self, caller: Caller, network: str, vm: str) -> None:
+        await self.engine.remove_host(network, vm)
+
+    async def list_hosts(self, caller: Caller, network: str) -> Any:
+        return [to_asv(h.to_dict()) for h in self.engine.get(network).hosts]
+
+    async def leases(self, caller: Caller, network: str) -> Any:
+        return [to_asv(d) for d in self.engine.leases(network)]
 
 
 def _fmt_args(args: list[Any]) -> str:

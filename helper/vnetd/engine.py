@@ -21,6 +21,7 @@ from . import macs as macs_mod
 from . import model
 from .backends import tap as tapdev
 from .backends.links import Link, Links
+from .dhcp import DhcpServers
 from .errors import Busy, Exists, Failed, InvalidArgument, NotFound, NotRunning, VnetError
 from .macs import MacRegistry
 from .model import Network
@@ -57,6 +58,8 @@ class Engine:
             lambda data: store.save_json(MacRegistry.FILE, data),
         )
         self.ports = Ports(links, self.macs, store, max_ports_per_user)
+        self.dhcp = DhcpServers(store.runtime_dir, store.state_dir,
+                                lambda name: self.defs.get(name))
         self.defs: dict[str, Network] = {}
         self.running: set[str] = set()
         self.lock = asyncio.Lock()
@@ -106,6 +109,7 @@ class Engine:
                 continue
             try:
                 await self._ensure_running(net, lk)
+                await self.dhcp.start(net)
                 self.running.add(net.name)
                 log.info("reconcile: adopted running network %s", net.name)
             except VnetError as e:
@@ -164,6 +168,10 @@ class Engine:
                 d["ifindex"] = lk.index
                 d["mac"] = lk.address
                 d["addresses"] = [str(a) for a in await self.links.addresses(lk.index)]
+            d["servers"] = self.dhcp.status(net.name)
+            d["ports"] = len(self.ports.on_network(net.name))
+        d["dhcp-range"] = [str(a) for a in net.dhcp_range]
+        d["domain"] = net.dns_domain
         return d
 
     # --- definitions --------------------------------------------------------------------
@@ -244,6 +252,8 @@ class Engine:
                     lk = await self.links.get(name)
                     if lk is not None:
                         await self._ensure_running(defs[name], lk)
+                        await self.dhcp.stop(name)
+                        await self.dhcp.start(defs[name])
         for name in changed:
             self._changed(name, "reloaded")
         return problems
@@ -302,7 +312,9 @@ class Engine:
                     raise Exists(f"An interface named '{tname}' already exists on this host.")
                 await self._make_tap(net, tname, br.index, gid, rb)
             await self.links.up(br.index)
+            await self.dhcp.start(net)
         except BaseException:
+            await self.dhcp.stop(net.name)
             await rb.run()
             raise
         self.running.add(net.name)
@@ -316,6 +328,7 @@ class Engine:
         self._changed(name, "stopped")
 
     async def _teardown(self, net: Network) -> None:
+        await self.dhcp.stop(net.name)
         await self.ports.remove_network_ports(net.name)
         for tname in net.tap_names:
             lk = await self.links.get(tname)
@@ -377,3 +390,80 @@ class Engine:
     def get_mac(self, network: str, vm: str, nic: int) -> str:
         self.get(network)
         return self.macs.get(network, vm, nic)
+
+    # --- static hosts and leases --------------------------------------------------------
+    async def add_host(self, network: str, vm: str, options: dict[str, Any]) -> model.StaticHost:
+        unknown = sorted(str(k) for k in options if k not in ("ip", "mac"))
+        if unknown:
+            raise InvalidArgument(f"Unknown host option(s): {', '.join(unknown)}. Known: ip, mac.")
+        async with self.lock:
+            net = self.get(network)
+            model.validate_vm_name(vm)
+            model.validate_hostname(vm)
+            if net.host(vm) is not None:
+                raise Exists(f"VM '{vm}' already has a static host on {network} "
+                             f"({net.host(vm).ip}); remove it first.")
+            if options.get("mac") is not None:
+                mac = model.validate_mac(options["mac"])
+            else:
+                mac = self.macs.lookup(network, vm, 0)
+                if mac is None:
+                    raise InvalidArgument(f"VM '{vm}' has no MAC on {network} yet: give --mac "
+                                          "(or attach it once, or 'vnet-client mac').")
+            if options.get("ip") is not None:
+                ip = model.parse_ip4(options["ip"], "address")
+                model.check_host_ip(net.subnet, ip)
+            else:
+                ip = self._free_static_ip(net)
+            for h in net.hosts:
+                if h.ip == ip:
+                    raise Exists(f"The address {ip} is already given to '{h.vm}' on {network}.")
+                if h.mac == mac:
+                    raise Exists(f"The MAC {mac} is already given to '{h.vm}' on {network}.")
+            host = model.StaticHost(vm=vm, mac=mac, ip=ip)
+            new = net.with_changes(hosts=(*net.hosts, host))
+            self.store.save(new)
+            self.defs[network] = new
+            await self.dhcp.apply_hosts(new)
+        return host
+
+    def _free_static_ip(self, net: Network):
+        used = {h.ip for h in net.hosts} | {net.gateway}
+        start, _ = net.dhcp_range
+        ip = net.subnet.network_address + 2
+        while ip < start and ip < net.subnet.broadcast_address:
+            if ip not in used:
+                return ip
+            ip += 1
+        raise InvalidArgument(f"No free static address left in {net.subnet.network_address + 2}-"
+                              f"{start - 1} on {net.name}: give --ip.")
+
+    async def remove_host(self, network: str, vm: str) -> None:
+        async with self.lock:
+            net = self.get(network)
+            if net.host(vm) is None:
+                raise NotFound(f"VM '{vm}' has no static host on {network}.")
+            new = net.with_changes(hosts=tuple(h for h in net.hosts if h.vm != vm))
+            self.store.save(new)
+            self.defs[network] = new
+            await self.dhcp.apply_hosts(new)
+
+    def leases(self, network: str) -> list[dict[str, Any]]:
+        net = self.get(network)
+        by_mac = {p.mac: p for p in self.ports.on_network(network)}
+        statics = {h.mac: h for h in net.hosts}
+        out = []
+        for le in self.dhcp.leases(net):
+            d: dict[str, Any] = {"mac": le.mac, "ip": le.ip, "hostname": le.hostname,
+                                 "expiry": le.expiry}
+            port = by_mac.get(le.mac)
+            if port is not None:
+                d["vm"], d["port"] = port.vm, port.ifname
+            elif le.mac in statics:
+                d["vm"] = statics[le.mac].vm
+            else:
+                owner = self.macs.owner_of(network, le.mac)
+                if owner:
+                    d["vm"] = owner.rsplit("/", 1)[0]
+            out.append(d)
+        return sorted(out, key=lambda d: tuple(int(x) for x in d["ip"].split(".")))

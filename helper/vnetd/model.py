@@ -181,6 +181,70 @@ def network_of_alias(alias: str | None) -> str | None:
     return None
 
 
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def validate_domain(domain: object) -> str:
+    if not isinstance(domain, str) or not domain or len(domain) > 253:
+        raise InvalidArgument("The DNS domain must be 1 to 253 characters, e.g. vnet2 or lab.example.")
+    for label in domain.split("."):
+        if not _LABEL.fullmatch(label):
+            raise InvalidArgument(
+                f"'{_printable(domain)}' is not a DNS domain: labels of letters, digits and '-', "
+                "separated by dots.")
+    return domain.lower()
+
+
+def validate_hostname(name: object) -> str:
+    if not isinstance(name, str) or not _LABEL.fullmatch(name):
+        raise InvalidArgument(
+            f"'{_printable(name)}' cannot be a DNS host name: use letters, digits and '-' "
+            "(at most 63), not starting or ending with '-'.")
+    return name.lower()
+
+
+@dataclass(frozen=True)
+class StaticHost:
+    """A fixed address for a VM: DHCP gives `ip` to `mac`, DNS answers `vm.domain`."""
+
+    vm: str
+    mac: str
+    ip: ipaddress.IPv4Address
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vm": self.vm, "mac": self.mac, "ip": str(self.ip)}
+
+
+def parse_ip4(text: object, what: str) -> ipaddress.IPv4Address:
+    try:
+        if not isinstance(text, str):
+            raise ValueError
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise InvalidArgument(f"The {what} '{_printable(text)}' is not an IPv4 address.") from None
+
+
+def check_host_ip(net_subnet: ipaddress.IPv4Network, ip: ipaddress.IPv4Address,
+                  what: str = "address") -> None:
+    gw = net_subnet.network_address + 1
+    if ip not in net_subnet:
+        raise InvalidArgument(f"The {what} {ip} is outside the subnet {net_subnet}.")
+    if ip == net_subnet.network_address:
+        raise InvalidArgument(f"The {what} {ip} is the subnet's network address.")
+    if ip == net_subnet.broadcast_address:
+        raise InvalidArgument(f"The {what} {ip} is the subnet's broadcast address.")
+    if ip == gw:
+        raise InvalidArgument(f"The {what} {ip} is the gateway's address.")
+
+
+def default_dhcp_range(subnet: ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Address,
+                                                                ipaddress.IPv4Address]:
+    """qemu-vlan's .32-.254 on a /24 (.2-.31 left for static hosts), scaled to the subnet."""
+    n = subnet.num_addresses
+    start = subnet.network_address + (32 if n >= 64 else max(2, n // 2))
+    return start, subnet.broadcast_address - 1
+
+
 @dataclass(frozen=True)
 class Network:
     """A network definition: what the admin declared, as stored in <name>.toml."""
@@ -195,6 +259,22 @@ class Network:
     tap_user: int | None = None
     tap_group: str = "vnet"
     dhcp: str = "dnsmasq"
+    dhcp_start: ipaddress.IPv4Address | None = None
+    dhcp_end: ipaddress.IPv4Address | None = None
+    domain: str | None = None
+    hosts: tuple[StaticHost, ...] = ()
+
+    @property
+    def dns_domain(self) -> str:
+        return self.domain or self.name.lower().replace("_", "-").replace(".", "-")
+
+    @property
+    def dhcp_range(self) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+        start, end = default_dhcp_range(self.subnet)
+        return self.dhcp_start or start, self.dhcp_end or end
+
+    def host(self, vm: str) -> StaticHost | None:
+        return next((h for h in self.hosts if h.vm == vm), None)
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -218,7 +298,7 @@ class Network:
 
     # --- construction -------------------------------------------------------------------
     KEYS = ("mode", "subnet", "subnet6", "mtu", "autostart", "taps", "tap-user", "tap-group",
-            "dhcp")
+            "dhcp", "dhcp-start", "dhcp-end", "domain", "hosts")
 
     @classmethod
     def from_options(cls, name: object, options: dict[str, Any]) -> Network:
@@ -268,9 +348,23 @@ class Network:
             raise InvalidArgument(
                 f"Unknown DHCP server '{_printable(dhcp)}': use one of {', '.join(DHCP_KINDS)}."
             )
+        start = end = None
+        if options.get("dhcp-start") is not None:
+            start = parse_ip4(options["dhcp-start"], "DHCP range start")
+            check_host_ip(subnet, start, "DHCP range start")
+        if options.get("dhcp-end") is not None:
+            end = parse_ip4(options["dhcp-end"], "DHCP range end")
+            check_host_ip(subnet, end, "DHCP range end")
+        d_start, d_end = default_dhcp_range(subnet)
+        if (start or d_start) > (end or d_end):
+            raise InvalidArgument(
+                f"The DHCP range {start or d_start}-{end or d_end} is reversed.")
+        domain = validate_domain(options["domain"]) if options.get("domain") else None
+        hosts = parse_hosts(subnet, options.get("hosts", []))
         return cls(
             name=name, mode=mode, subnet=subnet, subnet6=subnet6, mtu=mtu, autostart=autostart,
-            taps=taps, tap_user=tap_user, tap_group=tap_group, dhcp=dhcp,
+            taps=taps, tap_user=tap_user, tap_group=tap_group, dhcp=dhcp, dhcp_start=start,
+            dhcp_end=end, domain=domain, hosts=hosts,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,10 +384,40 @@ class Network:
                 d["tap-user"] = self.tap_user
             d["tap-group"] = self.tap_group
         d["dhcp"] = self.dhcp
+        if self.dhcp_start:
+            d["dhcp-start"] = str(self.dhcp_start)
+        if self.dhcp_end:
+            d["dhcp-end"] = str(self.dhcp_end)
+        if self.domain:
+            d["domain"] = self.domain
+        if self.hosts:
+            d["hosts"] = [h.to_dict() for h in self.hosts]
         return d
 
     def with_changes(self, **kw: Any) -> Network:
         return replace(self, **kw)
+
+
+def parse_hosts(subnet: ipaddress.IPv4Network, rows: object) -> tuple[StaticHost, ...]:
+    if not isinstance(rows, list):
+        raise InvalidArgument("'hosts' must be a list of {vm, mac, ip} tables.")
+    out: list[StaticHost] = []
+    for row in rows:
+        if not isinstance(row, dict) or set(row) != {"vm", "mac", "ip"}:
+            raise InvalidArgument("Each static host needs exactly vm, mac and ip.")
+        h = StaticHost(vm=validate_vm_name(row["vm"]), mac=validate_mac(row["mac"]),
+                       ip=parse_ip4(row["ip"], "static address"))
+        validate_hostname(h.vm)
+        check_host_ip(subnet, h.ip, "static address")
+        for o in out:
+            if o.vm == h.vm:
+                raise InvalidArgument(f"VM '{h.vm}' has two static hosts.")
+            if o.ip == h.ip:
+                raise InvalidArgument(f"The address {h.ip} is given to both '{o.vm}' and '{h.vm}'.")
+            if o.mac == h.mac:
+                raise InvalidArgument(f"The MAC {h.mac} is given to both '{o.vm}' and '{h.vm}'.")
+        out.append(h)
+    return tuple(out)
 
 
 def overlapping(a: ipaddress._BaseNetwork, b: ipaddress._BaseNetwork) -> bool:

@@ -1,0 +1,148 @@
+"""Supervised children: argv lists (never a shell), foreground, restarted when they die.
+
+A child that dies is started again at once (well within a second); one that keeps dying soon
+after each start is backed off exponentially (up to 30 s) and reported as a crash loop. Each
+child's pid is written to a pid file, so a restarted vnetd finds the ones a previous vnetd left
+running and replaces them cleanly (never two servers on one bridge). Children run in their
+own session and outlive vnetd: a network keeps its DHCP while vnetd restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+log = logging.getLogger("vnetd.children")
+
+QUICK_DEATH = 5.0  # seconds: dying sooner than this counts towards a crash loop
+MAX_BACKOFF = 30.0
+
+
+def pid_alive_with(pidfile: Path, marker: str) -> int | None:
+    """The pid in pidfile if that process is alive and its command line contains marker."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+    return pid if marker in cmdline else None
+
+
+async def kill_pid(pid: int, timeout: float = 3.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        await asyncio.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str], pidfile: Path, marker: str):
+        self.name = name
+        self.argv = argv
+        self.pidfile = Path(pidfile)
+        self.marker = marker  # a string of argv that identifies this child (its config path)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.wanted = False
+        self.restarts = 0
+        self.quick_deaths = 0
+        self.state = "stopped"
+        self.last_exit: int | None = None
+        self._task: asyncio.Task | None = None
+        self._started_at = 0.0
+
+    # --- control ------------------------------------------------------------------------
+    async def start(self) -> None:
+        old = pid_alive_with(self.pidfile, self.marker)
+        if old is not None:
+            log.info("%s: replacing pid %d left by a previous vnetd", self.name, old)
+            await kill_pid(old)
+        self.wanted = True
+        await self._spawn()
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _spawn(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, close_fds=True,
+        )
+        self._started_at = time.monotonic()
+        self.pidfile.write_text(f"{self.proc.pid}\n")
+        self.state = "running"
+        asyncio.get_running_loop().create_task(self._log_output(self.proc))
+
+    async def _log_output(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        with contextlib.suppress(Exception):
+            async for line in proc.stdout:
+                log.info("%s: %s", self.name, line.decode(errors="replace").rstrip())
+
+    async def _watch(self) -> None:
+        while self.wanted:
+            if self.proc is not None:
+                code = await self.proc.wait()
+                if not self.wanted:
+                    break
+                self.last_exit = code
+                lived = time.monotonic() - self._started_at
+                self.quick_deaths = self.quick_deaths + 1 if lived < QUICK_DEATH else 0
+                log.warning("%s exited with %s after %.1fs", self.name, code, lived)
+            delay = 0.0 if self.quick_deaths <= 1 else min(MAX_BACKOFF,
+                                                          0.5 * 2 ** (self.quick_deaths - 2))
+            self.state = "crash-loop" if self.quick_deaths >= 3 else "restarting"
+            if delay:
+                log.warning("%s keeps dying; next start in %.1fs", self.name, delay)
+            await asyncio.sleep(delay)
+            if not self.wanted:
+                break
+            try:
+                await self._spawn()
+                self.restarts += 1
+                if self.quick_deaths >= 3:
+                    self.state = "crash-loop"
+            except OSError as e:
+                log.error("%s could not be started: %s", self.name, e)
+                self.proc = None
+                self.quick_deaths += 1
+
+    def reload(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGHUP)
+
+    async def stop(self) -> None:
+        self.wanted = False
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self.proc is not None and self.proc.returncode is None:
+            await kill_pid(self.proc.pid)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.proc.wait(), 2)
+        self.proc = None
+        self.state = "stopped"
+        with contextlib.suppress(FileNotFoundError):
+            self.pidfile.unlink()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    def status(self) -> dict:
+        d = {"name": self.name, "state": self.state, "restarts": self.restarts}
+        if self.pid:
+            d["pid"] = self.pid
+        if self.last_exit is not None:
+            d["last-exit"] = self.last_exit
+        return d

@@ -1,0 +1,221 @@
+"""DHCP and DNS per network: which servers run, their files, readiness, leases.
+
+`dhcp = "dnsmasq"` (default): one dnsmasq for DHCP, DNS and IPv6 RAs.
+`dhcp = "dhcpd"`: ISC dhcpd for DHCP plus a DNS-only dnsmasq.
+`dhcp = "none"`: nothing.
+Leases persist under the state directory, so a restarted server hands out the same addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pwd
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .backends import dhcpd as dhcpd_be
+from .backends import dnsmasq as dnsmasq_be
+from .backends.dnsmasq import Lease
+from .backends.supervisor import Child
+from .errors import Failed
+from .model import Network
+from .store import atomic_write
+
+log = logging.getLogger("vnetd.dhcp")
+
+READY_TIMEOUT = 3.0
+LEASE_POLL = 0.5
+
+
+def dns_query(name: str, qid: int) -> bytes:
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for part in name.split("."):
+        q += bytes([len(part)]) + part.encode()
+    return q + b"\0" + struct.pack(">HH", 1, 1)
+
+
+class DhcpServers:
+    def __init__(self, runtime_dir: Path, state_dir: Path,
+                 lookup: Callable[[str], Network | None]):
+        self.lookup = lookup  # a network's current definition, by name
+        self.runtime_dir = Path(runtime_dir)
+        self.state_dir = Path(state_dir)
+        self.children: dict[str, list[Child]] = {}
+        self.kinds: dict[str, str] = {}
+        self.leases_seen: dict[str, dict[str, Lease]] = {}
+        self.lease_mtimes: dict[str, float] = {}
+        self.listeners: list[Callable[[str, Lease, str], None]] = []
+        self._poller: asyncio.Task | None = None
+
+    # --- files --------------------------------------------------------------------------
+    def paths(self, net: Network) -> dnsmasq_be.Paths:
+        run = self.runtime_dir / net.name
+        lib = self.state_dir / net.name
+        return dnsmasq_be.Paths(conf=run / "dnsmasq.conf", hosts_dhcp=run / "hosts.dhcp",
+                                hosts_dns=run / "hosts.dns", leases=lib / "dnsmasq.leases",
+                                pid=run / "dnsmasq.pid")
+
+    def lease_file(self, net: Network) -> Path:
+        if self.kinds.get(net.name, net.dhcp) == "dhcpd":
+            return self.state_dir / net.name / "dhcpd" / "dhcpd.leases"
+        return self.paths(net).leases
+
+    def _write_hosts(self, net: Network) -> None:
+        p = self.paths(net)
+        atomic_write(p.hosts_dhcp, dnsmasq_be.render_hosts_dhcp(net).encode())
+        atomic_write(p.hosts_dns, dnsmasq_be.render_hosts_dns(net).encode())
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self, net: Network) -> None:
+        if net.dhcp == "none" or net.name in self.children:
+            return
+        p = self.paths(net)
+        for d in (p.conf.parent, p.leases.parent):
+            d.mkdir(parents=True, exist_ok=True)
+        self._write_hosts(net)
+        children: list[Child] = []
+        user = dnsmasq_be.run_user()
+        if net.dhcp == "dnsmasq":
+            if not p.leases.exists():
+                p.leases.touch(mode=0o644)
+            atomic_write(p.conf, dnsmasq_be.render_conf(net, p, user=user).encode())
+            children.append(Child(f"dnsmasq[{net.name}]", dnsmasq_be.argv(p), p.pid,
+                                  str(p.conf)))
+        else:  # dhcpd + a DNS-only dnsmasq
+            atomic_write(p.conf, dnsmasq_be.render_conf(net, p, dhcp=False, user=user).encode())
+            children.append(Child(f"dnsmasq-dns[{net.name}]", dnsmasq_be.argv(p), p.pid,
+                                  str(p.conf)))
+            children.append(self._dhcpd_child(net, user))
+        self.kinds[net.name] = net.dhcp
+        started: list[Child] = []
+        try:
+            for c in children:
+                await c.start()
+                started.append(c)
+            await self._wait_ready(net, children)
+        except BaseException:
+            for c in started:
+                await c.stop()
+            self.kinds.pop(net.name, None)
+            raise
+        self.children[net.name] = children
+        self.leases_seen[net.name] = {le.mac: le for le in self.leases(net)}
+        self._ensure_poller()
+
+    def _dhcpd_child(self, net: Network, user: tuple[str, str]) -> Child:
+        d = self.state_dir / net.name / "dhcpd"
+        d.mkdir(parents=True, exist_ok=True)
+        conf = self.runtime_dir / net.name / "dhcpd.conf"
+        leases = d / "dhcpd.leases"
+        if not leases.exists():
+            leases.touch(mode=0o644)
+        # dhcpd rewrites its lease file by renaming in that directory, as `user`
+        pw = pwd.getpwnam(user[0])
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+        os.chown(leases, pw.pw_uid, pw.pw_gid)
+        atomic_write(conf, dhcpd_be.render_conf(net).encode())
+        pidfile = self.runtime_dir / net.name / "dhcpd.pid"
+        return Child(f"dhcpd[{net.name}]",
+                     dhcpd_be.argv(net, conf, leases, self.runtime_dir / net.name / "dhcpd.own.pid",
+                                   user[0], user[1]), pidfile, str(conf))
+
+    async def _wait_ready(self, net: Network, children: list[Child]) -> None:
+        """Ready when dnsmasq answers DNS on the gateway (it sets up DHCP before DNS)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + READY_TIMEOUT
+        qid = 1
+        try:
+            while time.monotonic() < deadline:
+                for c in children:
+                    if c.proc is not None and c.proc.returncode is not None:
+                        raise Failed(f"{c.name} exited at once (code {c.proc.returncode}); "
+                                     "see the vnetd log.")
+                qid += 1
+                with contextlib.suppress(OSError):
+                    sock.sendto(dns_query(f"vnetd-ready.{net.dns_domain}", qid),
+                                (str(net.gateway), 53))
+                try:
+                    await asyncio.wait_for(loop.sock_recv(sock, 512), 0.05)
+                    return
+                except (TimeoutError, OSError):
+                    await asyncio.sleep(0.005)
+        finally:
+            sock.close()
+        raise Failed(f"The DNS/DHCP server of '{net.name}' did not answer within "
+                     f"{READY_TIMEOUT:.0f} s; see the vnetd log.")
+
+    async def stop(self, net_name: str) -> None:
+        for c in self.children.pop(net_name, []):
+            await c.stop()
+        self.kinds.pop(net_name, None)
+        self.leases_seen.pop(net_name, None)
+
+    async def apply_hosts(self, net: Network) -> None:
+        """Static hosts changed: dnsmasq re-reads its hosts files on SIGHUP; dhcpd restarts."""
+        if net.name not in self.children:
+            return
+        self._write_hosts(net)
+        for c in self.children[net.name]:
+            if c.name.startswith("dhcpd"):
+                atomic_write(Path(c.marker), dhcpd_be.render_conf(net).encode())
+                await c.stop()
+                await c.start()
+            else:
+                c.reload()
+
+    def status(self, net_name: str) -> list[dict]:
+        return [c.status() for c in self.children.get(net_name, [])]
+
+    # --- leases -------------------------------------------------------------------------
+    def leases(self, net: Network) -> list[Lease]:
+        try:
+            text = self.lease_file(net).read_text(errors="replace")
+        except OSError:
+            return []
+        if self.kinds.get(net.name, net.dhcp) == "dhcpd":
+            return dhcpd_be.parse_leases(text)
+        return dnsmasq_be.parse_leases(text)
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        """Watch the lease files; announce each lease that appears, changes or goes."""
+        while True:
+            await asyncio.sleep(LEASE_POLL)
+            for name in list(self.children):
+                net = self.lookup(name)
+                if net is None:
+                    continue
+                try:
+                    mtime = self.lease_file(net).stat().st_mtime
+                except OSError:
+                    continue
+                if self.lease_mtimes.get(name) == mtime:
+                    continue
+                self.lease_mtimes[name] = mtime
+                now = {le.mac: le for le in self.leases(net)}
+                old = self.leases_seen.get(name, {})
+                for mac, le in now.items():
+                    if mac not in old:
+                        self._emit(name, le, "added")
+                    elif old[mac] != le:
+                        self._emit(name, le, "changed")
+                for mac, le in old.items():
+                    if mac not in now:
+                        self._emit(name, le, "removed")
+                self.leases_seen[name] = now
+
+    def _emit(self, network: str, lease: Lease, event: str) -> None:
+        log.info("lease %s on %s: %s %s %s", event, network, lease.ip, lease.mac,
+                 lease.hostname or "-")
+        for fn in self.listeners:
+            fn(network, lease, event)
