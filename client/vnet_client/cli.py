@@ -79,6 +79,9 @@ def _define_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", metavar="GROUP", help="group of the pre-created taps (default vnet)")
     p.add_argument("--dhcp", choices=["dnsmasq", "dhcpd", "none"],
                    help="DHCP server for the network (default dnsmasq)")
+    p.add_argument("--dhcp-start", metavar="IP", help="first dynamic address (default .32)")
+    p.add_argument("--dhcp-end", metavar="IP", help="last dynamic address (default .254)")
+    p.add_argument("--domain", help="DNS domain of the VMs' names (default: the network name)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +201,7 @@ def _define_opts(a: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "mode": a.mode, "subnet": a.subnet, "subnet6": a.subnet6, "mtu": a.mtu,
         "taps": a.taps, "tap-user": _uid_of(a.user), "tap-group": a.group, "dhcp": a.dhcp,
+        "dhcp-start": a.dhcp_start, "dhcp-end": a.dhcp_end, "domain": a.domain,
     }
     if a.autostart:
         opts["autostart"] = True

@@ -78,6 +78,7 @@ class DhcpServers:
         p = self.paths(net)
         for d in (p.conf.parent, p.leases.parent):
             d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o755)  # dnsmasq re-reads its hosts files after dropping root
         self._write_hosts(net)
         children: list[Child] = []
         user = dnsmasq_be.run_user()

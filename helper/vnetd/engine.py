@@ -305,6 +305,9 @@ class Engine:
             br = await self.links.create_bridge(net.bridge, net.mac, net.mtu,
                                                 model.alias_for(net.name))
             rb.add(f"delete bridge {net.bridge}", lambda: self.links.delete(br.index))
+            if net.subnet6 is not None:
+                # the gateway owns its prefix: no SLAAC from its own router advertisements
+                self.links.sysctl_ipv6(net.bridge, accept_ra=0, autoconf=0)
             for iface in self._gateway_ifaces(net):
                 await self.links.add_address(br.index, iface)
             for tname in net.tap_names:

@@ -99,6 +99,7 @@ class Daemon:
     def __init__(self, label: str = "t"):
         self.netns = f"vnt-{label[:8]}-{uuid.uuid4().hex[:6]}"
         self.dir = Path(tempfile.mkdtemp(prefix="vnetd-test-"))
+        os.chmod(self.dir, 0o755)  # as /run and /var/lib are: dnsmasq reads its files as itself
         self.config_dir = self.dir / "etc"
         self.state_dir = self.dir / "lib"
         self.runtime_dir = self.dir / "run"
@@ -158,8 +159,27 @@ class Daemon:
         except FileNotFoundError:
             return ""
 
+    def children(self) -> list[int]:
+        """Processes (DHCP servers...) started for this daemon: they outlive vnetd by design."""
+        out = []
+        for p in os.listdir("/proc"):
+            if not p.isdigit():
+                continue
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if str(self.dir).encode() in f.read():
+                        out.append(int(p))
+            except OSError:
+                pass
+        return out
+
     def close(self) -> None:
         self.stop()
+        for pid in self.children():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         keep = Path("/tmp/vnetd-test-logs")
         keep.mkdir(exist_ok=True)
         if self.log_path.exists():

@@ -153,3 +153,14 @@ class Links:
                 return
             raise _failed(f"add address {iface}", e) from None
 
+
+    @staticmethod
+    def sysctl_ipv6(ifname: str, **values: int) -> None:
+        """Per-interface IPv6 settings (/proc/sys/net/ipv6/conf/IF/KEY) of this namespace."""
+        for key, value in values.items():
+            path = f"/proc/sys/net/ipv6/conf/{ifname}/{key}"
+            try:
+                with open(path, "w") as f:
+                    f.write(f"{value}\n")
+            except OSError as e:
+                log.warning("could not set %s: %s", path, e)

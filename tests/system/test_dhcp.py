@@ -1,0 +1,278 @@
+"""DHCP and DNS with real servers (dnsmasq, ISC dhcpd) and real clients (busybox udhcpc)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import select
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.harness.daemon import run_client
+from tests.harness.guests import Guest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def networks(vnetd):
+    run_client("define", "vnet2", "--subnet6=fd00:12::/64", check=True)
+    run_client("start", "vnet2", check=True)
+    run_client("define", "vnet3", "--mode=host-only", check=True)
+    run_client("start", "vnet3", check=True)
+    run_client("define", "vnet5", "--dhcp=dhcpd", "--domain=lab5.test", check=True)
+    run_client("start", "vnet5", check=True)
+    yield
+
+
+@pytest.fixture
+def guests(vnetd):
+    made: list[Guest] = []
+
+    def make(bridge: str, mac: str | None = None) -> Guest:
+        g = Guest(vnetd, bridge, mac)
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        g.close()
+
+
+def show(name: str) -> dict:
+    return json.loads(run_client("show", name, "--json", check=True).stdout)
+
+
+def server_pid(name: str, prefix: str = "dnsmasq[") -> int:
+    return next(s["pid"] for s in show(name)["servers"] if s["name"].startswith(prefix))
+
+
+def test_dnsmasq_gives_an_address_in_the_range_with_router_and_dns(guests):
+    g = guests("vnet2")
+    lease = g.dhcp()
+    assert lease is not None
+    ip = ipaddress.IPv4Address(lease["ip"])
+    assert ipaddress.IPv4Address("172.16.12.32") <= ip <= ipaddress.IPv4Address("172.16.12.254")
+    assert lease["router"] == "172.16.12.1" and lease["dns"] == "172.16.12.1"
+    assert lease["domain"] == "vnet2" and lease["serverid"] == "172.16.12.1"
+
+
+def test_static_host_gets_its_address_and_its_name_resolves(guests):
+    r = run_client("host", "add", "vnet2", "--vm=web1", "--ip=172.16.12.5",
+                   "--mac=52:54:00:00:12:05")
+    assert r.returncode == 0, r.stderr
+    g = guests("vnet2", "52:54:00:00:12:05")
+    lease = g.dhcp(configure=True, hostname="web1")
+    assert lease["ip"] == "172.16.12.5"
+    assert g.resolve("web1.vnet2", "172.16.12.1") == "172.16.12.5"
+    leases = json.loads(run_client("leases", "vnet2", "--json", check=True).stdout)
+    mine = [le for le in leases if le["mac"] == "52:54:00:00:12:05"]
+    assert mine and mine[0]["ip"] == "172.16.12.5" and mine[0]["vm"] == "web1"
+    hosts = json.loads(run_client("host", "list", "vnet2", "--json", check=True).stdout)
+    assert hosts == [{"vm": "web1", "mac": "52:54:00:00:12:05", "ip": "172.16.12.5"}]
+    # a dynamic client's DHCP hostname resolves too
+    d = guests("vnet2")
+    lease = d.dhcp(configure=True, hostname="dyn7")
+    assert g.resolve("dyn7.vnet2", "172.16.12.1") == lease["ip"], g.last_resolve_output
+
+
+def test_static_host_added_live_without_dropping_leases(guests):
+    g = guests("vnet2")
+    first = g.dhcp()
+    pid = server_pid("vnet2")
+    r = run_client("host", "add", "vnet2", "--vm=db1", "--mac=52:54:00:00:12:06")
+    assert r.returncode == 0, r.stderr
+    assert server_pid("vnet2") == pid  # SIGHUP, not a restart
+    h = guests("vnet2", "52:54:00:00:12:06")
+    assert h.dhcp()["ip"] == "172.16.12.2"  # first free static address
+    assert g.dhcp(request=first["ip"])["ip"] == first["ip"]
+    run_client("host", "remove", "vnet2", "--vm=db1", check=True)
+    assert "db1" not in run_client("host", "list", "vnet2").stdout
+
+
+def test_dhcpd_network(guests):
+    g = guests("vnet5")
+    lease = g.dhcp()
+    assert lease is not None, "no lease from dhcpd"
+    assert lease["router"] == "172.16.15.1" and lease["dns"] == "172.16.15.1"
+    assert lease["domain"] == "lab5.test"
+    r = run_client("host", "add", "vnet5", "--vm=web5", "--ip=172.16.15.7",
+                   "--mac=52:54:00:00:15:07")
+    assert r.returncode == 0, r.stderr
+    s = guests("vnet5", "52:54:00:00:15:07")
+    assert s.dhcp(configure=True)["ip"] == "172.16.15.7"
+    assert s.resolve("web5.lab5.test", "172.16.15.1") == "172.16.15.7"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        leases = json.loads(run_client("leases", "vnet5", "--json", check=True).stdout)
+        if any(le["ip"] == lease["ip"] for le in leases):
+            break
+        time.sleep(0.2)
+    assert any(le["ip"] == lease["ip"] and le["mac"] == g.mac for le in leases)
+
+
+def test_128_clients_each_get_a_unique_lease(vnetd, guests):
+    clients = [guests("vnet3") for _ in range(128)]
+    with ThreadPoolExecutor(16) as pool:
+        leases = list(pool.map(lambda g: g.dhcp(tries=8), clients))
+    assert all(leases), f"{sum(1 for x in leases if not x)} clients got no lease"
+    ips = [le["ip"] for le in leases]
+    assert len(set(ips)) == 128
+    assert all(ipaddress.IPv4Address(ip) in ipaddress.IPv4Network("172.16.13.0/24") for ip in ips)
+
+
+def test_kill_9_the_server_it_is_back_within_1s_and_renews_the_same_ip(guests):
+    g = guests("vnet2")
+    first = g.dhcp()
+    pid = server_pid("vnet2")
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    new = None
+    while time.monotonic() - t0 < 1.0:
+        servers = show("vnet2")["servers"]
+        pids = [s.get("pid") for s in servers]
+        if pids and pids[0] and pids[0] != pid:
+            new = pids[0]
+            break
+        time.sleep(0.02)
+    assert new is not None, "dnsmasq was not restarted within 1 s"
+    again = g.dhcp(request=first["ip"])
+    assert again["ip"] == first["ip"]
+
+
+def test_crash_loop_is_reported_and_backed_off(guests):
+    def wait_pid(old: int | None, timeout: float = 20) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = show("vnet2")["servers"][0].get("pid")
+            if pid and pid != old:
+                return pid
+            time.sleep(0.02)
+        raise AssertionError("dnsmasq did not come back")
+
+    pid = wait_pid(None)
+    for _ in range(4):  # four quick deaths in a row
+        os.kill(pid, signal.SIGKILL)
+        pid = wait_pid(pid)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.3)
+    s = show("vnet2")["servers"][0]
+    assert s["state"] == "crash-loop" and s["restarts"] >= 4
+    assert "pid" not in s  # backing off, not restarting at once
+    wait_pid(pid)  # and it comes back after the back-off
+
+
+def test_networks_do_not_answer_each_others_clients(guests):
+    a, b = guests("vnet2"), guests("vnet3")
+    assert a.dhcp()["serverid"] == "172.16.12.1"
+    assert b.dhcp()["serverid"] == "172.16.13.1"
+
+
+def test_dnsmasq_listens_only_on_its_gateways(vnetd):
+    out = vnetd.exec("ss", "-H", "-lnup").stdout + vnetd.exec("ss", "-H", "-lntp").stdout
+    locals_ = [line.split()[3] for line in out.splitlines() if "dnsmasq" in line]
+    assert locals_, out
+    for addr in locals_:
+        host, _, port = addr.rpartition(":")
+        if port == "53" and host.startswith("[fe80:"):
+            assert host.endswith("%vnet2"), addr  # link-local, for RAs: only on its bridge
+        elif port == "53":
+            assert host.strip("[]") in ("172.16.12.1", "fd00:12::1", "172.16.13.1",
+                                        "172.16.15.1"), addr
+        elif port in ("67", "547"):
+            assert "%vnet" in host, addr  # bound to its bridge only
+    assert not any(a.startswith(("0.0.0.0:53", "127.", "*:53", "[::]:53")) for a in locals_)
+
+
+def test_stop_stops_servers_and_restart_never_runs_two(vnetd):
+    def count(net: str) -> int:
+        conf = f"{vnetd.runtime_dir}/{net}/dnsmasq.conf"
+        return sum(1 for p in os.listdir("/proc") if p.isdigit() and conf in _cmdline(p))
+
+    assert count("vnet3") == 1
+    vnetd.kill()
+    assert count("vnet3") == 1  # the network keeps its DHCP while vnetd is down
+    vnetd.start()
+    assert count("vnet3") == 1
+    run_client("stop", "vnet3", check=True)
+    assert count("vnet3") == 0
+    run_client("start", "vnet3", check=True)
+    assert count("vnet3") == 1
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_lease_changed_signal(vnetd, guests):
+
+    from tests.harness.users import run_as, spawn_as  # noqa: F401
+
+    mon = subprocess.Popen(["dbus-monitor", "--system",
+                            "type='signal',interface='org.qemuvnet.Vnet1.Manager',"
+                            "member='LeaseChanged'"], stdout=subprocess.PIPE)
+    try:
+        time.sleep(0.3)
+        g = guests("vnet3")
+        lease = g.dhcp()
+        deadline = time.monotonic() + 5
+        seen = ""
+        while time.monotonic() < deadline and lease["ip"] not in seen:
+            ready, _, _ = select.select([mon.stdout], [], [], 0.2)
+            if ready:
+                seen += os.read(mon.stdout.fileno(), 65536).decode(errors="replace")
+        assert lease["ip"] in seen and g.mac in seen and '"added"' in seen
+    finally:
+        mon.kill()
+
+
+@pytest.mark.parametrize("argv, error, words", [
+    (["define", "vnet6", "--dhcp-start=172.16.99.5"], "InvalidArgument", "outside"),
+    (["define", "vnet6", "--dhcp-start=172.16.16.200", "--dhcp-end=172.16.16.100"],
+     "InvalidArgument", "reversed"),
+    (["define", "vnet6", "--domain=bad_domain!"], "InvalidArgument", "not a DNS domain"),
+    (["host", "add", "vnet2", "--vm=x1", "--ip=172.16.12.5", "--mac=52:54:00:00:00:99"],
+     "Exists", "already given"),
+    (["host", "add", "vnet2", "--vm=x1", "--mac=52:54:00:00:12:05"], "Exists", "already given"),
+    (["host", "add", "vnet2", "--vm=x1", "--mac=52:54:zz:00:00:01"], "InvalidArgument", "MAC"),
+    (["host", "add", "vnet2", "--vm=x_1", "--mac=52:54:00:00:00:98"], "InvalidArgument",
+     "DNS host name"),
+    (["host", "add", "vnet2", "--vm=x1", "--ip=172.16.99.9", "--mac=52:54:00:00:00:97"],
+     "InvalidArgument", "outside"),
+    (["host", "add", "vnet2", "--vm=x1", "--ip=172.16.12.1", "--mac=52:54:00:00:00:97"],
+     "InvalidArgument", "gateway"),
+    (["host", "add", "vnet2", "--vm=x1", "--ip=172.16.12.255", "--mac=52:54:00:00:00:97"],
+     "InvalidArgument", "broadcast"),
+    (["host", "add", "vnet2", "--vm=nomac1"], "InvalidArgument", "give --mac"),
+    (["host", "remove", "vnet2", "--vm=ghost"], "NotFound", "no static host"),
+])
+def test_dhcp_bad_input(vnetd, argv, error, words):
+    before = vnetd.snapshot()
+    conf = {p.name: p.read_text() for p in (vnetd.config_dir / "networks").glob("*.toml")}
+    r = run_client(*argv)
+    assert r.returncode == 1, r.stderr
+    assert f"org.qemuvnet.Vnet1.Error.{error}" in r.stderr and words in r.stderr
+    assert vnetd.snapshot() == before
+    assert {p.name: p.read_text() for p in (vnetd.config_dir / "networks").glob("*.toml")} == conf
+
+
+def test_unknown_dhcp_kind_over_dbus_is_a_named_error(vnetd):
+    import asyncio
+
+    from vnet_client import Client, VnetClientError
+
+    async def go():
+        async with Client() as c:
+            with pytest.raises(VnetClientError) as e:
+                await c.define("vnet6", dhcp="foo")
+            assert e.value.short_name == "InvalidArgument" and "foo" in e.value.message
+
+    asyncio.run(go())
+    assert run_client("define", "vnet6", "--dhcp=foo").returncode == 2  # the CLI's own check

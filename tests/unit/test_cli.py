@@ -1,0 +1,268 @@
+"""vnet-client's command line: both forms parse as documented, usage errors exit 2 without a
+bus, and the help says what the exit codes are and shows examples."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+
+import pytest
+from vnet_client import cli
+from vnetd.model import Network
+
+# A bus that does not exist: nothing in this file may need one. If a code path did try to
+# connect, it would fail with exit code 1, never 2, so the assertions would catch it.
+NO_BUS = "unix:path=/nonexistent/vnet-unit-test-bus"
+
+
+@pytest.fixture(autouse=True)
+def _no_system_bus(monkeypatch):
+    monkeypatch.setenv("VNET_BUS_ADDRESS", NO_BUS)
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", NO_BUS)
+
+
+def exit_code(argv: list[str]) -> int:
+    """What the vnet-client process would exit with (main returns it or argparse exits)."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+
+
+def parse(argv: list[str]):
+    return cli.build_parser().parse_args(argv)
+
+
+def cparse(argv: list[str]):
+    return cli.build_compat_parser().parse_args(argv)
+
+
+def test_exit_code_constants():
+    assert (cli.EXIT_OK, cli.EXIT_FAIL, cli.EXIT_USAGE, cli.EXIT_AUTH) == (0, 1, 2, 4)
+
+
+# --- subcommands ---------------------------------------------------------------------------
+def test_list():
+    a = parse(["list"])
+    assert a.cmd == "list" and a.json is False and a.no_ask_password is False
+    assert a.bus_address is None
+    a = parse(["list", "--json", "--no-ask-password", "--bus-address", "unix:path=/x"])
+    assert (a.json, a.no_ask_password, a.bus_address) == (True, True, "unix:path=/x")
+
+
+@pytest.mark.parametrize("cmd", ["show", "start", "stop", "undefine"])
+def test_commands_taking_a_name(cmd):
+    a = parse([cmd, "vnet2"])
+    assert a.cmd == cmd and a.name == "vnet2"
+    a = parse([cmd, "vnet2", "--json"])
+    assert a.json is True
+    assert exit_code([cmd]) == 2
+    assert exit_code([cmd, "a", "b"]) == 2
+
+
+def test_autostart():
+    assert (parse(["autostart", "vnet2", "on"]).state,
+            parse(["autostart", "vnet2", "off"]).state) == ("on", "off")
+    assert parse(["autostart", "vnet2", "on"]).name == "vnet2"
+    assert exit_code(["autostart", "vnet2", "maybe"]) == 2
+    assert exit_code(["autostart", "vnet2"]) == 2
+
+
+def test_reload():
+    assert parse(["reload"]).cmd == "reload"
+    assert exit_code(["reload", "extra"]) == 2
+
+
+def test_define_defaults():
+    a = parse(["define", "vnet2"])
+    assert a.cmd == "define" and a.name == "vnet2"
+    assert (a.mode, a.subnet, a.subnet6, a.mtu, a.autostart, a.taps, a.user, a.group, a.dhcp,
+            a.start) == (None, None, None, None, False, None, None, None, None, False)
+
+
+def test_define_every_option():
+    a = parse(["define", "lab", "--mode=host-only", "--subnet=10.7.0.0/24",
+               "--subnet6", "fd00:7::/64", "--mtu=9000", "--autostart", "--taps", "4",
+               "--user=alice", "--group=kvm", "--dhcp=dhcpd", "--start", "--json"])
+    assert (a.name, a.mode, a.subnet, a.subnet6, a.mtu, a.autostart, a.taps, a.user, a.group,
+            a.dhcp, a.start, a.json) == (
+        "lab", "host-only", "10.7.0.0/24", "fd00:7::/64", 9000, True, 4, "alice", "kvm",
+        "dhcpd", True, True)
+
+
+@pytest.mark.parametrize("argv,taps", [(["-n4"], 4), (["-n", "4"], 4), (["--taps=64"], 64),
+                                       (["-n0"], 0), (["-n", "100000"], 100000)])
+def test_define_tap_count_forms(argv, taps):
+    # The range 1..64 is the service's to enforce (it answers with a named error).
+    assert parse(["define", "vnet3", *argv]).taps == taps
+
+
+@pytest.mark.parametrize("argv", [
+    ["define"], ["define", "vnet2", "--mode=bridged"], ["define", "vnet2", "--dhcp=kea"],
+    ["define", "vnet2", "--mtu=big"], ["define", "vnet2", "-n", "four"],
+    ["define", "vnet2", "--bogus"], ["define", "vnet2", "--subnet"],
+])
+def test_define_usage_errors(argv, capsys):
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "error:" in err
+
+
+@pytest.mark.parametrize("argv,attr,value", [
+    (["--json", "list"], "json", True),
+    (["--no-ask-password", "start", "vnet2"], "no_ask_password", True),
+    (["--bus-address", "unix:path=/run/x", "list"], "bus_address", "unix:path=/run/x"),
+    (["--bus-address=unix:path=/run/x", "show", "vnet2"], "bus_address", "unix:path=/run/x"),
+])
+def test_common_options_before_the_subcommand_are_kept(argv, attr, value):
+    # The top-level help lists --json/--no-ask-password/--bus-address before COMMAND, so they
+    # must take effect there (dropping --no-ask-password would prompt against the user's wish).
+    assert getattr(parse(argv), attr) == value
+
+
+def test_define_options_reach_the_service_with_its_key_names():
+    a = parse(["define", "vnet3", "--mode=nat", "--subnet=10.3.0.0/24", "--subnet6=fd00:3::/64",
+               "--mtu=1400", "--autostart", "-n2", "--user=0", "--group=root", "--dhcp=none"])
+    opts = {k: v for k, v in cli._define_opts(a).items() if v is not None}
+    assert opts == {"mode": "nat", "subnet": "10.3.0.0/24", "subnet6": "fd00:3::/64",
+                    "mtu": 1400, "autostart": True, "taps": 2, "tap-user": 0,
+                    "tap-group": "root", "dhcp": "none"}
+    assert set(opts) <= set(Network.KEYS)
+    n = Network.from_options("vnet3", opts)
+    assert (n.taps, n.tap_user, n.tap_group, n.mtu) == (2, 0, "root", 1400)
+
+
+def test_define_without_options_sends_nothing_but_the_name():
+    opts = {k: v for k, v in cli._define_opts(parse(["define", "vnet3"])).items()
+            if v is not None}
+    assert opts == {}
+
+
+def test_user_and_group_names_are_resolved():
+    me = pwd.getpwuid(os.getuid())
+    a = parse(["define", "vnet3", "-n1", f"--user={me.pw_name}", "--user", "1234"])
+    assert cli._define_opts(a)["tap-user"] == 1234
+    a = parse(["define", "vnet3", "-n1", f"--user={me.pw_name}"])
+    assert cli._define_opts(a)["tap-user"] == me.pw_uid
+    g = grp.getgrgid(os.getgid()).gr_name
+    assert cli._define_opts(parse(["define", "vnet3", f"--group={g}"]))["tap-group"] == g
+    with pytest.raises(cli.Usage, match="no user named"):
+        cli._define_opts(parse(["define", "vnet3", "--user=no-such-user-zz"]))
+    with pytest.raises(cli.Usage, match="no group named"):
+        cli._define_opts(parse(["define", "vnet3", "--group=no-such-group-zz"]))
+
+
+# --- the qemu-vlan compatible form ---------------------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ["--br=vnet3", "-n4", "--start"], ["--br", "vnet3", "--stop"], ["--br=vnet3"],
+    ["--br=vnet3", "--use-vnet", "--start"], ["--no-ask-password", "--br=vnet3", "--stop"],
+    ["--json", "--br=vnet3", "--start"], ["-n4", "--br=vnet3", "--start"],
+    ["--br=vnet3", "--help"], ["--help", "--br=vnet3"], ["-h", "--br=x"],
+    ["--mode=host-only", "--br=vnet3", "--start"],
+])
+def test_is_compat_true(argv):
+    assert cli.is_compat(argv)
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["list"], ["--json", "list"], ["start", "vnet3"], ["define", "vnet3", "--br=x"],
+    ["show", "--br"], ["--help"], ["-h"], ["list", "--help"], ["--no-ask-password", "reload"],
+])
+def test_is_compat_false(argv):
+    assert not cli.is_compat(argv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["-n", "4", "--br=vnet3", "--start"],
+    ["--bus-address", "unix:path=/x", "--br=vnet3", "--stop"],
+    ["--subnet", "10.3.0.0/24", "--br=vnet3", "--start"],
+])
+def test_is_compat_with_option_values_before_br(argv):
+    # Options that take a separate value may come before --br, as with any getopt program.
+    assert cli.is_compat(argv)
+
+
+def test_compat_start():
+    a = cparse(["--br=vnet3", "-n4", "--start"])
+    assert (a.br, a.taps, a.start, a.stop, a.use_vnet) == ("vnet3", 4, True, False, False)
+    a = cparse(["--br=vnet2", "-n8", "--dhcp=dhcpd", "--start", "--use-vnet"])
+    assert (a.br, a.taps, a.dhcp, a.start, a.use_vnet) == ("vnet2", 8, "dhcpd", True, True)
+    a = cparse(["--br=lab", "--subnet=10.9.0.0/24", "--subnet6=fd00:9::/64", "--mode=host-only",
+                "--mtu=1400", "--autostart", "--user=0", "--group=root", "--start"])
+    assert (a.subnet, a.subnet6, a.mode, a.mtu, a.autostart, a.user, a.group) == (
+        "10.9.0.0/24", "fd00:9::/64", "host-only", 1400, True, "0", "root")
+
+
+def test_compat_stop():
+    a = cparse(["--br=vnet3", "--stop"])
+    assert (a.br, a.start, a.stop) == ("vnet3", False, True)
+    a = cparse(["--br", "vnet3", "--stop", "--use-vnet", "--no-ask-password"])
+    assert a.no_ask_password is True and a.use_vnet is True
+
+
+@pytest.mark.parametrize("argv", [
+    ["--br=vnet3"],  # neither --start nor --stop
+    ["--br=vnet3", "-n4"],
+    ["--br=vnet3", "--start", "--stop"],  # both
+    ["--br=vnet3", "--start", "--bogus"],
+    ["--br=vnet3", "-n", "four", "--start"],
+    ["--br=vnet3", "--mode=bridged", "--start"],
+    ["--br"],
+])
+def test_compat_usage_errors_exit_2_without_a_bus(argv, capsys):
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert "usage: vnet-client --br=BRIDGE" in err
+    assert "error:" in err
+
+
+# --- main: usage errors and help -----------------------------------------------------------
+def test_no_command_is_a_usage_error(capsys):
+    assert cli.main([]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert "usage:" in out.err and "COMMAND" in out.err
+
+
+def test_only_common_options_is_a_usage_error(capsys):
+    assert exit_code(["--json"]) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["frobnicate"], ["list", "--bogus"],
+                                  ["-x"], ["list", "extra"]])
+def test_unknown_options_and_commands_exit_2(argv, capsys):
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    assert "Traceback" not in err
+
+
+def test_main_help_mentions_exit_codes_and_examples(capsys):
+    assert exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized." in out
+    assert "examples:" in out
+    assert "vnet-client define vnet2" in out
+    assert "vnet-client --br=vnet3 -n4 --start" in out
+    assert "vnet-client --br=vnet3 --stop" in out
+    for cmd in ("list", "show", "define", "start", "stop", "undefine", "autostart", "reload"):
+        assert f"    {cmd} " in out, cmd
+
+
+def test_compat_help_mentions_exit_codes_and_examples(capsys):
+    assert exit_code(["--br=vnet3", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: vnet-client --br=BRIDGE" in out
+    assert "vnet-client --br=vnet3 -n4 --start" in out
+    assert "--use-vnet" in out
+    assert "Exit codes" in out or "exit codes" in out
+
+
+@pytest.mark.parametrize("cmd", ["list", "show", "define", "start", "stop", "undefine",
+                                 "autostart", "reload"])
+def test_every_subcommand_has_help(cmd, capsys):
+    assert exit_code([cmd, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: vnet-client {cmd}")

@@ -1,0 +1,186 @@
+"""The D-Bus contract: one table (vnetd.api) that the XML file, the polkit check and the
+service's handlers all agree with. A method without a polkit action cannot exist."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from vnetd import api, authz, bus
+
+REPO = Path(__file__).parents[2]
+XML_PATH = REPO / "dbus" / "org.qemuvnet.Vnet1.xml"
+FOUR = {
+    "org.qemuvnet.Vnet1.info", "org.qemuvnet.Vnet1.attach", "org.qemuvnet.Vnet1.manage",
+    "org.qemuvnet.Vnet1.forward",
+}
+
+
+def test_the_xml_file_is_exactly_what_the_table_generates():
+    assert XML_PATH.read_text(encoding="utf-8") == api.contract_xml(), (
+        "dbus/org.qemuvnet.Vnet1.xml is stale: regenerate it with "
+        "'PYTHONPATH=helper python3 -m vnetd.api > dbus/org.qemuvnet.Vnet1.xml'"
+    )
+
+
+def _parse(xml: str) -> ET.Element:
+    # ElementTree does not fetch the DTD; drop the DOCTYPE line pair to parse the body.
+    body = xml.split("\n", 2)[2]
+    return ET.fromstring(body)
+
+
+def test_the_xml_is_well_formed_and_lists_every_method_and_signal():
+    xml = api.contract_xml()
+    assert xml.startswith("<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object "
+                          "Introspection 1.0//EN\"")
+    root = _parse(xml)
+    assert root.tag == "node"
+    seen_methods, seen_signals = set(), set()
+    for iface in root.findall("interface"):
+        iname = iface.get("name")
+        assert iname in api.INTERFACES
+        for m in iface.findall("method"):
+            seen_methods.add((iname, m.get("name")))
+            spec = next(x for x in api.METHODS if (x.iface, x.name) == (iname, m.get("name")))
+            ann = {a.get("name"): a.get("value") for a in m.findall("annotation")}
+            assert ann["org.qemuvnet.Vnet1.PolkitAction"] == spec.action
+            assert ann["org.qemuvnet.Vnet1.Doc"] == spec.doc
+            ins = "".join(a.get("type") for a in m.findall("arg") if a.get("direction") == "in")
+            outs = "".join(a.get("type") for a in m.findall("arg")
+                           if a.get("direction") == "out")
+            assert (ins, outs) == (spec.in_sig, spec.out_sig)
+        for s in iface.findall("signal"):
+            seen_signals.add((iname, s.get("name")))
+    assert seen_methods == {(m.iface, m.name) for m in api.METHODS}
+    assert seen_signals == {(s.iface, s.name) for s in api.SIGNALS}
+    assert {i.get("name") for i in root.findall("interface")} == set(api.INTERFACES)
+
+
+def test_names_are_the_fixed_ones():
+    assert api.BUS_NAME == "org.qemuvnet.Vnet1"
+    assert api.MANAGER_PATH == "/org/qemuvnet/Vnet1"
+    assert api.NETWORK_PATH == "/org/qemuvnet/Vnet1/network"
+    assert api.PORT_PATH == "/org/qemuvnet/Vnet1/port"
+    assert set(authz.ACTIONS) == FOUR
+
+
+def test_every_method_has_one_of_the_four_polkit_actions():
+    assert api.METHODS
+    for m in api.METHODS:
+        assert m.action in FOUR, m.name
+
+
+def test_reading_methods_need_info_and_changing_methods_need_more():
+    for name in ("ListNetworks", "GetNetwork"):
+        assert next(m for m in api.METHODS if m.name == name).action == authz.INFO
+    for m in api.METHODS:
+        reads = re.match(r"(List|Get|Export)[A-Z]", m.name) and m.name != "GetMac"
+        if not reads:  # GetMac gives out (and remembers) a new MAC: it changes state
+            assert m.action != authz.INFO, f"{m.name} changes state but needs only 'info'"
+    for name in ("Define", "Undefine", "Start", "Stop", "SetAutostart", "Reload"):
+        for m in api.METHODS:
+            if m.name == name:
+                assert m.action == authz.MANAGE, (m.iface, name)
+
+
+def test_polkit_details_name_real_arguments():
+    """A detail that names no argument would silently never reach polkit, so a rules file
+    testing it would never match."""
+    for m in api.METHODS:
+        names = [a.name for a in m.args]
+        for d in getattr(m, "details", ()):
+            assert d in names or (m.iface == api.NETWORK and d == "name"), (m.name, d)
+
+
+def test_method_names_are_unique_per_interface_and_signatures_valid():
+    keys = [(m.iface, m.name) for m in api.METHODS]
+    assert len(keys) == len(set(keys))
+    from dbus_fast import SignatureTree
+    for m in api.METHODS:
+        SignatureTree(m.in_sig)
+        SignatureTree(m.out_sig)
+        assert m.doc.strip() and m.doc.endswith(".")
+
+
+@pytest.mark.parametrize("action", ["", None, "org.qemuvnet.Vnet1.admin", "info",
+                                    "org.qemuvnet.Vnet1.Info", "org.freedesktop.login1.reboot"])
+def test_a_method_without_a_valid_action_cannot_be_constructed(action):
+    with pytest.raises(ValueError):
+        api.Method(api.MANAGER, "Evil", (), (), action, "Does anything.")
+
+
+def test_a_method_with_a_valid_action_can_be_constructed():
+    m = api.Method(api.MANAGER, "Fine", api._a("name:s", "n:u"), api._a("ok:b"), authz.MANAGE,
+                   "Fine.")
+    assert (m.in_sig, m.out_sig) == ("su", "b")
+
+
+def test_methods_are_immutable():
+    m = api.METHODS[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.action = "nothing"  # type: ignore[misc]
+
+
+# --- the service's handler table -----------------------------------------------------------
+class StubListeners:
+    """Anything the service subscribes to: it only appends callbacks to `.listeners`."""
+
+    def __init__(self):
+        self.listeners: list = []
+
+
+class StubEngine(StubListeners):
+    def __init__(self):
+        super().__init__()
+        self.ports = StubListeners()
+
+
+def _service():
+    return bus.Service(object(), StubEngine(), object())
+
+
+def test_service_handlers_cover_exactly_the_contract():
+    svc = _service()
+    contract = {(m.iface, m.name) for m in api.METHODS}
+    assert set(svc.handlers) == contract
+    assert set(svc.methods) == contract
+    for key, spec in svc.methods.items():
+        assert spec.action in FOUR, key
+
+
+def test_service_registers_for_network_changes():
+    eng = StubEngine()
+    svc = bus.Service(object(), eng, object())
+    assert eng.listeners == [svc.emit_network_changed]
+    if hasattr(svc, "emit_port_changed"):
+        assert eng.ports.listeners == [svc.emit_port_changed]
+
+
+def test_handlers_take_the_contract_arguments():
+    """Each handler takes the caller, the object's network (on Network objects) and one
+    parameter per 'in' argument of the contract."""
+    svc = _service()
+    for m in api.METHODS:
+        handler = svc.handlers[(m.iface, m.name)]
+        assert inspect.iscoroutinefunction(handler), m.name
+        params = list(inspect.signature(handler).parameters)
+        expected = 1 + len(m.args) + (1 if m.iface == api.NETWORK else 0)
+        assert len(params) == expected, (m.iface, m.name, params)
+        assert params[0] == "caller"
+
+
+def test_service_refuses_a_contract_method_without_a_handler(monkeypatch):
+    extra = api.Method(api.MANAGER, "Unhandled", (), (), authz.MANAGE, "No handler.")
+    monkeypatch.setattr(api, "METHODS", (*api.METHODS, extra))
+    with pytest.raises(RuntimeError, match="Unhandled"):
+        _service()
+
+
+def test_service_refuses_a_handler_outside_the_contract(monkeypatch):
+    monkeypatch.setattr(api, "METHODS", tuple(m for m in api.METHODS if m.name != "Reload"))
+    with pytest.raises(RuntimeError, match="Reload"):
+        _service()
