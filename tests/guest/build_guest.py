@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ RESULT_PREFIX = "VNET-RESULT"
 BOOT_DIR = Path("/boot")
 MODULES_ROOT = Path("/lib/modules")
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+PT_INTERP = 3
 
 # Modules to put in the initramfs (their modules.dep dependencies come along).
 # virtio_pci drives virtio-net-pci, virtio_mmio drives virtio-net-device on
@@ -76,7 +78,7 @@ WANTED_MODULES = ("virtio_pci", "virtio_mmio", "virtio_net")
 # Kernel parameters that make the boot quieter and faster under TCG.
 BASE_CMDLINE = (
     "console=ttyS0 quiet panic=-1 reboot=t "
-    # No clock calibration / watchdog dance: TCG timing is noisy anyway.
+    # Skip the delay-loop calibration and the TSC watchdog (TCG timing is noisy).
     "tsc=reliable no_timer_check lpj=4000000 "
     # Nothing to probe on a headless guest without keyboard or mouse.
     "i8042.noaux i8042.nokbd i8042.nopnp 8250.nr_uarts=1 "
@@ -336,10 +338,17 @@ def _check_static(busybox: Path) -> None:
         head = f.read(1 << 16)
     if head[:4] != b"\x7fELF":
         raise GuestBuildError(f"{busybox} is not an ELF binary")
-    # A dynamically linked binary carries a PT_INTERP program header, whose
-    # interpreter path appears early in the file.
-    if b"/lib64/ld-linux" in head or b"/lib/ld-linux" in head:
-        raise GuestBuildError(f"{busybox} is dynamically linked; install busybox-static")
+    # A dynamically linked binary has a PT_INTERP program header (ELF64, LE).
+    if head[4] != 2 or head[5] != 1:
+        raise GuestBuildError(f"{busybox} is not a little-endian 64-bit ELF binary")
+    (phoff,) = struct.unpack_from("<Q", head, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        if off + 4 > len(head):
+            break
+        if struct.unpack_from("<I", head, off)[0] == PT_INTERP:
+            raise GuestBuildError(f"{busybox} is dynamically linked; install busybox-static")
 
 
 # --------------------------------------------------------------------------
@@ -353,15 +362,28 @@ class _Cpio:
         self.ino = 1
         self.names: set[str] = set()
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         name = name.strip("/") or "."
         if name in self.names:
             return
         self.names.add(name)
         encoded = name.encode() + b"\0"
         fields = (
-            self.ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, 0, len(data),
-            0, 0, rdev[0], rdev[1], len(encoded), 0,
+            self.ino,
+            mode,
+            0,
+            0,
+            2 if stat.S_ISDIR(mode) else 1,
+            0,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(encoded),
+            0,
         )
         self.ino += 1
         header = b"070701" + b"".join(b"%08X" % f for f in fields)
@@ -402,8 +424,19 @@ class _Cpio:
 
 def _build_initramfs(busybox: Path, modules: list[Path]) -> bytes:
     cpio = _Cpio()
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run",
-              "lib/modules"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "lib/modules",
+    ):
         cpio.dir(d)
     cpio.chardev("dev/console", 5, 1)
     cpio.chardev("dev/null", 1, 3, 0o666)
@@ -430,17 +463,20 @@ def _build_initramfs(busybox: Path, modules: list[Path]) -> bytes:
 # --------------------------------------------------------------------------
 
 
-def _stamp(version: str, kernel: Path) -> dict[str, object]:
+def _stamp(version: str, kernel: Path, busybox: Path) -> dict[str, object]:
+    """What the cached outputs were built from; any change means a rebuild."""
     digest = hashlib.sha256()
     for part in (INIT_SCRIPT, UDHCPC_SCRIPT, " ".join(WANTED_MODULES)):
         digest.update(part.encode() + b"\0")
-    st = kernel.stat()
+    kst, bst = kernel.stat(), busybox.stat()
     return {
         "script_version": SCRIPT_VERSION,
         "kernel_version": version,
-        "kernel_size": st.st_size,
-        "kernel_mtime": st.st_mtime_ns,
+        "kernel": [str(kernel), kst.st_size, kst.st_mtime_ns],
+        "busybox": [str(busybox), bst.st_size, bst.st_mtime_ns],
         "init_sha256": digest.hexdigest(),
+        # The builder itself (cpio layout, module handling, ...).
+        "builder_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
     }
 
 
@@ -481,14 +517,15 @@ def build_guest(cache_dir: Path | str = DEFAULT_CACHE_DIR, *, force: bool = Fals
 
     Outputs are ``<cache_dir>/vmlinuz``, ``<cache_dir>/initrd.img`` and
     ``<cache_dir>/stamp.json``; directory 0755, files 0644.  When the stamp
-    matches (kernel version/size/mtime, init-script hash, script version)
-    nothing is rebuilt.
+    matches (kernel version/size/mtime, busybox size/mtime, hashes of the init
+    scripts and of this file, ``SCRIPT_VERSION``) nothing is rebuilt.
     """
     cache_dir = Path(cache_dir)
     vmlinuz, version = find_kernel()
     guest = Guest(kernel=cache_dir / "vmlinuz", initrd=cache_dir / "initrd.img")
     stamp_path = cache_dir / "stamp.json"
-    want = _stamp(version, vmlinuz)
+    busybox = _find_busybox()
+    want = _stamp(version, vmlinuz, busybox)
     if not force:
         with contextlib.suppress(OSError, ValueError):
             if (
@@ -498,7 +535,6 @@ def build_guest(cache_dir: Path | str = DEFAULT_CACHE_DIR, *, force: bool = Fals
             ):
                 return guest
 
-    busybox = _find_busybox()
     _check_static(busybox)
     modules = resolve_modules(MODULES_ROOT / version, WANTED_MODULES)
     initrd = _build_initramfs(busybox, modules)
@@ -535,8 +571,10 @@ def kernel_cmdline(cmdline: Mapping[str, object] | str = "") -> str:
                 value = ",".join(str(v) for v in value)
             value = str(value)
             if not value or any(c.isspace() for c in value):
-                raise ValueError(f"kernel command line value for {key!r} must be non-empty "
-                                 f"and contain no whitespace: {value!r}")
+                raise ValueError(
+                    f"kernel command line value for {key!r} must be non-empty "
+                    f"and contain no whitespace: {value!r}"
+                )
             name = key if "." in key else f"vnet.{key}"
             parts.append(f"{name}={value}")
         extra = " ".join(parts)
@@ -563,19 +601,32 @@ def qemu_argv(
     """
     argv = [
         qemu,
-        "-accel", "tcg",
-        "-M", machine,
-        "-cpu", cpu,
-        "-m", str(memory_mb),
-        "-smp", "1",
+        "-accel",
+        "tcg",
+        "-M",
+        machine,
+        "-cpu",
+        cpu,
+        "-m",
+        str(memory_mb),
+        "-smp",
+        "1",
         "-nodefaults",
         "-no-user-config",
         "-nographic",
         "-no-reboot",
-        "-serial", "stdio",
-        "-kernel", str(guest.kernel),
-        "-initrd", str(guest.initrd),
-        "-append", kernel_cmdline(cmdline),
+        "-serial",
+        "stdio",
+        # No iPXE option ROM: nothing netboots, it only costs time and
+        # would need the ipxe-qemu package.
+        "-global",
+        "virtio-net-pci.romfile=",
+        "-kernel",
+        str(guest.kernel),
+        "-initrd",
+        str(guest.initrd),
+        "-append",
+        kernel_cmdline(cmdline),
     ]
     for netdev in netdevs:
         argv += ["-netdev", netdev]
@@ -627,7 +678,7 @@ class GuestProcess:
         self.done_at: float | None = None
         self._chunks: list[str] = []
         self._cond = threading.Condition()
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, **popen_kw)  # noqa: S603
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, **popen_kw)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -643,6 +694,7 @@ class GuestProcess:
                         self.done_at = time.monotonic()
                 self._cond.notify_all()
             if not data:
+                self.proc.stdout.close()
                 return
 
     @property
@@ -733,11 +785,18 @@ def run_guest(argv: list[str], timeout: float = 60, **popen_kw: object) -> tuple
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
-                        help=f"output directory (default {DEFAULT_CACHE_DIR})")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE_DIR,
+        help=f"output directory (default {DEFAULT_CACHE_DIR})",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    parser.add_argument("--print-argv", action="store_true",
-                        help="also print a qemu argv booting the guest without a NIC")
+    parser.add_argument(
+        "--print-argv",
+        action="store_true",
+        help="also print a qemu argv booting the guest without a NIC",
+    )
     args = parser.parse_args(argv)
     try:
         guest = build_guest(args.cache_dir, force=args.force)

@@ -124,8 +124,9 @@ def test_parse_results():
 
 
 def test_kernel_cmdline_and_argv(tmp_path):
-    line = bg.kernel_cmdline({"ip": "10.0.0.2/24", "ping": ["10.0.0.1", "10.0.0.3"],
-                              "ipv6.disable": 1})
+    line = bg.kernel_cmdline(
+        {"ip": "10.0.0.2/24", "ping": ["10.0.0.1", "10.0.0.3"], "ipv6.disable": 1}
+    )
     assert line.startswith("console=ttyS0 quiet panic=-1")
     assert line.endswith("vnet.ip=10.0.0.2/24 vnet.ping=10.0.0.1,10.0.0.3 ipv6.disable=1")
     assert bg.kernel_cmdline("vnet.dhcp=1").endswith(" vnet.dhcp=1")
@@ -133,8 +134,9 @@ def test_kernel_cmdline_and_argv(tmp_path):
         bg.kernel_cmdline({"resolve": "a b"})
 
     g = bg.Guest(kernel=tmp_path / "k", initrd=tmp_path / "i")
-    argv = bg.qemu_argv(g, netdevs=["tap,id=n0,fd=5"],
-                        devices=["virtio-net-pci,netdev=n0"], cmdline={"dhcp": 1})
+    argv = bg.qemu_argv(
+        g, netdevs=["tap,id=n0,fd=5"], devices=["virtio-net-pci,netdev=n0"], cmdline={"dhcp": 1}
+    )
     assert argv[0] == QEMU
     for opt in ("-nographic", "-no-reboot", "-nodefaults"):
         assert opt in argv
@@ -178,7 +180,9 @@ def test_build_is_cached_and_world_readable(tmp_path):
     # The CLI reuses the cache too.
     out = subprocess.run(
         [sys.executable, str(Path(bg.__file__)), "--cache-dir", str(cache)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert f"initrd={first.initrd}" in out
 
@@ -188,10 +192,8 @@ def test_two_guests_on_a_bridge(guest, netns, record_property):
     mac_a, mac_b = "52:54:00:99:00:0a", "52:54:00:99:00:0b"
     ip_a, ip_b = f"{SUBNET}.10", f"{SUBNET}.11"
 
-    argv_a = boot_argv(guest, netns, tap_a, mac_a,
-                       {"ip": f"{ip_a}/24", "gw": GATEWAY, "wait": 90})
-    argv_b = boot_argv(guest, netns, tap_b, mac_b,
-                       {"ip": f"{ip_b}/24", "ping": [GATEWAY, ip_a]})
+    argv_a = boot_argv(guest, netns, tap_a, mac_a, {"ip": f"{ip_a}/24", "gw": GATEWAY, "wait": 90})
+    argv_b = boot_argv(guest, netns, tap_b, mac_b, {"ip": f"{ip_b}/24", "ping": [GATEWAY, ip_a]})
     with bg.start_guest(argv_a) as a:
         assert a.wait_for_result("ready", 60), show("A", a.text)
         with bg.start_guest(argv_b) as b:
@@ -210,8 +212,13 @@ def test_two_guests_on_a_bridge(guest, netns, record_property):
 
     assert rc_a == 0, show("A", text_a)
     assert res_a == {
-        "mac": mac_a, "ip": f"{ip_a}/24", "gw": GATEWAY, "ready": True,
-        "waiting": "90", "wait": "released", "done": True,
+        "mac": mac_a,
+        "ip": f"{ip_a}/24",
+        "gw": GATEWAY,
+        "ready": True,
+        "waiting": "90",
+        "wait": "released",
+        "done": True,
     }, show("A", text_a)
 
     record_property("boot_seconds_b", boot_b)
@@ -221,8 +228,13 @@ def test_two_guests_on_a_bridge(guest, netns, record_property):
 
 def test_unreachable_ping_fails_and_guest_exits(guest, netns):
     tap = netns.add_tap("tapC")
-    argv = boot_argv(guest, netns, tap, "52:54:00:99:00:0c",
-                     {"ip": f"{SUBNET}.12/24", "ping": f"{SUBNET}.250", "ping_tries": 2})
+    argv = boot_argv(
+        guest,
+        netns,
+        tap,
+        "52:54:00:99:00:0c",
+        {"ip": f"{SUBNET}.12/24", "ping": f"{SUBNET}.250", "ping_tries": 2},
+    )
     rc, text, res = bg.run_guest(argv, timeout=60)
     assert rc == 0, show("C", text)
     assert res["ping"] == {f"{SUBNET}.250": "fail"}, show("C", text)
@@ -234,17 +246,38 @@ def test_dhcp_and_resolve(guest, netns, tmp_path):
     if not os.path.exists(dnsmasq):
         pytest.skip("dnsmasq is not installed")
     tap = netns.add_tap("tapD")
-    server = subprocess.Popen(netns.exec_argv([
-        dnsmasq, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-        "--bind-interfaces", "--interface=gbr0", "--except-interface=lo", "--user=root",
-        "--pid-file=", f"--dhcp-leasefile={tmp_path / 'leases'}",
-        f"--dhcp-range={SUBNET}.100,{SUBNET}.150,255.255.255.0,1h",
-        "--domain=vnet2", "--address=/web1.vnet2/172.16.99.5", "--log-facility=-",
-    ]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        netns.exec_argv(
+            [
+                dnsmasq,
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--interface=gbr0",
+                "--except-interface=lo",
+                "--user=root",
+                "--pid-file=",
+                f"--dhcp-leasefile={tmp_path / 'leases'}",
+                f"--dhcp-range={SUBNET}.100,{SUBNET}.150,255.255.255.0,1h",
+                "--domain=vnet2",
+                "--address=/web1.vnet2/172.16.99.5",
+                "--log-facility=-",
+            ]
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        argv = boot_argv(guest, netns, tap, "52:54:00:99:00:0d",
-                         {"dhcp": 1, "hostname": "vm-d", "resolve": "web1.vnet2",
-                          "ping": GATEWAY})
+        argv = boot_argv(
+            guest,
+            netns,
+            tap,
+            "52:54:00:99:00:0d",
+            {"dhcp": 1, "hostname": "vm-d", "resolve": "web1.vnet2", "ping": GATEWAY},
+        )
         rc, text, res = bg.run_guest(argv, timeout=60)
     finally:
         server.terminate()
