@@ -236,7 +236,9 @@ def print_network(n: dict[str, Any]) -> None:
     width = max(len(k) for k in keys)
     for k in keys:
         v = n[k]
-        if isinstance(v, list):
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            v = "; ".join(" ".join(str(x) for x in d.values()) for d in v)
+        elif isinstance(v, list):
             v = ", ".join(str(x) for x in v) or "-"
         elif isinstance(v, bool):
             v = "yes" if v else "no"
