@@ -274,6 +274,19 @@ def _parse_header(msg: bytes) -> tuple[int, dict, bytes, str]:
     return mtype, headers, msg[r.pos :], endian
 
 
+def _method_call(serial, destination, path, interface, member, signature, body, flags, nfds):
+    data = marshal(signature, body)
+    fields = [(1, ("o", path)), (3, ("s", member))]
+    fields += [(2, ("s", interface))] if interface else []
+    fields += [(6, ("s", destination))] if destination else []
+    fields += [(8, ("g", signature))] if signature else []
+    fields += [(9, ("u", nfds))] if nfds else []
+    head = marshal("yyyyuua(yv)", (ord("l"), 1, flags, 1, len(data), serial, fields))
+    if len(head) + len(data) > MAX_MESSAGE - 8:
+        raise DBusError(_E + "LimitsExceeded", "message larger than 128 MiB")
+    return head + bytes(-len(head) % 8) + data
+
+
 def _close_all(fds) -> None:
     for fd in fds:
         try:
@@ -288,12 +301,18 @@ def _unescape(value: str) -> bytes:
 
 
 class MiniBus:
-    """One authenticated connection to a message bus; `timeout` bounds connecting and each call."""
+    """One authenticated connection to a message bus; not thread-safe.
+
+    `address` is a D-Bus address (default: $DBUS_SYSTEM_BUS_ADDRESS, else the system bus); its
+    `unix:path=` and `unix:abstract=` entries are tried in order. `timeout` (seconds) bounds the
+    connection handshake, and then each call. After a timeout, a lost connection or malformed
+    input the connection is closed and later calls raise DBusError (Disconnected).
+    """
 
     def __init__(self, address: str | None = None, timeout: float = 300.0):
         address = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS
-        self.timeout, self._serial, self._buf, self._fds = timeout, 0, bytearray(), []
-        self._sock = None
+        self.timeout, self._serial, self._buf, self._fds = timeout, 1, bytearray(), []
+        self._sock, self.unix_fd, self.unique_name = None, False, ""
         deadline = time.monotonic() + timeout
         try:
             targets = []  # each unix: entry of the ';'-separated list, tried in order
@@ -308,31 +327,37 @@ class MiniBus:
             raise DBusError(_E + "BadAddress", f"{address!r}: {e}") from None
         error = "no unix:path= or unix:abstract= entry"
         for target in targets:
-            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
             try:
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                sock.connect(target)
+                self._sock = _socket.socket(
+                    _socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC
+                )
+                self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                self._sock.connect(target)
+                break
             except OSError as e:
-                sock.close()
+                self.close()
                 error = str(e)
-                continue
-            self._sock = sock
-            break
         else:
             raise DBusError(_E + "NoServer", f"cannot connect to {address!r}: {error}")
         # Pipelined like sd-bus: AUTH, NEGOTIATE_UNIX_FD, BEGIN and Hello() in one write.
         uid = str(os.geteuid()).encode().hex().encode()
         auth = b"\0AUTH EXTERNAL " + uid + b"\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n"
-        hello = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "Hello")
+        bus = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
         try:
-            serial = self._send(*hello, "", (), 0, (), deadline, prefix=auth)
+            self._send(auth + _method_call(1, *bus, "Hello", "", (), 0, 0), (), deadline)
             line = self._line(deadline)
             if not line.startswith(b"OK "):
                 raise DBusError(_E + "AuthFailed", f"the bus answered {line[:100]!r}")
             self.unix_fd = self._line(deadline) == b"AGREE_UNIX_FD"
-            self.unique_name = self._reply(serial, deadline)[0][0]
-        except BaseException:
+            values, fds = self._reply(1, deadline)
+            _close_all(fds)
+            if not values or not isinstance(values[0], str):
+                raise DBusError(_MALFORMED, f"Hello() returned {values!r}")
+            self.unique_name = values[0]
+        except BaseException as e:
             self.close()
+            if isinstance(e, DBusError) and e.name == _DISCONNECTED:  # how dbus-daemon refuses
+                raise DBusError(_E + "AuthFailed", f"during the handshake: {e.message}") from None
             raise
 
     def call(self, destination, path, interface, member, signature="", body=(), *, flags=0, fds=()):
@@ -343,44 +368,22 @@ class MiniBus:
         if self._sock is None:
             raise DBusError(_DISCONNECTED, "the connection is closed")
         deadline = time.monotonic() + self.timeout
-        args = (destination, path, interface, member, signature, body, flags, fds)
-        serial = self._send(*args, deadline)
-        return ([], []) if flags & NO_REPLY_EXPECTED else self._reply(serial, deadline)
-
-    def _send(
-        self,
-        destination,
-        path,
-        interface,
-        member,
-        signature,
-        body,
-        flags,
-        fds,
-        deadline,
-        prefix=b"",
-    ):
-        if fds and not getattr(self, "unix_fd", False):
-            raise DBusError(_E + "NotSupported", "the bus did not agree to pass file descriptors")
-        data = marshal(signature, body)
-        fields = [(1, ("o", path)), (3, ("s", member))]
-        fields += [(2, ("s", interface))] if interface else []
-        fields += [(6, ("s", destination))] if destination else []
-        fields += [(8, ("g", signature))] if signature else []
-        fields += [(9, ("u", len(fds)))] if fds else []
         self._serial += 1
-        head = marshal("yyyyuua(yv)", (ord("l"), 1, flags, 1, len(data), self._serial, fields))
-        message = prefix + head + bytes(-len(head) % 8) + data
-        if len(message) - len(prefix) > MAX_MESSAGE:
-            raise DBusError(_E + "LimitsExceeded", "message larger than 128 MiB")
+        args = (destination, path, interface, member, signature, body, flags, len(fds))
+        self._send(_method_call(self._serial, *args), fds, deadline)
+        return ([], []) if flags & NO_REPLY_EXPECTED else self._reply(self._serial, deadline)
+
+    def _send(self, message: bytes, fds, deadline: float) -> None:
+        if fds and not self.unix_fd:
+            raise DBusError(_E + "NotSupported", "the bus did not agree to pass file descriptors")
         ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
         try:
             self._settimeout(deadline)
             sent = self._sock.sendmsg([message], ancillary if fds else [])
-            self._sock.sendall(message[sent:])
+            if sent < len(message):
+                self._sock.sendall(message[sent:])
         except OSError as e:
             self._fail(e)
-        return self._serial
 
     def _reply(self, serial: int, deadline: float) -> tuple[list, list[int]]:
         while True:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -232,6 +233,7 @@ class Service:
     async def _dispatch(self, msg: Message) -> None:
         reply: Message
         fds: list[int] = []
+        t0 = time.perf_counter()
         try:
             reply, fds = await self._call(msg)
         except VnetError as e:
@@ -244,6 +246,9 @@ class Service:
             if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
                 return
             await self.bus.send(reply)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s from %s answered in %.2f ms", msg.member, msg.sender,
+                          (time.perf_counter() - t0) * 1000)
         finally:
             for fd in fds:  # only now, after the reply carrying them was written
                 try:

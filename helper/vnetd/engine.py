@@ -13,6 +13,7 @@ import asyncio
 import grp
 import ipaddress
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -343,14 +344,15 @@ class Engine:
         self.running.discard(net.name)
 
     # --- ports --------------------------------------------------------------------------
-    async def _running_bridge(self, net: Network) -> Link:
+    def _running_bridge(self, net: Network) -> int:
+        """The running network's bridge ifindex (an ioctl, not a netlink round trip)."""
         if net.name not in self.running:
             raise NotRunning(f"The network '{net.name}' is not running: start it first "
                              f"(vnet-client start {net.name}).")
-        br = await self.links.get(net.bridge)
-        if br is None:
-            raise NotRunning(f"The bridge of '{net.name}' is gone; restart the network.")
-        return br
+        try:
+            return socket.if_nametoindex(net.bridge)
+        except OSError:
+            raise NotRunning(f"The bridge of '{net.name}' is gone; restart the network.") from None
 
     async def attach(self, network: str, vm: str, uid: int, pid: int | None,
                      options: dict[str, Any]) -> tuple[Port, list[int], list[int], dict]:
@@ -358,8 +360,7 @@ class Engine:
         model.validate_vm_name(vm)
         opts = parse_attach_options(options)
         async with self.lock:
-            br = await self._running_bridge(net)
-            return await self.ports.attach(net, br.index, vm, uid, pid, opts)
+            return await self.ports.attach(net, self._running_bridge(net), vm, uid, pid, opts)
 
     async def detach(self, port: Port) -> None:
         async with self.lock:
@@ -386,8 +387,8 @@ class Engine:
                 if lk.master is not None:
                     await self.links.set(lk.index, master=0)
                 return net.name
-            br = await self._running_bridge(net)
-            await self.links.set(lk.index, master=br.index, mtu=net.mtu, state="up")
+            await self.links.set(lk.index, master=self._running_bridge(net), mtu=net.mtu,
+                                 state="up")
             return net.name
 
     def get_mac(self, network: str, vm: str, nic: int) -> str:

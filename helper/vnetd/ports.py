@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import socket
+import struct
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
-
-from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from . import model
 from .backends import tap as tapdev
@@ -30,6 +32,8 @@ from .macs import MacRegistry, validate_nic
 
 log = logging.getLogger("vnetd.ports")
 
+RTMGRP_LINK = 1
+RTM_DELLINK = 17
 MAX_QUEUES = 8
 VHOST_PATH = "/dev/vhost-net"
 ATTACH_OPTIONS = ("nic", "queues", "vhost", "mac", "learn-mac", "holder-pid")
@@ -126,15 +130,33 @@ class Ports:
         self._records: dict[str, Port] = {}
         self.listeners: list = []
 
-    FILE = "ports.json"
+    DIR = "ports"
 
     # --- persistence and adoption -------------------------------------------------------
-    def save(self) -> None:
-        self.store.save_runtime_json(self.FILE, [p.to_dict() for p in self.by_name.values()])
+    # One small file per port under the runtime directory (tmpfs): O(1) per attach however
+    # many ports exist, and no fsync (a daemon crash keeps the page cache; a reboot loses the
+    # ports anyway).
+    def _record(self, ifname: str):
+        return self.store.runtime_dir / self.DIR / f"{ifname}.json"
+
+    def _write(self, port: Port) -> None:
+        self.store.write_runtime_file(self._record(port.ifname),
+                                      json.dumps(port.to_dict()).encode())
+
+    def _forget(self, ifname: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._record(ifname).unlink()
 
     def load_records(self) -> dict[str, Port]:
         out = {}
-        for d in self.store.load_runtime_json(self.FILE, []):
+        folder = self.store.runtime_dir / self.DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in folder.glob("*.json"):
+            try:
+                d = json.loads(path.read_text())
+            except (OSError, ValueError):
+                log.error("ignoring an unreadable port record %s", path)
+                continue
             try:
                 p = Port(**{k.replace("-", "_"): v for k, v in d.items()
                             if k.replace("-", "_") in Port.__dataclass_fields__},
@@ -164,32 +186,56 @@ class Ports:
         self._records = self.load_records()
 
     def end_reconcile(self) -> None:
+        for name in self._records:
+            if name not in self.by_name:
+                self._forget(name)
         self._records = {}
-        self.save()
 
     # --- netlink events -----------------------------------------------------------------
     async def start_monitor(self) -> None:
-        from pyroute2 import AsyncIPRoute
+        """Listen to RTM_DELLINK on a raw rtnetlink socket. Every tap creation makes several
+        RTM_NEWLINK events too; reading only the fixed headers (no attribute parsing) keeps
+        them nearly free, which matters on the attach path."""
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                             socket.NETLINK_ROUTE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind((0, RTMGRP_LINK))
+        self._monitor_sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_netlink)
 
-        mon = AsyncIPRoute()
-        await mon.bind(groups=RTMGRP_LINK)
+    def _on_netlink(self) -> None:
+        while True:
+            try:
+                data = self._monitor_sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as e:  # ENOBUFS: events were lost; re-check every port
+                log.warning("netlink monitor: %s; re-checking ports", e)
+                for p in list(self.by_name.values()):
+                    try:
+                        socket.if_indextoname(p.ifindex)
+                    except OSError:
+                        self._gone(p.ifindex)
+                continue
+            off = 0
+            while off + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, off)
+                if length < 16:
+                    break
+                if kind == RTM_DELLINK and off + 24 <= len(data):
+                    (index,) = struct.unpack_from("=i", data, off + 20)  # ifinfomsg.ifi_index
+                    self._gone(index)
+                off += (length + 3) & ~3
 
-        async def run() -> None:
-            while True:
-                async for msg in mon.get():
-                    if msg.get("event") == "RTM_DELLINK":
-                        self._gone(msg["index"], msg.get("ifname"))
-
-        self._monitor = asyncio.get_running_loop().create_task(run())
-
-    def _gone(self, index: int, ifname: str | None) -> None:
-        port = self.by_name.get(ifname or "")
-        if port is None or port.ifindex != index:
+    def _gone(self, index: int) -> None:
+        port = next((p for p in self.by_name.values() if p.ifindex == index), None) \
+            if self.by_name else None
+        if port is None:
             return
         del self.by_name[port.ifname]
         log.info("port %s gone (%s/%s nic %d, uid %d): its holder closed it", port.ifname,
                  port.network, port.vm, port.nic, port.uid)
-        self.save()
+        self._forget(port.ifname)
         for fn in self.listeners:
             fn(port, "detached")
 
@@ -225,7 +271,7 @@ class Ports:
                          p.ifname, p.holder_pid)
                 await self.links.delete(p.ifindex)
             self.by_name.pop(p.ifname, None)
-        self.save()
+            self._forget(p.ifname)
 
     # --- queries ------------------------------------------------------------------------
     def of_uid(self, uid: int) -> list[Port]:
@@ -265,23 +311,21 @@ class Ports:
             # the stable MAC; with learn-mac the guest's own MAC is unknown (the firewall
             # locks the port to the first source MAC it sees), but the VM still has one given
             mac = self.macs.get(net.name, vm, nic)
-        ifname = await self._free_name(net.name, vm, nic)
         flags = tapdev.HANDOFF_FLAGS | (tapdev.IFF_MULTI_QUEUE if queues > 1 else 0)
         fds: list[int] = []
         vhostfds: list[int] = []
         try:
+            ifname, first = self._open_free(net.name, vm, nic, flags)
+            fds.append(first)
             try:
-                fds.append(tapdev.open_tap(ifname, flags))
-                fcntl.ioctl(fds[0], tapdev.TUNSETOWNER, uid)
+                fcntl.ioctl(first, tapdev.TUNSETOWNER, uid)
                 for _ in range(queues - 1):
                     fds.append(tapdev.open_tap(ifname, flags & ~tapdev.IFF_TUN_EXCL))
+                index = socket.if_nametoindex(ifname)
             except OSError as e:
-                raise Failed(f"Could not create tap '{ifname}': {e.strerror}.") from None
-            lk = await self.links.get(ifname)
-            if lk is None:
-                raise Failed(f"The tap '{ifname}' vanished while it was being set up.")
-            await self.links.set(lk.index, ifalias=model.alias_for(net.name),
-                                 master=bridge_index, mtu=net.mtu, state="up")
+                raise Failed(f"Could not set up tap '{ifname}': {e.strerror}.") from None
+            self.links.fast.set(index, alias=model.alias_for(net.name), master=bridge_index,
+                                mtu=net.mtu)
             info: dict[str, Any] = {"vhost": False}
             if opts["vhost"]:
                 if os.path.exists(VHOST_PATH):
@@ -295,28 +339,36 @@ class Ports:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             raise
-        port = Port(ifname=ifname, ifindex=lk.index, network=net.name, vm=vm, nic=nic, uid=uid,
+        port = Port(ifname=ifname, ifindex=index, network=net.name, vm=vm, nic=nic, uid=uid,
                     mac=mac, mac_known=mac_known, holder_pid=holder, queues=queues,
                     created=time.time())
         self.by_name[ifname] = port
         if holder:
             self._watch(holder)
-        self.save()
+        self._write(port)
         info.update(port.to_dict())
         info["mtu"] = net.mtu
         return port, fds, vhostfds, info
 
-    async def _free_name(self, network: str, vm: str, nic: int) -> str:
+    def _open_free(self, network: str, vm: str, nic: int, flags: int) -> tuple[str, int]:
+        """Create the tap under the first free deterministic name. IFF_TUN_EXCL makes the
+        kernel refuse a name that exists (EBUSY), so no lookup is needed first."""
         for attempt in range(16):
             name = port_name(network, vm, nic, attempt)
-            if name not in self.by_name and await self.links.get(name) is None:
-                return name
+            if name in self.by_name:
+                continue
+            try:
+                return name, tapdev.open_tap(name, flags)
+            except OSError as e:
+                if e.errno in (errno.EBUSY, errno.EEXIST, errno.EINVAL):
+                    continue  # taken by another interface (EINVAL: not a tap)
+                raise Failed(f"Could not create tap '{name}': {e.strerror}.") from None
         raise Busy("No free interface name for this port (16 collisions); try again.")
 
     async def detach(self, port: Port) -> None:
         await self.links.delete(port.ifindex)
         self.by_name.pop(port.ifname, None)
-        self.save()
+        self._forget(port.ifname)
 
     async def remove_network_ports(self, network: str) -> None:
         for p in self.on_network(network):

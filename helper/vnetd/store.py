@@ -145,10 +145,11 @@ class Store:
     def save_json(self, name: str, data: Any) -> None:
         path = self.state_dir / name
         text = json.dumps(data, indent=1, sort_keys=True).encode()
-        if path.exists():
+        if path.exists():  # keep the last good copy: a hard link costs no data write
             prev = path.with_name(path.name + ".prev")
             try:
-                atomic_write(prev, path.read_bytes(), 0o600)
+                prev.unlink(missing_ok=True)
+                os.link(path, prev)
             except OSError:
                 pass
         atomic_write(path, text, 0o600)
@@ -162,6 +163,14 @@ class Store:
         except (ValueError, OSError) as e:
             log.error("runtime file %s is unreadable (%s); starting from empty", name, e)
             return default
+
+    @staticmethod
+    def write_runtime_file(path: Path, data: bytes) -> None:
+        """Atomic (rename) but not fsynced: runtime state lives on tmpfs."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
 
     def save_runtime_json(self, name: str, data: Any) -> None:
         atomic_write(self.runtime_dir / name, json.dumps(data, sort_keys=True).encode(), 0o600)

@@ -31,7 +31,11 @@ from vnet_client import minibus
 from vnet_client.minibus import ALLOW_INTERACTIVE_AUTHORIZATION, DBusError, MiniBus
 
 DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
-NAME, PATH, IFACE = "org.qemuvnet.MiniBusTest", "/org/qemuvnet/MiniBusTest", "org.qemuvnet.MiniBusTest"
+NAME, PATH, IFACE = (
+    "org.qemuvnet.MiniBusTest",
+    "/org/qemuvnet/MiniBusTest",
+    "org.qemuvnet.MiniBusTest",
+)
 TEST = (NAME, PATH, IFACE)
 MINIBUS_PY = Path(minibus.__file__)
 
@@ -44,6 +48,7 @@ CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configurat
   <listen>unix:abstract={abstract}</listen>
   <policy context="default">
     <allow send_destination="*"/>
+    <allow receive_sender="*"/>
     <allow own="*"/>
   </policy>
 </busconfig>
@@ -164,7 +169,7 @@ def service(address):
 
 @pytest.fixture
 def mb(address):
-    with MiniBus(address, timeout=10) as conn:
+    with MiniBus(address, timeout=5) as conn:
         yield conn
 
 
@@ -217,7 +222,12 @@ def test_fds_can_be_sent(mb, service):
 
 
 @pytest.mark.parametrize("how", ["signal", "error"])
-def test_fds_of_signals_and_errors_are_closed(mb, service, how):
+def test_fds_of_signals_and_errors_are_closed(mb, service, how, monkeypatch):
+    closed = []
+    real_close_all = minibus._close_all
+    monkeypatch.setattr(
+        minibus, "_close_all", lambda fds: (closed.extend(fds), real_close_all(fds))
+    )
     r, w = os.pipe()
     try:
         if how == "signal":  # the signal with the fd comes first and is skipped
@@ -227,6 +237,7 @@ def test_fds_of_signals_and_errors_are_closed(mb, service, how):
                 mb.call(*TEST, "Bounce", "hs", [0, how], fds=[w])
             assert e.value.name == "org.qemuvnet.MiniBusTest.Error.Bounced"
             assert e.value.message == "bounced with an fd"
+        assert len(closed) == 1  # the fd came, and minibus closed it
         os.close(w)
         w = None
         mb.call(*TEST, "Release")
@@ -238,7 +249,7 @@ def test_fds_of_signals_and_errors_are_closed(mb, service, how):
 
 ECHO = [
     (
-        "a{sv}(ybnqiuxtd)asaoagaya(ii)a{s(ai)}v",
+        "a{sv}(ybnqiuxtd)asaoagaya(ii)a{s(iai)}v",
         [
             {"s": ("s", "x"), "nested": ("a{sv}", {"n": ("(ub)", (7, False))}), "d": ("d", 0.5)},
             (255, True, -(2**15), 2**16 - 1, -(2**31), 2**32 - 1, -(2**63), 2**64 - 1, -1.25),
@@ -262,7 +273,7 @@ ECHO = [
             [1, 2],
         ],
     ),
-    ("yta(t)", [1, [], []], [1, [], []]),  # empty arrays of 8-aligned elements still pad
+    ("yaxa(t)", [1, [], []], [1, [], []]),  # empty arrays of 8-aligned elements still pad
     ("yat", [1, [5]], [1, [5]]),
     ("ya{yy}", [1, {}], [1, {}]),
     ("", [], []),
@@ -444,15 +455,24 @@ OK = b"OK 0123456789abcdef0123456789abcdef\r\nAGREE_UNIX_FD\r\n"
     ("answers", "name"),
     [
         ((b"REJECTED EXTERNAL\r\n",), "org.freedesktop.DBus.Error.AuthFailed"),
-        ((b"OK 01",), "org.freedesktop.DBus.Error.Disconnected"),
+        ((b"OK 01",), "org.freedesktop.DBus.Error.AuthFailed"),
         ((OK, b"x" * 16), "org.freedesktop.DBus.Error.InconsistentMessage"),
-        ((OK, b"l\2\0\1\0\0\0\x10\1\0\0\0\0\0\0\0"), "org.freedesktop.DBus.Error.InconsistentMessage"),
-        ((OK, raw_message(fields=((5, ("s", "1")),))), "org.freedesktop.DBus.Error.InconsistentMessage"),
+        (
+            (OK, b"l\2\0\1\0\0\0\x10\1\0\0\0\0\0\0\0"),
+            "org.freedesktop.DBus.Error.InconsistentMessage",
+        ),
+        (
+            (OK, raw_message(fields=((5, ("s", "1")),))),
+            "org.freedesktop.DBus.Error.InconsistentMessage",
+        ),
         ((OK, raw_message(fields=())), "org.freedesktop.DBus.Error.InconsistentMessage"),
         ((OK, raw_message(mtype=9)), "org.freedesktop.DBus.Error.InconsistentMessage"),
         ((OK, raw_message(data=b"\1\0\0\0")), "org.freedesktop.DBus.Error.InconsistentMessage"),
-        ((OK, raw_message(fields=((5, ("u", 1)), (9, ("u", 1))))), "org.freedesktop.DBus.Error.InconsistentMessage"),
-        ((OK, raw_message()[:20]), "org.freedesktop.DBus.Error.Disconnected"),
+        (
+            (OK, raw_message(fields=((5, ("u", 1)), (9, ("u", 1))))),
+            "org.freedesktop.DBus.Error.InconsistentMessage",
+        ),
+        ((OK, raw_message()[:20]), "org.freedesktop.DBus.Error.AuthFailed"),
     ],
 )
 def test_malformed_bus_input_raises(tmp_path, answers, name):

@@ -9,6 +9,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
+import socket
+import struct
 from dataclasses import dataclass
 
 from pyroute2 import AsyncIPRoute
@@ -62,9 +65,64 @@ def _failed(what: str, e: NetlinkError) -> Failed:
                   f"({e.args[1] if len(e.args) > 1 else e}).")
 
 
+RTM_NEWLINK = 16
+NLM_F_REQUEST, NLM_F_ACK = 1, 4
+NLMSG_ERROR = 2
+IFLA_MTU, IFLA_MASTER, IFLA_IFALIAS = 4, 10, 20
+IFF_UP = 1
+
+
+def _rtattr(kind: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, kind) + payload + b"\0" * ((4 - n % 4) % 4)
+
+
+class FastLinkSetter:
+    """One RTM_NEWLINK built by hand on a plain rtnetlink socket: the attach path's only
+    netlink request (enslave, MTU, alias, up). pyroute2 is kept for everything else; this
+    saves its per-request overhead where every tenth of a millisecond shows."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                  socket.NETLINK_ROUTE)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def set(self, index: int, *, master: int | None = None, mtu: int | None = None,
+            alias: str | None = None, up: bool = True) -> None:
+        self.seq += 1
+        attrs = b""
+        if mtu is not None:
+            attrs += _rtattr(IFLA_MTU, struct.pack("=I", mtu))
+        if master is not None:
+            attrs += _rtattr(IFLA_MASTER, struct.pack("=I", master))
+        if alias is not None:
+            attrs += _rtattr(IFLA_IFALIAS, alias.encode() + b"\0")
+        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, IFF_UP if up else 0, IFF_UP)
+        msg = body + attrs
+        hdr = struct.pack("=IHHII", 16 + len(msg), RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK,
+                          self.seq, 0)
+        self.sock.send(hdr + msg)
+        while True:
+            data = self.sock.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
+                if kind == NLMSG_ERROR and seq == self.seq:
+                    (err,) = struct.unpack_from("=i", data, off + 16)
+                    if err:
+                        raise Failed(f"The kernel refused to set up interface #{index}: "
+                                     f"{errno.errorcode.get(-err, -err)} ({os.strerror(-err)}).")
+                    return
+                if length < 16:
+                    break
+                off += (length + 3) & ~3
+
+
 class Links:
     def __init__(self) -> None:
         self.ipr: AsyncIPRoute | None = None
+        self.fast = FastLinkSetter()
 
     async def open(self) -> None:
         self.ipr = AsyncIPRoute()

@@ -1,0 +1,128 @@
+"""Attach latency and concurrency, as an unprivileged member of group vnet (JSON out).
+
+- p50/p99 of Attach from a long-lived client (polkit authorization, answered from the cache
+  after the first call, + tap + bridge + reply) over N attaches; target p50 <= 2 ms;
+- the same with 1,000 ports already on the bridge: target p50 within 1.5x of the empty case;
+- 20 clients attaching 200 taps concurrently: failures (target 0) and throughput;
+- vnet-bridge-helper: process start to fd handed back, p50.
+
+    sudo /opt/qemu-vnet/bin/python bench/attach.py [--runs 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from _common import bench_daemon, emit, pct
+
+from tests.harness.daemon import ALICE, VENV, run_client
+from tests.harness.users import run_as, spawn_as
+
+LATENCY = """
+import resource, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+runs, held_n = int(sys.argv[1]), int(sys.argv[2])
+async def main():
+    async with Client() as c:
+        held = [await c.attach("bench1", f"held{i}") for i in range(held_n)]
+        await c.attach("bench1", "warmup")  # first call asks polkit; the rest hit the cache
+        new = []
+        for i in range(min(runs, 200)):  # a VM's first attach also gives out its MAC
+            t = time.perf_counter()
+            a = await c.attach("bench1", f"new{held_n}-{i}")
+            new.append(time.perf_counter() - t)
+            a.close()
+        for i in range(runs):  # VMs seen before (the common case): MACs already known
+            await c.get_mac("bench1", f"vm{i}")
+        samples = []
+        for i in range(runs):
+            t = time.perf_counter()
+            a = await c.attach("bench1", f"vm{i}")
+            samples.append(time.perf_counter() - t)
+            a.close()
+        print(json.dumps({"known": samples, "new": new}))
+asyncio.run(main())
+"""
+
+CONCURRENT = """
+import time
+n = int(sys.argv[1])
+async def main():
+    ok = fail = 0
+    async with Client() as c:
+        atts = []
+        for i in range(n):
+            try:
+                atts.append(await c.attach("bench1", f"c{sys.argv[2]}-{i}"))
+                ok += 1
+            except VnetClientError:
+                fail += 1
+    print(json.dumps({"ok": ok, "fail": fail}))
+asyncio.run(main())
+"""
+
+HELPER = """
+import socket, subprocess, time
+helper = sys.argv[1]
+samples = []
+for i in range(int(sys.argv[2])):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    t = time.perf_counter()
+    p = subprocess.Popen([helper, "--use-vnet", f"--fd={b.fileno()}", "--br=bench1"],
+                         pass_fds=[b.fileno()])
+    b.close()
+    msg, fds, flags, addr = socket.recv_fds(a, 1, 1)
+    samples.append(time.perf_counter() - t)
+    p.wait()
+    for fd in fds:
+        os.close(fd)
+    a.close()
+print(json.dumps(samples))
+"""
+
+
+def ms(samples: list[float]) -> dict:
+    v = [x * 1000 for x in samples]
+    return {"n": len(v), "p50_ms": round(pct(v, 50), 3), "p99_ms": round(pct(v, 99), 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=1000)
+    ap.add_argument("--held", type=int, default=1000)
+    a = ap.parse_args()
+    with bench_daemon("bench") as d:
+        d.stop()
+        d.start(["--max-ports-per-user", "5000"])
+        run_client("define", "bench1", "--subnet=10.202.0.0/16", "--dhcp=none", check=True)
+        run_client("start", "bench1", check=True)
+        out = {}
+        r = json.loads(run_as(ALICE, LATENCY, str(a.runs), "0", timeout=600).stdout)
+        empty = ms(r["known"])
+        out["attach_empty_bridge"] = empty
+        out["first_attach_of_a_new_vm"] = ms(r["new"])
+        r = json.loads(run_as(ALICE, LATENCY, str(a.runs), str(a.held), timeout=900).stdout)
+        loaded = ms(r["known"])
+        out[f"attach_with_{a.held}_ports"] = loaded
+        out["ratio_loaded_to_empty_p50"] = round(loaded["p50_ms"] / empty["p50_ms"], 2)
+        t = time.perf_counter()
+        procs = [spawn_as(ALICE, CONCURRENT, "10", str(i)) for i in range(20)]
+        results = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+        took = time.perf_counter() - t
+        ok = sum(x["ok"] for x in results)
+        out["concurrent_20_clients_200_taps"] = {
+            "ok": ok, "failures": sum(x["fail"] for x in results),
+            "seconds": round(took, 3), "attaches_per_s": round(ok / took, 1)}
+        r = run_as(ALICE, HELPER, str(VENV / "bin/vnet-bridge-helper"), "50", timeout=300)
+        out["bridge_helper_start_to_fd"] = ms(json.loads(r.stdout))
+        out["targets"] = {"attach_p50_ms": 2, "loaded_ratio": 1.5, "failures": 0}
+        out["met"] = {"attach_p50": empty["p50_ms"] <= 2,
+                      "loaded_ratio": out["ratio_loaded_to_empty_p50"] <= 1.5,
+                      "no_failures": out["concurrent_20_clients_200_taps"]["failures"] == 0}
+    emit("attach", out)
+
+
+if __name__ == "__main__":
+    main()
