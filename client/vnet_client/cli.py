@@ -46,6 +46,7 @@ COMPAT_EPILOG = """\
 This is the qemu-vlan compatible form. The same as:
   vnet-client --br=vnet3 -n4 --start   ==  vnet-client define vnet3 --taps 4; vnet-client start vnet3
   vnet-client --br=vnet3 --stop        ==  vnet-client stop vnet3
+Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized.
 """
 
 
@@ -57,13 +58,16 @@ class Failure(Exception):
     """Something the client itself found wrong (a file, a command): exit 1."""
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """The options every command takes. On subcommands their defaults are suppressed, so that
+    `vnet-client --json list` and `vnet-client list --json` mean the same."""
+    d = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON", **d)
     p.add_argument("--no-ask-password", action="store_true",
-                   help="never prompt for a password; fail with exit code 4 instead")
+                   help="never prompt for a password; fail with exit code 4 instead", **d)
     p.add_argument("--bus-address", metavar="ADDR",
                    help="talk to a vnetd on this D-Bus address (default: the system bus, "
-                   "or $VNET_BUS_ADDRESS)")
+                   "or $VNET_BUS_ADDRESS)", **d)
 
 
 def _define_options(p: argparse.ArgumentParser) -> None:
@@ -91,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "root. Talks to the vnetd service over D-Bus; polkit decides who may do what.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_common(p)
+    _add_common(p, top=True)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -176,7 +180,7 @@ def build_compat_parser() -> argparse.ArgumentParser:
         description="qemu-vlan compatible form.", epilog=COMPAT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_common(p)
+    _add_common(p, top=True)
     p.add_argument("--br", required=True, metavar="BRIDGE", help="the network/bridge, e.g. vnet3")
     _define_options(p)
     action = p.add_mutually_exclusive_group(required=True)
@@ -585,14 +589,28 @@ async def run_import_ether_conf(args: argparse.Namespace) -> int:
 
 
 def is_compat(argv: list[str]) -> bool:
+    """The qemu-vlan form: --br given and no subcommand. Subcommands take --br too (attach,
+    mac), so the first word that is neither an option nor an option's value decides."""
+    if not any(a.startswith("--br") for a in argv):
+        return False
+    takes_value = {"-n", "--taps", "--mode", "--subnet", "--subnet6", "--mtu", "--user",
+                   "--group", "--dhcp", "--dhcp-start", "--dhcp-end", "--domain",
+                   "--bus-address", "--br"}
+    skip = False
     for a in argv:
-        if a in ("-h", "--help"):
-            return any(x.startswith("--br") for x in argv)
-        if not a.startswith("-"):
-            return False
-        if a.startswith("--br"):
-            return True
-    return False
+        if skip:
+            skip = False
+            continue
+        if a.startswith("-"):
+            skip = a in takes_value
+            continue
+        return a not in subcommands()
+    return True
+
+
+def subcommands() -> list[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
+    return list(sub.choices)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ STD_IFACES = """  <interface name="org.freedesktop.DBus.Introspectable">
     <method name="GetMachineId"><arg name="machine_uuid" type="s" direction="out"/></method>
   </interface>"""
 
-MAX_DEPTH = 8
+MAX_DEPTH = 16  # containers and variants nested in one argument
 
 
 # --- value conversion -------------------------------------------------------------------
@@ -64,7 +64,7 @@ def to_asv(d: dict[str, Any]) -> dict[str, Variant]:
 
 
 def unwrap(v: Any, depth: int = 0) -> Any:
-    """Plain Python values from what dbus-fast decoded (Variants nested at most MAX_DEPTH)."""
+    """Plain Python values from what dbus-fast decoded (nested at most MAX_DEPTH deep)."""
     if depth > MAX_DEPTH:
         raise InvalidArgument("The arguments are nested too deeply.")
     if isinstance(v, Variant):

@@ -39,7 +39,9 @@ def _printable(value: object) -> str:
 def validate_ifname(name: object, what: str = "network name") -> str:
     """An interface name the kernel accepts and a shell cannot misread: 1-15 bytes of
     [A-Za-z0-9_.-], starting with a letter or digit (so never '.', '..' or an option)."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str):
+        raise InvalidArgument(f"The {what} must be a string, not {_printable(name)}.")
+    if not name:
         raise InvalidArgument(f"The {what} must not be empty.")
     if len(name.encode("utf-8", "surrogatepass")) > MAX_IFNAME:
         raise InvalidArgument(
@@ -59,7 +61,9 @@ def validate_network_name(name: object) -> str:
 
 
 def validate_vm_name(name: object) -> str:
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str):
+        raise InvalidArgument(f"The VM name must be a string, not {_printable(name)}.")
+    if not name:
         raise InvalidArgument("The VM name must not be empty.")
     if len(name) > MAX_VM_NAME:
         raise InvalidArgument(f"The VM name is too long: at most {MAX_VM_NAME} characters.")
@@ -109,7 +113,8 @@ def default_subnet(name: str) -> ipaddress.IPv4Network:
 
 def parse_subnet4(text: object) -> ipaddress.IPv4Network:
     if not isinstance(text, str):
-        raise InvalidArgument("The IPv4 subnet must be a string such as 172.16.12.0/24.")
+        raise InvalidArgument(f"The IPv4 subnet must be a string such as 172.16.12.0/24, "
+                              f"not {_printable(text)}.")
     try:
         net = ipaddress.IPv4Network(text, strict=True)
     except ValueError as e:
@@ -132,7 +137,8 @@ def parse_subnet4(text: object) -> ipaddress.IPv4Network:
 
 def parse_subnet6(text: object) -> ipaddress.IPv6Network:
     if not isinstance(text, str):
-        raise InvalidArgument("The IPv6 prefix must be a string such as fd00:12::/64.")
+        raise InvalidArgument(f"The IPv6 prefix must be a string such as fd00:12::/64, "
+                              f"not {_printable(text)}.")
     try:
         net = ipaddress.IPv6Network(text, strict=True)
     except ValueError as e:
@@ -145,14 +151,16 @@ def parse_subnet6(text: object) -> ipaddress.IPv6Network:
         raise InvalidArgument(
             f"The IPv6 prefix {net} has length /{net.prefixlen}: use /48 to /120 (/64 for SLAAC)."
         )
-    if net.is_loopback or net.is_multicast or net.is_link_local or net.is_unspecified:
+    if (net.is_loopback or net.is_multicast or net.is_link_local or net.is_unspecified
+            or net.is_reserved or net.network_address == ipaddress.IPv6Address("::")):
         raise InvalidArgument(f"The IPv6 prefix {net} is a special-purpose range.")
     return net
 
 
 def _int_in(value: object, lo: int, hi: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"The {what} must be a whole number from {lo} to {hi}.")
+        raise InvalidArgument(f"The {what} must be a whole number from {lo} to {hi}, "
+                              f"not {_printable(value)}.")
     if not lo <= value <= hi:
         raise InvalidArgument(f"The {what} {value} is out of range: use {lo} to {hi}.")
     return value
@@ -160,7 +168,7 @@ def _int_in(value: object, lo: int, hi: int, what: str) -> int:
 
 def _bool(value: object, what: str) -> bool:
     if not isinstance(value, bool):
-        raise InvalidArgument(f"'{what}' must be true or false.")
+        raise InvalidArgument(f"'{what}' must be true or false, not {_printable(value)}.")
     return value
 
 
@@ -380,8 +388,9 @@ class Network:
         d["autostart"] = self.autostart
         if self.taps:
             d["taps"] = self.taps
-            if self.tap_user is not None:
-                d["tap-user"] = self.tap_user
+        if self.tap_user is not None:
+            d["tap-user"] = self.tap_user
+        if self.taps or self.tap_group != "vnet":
             d["tap-group"] = self.tap_group
         d["dhcp"] = self.dhcp
         if self.dhcp_start:

@@ -9,6 +9,7 @@ copy is used instead of failing the whole service.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,12 +33,17 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # nothing half-made is left behind
+        raise
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
@@ -82,6 +88,10 @@ class Store:
 
     @staticmethod
     def parse(name: str, text: str) -> Network:
+        if not text.strip():
+            # vnetd writes atomically, so an empty file is damage (or a half-done hand edit),
+            # never an all-defaults definition
+            raise VnetError("it is empty")
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
