@@ -119,12 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     qemu_pid, qemu_argv = find_qemu()
     name, macs = guess(qemu_argv, bridge)
     vm = name or f"qemu-{qemu_pid}"
-    from .helper_call import attach_for_helper
+    from .helper_call import HelperError, attach_for_helper
 
     try:
         fd = attach_for_helper(bridge, vm, macs, qemu_pid)
-    except Exception as e:  # noqa: BLE001 - QEMU shows our stderr; say it plainly
-        print(f"vnet-bridge-helper: {getattr(e, 'message', e)}", file=sys.stderr)
+    except HelperError as e:  # QEMU shows our stderr: say it plainly
+        print(f"vnet-bridge-helper: {e.message}", file=sys.stderr)
         return 1
     try:
         sock = socket.socket(fileno=sock_fd)
