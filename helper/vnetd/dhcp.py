@@ -9,7 +9,6 @@ Leases persist under the state directory, so a restarted server hands out the sa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import pwd
@@ -127,26 +126,27 @@ class DhcpServers:
                                    user[0], user[1]), pidfile, str(conf))
 
     async def _wait_ready(self, net: Network, children: list[Child]) -> None:
-        """Ready when dnsmasq answers DNS on the gateway (it sets up DHCP before DNS)."""
+        """Ready when dnsmasq answers DNS on the gateway (it sets up DHCP before DNS). The
+        probe socket is connected, so 'port unreachable' comes back at once while dnsmasq is
+        still starting, and the next probe follows in milliseconds."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + READY_TIMEOUT
         qid = 1
         try:
+            sock.connect((str(net.gateway), 53))
             while time.monotonic() < deadline:
                 for c in children:
                     if c.proc is not None and c.proc.returncode is not None:
                         raise Failed(f"{c.name} exited at once (code {c.proc.returncode}); "
                                      "see the vnetd log.")
                 qid += 1
-                with contextlib.suppress(OSError):
-                    sock.sendto(dns_query(f"vnetd-ready.{net.dns_domain}", qid),
-                                (str(net.gateway), 53))
                 try:
-                    await asyncio.wait_for(loop.sock_recv(sock, 512), 0.05)
+                    sock.send(dns_query(f"vnetd-ready.{net.dns_domain}", qid))
+                    await asyncio.wait_for(loop.sock_recv(sock, 512), 0.1)
                     return
                 except (TimeoutError, OSError):
-                    await asyncio.sleep(0.005)
+                    await asyncio.sleep(0.002)
         finally:
             sock.close()
         raise Failed(f"The DNS/DHCP server of '{net.name}' did not answer within "

@@ -127,9 +127,14 @@ class Child:
             self._task.cancel()
             self._task = None
         if self.proc is not None and self.proc.returncode is None:
-            await kill_pid(self.proc.pid)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.proc.wait(), 2)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 3)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
         self.proc = None
         self.state = "stopped"
         with contextlib.suppress(FileNotFoundError):
