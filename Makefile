@@ -26,7 +26,7 @@ PIP_TEST    := pytest pytest-asyncio hypothesis pexpect ruff
 SYSTEMD_PID1 := $(shell [ "$$(cat /proc/1/comm 2>/dev/null)" = systemd ] && echo yes)
 
 .PHONY: all install install-deps install-test-deps install-files venv start stop uninstall \
-        demo test unit lint bench clean check-root
+        demo test test-env unit lint bench clean check-root host-coexistence host-coexistence-remove
 
 all:
 	@echo "Try: sudo make demo    (install and boot a VM on network vnet2)"
@@ -73,7 +73,32 @@ install-files: check-root venv
 	@install -m 644 polkit/org.qemuvnet.Vnet1.policy $(POLKIT_ACT)/
 	@install -m 644 polkit/rules.d/50-qemu-vnet.rules $(POLKIT_RUL)/
 	@install -m 644 systemd/vnetd.service $(UNITDIR)/vnetd.service
+	@$(MAKE) -s host-coexistence
 	@echo "Installed files under $(VENV), $(BINDIR), $(DBUS_SYSD), $(POLKIT_ACT), $(UNITDIR)."
+
+# The host must not fight the VMs' network: NetworkManager and dhcpcd leave vnetd's bridges
+# and taps alone (only where they are installed), and bridged frames skip iptables.
+NM_CONF     := /etc/NetworkManager/conf.d/90-qemu-vnet.conf
+DHCPCD_CONF := /etc/dhcpcd.conf
+SYSCTL_CONF := /etc/sysctl.d/60-qemu-vnet.conf
+MARK        := \# qemu-vnet: vnetd's bridges and taps are not the host's
+
+host-coexistence: check-root
+	@if [ -d /etc/NetworkManager ]; then install -d /etc/NetworkManager/conf.d; \
+	  printf '%s\n' "$(MARK)" '[keyfile]' \
+	    'unmanaged-devices=driver:tun;interface-name:vnet*;interface-name:vmnet*' \
+	    > $(NM_CONF); echo "Wrote $(NM_CONF)."; fi
+	@if [ -f $(DHCPCD_CONF) ] && ! grep -q "^$(MARK)" $(DHCPCD_CONF); then \
+	  printf '%s\n' "$(MARK)" 'denyinterfaces vnet* vmnet*' >> $(DHCPCD_CONF); \
+	  echo "Added denyinterfaces to $(DHCPCD_CONF)."; fi
+	@printf '%s\n' "$(MARK): bridged frames do not go through iptables" \
+	  'net.bridge.bridge-nf-call-iptables = 0' 'net.bridge.bridge-nf-call-ip6tables = 0' \
+	  'net.bridge.bridge-nf-call-arptables = 0' > $(SYSCTL_CONF)
+	@if [ -d /proc/sys/net/bridge ]; then sysctl -q -p $(SYSCTL_CONF) || true; fi
+
+host-coexistence-remove: check-root
+	@rm -f $(NM_CONF) $(SYSCTL_CONF)
+	@if [ -f $(DHCPCD_CONF) ]; then sed -i "/^$(MARK)/,+1d" $(DHCPCD_CONF); fi
 
 # Start the bus, polkitd and vnetd: through systemd where it is PID 1, by hand otherwise.
 start: check-root
@@ -92,7 +117,7 @@ else
 	@$(PY) -m tests.harness.services stop-vnetd
 endif
 
-uninstall: check-root stop
+uninstall: check-root stop host-coexistence-remove
 ifeq ($(SYSTEMD_PID1),yes)
 	-systemctl disable vnetd.service
 endif
