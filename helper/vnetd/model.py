@@ -271,6 +271,7 @@ class Network:
     dhcp_end: ipaddress.IPv4Address | None = None
     domain: str | None = None
     hosts: tuple[StaticHost, ...] = ()
+    forwards: tuple[Forward, ...] = ()
 
     @property
     def dns_domain(self) -> str:
@@ -306,7 +307,7 @@ class Network:
 
     # --- construction -------------------------------------------------------------------
     KEYS = ("mode", "subnet", "subnet6", "mtu", "autostart", "taps", "tap-user", "tap-group",
-            "dhcp", "dhcp-start", "dhcp-end", "domain", "hosts")
+            "dhcp", "dhcp-start", "dhcp-end", "domain", "hosts", "forwards")
 
     @classmethod
     def from_options(cls, name: object, options: dict[str, Any]) -> Network:
@@ -369,11 +370,23 @@ class Network:
                 f"The DHCP range {start or d_start}-{end or d_end} is reversed.")
         domain = validate_domain(options["domain"]) if options.get("domain") else None
         hosts = parse_hosts(subnet, options.get("hosts", []))
-        return cls(
+        net = cls(
             name=name, mode=mode, subnet=subnet, subnet6=subnet6, mtu=mtu, autostart=autostart,
             taps=taps, tap_user=tap_user, tap_group=tap_group, dhcp=dhcp, dhcp_start=start,
             dhcp_end=end, domain=domain, hosts=hosts,
         )
+        rows = options.get("forwards", [])
+        if not isinstance(rows, list):
+            raise InvalidArgument("'forwards' must be a list of tables.")
+        forwards: list[Forward] = []
+        for row in rows:
+            f = parse_forward(net, row)
+            clash = next((o for o in forwards if o.clashes(f)), None)
+            if clash:
+                raise InvalidArgument(f"The forwards '{clash.describe()}' and '{f.describe()}' "
+                                      "overlap.")
+            forwards.append(f)
+        return replace(net, forwards=tuple(forwards)) if forwards else net
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML table (and D-Bus 'definition'); the exact inverse of from_options."""
@@ -401,6 +414,8 @@ class Network:
             d["domain"] = self.domain
         if self.hosts:
             d["hosts"] = [h.to_dict() for h in self.hosts]
+        if self.forwards:
+            d["forwards"] = [f.to_dict() for f in self.forwards]
         return d
 
     def with_changes(self, **kw: Any) -> Network:
@@ -427,6 +442,190 @@ def parse_hosts(subnet: ipaddress.IPv4Network, rows: object) -> tuple[StaticHost
                 raise InvalidArgument(f"The MAC {h.mac} is given to both '{o.vm}' and '{h.vm}'.")
         out.append(h)
     return tuple(out)
+
+
+# --- port forwarding -----------------------------------------------------------------------
+PROTOS = ("tcp", "udp")
+
+
+@dataclass(frozen=True)
+class Forward:
+    """DNAT of host traffic to PROTO [EXT_ADDR:]PORT_LO[-PORT_HI] onto TARGET:TARGET_PORT.
+    `target` is an address in the network or a VM name (resolved through its static host or
+    current lease)."""
+
+    proto: str
+    family: int
+    port_lo: int
+    port_hi: int
+    target: str
+    target_port: int
+    ext_addr: str | None = None
+    iface: str | None = None
+
+    @property
+    def ports(self) -> str:
+        return str(self.port_lo) if self.port_lo == self.port_hi else f"{self.port_lo}-{self.port_hi}"
+
+    @property
+    def external(self) -> str:
+        if self.ext_addr is None:
+            return self.ports
+        addr = f"[{self.ext_addr}]" if ":" in self.ext_addr else self.ext_addr
+        return f"{addr}:{self.ports}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"proto": self.proto, "family": self.family, "port": self.ports,
+                             "target": self.target, "target-port": self.target_port}
+        if self.ext_addr:
+            d["ext-addr"] = self.ext_addr
+        if self.iface:
+            d["iface"] = self.iface
+        return d
+
+    def clashes(self, other: Forward) -> bool:
+        return (self.proto == other.proto and self.family == other.family
+                and self.port_lo <= other.port_hi and other.port_lo <= self.port_hi
+                and (self.ext_addr is None or other.ext_addr is None
+                     or self.ext_addr == other.ext_addr)
+                and (self.iface is None or other.iface is None or self.iface == other.iface))
+
+    def describe(self) -> str:
+        tgt = f"[{self.target}]" if ":" in self.target else self.target
+        return f"{self.proto} {self.external} -> {tgt}:{self.target_port}"
+
+
+def _port(text: object, what: str) -> int:
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    elif isinstance(text, str) and text.isdigit():
+        value = int(text)
+    else:
+        raise InvalidArgument(f"The {what} '{_printable(text)}' is not a port number (1-65535).")
+    if not 1 <= value <= 65535:
+        raise InvalidArgument(f"The {what} {value} is out of range: ports are 1 to 65535.")
+    return value
+
+
+def parse_port_range(text: object) -> tuple[int, int]:
+    if isinstance(text, int) and not isinstance(text, bool):
+        p = _port(text, "port")
+        return p, p
+    if not isinstance(text, str):
+        raise InvalidArgument(f"'{_printable(text)}' is not a port or a port range.")
+    lo, sep, hi = text.partition("-")
+    a = _port(lo, "port")
+    b = _port(hi, "port") if sep else a
+    if b < a:
+        raise InvalidArgument(f"The port range {text} is reversed: write {b}-{a}.")
+    return a, b
+
+
+def _split_addr_port(text: str, what: str) -> tuple[str | None, str]:
+    """'[v6]:port', 'v4:port', 'port'; returns (address or None, port part)."""
+    if text.startswith("["):
+        addr, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise InvalidArgument(f"The {what} '{_printable(text)}' is malformed: write "
+                                  "[IPv6]:PORT.")
+        return addr, rest[1:]
+    if text.count(":") == 1:
+        addr, _, port = text.partition(":")
+        return addr, port
+    if ":" in text:
+        raise InvalidArgument(f"The {what} '{_printable(text)}' is malformed: put an IPv6 "
+                              "address in brackets, [fd00::5]:80.")
+    return None, text
+
+
+def parse_forward(net: Network, spec: dict[str, Any]) -> Forward:
+    """A forward from D-Bus options / a TOML table, checked against its network."""
+    if not isinstance(spec, dict):
+        raise InvalidArgument("A forward must be a dictionary.")
+    known = {"proto", "family", "port", "target", "target-port", "ext-addr", "iface"}
+    unknown = sorted(str(k) for k in spec if k not in known)
+    if unknown:
+        raise InvalidArgument(f"Unknown forward option(s): {', '.join(unknown)}. "
+                              f"Known: {', '.join(sorted(known))}.")
+    proto = spec.get("proto")
+    if proto not in PROTOS:
+        raise InvalidArgument(f"Unknown protocol '{_printable(proto)}': use tcp or udp.")
+    family = spec.get("family", 4)
+    if family not in (4, 6) or isinstance(family, bool):
+        raise InvalidArgument(f"The family must be 4 or 6, not {_printable(family)}.")
+    if "port" not in spec or "target" not in spec:
+        raise InvalidArgument("A forward needs a port and a target.")
+    lo, hi = parse_port_range(spec["port"])
+    tport = _port(spec.get("target-port", lo), "target port")
+    if tport + (hi - lo) > 65535:
+        raise InvalidArgument(f"The target ports {tport}-{tport + hi - lo} go past 65535.")
+    ext = spec.get("ext-addr")
+    if ext is not None:
+        try:
+            a = ipaddress.ip_address(ext)
+        except ValueError:
+            raise InvalidArgument(f"'{_printable(ext)}' is not an IP address.") from None
+        if a.version != family:
+            raise InvalidArgument(f"The external address {a} is not IPv{family}.")
+        ext = str(a)
+    iface = spec.get("iface")
+    if iface is not None:
+        iface = validate_ifname(iface, "interface name")
+    target = spec["target"]
+    if not isinstance(target, str) or not target:
+        raise InvalidArgument("The forward's target must be an address or a VM name.")
+    try:
+        ip = ipaddress.ip_address(target)
+    except ValueError:
+        validate_vm_name(target)
+    else:
+        subnet = net.subnet if ip.version == 4 else net.subnet6
+        if ip.version != family:
+            raise InvalidArgument(f"The target {ip} is not IPv{family} (use -6 for IPv6).")
+        if subnet is None:
+            raise InvalidArgument(f"The network '{net.name}' has no IPv6 prefix: give it one "
+                                  "(--subnet6) to forward IPv6.")
+        if ip not in subnet:
+            raise InvalidArgument(f"The target {ip} is outside {net.name}'s subnet {subnet}.")
+        if ip in (net.gateway, net.gateway6) or ip == subnet.network_address or (
+                ip.version == 4 and ip == subnet.broadcast_address):
+            raise InvalidArgument(f"The target {ip} is not a guest's address in {subnet}.")
+        target = str(ip)
+    if family == 6 and net.subnet6 is None:
+        raise InvalidArgument(f"The network '{net.name}' has no IPv6 prefix: give it one "
+                              "(--subnet6) to forward IPv6.")
+    return Forward(proto=proto, family=family, port_lo=lo, port_hi=hi, target=target,
+                   target_port=tport, ext_addr=ext, iface=iface)
+
+
+def parse_forward_args(proto: str, external: str, target: str, *, iface: str | None = None,
+                       family: int = 4) -> dict[str, Any]:
+    """The CLI's words: PROTO [EXT_ADDR:]PORT[-PORT] TARGET:PORT -> forward options."""
+    ext, ports = _split_addr_port(external, "external port")
+    tgt, tport = _split_addr_port(target, "target")
+    if tgt is None:
+        raise InvalidArgument(f"The target '{_printable(target)}' needs a port: TARGET:PORT.")
+    spec: dict[str, Any] = {"proto": proto.lower(), "family": family, "port": ports,
+                            "target": tgt, "target-port": tport}
+    if ext:
+        spec["ext-addr"] = ext
+    if iface:
+        spec["iface"] = iface
+    return spec
+
+
+def parse_original_rule(rule: str) -> dict[str, Any]:
+    """qemu-vlan's 'interface,proto,port,address:port[/4|6]' (PREROUTING_RULES)."""
+    parts = rule.strip().split(",")
+    if len(parts) != 4:
+        raise InvalidArgument(f"'{_printable(rule)}' is not 'interface,proto,port,"
+                              "address:port[/4|6]'.")
+    iface, proto, port, dest = (p.strip() for p in parts)
+    family = 4
+    if dest.endswith(("/4", "/6")):
+        family = int(dest[-1])
+        dest = dest[:-2]
+    return parse_forward_args(proto, port, dest, iface=iface or None, family=family)
 
 
 def overlapping(a: ipaddress._BaseNetwork, b: ipaddress._BaseNetwork) -> bool:
