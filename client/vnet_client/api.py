@@ -259,3 +259,13 @@ class Client:
 
     async def leases(self, network: str) -> list[dict[str, Any]]:
         return await self.value("Leases", "s", [network])
+
+    # --- port forwarding ----------------------------------------------------------------
+    async def add_forward(self, network: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return await self.value("AddForward", "sa{sv}", [network, asv(spec)])
+
+    async def remove_forward(self, network: str, spec: dict[str, Any]) -> None:
+        await self.call("RemoveForward", "sa{sv}", [network, asv(spec)])
+
+    async def list_forwards(self, network: str) -> list[dict[str, Any]]:
+        return await self.value("ListForwards", "s", [network])

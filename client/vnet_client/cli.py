@@ -86,6 +86,12 @@ def _define_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dhcp-start", metavar="IP", help="first dynamic address (default .32)")
     p.add_argument("--dhcp-end", metavar="IP", help="last dynamic address (default .254)")
     p.add_argument("--domain", help="DNS domain of the VMs' names (default: the network name)")
+    p.add_argument("--allow-host", action="store_true",
+                   help="host-only: guests may reach the host's services (not only DHCP/DNS)")
+    p.add_argument("--routed-with", action="append", metavar="NET",
+                   help="let this network exchange traffic with NET (repeatable)")
+    p.add_argument("--no-spoof-protection", action="store_true",
+                   help="let guests send from any MAC/IP (default: locked to their own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("list", "list networks and their state")
     sp = cmd("show", "show one network: definition, state, addresses")
     sp.add_argument("name")
+    sp.add_argument("--ports", action="store_true",
+                    help="list the network's ports with their anti-spoofing drop counters")
     sp = cmd("define", "define a network (it is saved in /etc/qemu-vnet/networks/NAME.toml)")
     sp.add_argument("name", help="network (and bridge) name, at most 15 characters")
     _define_options(sp)
@@ -148,6 +156,31 @@ def build_parser() -> argparse.ArgumentParser:
     hl = hsub.add_parser("list", help="list static hosts")
     _add_common(hl)
     hl.add_argument("network")
+    fp = cmd("forward", "port forwarding from the host into a network")
+    fsub = fp.add_subparsers(dest="fwd_cmd", metavar="ACTION", required=True)
+    fa = fsub.add_parser("add", help="forward PROTO [EXT_ADDR:]PORT[-PORT] to TARGET:PORT",
+                         description="Forward host traffic into a network (applied live, "
+                         "kept in the definition). TARGET is an address in the network or a "
+                         "VM name (its static host or current lease). IPv6 addresses go in "
+                         "brackets: [fd00:12::5]:80.")
+    _add_common(fa)
+    fa.add_argument("network")
+    fa.add_argument("proto", nargs="?", choices=["tcp", "udp"])
+    fa.add_argument("external", nargs="?", metavar="[EXT_ADDR:]PORT[-PORT]")
+    fa.add_argument("to", nargs="?", metavar="TARGET:PORT")
+    fa.add_argument("--if", dest="iface", metavar="IFACE", help="only traffic arriving here")
+    fa.add_argument("-6", dest="ipv6", action="store_true", help="an IPv6 forward")
+    fa.add_argument("--rule", metavar="RULE",
+                    help="qemu-vlan's format instead: interface,proto,port,address:port[/4|6]")
+    fr = fsub.add_parser("remove", help="remove the forward of PROTO [EXT_ADDR:]PORT[-PORT]")
+    _add_common(fr)
+    fr.add_argument("network")
+    fr.add_argument("proto", choices=["tcp", "udp"])
+    fr.add_argument("external", metavar="[EXT_ADDR:]PORT[-PORT]")
+    fr.add_argument("-6", dest="ipv6", action="store_true", help="an IPv6 forward")
+    fl = fsub.add_parser("list", help="list the network's forwards")
+    _add_common(fl)
+    fl.add_argument("network")
     sp = cmd("leases", "show the network's DHCP leases")
     sp.add_argument("network")
     sp = cmd("import-ether-conf", "take in an old qemu-vlan ether.conf so VMs keep their MACs")
@@ -206,7 +239,12 @@ def _define_opts(a: argparse.Namespace) -> dict[str, Any]:
         "mode": a.mode, "subnet": a.subnet, "subnet6": a.subnet6, "mtu": a.mtu,
         "taps": a.taps, "tap-user": _uid_of(a.user), "tap-group": a.group, "dhcp": a.dhcp,
         "dhcp-start": a.dhcp_start, "dhcp-end": a.dhcp_end, "domain": a.domain,
+        "routed-with": a.routed_with,
     }
+    if a.allow_host:
+        opts["allow-host"] = True
+    if a.no_spoof_protection:
+        opts["spoof-protection"] = False
     if a.autostart:
         opts["autostart"] = True
     if a.group is not None:
@@ -240,7 +278,9 @@ def print_network(n: dict[str, Any]) -> None:
     width = max(len(k) for k in keys)
     for k in keys:
         v = n[k]
-        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        if k == "firewall-warnings":
+            v = "\n  ".join([""] + v)
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             v = "; ".join(" ".join(str(x) for x in d.values()) for d in v)
         elif isinstance(v, list):
             v = ", ".join(str(x) for x in v) or "-"
@@ -296,7 +336,17 @@ async def run_command(args: argparse.Namespace) -> int:
             print(json.dumps(nets, indent=2)) if out_json else print_networks(nets)
         elif cmd == "show":
             n = await s.run(lambda c: c.get_network(args.name))
-            print(json.dumps(n, indent=2)) if out_json else print_network(n)
+            if args.ports and not out_json:
+                ports = n.get("ports", [])
+                print(_table([[p["ifname"], p["vm"], str(p["nic"]), p["mac"], str(p["uid"]),
+                               str(p["spoof-drops"])] for p in ports],
+                             ["PORT", "VM", "NIC", "MAC", "UID", "SPOOF-DROPS"])
+                      if ports else f"No ports on {args.name}.")
+            elif out_json:
+                print(json.dumps(n, indent=2))
+            else:
+                print_network({k: v for k, v in n.items() if k != "ports"}
+                              | {"ports": len(n.get("ports", []))})
         elif cmd == "define":
             opts = _define_opts(args)
             await s.run(lambda c: c.define(args.name, **opts))
@@ -330,6 +380,8 @@ async def run_command(args: argparse.Namespace) -> int:
                              ["PORT", "NETWORK", "VM", "NIC", "MAC", "UID", "HOLDER"]))
         elif cmd == "host":
             return await run_host(s, args)
+        elif cmd == "forward":
+            return await run_forward(s, args)
         elif cmd == "leases":
             leases = await s.run(lambda c: c.leases(args.network))
             if out_json:
@@ -381,6 +433,44 @@ async def run_host(s: Session, args: argparse.Namespace) -> int:
             print(f"No static hosts on {args.network}.")
         else:
             print(_table([[h["vm"], h["ip"], h["mac"]] for h in hosts], ["VM", "IP", "MAC"]))
+    return EXIT_OK
+
+
+async def run_forward(s: Session, args: argparse.Namespace) -> int:
+    family = 6 if getattr(args, "ipv6", False) else 4
+    if args.fwd_cmd == "add":
+        if args.rule:
+            if args.proto or args.external or args.to:
+                raise Usage("give either --rule or PROTO PORT TARGET:PORT, not both.")
+            spec: dict[str, Any] = {"rule": args.rule}
+        else:
+            if not (args.proto and args.external and args.to):
+                raise Usage("forward add needs PROTO [EXT_ADDR:]PORT[-PORT] TARGET:PORT "
+                            "(or --rule).")
+            spec = {"proto": args.proto, "external": args.external, "to": args.to,
+                    "family": family}
+        if args.iface:
+            spec["iface"] = args.iface
+        f = await s.run(lambda c: c.add_forward(args.network, spec))
+        print(json.dumps(f) if args.json else
+              f"Forwarding {f['proto']} {f.get('ext-addr', '*')}:{f['port']} to "
+              f"{f['target']}:{f['target-port']} on {args.network}.")
+    elif args.fwd_cmd == "remove":
+        spec = {"proto": args.proto, "external": args.external, "family": family}
+        await s.run(lambda c: c.remove_forward(args.network, spec))
+        print(f"Removed the forward of {args.proto} {args.external} on {args.network}.")
+    else:
+        fwds = await s.run(lambda c: c.list_forwards(args.network))
+        if args.json:
+            print(json.dumps(fwds, indent=2))
+        elif not fwds:
+            print(f"No forwards on {args.network}.")
+        else:
+            print(_table([[f["proto"] + ("6" if f["family"] == 6 else ""),
+                           f.get("ext-addr", "*"), f["port"], f["target"],
+                           str(f["target-port"]), f.get("resolved") or "unresolved",
+                           f.get("iface", "*")] for f in fwds],
+                         ["PROTO", "EXT-ADDR", "PORT", "TARGET", "TO-PORT", "NOW", "IFACE"]))
     return EXIT_OK
 
 

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from .authz import ACTIONS, ATTACH, FORWARD, INFO, MANAGE  # noqa: F401  (FORWARD: later methods)
+from .authz import ACTIONS, ATTACH, FORWARD, INFO, MANAGE
 
 BUS_NAME = "org.qemuvnet.Vnet1"
 MANAGER_PATH = "/org/qemuvnet/Vnet1"
@@ -69,7 +69,7 @@ METHODS: tuple[Method, ...] = (
            "One network: definition, state, bridge, addresses."),
     Method(MANAGER, "Define", _a("name:s", "options:a{sv}"), _a("network:o"), MANAGE,
            "Define a network. Options (the TOML keys): mode, subnet, subnet6, mtu, autostart, "
-           "taps, tap-user, tap-group, dhcp, dhcp-start, dhcp-end, domain, hosts."),
+           "taps, tap-user, tap-group, dhcp, dhcp-start, dhcp-end, domain, hosts, forwards."),
     Method(MANAGER, "Undefine", _a("name:s"), (), MANAGE,
            "Remove a stopped network's definition."),
     Method(MANAGER, "Start", _a("name:s"), (), MANAGE,
@@ -115,6 +115,16 @@ METHODS: tuple[Method, ...] = (
            "The network's static hosts.", details=("network",)),
     Method(MANAGER, "Leases", _a("network:s"), _a("leases:aa{sv}"), INFO,
            "Current DHCP leases: mac, ip, hostname, expiry, and the vm/port when known.",
+           details=("network",)),
+    Method(MANAGER, "AddForward", _a("network:s", "forward:a{sv}"), _a("forward:a{sv}"),
+           FORWARD, "Forward host traffic into the network. Keys: proto (tcp|udp), family "
+           "(4|6), port ('8080' or '8000-8010'), target (an address in the network or a VM "
+           "name), target-port, ext-addr, iface. Refused if it overlaps another forward.",
+           details=("network",)),
+    Method(MANAGER, "RemoveForward", _a("network:s", "forward:a{sv}"), (), FORWARD,
+           "Remove the forward of proto, family, port (and ext-addr).", details=("network",)),
+    Method(MANAGER, "ListForwards", _a("network:s"), _a("forwards:aa{sv}"), INFO,
+           "The network's forwards, with the address each VM-name target resolves to now.",
            details=("network",)),
     Method(NETWORK, "GetInfo", (), _a("network:a{sv}"), INFO,
            "This network, as Manager.GetNetwork returns it."),

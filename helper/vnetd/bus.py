@@ -138,6 +138,9 @@ class Service:
             (api.MANAGER, "RemoveHost"): self.remove_host,
             (api.MANAGER, "ListHosts"): self.list_hosts,
             (api.MANAGER, "Leases"): self.leases,
+            (api.MANAGER, "AddForward"): self.add_forward,
+            (api.MANAGER, "RemoveForward"): self.remove_forward,
+            (api.MANAGER, "ListForwards"): self.list_forwards,
             (api.NETWORK, "GetInfo"): self.get_network,
             (api.NETWORK, "Start"): self.start,
             (api.NETWORK, "Stop"): self.stop,
@@ -428,6 +431,16 @@ class Service:
 
     async def leases(self, caller: Caller, network: str) -> Any:
         return [to_asv(d) for d in self.engine.leases(network)]
+
+    # --- port forwarding ----------------------------------------------------------------
+    async def add_forward(self, caller: Caller, network: str, spec: dict[str, Any]) -> Any:
+        return to_asv((await self.engine.add_forward(network, spec)).to_dict())
+
+    async def remove_forward(self, caller: Caller, network: str, spec: dict[str, Any]) -> None:
+        await self.engine.remove_forward(network, spec)
+
+    async def list_forwards(self, caller: Caller, network: str) -> Any:
+        return [to_asv(d) for d in self.engine.list_forwards(network)]
 
 
 def _fmt_args(args: list[Any]) -> str:

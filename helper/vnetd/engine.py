@@ -13,6 +13,7 @@ import asyncio
 import grp
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .backends import tap as tapdev
 from .backends.links import Link, Links
 from .dhcp import DhcpServers
 from .errors import Busy, Exists, Failed, InvalidArgument, NotFound, NotRunning, VnetError
+from .firewall import Firewall
 from .macs import MacRegistry
 from .model import Network
 from .ports import Port, Ports, parse_attach_options
@@ -61,6 +63,9 @@ class Engine:
         self.ports = Ports(links, self.macs, store, max_ports_per_user)
         self.dhcp = DhcpServers(store.runtime_dir, store.state_dir,
                                 lambda name: self.defs.get(name))
+        self.firewall = Firewall(self)
+        self.ports.listeners.append(self._port_event)
+        self.dhcp.listeners.append(self._lease_event)
         self.defs: dict[str, Network] = {}
         self.running: set[str] = set()
         self.lock = asyncio.Lock()
@@ -90,6 +95,31 @@ class Engine:
                     log.info("autostart %s: started", name)
                 except VnetError as e:
                     log.error("autostart %s failed: %s", name, e.message)
+        async with self.lock:
+            try:
+                await self.firewall.sync_all()
+            except VnetError as e:  # keep serving: show and the log say why
+                log.error("firewall: %s", e.message)
+                self.problems.append(f"firewall: {e.message}")
+
+    # --- events from ports and leases ---------------------------------------------------
+    def _port_event(self, port: Port, state: str) -> None:
+        if state == "detached":
+            asyncio.get_running_loop().create_task(self._locked(self.firewall.port_gone(port)))
+        elif state == "learned":
+            asyncio.get_running_loop().create_task(
+                self._locked(self.firewall.port_attached(port)))
+
+    def _lease_event(self, network: str, lease, event: str) -> None:
+        asyncio.get_running_loop().create_task(
+            self._locked(self.firewall.leases_changed(network)))
+
+    async def _locked(self, coro) -> None:
+        async with self.lock:
+            try:
+                await coro
+            except VnetError as e:
+                log.error("firewall: %s", e.message)
 
     async def _reconcile(self) -> None:
         ours = await self.links.dump_ours()
@@ -170,7 +200,15 @@ class Engine:
                 d["mac"] = lk.address
                 d["addresses"] = [str(a) for a in await self.links.addresses(lk.index)]
             d["servers"] = self.dhcp.status(net.name)
-            d["ports"] = len(self.ports.on_network(net.name))
+            counters = await self.firewall.spoof_counters()
+            d["ports"] = [{"ifname": p.ifname, "vm": p.vm, "nic": p.nic,
+                           "mac": p.mac if p.mac_known else "(learning)", "uid": p.uid,
+                           "spoof-drops": counters.get(p.ifname, {}).get("packets", 0)}
+                          for p in sorted(self.ports.on_network(net.name),
+                                          key=lambda p: p.ifname)]
+            warnings = await asyncio.to_thread(self.firewall.warnings)
+            if warnings:
+                d["firewall-warnings"] = warnings
         d["dhcp-range"] = [str(a) for a in net.dhcp_range]
         d["domain"] = net.dns_domain
         return d
@@ -317,11 +355,13 @@ class Engine:
                 await self._make_tap(net, tname, br.index, gid, rb)
             await self.links.up(br.index)
             await self.dhcp.start(net)
+            self.running.add(net.name)
+            await self.firewall.sync_all()
         except BaseException:
+            self.running.discard(net.name)
             await self.dhcp.stop(net.name)
             await rb.run()
             raise
-        self.running.add(net.name)
 
     async def stop(self, name: str) -> None:
         async with self.lock:
@@ -341,7 +381,10 @@ class Engine:
         lk = await self.links.get(net.bridge)
         if lk is not None and model.network_of_alias(lk.alias) == net.name:
             await self.links.delete(lk.index)
+        was_running = net.name in self.running
         self.running.discard(net.name)
+        if was_running:
+            await self.firewall.sync_all()
 
     # --- ports --------------------------------------------------------------------------
     def _running_bridge(self, net: Network) -> int:
@@ -360,7 +403,17 @@ class Engine:
         model.validate_vm_name(vm)
         opts = parse_attach_options(options)
         async with self.lock:
-            return await self.ports.attach(net, self._running_bridge(net), vm, uid, pid, opts)
+            port, fds, vhostfds, info = await self.ports.attach(
+                net, self._running_bridge(net), vm, uid, pid, opts)
+            if net.spoof_protection:
+                try:
+                    await self.firewall.port_attached(port)
+                except BaseException:
+                    for fd in fds + vhostfds:
+                        os.close(fd)
+                    await self.ports.detach(port)
+                    raise
+            return port, fds, vhostfds, info
 
     async def detach(self, port: Port) -> None:
         async with self.lock:
@@ -429,6 +482,7 @@ class Engine:
             self.store.save(new)
             self.defs[network] = new
             await self.dhcp.apply_hosts(new)
+            await self.firewall.leases_changed(network)
         return host
 
     def _free_static_ip(self, net: Network):
@@ -451,6 +505,7 @@ class Engine:
             self.store.save(new)
             self.defs[network] = new
             await self.dhcp.apply_hosts(new)
+            await self.firewall.leases_changed(network)
 
     def leases(self, network: str) -> list[dict[str, Any]]:
         net = self.get(network)
@@ -471,3 +526,67 @@ class Engine:
                     d["vm"] = owner.rsplit("/", 1)[0]
             out.append(d)
         return sorted(out, key=lambda d: tuple(int(x) for x in d["ip"].split(".")))
+
+    # --- port forwarding ----------------------------------------------------------------
+    async def add_forward(self, network: str, spec: dict[str, Any]) -> model.Forward:
+        async with self.lock:
+            net = self.get(network)
+            fwd = model.parse_forward(net, model.expand_forward_words(spec))
+            if not self._knows_vm(net, fwd.target):
+                raise InvalidArgument(
+                    f"'{fwd.target}' is neither an address nor a known VM on {network} (an "
+                    "unknown VM name): give it a static host or attach it once first.")
+            for other in self.defs.values():
+                clash = next((f for f in other.forwards if f.clashes(fwd)), None)
+                if clash is not None:
+                    raise Exists(f"{fwd.proto} {fwd.external} is already forwarded to "
+                                 f"'{clash.target}' ({clash.describe()}) on network "
+                                 f"'{other.name}'.")
+            new = net.with_changes(forwards=(*net.forwards, fwd))
+            if net.name in self.running:
+                await self.firewall.forward_added(new, fwd)
+            self.store.save(new)
+            self.defs[network] = new
+        return fwd
+
+    async def remove_forward(self, network: str, spec: dict[str, Any]) -> model.Forward:
+        """Remove the forward of PROTO [EXT_ADDR:]PORT[-PORT] (family from spec)."""
+        async with self.lock:
+            net = self.get(network)
+            spec = model.expand_forward_words(spec)
+            probe = model.parse_forward(net, {**spec, "target": spec.get("target") or "x",
+                                              "target-port": spec.get("target-port", 1)})
+            match = next((f for f in net.forwards if f.proto == probe.proto
+                          and f.family == probe.family and f.port_lo == probe.port_lo
+                          and f.port_hi == probe.port_hi and f.ext_addr == probe.ext_addr),
+                         None)
+            if match is None:
+                raise NotFound(f"There is no forward of {probe.proto} {probe.external} on "
+                               f"{network}. 'vnet-client forward list {network}' shows them.")
+            new = net.with_changes(forwards=tuple(f for f in net.forwards if f is not match))
+            if net.name in self.running:
+                await self.firewall.forward_removed(net, match)
+            self.store.save(new)
+            self.defs[network] = new
+        return match
+
+    def _knows_vm(self, net: Network, target: str) -> bool:
+        try:
+            ipaddress.ip_address(target)
+            return True
+        except ValueError:
+            pass
+        if net.host(target) is not None:
+            return True
+        if any(k.rsplit("/", 1)[0] == target for k in self.macs.data.get(net.name, {})):
+            return True
+        return any(le.hostname.lower() == target.lower() for le in self.dhcp.leases(net))
+
+    def list_forwards(self, network: str) -> list[dict[str, Any]]:
+        net = self.get(network)
+        out = []
+        for f in net.forwards:
+            d = f.to_dict()
+            d["resolved"] = self.firewall.resolve(net, f) or ""
+            out.append(d)
+        return out

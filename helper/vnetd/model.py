@@ -272,6 +272,9 @@ class Network:
     domain: str | None = None
     hosts: tuple[StaticHost, ...] = ()
     forwards: tuple[Forward, ...] = ()
+    allow_host: bool = False
+    routed_with: tuple[str, ...] = ()
+    spoof_protection: bool = True
 
     @property
     def dns_domain(self) -> str:
@@ -307,7 +310,8 @@ class Network:
 
     # --- construction -------------------------------------------------------------------
     KEYS = ("mode", "subnet", "subnet6", "mtu", "autostart", "taps", "tap-user", "tap-group",
-            "dhcp", "dhcp-start", "dhcp-end", "domain", "hosts", "forwards")
+            "dhcp", "dhcp-start", "dhcp-end", "domain", "hosts", "forwards", "allow-host",
+            "routed-with", "spoof-protection")
 
     @classmethod
     def from_options(cls, name: object, options: dict[str, Any]) -> Network:
@@ -370,10 +374,17 @@ class Network:
                 f"The DHCP range {start or d_start}-{end or d_end} is reversed.")
         domain = validate_domain(options["domain"]) if options.get("domain") else None
         hosts = parse_hosts(subnet, options.get("hosts", []))
+        routed = options.get("routed-with", [])
+        if not isinstance(routed, list):
+            raise InvalidArgument("'routed-with' must be a list of network names.")
+        routed = tuple(validate_network_name(r) for r in routed)
         net = cls(
             name=name, mode=mode, subnet=subnet, subnet6=subnet6, mtu=mtu, autostart=autostart,
             taps=taps, tap_user=tap_user, tap_group=tap_group, dhcp=dhcp, dhcp_start=start,
             dhcp_end=end, domain=domain, hosts=hosts,
+            allow_host=_bool(options.get("allow-host", False), "allow-host"),
+            routed_with=routed,
+            spoof_protection=_bool(options.get("spoof-protection", True), "spoof-protection"),
         )
         rows = options.get("forwards", [])
         if not isinstance(rows, list):
@@ -414,6 +425,12 @@ class Network:
             d["domain"] = self.domain
         if self.hosts:
             d["hosts"] = [h.to_dict() for h in self.hosts]
+        if self.allow_host:
+            d["allow-host"] = True
+        if self.routed_with:
+            d["routed-with"] = list(self.routed_with)
+        if not self.spoof_protection:
+            d["spoof-protection"] = False
         if self.forwards:
             d["forwards"] = [f.to_dict() for f in self.forwards]
         return d
@@ -611,6 +628,32 @@ def parse_forward_args(proto: str, external: str, target: str, *, iface: str | N
         spec["ext-addr"] = ext
     if iface:
         spec["iface"] = iface
+    return spec
+
+
+def expand_forward_words(spec: dict[str, Any]) -> dict[str, Any]:
+    """Accept the CLI's words as they were typed: 'rule' (qemu-vlan's format) or 'external'
+    ([EXT_ADDR:]PORT[-PORT]) with 'to' (TARGET:PORT); other keys pass through."""
+    if not isinstance(spec, dict):
+        raise InvalidArgument("A forward must be a dictionary.")
+    spec = dict(spec)
+    if "rule" in spec:
+        rule = spec.pop("rule")
+        if not isinstance(rule, str):
+            raise InvalidArgument("'rule' must be a string.")
+        return {**parse_original_rule(rule), **spec}
+    if "external" in spec:
+        external, to = spec.pop("external"), spec.pop("to", None)
+        proto = spec.pop("proto", None)
+        family = spec.pop("family", 4)
+        if not all(isinstance(x, str) for x in (external, proto)) or (
+                to is not None and not isinstance(to, str)):
+            raise InvalidArgument("'proto', 'external' and 'to' must be strings.")
+        if to is None:  # removal: no target needed
+            ext, ports = _split_addr_port(external, "external port")
+            out = {"proto": proto.lower(), "family": family, "port": ports, **spec}
+            return {**out, "ext-addr": ext} if ext else out
+        return {**parse_forward_args(proto, external, to, family=family), **spec}
     return spec
 
 

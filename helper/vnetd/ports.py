@@ -32,8 +32,9 @@ from .macs import MacRegistry, validate_nic
 
 log = logging.getLogger("vnetd.ports")
 
-RTMGRP_LINK = 1
-RTM_DELLINK = 17
+RTMGRP_LINK, RTMGRP_NEIGH = 1, 4
+RTM_DELLINK, RTM_NEWNEIGH = 17, 28
+AF_BRIDGE, NDA_LLADDR, NUD_PERMANENT = 7, 2, 0x80
 MAX_QUEUES = 8
 VHOST_PATH = "/dev/vhost-net"
 ATTACH_OPTIONS = ("nic", "queues", "vhost", "mac", "learn-mac", "holder-pid")
@@ -199,7 +200,7 @@ class Ports:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                              socket.NETLINK_ROUTE)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.bind((0, RTMGRP_LINK))
+        sock.bind((0, RTMGRP_LINK | RTMGRP_NEIGH))
         self._monitor_sock = sock
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_netlink)
 
@@ -225,7 +226,42 @@ class Ports:
                 if kind == RTM_DELLINK and off + 24 <= len(data):
                     (index,) = struct.unpack_from("=i", data, off + 20)  # ifinfomsg.ifi_index
                     self._gone(index)
+                elif kind == RTM_NEWNEIGH and self._learning:
+                    self._fdb_entry(data[off + 16:off + length])
                 off += (length + 3) & ~3
+
+    @property
+    def _learning(self) -> bool:
+        return any(not p.mac_known for p in self.by_name.values())
+
+    def _fdb_entry(self, msg: bytes) -> None:
+        """A bridge FDB entry: the first source MAC seen on a port whose guest MAC vnetd could
+        not know becomes that port's MAC, sticky until the port goes (switch port security)."""
+        if len(msg) < 12:
+            return
+        family, index, state = struct.unpack_from("=B3xiH", msg)
+        if family != AF_BRIDGE or state & NUD_PERMANENT:
+            return  # the tap's own address (a local entry), or not a bridge entry
+        port = next((p for p in self.by_name.values() if p.ifindex == index), None)
+        if port is None or port.mac_known:
+            return
+        off = 12
+        while off + 4 <= len(msg):
+            alen, atype = struct.unpack_from("=HH", msg, off)
+            if alen < 4:
+                return
+            if atype == NDA_LLADDR and alen >= 10:
+                mac = ":".join(f"{b:02x}" for b in msg[off + 4:off + 10])
+                if int(mac[:2], 16) & 1:
+                    return  # multicast source: not a guest's address
+                port.mac, port.mac_known = mac, True
+                self._write(port)
+                log.info("port %s learned its guest MAC %s (locked until the port goes)",
+                         port.ifname, mac)
+                for fn in self.listeners:
+                    fn(port, "learned")
+                return
+            off += (alen + 3) & ~3
 
     def _gone(self, index: int) -> None:
         port = next((p for p in self.by_name.values() if p.ifindex == index), None) \
@@ -307,6 +343,9 @@ class Ports:
             holder = opts["holder"]
         mac_known = not opts["learn"]
         mac = opts["mac"]
+        host = net.host(vm) if nic == 0 else None
+        if mac is None and host is not None:
+            mac = host.mac  # the static host says which MAC this VM has on this network
         if mac is None:
             # the stable MAC; with learn-mac the guest's own MAC is unknown (the firewall
             # locks the port to the first source MAC it sees), but the VM still has one given

@@ -19,6 +19,7 @@ case "$1" in
     if [ "$VNET_CONFIGURE" = 1 ]; then
       /bin/busybox ip addr flush dev "$interface"
       /bin/busybox ip addr add "$ip/$mask" dev "$interface"
+      [ -n "$router" ] && /bin/busybox ip route replace default via "${router%% *}"
     fi
     ;;
 esac
@@ -89,6 +90,12 @@ class Guest:
                 return addrs[0]
             self.last_resolve_output = r.stdout + r.stderr
         return None
+
+    def static(self, cidr: str, gateway: str) -> None:
+        """Configure an address and default route by hand (IPv4 or IPv6)."""
+        extra = ["nodad"] if ":" in cidr else []
+        self.ip("addr", "add", cidr, "dev", "eth0", *extra)
+        self.ip("route", "replace", "default", "via", gateway)
 
     def close(self) -> None:
         self.daemon.ip("link", "del", self.host_if, check=False)

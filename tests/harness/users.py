@@ -58,10 +58,11 @@ def read_json(proc: subprocess.Popen) -> dict:
 HOLDER = """
 network, vm = sys.argv[1], sys.argv[2]
 queues = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+learn = len(sys.argv) > 4 and sys.argv[4] == "learn"
 async def main():
     async with Client() as c:
         try:
-            a = await c.attach(network, vm, queues=queues, vhost=True)
+            a = await c.attach(network, vm, queues=queues, vhost=True, learn_mac=learn)
         except VnetClientError as e:
             print(json.dumps({"error": e.name, "message": e.message}), flush=True)
             return
@@ -73,6 +74,9 @@ async def main():
         if cmd == "persist":
             fcntl.ioctl(a.fds[0], TUNSETPERSIST, 1)
             print(json.dumps({"persist": True}), flush=True)
+        elif cmd.startswith("write "):  # a raw frame, after the 10-byte virtio-net header
+            os.write(a.fds[0], bytes(10) + bytes.fromhex(cmd[6:]))
+            print(json.dumps({"written": True}), flush=True)
         elif cmd == "close":
             a.close()
             print(json.dumps({"closed": True}), flush=True)

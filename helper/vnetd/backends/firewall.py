@@ -1,0 +1,874 @@
+"""The nftables firewall: a pure *render* half (JSON command lists for libnftables) and a small
+*apply* half (one ``json_cmd`` per change, so every change is one kernel transaction).
+
+Only two tables are ever named: ``inet qemu_vnet`` (filtering and NAT of the routed traffic
+of our bridges) and ``bridge qemu_vnet`` (anti-spoofing on guest ports). Every command this
+module renders is checked by :func:`check_scope` before it is applied; no other table is
+created, flushed, changed or deleted. Other tables are only ever *read*
+(:func:`foreign_drop_chains`).
+
+Ruleset (``render_ruleset``)
+----------------------------
+``table inet qemu_vnet``; every base chain has policy accept, so traffic that does not touch
+one of our bridges is never judged here; our bridges' traffic that is not allowed is dropped
+(and counted) explicitly.
+
+=============  ======================================  ============================================
+chain          hook / priority                         does
+=============  ======================================  ============================================
+input          filter input, 0 (filter)                ``iifname @bridges jump from_bridge``
+from_bridge    (regular)                               established/related, DHCP (udp 67, 547),
+                                                       DNS (udp/tcp 53) and ping to the bridge's
+                                                       own gateway (``@gw4``/``@gw6``), ICMPv6
+                                                       ND/RS/MLD; ``iifname @host_ok accept``;
+                                                       ``counter drop``
+forward        filter forward, 0 (filter)              not ours (``iifname != @bridges oifname !=
+                                                       @bridges``): return; established/related,
+                                                       ``ct status dnat`` accept;
+                                                       ``iifname . oifname @pass`` accept (same
+                                                       network, ``routed_with``);
+                                                       ``iifname @nat_out oifname != @bridges``
+                                                       accept; ``counter drop``
+prerouting     nat prerouting, -100 (dstnat)           ``fib daddr type local``: the forward maps
+                                                       with an interface (``dnat_if``), then
+                                                       those without (``dnat_any``)
+output         nat output, -100 (dstnat)               the host's own connections to its own
+                                                       addresses (not loopback): ``dnat_any``
+postrouting    nat postrouting, 100 (srcnat)           hairpin (``ct status dnat`` and saddr .
+                                                       daddr in ``@intra4``/``@intra6``):
+                                                       masquerade; intra-subnet: return;
+                                                       multicast/broadcast: return;
+                                                       ``ip saddr @masq4`` / ``ip6 saddr @masq6``
+                                                       masquerade
+=============  ======================================  ============================================
+
+Sets (all keyed by interface name or address, so adding a network changes elements, not
+rules): ``bridges``, ``nat_out`` (nat networks), ``host_ok`` (nat networks and host-only
+networks with ``allow_host``), ``pass`` (``ifname . ifname``: each network with itself and the
+``routed_with`` pairs, both directions), ``gw4``/``gw6`` (``ifname . address`` of each gateway),
+``intra4``/``intra6`` (``subnet . subnet``, interval), ``masq4`` (nat subnets) and ``masq6``
+(ULA ``subnet6`` of nat networks; a global prefix is routed without NAT).
+
+Port forwards live in hash maps, two per key shape and family, because libnftables 1.0.6
+cannot declare a map whose *value* is a concatenation in JSON: ``fwdF[_S]_ip`` maps the key to
+the target address and ``fwdF[_S]_port`` maps the same key to the target port; the ``dnat``
+statement looks up both. ``F`` is 4 or 6, ``S`` is the key shape:
+
+======  =========================================  =====================================
+shape   key                                        forward has
+======  =========================================  =====================================
+_ia     iifname . daddr . l4proto . dport          ``iface`` and ``ext_addr``
+_i      iifname . l4proto . dport                  ``iface``
+_a      daddr . l4proto . dport                    ``ext_addr``
+(none)  l4proto . dport                            neither
+======  =========================================  =====================================
+
+More specific shapes are looked up first, so an address-specific forward and an any-address
+forward may share a port. A port range is one element per port (the kernel's DNAT cannot
+shift a range by an offset), so a forward costs its own size and nothing else. Interval
+maps were measured and rejected: libnftables dumps every element of an interval set before
+deleting one (33 ms with 10,000 elements against 0.2 ms for a hash map).
+
+``table bridge qemu_vnet``: chain ``prerouting`` (filter prerouting, -200) sends frames from
+``@guarded`` ports (the guest taps of networks with ``spoof_protection``) to chain ``guard``,
+which drops, counting into the port's named counter ``spoof_<ifname>`` (looked up through the
+map ``port_ctr``): frames whose source MAC is not the port's (``@mac_known``,
+``iifname . ether saddr != @port_mac``); VLAN-tagged frames from a port with a known MAC or
+IPv4 (``@strict``; tags would hide the L3 header from the checks); DHCP and DHCPv6 server
+replies (udp sport 67 / 547) and router advertisements from any guarded port; ARP whose
+sender MAC or IPv4 is not the port's; IPv4 whose source is not the port's (``@ip_known``,
+``iifname . ip saddr != @port_ip4``) except a DHCP client's 0.0.0.0.
+
+Reading the counters: apply :func:`render_counters_query` with :func:`query` and give the
+result to :func:`parse_spoof_counters` (``list counters table bridge qemu_vnet``).
+
+What the engine must do
+-----------------------
+* ``net.ipv4.ip_forward=1`` (and ``net.ipv6.conf.all.forwarding=1`` with ``subnet6``) in the
+  namespace the bridges live in; without it nat networks and forwards do not route.
+* Nothing for ``bridge-nf-call-*``: the ``bridge`` family sees bridged frames without
+  ``br_netfilter``. When ``br_netfilter`` is loaded (built in on the 6.18 test kernel) and
+  ``bridge-nf-call-iptables``/``-ip6tables`` are 1 (their default, per network namespace),
+  *bridged* IPv4/IPv6 traffic between two guests of one bridge also passes the ``inet``
+  prerouting/forward/postrouting hooks with iifname = oifname = the bridge: the ``pass`` set
+  accepts it and postrouting returns before any NAT. The rules are correct with either
+  setting (both are tested); do not change these sysctls (Docker depends on them).
+* Another table's base chain with ``policy drop`` on the same hook (Docker's ``ip filter
+  FORWARD``, a host firewall) drops our traffic too, whatever we accept: each table's verdict
+  is independent and a packet must survive all of them. With ``br_netfilter`` this includes
+  traffic between two guests of one bridge (the well-known Docker + libvirt clash). vnetd
+  never edits foreign tables; :func:`foreign_drop_chains` lists such chains so that the
+  engine can say so in a sentence, and the administrator adds an accept for our bridges where
+  that firewall expects it (Docker: ``iifname BRIDGE accept`` and ``oifname BRIDGE accept`` in
+  ``DOCKER-USER``; firewalld: the bridges in a trusted zone or policy).
+* Guests of nat networks reach every service of the host (as with libvirt); ``allow_host``
+  opens them to a host-only network. A connection to a forward's external port is accepted
+  from wherever it comes, another network's guests included (it is a published service).
+  New connections from outside into a network are dropped, also for a nat network's routed
+  (non-ULA) IPv6 prefix; only forwards reach in.
+* Forwards to a host-only network work only if its guests route replies through the gateway
+  (only hairpin connections are masqueraded).
+* Overlapping forwards (same shape, proto and port) are rejected by the kernel (EEXIST);
+  ``model.py`` should refuse them first. ``render_forward_remove`` / ``render_port_update``
+  / ``render_port_remove`` must be given exactly what was applied (deleting a missing element
+  fails the transaction).
+* After an upgrade that changes a set's type or a chain's hook, ``render_ruleset`` with the
+  default in-place rebuild fails: rebuild with ``fresh=True`` (delete and recreate both tables
+  in the same transaction; resets the counters).
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+TABLE = "qemu_vnet"
+FAMILIES = ("inet", "bridge")
+
+PRIO_FILTER = 0
+PRIO_DSTNAT = -100
+PRIO_SRCNAT = 100
+PRIO_BRIDGE_FILTER = -200
+
+MODES = ("nat", "host-only")
+PROTOS = ("tcp", "udp")
+ULA = ipaddress.ip_network("fc00::/7")
+MAX_IFNAME = 15
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+# (with iface, with ext_addr) for each forward key shape, most specific first.
+SHAPES: dict[str, tuple[bool, bool]] = {
+    "_ia": (True, True),
+    "_i": (True, False),
+    "_a": (False, True),
+    "": (False, False),
+}
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FwNetwork:
+    """One running network, as the firewall sees it."""
+
+    name: str  # also the bridge's ifname, e.g. "vnet2"
+    mode: str  # "nat" | "host-only"
+    subnet: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address
+    subnet6: ipaddress.IPv6Network | None = None
+    gateway6: ipaddress.IPv6Address | None = None
+    # host-only: guests may reach host services beyond DHCP/DNS/ping (nat guests always may,
+    # as with libvirt's NAT networks)
+    allow_host: bool = False
+    routed_with: tuple[str, ...] = ()  # networks this one may exchange traffic with
+    spoof_protection: bool = True
+
+
+@dataclass(frozen=True)
+class FwForward:
+    network: str
+    proto: str  # "tcp" | "udp"
+    family: int  # 4 | 6
+    ext_addr: str | None  # only packets to this host address (None: any address of the host)
+    port_lo: int
+    port_hi: int  # external port range (equal for a single port)
+    target: str  # IP inside the network's subnet
+    target_port: int  # port_lo..port_hi -> target_port..target_port+(hi-lo)
+    iface: str | None = None  # only packets arriving on this interface
+
+
+@dataclass(frozen=True)
+class FwPort:
+    """A guest port (tap) on a bridge, for anti-spoofing."""
+
+    ifname: str
+    network: str
+    mac: str | None  # None: unknown until the engine learns it; only rogue servers dropped
+    ipv4: str | None = None  # once known: IPv4 and ARP from the port must carry it
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _ifname(name: object, what: str) -> str:
+    if not isinstance(name, str) or not _IFNAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"{what} {name!r} is not a valid interface name "
+                         f"(1-{MAX_IFNAME} of A-Z a-z 0-9 _ . -).")
+    return name
+
+
+def _mac(mac: str) -> str:
+    m = mac.lower() if isinstance(mac, str) else ""
+    if not _MAC.fullmatch(m) or int(m[:2], 16) & 1:
+        raise ValueError(f"{mac!r} is not a unicast MAC address.")
+    return m
+
+
+def _addr(text: object, family: int, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        a = ipaddress.ip_address(text)  # type: ignore[arg-type]
+    except ValueError:
+        raise ValueError(f"{what} {text!r} is not an IP address.") from None
+    if a.version != family:
+        raise ValueError(f"{what} {a} is not an IPv{family} address.")
+    return a
+
+
+def _port(p: object, what: str) -> int:
+    if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= 65535:
+        raise ValueError(f"{what} {p!r} is not a port number (1-65535).")
+    return p
+
+
+def validate_network(n: FwNetwork) -> None:
+    _ifname(n.name, "Network")
+    if n.mode not in MODES:
+        raise ValueError(f"Unknown mode {n.mode!r} of {n.name}: use one of {', '.join(MODES)}.")
+    if not isinstance(n.subnet, ipaddress.IPv4Network) or n.gateway not in n.subnet:
+        raise ValueError(f"The gateway {n.gateway} of {n.name} is not in {n.subnet}.")
+    if (n.subnet6 is None) != (n.gateway6 is None):
+        raise ValueError(f"{n.name}: subnet6 and gateway6 go together.")
+    if n.subnet6 is not None and (not isinstance(n.subnet6, ipaddress.IPv6Network)
+                                  or n.gateway6 not in n.subnet6):
+        raise ValueError(f"The gateway {n.gateway6} of {n.name} is not in {n.subnet6}.")
+    for r in n.routed_with:
+        _ifname(r, f"routed_with of {n.name}:")
+
+
+def validate_forward(f: FwForward) -> None:
+    _ifname(f.network, "Network")
+    if f.proto not in PROTOS:
+        raise ValueError(f"Unknown protocol {f.proto!r}: use tcp or udp.")
+    if f.family not in (4, 6):
+        raise ValueError(f"Unknown family {f.family!r}: use 4 or 6.")
+    lo, hi = _port(f.port_lo, "Port"), _port(f.port_hi, "Port")
+    if lo > hi:
+        raise ValueError(f"The port range {lo}-{hi} is reversed.")
+    tp = _port(f.target_port, "Target port")
+    if tp + (hi - lo) > 65535:
+        raise ValueError(f"The target ports {tp}-{tp + hi - lo} go beyond 65535.")
+    _addr(f.target, f.family, "Target")
+    if f.ext_addr is not None:
+        _addr(f.ext_addr, f.family, "External address")
+    if f.iface is not None:
+        _ifname(f.iface, "Interface")
+
+
+def validate_port(p: FwPort) -> None:
+    _ifname(p.ifname, "Port")
+    _ifname(p.network, "Network")
+    if p.mac is not None:
+        _mac(p.mac)
+    if p.ipv4 is not None:
+        _addr(p.ipv4, 4, "Port address")
+
+
+# --- JSON building blocks ---------------------------------------------------------------------
+
+
+def _obj(family: str, **kw: Any) -> dict[str, Any]:
+    return {"family": family, "table": TABLE, **kw}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> dict:
+    return {"meta": {"key": key}}
+
+
+def _pl(protocol: str, field: str) -> dict:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _cat(*exprs: Any) -> dict:
+    return {"concat": list(exprs)}
+
+
+def _prefix(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> dict:
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _set_cmd(family: str, name: str, type_: str | list[str], *, flags: Sequence[str] = (),
+             map_: str | None = None) -> dict:
+    body = _obj(family, name=name, type=type_)
+    if map_ is not None:
+        body["map"] = map_
+    if flags:
+        body["flags"] = list(flags)
+    return {"add": {"map" if map_ is not None else "set": body}}
+
+
+def _elements(op: str, family: str, name: str, elems: list) -> dict:
+    return {op: {"element": _obj(family, name=name, elem=elems)}}
+
+
+def _rule(family: str, chain: str, *expr: dict, comment: str | None = None) -> dict:
+    body = _obj(family, chain=chain, expr=list(expr))
+    if comment:
+        body["comment"] = comment
+    return {"add": {"rule": body}}
+
+
+def _chain(family: str, name: str, hook: str | None = None, type_: str = "filter",
+           prio: int = 0) -> dict:
+    body = _obj(family, name=name)
+    if hook:
+        body.update(type=type_, hook=hook, prio=prio, policy="accept")
+    return {"add": {"chain": body}}
+
+
+ACCEPT: dict = {"accept": None}
+DROP: dict = {"drop": None}
+RETURN: dict = {"return": None}
+L4 = _meta("l4proto")
+DPORT = _pl("th", "dport")
+IIF = _meta("iifname")
+OIF = _meta("oifname")
+TCP_UDP = _match(L4, {"set": ["tcp", "udp"]})
+FIB_LOCAL = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+
+
+def _jump(chain: str) -> dict:
+    return {"jump": {"target": chain}}
+
+
+def _counter() -> dict:
+    return {"counter": {"packets": 0, "bytes": 0}}
+
+
+# --- forwards ---------------------------------------------------------------------------------
+
+
+def forward_shape(f: FwForward) -> str:
+    return {(True, True): "_ia", (True, False): "_i", (False, True): "_a",
+            (False, False): ""}[(f.iface is not None, f.ext_addr is not None)]
+
+
+def forward_maps(family: int, shape: str) -> tuple[str, str]:
+    """(address map, port map) names for one family and key shape."""
+    return f"fwd{family}{shape}_ip", f"fwd{family}{shape}_port"
+
+
+def _fwd_key_types(family: int, shape: str) -> list[str]:
+    iface, addr = SHAPES[shape]
+    return ((["ifname"] if iface else []) + ([f"ipv{family}_addr"] if addr else [])
+            + ["inet_proto", "inet_service"])
+
+
+def _fwd_key_expr(family: int, shape: str) -> dict:
+    iface, addr = SHAPES[shape]
+    parts: list = [IIF] if iface else []
+    if addr:
+        parts.append(_pl("ip" if family == 4 else "ip6", "daddr"))
+    return _cat(*parts, L4, DPORT)
+
+
+def _forward_elems(f: FwForward) -> dict[str, list]:
+    """{map name: elements} of one forward: one element per external port in each map."""
+    validate_forward(f)
+    shape = forward_shape(f)
+    ip_map, port_map = forward_maps(f.family, shape)
+    target = str(ipaddress.ip_address(f.target))
+    head: list = [f.iface] if f.iface is not None else []
+    if f.ext_addr is not None:
+        head.append(str(ipaddress.ip_address(f.ext_addr)))
+    ips, ports = [], []
+    for i, p in enumerate(range(f.port_lo, f.port_hi + 1)):
+        key = _cat(*head, f.proto, p)
+        ips.append([key, target])
+        ports.append([key, f.target_port + i])
+    return {ip_map: ips, port_map: ports}
+
+
+def render_forward_add(f: FwForward) -> dict:
+    """One small transaction: the map elements of one forward (nothing else)."""
+    return {"nftables": [_elements("add", "inet", m, e) for m, e in _forward_elems(f).items()]}
+
+
+def render_forward_remove(f: FwForward) -> dict:
+    """The inverse of :func:`render_forward_add` (the forward must be the one applied)."""
+    return {"nftables": [_elements("delete", "inet", m, e)
+                         for m, e in _forward_elems(f).items()]}
+
+
+# --- ports (bridge table) ---------------------------------------------------------------------
+
+
+def counter_name(ifname: str) -> str:
+    return f"spoof_{ifname}"
+
+
+def _port_elems(p: FwPort) -> list[tuple[str, Any]]:
+    """(set name, element) pairs of one guarded port."""
+    validate_port(p)
+    out: list[tuple[str, Any]] = [("guarded", p.ifname), ("port_ctr", [p.ifname,
+                                                                        counter_name(p.ifname)])]
+    if p.mac is not None:
+        out += [("mac_known", p.ifname), ("port_mac", _cat(p.ifname, _mac(p.mac)))]
+    if p.ipv4 is not None:
+        out += [("ip_known", p.ifname),
+                ("port_ip4", _cat(p.ifname, str(ipaddress.ip_address(p.ipv4))))]
+    if p.mac is not None or p.ipv4 is not None:
+        out.append(("strict", p.ifname))
+    return out
+
+
+def _group(pairs: Iterable[tuple[str, Any]], op: str) -> list[dict]:
+    by_set: dict[str, list] = {}
+    for name, elem in pairs:
+        by_set.setdefault(name, []).append(elem)
+    return [_elements(op, "bridge", name, elems) for name, elems in by_set.items()]
+
+
+def _counter_obj(ifname: str) -> dict:
+    return _obj("bridge", name=counter_name(ifname))
+
+
+def render_port_update(port: FwPort, old: FwPort | None, *,
+                       spoof_protection: bool = True) -> dict:
+    """Add or replace one port's anti-spoofing elements in one transaction: the elements of
+    ``old`` (what was applied before; None: nothing) that ``port`` no longer has are deleted,
+    those of ``port`` are added (adding an existing element changes nothing), and the named
+    counter ``spoof_<ifname>`` keeps its value. ``spoof_protection`` is the port's network's
+    setting."""
+    if not spoof_protection:
+        return render_port_remove(old) if old is not None else {"nftables": []}
+    new = _port_elems(port)
+    cmds: list[dict] = []
+    if old is not None:
+        gone = [pe for pe in _port_elems(old) if pe not in new]
+        # the map element referring to the counter goes before the counter
+        cmds += _group(gone, "delete")
+        if old.ifname != port.ifname:
+            cmds.append({"delete": {"counter": _counter_obj(old.ifname)}})
+    cmds.append({"add": {"counter": _counter_obj(port.ifname)}})
+    cmds += _group(new, "add")
+    return {"nftables": cmds}
+
+
+def render_port_remove(port: FwPort, *, spoof_protection: bool = True) -> dict:
+    """Delete one port's anti-spoofing elements and its counter (as they were applied)."""
+    if not spoof_protection:
+        return {"nftables": []}
+    cmds = _group(_port_elems(port), "delete")
+    cmds.append({"delete": {"counter": _counter_obj(port.ifname)}})
+    return {"nftables": cmds}
+
+
+def render_counters_query() -> dict:
+    """``list counters table bridge qemu_vnet``: feed :func:`query`'s result to
+    :func:`parse_spoof_counters`."""
+    return {"nftables": [{"list": {"counters": {"family": "bridge", "table": TABLE}}}]}
+
+
+def parse_spoof_counters(listing: dict) -> dict[str, dict[str, int]]:
+    """{ifname: {"packets": n, "bytes": n}} from a listing of the bridge table's counters."""
+    out: dict[str, dict[str, int]] = {}
+    for o in (listing or {}).get("nftables", []):
+        c = o.get("counter")
+        if (c and c.get("family") == "bridge" and c.get("table") == TABLE
+                and c.get("name", "").startswith("spoof_")):
+            out[c["name"][len("spoof_"):]] = {"packets": c.get("packets", 0),
+                                              "bytes": c.get("bytes", 0)}
+    return out
+
+
+# --- the whole ruleset ------------------------------------------------------------------------
+
+
+def _sorted(elems: Iterable) -> list:
+    return sorted(elems, key=lambda e: json.dumps(e, sort_keys=True))
+
+
+def _table_head(family: str, fresh: bool) -> list[dict]:
+    t = {"family": family, "name": TABLE}
+    if fresh:
+        return [{"add": {"table": t}}, {"delete": {"table": dict(t)}}, {"add": {"table": dict(t)}}]
+    return [{"add": {"table": t}}, {"flush": {"table": dict(t)}}]
+
+
+def _with_flush(family: str, add_set: dict, fresh: bool) -> list[dict]:
+    kind = "map" if "map" in add_set["add"] else "set"
+    if fresh:
+        return [add_set]
+    name = add_set["add"][kind]["name"]
+    return [add_set, {"flush": {kind: _obj(family, name=name)}}]
+
+
+def _inet_sets() -> list[dict]:
+    sets = [
+        _set_cmd("inet", "bridges", "ifname"),
+        _set_cmd("inet", "nat_out", "ifname"),
+        _set_cmd("inet", "host_ok", "ifname"),
+        _set_cmd("inet", "pass", ["ifname", "ifname"]),
+        _set_cmd("inet", "gw4", ["ifname", "ipv4_addr"]),
+        _set_cmd("inet", "gw6", ["ifname", "ipv6_addr"]),
+        _set_cmd("inet", "intra4", ["ipv4_addr", "ipv4_addr"], flags=["interval"]),
+        _set_cmd("inet", "intra6", ["ipv6_addr", "ipv6_addr"], flags=["interval"]),
+        _set_cmd("inet", "masq4", "ipv4_addr", flags=["interval"]),
+        _set_cmd("inet", "masq6", "ipv6_addr", flags=["interval"]),
+    ]
+    for fam in (4, 6):
+        for shape in SHAPES:
+            ip_map, port_map = forward_maps(fam, shape)
+            key = _fwd_key_types(fam, shape)
+            sets.append(_set_cmd("inet", ip_map, key, map_=f"ipv{fam}_addr"))
+            sets.append(_set_cmd("inet", port_map, key, map_="inet_service"))
+    return sets
+
+
+def _dnat_rule(chain: str, fam: int, shape: str) -> dict:
+    ip_map, port_map = forward_maps(fam, shape)
+    key = _fwd_key_expr(fam, shape)
+    return _rule("inet", chain,
+                 _match(_meta("nfproto"), "ipv4" if fam == 4 else "ipv6"),
+                 TCP_UDP,
+                 {"dnat": {"family": "ip" if fam == 4 else "ip6",
+                           "addr": {"map": {"key": key, "data": "@" + ip_map}},
+                           "port": {"map": {"key": key, "data": "@" + port_map}}}})
+
+
+def _inet_chains_and_rules() -> list[dict]:
+    f = "inet"
+    c: list[dict] = [
+        _chain(f, "input", "input", "filter", PRIO_FILTER),
+        _chain(f, "from_bridge"),
+        _chain(f, "forward", "forward", "filter", PRIO_FILTER),
+        _chain(f, "prerouting", "prerouting", "nat", PRIO_DSTNAT),
+        _chain(f, "output", "output", "nat", PRIO_DSTNAT),
+        _chain(f, "dnat_if"),
+        _chain(f, "dnat_any"),
+        _chain(f, "postrouting", "postrouting", "nat", PRIO_SRCNAT),
+    ]
+    est = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+    dnat = _match({"ct": {"key": "status"}}, "dnat", "in")
+    # input: decisions only for traffic arriving on our bridges
+    c.append(_rule(f, "input", _match(IIF, "@bridges"), _jump("from_bridge")))
+    c += [
+        _rule(f, "from_bridge", est, ACCEPT),
+        _rule(f, "from_bridge", _match(_pl("udp", "dport"), {"set": [67, 547]}), ACCEPT,
+              comment="DHCP, DHCPv6"),
+        _rule(f, "from_bridge", _match(_cat(IIF, _pl("ip", "daddr")), "@gw4"), TCP_UDP,
+              _match(DPORT, 53), ACCEPT, comment="DNS"),
+        _rule(f, "from_bridge", _match(_cat(IIF, _pl("ip6", "daddr")), "@gw6"), TCP_UDP,
+              _match(DPORT, 53), ACCEPT, comment="DNS"),
+        _rule(f, "from_bridge", _match(_cat(IIF, _pl("ip", "daddr")), "@gw4"),
+              _match(_pl("icmp", "type"), "echo-request"), ACCEPT),
+        _rule(f, "from_bridge", _match(_cat(IIF, _pl("ip6", "daddr")), "@gw6"),
+              _match(_pl("icmpv6", "type"), "echo-request"), ACCEPT),
+        _rule(f, "from_bridge", _match(_pl("icmpv6", "type"), {"set": [
+            "nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert",
+            "mld-listener-report", "mld2-listener-report", "mld-listener-done"]}), ACCEPT),
+        _rule(f, "from_bridge", _match(IIF, "@host_ok"), ACCEPT),
+        _rule(f, "from_bridge", _counter(), DROP),
+    ]
+    # forward
+    c += [
+        _rule(f, "forward", _match(IIF, "@bridges", "!="), _match(OIF, "@bridges", "!="),
+              RETURN),
+        _rule(f, "forward", est, ACCEPT),
+        _rule(f, "forward", dnat, ACCEPT, comment="port forwards"),
+        _rule(f, "forward", _match(_cat(IIF, OIF), "@pass"), ACCEPT),
+        _rule(f, "forward", _match(IIF, "@nat_out"), _match(OIF, "@bridges", "!="), ACCEPT),
+        _rule(f, "forward", _counter(), DROP),
+    ]
+    # DNAT: prerouting (from outside, and hairpin from guests) and output (the host itself)
+    c += [
+        _rule(f, "prerouting", FIB_LOCAL, TCP_UDP, _jump("dnat_if")),
+        _rule(f, "prerouting", FIB_LOCAL, TCP_UDP, _jump("dnat_any")),
+        _rule(f, "output", _match(_pl("ip", "daddr"), _prefix(
+            ipaddress.ip_network("127.0.0.0/8"))), RETURN),
+        _rule(f, "output", _match(_pl("ip6", "daddr"), "::1"), RETURN),
+        _rule(f, "output", FIB_LOCAL, TCP_UDP, _jump("dnat_any")),
+    ]
+    for fam in (4, 6):
+        for shape, (iface, _) in SHAPES.items():
+            c.append(_dnat_rule("dnat_if" if iface else "dnat_any", fam, shape))
+    # postrouting: hairpin first (DNATed from a guest to a guest of the same subnet), then
+    # never NAT inside a subnet, then masquerade what leaves a nat subnet
+    both = (("ip", "@intra4"), ("ip6", "@intra6"))
+    for p, intra in both:
+        c.append(_rule(f, "postrouting", dnat,
+                       _match(_cat(_pl(p, "saddr"), _pl(p, "daddr")), intra),
+                       {"masquerade": None}, comment="hairpin"))
+    for p, intra in both:
+        c.append(_rule(f, "postrouting", _match(_cat(_pl(p, "saddr"), _pl(p, "daddr")), intra),
+                       RETURN))
+    c += [
+        _rule(f, "postrouting", _match(_pl("ip", "daddr"), {"set": [
+            _prefix(ipaddress.ip_network("224.0.0.0/4")), "255.255.255.255"]}), RETURN),
+        _rule(f, "postrouting", _match(_pl("ip6", "daddr"), _prefix(
+            ipaddress.ip_network("ff00::/8"))), RETURN),
+        _rule(f, "postrouting", _match(_pl("ip", "saddr"), "@masq4"), {"masquerade": None}),
+        _rule(f, "postrouting", _match(_pl("ip6", "saddr"), "@masq6"), {"masquerade": None}),
+    ]
+    return copy.deepcopy(c)  # no shared sub-dicts: callers may edit what they get
+
+
+def _bridge_sets() -> list[dict]:
+    b = "bridge"
+    return [
+        _set_cmd(b, "guarded", "ifname"),
+        _set_cmd(b, "strict", "ifname"),
+        _set_cmd(b, "mac_known", "ifname"),
+        _set_cmd(b, "port_mac", ["ifname", "ether_addr"]),
+        _set_cmd(b, "ip_known", "ifname"),
+        _set_cmd(b, "port_ip4", ["ifname", "ipv4_addr"]),
+        _set_cmd(b, "port_ctr", "ifname", map_="counter"),
+    ]
+
+
+def _bridge_chains_and_rules() -> list[dict]:
+    b = "bridge"
+    count_drop = [{"counter": {"map": {"key": IIF, "data": "@port_ctr"}}}, DROP]
+    return copy.deepcopy([
+        _chain(b, "prerouting", "prerouting", "filter", PRIO_BRIDGE_FILTER),
+        _chain(b, "guard"),
+        _rule(b, "prerouting", _match(IIF, "@guarded"), _jump("guard")),
+        _rule(b, "guard", _match(IIF, "@mac_known"),
+              _match(_cat(IIF, _pl("ether", "saddr")), "@port_mac", "!="), *count_drop,
+              comment="source MAC"),
+        _rule(b, "guard", _match(IIF, "@strict"),
+              _match(_pl("ether", "type"), {"set": ["8021q", "8021ad"]}), *count_drop,
+              comment="VLAN tag"),
+        _rule(b, "guard", _match(_pl("udp", "sport"), {"set": [67, 547]}), *count_drop,
+              comment="rogue DHCP server"),
+        _rule(b, "guard", _match(_pl("icmpv6", "type"), "nd-router-advert"), *count_drop,
+              comment="rogue router"),
+        _rule(b, "guard", _match(IIF, "@mac_known"),
+              _match(_cat(IIF, _pl("arp", "saddr ether")), "@port_mac", "!="), *count_drop,
+              comment="ARP sender MAC"),
+        _rule(b, "guard", _match(_pl("arp", "saddr ip"), "0.0.0.0", "!="),
+              _match(IIF, "@ip_known"),
+              _match(_cat(IIF, _pl("arp", "saddr ip")), "@port_ip4", "!="), *count_drop,
+              comment="ARP sender IP"),
+        _rule(b, "guard", _match(_pl("ip", "saddr"), "0.0.0.0"),
+              _match(_pl("udp", "sport"), 68), _match(_pl("udp", "dport"), 67), RETURN,
+              comment="DHCP client without an address"),
+        _rule(b, "guard", _match(IIF, "@ip_known"),
+              _match(_cat(IIF, _pl("ip", "saddr")), "@port_ip4", "!="), *count_drop,
+              comment="source IPv4"),
+    ])
+
+
+def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] = (),
+                   ports: Iterable[FwPort] = (), *, fresh: bool = False) -> dict:
+    """ONE transaction that (re)creates both tables completely: add table, flush table (or,
+    with ``fresh``, delete and add it again), then sets and maps (each flushed), chains, rules
+    and elements. Applying it twice gives the same ruleset; other tables are never named.
+    Named counters of ports survive an in-place rebuild."""
+    nets = sorted(networks, key=lambda n: n.name)
+    by_name: dict[str, FwNetwork] = {}
+    for n in nets:
+        validate_network(n)
+        if n.name in by_name:
+            raise ValueError(f"The network {n.name} is listed twice.")
+        by_name[n.name] = n
+    fwds = list(forwards)
+    prts = sorted(ports, key=lambda p: p.ifname)
+
+    el: dict[str, list] = {}
+
+    def put(name: str, elem: Any) -> None:
+        el.setdefault(name, []).append(elem)
+
+    for n in nets:
+        put("bridges", n.name)
+        put("pass", _cat(n.name, n.name))
+        put("gw4", _cat(n.name, str(n.gateway)))
+        put("intra4", _cat(_prefix(n.subnet), _prefix(n.subnet)))
+        if n.mode == "nat":
+            put("nat_out", n.name)
+            put("masq4", _prefix(n.subnet))
+        if n.mode == "nat" or n.allow_host:
+            put("host_ok", n.name)
+        if n.subnet6 is not None:
+            put("gw6", _cat(n.name, str(n.gateway6)))
+            put("intra6", _cat(_prefix(n.subnet6), _prefix(n.subnet6)))
+            if n.mode == "nat" and n.subnet6.subnet_of(ULA):
+                put("masq6", _prefix(n.subnet6))
+        for r in n.routed_with:
+            if r in by_name and r != n.name:
+                put("pass", _cat(n.name, r))
+                put("pass", _cat(r, n.name))
+
+    seen_keys: set[str] = set()
+    for f in fwds:
+        validate_forward(f)
+        net = by_name.get(f.network)
+        if net is None:
+            raise ValueError(f"The forward to {f.target} is for {f.network}, "
+                             "which is not among the networks.")
+        target = ipaddress.ip_address(f.target)
+        subnet = net.subnet if f.family == 4 else net.subnet6
+        if subnet is None or target not in subnet:
+            raise ValueError(f"The forward target {target} is not in the subnet of {net.name}.")
+        for name, elems in _forward_elems(f).items():
+            for e in elems:
+                if name.endswith("_ip"):
+                    k = name + repr(e[0])
+                    if k in seen_keys:
+                        raise ValueError(f"Two forwards use {f.proto} port {e[0]['concat'][-1]}"
+                                         f" the same way ({name}).")
+                    seen_keys.add(k)
+                put(name, e)
+
+    bridge_el: dict[str, list] = {}
+    counters: list[str] = []
+    for p in prts:
+        validate_port(p)
+        net = by_name.get(p.network)
+        if net is None:
+            raise ValueError(f"The port {p.ifname} is on {p.network}, "
+                             "which is not among the networks.")
+        if not net.spoof_protection:
+            continue
+        if p.ifname in counters:
+            raise ValueError(f"The port {p.ifname} is listed twice.")
+        counters.append(p.ifname)
+        for name, e in _port_elems(p):
+            bridge_el.setdefault(name, []).append(e)
+
+    cmds: list[dict] = []
+    cmds += _table_head("inet", fresh)
+    for s in _inet_sets():
+        cmds += _with_flush("inet", s, fresh)
+    cmds += _inet_chains_and_rules()
+    for name in sorted(el):
+        cmds.append(_elements("add", "inet", name, _sorted(el[name])))
+    cmds += _table_head("bridge", fresh)
+    for s in _bridge_sets():
+        cmds += _with_flush("bridge", s, fresh)
+    for ifname in counters:
+        cmds.append({"add": {"counter": _counter_obj(ifname)}})
+    cmds += _bridge_chains_and_rules()
+    for name in sorted(bridge_el):
+        cmds.append(_elements("add", "bridge", name, _sorted(bridge_el[name])))
+    return {"nftables": cmds}
+
+
+def render_delete_all() -> dict:
+    """Delete both tables (uninstall, tests); succeeds when they do not exist."""
+    cmds: list[dict] = []
+    for fam in FAMILIES:
+        t = {"family": fam, "name": TABLE}
+        cmds += [{"add": {"table": t}}, {"delete": {"table": dict(t)}}]
+    return {"nftables": cmds}
+
+
+def render_flowtable_probe() -> dict:
+    """A throwaway flowtable in our own table, for :func:`kernel_supports_flowtables` (run in
+    dry-run mode: the kernel checks it and the transaction is aborted)."""
+    return {"nftables": [
+        {"add": {"table": {"family": "inet", "name": TABLE}}},
+        {"add": {"flowtable": _obj("inet", name="probe_flowtable", hook="ingress", prio=0,
+                                   dev=["lo"])}},
+    ]}
+
+
+# --- scope check ------------------------------------------------------------------------------
+
+_VERBS = ("add", "create", "insert", "replace", "delete", "flush", "reset", "list", "rename")
+
+
+def check_scope(cmd: dict) -> None:
+    """Raise ValueError unless every command of ``cmd`` names one of our two tables."""
+    if not isinstance(cmd, dict) or set(cmd) != {"nftables"} or not isinstance(
+            cmd["nftables"], list):
+        raise ValueError("An nftables command is {'nftables': [...]}.")
+    for i, c in enumerate(cmd["nftables"]):
+        if not isinstance(c, dict) or len(c) != 1:
+            raise ValueError(f"Command {i} is not one verb.")
+        (verb, body), = c.items()
+        if verb not in _VERBS or not isinstance(body, dict) or len(body) != 1:
+            raise ValueError(f"Command {i}: unknown verb or object {verb!r}.")
+        (kind, obj), = body.items()
+        if kind == "ruleset" or not isinstance(obj, dict):
+            raise ValueError(f"Command {i} ({verb} {kind}) is not about one of our tables.")
+        if obj.get("family") not in FAMILIES:
+            raise ValueError(f"Command {i} ({verb} {kind}) names family {obj.get('family')!r}.")
+        table = obj.get("name") if kind == "table" else obj.get("table")
+        if table != TABLE:
+            raise ValueError(f"Command {i} ({verb} {kind}) names table {table!r}.")
+
+
+# --- apply (the only I/O) ---------------------------------------------------------------------
+
+
+def _context():
+    import nftables  # python3-nftables; imported here so that rendering needs no libnftables
+
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    return nft
+
+
+def apply(cmd: dict, nft=None) -> None:
+    """Run ``cmd`` as one transaction; RuntimeError with nft's error text on failure."""
+    check_scope(cmd)
+    if not cmd["nftables"]:
+        return
+    nft = nft or _context()
+    rc, _out, err = nft.json_cmd(cmd)
+    if rc != 0:
+        raise RuntimeError((err or "").strip() or f"libnftables failed ({rc}).")
+
+
+def query(cmd: dict, nft=None) -> dict:
+    """Run a read-only ``list`` command and return the parsed JSON (no scope check: reading
+    other tables is allowed, e.g. for :func:`foreign_drop_chains`)."""
+    for c in cmd.get("nftables", []):
+        if set(c) != {"list"}:
+            raise ValueError("query() only lists; use apply() to change.")
+    nft = nft or _context()
+    rc, out, err = nft.json_cmd(cmd)
+    if rc != 0:
+        raise RuntimeError((err or "").strip() or f"libnftables failed ({rc}).")
+    return out or {"nftables": []}
+
+
+def kernel_supports_flowtables(nft=None) -> bool:
+    """Whether the kernel accepts a flowtable: a throwaway one in our table, checked by the
+    kernel in dry-run mode (the batch is aborted; nothing is created)."""
+    return flowtable_probe(nft)[0]
+
+
+def flowtable_probe(nft=None) -> tuple[bool, str]:
+    nft = nft or _context()
+    was = nft.get_dry_run()
+    nft.set_dry_run(True)
+    try:
+        rc, _out, err = nft.json_cmd(render_flowtable_probe())
+    finally:
+        nft.set_dry_run(was)
+    return rc == 0, (err or "").strip()
+
+
+# --- reading other tables (never changing them) -----------------------------------------------
+
+
+def render_chains_query() -> dict:
+    return {"nftables": [{"list": {"chains": None}}]}
+
+
+def foreign_drop_chains(listing: dict) -> list[str]:
+    """Base chains of *other* tables whose policy drop on the forward or input hook also
+    drops our bridges' traffic (give it the result of ``render_chains_query``)."""
+    out = []
+    for o in (listing or {}).get("nftables", []):
+        ch = o.get("chain")
+        if not ch or ch.get("table") == TABLE and ch.get("family") in FAMILIES:
+            continue
+        if ch.get("hook") in ("forward", "input") and ch.get("policy") == "drop":
+            out.append(f"{ch.get('family')} {ch.get('table')} {ch.get('name')} "
+                       f"(hook {ch['hook']}, policy drop)")
+    return out
