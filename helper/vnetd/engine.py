@@ -64,6 +64,7 @@ class Engine:
         self.dhcp = DhcpServers(store.runtime_dir, store.state_dir,
                                 lambda name: self.defs.get(name))
         self.firewall = Firewall(self)
+        self.fwd_index = model.ForwardIndex()
         self.ports.listeners.append(self._port_event)
         self.dhcp.listeners.append(self._lease_event)
         self.defs: dict[str, Network] = {}
@@ -80,6 +81,7 @@ class Engine:
     # --- start-up -----------------------------------------------------------------------
     async def startup(self) -> None:
         self.defs, self.problems = self.store.load_all()
+        self._index_forwards()
         for p in self.problems:
             log.error("definition problem: %s", p)
         async with self.lock:
@@ -265,6 +267,8 @@ class Engine:
             if name in self.running:
                 raise Busy(f"The network '{name}' is running: stop it first.")
             self.store.delete(name)
+            for f in self.defs[name].forwards:
+                self.fwd_index.remove(name, f)
             del self.defs[name]
         self._changed(name, "undefined")
 
@@ -286,6 +290,7 @@ class Engine:
             changed = [n for n in defs if self.defs.get(n) != defs[n]]
             self.defs = defs
             self.problems = problems
+            self._index_forwards()
             for name in changed:
                 if name in self.running:
                     lk = await self.links.get(name)
@@ -293,6 +298,8 @@ class Engine:
                         await self._ensure_running(defs[name], lk)
                         await self.dhcp.stop(name)
                         await self.dhcp.start(defs[name])
+            if any(n in self.running for n in changed):
+                await self.firewall.sync_all()
         for name in changed:
             self._changed(name, "reloaded")
         return problems
@@ -528,6 +535,12 @@ class Engine:
         return sorted(out, key=lambda d: tuple(int(x) for x in d["ip"].split(".")))
 
     # --- port forwarding ----------------------------------------------------------------
+    def _index_forwards(self) -> None:
+        self.fwd_index = model.ForwardIndex()
+        for net in self.defs.values():
+            for f in net.forwards:
+                self.fwd_index.add(net.name, f)
+
     async def add_forward(self, network: str, spec: dict[str, Any]) -> model.Forward:
         async with self.lock:
             net = self.get(network)
@@ -536,17 +549,22 @@ class Engine:
                 raise InvalidArgument(
                     f"'{fwd.target}' is neither an address nor a known VM on {network} (an "
                     "unknown VM name): give it a static host or attach it once first.")
-            for other in self.defs.values():
-                clash = next((f for f in other.forwards if f.clashes(fwd)), None)
-                if clash is not None:
-                    raise Exists(f"{fwd.proto} {fwd.external} is already forwarded to "
-                                 f"'{clash.target}' ({clash.describe()}) on network "
-                                 f"'{other.name}'.")
+            clash = self.fwd_index.clash(fwd)
+            if clash is not None:
+                owner, other = clash
+                raise Exists(f"{fwd.proto} {fwd.external} is already forwarded to "
+                             f"'{other.target}' ({other.describe()}) on network '{owner}'.")
             new = net.with_changes(forwards=(*net.forwards, fwd))
             if net.name in self.running:
                 await self.firewall.forward_added(new, fwd)
-            self.store.save(new)
+            try:
+                self.store.save_forward(network, fwd)
+            except OSError:
+                if net.name in self.running:
+                    await self.firewall.forward_removed(new, fwd)
+                raise
             self.defs[network] = new
+            self.fwd_index.add(network, fwd)
         return fwd
 
     async def remove_forward(self, network: str, spec: dict[str, Any]) -> model.Forward:
@@ -556,18 +574,17 @@ class Engine:
             spec = model.expand_forward_words(spec)
             probe = model.parse_forward(net, {**spec, "target": spec.get("target") or "x",
                                               "target-port": spec.get("target-port", 1)})
-            match = next((f for f in net.forwards if f.proto == probe.proto
-                          and f.family == probe.family and f.port_lo == probe.port_lo
-                          and f.port_hi == probe.port_hi and f.ext_addr == probe.ext_addr),
-                         None)
+            match = self.fwd_index.find(network, probe.proto, probe.family, probe.port_lo,
+                                        probe.port_hi, probe.ext_addr)
             if match is None:
                 raise NotFound(f"There is no forward of {probe.proto} {probe.external} on "
                                f"{network}. 'vnet-client forward list {network}' shows them.")
-            new = net.with_changes(forwards=tuple(f for f in net.forwards if f is not match))
             if net.name in self.running:
                 await self.firewall.forward_removed(net, match)
-            self.store.save(new)
-            self.defs[network] = new
+            self.store.delete_forward(network, match)
+            self.defs[network] = net.with_changes(
+                forwards=tuple(f for f in net.forwards if f is not match))
+            self.fwd_index.remove(network, match)
         return match
 
     def _knows_vm(self, net: Network, target: str) -> bool:

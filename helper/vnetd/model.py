@@ -390,17 +390,20 @@ class Network:
         if not isinstance(rows, list):
             raise InvalidArgument("'forwards' must be a list of tables.")
         forwards: list[Forward] = []
+        index = ForwardIndex()
         for row in rows:
             f = parse_forward(net, row)
-            clash = next((o for o in forwards if o.clashes(f)), None)
+            clash = index.clash(f)
             if clash:
-                raise InvalidArgument(f"The forwards '{clash.describe()}' and '{f.describe()}' "
-                                      "overlap.")
+                raise InvalidArgument(f"The forwards '{clash[1].describe()}' and "
+                                      f"'{f.describe()}' overlap.")
+            index.add(name, f)
             forwards.append(f)
         return replace(net, forwards=tuple(forwards)) if forwards else net
 
-    def to_dict(self) -> dict[str, Any]:
-        """The TOML table (and D-Bus 'definition'); the exact inverse of from_options."""
+    def to_dict(self, forwards: bool = True) -> dict[str, Any]:
+        """The TOML table (and D-Bus 'definition'); the exact inverse of from_options.
+        forwards=False leaves them out (the definition file keeps them in a directory)."""
         d: dict[str, Any] = {
             "name": self.name,
             "mode": self.mode,
@@ -431,7 +434,7 @@ class Network:
             d["routed-with"] = list(self.routed_with)
         if not self.spoof_protection:
             d["spoof-protection"] = False
-        if self.forwards:
+        if forwards and self.forwards:
             d["forwards"] = [f.to_dict() for f in self.forwards]
         return d
 
@@ -510,6 +513,44 @@ class Forward:
     def describe(self) -> str:
         tgt = f"[{self.target}]" if ":" in self.target else self.target
         return f"{self.proto} {self.external} -> {tgt}:{self.target_port}"
+
+    @property
+    def file_name(self) -> str:
+        """Its file in <network>.forwards/: one small file per forward, so adding or removing
+        one costs the same however many there are."""
+        ext = (self.ext_addr or "any").replace(":", "_")
+        return f"{self.proto}{self.family}-{ext}-{self.iface or 'any'}-{self.ports}.toml"
+
+
+class ForwardIndex:
+    """Forwards by (proto, family, port): finding a clash costs the new forward's port count,
+    not the number of forwards present."""
+
+    def __init__(self) -> None:
+        self._by_port: dict[tuple[str, int, int], list[tuple[str, Forward]]] = {}
+
+    def add(self, network: str, f: Forward) -> None:
+        for port in range(f.port_lo, f.port_hi + 1):
+            self._by_port.setdefault((f.proto, f.family, port), []).append((network, f))
+
+    def remove(self, network: str, f: Forward) -> None:
+        for port in range(f.port_lo, f.port_hi + 1):
+            rows = self._by_port.get((f.proto, f.family, port), [])
+            rows[:] = [r for r in rows if r != (network, f)]
+
+    def clash(self, f: Forward) -> tuple[str, Forward] | None:
+        for port in range(f.port_lo, f.port_hi + 1):
+            for network, other in self._by_port.get((f.proto, f.family, port), ()):
+                if other.clashes(f):
+                    return network, other
+        return None
+
+    def find(self, network: str, proto: str, family: int, lo: int, hi: int,
+             ext_addr: str | None) -> Forward | None:
+        for net, f in self._by_port.get((proto, family, lo), ()):
+            if net == network and f.port_hi == hi and f.port_lo == lo and f.ext_addr == ext_addr:
+                return f
+        return None
 
 
 def _port(text: object, what: str) -> int:

@@ -13,12 +13,13 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from .errors import VnetError
-from .model import Network, render_toml, validate_network_name
+from .model import Forward, Network, render_toml, validate_network_name
 
 log = logging.getLogger("vnetd.store")
 
@@ -26,6 +27,9 @@ HEADER = (
     "qemu-vnet network definition. Edit by hand if you like, then run 'vnet-client reload'.\n"
     "Reference: docs/cli.md (keys are the long option names of 'vnet-client define')."
 )
+
+
+FORWARD_HEADER = "qemu-vnet port forward (one per file; 'vnet-client forward' manages them)."
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -75,9 +79,28 @@ class Store:
         return self.networks_dir / f"{validate_network_name(name)}.toml"
 
     def save(self, net: Network) -> None:
-        text = render_toml(net.to_dict(), HEADER).encode()
+        """The definition file; its forwards are kept one per file (save_forward)."""
+        text = render_toml(net.to_dict(forwards=False), HEADER).encode()
         atomic_write(self.path_of(net.name), text)
         atomic_write(self.good_dir / f"{net.name}.toml", text, 0o600)
+
+    def forwards_dir(self, name: str) -> Path:
+        return self.networks_dir / f"{validate_network_name(name)}.forwards"
+
+    def save_forward(self, name: str, f: Forward) -> None:
+        d = self.forwards_dir(name)
+        d.mkdir(exist_ok=True)
+        atomic_write(d / f.file_name, render_toml(f.to_dict(), FORWARD_HEADER).encode())
+
+    def delete_forward(self, name: str, f: Forward) -> None:
+        d = self.forwards_dir(name)
+        with contextlib.suppress(FileNotFoundError):
+            (d / f.file_name).unlink()
+            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
     def delete(self, name: str) -> None:
         for p in (self.path_of(name), self.good_dir / f"{name}.toml"):
@@ -85,9 +108,10 @@ class Store:
                 p.unlink()
             except FileNotFoundError:
                 pass
+        shutil.rmtree(self.forwards_dir(name), ignore_errors=True)
 
     @staticmethod
-    def parse(name: str, text: str) -> Network:
+    def parse(name: str, text: str, forwards: list[dict[str, Any]] | None = None) -> Network:
         if not text.strip():
             # vnetd writes atomically, so an empty file is damage (or a half-done hand edit),
             # never an all-defaults definition
@@ -96,7 +120,19 @@ class Store:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise VnetError(f"it is not valid TOML ({e})") from None
+        if forwards:
+            data["forwards"] = [*data.get("forwards", []), *forwards]
         return Network.from_options(name, data)
+
+    def _read_forwards(self, name: str, problems: list[str]) -> list[dict[str, Any]]:
+        rows = []
+        d = self.forwards_dir(name)
+        for path in sorted(d.glob("*.toml")) if d.is_dir() else ():
+            try:
+                rows.append(tomllib.loads(path.read_text(encoding="utf-8")))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
+                problems.append(f"{path}: ignored: {e}")
+        return rows
 
     def load_all(self) -> tuple[dict[str, Network], list[str]]:
         """All definitions, and a sentence for each file that could not be used."""
@@ -110,13 +146,15 @@ class Store:
                 problems.append(f"{path}: ignored: {e.message}")
                 continue
             good = self.good_dir / path.name
+            forwards = self._read_forwards(name, problems)
             try:
-                net = self.parse(name, path.read_text(encoding="utf-8"))
+                text = path.read_text(encoding="utf-8")
+                net = self.parse(name, text, forwards)
             except (VnetError, UnicodeDecodeError, OSError) as e:
                 reason = e.message if isinstance(e, VnetError) else str(e)
                 if good.exists():
                     try:
-                        net = self.parse(name, good.read_text(encoding="utf-8"))
+                        net = self.parse(name, good.read_text(encoding="utf-8"), forwards)
                     except VnetError:
                         problems.append(f"{path}: cannot be used: {reason}; no good copy either.")
                         continue
@@ -128,7 +166,13 @@ class Store:
                     problems.append(f"{path}: cannot be used: {reason}.")
                 continue
             nets[name] = net
-            text = render_toml(net.to_dict(), HEADER).encode()
+            if tomllib.loads(text).get("forwards"):
+                # forwards written inline by hand move to their directory, one file each
+                for f in net.forwards:
+                    self.save_forward(name, f)
+                self.save(net)
+                continue
+            text = render_toml(net.to_dict(forwards=False), HEADER).encode()
             if not good.exists() or good.read_bytes() != text:
                 atomic_write(good, text, 0o600)
         return nets, problems

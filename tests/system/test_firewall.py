@@ -272,3 +272,28 @@ def test_a_foreign_drop_policy_is_explained_in_show(world, vnetd):
         assert "policy drop" in vnetd.exec("nft", "list table ip filter").stdout
     finally:
         vnetd.exec("nft", "delete table ip filter")
+
+
+def test_forwards_persist_one_file_each_and_survive_a_restart(world, guests, vnetd):
+    g = guests("vnet2", dhcp=False)
+    g.static("172.16.12.77/24", "172.16.12.1")
+    srv = Server(g.netns, "tcp", 8077)
+    try:
+        run_client("forward", "add", "vnet2", "tcp", "8077", "172.16.12.77:8077", check=True)
+        fdir = vnetd.config_dir / "networks" / "vnet2.forwards"
+        assert [p.name for p in fdir.iterdir()] == ["tcp4-any-any-8077.toml"]
+        vnetd.kill()
+        vnetd.start()
+        assert connect(world.netns, "tcp", Outside.HOST, 8077) == f"seen {Outside.PEER}"
+        # forwards written inline by hand move to the directory on reload
+        path = vnetd.config_dir / "networks" / "vnet2.toml"
+        path.write_text(path.read_text() + '\n[[forwards]]\nproto = "udp"\nport = "8078"\n'
+                        'target = "172.16.12.77"\ntarget-port = 8078\n')
+        run_client("reload", check=True)
+        assert "forwards" not in path.read_text()
+        assert (fdir / "udp4-any-any-8078.toml").exists()
+        assert len(json.loads(run_client("forward", "list", "vnet2", "--json").stdout)) == 2
+    finally:
+        srv.close()
+        run_client("forward", "remove", "vnet2", "tcp", "8077")
+        run_client("forward", "remove", "vnet2", "udp", "8078")
