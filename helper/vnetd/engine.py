@@ -298,8 +298,7 @@ class Engine:
                         await self._ensure_running(defs[name], lk)
                         await self.dhcp.stop(name)
                         await self.dhcp.start(defs[name])
-            if any(n in self.running for n in changed):
-                await self.firewall.sync_all()
+            await self.firewall.sync_all()  # also re-checks a DOCKER-USER chain
         for name in changed:
             self._changed(name, "reloaded")
         return problems

@@ -85,10 +85,17 @@ class Firewall:
             chains = fw.foreign_drop_chains(fw.query(fw.render_chains_query(), self.nft))
         except (RuntimeError, ValueError) as e:
             return [f"the ruleset could not be read: {e}"]
+        docker = set()
+        for family in ("ip", "ip6"):
+            try:
+                fw.query(fw.docker_user_query(family), self.nft)
+                docker.add(f"{family} filter")
+            except (RuntimeError, ValueError):
+                pass
         return [f"{c} drops forwarded traffic of vnetd's bridges too: add accept rules for "
-                "them there (for Docker: in the DOCKER-USER chain, e.g. 'iifname \"vnet2\" "
-                "accept' and 'oifname \"vnet2\" ct state established,related accept')"
-                for c in chains]
+                "them there (e.g. 'iifname \"vnet2\" accept' and 'oifname \"vnet2\" ct state "
+                "established,related accept')" for c in chains
+                if not any(c.startswith(d + " ") for d in docker)]
 
     # --- what should be there -----------------------------------------------------------
     def resolve(self, net: Network, f: Forward) -> str | None:
@@ -154,6 +161,22 @@ class Firewall:
         self.applied_forwards, self.applied_ports = forwards, ports
         self._forwarding(any(n.mode == "nat" for n in running),
                          any(n.mode == "nat" and n.subnet6 for n in running))
+        await asyncio.to_thread(self._docker_user, [n.bridge for n in running])
+
+    def _docker_user(self, bridges: list[str]) -> None:
+        """Where Docker's DOCKER-USER chain exists, accept our bridges' traffic there (its
+        forward policy is drop). A host without Docker is left alone."""
+        for family in ("ip", "ip6"):
+            try:
+                listing = fw.query(fw.docker_user_query(family), self.nft)
+            except (RuntimeError, ValueError):
+                continue  # no such chain: nothing to do
+            try:
+                fw.apply_docker_user(fw.render_docker_user(family, listing, bridges), self.nft)
+                log.info("DOCKER-USER (%s): accept rules for %s", family,
+                         ", ".join(bridges) or "no bridges")
+            except (RuntimeError, ValueError) as e:
+                log.warning("could not update %s filter DOCKER-USER: %s", family, e)
 
     def _forwarding(self, v4: bool, v6: bool) -> None:
         """IP forwarding on while a nat network runs; the previous value back afterwards."""

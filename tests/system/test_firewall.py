@@ -260,6 +260,35 @@ def test_unknown_mac_is_learned_then_locked(world):
         holder.wait()
 
 
+def test_docker_style_drop_policy_nat_still_works(world, guests, vnetd):
+    """Docker sets 'policy drop' on forward and offers DOCKER-USER for exceptions."""
+    for cmd in ("add table ip filter",
+                "add chain ip filter FORWARD { type filter hook forward priority 0; "
+                "policy drop; }",
+                "add chain ip filter DOCKER-USER",
+                "add rule ip filter FORWARD jump DOCKER-USER",
+                "add rule ip filter DOCKER-USER return"):
+        vnetd.exec("nft", cmd)
+    srv = Server(world.netns, "tcp", 7010)
+    try:
+        g = guests("vnet2")
+        assert connect(g.netns, "tcp", Outside.PEER, 7010).startswith("fail")  # blocked
+        run_client("reload", check=True)  # vnetd (re)applies its accepts in DOCKER-USER
+        assert connect(g.netns, "tcp", Outside.PEER, 7010) == f"seen {Outside.HOST}"
+        listing = vnetd.exec("nft", "list", "chain", "ip", "filter", "DOCKER-USER").stdout
+        assert listing.count('comment "qemu-vnet"') == 6  # a pair per running network
+        assert "return" in listing and "policy drop" in vnetd.exec(
+            "nft", "list", "chain", "ip", "filter", "FORWARD").stdout
+        run_client("reload", check=True)  # idempotent: replaces only its own rules
+        assert vnetd.exec("nft", "list", "chain", "ip", "filter",
+                          "DOCKER-USER").stdout.count("qemu-vnet") == 6
+        n = json.loads(run_client("show", "vnet2", "--json", check=True).stdout)
+        assert "firewall-warnings" not in n  # handled, nothing to explain
+    finally:
+        srv.close()
+        vnetd.exec("nft", "delete table ip filter")
+
+
 def test_a_foreign_drop_policy_is_explained_in_show(world, vnetd):
     vnetd.exec("nft", "add table ip filter")
     vnetd.exec("nft", "add chain ip filter FORWARD { type filter hook forward priority 0; "
@@ -267,7 +296,7 @@ def test_a_foreign_drop_policy_is_explained_in_show(world, vnetd):
     try:
         n = json.loads(run_client("show", "vnet2", "--json", check=True).stdout)
         warn = " ".join(n.get("firewall-warnings", []))
-        assert "ip filter FORWARD" in warn and "DOCKER-USER" in warn
+        assert "ip filter FORWARD" in warn and 'iifname "vnet2" accept' in warn
         # and we never touched it
         assert "policy drop" in vnetd.exec("nft", "list table ip filter").stdout
     finally:

@@ -872,3 +872,60 @@ def foreign_drop_chains(listing: dict) -> list[str]:
             out.append(f"{ch.get('family')} {ch.get('table')} {ch.get('name')} "
                        f"(hook {ch['hook']}, policy drop)")
     return out
+
+
+# --- Docker's DOCKER-USER hook (the one place outside our tables) ------------------------------
+# Docker sets `policy drop` on the forward hook of table ip (and ip6) `filter`, and a drop in
+# any base chain drops a packet whatever our tables say. Docker provides the DOCKER-USER chain
+# for exactly this: rules there run before its own. vnetd adds accept rules for its bridges
+# there, marked with a comment, and replaces only rules carrying that comment. Nothing else
+# of Docker's table is read for changing, flushed or edited.
+
+DOCKER_CHAIN = "DOCKER-USER"
+DOCKER_MARK = "qemu-vnet"
+
+
+def docker_user_query(family: str) -> dict:
+    return {"nftables": [{"list": {"chain": {"family": family, "table": "filter",
+                                             "name": DOCKER_CHAIN}}}]}
+
+
+def render_docker_user(family: str, listing: dict, bridges: Iterable[str]) -> dict:
+    """One transaction: delete our previously added rules (by handle, found by their
+    comment) and add an accept pair for each running bridge."""
+    cmds: list[dict] = []
+    for o in (listing or {}).get("nftables", []):
+        r = o.get("rule")
+        if r and r.get("chain") == DOCKER_CHAIN and r.get("comment") == DOCKER_MARK:
+            cmds.append({"delete": {"rule": {"family": family, "table": "filter",
+                                             "chain": DOCKER_CHAIN, "handle": r["handle"]}}})
+    for br in sorted(bridges):
+        _ifname(br, "bridge")
+        for expr in (
+            [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": br}},
+             {"accept": None}],
+            [{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": br}},
+             {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                        "right": ["established", "related"]}},
+             {"accept": None}],
+        ):
+            cmds.append({"insert": {"rule": {"family": family, "table": "filter",
+                                             "chain": DOCKER_CHAIN, "expr": expr,
+                                             "comment": DOCKER_MARK}}})
+    return {"nftables": cmds}
+
+
+def apply_docker_user(cmd: dict, nft=None) -> None:
+    """Apply a render_docker_user() transaction: only rules of the DOCKER-USER chain."""
+    for c in cmd.get("nftables", []):
+        (verb, body), = c.items()
+        rule = body.get("rule", {})
+        if verb not in ("insert", "delete") or set(body) != {"rule"} or (
+                rule.get("table"), rule.get("chain")) != ("filter", DOCKER_CHAIN):
+            raise ValueError("apply_docker_user() only touches rules of DOCKER-USER.")
+    if not cmd["nftables"]:
+        return
+    nft = nft or _context()
+    rc, _out, err = nft.json_cmd(cmd)
+    if rc != 0:
+        raise RuntimeError((err or "").strip() or f"libnftables failed ({rc}).")
