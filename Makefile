@@ -147,7 +147,7 @@ lint:
 	ruff check .
 
 bench: test-env
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
