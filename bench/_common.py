@@ -32,18 +32,19 @@ def summary_ms(samples: list[float]) -> dict:
 def bench_daemon(label: str):
     if os.geteuid() != 0:
         sys.exit("benchmarks need root (sudo make bench)")
-    services.start(with_vnetd=False)
-    host = services.stop_vnetd()
-    with services.activation_parked():
-        hd.ensure_users()
-        d = hd.Daemon(label)
-        try:
-            d.start()
-            yield d
-        finally:
-            d.close()
-    if host:
-        services.ensure_vnetd()
+    with services.exclusive():
+        services.start(with_vnetd=False)
+        host = services.stop_vnetd()
+        with services.activation_parked():
+            hd.ensure_users()
+            d = hd.Daemon(label)
+            try:
+                d.start()
+                yield d
+            finally:
+                d.close()
+        if host:
+            services.ensure_vnetd()
 
 
 def emit(name: str, result: dict) -> None:

@@ -19,11 +19,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def system_services():
+def system_services(request):
     if os.geteuid() != 0:
         pytest.fail("the system tests need root: run 'sudo make test'")
     if not hd.PY.exists():
         pytest.fail("/opt/qemu-vnet is missing: run 'sudo make test' (it installs first)")
+    lock = services.exclusive()
+    lock.__enter__()
+    request.addfinalizer(lambda: lock.__exit__(None, None, None))
     services.start(with_vnetd=False)
     # One daemon owns org.qemuvnet.Vnet1 at a time: a host vnetd yields to the tests and is
     # started again afterwards.

@@ -35,6 +35,7 @@ UNAVAILABLE = (
     "org.freedesktop.DBus.Error.Spawn.ChildExited",
 )
 CALL_TIMEOUT = 300.0  # a person may be typing a password
+RETRY_AFTER = 1.0  # seconds before the one retry when vnetd is not there
 
 
 class VnetClientError(Exception):
@@ -150,9 +151,17 @@ class Client:
         """Call a method; return the reply Message (its unix_fds are the caller's to close)."""
         interactive = self.interactive if interactive is None else interactive
         flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if interactive else MessageFlag.NONE
-        msg = Message(destination=BUS_NAME, path=path, interface=interface, member=member,
-                      signature=signature, body=body or [], flags=flags)
-        reply = await self._send(msg)
+        def message() -> Message:
+            return Message(destination=BUS_NAME, path=path, interface=interface, member=member,
+                           signature=signature, body=body or [], flags=flags)
+
+        reply = await self._send(message())
+        if reply.message_type == MessageType.ERROR and reply.error_name in UNAVAILABLE:
+            # vnetd may be restarting (systemd's Restart=, or D-Bus activation): once more
+            import asyncio
+
+            await asyncio.sleep(RETRY_AFTER)
+            reply = await self._send(message())
         if reply.message_type == MessageType.ERROR:
             for fd in reply.unix_fds:
                 os.close(fd)
@@ -171,6 +180,9 @@ class Client:
         except TimeoutError:
             raise VnetClientError("org.freedesktop.DBus.Error.NoReply",
                                   "vnetd did not answer in time.") from None
+        except (OSError, EOFError) as e:
+            raise VnetClientError("org.freedesktop.DBus.Error.Disconnected",
+                                  f"The connection to the system bus broke ({e}).") from None
 
     async def value(self, member: str, signature: str = "", body: list[Any] | None = None,
                     **kw: Any) -> Any:

@@ -35,6 +35,8 @@ STD_IFACES = """  <interface name="org.freedesktop.DBus.Introspectable">
   </interface>"""
 
 MAX_DEPTH = 16  # containers and variants nested in one argument
+MAX_IN_FLIGHT = 32  # calls one sender may have waiting for an answer at once
+MAX_STRING = 4096  # characters in any one string argument
 
 
 # --- value conversion -------------------------------------------------------------------
@@ -67,6 +69,10 @@ def unwrap(v: Any, depth: int = 0) -> Any:
     """Plain Python values from what dbus-fast decoded (nested at most MAX_DEPTH deep)."""
     if depth > MAX_DEPTH:
         raise InvalidArgument("The arguments are nested too deeply.")
+    if isinstance(v, str) and len(v) > MAX_STRING:
+        raise InvalidArgument(f"A string argument is longer than {MAX_STRING} characters.")
+    if isinstance(v, dict | list) and len(v) > 65536:
+        raise InvalidArgument("An argument holds more than 65536 items.")
     if isinstance(v, Variant):
         return unwrap(v.value, depth + 1)
     if isinstance(v, dict):
@@ -103,9 +109,10 @@ def network_path(name: str) -> str:
 class Reply:
     """What a handler returns: body values, and fds to send and close after the write."""
 
-    def __init__(self, *body: Any, fds: list[int] | None = None):
+    def __init__(self, *body: Any, fds: list[int] | None = None, audit: str = ""):
         self.body = list(body)
         self.fds = fds or []
+        self.audit = audit  # what the log line should add about the result
 
 
 Handler = Callable[..., Awaitable[Any]]
@@ -149,6 +156,7 @@ class Service:
         if missing:
             raise RuntimeError(f"contract and handlers disagree: {sorted(missing)}")
         self.tasks: set[asyncio.Task] = set()
+        self.in_flight: dict[str, int] = {}
         engine.listeners.append(self.emit_network_changed)
         engine.ports.listeners.append(self.emit_port_changed)
         engine.dhcp.listeners.append(self.emit_lease_changed)
@@ -176,10 +184,26 @@ class Service:
             return self._introspect(msg)
         if msg.interface == "org.freedesktop.DBus.Peer" or path in ("/", "/org", "/org/qemuvnet"):
             return None  # dbus-fast answers Ping/GetMachineId and unknown paths
+        sender = msg.sender or ""
+        if self.in_flight.get(sender, 0) >= MAX_IN_FLIGHT:
+            self.bus.send(Message.new_error(
+                msg, "org.freedesktop.DBus.Error.LimitsExceeded",
+                f"Too many calls at once from {sender} (at most {MAX_IN_FLIGHT} waiting for an "
+                "answer); wait for the answers first."))
+            return True
+        self.in_flight[sender] = self.in_flight.get(sender, 0) + 1
         task = asyncio.get_running_loop().create_task(self._dispatch(msg))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(lambda _t, s=sender: self._done(s))
         return True
+
+    def _done(self, sender: str) -> None:
+        n = self.in_flight.get(sender, 1) - 1
+        if n:
+            self.in_flight[sender] = n
+        else:
+            self.in_flight.pop(sender, None)
 
     def _on_signal(self, msg: Message) -> None:
         if msg.interface == "org.freedesktop.DBus" and msg.member == "NameOwnerChanged":
@@ -293,14 +317,16 @@ class Service:
             await self.authz.check(caller, spec.action, details)
             result = await handler(caller, *args)
         except VnetError as e:
-            log.info("uid=%d sender=%s %s%s: refused: %s: %s", caller.uid, caller.sender,
-                     spec.name, _fmt_args(args), e.dbus_name.rsplit(".", 1)[-1], e.message)
+            log.info("uid=%d sender=%s pid=%s %s%s: refused: %s: %s", caller.uid,
+                     caller.sender, caller.pid, spec.name, _fmt_args(args),
+                     e.dbus_name.rsplit(".", 1)[-1], e.message)
             raise
-        if spec.action != api.INFO:
-            log.info("uid=%d sender=%s %s%s: ok", caller.uid, caller.sender, spec.name,
-                     _fmt_args(args))
         if not isinstance(result, Reply):
             result = Reply() if result is None else Reply(result)
+        if spec.action != api.INFO:
+            log.info("uid=%d sender=%s pid=%s %s%s: ok%s", caller.uid, caller.sender,
+                     caller.pid, spec.name, _fmt_args(args),
+                     f": {result.audit}" if result.audit else "")
         return Message(
             message_type=MessageType.METHOD_RETURN, reply_serial=msg.serial,
             destination=msg.sender, signature=spec.out_sig, body=result.body,
@@ -375,7 +401,8 @@ class Service:
         self.emit_port_changed(port, "attached")
         n = len(fds)
         return Reply(to_asv(info), list(range(n)), list(range(n, n + len(vhostfds))),
-                     fds=fds + vhostfds)
+                     fds=fds + vhostfds,
+                     audit=f"opened tap {port.ifname} (mac {port.mac}) for uid {port.uid}")
 
     async def is_admin(self, caller: Caller, network: str | None = None) -> bool:
         if caller.is_root:

@@ -103,6 +103,21 @@ def activation_parked(path: Path = ACTIVATION_FILE):
             reload_bus()
 
 
+@contextlib.contextmanager
+def exclusive(path: str = "/run/qemu-vnet-tests.lock"):
+    """One test or bench session at a time on this machine: they share the system bus name
+    org.qemuvnet.Vnet1, so a second session waits here for the first to finish."""
+    import fcntl
+
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another test session to finish ({path})...", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_bus() -> None:
     if bus_up():
         return
