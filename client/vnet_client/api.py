@@ -245,6 +245,10 @@ class Client:
     async def get_mac(self, network: str, vm: str, nic: int = 0) -> str:
         return await self.value("GetMac", "ssu", [network, vm, nic])
 
+    async def vde_socket(self, network: str, vm: str, nic: int = 0) -> tuple[str, str]:
+        """(socket path for -netdev vde,sock=, the VM's stable MAC)."""
+        return tuple(await self.value("VdeSocket", "ssu", [network, vm, nic]))
+
     async def export_ether_conf(self, network: str) -> str:
         return await self.value("ExportEtherConf", "s", [network])
 

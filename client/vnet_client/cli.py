@@ -92,6 +92,10 @@ def _define_options(p: argparse.ArgumentParser) -> None:
                    help="let this network exchange traffic with NET (repeatable)")
     p.add_argument("--no-spoof-protection", action="store_true",
                    help="let guests send from any MAC/IP (default: locked to their own)")
+    p.add_argument("--vde", action="store_true",
+                   help="run a VDE switch on each tap (qemu-vlan's --vde; needs -n COUNT)")
+    p.add_argument("--vde-ports", type=int, metavar="N",
+                   help="ports per VDE switch (default 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("attach", "attach a VM to a network and run COMMAND (QEMU) with the tap fd(s)")
     sp.usage = ("vnet-client attach --br=NET --vm=NAME [--nic=N] [--queues=N] [--vhost] "
-                "[--mac=MAC] [--br=NET2 ...] -- COMMAND [ARGS...]")
+                "[--mac=MAC] [--vde] [--br=NET2 ...] -- COMMAND [ARGS...]")
     sp.description = ATTACH_HELP
     sp.formatter_class = argparse.RawDescriptionHelpFormatter
     sp = cmd("ports", "list your ports (administrators: everyone's)")
@@ -195,7 +199,7 @@ Ask vnetd for a tap on each network named with --br, then run COMMAND with the f
 Placeholders in COMMAND are replaced:
   {fd}        the tap fd            {fds}       all queue fds, colon-joined
   {vhostfds}  vhost fds (if any)    {mac}       the VM's stable MAC
-  {ifname}    the tap's name
+  {ifname}    the tap's name        {vde_sock}  with --vde: a VDE switch with a free port
 With several --br groups, add the group's index: {fd0}, {mac1}, ...
 Options after a --br apply to that group; --vm given once applies to all.
 
@@ -245,6 +249,10 @@ def _define_opts(a: argparse.Namespace) -> dict[str, Any]:
         opts["allow-host"] = True
     if a.no_spoof_protection:
         opts["spoof-protection"] = False
+    if a.vde:
+        opts["vde"] = True
+    if a.vde_ports is not None:
+        opts["vde-ports"] = a.vde_ports
     if a.autostart:
         opts["autostart"] = True
     if a.group is not None:
@@ -497,7 +505,7 @@ async def run_compat(args: argparse.Namespace) -> int:
 
 
 # --- attach --------------------------------------------------------------------------------
-PLACEHOLDER = re.compile(r"\{(fd|fds|vhostfds|mac|ifname)(\d*)\}")
+PLACEHOLDER = re.compile(r"\{(fd|fds|vhostfds|mac|ifname|vde_sock)(\d*)\}")
 
 
 @dataclass
@@ -508,6 +516,21 @@ class Group:
     queues: int = 1
     vhost: bool = False
     mac: str | None = None
+    vde: bool = False
+
+
+@dataclass
+class VdePlug:
+    """A NIC that QEMU plugs into a VDE switch itself (no fd)."""
+
+    network: str
+    vm: str
+    nic: int
+    sock: str
+    mac: str
+
+    def close(self) -> None:
+        pass
 
 
 def parse_attach(argv: list[str]) -> tuple[list[Group], list[str], argparse.Namespace]:
@@ -566,6 +589,8 @@ def parse_attach(argv: list[str]) -> tuple[list[Group], list[str], argparse.Name
             g.queues = number(flag, value(flag, inline))
         elif flag == "--vhost":
             g.vhost = True
+        elif flag == "--vde":
+            g.vde = True
         elif flag == "--mac":
             g.mac = value(flag, inline)
         else:
@@ -591,6 +616,11 @@ def substitute(command: list[str], atts: list[Attachment]) -> list[str]:
             if int(idx) >= len(atts):
                 raise Usage(f"{{{what}{idx}}} names NIC {idx}, but only {len(atts)} attached.")
             a = atts[int(idx)]
+        if what != "mac" and (what == "vde_sock") != isinstance(a, VdePlug):
+            raise Usage(f"{{{what}}} does not fit NIC {atts.index(a)}: {{vde_sock}} goes with "
+                        "--vde, {fd}/{fds}/{vhostfds}/{ifname} with a tap.")
+        if isinstance(a, VdePlug):
+            return {"vde_sock": a.sock, "mac": a.mac}[what]
         return {
             "fd": str(a.fds[0]),
             "fds": ":".join(str(f) for f in a.fds),
@@ -611,6 +641,10 @@ async def run_attach(groups: list[Group], command: list[str],
     try:
         async with Session(common) as s:
             for g in groups:
+                if g.vde:
+                    sock, mac = await s.run(lambda c, g=g: c.vde_socket(g.network, g.vm, g.nic))
+                    atts.append(VdePlug(g.network, g.vm, g.nic, sock, g.mac or mac))
+                    continue
                 atts.append(await s.run(lambda c, g=g: c.attach(
                     g.network, g.vm, nic=g.nic, queues=g.queues, vhost=g.vhost, mac=g.mac)))
         argv = substitute(command, atts)
@@ -619,6 +653,10 @@ async def run_attach(groups: list[Group], command: list[str],
             a.close()
         raise
     for a in atts:
+        if isinstance(a, VdePlug):
+            print(f"vnet-client: {a.vm} nic {a.nic} on {a.network} through VDE switch {a.sock} "
+                  f"(mac {a.mac})", file=sys.stderr)
+            continue
         for fd in a.fds + a.vhostfds:
             os.set_inheritable(fd, True)
         note = f"attached {a.vm} nic {a.nic} to {a.network} as {a.ifname} (mac {a.mac})"
@@ -685,7 +723,7 @@ def is_compat(argv: list[str]) -> bool:
         return False
     takes_value = {"-n", "--taps", "--mode", "--subnet", "--subnet6", "--mtu", "--user",
                    "--group", "--dhcp", "--dhcp-start", "--dhcp-end", "--domain",
-                   "--bus-address", "--br"}
+                   "--bus-address", "--br", "--routed-with", "--vde-ports"}
     skip = False
     for a in argv:
         if skip:

@@ -69,7 +69,8 @@ METHODS: tuple[Method, ...] = (
            "One network: definition, state, bridge, addresses."),
     Method(MANAGER, "Define", _a("name:s", "options:a{sv}"), _a("network:o"), MANAGE,
            "Define a network. Options (the TOML keys): mode, subnet, subnet6, mtu, autostart, "
-           "taps, tap-user, tap-group, dhcp, dhcp-start, dhcp-end, domain, hosts, forwards."),
+           "taps, tap-user, tap-group, dhcp, dhcp-start, dhcp-end, domain, hosts, forwards, "
+           "allow-host, routed-with, spoof-protection, vde, vde-ports, vde-switch-args."),
     Method(MANAGER, "Undefine", _a("name:s"), (), MANAGE,
            "Remove a stopped network's definition."),
     Method(MANAGER, "Start", _a("name:s"), (), MANAGE,
@@ -94,6 +95,10 @@ METHODS: tuple[Method, ...] = (
            "Your ports; administrators (manage) see everyone's.", details=()),
     Method(MANAGER, "GetMac", _a("network:s", "vm:s", "nic:u"), _a("mac:s"), ATTACH,
            "The stable MAC of a VM's NIC on a network (given out and remembered if new).",
+           details=("network", "vm")),
+    Method(MANAGER, "VdeSocket", _a("network:s", "vm:s", "nic:u"), _a("sock:s", "mac:s"),
+           ATTACH, "A VDE switch of the network with a free port (for -netdev vde,sock=) and "
+           "the VM's stable MAC. Members of group vnet may then connect with no call at all.",
            details=("network", "vm")),
     Method(MANAGER, "ExportEtherConf", _a("network:s"), _a("text:s"), INFO,
            "The network's MACs as qemu-vlan's ether.conf (ether_<i>=MAC lines).",

@@ -138,6 +138,7 @@ class Service:
             (api.MANAGER, "ListPorts"): self.list_ports,
             (api.MANAGER, "GetMac"): self.get_mac,
             (api.MANAGER, "ExportEtherConf"): self.export_ether_conf,
+            (api.MANAGER, "VdeSocket"): self.vde_socket,
             (api.MANAGER, "ImportMacs"): self.import_macs,
             (api.MANAGER, "Enslave"): self.enslave,
             (api.MANAGER, "Release"): self.release,
@@ -430,6 +431,10 @@ class Service:
 
     async def get_mac(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
         return self.engine.get_mac(network, vm, nic)
+
+    async def vde_socket(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
+        sock, mac = await asyncio.to_thread(self.engine.vde_socket, network, vm, nic)
+        return Reply(sock, mac)
 
     async def export_ether_conf(self, caller: Caller, network: str) -> Any:
         self.engine.get(network)

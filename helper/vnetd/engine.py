@@ -30,6 +30,7 @@ from .macs import MacRegistry
 from .model import Network
 from .ports import Port, Ports, parse_attach_options
 from .store import Store
+from .vde import VdeSwitches
 
 log = logging.getLogger("vnetd")
 
@@ -65,6 +66,7 @@ class Engine:
                                 lambda name: self.defs.get(name))
         self.firewall = Firewall(self)
         self.fwd_index = model.ForwardIndex()
+        self.vde = VdeSwitches(store.runtime_dir)
         self.ports.listeners.append(self._port_event)
         self.dhcp.listeners.append(self._lease_event)
         self.defs: dict[str, Network] = {}
@@ -142,6 +144,7 @@ class Engine:
                 continue
             try:
                 await self._ensure_running(net, lk)
+                await self.vde.start(net)
                 await self.dhcp.start(net)
                 self.running.add(net.name)
                 log.info("reconcile: adopted running network %s", net.name)
@@ -202,6 +205,8 @@ class Engine:
                 d["mac"] = lk.address
                 d["addresses"] = [str(a) for a in await self.links.addresses(lk.index)]
             d["servers"] = self.dhcp.status(net.name)
+            if net.vde:
+                d["vde"] = await asyncio.to_thread(self.vde.status, net)
             counters = await self.firewall.spoof_counters()
             d["ports"] = [{"ifname": p.ifname, "vm": p.vm, "nic": p.nic,
                            "mac": p.mac if p.mac_known else "(learning)", "uid": p.uid,
@@ -360,12 +365,14 @@ class Engine:
                     raise Exists(f"An interface named '{tname}' already exists on this host.")
                 await self._make_tap(net, tname, br.index, gid, rb)
             await self.links.up(br.index)
+            await self.vde.start(net)
             await self.dhcp.start(net)
             self.running.add(net.name)
             await self.firewall.sync_all()
         except BaseException:
             self.running.discard(net.name)
             await self.dhcp.stop(net.name)
+            await self.vde.stop(net)
             await rb.run()
             raise
 
@@ -379,6 +386,7 @@ class Engine:
 
     async def _teardown(self, net: Network) -> None:
         await self.dhcp.stop(net.name)
+        await self.vde.stop(net)
         await self.ports.remove_network_ports(net.name)
         for tname in net.tap_names:
             lk = await self.links.get(tname)
@@ -606,3 +614,13 @@ class Engine:
             d["resolved"] = self.firewall.resolve(net, f) or ""
             out.append(d)
         return out
+
+    def vde_socket(self, network: str, vm: str, nic: int) -> tuple[str, str]:
+        """A VDE switch socket with a free port, and the VM's stable MAC."""
+        net = self.get(network)
+        if not net.vde:
+            raise InvalidArgument(f"The network '{network}' has no VDE switches (define it "
+                                  "with --vde).")
+        if network not in self.running:
+            raise NotRunning(f"The network '{network}' is not running: start it first.")
+        return self.vde.free_socket(net), self.get_mac(network, vm, nic)

@@ -166,6 +166,37 @@ def _int_in(value: object, lo: int, hi: int, what: str) -> int:
     return value
 
 
+# Extra switch arguments a definition may carry (vde-switch-args): behaviour of the switch
+# only. Anything that would change where it listens, who may connect, or break supervision
+# (--daemon, --pidfile, --rcfile, --sock, --mgmt, --tap, ...) is refused.
+_FLAGS = {"-x", "--hub", "-F", "--fstp"}
+_WITH_VALUE = {"--macaddr": re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}"),
+               "--priority": re.compile(r"\d{1,5}"), "--hashsize": re.compile(r"\d{1,6}")}
+
+
+def _vde_args(args: object) -> tuple[str, ...]:
+    if not isinstance(args, list | tuple) or not all(isinstance(a, str) for a in args):
+        raise InvalidArgument("'vde-switch-args' must be a list of strings.")
+    out: list[str] = []
+    it = iter(args)
+    for a in it:
+        flag, eq, val = a.partition("=")
+        if a in _FLAGS:
+            out.append(a)
+        elif flag in _WITH_VALUE:
+            val = val if eq else next(it, "")
+            if not _WITH_VALUE[flag].fullmatch(val):
+                raise InvalidArgument(f"'{flag}' needs a valid value, not '{val[:40]}'.")
+            out += [flag, val]
+        else:
+            raise InvalidArgument(
+                f"The vde_switch argument '{a[:40]}' is not allowed: only --hub, --fstp, "
+                "--macaddr, --priority and --hashsize (vnetd sets sockets, ports, group and "
+                "supervises the switch itself).")
+    return tuple(out)
+
+
+
 def _bool(value: object, what: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidArgument(f"'{what}' must be true or false, not {_printable(value)}.")
@@ -275,6 +306,9 @@ class Network:
     allow_host: bool = False
     routed_with: tuple[str, ...] = ()
     spoof_protection: bool = True
+    vde: bool = False
+    vde_ports: int = 32
+    vde_switch_args: tuple[str, ...] = ()
 
     @property
     def dns_domain(self) -> str:
@@ -311,7 +345,7 @@ class Network:
     # --- construction -------------------------------------------------------------------
     KEYS = ("mode", "subnet", "subnet6", "mtu", "autostart", "taps", "tap-user", "tap-group",
             "dhcp", "dhcp-start", "dhcp-end", "domain", "hosts", "forwards", "allow-host",
-            "routed-with", "spoof-protection")
+            "routed-with", "spoof-protection", "vde", "vde-ports", "vde-switch-args")
 
     @classmethod
     def from_options(cls, name: object, options: dict[str, Any]) -> Network:
@@ -385,7 +419,13 @@ class Network:
             allow_host=_bool(options.get("allow-host", False), "allow-host"),
             routed_with=routed,
             spoof_protection=_bool(options.get("spoof-protection", True), "spoof-protection"),
+            vde=_bool(options.get("vde", False), "vde"),
+            vde_ports=_int_in(options.get("vde-ports", 32), 2, 1024, "VDE port count"),
+            vde_switch_args=_vde_args(options.get("vde-switch-args", [])),
         )
+        if net.vde and not net.taps:
+            raise InvalidArgument("A VDE network runs one switch per tap: give it taps "
+                                  "(-n COUNT), e.g. --vde -n 4 for 4 x 32 ports.")
         rows = options.get("forwards", [])
         if not isinstance(rows, list):
             raise InvalidArgument("'forwards' must be a list of tables.")
@@ -434,6 +474,11 @@ class Network:
             d["routed-with"] = list(self.routed_with)
         if not self.spoof_protection:
             d["spoof-protection"] = False
+        if self.vde:
+            d["vde"] = True
+            d["vde-ports"] = self.vde_ports
+            if self.vde_switch_args:
+                d["vde-switch-args"] = list(self.vde_switch_args)
         if forwards and self.forwards:
             d["forwards"] = [f.to_dict() for f in self.forwards]
         return d

@@ -31,6 +31,7 @@ MATRIX = {
     ("Manager", "ListPorts"): ("info", "", []),
     ("Manager", "GetMac"): ("attach", "ssu", ["vnet2", "mx", 0]),
     ("Manager", "ExportEtherConf"): ("info", "s", ["vnet2"]),
+    ("Manager", "VdeSocket"): ("attach", "ssu", ["vnet2", "mx", 0]),
     ("Manager", "ImportMacs"): ("manage", "sa{ss}", ["vnet2", {"bad name": "x"}]),
     ("Manager", "Enslave"): ("attach", "s", ["nosuch_1"]),
     ("Manager", "Release"): ("attach", "s", ["nosuch_1"]),

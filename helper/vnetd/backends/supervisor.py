@@ -49,11 +49,15 @@ async def kill_pid(pid: int, timeout: float = 3.0) -> None:
 
 
 class Child:
-    def __init__(self, name: str, argv: list[str], pidfile: Path, marker: str):
+    def __init__(self, name: str, argv: list[str], pidfile: Path, marker: str,
+                 hold_stdin: bool = False):
         self.name = name
         self.argv = argv
         self.pidfile = Path(pidfile)
         self.marker = marker  # a string of argv that identifies this child (its config path)
+        # Some daemons (vde_switch) quit at EOF on stdin: give them a pipe whose write end
+        # they hold themselves, so it never ends, even when vnetd restarts.
+        self.hold_stdin = hold_stdin
         self.proc: asyncio.subprocess.Process | None = None
         self.wanted = False
         self.restarts = 0
@@ -74,10 +78,20 @@ class Child:
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _spawn(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True, close_fds=True,
-        )
+        stdin, keep = asyncio.subprocess.DEVNULL, ()
+        if self.hold_stdin:
+            stdin, w = os.pipe()
+            keep = (w,)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=stdin, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True, close_fds=True,
+                pass_fds=keep,
+            )
+        finally:
+            if self.hold_stdin:
+                os.close(stdin)
+                os.close(keep[0])
         self._started_at = time.monotonic()
         self.pidfile.write_text(f"{self.proc.pid}\n")
         self.state = "running"
