@@ -202,6 +202,12 @@ class Client:
         opts = {k.replace("_", "-"): v for k, v in options.items() if v is not None}
         return await self.value("Define", "sa{sv}", [name, asv(opts)])
 
+    async def export_definition(self, name: str) -> str:
+        return await self.value("ExportDefinition", "s", [name])
+
+    async def define_from(self, name: str, options: dict[str, Any]) -> str:
+        return await self.value("Define", "sa{sv}", [name, asv(options)])
+
     async def undefine(self, name: str) -> None:
         await self.call("Undefine", "s", [name])
 

@@ -18,6 +18,7 @@ import pwd
 import re
 import shutil
 import sys
+import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +72,13 @@ def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def _define_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["nat", "host-only"], help="nat (default) or host-only")
+    p.add_argument("--mode", choices=["nat", "host-only", "bridged"],
+                   help="nat (default), host-only, or bridged (with --if: guests on the "
+                   "physical network)")
+    p.add_argument("--if", dest="iface", metavar="NIC",
+                   help="bridged: the physical interface to put in the bridge (qemu-vlan's --if)")
+    p.add_argument("--force", action="store_true",
+                   help="bridged: even if the NIC carries the host's default route")
     p.add_argument("--subnet", metavar="CIDR",
                    help="IPv4 subnet (default from the name: vnetN -> 172.16.(10+N).0/24)")
     p.add_argument("--subnet6", metavar="CIDR", help="an IPv6 prefix too, e.g. fd00:12::/64")
@@ -122,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", help="network (and bridge) name, at most 15 characters")
     _define_options(sp)
     sp.add_argument("--start", action="store_true", help="start it right away")
+    sp.add_argument("--from", dest="from_file", metavar="FILE",
+                    help="take the definition from a TOML file (what 'export' prints); other "
+                    "options are not allowed with it")
+    sp = cmd("export", "print a network's definition as TOML ('define --from' takes it back)")
+    sp.add_argument("name")
+    sp = cmd("import-qemu-vlan", "define a network from an old qemu-vlan configuration "
+             "directory, keeping its MACs and static addresses")
+    sp.add_argument("dir", help="e.g. /etc/qemu/vnet3")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="only print the definition and what could not be carried over")
+    sp.add_argument("--start", action="store_true", help="start the network afterwards")
     for name, help in (("start", "start a network: bridge, addresses, taps"),
                        ("stop", "stop a network and remove what start made"),
                        ("undefine", "remove a stopped network's definition")):
@@ -249,6 +267,12 @@ def _define_opts(a: argparse.Namespace) -> dict[str, Any]:
         opts["allow-host"] = True
     if a.no_spoof_protection:
         opts["spoof-protection"] = False
+    if a.iface:
+        opts["if"] = a.iface
+        if a.mode is None:
+            opts["mode"] = "bridged"  # qemu-vlan: --if means a bridged network
+    if a.force:
+        opts["force"] = True
     if a.vde:
         opts["vde"] = True
     if a.vde_ports is not None:
@@ -355,6 +379,24 @@ async def run_command(args: argparse.Namespace) -> int:
             else:
                 print_network({k: v for k, v in n.items() if k != "ports"}
                               | {"ports": len(n.get("ports", []))})
+        elif cmd == "define" and args.from_file:
+            if any(v for k, v in _define_opts(args).items()):
+                raise Usage("define --from FILE takes no other network options.")
+            try:
+                with open(args.from_file, "rb") as f:
+                    opts = tomllib.load(f)
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise Failure(f"cannot read {args.from_file}: {e}") from None
+            opts.pop("name", None)
+            await s.run(lambda c: c.define_from(args.name, opts))
+            if args.start:
+                await s.run(lambda c: c.start(args.name))
+            print(f"Defined network {args.name} from {args.from_file}"
+                  f"{' and started it' if args.start else ''}.")
+        elif cmd == "export":
+            sys.stdout.write(await s.run(lambda c: c.export_definition(args.name)))
+        elif cmd == "import-qemu-vlan":
+            return await run_import_qemu_vlan(s, args)
         elif cmd == "define":
             opts = _define_opts(args)
             await s.run(lambda c: c.define(args.name, **opts))
@@ -441,6 +483,30 @@ async def run_host(s: Session, args: argparse.Namespace) -> int:
             print(f"No static hosts on {args.network}.")
         else:
             print(_table([[h["vm"], h["ip"], h["mac"]] for h in hosts], ["VM", "IP", "MAC"]))
+    return EXIT_OK
+
+
+async def run_import_qemu_vlan(s: Session, args: argparse.Namespace) -> int:
+    from .migrate import MigrationError, read_qemu_vlan_dir, render_definition_toml
+
+    try:
+        imp = read_qemu_vlan_dir(args.dir)
+    except (MigrationError, OSError) as e:
+        raise Failure(str(e)) from None
+    for f in imp.findings:
+        print(f"not carried over: {f}", file=sys.stderr)
+    if args.dry_run:
+        sys.stdout.write(render_definition_toml(imp))
+        return EXIT_OK
+    await s.run(lambda c: c.define_from(imp.network, imp.definition))
+    if imp.macs:
+        await s.run(lambda c: c.import_macs(imp.network, imp.macs))
+    if args.start:
+        await s.run(lambda c: c.start(imp.network))
+    print(f"Imported {imp.network}: {len(imp.definition.get('hosts', []))} static host(s), "
+          f"{len(imp.macs)} MAC(s), {len(imp.definition.get('forwards', []))} forward(s); "
+          f"{len(imp.findings)} line(s) not carried over (listed above)."
+          + (" Started it." if args.start else ""))
     return EXIT_OK
 
 
@@ -723,7 +789,7 @@ def is_compat(argv: list[str]) -> bool:
         return False
     takes_value = {"-n", "--taps", "--mode", "--subnet", "--subnet6", "--mtu", "--user",
                    "--group", "--dhcp", "--dhcp-start", "--dhcp-end", "--domain",
-                   "--bus-address", "--br", "--routed-with", "--vde-ports"}
+                   "--bus-address", "--br", "--routed-with", "--vde-ports", "--if"}
     skip = False
     for a in argv:
         if skip:

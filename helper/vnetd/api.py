@@ -71,6 +71,8 @@ METHODS: tuple[Method, ...] = (
            "Define a network. Options (the TOML keys): mode, subnet, subnet6, mtu, autostart, "
            "taps, tap-user, tap-group, dhcp, dhcp-start, dhcp-end, domain, hosts, forwards, "
            "allow-host, routed-with, spoof-protection, vde, vde-ports, vde-switch-args."),
+    Method(MANAGER, "ExportDefinition", _a("name:s"), _a("toml:s"), INFO,
+           "The network's definition as TOML (forwards inline): 'define --from' takes it back."),
     Method(MANAGER, "Undefine", _a("name:s"), (), MANAGE,
            "Remove a stopped network's definition."),
     Method(MANAGER, "Start", _a("name:s"), (), MANAGE,

@@ -128,6 +128,7 @@ class Service:
             (api.MANAGER, "ListNetworks"): self.list_networks,
             (api.MANAGER, "GetNetwork"): self.get_network,
             (api.MANAGER, "Define"): self.define,
+            (api.MANAGER, "ExportDefinition"): self.export_definition,
             (api.MANAGER, "Undefine"): self.undefine,
             (api.MANAGER, "Start"): self.start,
             (api.MANAGER, "Stop"): self.stop,
@@ -377,6 +378,14 @@ class Service:
         net = Network.from_options(name, opts)
         await self.engine.define(net)
         return network_path(net.name)
+
+    async def export_definition(self, caller: Caller, name: str) -> Any:
+        from .model import render_toml
+
+        d = self.engine.get(name).to_dict()
+        d.pop("name", None)
+        return render_toml(d, f"qemu-vnet network {name}: 'vnet-client define {name} --from "
+                           "FILE' takes this back.")
 
     async def undefine(self, caller: Caller, name: str) -> None:
         await self.engine.undefine(name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import grp
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ from . import macs as macs_mod
 from . import model
 from .backends import tap as tapdev
 from .backends.links import Link, Links
+from .backends.supervisor import reap
 from .dhcp import DhcpServers
 from .errors import Busy, Exists, Failed, InvalidArgument, NotFound, NotRunning, VnetError
 from .firewall import Firewall
@@ -126,6 +128,12 @@ class Engine:
                 log.error("firewall: %s", e.message)
 
     async def _reconcile(self) -> None:
+        for name in self.store.intents():  # creations a crash cut short
+            lk = await self.links.get(name)
+            if lk is not None and not lk.alias:
+                log.info("reconcile: removing %s: its creation was cut short", name)
+                await self.links.delete(lk.index)
+            self.store.clear_intent(name)
         ours = await self.links.dump_ours()
         bridges = [lk for lk in ours if lk.kind == "bridge"]
         others = [lk for lk in ours if lk.kind != "bridge"]
@@ -151,6 +159,19 @@ class Engine:
             except VnetError as e:
                 log.error("reconcile: could not adopt %s (%s); removing it", net.name, e.message)
                 await self._teardown(net)
+        await self._reap_orphan_children()
+
+    async def _reap_orphan_children(self) -> None:
+        """Servers a crashed vnetd left for networks that are not running (their start was
+        cut short, or they were stopped): a pid file whose process still runs our config."""
+        run = self.store.runtime_dir
+        for d in run.iterdir():
+            if d.is_dir() and (d / "dnsmasq.conf").exists() and d.name not in self.running:
+                await reap(f"{d}/", d / "dnsmasq.pid")  # dnsmasq, dhcpd: configs live there
+        for net in self.defs.values():
+            if net.name not in self.running:
+                for tap in net.tap_names:
+                    await reap(str(run / "vde" / tap), run / "vde" / f"{tap}.pid")
 
     async def _remove_unwanted(self, lk: Link) -> None:
         log.info("reconcile: removing %s (alias %s): no definition wants it", lk.ifname, lk.alias)
@@ -158,8 +179,20 @@ class Engine:
 
     async def _ensure_running(self, net: Network, bridge: Link) -> None:
         """Make an adopted network match its definition (idempotent)."""
-        if bridge.mtu != net.mtu:
+        if bridge.mtu != net.mtu and net.mode != "bridged":
             await self.links.set(bridge.index, mtu=net.mtu)
+        if net.mode == "bridged":  # finish a move a crash may have cut short
+            try:
+                record = json.loads(self._uplink_record_path(net).read_text())
+            except (OSError, ValueError):
+                raise Failed(f"There is no record of what {net.uplink} had.") from None
+            nic = await self.links.get(record["nic"])
+            if nic is None:
+                raise NotFound(f"The bridged interface {record['nic']} is gone.")
+            if nic.master != bridge.index:
+                await self.links.set(nic.index, master=bridge.index)
+            await self.links.move_addresses(record["addresses"], nic.index, bridge.index)
+            await self.links.add_routes(record["routes"], bridge.index)
         have = set(await self.links.addresses(bridge.index))
         for want in self._gateway_ifaces(net):
             if want not in have:
@@ -318,6 +351,8 @@ class Engine:
         self._changed(name, "running")
 
     def _gateway_ifaces(self, net: Network) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+        if net.mode == "bridged":
+            return []  # the bridge carries the NIC's own addresses
         out: list[Any] = [ipaddress.ip_interface(f"{net.gateway}/{net.subnet.prefixlen}")]
         if net.subnet6 is not None:
             out.append(ipaddress.ip_interface(f"{net.gateway6}/{net.subnet6.prefixlen}"))
@@ -334,26 +369,30 @@ class Engine:
 
     async def _make_tap(self, net: Network, tname: str, master: int, gid: int | None,
                         rb: Rollback) -> None:
-        try:
-            await asyncio.to_thread(tapdev.make_persistent_tap, tname, net.tap_user, gid)
-        except OSError as e:
-            raise Failed(f"Could not create tap '{tname}': {e.strerror}.") from None
-        lk = await self.links.get(tname)
-        rb.add(f"delete tap {tname}", lambda idx=lk.index: self.links.delete(idx))
-        await self.links.set(lk.index, ifalias=model.alias_for(net.name), master=master,
-                             mtu=net.mtu, state="up")
+        with self.store.intent(tname):
+            try:
+                await asyncio.to_thread(tapdev.make_persistent_tap, tname, net.tap_user, gid)
+            except OSError as e:
+                raise Failed(f"Could not create tap '{tname}': {e.strerror}.") from None
+            index = socket.if_nametoindex(tname)
+            rb.add(f"delete tap {tname}", lambda idx=index: self.links.delete(idx))
+            self.links.fast.set(index, alias=model.alias_for(net.name), master=master,
+                                mtu=net.mtu)
 
     async def _start(self, net: Network) -> None:
         existing = await self.links.get(net.bridge)
         if existing is not None:
             raise Exists(f"An interface named '{net.bridge}' already exists and was not made "
                          "by qemu-vnet for this network.")
+        if net.mode == "bridged":
+            return await self._start_bridged(net)
         await self._check_subnets(net)
         gid = self._tap_gid(net) if net.taps else None
         rb = Rollback()
         try:
-            br = await self.links.create_bridge(net.bridge, net.mac, net.mtu,
-                                                model.alias_for(net.name))
+            with self.store.intent(net.bridge):
+                br = await self.links.create_bridge(net.bridge, net.mac, net.mtu,
+                                                    model.alias_for(net.name))
             rb.add(f"delete bridge {net.bridge}", lambda: self.links.delete(br.index))
             if net.subnet6 is not None:
                 # the gateway owns its prefix: no SLAAC from its own router advertisements
@@ -376,6 +415,29 @@ class Engine:
             await rb.run()
             raise
 
+    async def _teardown_bridged(self, net: Network) -> None:
+        await self.vde.stop(net)
+        await self.ports.remove_network_ports(net.name)
+        for tname in net.tap_names:
+            lk = await self.links.get(tname)
+            if lk is not None and model.network_of_alias(lk.alias) == net.name:
+                await self.links.delete(lk.index)
+        lk = await self.links.get(net.bridge)
+        if lk is not None and model.network_of_alias(lk.alias) == net.name:
+            await self.links.delete(lk.index)
+        path = self._uplink_record_path(net)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = None
+            log.error("bridged %s: no record of %s's addresses; nothing to give back",
+                      net.name, net.uplink)
+        if record is not None:
+            await self._restore_uplink(record)()
+            path.unlink(missing_ok=True)
+        self.running.discard(net.name)
+        log.info("bridged %s: %s has its addresses and routes back", net.name, net.uplink)
+
     async def stop(self, name: str) -> None:
         async with self.lock:
             net = self.get(name)
@@ -384,7 +446,88 @@ class Engine:
             await self._teardown(net)
         self._changed(name, "stopped")
 
+    # --- bridged mode -------------------------------------------------------------------
+    def _uplink_record_path(self, net: Network):
+        return self.store.runtime_dir / f"bridged-{net.name}.json"
+
+    async def _start_bridged(self, net: Network) -> None:
+        """Enslave the physical NIC; its addresses and routes move to the bridge (which takes
+        the NIC's MAC, so upstream DHCP and ARP keep working) and move back exactly on stop.
+        What the NIC had is written down first, so a restarted vnetd can still put it back."""
+        nic = await self.links.get(net.uplink)
+        if nic is None:
+            raise NotFound(f"There is no interface named '{net.uplink}' to bridge.")
+        if nic.master is not None:
+            master = await self.links.get(index=nic.master)
+            raise Busy(f"'{net.uplink}' is already in bridge "
+                       f"'{master.ifname if master else nic.master}'; take it out first.")
+        if nic.kind in ("bridge", "tun") or model.network_of_alias(nic.alias):
+            raise InvalidArgument(f"'{net.uplink}' is not a physical NIC (it is a "
+                                  f"{nic.kind or 'virtual'} interface).")
+        sysfs = f"/sys/class/net/{net.uplink}"
+        if os.path.exists(f"{sysfs}/wireless") or os.path.exists(f"{sysfs}/phy80211"):
+            raise InvalidArgument(f"'{net.uplink}' is a wireless NIC: Wi-Fi cannot be put in "
+                                  "a bridge (the access point drops other MACs); use a nat "
+                                  "network instead.")
+        addrs = await self.links.address_records(nic.index)
+        routes = await self.links.route_records(nic.index)
+        defaults = [r for r in routes if r["dst_len"] == 0]
+        if defaults and not net.force:
+            raise InvalidArgument(
+                f"'{net.uplink}' carries this host's default route: bridging moves its "
+                "addresses and routes to the bridge, and a mistake would cut the host off. "
+                "Define the network with --force if you mean it.")
+        record = {"nic": net.uplink, "up": nic.up, "mtu": nic.mtu, "addresses": addrs,
+                  "routes": routes}
+        path = self._uplink_record_path(net)
+        self.store.write_runtime_file(path, json.dumps(record).encode())
+        rb = Rollback()
+        rb.add("forget the uplink record", self._forget_uplink(path))
+        try:
+            with self.store.intent(net.bridge):
+                br = await self.links.create_bridge(net.bridge, nic.address, nic.mtu,
+                                                    model.alias_for(net.name))
+            rb.add(f"give {net.uplink} back its addresses", self._restore_uplink(record))
+            rb.add(f"delete bridge {net.bridge}", lambda: self.links.delete(br.index))
+            await self.links.set(nic.index, master=br.index)
+            await self.links.up(br.index)
+            await self.links.move_addresses(addrs, nic.index, br.index)
+            await self.links.add_routes(routes, br.index)
+            gid = self._tap_gid(net) if net.taps else None
+            for tname in net.tap_names:
+                await self._make_tap(net, tname, br.index, gid, rb)
+            await self.vde.start(net)
+            self.running.add(net.name)
+        except BaseException:
+            self.running.discard(net.name)
+            await self.vde.stop(net)
+            await rb.run()
+            raise
+        log.info("bridged %s: %s with %d address(es) and %d route(s) moved to the bridge",
+                 net.name, net.uplink, len(addrs), len(routes))
+
+    def _forget_uplink(self, path):
+        async def forget() -> None:
+            path.unlink(missing_ok=True)
+        return forget
+
+    def _restore_uplink(self, record: dict):
+        async def restore() -> None:
+            nic = await self.links.get(record["nic"])
+            if nic is None:
+                log.error("bridged: %s is gone; cannot give its addresses back", record["nic"])
+                return
+            if nic.master is not None:
+                await self.links.set(nic.index, master=0)
+            await self.links.move_addresses(record["addresses"], None, nic.index)
+            await self.links.add_routes(record["routes"], nic.index)
+            if record["up"] and not nic.up:
+                await self.links.up(nic.index)
+        return restore
+
     async def _teardown(self, net: Network) -> None:
+        if net.mode == "bridged":
+            return await self._teardown_bridged(net)
         await self.dhcp.stop(net.name)
         await self.vde.stop(net)
         await self.ports.remove_network_ports(net.name)
@@ -419,7 +562,7 @@ class Engine:
         async with self.lock:
             port, fds, vhostfds, info = await self.ports.attach(
                 net, self._running_bridge(net), vm, uid, pid, opts)
-            if net.spoof_protection:
+            if net.spoof_protection and net.mode != "bridged":
                 try:
                     await self.firewall.port_attached(port)
                 except BaseException:

@@ -146,15 +146,16 @@ class Firewall:
     # --- whole-ruleset changes (network start/stop, start-up) ---------------------------
     async def sync_all(self) -> None:
         running = [self.engine.defs[n] for n in sorted(self.engine.running)
-                   if n in self.engine.defs]
+                   if n in self.engine.defs and self.engine.defs[n].mode != "bridged"]
         forwards: dict[tuple[str, Forward], fw.FwForward] = {}
         for net in running:
             for f in net.forwards:
                 ff = self._fw_forward(net, f)
                 if ff is not None:
                     forwards[(net.name, f)] = ff
+        ours = {n.name for n in running}
         ports = {p.ifname: self._fw_port(p) for p in self.engine.ports.by_name.values()
-                 if p.network in self.engine.running}
+                 if p.network in ours}
         await self._change("load the ruleset", fw.render_ruleset,
                            [self._fw_network(n) for n in running], list(forwards.values()),
                            list(ports.values()))

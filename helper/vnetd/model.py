@@ -17,7 +17,7 @@ from .errors import InvalidArgument
 IFNAMSIZ = 16  # with the trailing NUL: names of 15 bytes at most
 MAX_IFNAME = IFNAMSIZ - 1
 ALIAS_PREFIX = "qemu-vnet:"
-MODES = ("nat", "host-only")
+MODES = ("nat", "host-only", "bridged")
 DHCP_KINDS = ("dnsmasq", "dhcpd", "none")
 MAX_TAPS = 64
 MIN_MTU, MAX_MTU = 576, 9216
@@ -309,6 +309,8 @@ class Network:
     vde: bool = False
     vde_ports: int = 32
     vde_switch_args: tuple[str, ...] = ()
+    uplink: str | None = None  # bridged mode: the physical NIC (key "if")
+    force: bool = False  # bridged mode: even if the NIC carries the only default route
 
     @property
     def dns_domain(self) -> str:
@@ -345,7 +347,8 @@ class Network:
     # --- construction -------------------------------------------------------------------
     KEYS = ("mode", "subnet", "subnet6", "mtu", "autostart", "taps", "tap-user", "tap-group",
             "dhcp", "dhcp-start", "dhcp-end", "domain", "hosts", "forwards", "allow-host",
-            "routed-with", "spoof-protection", "vde", "vde-ports", "vde-switch-args")
+            "routed-with", "spoof-protection", "vde", "vde-ports", "vde-switch-args", "if",
+            "force")
 
     @classmethod
     def from_options(cls, name: object, options: dict[str, Any]) -> Network:
@@ -390,7 +393,7 @@ class Network:
         tap_group = options.get("tap-group", "vnet")
         if not isinstance(tap_group, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", tap_group):
             raise InvalidArgument(f"'{_printable(tap_group)}' is not a valid group name.")
-        dhcp = options.get("dhcp", "dnsmasq")
+        dhcp = options.get("dhcp", "none" if mode == "bridged" else "dnsmasq")
         if dhcp not in DHCP_KINDS:
             raise InvalidArgument(
                 f"Unknown DHCP server '{_printable(dhcp)}': use one of {', '.join(DHCP_KINDS)}."
@@ -423,6 +426,21 @@ class Network:
             vde_ports=_int_in(options.get("vde-ports", 32), 2, 1024, "VDE port count"),
             vde_switch_args=_vde_args(options.get("vde-switch-args", [])),
         )
+        if mode == "bridged":
+            if not options.get("if"):
+                raise InvalidArgument("A bridged network needs the physical interface to "
+                                      "bridge: --if=eth0.")
+            if dhcp != "none":
+                raise InvalidArgument("A bridged network gets DHCP from the physical network: "
+                                      "leave --dhcp out (it is 'none').")
+            if options.get("forwards"):
+                raise InvalidArgument("Port forwarding is for nat and host-only networks; a "
+                                      "bridged network's guests are on the physical network.")
+        elif "if" in options or "force" in options:
+            raise InvalidArgument("--if and --force go with --mode=bridged.")
+        if "if" in options:
+            net = replace(net, uplink=validate_ifname(options["if"], "interface name"),
+                          force=_bool(options.get("force", False), "force"))
         if net.vde and not net.taps:
             raise InvalidArgument("A VDE network runs one switch per tap: give it taps "
                                   "(-n COUNT), e.g. --vde -n 4 for 4 x 32 ports.")
@@ -432,7 +450,7 @@ class Network:
         forwards: list[Forward] = []
         index = ForwardIndex()
         for row in rows:
-            f = parse_forward(net, row)
+            f = parse_forward(net, expand_forward_words(row))
             clash = index.clash(f)
             if clash:
                 raise InvalidArgument(f"The forwards '{clash[1].describe()}' and "
@@ -474,6 +492,10 @@ class Network:
             d["routed-with"] = list(self.routed_with)
         if not self.spoof_protection:
             d["spoof-protection"] = False
+        if self.uplink:
+            d["if"] = self.uplink
+            if self.force:
+                d["force"] = True
         if self.vde:
             d["vde"] = True
             d["vde-ports"] = self.vde_ports

@@ -15,11 +15,19 @@ import logging
 import os
 import shutil
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .errors import VnetError
-from .model import Forward, Network, render_toml, validate_network_name
+from .model import (
+    Forward,
+    ForwardIndex,
+    Network,
+    parse_forward,
+    render_toml,
+    validate_network_name,
+)
 
 log = logging.getLogger("vnetd.store")
 
@@ -91,9 +99,16 @@ class Store:
         d = self.forwards_dir(name)
         d.mkdir(exist_ok=True)
         atomic_write(d / f.file_name, render_toml(f.to_dict(), FORWARD_HEADER).encode())
+        good = self.good_dir / d.name
+        good.mkdir(mode=0o700, exist_ok=True)
+        # the last good copy is a copy (a hard link would share damage done in place), not
+        # fsynced: the file itself is the durable one
+        self.write_runtime_file(good / f.file_name, (d / f.file_name).read_bytes())
 
     def delete_forward(self, name: str, f: Forward) -> None:
         d = self.forwards_dir(name)
+        with contextlib.suppress(FileNotFoundError):
+            (self.good_dir / d.name / f.file_name).unlink()
         with contextlib.suppress(FileNotFoundError):
             (d / f.file_name).unlink()
             dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
@@ -103,15 +118,29 @@ class Store:
                 os.close(dfd)
 
     def delete(self, name: str) -> None:
-        for p in (self.path_of(name), self.good_dir / f"{name}.toml"):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+        """The definition file goes first (that is the undefine, atomically); its forwards and
+        last good copy follow, and load_all() sweeps any a crash left behind."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path_of(name).unlink()
         shutil.rmtree(self.forwards_dir(name), ignore_errors=True)
+        shutil.rmtree(self.good_dir / self.forwards_dir(name).name, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.good_dir / f"{name}.toml").unlink()
+
+    def _sweep_orphans(self) -> None:
+        for d in self.networks_dir.glob("*.forwards"):
+            if d.is_dir() and not (self.networks_dir / f"{d.name[:-len('.forwards')]}.toml").exists():
+                log.info("removing %s: its network was undefined", d)
+                shutil.rmtree(d, ignore_errors=True)
+        for g in self.good_dir.glob("*.toml"):
+            if not (self.networks_dir / g.name).exists():
+                g.unlink(missing_ok=True)
+        for g in self.good_dir.glob("*.forwards"):
+            if not (self.networks_dir / g.name).exists():
+                shutil.rmtree(g, ignore_errors=True)
 
     @staticmethod
-    def parse(name: str, text: str, forwards: list[dict[str, Any]] | None = None) -> Network:
+    def parse(name: str, text: str) -> Network:
         if not text.strip():
             # vnetd writes atomically, so an empty file is damage (or a half-done hand edit),
             # never an all-defaults definition
@@ -120,24 +149,44 @@ class Store:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise VnetError(f"it is not valid TOML ({e})") from None
-        if forwards:
-            data["forwards"] = [*data.get("forwards", []), *forwards]
         return Network.from_options(name, data)
 
-    def _read_forwards(self, name: str, problems: list[str]) -> list[dict[str, Any]]:
-        rows = []
-        d = self.forwards_dir(name)
+    def _add_forwards(self, net: Network, problems: list[str]) -> Network:
+        """The network with the forwards of its directory. Each file stands alone: a damaged
+        one is reported and its last good copy used (or it is left out), never the whole
+        network refused."""
+        d = self.forwards_dir(net.name)
+        good_d = self.good_dir / d.name
+        index = ForwardIndex()
+        forwards: list[Forward] = []
         for path in sorted(d.glob("*.toml")) if d.is_dir() else ():
-            try:
-                rows.append(tomllib.loads(path.read_text(encoding="utf-8")))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
-                problems.append(f"{path}: ignored: {e}")
-        return rows
+            f = None
+            for source in (path, good_d / path.name):
+                try:
+                    f = parse_forward(net, tomllib.loads(source.read_text(encoding="utf-8")))
+                except FileNotFoundError:
+                    break
+                except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError, VnetError) as e:
+                    reason = e.message if isinstance(e, VnetError) else str(e)
+                    problems.append(f"{source}: cannot be used: {reason}" + (
+                        "; trying its last good copy." if source == path else "."))
+                    continue
+                break
+            if f is None:
+                continue
+            clash = index.clash(f)
+            if clash is not None:
+                problems.append(f"{path}: left out: it overlaps {clash[1].describe()}.")
+                continue
+            index.add(net.name, f)
+            forwards.append(f)
+        return replace(net, forwards=tuple(forwards)) if forwards else net
 
     def load_all(self) -> tuple[dict[str, Network], list[str]]:
         """All definitions, and a sentence for each file that could not be used."""
         nets: dict[str, Network] = {}
         problems: list[str] = []
+        self._sweep_orphans()
         for path in sorted(self.networks_dir.glob("*.toml")):
             name = path.stem
             try:
@@ -146,15 +195,15 @@ class Store:
                 problems.append(f"{path}: ignored: {e.message}")
                 continue
             good = self.good_dir / path.name
-            forwards = self._read_forwards(name, problems)
             try:
                 text = path.read_text(encoding="utf-8")
-                net = self.parse(name, text, forwards)
+                net = self._add_forwards(self.parse(name, text), problems)
             except (VnetError, UnicodeDecodeError, OSError) as e:
                 reason = e.message if isinstance(e, VnetError) else str(e)
                 if good.exists():
                     try:
-                        net = self.parse(name, good.read_text(encoding="utf-8"), forwards)
+                        net = self._add_forwards(
+                            self.parse(name, good.read_text(encoding="utf-8")), problems)
                     except VnetError:
                         problems.append(f"{path}: cannot be used: {reason}; no good copy either.")
                         continue
@@ -168,8 +217,11 @@ class Store:
             nets[name] = net
             if tomllib.loads(text).get("forwards"):
                 # forwards written inline by hand move to their directory, one file each
-                for f in net.forwards:
+                inline = self.parse(name, text).forwards
+                for f in inline:
                     self.save_forward(name, f)
+                net = self._add_forwards(net.with_changes(forwards=()), problems)
+                nets[name] = net
                 self.save(net)
                 continue
             text = render_toml(net.to_dict(forwards=False), HEADER).encode()
@@ -199,11 +251,9 @@ class Store:
     def save_json(self, name: str, data: Any) -> None:
         path = self.state_dir / name
         text = json.dumps(data, indent=1, sort_keys=True).encode()
-        if path.exists():  # keep the last good copy: a hard link costs no data write
-            prev = path.with_name(path.name + ".prev")
+        if path.exists():  # keep the last good copy (a copy: damage in place must not reach it)
             try:
-                prev.unlink(missing_ok=True)
-                os.link(path, prev)
+                self.write_runtime_file(path.with_name(path.name + ".prev"), path.read_bytes())
             except OSError:
                 pass
         atomic_write(path, text, 0o600)
@@ -217,6 +267,32 @@ class Store:
         except (ValueError, OSError) as e:
             log.error("runtime file %s is unreadable (%s); starting from empty", name, e)
             return default
+
+    # --- intents: "vnetd is creating this interface" ------------------------------------
+    # An interface gets vnetd's alias in a second netlink request after it is created; a
+    # crash between the two would leave an interface nobody recognizes. So the name is
+    # written down first and crossed out once the alias is on it; reconcile removes any
+    # interface still named in an intent and lacking the alias.
+    def intent(self, ifname: str) -> contextlib.AbstractContextManager:
+        d = self.runtime_dir / "intents"
+        d.mkdir(exist_ok=True)
+        path = d / validate_network_name(ifname)
+
+        @contextlib.contextmanager
+        def cm():
+            self.write_runtime_file(path, b"")
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)
+        return cm()
+
+    def intents(self) -> list[str]:
+        d = self.runtime_dir / "intents"
+        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+    def clear_intent(self, ifname: str) -> None:
+        (self.runtime_dir / "intents" / ifname).unlink(missing_ok=True)
 
     @staticmethod
     def write_runtime_file(path: Path, data: bytes) -> None:

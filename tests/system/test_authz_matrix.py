@@ -21,6 +21,7 @@ MATRIX = {
     ("Manager", "ListNetworks"): ("info", "", []),
     ("Manager", "GetNetwork"): ("info", "s", ["vnet2"]),
     ("Manager", "Define"): ("manage", "sa{sv}", ["mx9", {}]),
+    ("Manager", "ExportDefinition"): ("info", "s", ["vnet2"]),
     ("Manager", "Undefine"): ("manage", "s", ["nosuch"]),
     ("Manager", "Start"): ("manage", "s", ["vnet2"]),
     ("Manager", "Stop"): ("manage", "s", ["nosuch"]),

@@ -99,7 +99,7 @@ def test_define_tap_count_forms(argv, taps):
 
 
 @pytest.mark.parametrize("argv", [
-    ["define"], ["define", "vnet2", "--mode=bridged"], ["define", "vnet2", "--dhcp=kea"],
+    ["define"], ["define", "vnet2", "--mode=bridge"], ["define", "vnet2", "--dhcp=kea"],
     ["define", "vnet2", "--mtu=big"], ["define", "vnet2", "-n", "four"],
     ["define", "vnet2", "--bogus"], ["define", "vnet2", "--subnet"],
 ])
@@ -207,7 +207,7 @@ def test_compat_stop():
     ["--br=vnet3", "--start", "--stop"],  # both
     ["--br=vnet3", "--start", "--bogus"],
     ["--br=vnet3", "-n", "four", "--start"],
-    ["--br=vnet3", "--mode=bridged", "--start"],
+    ["--br=vnet3", "--mode=bridge", "--start"],
     ["--br"],
 ])
 def test_compat_usage_errors_exit_2_without_a_bus(argv, capsys):

@@ -412,7 +412,7 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("key,good,bad", [
-    ("mode", ["nat", "host-only"], ["bridged", "NAT", "", "vde"]),
+    ("mode", ["nat", "host-only"], ["NAT", "", "vde", "bridge"]),
     ("dhcp", ["dnsmasq", "dhcpd", "none"], ["kea", "DNSMASQ", ""]),
 ])
 def test_enumerated_options(key, good, bad):
@@ -581,3 +581,18 @@ SCALARS = st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), st.text(max
 ))
 def test_render_toml_is_read_back_exactly(data):
     assert tomllib.loads(render_toml(data)) == data
+
+
+def test_bridged_mode_needs_an_interface_and_no_dhcp_or_forwards():
+    n = Network.from_options("vnet2", {"mode": "bridged", "if": "eth0"})
+    assert (n.mode, n.uplink, n.dhcp, n.force) == ("bridged", "eth0", "none", False)
+    for opts, words in (({"mode": "bridged"}, "--if"),
+                        ({"mode": "bridged", "if": "eth0", "dhcp": "dnsmasq"}, "DHCP"),
+                        ({"mode": "bridged", "if": "a b"}, "not allowed"),
+                        ({"mode": "nat", "if": "eth0"}, "bridged"),
+                        ({"mode": "bridged", "if": "eth0",
+                          "forwards": [{"proto": "tcp", "port": 1, "target": "x"}]}, "forward")):
+        with pytest.raises(InvalidArgument, match=words):
+            Network.from_options("vnet2", opts)
+    n = Network.from_options("vnet2", {"mode": "bridged", "if": "eth0", "force": True})
+    assert Network.from_options("vnet2", n.to_dict()) == n

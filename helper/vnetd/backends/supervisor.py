@@ -23,15 +23,23 @@ QUICK_DEATH = 5.0  # seconds: dying sooner than this counts towards a crash loop
 MAX_BACKOFF = 30.0
 
 
-def pid_alive_with(pidfile: Path, marker: str) -> int | None:
-    """The pid in pidfile if that process is alive and its command line contains marker."""
-    try:
-        pid = int(pidfile.read_text().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().decode(errors="replace")
-    except (OSError, ValueError):
-        return None
-    return pid if marker in cmdline else None
+def pids_with(marker: str) -> list[int]:
+    """Processes whose command line contains marker (a child's config path): also finds a
+    child a crashed vnetd started but had not yet written the pid file of."""
+    out = []
+    # a whole argument (ends at its NUL), or a directory prefix given with its '/'
+    needle = marker.encode() + (b"" if marker.endswith("/") else b"\0")
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                if needle in f.read():
+                    out.append(int(entry.name))
+        except OSError:
+            continue
+    return out
 
 
 async def kill_pid(pid: int, timeout: float = 3.0) -> None:
@@ -46,6 +54,16 @@ async def kill_pid(pid: int, timeout: float = 3.0) -> None:
         await asyncio.sleep(0.02)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+async def reap(marker: str, pidfile: Path | None = None) -> None:
+    """Stop every process still running with `marker` (left by a previous vnetd)."""
+    for pid in pids_with(marker):
+        log.info("stopping pid %d (%s): left behind by a previous vnetd", pid, marker)
+        await kill_pid(pid)
+    if pidfile is not None:
+        with contextlib.suppress(FileNotFoundError):
+            pidfile.unlink()
 
 
 class Child:
@@ -69,8 +87,7 @@ class Child:
 
     # --- control ------------------------------------------------------------------------
     async def start(self) -> None:
-        old = pid_alive_with(self.pidfile, self.marker)
-        if old is not None:
+        for old in pids_with(self.marker):
             log.info("%s: replacing pid %d left by a previous vnetd", self.name, old)
             await kill_pid(old)
         self.wanted = True

@@ -1,0 +1,1629 @@
+"""Read an old qemu-vlan configuration directory (`/etc/qemu/vnet3`) into a vnetd definition.
+
+A pure reader: it opens files under the directory (and the files its configuration names),
+never the network, the bus or the system's user database. What it reads:
+
+- `<br>.conf` (`vnet3.conf`): shell lines the original script sourced - `netmask=`,
+  `gateway=`, `ether=`, `br=`, `n=`/`nic=`, `dhcp=`, `vde=`, `if=`, `user=`, `group=`,
+  `DNSMASQ_ARGS="..."`, `VDE_SWITCH_ARGS="..."`, `PREROUTING_RULES="..."` (and the misspelled
+  `PREROUTING_RULSES` of the original's documentation), `ether_<i>=` MACs;
+- `ether.conf` (or the file `ether=` names): `ether_<i>=52:54:00:xx:xx:xx`;
+- dnsmasq's files: `dhcp.host` and any `--dhcp-hostsfile` (one `dhcp-host` value a line),
+  `dnsmasq.conf` and `dhcp.conf` (`option=value` lines);
+- ISC dhcpd's `dhcpd.conf` (`host NAME { hardware ethernet ..; fixed-address ..; }`,
+  `subnet .. { range ..; option routers ..; }`).
+
+Everything that is not carried over is named in `Imported.findings`, line by line; a file
+that cannot be understood at all raises `MigrationError` naming the line. The result's
+`definition` holds the TOML keys of `vnet-client define --from FILE` (see
+`render_definition_toml`), and `macs` the VM -> MAC entries for ImportMacs.
+
+This module must not import the daemon package (`vnetd`): the client is installed without it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Finding", "Imported", "MigrationError", "read_qemu_vlan_dir",
+           "render_definition_toml"]
+
+
+@dataclass
+class Finding:
+    """Something that could not be carried over, or a note about what was changed.
+    `line` is 1-based; 0 means the file as a whole."""
+
+    file: str
+    line: int
+    text: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.reason}" + (f"\n    {self.text}" if self.text else "")
+
+
+@dataclass
+class Imported:
+    """The network's name, its definition (the TOML keys of `define --from FILE`), the MACs to
+    import (`<network>_<i>` from ether.conf; a static host's own VM name for a MAC that
+    ether.conf does not hold) and the findings."""
+
+    network: str
+    definition: dict[str, Any]
+    macs: dict[str, str] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+
+class MigrationError(Exception):
+    """A file that cannot be understood; names the file and the line (0: the whole file)."""
+
+    def __init__(self, file: str | Path, line: int, message: str):
+        self.file = str(file)
+        self.line = line
+        self.message = message
+        super().__init__(f"{self.file}:{line}: {message}" if line else f"{self.file}: {message}")
+
+
+# --- limits shared with vnetd's model (kept in step by tests/unit/test_migrate.py) ---------
+MAX_IFNAME = 15
+MAX_TAPS = 64
+MAX_VM_NAME = 64
+MIN_VDE_PORTS, MAX_VDE_PORTS = 2, 1024
+DEFAULT_VDE_PORTS = 32
+
+_IFNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_VM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}")
+_WILD_MAC_RE = re.compile(r"([0-9A-Fa-f]{2}|\*)(:([0-9A-Fa-f]{2}|\*)){5}")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ETHER_KEY = re.compile(r"ether_(\d{1,4})")
+_TRAILING_DIGITS = re.compile(r"(\d+)$")
+_HOSTNAME_FIELD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_LEASE_FIELD = re.compile(r"(\d+[smhdw]?|infinite)", re.IGNORECASE)
+
+TRUE_WORDS = {"yes", "y", "true", "1", "on"}
+FALSE_WORDS = {"no", "n", "false", "0", "off", ""}
+
+DNSMASQ_FILES = ("dnsmasq.conf", "dhcp.conf")
+HOSTS_FILE = "dhcp.host"
+DHCPD_FILE = "dhcpd.conf"
+ETHER_FILE = "ether.conf"
+
+
+def _mac(text: str, file: str, line: int, what: str = "MAC address") -> str:
+    """A unicast MAC in lower case with colons, or MigrationError naming the line."""
+    t = text.strip()
+    if not _MAC_RE.fullmatch(t):
+        raise MigrationError(file, line, f"'{_short(t)}' is not a {what}: write six hex pairs "
+                             "such as 52:54:00:12:34:56.")
+    mac = t.lower().replace("-", ":")
+    if int(mac[:2], 16) & 1:
+        raise MigrationError(file, line, f"{mac} is a multicast address, not a {what}.")
+    if mac == "00:00:00:00:00:00":
+        raise MigrationError(file, line, "00:00:00:00:00:00 is not a usable MAC address.")
+    return mac
+
+
+def _short(text: str, n: int = 60) -> str:
+    text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# --- shell files ---------------------------------------------------------------------------
+@dataclass
+class _Assign:
+    key: str
+    value: str
+    line: int
+    text: str
+    problem: str | None  # set when the value needs what a file reader cannot know
+    char_lines: list[int]  # the source line of each character of value
+
+    def token_lines(self) -> list[tuple[str, int]]:
+        """The value split the way the original used it (unquoted $VAR: on blanks), with
+        the line each word came from."""
+        return [(m.group(), self.char_lines[m.start()] if self.char_lines else self.line)
+                for m in re.finditer(r"\S+", self.value)]
+
+
+class _Shell:
+    """Reads the assignments of a shell file the original script sourced: `KEY=value`,
+    `export KEY=value`, several on a line, '...' and "..." quoting (over several lines too),
+    backslash escapes and continuations, `$KEY`/`${KEY}` of keys set earlier, `# comments`,
+    and `: ${KEY:=value}` defaults. Anything else is a command it cannot run: MigrationError."""
+
+    def __init__(self, path: Path, text: str, env: dict[str, str]):
+        self.file = str(path)
+        self.text = text
+        self.env = dict(env)
+        self.lines = text.splitlines()
+        self.starts = [0] + [m.end() for m in re.finditer(r"\n", text)]
+        self.out: list[_Assign] = []
+        self.pending: list[_Assign] = []
+
+    def line_of(self, pos: int) -> int:
+        return bisect.bisect_right(self.starts, pos)
+
+    def line_text(self, n: int) -> str:
+        return self.lines[n - 1].strip() if 0 < n <= len(self.lines) else ""
+
+    def error(self, pos: int, message: str) -> MigrationError:
+        return MigrationError(self.file, self.line_of(pos), message)
+
+    def parse(self) -> list[_Assign]:
+        t, pos, n = self.text, 0, len(self.text)
+        while pos < n:
+            c = t[pos]
+            if c in " \t\r\n;":
+                pos += 1
+            elif c == "#":
+                pos = self._eol(pos)
+            elif t.startswith("\\\n", pos):
+                pos += 2
+            else:
+                pos = self._statement(pos)
+        return self.out
+
+    def _eol(self, pos: int) -> int:
+        end = self.text.find("\n", pos)
+        return len(self.text) if end < 0 else end
+
+    def _blanks(self, pos: int) -> int:
+        t = self.text
+        while pos < len(t):
+            if t[pos] in " \t\r":
+                pos += 1
+            elif t.startswith("\\\n", pos):
+                pos += 2
+            else:
+                break
+        return pos
+
+    def _statement(self, pos: int) -> int:
+        t = self.text
+        first = True
+        mode = "assign"
+        while True:
+            pos = self._blanks(pos)
+            if pos >= len(t) or t[pos] in "\n;":
+                return pos
+            if t[pos] == "#":
+                return self._eol(pos)
+            start = pos
+            raw_end = self._raw_end(pos)
+            raw = t[start:raw_end]
+            if first and raw in ("export", "readonly"):
+                mode, first, pos = "export", False, raw_end
+                continue
+            if first and raw == ":":
+                mode, first, pos = "noop", False, raw_end
+                continue
+            first = False
+            m = re.match(r"([A-Za-z_][A-Za-z0-9_]*)=", raw)
+            if mode == "noop":
+                value, problem, _, pos = self._word(start)  # only ${KEY:=value} matters
+            elif m:
+                value, problem, lines, pos = self._word(start)
+                key = m.group(1)
+                cut = len(key) + 1
+                line = self.line_of(start)
+                self._record(_Assign(key, value[cut:], line, self.line_text(line), problem,
+                                     lines[cut:]))
+            elif mode == "export" and _NAME_RE.fullmatch(raw):
+                pos = raw_end  # `export KEY`: nothing assigned
+            else:
+                raise self.error(start, f"'{_short(raw, 40)}' is not a KEY=VALUE assignment: a "
+                                 "qemu-vlan configuration file holds only assignments and "
+                                 "comments (a command here cannot be carried over).")
+            self._flush()
+
+    def _record(self, a: _Assign) -> None:
+        self._flush()
+        self.out.append(a)
+        if a.problem is None:
+            self.env[a.key] = a.value
+        else:
+            self.env.pop(a.key, None)
+
+    def _flush(self) -> None:
+        while self.pending:
+            a = self.pending.pop(0)
+            self.out.append(a)
+            self.env[a.key] = a.value
+
+    def _raw_end(self, pos: int) -> int:
+        """Where the word starting at pos ends, without interpreting it (quotes skipped)."""
+        t = self.text
+        while pos < len(t) and t[pos] not in " \t\r\n;":
+            c = t[pos]
+            if c == "\\":
+                pos += 2
+            elif c in "'\"":
+                end = self._close_quote(pos)
+                pos = end + 1
+            elif t.startswith("${", pos):
+                end = t.find("}", pos)
+                pos = len(t) if end < 0 else end + 1
+            else:
+                pos += 1
+        return min(pos, len(t))
+
+    def _close_quote(self, pos: int) -> int:
+        t, q = self.text, self.text[pos]
+        i = pos + 1
+        while i < len(t):
+            if t[i] == q:
+                return i
+            if q == '"' and t[i] == "\\":
+                i += 1
+            i += 1
+        kind = "single" if q == "'" else "double"
+        raise self.error(pos, f"unterminated {kind} quote ({q}): the value opened here is never "
+                         "closed.")
+
+    def _word(self, pos: int) -> tuple[str, str | None, list[int], int]:
+        """Reads one word from pos: (value, problem, the line of each value char, end)."""
+        t = self.text
+        out: list[str] = []
+        lines: list[int] = []
+        problem: str | None = None
+
+        def put(s: str, at: int) -> None:
+            ln = self.line_of(at)
+            out.append(s)
+            lines.extend([ln] * len(s))
+
+        while pos < len(t):
+            c = t[pos]
+            if c in " \t\r\n;":
+                break
+            if c in "|&<>()":
+                raise self.error(pos, f"'{c}' is shell syntax a configuration file reader does "
+                                 "not run: only KEY=VALUE assignments and comments are read.")
+            if c == "\\":
+                if pos + 1 < len(t) and t[pos + 1] != "\n":
+                    put(t[pos + 1], pos + 1)
+                pos += 2
+            elif c == "'":
+                end = self._close_quote(pos)
+                for i in range(pos + 1, end):
+                    put(t[i], i)
+                pos = end + 1
+            elif c == '"':
+                end = self._close_quote(pos)
+                i = pos + 1
+                while i < end:
+                    ch = t[i]
+                    if ch == "\\" and t[i + 1] in '$`"\\\n':
+                        if t[i + 1] != "\n":
+                            put(t[i + 1], i + 1)
+                        i += 2
+                    elif ch in "$`":
+                        at = i
+                        i, val, prob = self._dollar(i, end)
+                        put(val, at)
+                        problem = problem or prob
+                    else:
+                        put(ch, i)
+                        i += 1
+                pos = end + 1
+            elif c in "$`":
+                at = pos
+                pos, val, prob = self._dollar(pos, len(t))
+                put(val, at)
+                problem = problem or prob
+            else:
+                put(c, pos)
+                pos += 1
+        return "".join(out), problem, lines, pos
+
+    def _dollar(self, pos: int, limit: int) -> tuple[int, str, str | None]:
+        """An expansion at pos ($KEY, ${KEY}, ${KEY:-x}, ${KEY:=x}, $(..), `..`):
+        (end, value, problem or None)."""
+        t = self.text
+        if t[pos] == "`":
+            end = t.find("`", pos + 1, limit)
+            if end < 0:
+                raise self.error(pos, "unterminated command substitution (`).")
+            return end + 1, "", f"it runs a command ({_short(t[pos:end + 1], 40)})"
+        nxt = t[pos + 1] if pos + 1 < limit else ""
+        if nxt == "(":
+            depth, i = 0, pos + 1
+            while i < limit:
+                if t[i] == "(":
+                    depth += 1
+                elif t[i] == ")":
+                    depth -= 1
+                    if depth == 0:
+                        return i + 1, "", f"it runs a command ({_short(t[pos:i + 1], 40)})"
+                i += 1
+            raise self.error(pos, "unterminated command substitution $(.")
+        if nxt == "{":
+            end = t.find("}", pos + 2, limit)
+            if end < 0:
+                raise self.error(pos, "unterminated ${ expansion.")
+            inner = t[pos + 2:end]
+            m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?)([-=])(.*))?", inner, re.S)
+            if not m:
+                return end + 1, "", f"it uses the shell expansion ${{{_short(inner, 30)}}}"
+            name, colon, op, word = m.groups()
+            have = self.env.get(name)
+            if op is None:
+                if have is None:
+                    return end + 1, "", f"it uses ${name}, which this file does not set"
+                return end + 1, have, None
+            word = word.strip("'\"") if word and "$" not in word else (word or "")
+            if "$" in word or "`" in word:
+                return end + 1, "", f"it uses the shell expansion ${{{_short(inner, 30)}}}"
+            unset = have is None or (colon == ":" and have == "")
+            if not unset:
+                return end + 1, have or "", None
+            if op == "=":
+                line = self.line_of(pos)
+                self.pending.append(_Assign(name, word, line, self.line_text(line), None,
+                                            [line] * len(word)))
+            return end + 1, word, None
+        m = _NAME_RE.match(t, pos + 1, limit)
+        if m:
+            name = m.group()
+            if name not in self.env:
+                return m.end(), "", f"it uses ${name}, which this file does not set"
+            return m.end(), self.env[name], None
+        if nxt and (nxt.isdigit() or nxt in "@*#?$!-"):
+            return pos + 2, "", f"it uses the shell parameter ${nxt}"
+        return pos + 1, "$", None
+
+
+def _read_text(path: Path, shown: str) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MigrationError(shown, 0, f"cannot read it: {e.strerror or e}.") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MigrationError(shown, line, "not UTF-8 text (a binary file?).") from None
+
+
+# --- dhcpd.conf ----------------------------------------------------------------------------
+@dataclass
+class _Tok:
+    kind: str  # "word", "string" or one of "{};,"
+    value: str
+    line: int
+
+
+@dataclass
+class _Stmt:
+    words: list[_Tok]
+    block: list[_Stmt] | None
+    line: int
+
+    @property
+    def values(self) -> list[str]:
+        return [w.value for w in self.words if w.kind != ","]
+
+
+def _dhcpd_tokens(text: str, file: str) -> list[_Tok]:
+    toks: list[_Tok] = []
+    i, line, n = 0, 1, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line += 1
+            i += 1
+        elif c in " \t\r":
+            i += 1
+        elif c == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif c in "{};,":
+            toks.append(_Tok(c, c, line))
+            i += 1
+        elif c == '"':
+            start_line, j, buf = line, i + 1, []
+            while True:
+                if j >= n:
+                    raise MigrationError(file, start_line, 'unterminated string (").')
+                if text[j] == "\\" and j + 1 < n:
+                    buf.append(text[j + 1])
+                    j += 2
+                    continue
+                if text[j] == '"':
+                    break
+                if text[j] == "\n":
+                    line += 1
+                buf.append(text[j])
+                j += 1
+            toks.append(_Tok("string", "".join(buf), start_line))
+            i = j + 1
+        else:
+            j = i
+            while j < n and text[j] not in " \t\r\n#{};,\"":
+                j += 1
+            toks.append(_Tok("word", text[i:j], line))
+            i = j
+    return toks
+
+
+def _dhcpd_parse(toks: list[_Tok], file: str) -> list[_Stmt]:
+    pos = 0
+
+    def block(depth: int, opened: int) -> list[_Stmt]:
+        nonlocal pos
+        out: list[_Stmt] = []
+        words: list[_Tok] = []
+        while pos < len(toks):
+            tk = toks[pos]
+            pos += 1
+            if tk.kind == ";":
+                if words:
+                    out.append(_Stmt(words, None, words[0].line))
+                words = []
+            elif tk.kind == "{":
+                if not words:
+                    raise MigrationError(file, tk.line, "a '{' block without a declaration "
+                                         "before it.")
+                inner = block(depth + 1, tk.line)
+                out.append(_Stmt(words, inner, words[0].line))
+                words = []
+            elif tk.kind == "}":
+                if depth == 0:
+                    raise MigrationError(file, tk.line, "'}' without a matching '{'.")
+                if words:
+                    raise MigrationError(file, words[0].line, "statement not ended with ';' "
+                                         "before '}'.")
+                return out
+            else:
+                words.append(tk)
+        if depth:
+            raise MigrationError(file, opened, "the block opened here ('{') is never closed.")
+        if words:
+            raise MigrationError(file, words[0].line, "statement not ended with ';'.")
+        return out
+
+    return block(0, 0)
+
+
+# --- the importer --------------------------------------------------------------------------
+@dataclass
+class _Host:
+    mac: str
+    ip: ipaddress.IPv4Address
+    name: str | None
+    file: str
+    line: int
+    text: str
+
+
+@dataclass
+class _Range:
+    start: str
+    end: str
+    file: str
+    line: int
+    text: str
+
+
+# dnsmasq options vnetd sets itself for every network it runs.
+_DNSMASQ_VNETD = {
+    "interface", "bind-interfaces", "bind-dynamic", "except-interface", "listen-address",
+    "dhcp-authoritative", "dhcp-leasefile", "pid-file", "keep-in-foreground", "no-daemon",
+    "user", "group", "strict-order", "no-resolv", "no-hosts", "domain-needed", "bogus-priv",
+    "expand-hosts", "port", "no-ping", "dhcp-no-override", "enable-ra", "conf-dir",
+}
+_DNSMASQ_NOARG = {
+    "bind-interfaces", "bind-dynamic", "dhcp-authoritative", "keep-in-foreground",
+    "no-daemon", "strict-order", "no-resolv", "no-hosts", "domain-needed", "bogus-priv",
+    "expand-hosts", "no-ping", "dhcp-no-override", "enable-ra", "log-queries", "log-dhcp",
+    "quiet-dhcp", "leasefile-ro", "localise-queries", "filterwin2k", "stop-dns-rebind",
+    "rebind-localhost-ok", "no-negcache", "dhcp-sequential-ip", "dhcp-rapid-commit",
+    "no-poll", "all-servers", "dhcp-broadcast", "read-ethers", "sequential-ip",
+}
+_DNSMASQ_SHORT = {
+    "G": "dhcp-host", "F": "dhcp-range", "s": "domain", "i": "interface",
+    "a": "listen-address", "I": "except-interface", "l": "dhcp-leasefile", "x": "pid-file",
+    "C": "conf-file", "O": "dhcp-option", "S": "server", "A": "address", "u": "user",
+    "g": "group", "p": "port", "H": "addn-hosts", "r": "resolv-file",
+    "z": "bind-interfaces", "K": "dhcp-authoritative", "R": "no-resolv", "h": "no-hosts",
+    "d": "no-daemon", "k": "keep-in-foreground", "q": "log-queries", "b": "bogus-priv",
+    "D": "domain-needed", "E": "expand-hosts", "o": "strict-order", "n": "no-poll",
+}
+_VDE_VNETD = {
+    "-s": "--sock", "--sock": "--sock", "-M": "--mgmt", "--mgmt": "--mgmt",
+    "-m": "--mode", "--mode": "--mode", "-g": "--group", "--group": "--group",
+    "-t": "--tap", "--tap": "--tap", "-d": "--daemon", "--daemon": "--daemon",
+    "-p": "--pidfile", "--pidfile": "--pidfile", "-f": "--rcfile", "--rcfile": "--rcfile",
+    "--mgmtmode": "--mgmtmode", "--dirmode": "--dirmode",
+}
+_VDE_FLAGS = {"-x": "--hub", "--hub": "--hub", "-F": "--fstp", "--fstp": "--fstp"}
+_VDE_VALUED = {"--macaddr": _MAC_RE, "--priority": re.compile(r"\d{1,5}"),
+               "--hashsize": re.compile(r"\d{1,6}")}
+_VDE_TAKES_VALUE = {"-s", "--sock", "-M", "--mgmt", "-m", "--mode", "-g", "--group", "-t",
+                    "--tap", "-p", "--pidfile", "-f", "--rcfile", "--mgmtmode", "--dirmode"}
+
+_CONF_KEYS = {
+    "netmask", "gateway", "ether", "br", "n", "nic", "dhcp", "vde", "if", "user", "group",
+    "DNSMASQ_ARGS", "VDE_SWITCH_ARGS", "PREROUTING_RULES", "PREROUTING_RULSES",
+    "POSTROUTING_RULES", "POSTROUTING_RULSES",
+}
+_CONF_ALIASES = {"dnsmasq_args": "DNSMASQ_ARGS", "vde_switch_args": "VDE_SWITCH_ARGS",
+                 "prerouting_rules": "PREROUTING_RULES", "prerouting_rulses": "PREROUTING_RULSES"}
+
+
+class _Importer:
+    def __init__(self, directory: Path, conf: Path | None):
+        self.dir = directory
+        self.conf_path = conf
+        self.findings: list[Finding] = []
+        self.read_files: set[Path] = set()
+        self.conf: dict[str, _Assign] = {}
+        self.conf_ethers: list[_Assign] = []
+        self.hosts: list[_Host] = []
+        self.ranges: dict[str, list[_Range]] = {"dnsmasq": [], "dhcpd": []}
+        self.domains: dict[str, list[tuple[str, str, int, str]]] = {"dnsmasq": [], "dhcpd": []}
+        self.dnsmasq_used: list[str] = []
+        self.hostsfiles: set[Path] = set()
+        self.dnsmasq_files: set[Path] = set()
+        self.dhcpd_present = False
+        self.dhcpd_lines: list[str] = []
+        self.ether_index: dict[str, int] = {}
+        self.network = ""
+        self.subnet = ipaddress.IPv4Network("0.0.0.0/32")
+        self.gateway = ipaddress.IPv4Address(0)
+
+    # -- helpers ----------------------------------------------------------------------
+    def note(self, file: str | Path, line: int, text: str, reason: str) -> None:
+        self.findings.append(Finding(str(file), line, text, reason))
+
+    def shown(self, p: Path) -> str:
+        return str(p)
+
+    def _conf_file(self) -> str:
+        return str(self.conf_path) if self.conf_path else str(self.dir)
+
+    def _resolve(self, value: str, file: str, line: int, text: str, what: str) -> Path | None:
+        """A file the configuration names: as written (relative to the directory), or, when
+        that does not exist (a copied directory), the same name in the directory."""
+        p = Path(value)
+        if not p.is_absolute():
+            p = self.dir / p
+        if p.is_file():
+            return p
+        local = self.dir / Path(value).name
+        if local.is_file():
+            self.note(file, line, text, f"{what} {value} does not exist; read {local} (the "
+                      "same name in this directory) instead.")
+            return local
+        return None
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self) -> Imported:
+        self._find_conf()
+        guess = self.dir.name
+        if self.conf_path is not None:
+            self._read_conf(guess)
+        network = self._network_name(guess)
+        self.network = network
+        subnet = self._subnet(network)
+        self.subnet = subnet
+        self.gateway = subnet.network_address + 1
+        definition: dict[str, Any] = {}
+        macs = self._macs(network)
+        self._dnsmasq_sources()
+        self._hostsfiles()
+        self._dhcpd()
+        dhcp = self._dhcp_kind()
+        mode = self._mode(dhcp)
+        definition["mode"] = mode
+        definition["subnet"] = str(subnet)
+        taps = self._taps(network)
+        if taps:
+            definition["taps"] = taps
+        self._owner(definition, taps)
+        definition["dhcp"] = dhcp
+        self._range(definition, dhcp)
+        self._domain(definition, dhcp)
+        self._vde(definition, taps, len(macs))
+        hosts = self._final_hosts(network, macs)
+        if hosts:
+            definition["hosts"] = hosts
+        forwards = self._forwards()
+        if forwards:
+            definition["forwards"] = forwards
+        self._other_files()
+        order = {f: i for i, f in enumerate(sorted({f.file for f in self.findings}))}
+        self.findings.sort(key=lambda f: (order[f.file], f.line))
+        return Imported(network=network, definition=definition, macs=macs,
+                        findings=self.findings)
+
+    def _find_conf(self) -> None:
+        if self.conf_path is not None:
+            self.read_files.add(self.conf_path)
+            return
+        own = self.dir / f"{self.dir.name}.conf"
+        if own.is_file():
+            self.conf_path = own
+        else:
+            skip = {ETHER_FILE, DHCPD_FILE, *DNSMASQ_FILES}
+            cands = sorted(p for p in self.dir.glob("*.conf") if p.name not in skip
+                           and p.is_file())
+            if len(cands) > 1:
+                raise MigrationError(self.dir, 0, "several configuration files ("
+                                     + ", ".join(p.name for p in cands) + f") and no {own.name}: "
+                                     "give the one to read (import-qemu-vlan FILE.conf).")
+            if cands:
+                self.conf_path = cands[0]
+                self.note(cands[0], 0, "", f"read as the network's configuration (there is "
+                          f"no {own.name}).")
+            else:
+                self.note(self.dir, 0, "", f"no {own.name}: the original's defaults apply "
+                          "(subnet from the name, dnsmasq).")
+        if self.conf_path is not None:
+            self.read_files.add(self.conf_path)
+
+    def _read_conf(self, guess: str) -> None:
+        assert self.conf_path is not None
+        file = str(self.conf_path)
+        text = _read_text(self.conf_path, file)
+        for a in _Shell(self.conf_path, text, {"br": guess}).parse():
+            key = _CONF_ALIASES.get(a.key, a.key)
+            if _ETHER_KEY.fullmatch(key):
+                self.conf_ethers.append(a)
+                continue
+            if key not in _CONF_KEYS:
+                self.note(file, a.line, a.text, f"unknown key '{a.key}': not carried over.")
+                continue
+            if a.problem is not None:
+                if key == "ether":
+                    self.note(file, a.line, a.text, f"ether= is not understood ({a.problem}); "
+                              f"looking for {ETHER_FILE} in the directory instead.")
+                else:
+                    self.note(file, a.line, a.text,
+                              f"'{a.key}' is not carried over: {a.problem}.")
+                continue
+            if key in self.conf:
+                old = self.conf[key]
+                self.note(file, old.line, old.text, f"'{old.key}' is set again on line "
+                          f"{a.line}: the later value is used, as the shell would.")
+            self.conf[key] = a
+
+    def _network_name(self, guess: str) -> str:
+        a = self.conf.get("br")
+        name = guess
+        if a is not None and a.value.strip():
+            name = a.value.strip()
+            if name != guess:
+                self.note(self._conf_file(), a.line, a.text, f"br={name}: the network is "
+                          f"named {name}, not after the directory ({guess}).")
+        if (not _IFNAME_RE.fullmatch(name) or len(name.encode()) > MAX_IFNAME):
+            where = (self._conf_file(), a.line) if a is not None else (str(self.dir), 0)
+            raise MigrationError(*where, f"'{_short(name)}' cannot be a network (bridge) name: "
+                                 f"at most {MAX_IFNAME} bytes of letters, digits, '_', '.', '-'.")
+        return name
+
+    def _subnet(self, network: str) -> ipaddress.IPv4Network:
+        file = self._conf_file()
+        gw_a, nm_a = self.conf.get("gateway"), self.conf.get("netmask")
+        m = _TRAILING_DIGITS.search(network)
+        number = int(m.group(1)) if m else None
+        prefix: int | None = None
+        if gw_a is not None and gw_a.value.strip():
+            text = gw_a.value.strip()
+            addr, _, plen = text.partition("/")
+            try:
+                gw = ipaddress.IPv4Address(addr)
+                if plen:
+                    prefix = ipaddress.IPv4Network(f"0.0.0.0/{plen}").prefixlen
+            except ValueError:
+                raise MigrationError(file, gw_a.line, f"gateway='{_short(text)}' is not an "
+                                     "IPv4 address.") from None
+        else:
+            if number is None or number > 245:
+                raise MigrationError(file, gw_a.line if gw_a else 0,
+                                     f"no gateway= and the name '{network}' gives no subnet "
+                                     "(vnetN -> 172.16.(10+N).0/24 needs N <= 245).")
+            gw = ipaddress.IPv4Address(f"172.16.{10 + number}.1")
+        if nm_a is not None and nm_a.value.strip():
+            text = nm_a.value.strip().lstrip("/")
+            try:
+                prefix = ipaddress.IPv4Network(f"0.0.0.0/{text}").prefixlen
+            except ValueError:
+                raise MigrationError(file, nm_a.line, f"netmask='{_short(text)}' is not a "
+                                     "netmask (255.255.255.0 or 24).") from None
+        prefix = 24 if prefix is None else prefix
+        if not 8 <= prefix <= 30:
+            a = nm_a or gw_a
+            raise MigrationError(file, a.line if a else 0, f"a /{prefix} network cannot be "
+                                 "carried over: vnetd takes /8 to /30 (a gateway and guests).")
+        subnet = ipaddress.IPv4Network(f"{gw}/{prefix}", strict=False)
+        if gw != subnet.network_address + 1:
+            a = gw_a
+            self.note(file, a.line if a else 0, a.text if a else "",
+                      f"vnetd's gateway is the subnet's first address, "
+                      f"{subnet.network_address + 1}, not {gw}: guests configured by hand "
+                      "must use the new gateway and DNS server.")
+        return subnet
+
+    def _taps(self, network: str) -> int:
+        a, b = self.conf.get("n"), self.conf.get("nic")
+        if a is not None and b is not None:
+            self.note(self._conf_file(), b.line, b.text, f"both n= (line {a.line}) and nic= "
+                      "are set: n= is used.")
+        a = a or b
+        if a is None:
+            return 0
+        text = a.value.strip()
+        if not text.isdigit():
+            self.note(self._conf_file(), a.line, a.text, f"'{a.key}={_short(text)}' is not a "
+                      "tap count: no taps are pre-created.")
+            return 0
+        n = int(text)
+        if n == 0:
+            return 0
+        if n > MAX_TAPS:
+            self.note(self._conf_file(), a.line, a.text, f"{n} taps are more than vnetd's "
+                      f"{MAX_TAPS}: no taps are pre-created (give -n at most {MAX_TAPS}).")
+            return 0
+        if len(f"{network}_{n}".encode()) > MAX_IFNAME:
+            self.note(self._conf_file(), a.line, a.text, f"the tap name {network}_{n} would "
+                      f"exceed {MAX_IFNAME} bytes: no taps are pre-created.")
+            return 0
+        return n
+
+    def _owner(self, definition: dict[str, Any], taps: int) -> None:
+        file = self._conf_file()
+        u = self.conf.get("user")
+        if u is not None and u.value.strip():
+            v = u.value.strip()
+            if v.isdigit() and int(v) <= 2**32 - 2:
+                definition["tap-user"] = int(v)
+            else:
+                self.note(file, u.line, u.text, f"the taps' owner '{_short(v)}' is a user name; "
+                          "a definition holds a uid, which this reader does not look up: give "
+                          f"--user={_short(v)} to vnet-client define (or edit tap-user).")
+        g = self.conf.get("group")
+        if g is not None and g.value.strip():
+            v = g.value.strip()
+            if _GROUP_RE.fullmatch(v):
+                definition["tap-group"] = v
+            else:
+                self.note(file, g.line, g.text, f"'{_short(v)}' is not a valid group name: "
+                          "not carried over (vnetd's default group is vnet).")
+        elif taps:
+            self.note(file, 0, "", "the original's taps belonged to group qemu unless --group "
+                      "said otherwise; vnetd's default is group vnet (define --group=qemu to "
+                      "keep the old group).")
+
+    # -- MACs ---------------------------------------------------------------------------
+    def _macs(self, network: str) -> dict[str, str]:
+        entries: dict[int, tuple[str, str, int, str]] = {}
+        a = self.conf.get("ether")
+        path: Path | None = None
+        if a is not None and a.value.strip():
+            path = self._resolve(a.value.strip(), self._conf_file(), a.line, a.text, "ether=")
+            if path is None:
+                self.note(self._conf_file(), a.line, a.text, f"ether={a.value.strip()} does not "
+                          f"exist, nor does {ETHER_FILE} here: no MACs imported from it.")
+        else:
+            own = self.dir / ETHER_FILE
+            path = own if own.is_file() else None
+        for e in self.conf_ethers:
+            self._ether_entry(e, self._conf_file(), entries)
+        if path is not None:
+            self.read_files.add(path)
+            file = str(path)
+            text = _read_text(path, file)
+            for e in _Shell(path, text, {"br": network}).parse():
+                if not _ETHER_KEY.fullmatch(e.key):
+                    self.note(file, e.line, e.text, f"unknown key '{e.key}' in {path.name}: not "
+                              "carried over (only ether_<i>= lines are).")
+                    continue
+                self._ether_entry(e, file, entries)
+        elif not self.conf_ethers:
+            self.note(self.dir, 0, "", f"no {ETHER_FILE}: no MACs to keep; vnetd gives each VM "
+                      "a stable MAC from now on.")
+        macs: dict[str, str] = {}
+        owner: dict[str, tuple[int, str, int]] = {}
+        for i in sorted(entries):
+            mac, file, line, text = entries[i]
+            if mac in owner:
+                j, f2, l2 = owner[mac]
+                self.note(file, line, text, f"{mac} is already ether_{j}'s ({f2}:{l2}): one MAC "
+                          f"cannot belong to two VMs; ether_{i} is not carried over.")
+                continue
+            owner[mac] = (i, file, line)
+            macs[f"{network}_{i}"] = mac
+        self.ether_index = {mac: i for mac, (i, _, _) in owner.items()}
+        return macs
+
+    def _ether_entry(self, e: _Assign, file: str,
+                     entries: dict[int, tuple[str, str, int, str]]) -> None:
+        i = int(_ETHER_KEY.fullmatch(e.key).group(1))  # type: ignore[union-attr]
+        if e.problem is not None:
+            raise MigrationError(file, e.line, f"{e.key} is not a MAC address: {e.problem}.")
+        mac = _mac(e.value, file, e.line, f"MAC address (for {e.key})")
+        if i in entries and entries[i][0] != mac:
+            _, f2, l2, t2 = entries[i]
+            self.note(f2, l2, t2, f"{e.key} is set again ({file}:{e.line}): the later value "
+                      "is used, as the shell would.")
+        entries[i] = (mac, file, e.line, e.text)
+
+    # -- dnsmasq ------------------------------------------------------------------------
+    def _dnsmasq_sources(self) -> None:
+        a = self.conf.get("DNSMASQ_ARGS")
+        if a is not None and a.value.strip():
+            self.dnsmasq_used.append(f"DNSMASQ_ARGS ({Path(self._conf_file()).name}:{a.line})")
+            toks = a.token_lines()
+            i = 0
+            while i < len(toks):
+                tok, line = toks[i]
+                name, value, consumed = self._dnsmasq_arg(toks, i)
+                text = " ".join(t for t, _ in toks[i:i + consumed])
+                i += consumed
+                if name is None:
+                    self.note(self._conf_file(), line, text, "not a dnsmasq option: not "
+                              "carried over.")
+                    continue
+                self._dnsmasq_option(name, value, self._conf_file(), line, text)
+        for fname in DNSMASQ_FILES:
+            p = self.dir / fname
+            if p.is_file():
+                self._dnsmasq_conf(p)
+
+    def _dnsmasq_arg(self, toks: list[tuple[str, int]],
+                     i: int) -> tuple[str | None, str | None, int]:
+        tok = toks[i][0]
+        nxt = toks[i + 1][0] if i + 1 < len(toks) else None
+        if tok.startswith("--"):
+            name, eq, value = tok[2:].partition("=")
+            if eq:
+                return name, value, 1
+            if name in _DNSMASQ_NOARG or nxt is None or nxt.startswith("-"):
+                return name, None, 1
+            return name, nxt, 2
+        if tok.startswith("-") and len(tok) >= 2:
+            long = _DNSMASQ_SHORT.get(tok[1], f"-{tok[1]}")
+            if len(tok) > 2:
+                return long, tok[2:].lstrip("="), 1
+            if long in _DNSMASQ_NOARG or nxt is None or nxt.startswith("-"):
+                return long, None, 1
+            return long, nxt, 2
+        return None, None, 1
+
+    def _dnsmasq_conf(self, path: Path) -> None:
+        if path.resolve() in self.dnsmasq_files:
+            return
+        self.dnsmasq_files.add(path.resolve())
+        self.read_files.add(path)
+        file = str(path)
+        self.dnsmasq_used.append(path.name)
+        for n, raw in enumerate(_read_text(path, file).splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, eq, value = line.partition("=")
+            name = name.strip()
+            if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+                raise MigrationError(file, n, f"'{_short(line, 40)}' is not a dnsmasq option "
+                                     "line (option or option=value).")
+            self._dnsmasq_option(name, value.strip() if eq else None, file, n, line)
+
+    def _dnsmasq_option(self, name: str, value: str | None, file: str, line: int,
+                        text: str) -> None:
+        if name == "dhcp-host" and value is not None:
+            self._dhcp_host(value, file, line, text)
+        elif name == "dhcp-range" and value is not None:
+            self._dhcp_range(value, file, line, text)
+        elif name == "domain" and value is not None:
+            parts = value.split(",")
+            dom = parts[0].strip()
+            if len(parts) > 1 and parts[1].strip() and not self._is_our_subnet(parts[1]):
+                self.note(file, line, text, f"the domain {dom} is for {parts[1].strip()}, not "
+                          f"this network's {self.subnet}: not carried over.")
+                return
+            self.domains["dnsmasq"].append((dom, file, line, text))
+        elif name in ("dhcp-hostsfile", "dhcp-hostfile") and value is not None:
+            p = self._resolve(value.strip(), file, line, text, name)
+            if p is None:
+                self.note(file, line, text, f"the hosts file {value.strip()} does not exist "
+                          "here: its hosts are not carried over.")
+            else:
+                self._hostsfile(p)
+        elif name == "conf-file" and value is not None:
+            p = self._resolve(value.strip(), file, line, text, name)
+            if p is None:
+                self.note(file, line, text, f"the dnsmasq file {value.strip()} does not exist "
+                          "here: not carried over.")
+            else:
+                self._dnsmasq_conf(p)
+        elif name == "dhcp-option" and value is not None:
+            self._dhcp_option(value, file, line, text)
+        elif name in _DNSMASQ_VNETD:
+            self.note(file, line, text, f"vnetd runs dnsmasq with its own '{name}' (bound to "
+                      "the bridge only, authoritative, its own lease and pid files): not "
+                      "carried over.")
+        else:
+            self.note(file, line, text, f"the dnsmasq option '{name}' is not carried over "
+                      "(vnetd does not take extra dnsmasq options).")
+
+    def _is_our_subnet(self, text: str) -> bool:
+        try:
+            return ipaddress.IPv4Network(text.strip(), strict=False) == self.subnet
+        except ValueError:
+            return False
+
+    def _dhcp_option(self, value: str, file: str, line: int, text: str) -> None:
+        fields = [f.strip() for f in value.split(",")]
+        while fields and re.match(r"(tag|set|net|encap|vendor|vi-encap):", fields[0]):
+            fields.pop(0)
+        opt = fields[0].lower() if fields else ""
+        if opt in ("3", "option:router", "6", "option:dns-server") and len(fields) > 1:
+            what = "router" if opt in ("3", "option:router") else "DNS server"
+            self._router_note(what, fields[1:], file, line, text)
+        else:
+            self.note(file, line, text, "extra DHCP options are not carried over (vnetd does "
+                      "not take them yet).")
+
+    def _router_note(self, what: str, addrs: list[str], file: str, line: int,
+                     text: str) -> None:
+        others = [a for a in addrs if a and a != "0.0.0.0" and a != str(self.gateway)]
+        if others:
+            dot2 = str(self.subnet.network_address + 2)
+            why = (" (the original's dhcpd setup pointed it at .2 by mistake)"
+                   if dot2 in others else "")
+            self.note(file, line, text, f"the {what} was {', '.join(others)}; vnetd gives the "
+                      f"gateway {self.gateway} as {what}{why}: not carried over.")
+        else:
+            self.note(file, line, text, f"vnetd gives the gateway {self.gateway} as {what} "
+                      "itself: not needed.")
+
+    def _dhcp_range(self, value: str, file: str, line: int, text: str) -> None:
+        fields = [f.strip() for f in value.split(",")]
+        while fields and re.match(r"(tag|set|net|interface|constructor):", fields[0]):
+            fields.pop(0)
+        try:
+            start = ipaddress.IPv4Address(fields[0])
+            end = ipaddress.IPv4Address(fields[1])
+        except (ValueError, IndexError):
+            self.note(file, line, text, "this DHCP range is not an IPv4 start,end pair (IPv6 "
+                      "or static ranges: vnetd serves IPv6 with router advertisements once the "
+                      "network has --subnet6): not carried over.")
+            return
+        rest = [f for f in fields[2:] if f != str(self.subnet.netmask)]
+        if rest:
+            self.note(file, line, text, f"'{','.join(rest)}' of this range (lease time, mask, "
+                      "broadcast) is not carried over: vnetd uses its own.")
+        self.ranges["dnsmasq"].append(_Range(str(start), str(end), file, line, text))
+
+    def _hostsfiles(self) -> None:
+        p = self.dir / HOSTS_FILE
+        if p.is_file():
+            self._hostsfile(p)
+
+    def _hostsfile(self, path: Path) -> None:
+        if path.resolve() in self.hostsfiles:
+            return
+        self.hostsfiles.add(path.resolve())
+        self.read_files.add(path)
+        file = str(path)
+        self.dnsmasq_used.append(path.name)
+        for n, raw in enumerate(_read_text(path, file).splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            self._dhcp_host(line, file, n, line)
+
+    def _dhcp_host(self, value: str, file: str, line: int, text: str) -> None:
+        """dnsmasq's dhcp-host: [MAC...][,id:..][,set:..][,IPv4][,[IPv6]][,NAME][,LEASE]
+        [,ignore], in any order (mac,ip,name and mac,name,ip alike)."""
+        macs: list[str] = []
+        wild: list[str] = []
+        ips: list[ipaddress.IPv4Address] = []
+        names: list[str] = []
+        dropped: list[str] = []
+        ignore = False
+        for f in (x.strip() for x in value.split(",")):
+            if not f:
+                continue
+            low = f.lower()
+            if _MAC_RE.fullmatch(f):
+                macs.append(_mac(f, file, line))
+            elif "*" in f and _WILD_MAC_RE.fullmatch(f):
+                wild.append(f)
+            elif re.match(r"(id|set|tag|net):", low) or (f.startswith("[") and f.endswith("]")):
+                dropped.append(f)
+            elif low == "ignore":
+                ignore = True
+            elif re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", f):
+                try:
+                    ips.append(ipaddress.IPv4Address(f))
+                except ValueError:
+                    raise MigrationError(file, line, f"'{f}' is not an IPv4 address.") from None
+            elif _LEASE_FIELD.fullmatch(f):
+                dropped.append(f)
+            elif _HOSTNAME_FIELD.fullmatch(f):
+                names.append(f)
+            else:
+                raise MigrationError(file, line, f"'{_short(f, 40)}' in this dhcp-host is "
+                                     "neither a MAC address, an IPv4 address, a host name nor a "
+                                     "lease time.")
+        if ignore:
+            self.note(file, line, text, "this host is refused DHCP ('ignore'); vnetd has no "
+                      "such setting: not carried over.")
+            return
+        if not macs:
+            why = "wildcard MACs" if wild else "no MAC address"
+            self.note(file, line, text, f"{why}: vnetd's static hosts are one MAC each: not "
+                      "carried over.")
+            return
+        if not ips:
+            self.note(file, line, text, "no IPv4 address: vnetd's static hosts need one: not "
+                      "carried over.")
+            return
+        if len(macs) > 1 or wild:
+            self.note(file, line, text, f"several MACs for one host: only {macs[0]} is carried "
+                      "over.")
+        if len(ips) > 1:
+            self.note(file, line, text, f"several addresses: only {ips[0]} is carried over.")
+        if len(names) > 1:
+            self.note(file, line, text, f"several names: only '{names[0]}' is carried over.")
+        if dropped:
+            self.note(file, line, text, f"'{','.join(dropped)}' (client ids, tags, IPv6 "
+                      "addresses, lease times) is not carried over.")
+        self.hosts.append(_Host(macs[0], ips[0], names[0] if names else None, file, line, text))
+
+    # -- dhcpd --------------------------------------------------------------------------
+    def _dhcpd(self) -> None:
+        path = self.dir / DHCPD_FILE
+        if not path.is_file():
+            return
+        self.read_files.add(path)
+        file = str(path)
+        self.dhcpd_lines = _read_text(path, file).splitlines()
+        stmts = _dhcpd_parse(_dhcpd_tokens("\n".join(self.dhcpd_lines), file), file)
+        self.dhcpd_present = True
+        self._dhcpd_walk(stmts, file)
+
+    def _dline(self, n: int) -> str:
+        return self.dhcpd_lines[n - 1].strip() if 0 < n <= len(self.dhcpd_lines) else ""
+
+    def _dhcpd_walk(self, stmts: list[_Stmt], file: str) -> None:
+        for s in stmts:
+            v = s.values
+            if not v:
+                raise MigrationError(file, s.line, "a statement of nothing but ','.")
+            kw = v[0].lower()
+            text = self._dline(s.line)
+            if s.block is not None:
+                if kw == "host":
+                    if len(v) != 2:
+                        raise MigrationError(file, s.line, "a host declaration needs one name: "
+                                             "host NAME { ... }.")
+                    self._dhcpd_host(v[1], s, file)
+                elif kw == "subnet":
+                    try:
+                        if len(v) != 4 or v[2].lower() != "netmask":
+                            raise ValueError
+                        net = ipaddress.IPv4Network(f"{v[1]}/{v[3]}")
+                    except ValueError:
+                        raise MigrationError(file, s.line, "not a 'subnet ADDRESS netmask MASK "
+                                             "{' declaration.") from None
+                    if net != self.subnet:
+                        self.note(file, s.line, text, f"a declaration for {net}, not this "
+                                  f"network's {self.subnet}: its settings may not fit.")
+                    self._dhcpd_walk(s.block, file)
+                elif kw in ("group", "shared-network", "pool"):
+                    self._dhcpd_walk(s.block, file)
+                else:
+                    self.note(file, s.line, text, f"the '{v[0]}' block is not carried over.")
+                continue
+            if kw == "range":
+                rest = [x for x in v[1:] if x.lower() != "dynamic-bootp"]
+                try:
+                    start = ipaddress.IPv4Address(rest[0])
+                    end = ipaddress.IPv4Address(rest[1] if len(rest) > 1 else rest[0])
+                except (ValueError, IndexError):
+                    raise MigrationError(file, s.line, "not a 'range FIRST LAST;' "
+                                         "statement.") from None
+                self.ranges["dhcpd"].append(_Range(str(start), str(end), file, s.line, text))
+            elif kw == "option" and len(v) >= 3:
+                self._dhcpd_option(v[1].lower(), v[2:], file, s.line, text)
+            elif kw in ("authoritative", "not", "ddns-update-style", "default-lease-time",
+                        "max-lease-time", "log-facility", "ddns-updates", "one-lease-per-client"):
+                self.note(file, s.line, text, "vnetd writes its own dhcpd configuration "
+                          f"('{v[0]}' is its own choice): not carried over.")
+            else:
+                self.note(file, s.line, text, f"the dhcpd statement '{v[0]}' is not carried "
+                          "over.")
+
+    def _dhcpd_option(self, name: str, args: list[str], file: str, line: int,
+                      text: str) -> None:
+        if name == "routers":
+            self._router_note("router", args, file, line, text)
+        elif name == "domain-name-servers":
+            self._router_note("DNS server", args, file, line, text)
+        elif name == "domain-name":
+            self.domains["dhcpd"].append((args[0], file, line, text))
+        elif name in ("subnet-mask", "broadcast-address"):
+            self.note(file, line, text, f"vnetd sets {name} from the subnet itself: not needed.")
+        else:
+            self.note(file, line, text, f"the DHCP option '{name}' is not carried over (vnetd "
+                      "does not take extra DHCP options yet).")
+
+    def _dhcpd_host(self, name: str, s: _Stmt, file: str) -> None:
+        mac: str | None = None
+        ips: list[str] = []
+        text = self._dline(s.line)
+        for st in s.block or []:
+            v = st.values
+            if not v:
+                raise MigrationError(file, st.line, "a statement of nothing but ','.")
+            kw = v[0].lower()
+            if st.block is not None:
+                self.note(file, st.line, self._dline(st.line), "a block inside a host is not "
+                          "carried over.")
+            elif kw == "hardware" and len(v) == 3 and v[1].lower() == "ethernet":
+                mac = _mac(v[2], file, st.line)
+            elif kw == "hardware":
+                raise MigrationError(file, st.line, "not a 'hardware ethernet MAC;' statement.")
+            elif kw == "fixed-address" and len(v) >= 2:
+                ips = v[1:]
+            elif kw == "option" and len(v) == 3 and v[1].lower() == "host-name":
+                self.note(file, st.line, self._dline(st.line), f"the host is named '{name}' "
+                          f"(its declaration); the host-name option '{v[2]}' is not carried over.")
+            else:
+                self.note(file, st.line, self._dline(st.line), f"'{v[0]}' in host {name} is "
+                          "not carried over.")
+        if mac is None:
+            self.note(file, s.line, text, f"host {name} has no 'hardware ethernet': vnetd's "
+                      "static hosts are keyed by MAC: not carried over.")
+            return
+        addrs: list[ipaddress.IPv4Address] = []
+        for x in ips:
+            try:
+                addrs.append(ipaddress.IPv4Address(x))
+            except ValueError:
+                self.note(file, s.line, text, f"host {name}'s fixed-address '{_short(x, 40)}' "
+                          "is a name, not an address: not carried over.")
+        if not addrs:
+            if not ips:
+                self.note(file, s.line, text, f"host {name} has no fixed-address: not carried "
+                          "over.")
+            return
+        if len(addrs) > 1:
+            self.note(file, s.line, text, f"host {name} has several addresses: only {addrs[0]} "
+                      "is carried over.")
+        self.hosts.append(_Host(mac, addrs[0], name, file, s.line, text))
+
+    # -- decisions ----------------------------------------------------------------------
+    def _dhcp_kind(self) -> str:
+        a = self.conf.get("dhcp")
+        file = self._conf_file()
+        dhcpd = self.dhcpd_present
+        if a is not None:
+            v = a.value.strip().lower()
+            if v in ("dnsmasq", "dhcpd"):
+                return v
+            if v == "dnsmask":
+                self.note(file, a.line, a.text, "dhcp=dnsmask (the original documentation's "
+                          "spelling) is read as dnsmasq.")
+                return "dnsmasq"
+            if v in ("", "none", "no"):
+                return "none"
+            if v in ("dhcpcd", "dhclient", "udhcpc"):
+                self.note(file, a.line, a.text, f"dhcp={v} ran a DHCP client on the bridge "
+                          "(bridged mode); that is not yet supported by vnetd: not carried over.")
+            else:
+                self.note(file, a.line, a.text, f"dhcp={_short(v)} is not a DHCP server vnetd "
+                          "knows (dnsmasq, dhcpd, none).")
+        if dhcpd and not self.dnsmasq_used:
+            self.note(str(self.dir / DHCPD_FILE), 0, "", "no dhcp= in the configuration: "
+                      "ISC dhcpd is used, as this directory has a dhcpd.conf.")
+            return "dhcpd"
+        if dhcpd:
+            self.note(str(self.dir / DHCPD_FILE), 0, "", "both dnsmasq settings ("
+                      + ", ".join(self.dnsmasq_used) + ") and a dhcpd.conf, and no dhcp=: "
+                      "dnsmasq is used; static hosts are taken from both.")
+        return "dnsmasq"
+
+    def _mode(self, dhcp: str) -> str:
+        file = self._conf_file()
+        iface = self.conf.get("if")
+        if iface is not None and iface.value.strip():
+            self.note(file, iface.line, iface.text, f"bridged mode (--if={iface.value.strip()}) "
+                      "is not yet supported by vnetd: imported as a NAT network on its own "
+                      f"subnet {self.subnet}; {iface.value.strip()} is left alone.")
+            return "nat"
+        if dhcp == "dhcpd":
+            self.note(file, 0, "", "mode host-only: the original used ISC dhcpd for private "
+                      "networks and dnsmasq for those with access outside (its NAT came from "
+                      "your firewall); define with --mode=nat to change it.")
+            return "host-only"
+        return "nat"
+
+    def _range(self, definition: dict[str, Any], dhcp: str) -> None:
+        for kind, ranges in self.ranges.items():
+            for k, r in enumerate(ranges):
+                if kind != dhcp:
+                    self.note(r.file, r.line, r.text, f"a {kind} range, and the network uses "
+                              f"{dhcp}: not carried over.")
+                    continue
+                if k:
+                    self.note(r.file, r.line, r.text, "a second DHCP range: vnetd has one; not "
+                              "carried over.")
+                    continue
+                bad = [x for x in (r.start, r.end) if not self._host_ip_ok(
+                    ipaddress.IPv4Address(x))]
+                if bad or ipaddress.IPv4Address(r.start) > ipaddress.IPv4Address(r.end):
+                    self.note(r.file, r.line, r.text, f"the range {r.start}-{r.end} does not fit "
+                              f"{self.subnet} (gateway {self.gateway}): not carried over.")
+                    continue
+                definition["dhcp-start"] = r.start
+                definition["dhcp-end"] = r.end
+
+    def _domain(self, definition: dict[str, Any], dhcp: str) -> None:
+        """The domain the network's own server gave (with dhcp=none: the first one found)."""
+        chosen = False
+        for kind in sorted(self.domains, key=lambda k: k != dhcp):
+            for dom, file, line, text in self.domains[kind]:
+                if chosen or (kind != dhcp and dhcp != "none"):
+                    why = "another domain" if chosen else f"a {kind} setting, and the network "\
+                        f"uses {dhcp}"
+                    self.note(file, line, text, f"{why} ({dom}): not carried over.")
+                    continue
+                labels = dom.rstrip(".").split(".")
+                if not dom or len(dom) > 253 or not all(_LABEL_RE.fullmatch(x) for x in labels):
+                    self.note(file, line, text, f"'{_short(dom)}' is not a DNS domain vnetd "
+                              "takes: not carried over.")
+                    continue
+                definition["domain"] = dom.rstrip(".").lower()
+                chosen = True
+
+    def _vde(self, definition: dict[str, Any], taps: int, n_macs: int) -> None:
+        file = self._conf_file()
+        a = self.conf.get("vde")
+        on = False
+        if a is not None:
+            v = a.value.strip().lower()
+            if v in TRUE_WORDS:
+                on = True
+            elif v not in FALSE_WORDS:
+                self.note(file, a.line, a.text, f"vde={_short(v)} is neither yes nor no: VDE "
+                          "is not enabled.")
+        args = self.conf.get("VDE_SWITCH_ARGS")
+        ports: int | None = None
+        extra: list[str] = []
+        if args is not None and args.value.strip():
+            ports, extra = self._vde_args(args, on)
+        if on and not taps:
+            self.note(file, a.line if a else 0, a.text if a else "", "a VDE network runs one "
+                      "switch per tap, and no tap count (n=) is recorded: VDE is not enabled "
+                      "(define with --vde -n COUNT).")
+            on = False
+        if on:
+            definition["vde"] = True
+            definition["vde-ports"] = ports or DEFAULT_VDE_PORTS
+            if extra:
+                definition["vde-switch-args"] = extra
+        elif args is not None and args.value.strip():
+            self.note(file, args.line, args.text, "VDE_SWITCH_ARGS is set but vde= does not "
+                      "say the network used VDE switches: not carried over (define with --vde "
+                      "if it did).")
+        if not on and taps and n_macs and n_macs == taps * 32:
+            self.note(file, 0, "", f"{ETHER_FILE} holds {n_macs} MACs, 32 per tap, as qemu-vlan "
+                      "wrote them for --vde: if this network used VDE switches, define it with "
+                      "--vde.")
+
+    def _vde_args(self, a: _Assign, on: bool) -> tuple[int | None, list[str]]:
+        file = self._conf_file()
+        toks = a.token_lines()
+        ports: int | None = None
+        extra: list[str] = []
+        i = 0
+        while i < len(toks):
+            tok, line = toks[i]
+            nxt = toks[i + 1][0] if i + 1 < len(toks) else None
+            flag, eq, val = tok.partition("=")
+            if flag in ("-n", "--numports") or (tok.startswith("-n") and tok[2:].isdigit()):
+                if tok.startswith("-n") and len(tok) > 2:
+                    val, used = tok[2:], 1
+                elif eq:
+                    used = 1
+                else:
+                    val, used = nxt or "", 2
+                text = " ".join(t for t, _ in toks[i:i + used])
+                if val.isdigit() and MIN_VDE_PORTS <= int(val) <= MAX_VDE_PORTS:
+                    ports = int(val)
+                else:
+                    self.note(file, line, text, f"'{_short(val)}' ports per switch: vnetd takes "
+                              f"{MIN_VDE_PORTS} to {MAX_VDE_PORTS}; not carried over.")
+                i += used
+            elif tok in _VDE_FLAGS:
+                extra.append(_VDE_FLAGS[tok])
+                i += 1
+            elif flag in _VDE_VALUED:
+                used = 1 if eq else 2
+                val = val if eq else (nxt or "")
+                if _VDE_VALUED[flag].fullmatch(val):
+                    extra += [flag, val.lower() if flag == "--macaddr" else val]
+                else:
+                    self.note(file, line, " ".join(t for t, _ in toks[i:i + used]),
+                              f"'{_short(val)}' is not a valid value of {flag}: not carried "
+                              "over.")
+                i += used
+            elif flag in _VDE_VNETD:
+                used = 2 if flag in _VDE_TAKES_VALUE and not eq and nxt is not None else 1
+                self.note(file, line, " ".join(t for t, _ in toks[i:i + used]),
+                          f"vnetd sets {_VDE_VNETD[flag]} of its switches itself (sockets under "
+                          "/run/qemu-vnet/vde/, group, mode) and supervises them: not carried "
+                          "over.")
+                i += used
+            else:
+                self.note(file, line, tok, f"the vde_switch argument '{_short(tok, 40)}' is not "
+                          "carried over (vnetd takes --hub, --fstp, --macaddr, --priority, "
+                          "--hashsize and the port count).")
+                i += 1
+        return ports, extra
+
+    def _host_ip_ok(self, ip: ipaddress.IPv4Address) -> bool:
+        return (ip in self.subnet and ip not in (self.subnet.network_address,
+                                                 self.subnet.broadcast_address, self.gateway))
+
+    def _final_hosts(self, network: str, macs: dict[str, str]) -> list[dict[str, str]]:
+        accepted: list[_Host] = []
+        by_mac: dict[str, _Host] = {}
+        by_ip: dict[ipaddress.IPv4Address, _Host] = {}
+        for h in self.hosts:
+            if not self._host_ip_ok(h.ip):
+                self.note(h.file, h.line, h.text, f"{h.ip} is not a guest address of "
+                          f"{self.subnet} (gateway {self.gateway}): not carried over.")
+                continue
+            if h.mac in by_mac:
+                o = by_mac[h.mac]
+                if o.ip == h.ip:
+                    if o.name is None and h.name:
+                        o.name = h.name
+                    self.note(h.file, h.line, h.text, f"{h.mac} -> {h.ip} is already listed "
+                              f"({o.file}:{o.line}): kept once.")
+                else:
+                    self.note(h.file, h.line, h.text, f"{h.mac} already has {o.ip} "
+                              f"({o.file}:{o.line}): this second address is not carried over.")
+                continue
+            if h.ip in by_ip:
+                o = by_ip[h.ip]
+                self.note(h.file, h.line, h.text, f"{h.ip} is already given to {o.mac} "
+                          f"({o.file}:{o.line}): not carried over.")
+                continue
+            by_mac[h.mac] = by_ip[h.ip] = h
+            accepted.append(h)
+        used: set[str] = set()
+        out: list[dict[str, str]] = []
+        ether_macs = set(macs.values())
+        for h in accepted:
+            idx = self.ether_index.get(h.mac)
+            number = int(h.ip) - int(self.subnet.network_address)
+            notes: list[str] = []
+            if h.name:
+                label = _to_label(h.name)
+                if label is None:
+                    label = f"host{number}"
+                    notes.append(f"its name '{_short(h.name, 40)}' cannot be a DNS name: it is "
+                                 f"called {label}")
+                elif label != h.name:
+                    notes.append(f"its name '{h.name}' becomes '{label}' (a DNS name takes "
+                                 "letters, digits and '-')")
+            elif idx is not None:
+                label = _to_label(f"{network}_{idx}") or f"host{number}"
+                notes.append(f"no name: named after ether_{idx} (VM {network}_{idx}), as a DNS "
+                             f"name '{label}'")
+            else:
+                label = f"host{number}"
+                notes.append(f"no name: called {label}")
+            base, k = label, 2
+            while label.lower() in used:
+                suffix = f"-{k}"
+                label = base[: 63 - len(suffix)].rstrip("-") + suffix
+                k += 1
+            if label != base:
+                notes.append(f"'{base}' is taken: called '{label}'")
+            used.add(label.lower())
+            if idx is not None:
+                notes.append(f"its MAC is ether_{idx}'s: attach it as --vm {network}_{idx} to "
+                             f"keep MAC and address ({label}.<domain> in DNS)")
+            elif h.mac not in ether_macs:
+                macs[label] = h.mac
+            if notes:
+                self.note(h.file, h.line, h.text, "; ".join(notes) + ".")
+            out.append({"vm": label, "mac": h.mac, "ip": str(h.ip)})
+        return out
+
+    def _forwards(self) -> list[dict[str, str]]:
+        file = self._conf_file()
+        out: list[dict[str, str]] = []
+        taken: list[tuple[str, int, int, str | None, str]] = []
+        for key in ("POSTROUTING_RULES", "POSTROUTING_RULSES"):
+            a = self.conf.get(key)
+            if a is not None and a.value.strip():
+                self.note(file, a.line, a.text, f"{a.key}: vnetd's forwards translate the "
+                          "replies back themselves (connection tracking): not needed.")
+        seen: set[str] = set()
+        for key in ("PREROUTING_RULES", "PREROUTING_RULSES"):
+            a = self.conf.get(key)
+            if a is None or not a.value.strip():
+                continue
+            self.note(file, a.line, a.text, f"{a.key}: the original never applied these rules "
+                      "(dead code); vnetd applies the ones carried over as soon as the network "
+                      "runs: check they are still wanted.")
+            for rule, line in a.token_lines():
+                if rule in seen:
+                    self.note(file, line, rule, "this rule is listed twice: kept once.")
+                    continue
+                seen.add(rule)
+                why = self._rule_problem(rule, taken)
+                if why:
+                    self.note(file, line, rule, why)
+                else:
+                    out.append({"rule": rule})
+        return out
+
+    def _rule_problem(self, rule: str,
+                      taken: list[tuple[str, int, int, str | None, str]]) -> str | None:
+        parts = rule.split(",")
+        if len(parts) != 4:
+            return "not 'interface,proto,port,address:port[/4|6]': not carried over."
+        iface, proto, port, dest = (p.strip() for p in parts)
+        family = 4
+        if dest.endswith(("/4", "/6")):
+            family, dest = int(dest[-1]), dest[:-2]
+        if family == 6:
+            return ("an IPv6 forward: the network has no IPv6 prefix in the original "
+                    "configuration; define it with --subnet6=PREFIX, then "
+                    f"'vnet-client forward add {self.network} --rule {rule}': not carried over.")
+        if iface and (not _IFNAME_RE.fullmatch(iface) or len(iface.encode()) > MAX_IFNAME):
+            return f"'{_short(iface)}' is not an interface name: not carried over."
+        proto = proto.lower()
+        if proto not in ("tcp", "udp"):
+            return f"the protocol '{_short(proto)}': vnetd forwards tcp and udp: not carried over."
+        m = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", port)
+        if not m:
+            return f"'{_short(port)}' is not a port or port range: not carried over."
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if not (1 <= lo <= hi <= 65535):
+            return f"the ports {port} are not 1 to 65535 (low-high): not carried over."
+        addr, sep, tport = dest.rpartition(":")
+        if not sep or not tport.isdigit() or not 1 <= int(tport) <= 65535:
+            return f"'{_short(dest)}' is not ADDRESS:PORT: not carried over."
+        if int(tport) + (hi - lo) > 65535:
+            return f"the target ports {tport}-{int(tport) + hi - lo} go past 65535: not carried over."
+        try:
+            ip = ipaddress.IPv4Address(addr)
+        except ValueError:
+            if not _VM_RE.fullmatch(addr) or len(addr) > MAX_VM_NAME:
+                return f"'{_short(addr)}' is neither an IPv4 address nor a VM name: not carried over."
+        else:
+            if not self._host_ip_ok(ip):
+                return (f"the target {ip} is not a guest address of {self.subnet}: not carried "
+                        "over.")
+        for p2, l2, h2, i2, r2 in taken:
+            if p2 == proto and lo <= h2 and l2 <= hi and (not iface or not i2 or iface == i2):
+                return f"it overlaps the forward '{r2}': not carried over."
+        taken.append((proto, lo, hi, iface or None, rule))
+        return None
+
+    def _other_files(self) -> None:
+        known = {p.resolve() for p in self.read_files}
+        try:
+            entries = sorted(self.dir.iterdir())
+        except OSError as e:
+            raise MigrationError(self.dir, 0, f"cannot list it: {e.strerror or e}.") from None
+        for p in entries:
+            if p.resolve() in known:
+                continue
+            if p.is_dir():
+                self.note(p, 0, "", "a directory: not read.")
+            elif re.search(r"lease", p.name, re.IGNORECASE):
+                self.note(p, 0, "", "DHCP leases are not carried over: a guest without a static "
+                          "host gets a new lease (maybe another address).")
+            else:
+                self.note(p, 0, "", "not read: qemu-vnet has no use for this file.")
+
+
+def _to_label(name: str) -> str | None:
+    """A DNS label from a host name: the first label of a dotted name, '_' and other
+    characters become '-'; None when nothing usable is left."""
+    first = name.split(".")[0]
+    label = re.sub(r"[^A-Za-z0-9-]", "-", first).strip("-")[:63].rstrip("-")
+    return label if label and _LABEL_RE.fullmatch(label) else None
+
+
+def read_qemu_vlan_dir(path: str | Path) -> Imported:
+    """Read a qemu-vlan directory (`/etc/qemu/vnet3`, or its `vnet3.conf`) into a definition,
+    the MACs to import and the findings. Raises MigrationError for a file it cannot read."""
+    p = Path(path)
+    if p.is_file():
+        return _Importer(p.parent, p).run()
+    if not p.is_dir():
+        raise MigrationError(p, 0, "no such directory (give a qemu-vlan directory such as "
+                             "/etc/qemu/vnet3).")
+    return _Importer(p, None).run()
+
+
+# --- TOML ----------------------------------------------------------------------------------
+def _toml_str(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_str(k)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(x)}"
+                                for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write a {type(v).__name__} to TOML")
+
+
+def _comment(text: str) -> str:
+    return "".join(ch if ch == "\t" or (ord(ch) >= 0x20 and ord(ch) != 0x7F) else "?"
+                   for ch in text)
+
+
+def render_definition_toml(imp: Imported) -> str:
+    """The definition as a TOML file `vnet-client define NAME --from FILE` takes: scalars and
+    lists first, then [[hosts]] and [[forwards]] tables; the findings as comments on top."""
+    lines = [f"# qemu-vnet definition of network {_comment(imp.network)}, imported from "
+             "qemu-vlan.",
+             f"# vnet-client define {_comment(imp.network)} --from THIS-FILE"]
+    if imp.findings:
+        lines.append(f"# Not carried over, or changed ({len(imp.findings)}):")
+        for f in imp.findings:
+            where = f"{f.file}:{f.line}" if f.line else f.file
+            lines.append(_comment(f"#   {where}: {f.reason}"))
+    tables: list[tuple[str, list[dict[str, Any]]]] = []
+    body: list[str] = []
+    for k, v in imp.definition.items():
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            tables.append((k, v))
+        else:
+            body.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    lines.append("")
+    lines += body
+    for k, rows in tables:
+        for row in rows:
+            lines.append("")
+            lines.append(f"[[{_toml_key(k)}]]")
+            lines += [f"{_toml_key(str(rk))} = {_toml_value(rv)}" for rk, rv in row.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,119 @@
+"""Bridged mode: a veth stands in for the host's eth0, its far end in an 'upstream' netns with
+a DHCP server and the default gateway."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from tests.harness.daemon import run_client, sh
+from tests.harness.guests import Guest
+
+
+def routes(vnetd) -> list:
+    return sorted(json.dumps(r, sort_keys=True) for r in vnetd.ipj("route", "show")
+                  + vnetd.ipj("-6", "route", "show")
+                  if not r.get("dst", "").startswith("fe80"))
+
+
+def addrs(vnetd) -> list:
+    return sorted((a["ifname"], i["local"], i["prefixlen"]) for a in vnetd.ipj("addr", "show")
+                  for i in a.get("addr_info", []) if not i["local"].startswith("fe80"))
+
+
+@pytest.fixture(scope="module")
+def upstream(vnetd):
+    ns = f"vnu-{uuid.uuid4().hex[:6]}"
+    sh("ip", "netns", "add", ns)
+    vnetd.ip("link", "add", "eth0", "type", "veth", "peer", "name", "up0", "netns", ns)
+    for args in (["addr", "add", "10.88.0.1/24", "dev", "up0"],
+                 ["addr", "add", "fd88::1/64", "dev", "up0", "nodad"],
+                 ["link", "set", "up0", "up"], ["link", "set", "lo", "up"]):
+        sh("ip", "-n", ns, *args)
+    for args in (["addr", "add", "10.88.0.5/24", "dev", "eth0"],
+                 ["addr", "add", "fd88::5/64", "dev", "eth0", "nodad"],
+                 ["link", "set", "eth0", "up"],
+                 ["route", "add", "default", "via", "10.88.0.1"],
+                 ["route", "add", "10.99.0.0/16", "via", "10.88.0.1", "metric", "50"]):
+        vnetd.ip(*args)
+    dhcp = subprocess.Popen(["ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground",
+                             "--no-resolv", "--no-hosts", "--interface=up0", "--bind-interfaces",
+                             "--dhcp-range=10.88.0.100,10.88.0.150,1h", "--port=0",
+                             "--log-facility=-", "--pid-file=", "--dhcp-leasefile=/dev/null"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    yield ns
+    dhcp.kill()
+    dhcp.wait()
+    vnetd.ip("link", "del", "eth0", check=False)
+    sh("ip", "netns", "del", ns, check=False)
+
+
+def reaches_upstream(vnetd) -> bool:
+    return vnetd.exec("busybox", "ping", "-c1", "-W2", "10.88.0.1", check=False).returncode == 0
+
+
+def test_refusals_change_nothing(vnetd, upstream):
+    before = (vnetd.snapshot(), routes(vnetd))
+    run_client("define", "vnet2", "--mode=bridged", "--if=eth0", check=True)
+    r = run_client("start", "vnet2")  # eth0 has the default route: needs --force
+    assert r.returncode == 1 and "default route" in r.stderr and "--force" in r.stderr
+    run_client("undefine", "vnet2", check=True)
+    run_client("define", "vnet4", "--if=nosuch0", check=True)
+    r = run_client("start", "vnet4")
+    assert r.returncode == 1 and "NotFound" in r.stderr
+    run_client("undefine", "vnet4", check=True)
+    vnetd.ip("link", "add", "other0", "type", "bridge")
+    vnetd.ip("link", "add", "eth9", "type", "veth", "peer", "name", "eth9p")
+    vnetd.ip("link", "set", "eth9", "master", "other0")
+    try:
+        run_client("define", "vnet5", "--if=eth9", check=True)
+        r = run_client("start", "vnet5")
+        assert r.returncode == 1 and "already in bridge 'other0'" in r.stderr
+        run_client("undefine", "vnet5", check=True)
+    finally:
+        vnetd.ip("link", "del", "eth9")
+        vnetd.ip("link", "del", "other0")
+    assert (vnetd.snapshot(), routes(vnetd)) == before
+
+
+def test_bridged_keeps_the_hosts_address_and_route_and_stop_restores_exactly(vnetd, upstream):
+    before_addrs, before_routes = addrs(vnetd), routes(vnetd)
+    assert reaches_upstream(vnetd)
+    r = run_client("--br=vnet2", "--if=eth0", "--force", "--start")
+    assert r.returncode == 0, r.stderr
+    br = vnetd.ipj("link", "show", "vnet2")[0]
+    nic = vnetd.ipj("link", "show", "eth0")[0]
+    assert nic["master"] == "vnet2" and br["address"] == nic["address"]
+    now = addrs(vnetd)
+    assert ("vnet2", "10.88.0.5", 24) in now and ("vnet2", "fd88::5", 64) in now
+    assert not any(a[0] == "eth0" for a in now)
+    default = [r for r in vnetd.ipj("route", "show") if r["dst"] == "default"]
+    assert default and default[0]["dev"] == "vnet2" and default[0]["gateway"] == "10.88.0.1"
+    assert reaches_upstream(vnetd)
+    # a guest on the bridge gets its lease from upstream
+    g = Guest(vnetd, "vnet2")
+    try:
+        lease = g.dhcp()
+        assert lease and lease["serverid"] == "10.88.0.1"
+    finally:
+        g.close()
+    run_client("stop", "vnet2", check=True)
+    assert addrs(vnetd) == before_addrs
+    assert routes(vnetd) == before_routes
+    assert reaches_upstream(vnetd)
+
+
+def test_a_daemon_restart_in_between_still_restores(vnetd, upstream):
+    before_addrs, before_routes = addrs(vnetd), routes(vnetd)
+    run_client("start", "vnet2", check=True)
+    vnetd.kill()
+    vnetd.start()
+    assert json.loads(run_client("show", "vnet2", "--json").stdout)["state"] == "running"
+    run_client("stop", "vnet2", check=True)
+    assert (addrs(vnetd), routes(vnetd)) == (before_addrs, before_routes)
+    run_client("undefine", "vnet2", check=True)
