@@ -417,14 +417,7 @@ class Engine:
 
     async def _teardown_bridged(self, net: Network) -> None:
         await self.vde.stop(net)
-        await self.ports.remove_network_ports(net.name)
-        for tname in net.tap_names:
-            lk = await self.links.get(tname)
-            if lk is not None and model.network_of_alias(lk.alias) == net.name:
-                await self.links.delete(lk.index)
-        lk = await self.links.get(net.bridge)
-        if lk is not None and model.network_of_alias(lk.alias) == net.name:
-            await self.links.delete(lk.index)
+        await self._remove_links(net)
         path = self._uplink_record_path(net)
         try:
             record = json.loads(path.read_text())
@@ -525,19 +518,20 @@ class Engine:
                 await self.links.up(nic.index)
         return restore
 
+    async def _remove_links(self, net: Network) -> None:
+        """The network's ports, pre-created taps and bridge: only those carrying its alias."""
+        await self.ports.remove_network_ports(net.name)
+        for name in [*net.tap_names, net.bridge]:
+            lk = await self.links.get(name)
+            if lk is not None and model.network_of_alias(lk.alias) == net.name:
+                await self.links.delete(lk.index)
+
     async def _teardown(self, net: Network) -> None:
         if net.mode == "bridged":
             return await self._teardown_bridged(net)
         await self.dhcp.stop(net.name)
         await self.vde.stop(net)
-        await self.ports.remove_network_ports(net.name)
-        for tname in net.tap_names:
-            lk = await self.links.get(tname)
-            if lk is not None and model.network_of_alias(lk.alias) == net.name:
-                await self.links.delete(lk.index)
-        lk = await self.links.get(net.bridge)
-        if lk is not None and model.network_of_alias(lk.alias) == net.name:
-            await self.links.delete(lk.index)
+        await self._remove_links(net)
         was_running = net.name in self.running
         self.running.discard(net.name)
         if was_running:
