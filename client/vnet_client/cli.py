@@ -47,6 +47,7 @@ COMPAT_EPILOG = """\
 This is the qemu-vlan compatible form. The same as:
   vnet-client --br=vnet3 -n4 --start   ==  vnet-client define vnet3 --taps 4; vnet-client start vnet3
   vnet-client --br=vnet3 --stop        ==  vnet-client stop vnet3
+  vnet-client --br=vnet3 --macaddr     ==  vnet-client mac --br=vnet3 --export-ether-conf
 Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized.
 """
 
@@ -231,7 +232,8 @@ The tap lives as long as COMMAND holds its fd: when QEMU exits it is gone.
 
 def build_compat_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="vnet-client", usage="vnet-client --br=BRIDGE [-n COUNT] [options] --start|--stop",
+        prog="vnet-client",
+        usage="vnet-client --br=BRIDGE [-n COUNT] [options] --start|--stop|--macaddr",
         description="qemu-vlan compatible form.", epilog=COMPAT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -241,6 +243,8 @@ def build_compat_parser() -> argparse.ArgumentParser:
     action = p.add_mutually_exclusive_group(required=True)
     action.add_argument("--start", action="store_true", help="define if needed, then start")
     action.add_argument("--stop", action="store_true", help="stop the network")
+    action.add_argument("--macaddr", "--addr", action="store_true",
+                        help="print the network's MACs as ether.conf lines (ether_<i>=MAC)")
     p.add_argument("--use-vnet", action="store_true", help="accepted and ignored, as qemu-vlan did")
     return p
 
@@ -554,6 +558,9 @@ async def run_compat(args: argparse.Namespace) -> int:
         if args.stop:
             await s.run(lambda c: c.stop(name))
             print(f"Stopped network {name}.")
+            return EXIT_OK
+        if args.macaddr:
+            sys.stdout.write(await s.run(lambda c: c.export_ether_conf(name)))
             return EXIT_OK
         try:
             await s.run(lambda c: c.get_network(name))

@@ -132,6 +132,8 @@ def test_compat_form(vnetd, client):
     assert r.returncode == 0, r.stderr
     assert "172.16.20.1" in r.stdout and "vnet10_4" in r.stdout
     assert {"vnet10", "vnet10_1", "vnet10_4"} <= vnetd.link_names()
+    r = client("--br=vnet10", "--macaddr")
+    assert r.returncode == 0 and r.stdout.startswith("# ether.conf for vnet10")
     r = client("--br=vnet10", "--use-vnet", "--stop")
     assert r.returncode == 0, r.stderr
     assert "vnet10" not in vnetd.link_names()
