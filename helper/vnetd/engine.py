@@ -60,7 +60,7 @@ class Engine:
         self.store = store
         self.links = links
         self.macs = MacRegistry(
-            macs_mod.load(store.load_json(MacRegistry.FILE, {})),
+            store.load_json(MacRegistry.FILE, {}, valid=macs_mod.valid),
             lambda data: store.save_json(MacRegistry.FILE, data),
         )
         self.ports = Ports(links, self.macs, store, max_ports_per_user)

@@ -118,5 +118,9 @@ class MacRegistry:
         return "\n".join(lines) + "\n"
 
 
-def load(data: Any) -> dict[str, dict[str, str]]:
-    return data if isinstance(data, dict) else {}
+def valid(data: Any) -> bool:
+    """{network: {"vm/nic": mac}}: the registry's shape, checked before it is trusted."""
+    return isinstance(data, dict) and all(
+        isinstance(n, str) and isinstance(m, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items())
+        for n, m in data.items())

@@ -230,23 +230,38 @@ class Store:
         return nets, problems
 
     # --- small JSON state files (MAC registry, ports, ...) ------------------------------
-    def load_json(self, name: str, default: Any) -> Any:
+    def load_json(self, name: str, default: Any, valid=lambda data: True) -> Any:
+        """A durable state file. One that is unreadable or of the wrong shape is reported,
+        kept as NAME.bad, and its last good copy (NAME.prev) is used and written back at once,
+        so a second restart finds it too; a missing file with a .prev left is recovered the
+        same way."""
         path = self.state_dir / name
+        prev = path.with_name(path.name + ".prev")
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if valid(data):
+                return data
+            raise ValueError("it does not hold what it should")
         except FileNotFoundError:
-            return default
+            if not prev.exists():
+                return default
+            log.error("state file %s is missing; recovering its last good copy %s", path, prev)
         except (ValueError, OSError) as e:
             backup = path.with_name(path.name + ".bad")
-            log.error("state file %s is unreadable (%s); kept it as %s", path, e, backup)
-            os.replace(path, backup)
-            prev = path.with_name(path.name + ".prev")
-            if prev.exists():
-                try:
-                    return json.loads(prev.read_text(encoding="utf-8"))
-                except ValueError:
-                    pass
+            log.error("state file %s is unreadable (%s); kept it as %s and using %s", path, e,
+                      backup, prev)
+            with contextlib.suppress(OSError):
+                os.replace(path, backup)
+        try:
+            data = json.loads(prev.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            log.error("no usable last good copy of %s: starting it empty", path)
             return default
+        if not valid(data):
+            log.error("no usable last good copy of %s: starting it empty", path)
+            return default
+        atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode(), 0o600)
+        return data
 
     def save_json(self, name: str, data: Any) -> None:
         path = self.state_dir / name
