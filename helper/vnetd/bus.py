@@ -74,6 +74,8 @@ def unwrap(v: Any, depth: int = 0) -> Any:
     if isinstance(v, dict | list) and len(v) > 65536:
         raise InvalidArgument("An argument holds more than 65536 items.")
     if isinstance(v, Variant):
+        if "h" in v.signature:
+            raise InvalidArgument("File descriptors are not accepted in options.")
         return unwrap(v.value, depth + 1)
     if isinstance(v, dict):
         return {unwrap(k, depth + 1): unwrap(x, depth + 1) for k, x in v.items()}
@@ -168,24 +170,28 @@ class Service:
         self.bus.add_message_handler(self.on_message)
 
     def on_message(self, msg: Message) -> bool | None:
+        if msg.message_type in (MessageType.SIGNAL, MessageType.METHOD_CALL):
+            for fd in msg.unix_fds:  # nothing vnetd is sent takes fds: never keep them
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         if msg.message_type == MessageType.SIGNAL:
             self._on_signal(msg)
-            return None
+            return True
         if msg.message_type != MessageType.METHOD_CALL:
             return None
         path = msg.path or ""
-        if not (path == api.MANAGER_PATH or path.startswith(api.MANAGER_PATH + "/")
-                or path in ("/", "/org", "/org/qemuvnet")):
-            return None
-        for fd in msg.unix_fds:  # no method takes fds: never keep what a caller sends
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        ours = path == api.MANAGER_PATH or path.startswith(api.MANAGER_PATH + "/")
         if msg.interface == "org.freedesktop.DBus.Introspectable" and msg.member == "Introspect":
             return self._introspect(msg)
-        if msg.interface == "org.freedesktop.DBus.Peer" or path in ("/", "/org", "/org/qemuvnet"):
-            return None  # dbus-fast answers Ping/GetMachineId and unknown paths
+        if msg.interface == "org.freedesktop.DBus.Peer" and msg.member in ("Ping",
+                                                                           "GetMachineId"):
+            return None  # dbus-fast answers these
+        if not ours:
+            if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+                return True  # nobody waits for an answer: drop it
+            return self._unknown(msg)
         sender = msg.sender or ""
         if self.in_flight.get(sender, 0) >= MAX_IN_FLIGHT:
             self.bus.send(Message.new_error(
@@ -321,7 +327,7 @@ class Service:
         except VnetError as e:
             log.info("uid=%d sender=%s pid=%s %s%s: refused: %s: %s", caller.uid,
                      caller.sender, caller.pid, spec.name, _fmt_args(args),
-                     e.dbus_name.rsplit(".", 1)[-1], e.message)
+                     e.dbus_name.rsplit(".", 1)[-1], _one_line(e.message))
             raise
         if not isinstance(result, Reply):
             result = Reply() if result is None else Reply(result)
@@ -482,6 +488,11 @@ class Service:
 
     async def list_forwards(self, caller: Caller, network: str) -> Any:
         return [to_asv(d) for d in self.engine.list_forwards(network)]
+
+
+def _one_line(text: str) -> str:
+    """Caller-influenced text as one log line: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _fmt_args(args: list[Any]) -> str:

@@ -601,7 +601,7 @@ class Engine:
 
     # --- static hosts and leases --------------------------------------------------------
     async def add_host(self, network: str, vm: str, options: dict[str, Any]) -> model.StaticHost:
-        unknown = sorted(str(k) for k in options if k not in ("ip", "mac"))
+        unknown = sorted(model._printable(k) for k in options if k not in ("ip", "mac"))
         if unknown:
             raise InvalidArgument(f"Unknown host option(s): {', '.join(unknown)}. Known: ip, mac.")
         async with self.lock:
@@ -650,6 +650,7 @@ class Engine:
     async def remove_host(self, network: str, vm: str) -> None:
         async with self.lock:
             net = self.get(network)
+            model.validate_vm_name(vm)
             if net.host(vm) is None:
                 raise NotFound(f"VM '{vm}' has no static host on {network}.")
             new = net.with_changes(hosts=tuple(h for h in net.hosts if h.vm != vm))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,9 @@ class Firewall:
         self.applied_forwards: dict[tuple[str, Forward], fw.FwForward] = {}
         self.applied_ports: dict[str, fw.FwPort] = {}
         self._nft = None
+        # one libnftables context, used from worker threads: one at a time (libnftables is
+        # not thread-safe, and its netlink errors can end the whole process)
+        self._nft_lock = threading.Lock()
         self._forwarding_before: dict[Path, str] = {}
         self.flowtables = False
 
@@ -54,7 +58,8 @@ class Firewall:
 
     def _apply(self, cmd: dict, what: str) -> None:
         try:
-            fw.apply(cmd, self.nft)
+            with self._nft_lock:
+                fw.apply(cmd, self.nft)
         except RuntimeError as e:
             raise Failed(f"The firewall refused to {what}; nothing was changed ({e}).") from None
 
@@ -73,22 +78,26 @@ class Firewall:
 
     async def spoof_counters(self) -> dict[str, dict[str, int]]:
         try:
-            listing = await asyncio.to_thread(fw.query, fw.render_counters_query(), self.nft)
+            listing = await asyncio.to_thread(self._query, fw.render_counters_query())
         except (RuntimeError, ValueError) as e:
             log.warning("could not read the anti-spoofing counters: %s", e)
             return {}
         return fw.parse_spoof_counters(listing)
 
+    def _query(self, cmd: dict) -> dict:
+        with self._nft_lock:
+            return fw.query(cmd, self.nft)
+
     def warnings(self) -> list[str]:
         """Sentences for `show`: other tables whose drop policy also drops our traffic."""
         try:
-            chains = fw.foreign_drop_chains(fw.query(fw.render_chains_query(), self.nft))
+            chains = fw.foreign_drop_chains(self._query(fw.render_chains_query()))
         except (RuntimeError, ValueError) as e:
             return [f"the ruleset could not be read: {e}"]
         docker = set()
         for family in ("ip", "ip6"):
             try:
-                fw.query(fw.docker_user_query(family), self.nft)
+                self._query(fw.docker_user_query(family))
                 docker.add(f"{family} filter")
             except (RuntimeError, ValueError):
                 pass
@@ -169,11 +178,13 @@ class Firewall:
         forward policy is drop). A host without Docker is left alone."""
         for family in ("ip", "ip6"):
             try:
-                listing = fw.query(fw.docker_user_query(family), self.nft)
+                listing = self._query(fw.docker_user_query(family))
             except (RuntimeError, ValueError):
                 continue  # no such chain: nothing to do
             try:
-                fw.apply_docker_user(fw.render_docker_user(family, listing, bridges), self.nft)
+                with self._nft_lock:
+                    fw.apply_docker_user(fw.render_docker_user(family, listing, bridges),
+                                         self.nft)
                 log.info("DOCKER-USER (%s): accept rules for %s", family,
                          ", ".join(bridges) or "no bridges")
             except (RuntimeError, ValueError) as e:

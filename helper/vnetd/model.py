@@ -668,7 +668,7 @@ def parse_forward(net: Network, spec: dict[str, Any]) -> Forward:
     if not isinstance(spec, dict):
         raise InvalidArgument("A forward must be a dictionary.")
     known = {"proto", "family", "port", "target", "target-port", "ext-addr", "iface"}
-    unknown = sorted(str(k) for k in spec if k not in known)
+    unknown = sorted(_printable(k) for k in spec if k not in known)
     if unknown:
         raise InvalidArgument(f"Unknown forward option(s): {', '.join(unknown)}. "
                               f"Known: {', '.join(sorted(known))}.")

@@ -71,7 +71,7 @@ def port_name(network: str, vm: str, nic: int, attempt: int = 0) -> str:
 def parse_attach_options(options: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise InvalidArgument("The attach options must be a dictionary.")
-    unknown = sorted(str(k) for k in options if k not in ATTACH_OPTIONS)
+    unknown = sorted(model._printable(k) for k in options if k not in ATTACH_OPTIONS)
     if unknown:
         raise InvalidArgument(f"Unknown attach option(s): {', '.join(unknown)}. "
                               f"Known: {', '.join(ATTACH_OPTIONS)}.")
