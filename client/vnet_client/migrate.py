@@ -901,17 +901,24 @@ class _Importer:
             return long, nxt, 2
         return None, None, 1
 
-    def _dnsmasq_conf(self, path: Path) -> None:
-        if path.resolve() in self.dnsmasq_files:
-            return
-        self.dnsmasq_files.add(path.resolve())
+    def _dnsmasq_lines(self, path: Path, seen: set) -> list[tuple[str, int, str]]:
+        """(file, line number, text) of a dnsmasq-style file's lines that say something; a
+        file already read (through another name) gives none."""
+        if path.resolve() in seen:
+            return []
+        seen.add(path.resolve())
         self.read_files.add(path)
         file = str(path)
         self.dnsmasq_used.append(path.name)
+        out = []
         for n, raw in enumerate(_read_text(path, file).splitlines(), 1):
             line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
+            if line and not line.startswith("#"):
+                out.append((file, n, line))
+        return out
+
+    def _dnsmasq_conf(self, path: Path) -> None:
+        for file, n, line in self._dnsmasq_lines(path, self.dnsmasq_files):
             name, eq, value = line.partition("=")
             name = name.strip()
             if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
@@ -1012,16 +1019,7 @@ class _Importer:
             self._hostsfile(p)
 
     def _hostsfile(self, path: Path) -> None:
-        if path.resolve() in self.hostsfiles:
-            return
-        self.hostsfiles.add(path.resolve())
-        self.read_files.add(path)
-        file = str(path)
-        self.dnsmasq_used.append(path.name)
-        for n, raw in enumerate(_read_text(path, file).splitlines(), 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
+        for file, n, line in self._dnsmasq_lines(path, self.hostsfiles):
             self._dhcp_host(line, file, n, line)
 
     def _dhcp_host(self, value: str, file: str, line: int, text: str) -> None:
