@@ -129,6 +129,9 @@ class Ports:
         self._pidfds: dict[int, int] = {}  # holder pid -> pidfd
         self._monitor: asyncio.Task | None = None
         self._records: dict[str, Port] = {}
+        # ports whose guest MAC is still to be learned, by ifindex: the FDB events of every
+        # bridge on the host are checked against this, so it must cost O(1)
+        self.learning: dict[int, Port] = {}
         self.listeners: list = []
 
     DIR = "ports"
@@ -173,6 +176,8 @@ class Ports:
         if rec is None or rec.ifindex != link.index:
             return False
         self.by_name[rec.ifname] = rec
+        if not rec.mac_known:
+            self.learning[rec.ifindex] = rec
         if rec.holder_pid and not self._watch(rec.holder_pid):
             # the holder died while vnetd was down
             if link.tun_persist:
@@ -226,13 +231,9 @@ class Ports:
                 if kind == RTM_DELLINK and off + 24 <= len(data):
                     (index,) = struct.unpack_from("=i", data, off + 20)  # ifinfomsg.ifi_index
                     self._gone(index)
-                elif kind == RTM_NEWNEIGH and self._learning:
+                elif kind == RTM_NEWNEIGH and self.learning:
                     self._fdb_entry(data[off + 16:off + length])
                 off += (length + 3) & ~3
-
-    @property
-    def _learning(self) -> bool:
-        return any(not p.mac_known for p in self.by_name.values())
 
     def _fdb_entry(self, msg: bytes) -> None:
         """A bridge FDB entry: the first source MAC seen on a port whose guest MAC vnetd could
@@ -242,8 +243,9 @@ class Ports:
         family, index, state = struct.unpack_from("=B3xiH", msg)
         if family != AF_BRIDGE or state & NUD_PERMANENT:
             return  # the tap's own address (a local entry), or not a bridge entry
-        port = next((p for p in self.by_name.values() if p.ifindex == index), None)
-        if port is None or port.mac_known:
+        port = self.learning.get(index)
+        if port is None or self.by_name.get(port.ifname) is not port:
+            self.learning.pop(index, None)  # gone meanwhile
             return
         off = 12
         while off + 4 <= len(msg):
@@ -255,6 +257,7 @@ class Ports:
                 if int(mac[:2], 16) & 1:
                     return  # multicast source: not a guest's address
                 port.mac, port.mac_known = mac, True
+                del self.learning[index]
                 self._write(port)
                 log.info("port %s learned its guest MAC %s (locked until the port goes)",
                          port.ifname, mac)
@@ -269,6 +272,7 @@ class Ports:
         if port is None:
             return
         del self.by_name[port.ifname]
+        self.learning.pop(port.ifindex, None)
         log.info("port %s gone (%s/%s nic %d, uid %d): its holder closed it", port.ifname,
                  port.network, port.vm, port.nic, port.uid)
         self._forget(port.ifname)
@@ -382,6 +386,8 @@ class Ports:
                     mac=mac, mac_known=mac_known, holder_pid=holder, queues=queues,
                     created=time.time())
         self.by_name[ifname] = port
+        if not mac_known:
+            self.learning[port.ifindex] = port
         if holder:
             self._watch(holder)
         self._write(port)
@@ -407,6 +413,7 @@ class Ports:
     async def detach(self, port: Port) -> None:
         await self.links.delete(port.ifindex)
         self.by_name.pop(port.ifname, None)
+        self.learning.pop(port.ifindex, None)
         self._forget(port.ifname)
 
     async def remove_network_ports(self, network: str) -> None:

@@ -36,6 +36,17 @@ def ports_of(user: str | None) -> list[dict]:
     return json.loads(run_client("ports", "--json", user=user, check=True).stdout)
 
 
+def release_and_wait(holder, vnetd, ifname: str) -> None:
+    """The holder exits; wait until the tap is gone and vnetd has forgotten the port."""
+    holder.stdin.write("exit\n")
+    holder.stdin.flush()
+    holder.wait(10)
+    assert wait_gone(vnetd, ifname)
+    deadline = time.monotonic() + 3
+    while ports_of(ALICE) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_alice_attaches_and_the_port_lives_as_long_as_her_fd(vnetd):
     holder = spawn_as(ALICE, HOLDER, "vnet2", "web1")
     try:
@@ -56,13 +67,7 @@ def test_alice_attaches_and_the_port_lives_as_long_as_her_fd(vnetd):
         assert [p["ifname"] for p in ports_of(ALICE)] == [ifname]
         assert ports_of(BOB) == []
         assert ifname in [p["ifname"] for p in ports_of(None)]  # root sees everyone's
-        holder.stdin.write("exit\n")
-        holder.stdin.flush()
-        holder.wait(10)
-        assert wait_gone(vnetd, ifname)
-        deadline = time.monotonic() + 3
-        while ports_of(ALICE) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        release_and_wait(holder, vnetd, ifname)
         assert ports_of(ALICE) == []
     finally:
         holder.kill()
@@ -152,13 +157,7 @@ def test_ports_survive_a_daemon_restart_and_are_still_tracked(vnetd):
         vnetd.start()
         assert ifname in vnetd.link_names()
         assert [p["ifname"] for p in ports_of(ALICE)] == [ifname]
-        holder.stdin.write("exit\n")
-        holder.stdin.flush()
-        holder.wait(10)
-        assert wait_gone(vnetd, ifname)
-        deadline = time.monotonic() + 3
-        while ports_of(ALICE) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        release_and_wait(holder, vnetd, ifname)
         assert ports_of(ALICE) == []
     finally:
         holder.kill()
