@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pwd
 import socket
 import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import identity
 from .backends import dhcpd as dhcpd_be
 from .backends import dnsmasq as dnsmasq_be
 from .backends.dnsmasq import Lease
@@ -91,7 +91,7 @@ class DhcpServers:
             atomic_write(p.conf, dnsmasq_be.render_conf(net, p, dhcp=False, user=user).encode())
             children.append(Child(f"dnsmasq-dns[{net.name}]", dnsmasq_be.argv(p), p.pid,
                                   str(p.conf)))
-            children.append(self._dhcpd_child(net, user))
+            children.append(self._dhcpd_child(net))
         self.kinds[net.name] = net.dhcp
         started: list[Child] = []
         try:
@@ -108,22 +108,23 @@ class DhcpServers:
         self.leases_seen[net.name] = {le.mac: le for le in self.leases(net)}
         self._ensure_poller()
 
-    def _dhcpd_child(self, net: Network, user: tuple[str, str]) -> Child:
+    def _dhcpd_child(self, net: Network) -> Child:
+        """ISC dhcpd, started already unprivileged (see identity.py): its lease directory
+        is ours, in dhcpd's group, because dhcpd rewrites the file by renaming in it."""
+        uid, gid = identity.dhcpd_ids()
         d = self.state_dir / net.name / "dhcpd"
-        d.mkdir(parents=True, exist_ok=True)
+        identity.share_dir(d, gid)
         conf = self.runtime_dir / net.name / "dhcpd.conf"
         leases = d / "dhcpd.leases"
         if not leases.exists():
-            leases.touch(mode=0o644)
-        # dhcpd rewrites its lease file by renaming in that directory, as `user`
-        pw = pwd.getpwnam(user[0])
-        os.chown(d, pw.pw_uid, pw.pw_gid)
-        os.chown(leases, pw.pw_uid, pw.pw_gid)
+            leases.touch()
+        if leases.stat().st_uid == os.geteuid():  # dhcpd appends to it before its first rewrite
+            os.chown(leases, -1, gid)
+            os.chmod(leases, 0o664)
         atomic_write(conf, dhcpd_be.render_conf(net).encode())
         pidfile = self.runtime_dir / net.name / "dhcpd.pid"
-        return Child(f"dhcpd[{net.name}]",
-                     dhcpd_be.argv(net, conf, leases, self.runtime_dir / net.name / "dhcpd.own.pid",
-                                   user[0], user[1]), pidfile, str(conf))
+        return Child(f"dhcpd[{net.name}]", dhcpd_be.argv(net, conf, leases, uid, gid),
+                     pidfile, str(conf))
 
     async def _wait_ready(self, net: Network, children: list[Child]) -> None:
         """Ready when dnsmasq answers DNS on the gateway (it sets up DHCP before DNS). The
@@ -169,7 +170,7 @@ class DhcpServers:
                 await c.stop()
                 await c.start()
             else:
-                c.reload()
+                await c.reload()
 
     def status(self, net_name: str) -> list[dict]:
         return [c.status() for c in self.children.get(net_name, [])]

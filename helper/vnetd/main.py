@@ -13,7 +13,7 @@ from pathlib import Path
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from . import __version__, api
+from . import __version__, api, identity
 from .authz import Authorizer
 from .backends.links import Links
 from .bus import Service
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> int:
     for d in (args.state_dir, args.runtime_dir):
         d.mkdir(parents=True, exist_ok=True)
+    identity.join_child_groups()
     store = Store(args.config_dir, args.state_dir, args.runtime_dir)
     links = Links()
     await links.open()

@@ -7,18 +7,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import grp
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
+from . import identity
+from .backends import tap as tap_be
 from .backends import vde as vde_be
 from .backends.supervisor import Child
 from .errors import Busy, Failed
 from .model import Network
 
 log = logging.getLogger("vnetd.vde")
+
+
+def give_tap(tap: str, uid: int) -> None:
+    """The switch, not a QEMU user, opens a VDE network's tap: make vnet-vde its owner (the
+    tun driver lets a user without CAP_NET_ADMIN open a tap only if it owns it and is in its
+    group). EBUSY: a switch left running by a previous vnetd holds it, already its owner."""
+    try:
+        tap_be.set_tap_owner(tap, uid)
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise Failed(f"Cannot hand the tap {tap} to the VDE switch: {e.strerror}.") from e
 
 
 class VdeSwitches:
@@ -31,17 +45,25 @@ class VdeSwitches:
                 self.base / f"{tap}.pid")
 
     async def start(self, net: Network) -> None:
+        """vde_switch runs as vnet-vde, group = the network's tap group, no capabilities
+        (identity.py). The base directory is root:vnet-vde 0771: the switches create their
+        directories and management sockets in it; anyone may pass through to a socket
+        directory, which only the tap group may enter; nobody else may list or create."""
         if not net.vde or net.name in self.children:
             return
-        self.base.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.base, 0o755)
+        uid, own_gid = identity.user_ids(identity.VDE_USER)
+        _, gid = identity.vde_ids(net.tap_group)
+        identity.share_dir(self.base, own_gid, 0o771)
+        mgmt_group = grp.getgrgid(own_gid).gr_name
         started: list[Child] = []
         try:
             for tap in net.tap_names:
                 sock, mgmt, pid = self._paths(tap)
+                give_tap(tap, uid)
                 c = Child(f"vde_switch[{tap}]",
                           vde_be.argv(tap, sock, mgmt, net.vde_ports, net.tap_group,
-                                      net.vde_switch_args), pid, str(sock), hold_stdin=True)
+                                      mgmt_group, net.vde_switch_args), pid, str(sock),
+                          hold_stdin=True, user=(uid, gid), extra_groups=[own_gid])
                 await c.start()
                 started.append(c)
             await self._wait_ready(net, started)

@@ -115,9 +115,10 @@ class Daemon:
                           "the previous vnetd to release its bus name")
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, str(PY), "-m", "vnetd",
-             "--config-dir", str(self.config_dir), "--state-dir", str(self.state_dir),
-             "--runtime-dir", str(self.runtime_dir), "--log-level", "debug", *(extra or [])],
+            ["ip", "netns", "exec", self.netns, *services.sandboxed([
+                str(PY), "-m", "vnetd",
+                "--config-dir", str(self.config_dir), "--state-dir", str(self.state_dir),
+                "--runtime-dir", str(self.runtime_dir), "--log-level", "debug", *(extra or [])])],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
         log.close()

@@ -33,6 +33,26 @@ POLICY_FILES = {
 }
 
 
+UNIT = ROOT / "systemd/vnetd.service"
+
+
+def unit_capabilities() -> list[str]:
+    """CapabilityBoundingSet= of systemd/vnetd.service, e.g. ['net_admin', ...]."""
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("CapabilityBoundingSet="):
+            return [c.lower().removeprefix("cap_") for c in line.split("=", 1)[1].split()]
+    raise RuntimeError(f"{UNIT} has no CapabilityBoundingSet=")
+
+
+def sandboxed(argv: list[str]) -> list[str]:
+    """argv run as the unit runs it where systemd is not PID 1: root, but holding only the
+    unit's capabilities (bounding set, as CapabilityBoundingSet=) and no-new-privs, so tests
+    and `make start` prove the daemon works inside the unit's limits."""
+    caps = ",".join(f"+{c}" for c in unit_capabilities())
+    return ["setpriv", f"--bounding-set=-all,{caps}", f"--inh-caps=-all,{caps}",
+            "--no-new-privs", "--", *argv]
+
+
 def dbus_send(*args: str, timeout: float = 5) -> subprocess.CompletedProcess:
     return subprocess.run(["dbus-send", "--system", "--print-reply", *args],
                           capture_output=True, text=True, timeout=timeout)
@@ -154,7 +174,7 @@ def ensure_polkitd() -> None:
 def ensure_vnetd() -> None:
     if has_owner("org.qemuvnet.Vnet1"):
         return
-    _spawn([VNETD], "vnetd.log")
+    _spawn(sandboxed([VNETD]), "vnetd.log")
     wait_for(lambda: has_owner("org.qemuvnet.Vnet1"), 15, f"vnetd (see {LOGDIR}/vnetd.log)")
 
 

@@ -15,6 +15,7 @@ from ..model import Network
 from .dnsmasq import Lease
 
 DHCPD = "/usr/sbin/dhcpd"
+SETPRIV = "/usr/bin/setpriv"
 
 
 def render_conf(net: Network) -> str:
@@ -47,9 +48,14 @@ def render_conf(net: Network) -> str:
     return "\n".join(lines) + "\n"
 
 
-def argv(net: Network, conf: Path, leases: Path, pidfile: Path, user: str, group: str) -> list[str]:
-    return [DHCPD, "-f", "-4", "-cf", str(conf), "-lf", str(leases), "-pf", str(pidfile),
-            "-user", user, "-group", group, net.bridge]
+def argv(net: Network, conf: Path, leases: Path, uid: int, gid: int) -> list[str]:
+    """dhcpd as uid/gid from the start, holding only the two capabilities it uses as ambient
+    ones (setpriv, util-linux). Never `-user`/`-group`: that drop fchown()s the lease file
+    as root and needs CAP_CHOWN, which vnetd does not have. `--no-pid`: vnetd keeps the pid."""
+    return [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            "--inh-caps=-all,+net_raw,+net_bind_service",
+            "--ambient-caps=-all,+net_raw,+net_bind_service", "--",
+            DHCPD, "-f", "-4", "-cf", str(conf), "-lf", str(leases), "--no-pid", net.bridge]
 
 
 _LEASE = re.compile(r"lease\s+(\S+)\s*\{(.*?)\}", re.S)

@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -42,18 +44,74 @@ def pids_with(marker: str) -> list[int]:
     return out
 
 
+def proc_ids(pid: int) -> tuple[int, int] | None:
+    """The real uid and gid of a process (None when it is gone)."""
+    uid = gid = None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    uid = int(line.split()[1])
+                elif line.startswith("Gid:"):
+                    gid = int(line.split()[1])
+                    break
+    except (OSError, ValueError):
+        return None
+    return None if uid is None or gid is None else (uid, gid)
+
+
+KILL = shutil.which("kill") or ""
+
+
+async def send_signal(pid: int, sig: int) -> None:
+    """Signal a child, also one that runs as its own user. vnetd runs without CAP_KILL, so a
+    child that dropped to 'dnsmasq', 'vnet-dhcp' or 'vnet-vde' is signalled by a one-shot helper
+    that runs as that same user: it can hit nothing that user does not own, so a forged pid file
+    cannot make vnetd hit another user's process."""
+    try:
+        os.kill(pid, sig)
+        return
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass
+    ids = proc_ids(pid)
+    if ids is None:
+        return
+    uid, gid = ids
+    argv = ([KILL, "-s", str(sig), str(pid)] if KILL else
+            [sys.executable, "-I", "-S", "-c",
+             "import os, sys; os.kill(int(sys.argv[1]), int(sys.argv[2]))", str(pid), str(sig)])
+    proc = await asyncio.create_subprocess_exec(
+        *argv, user=uid, group=gid, extra_groups=[], stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, close_fds=True)
+    await proc.wait()
+
+
+async def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait for any process to end (a pidfd: no permission needed, unlike kill(pid, 0))."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await asyncio.wait_for(gone, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 async def kill_pid(pid: int, timeout: float = 3.0) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        await asyncio.sleep(0.02)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    await send_signal(pid, signal.SIGTERM)
+    if not await wait_gone(pid, timeout):
+        await send_signal(pid, signal.SIGKILL)
+        await wait_gone(pid, 1.0)
 
 
 async def reap(marker: str, pidfile: Path | None = None) -> None:
@@ -68,7 +126,8 @@ async def reap(marker: str, pidfile: Path | None = None) -> None:
 
 class Child:
     def __init__(self, name: str, argv: list[str], pidfile: Path, marker: str,
-                 hold_stdin: bool = False):
+                 hold_stdin: bool = False, user: tuple[int, int] | None = None,
+                 extra_groups: list[int] | None = None):
         self.name = name
         self.argv = argv
         self.pidfile = Path(pidfile)
@@ -76,6 +135,10 @@ class Child:
         # Some daemons (vde_switch) quit at EOF on stdin: give them a pipe whose write end
         # they hold themselves, so it never ends, even when vnetd restarts.
         self.hold_stdin = hold_stdin
+        # (uid, gid) to start the child as, with no supplementary groups; None: as vnetd
+        # (a child that drops root by itself, like dnsmasq, or one started through setpriv)
+        self.user = user
+        self.extra_groups = extra_groups or []
         self.proc: asyncio.subprocess.Process | None = None
         self.wanted = False
         self.restarts = 0
@@ -99,11 +162,13 @@ class Child:
         if self.hold_stdin:
             stdin, w = os.pipe()
             keep = (w,)
+        as_user = ({"user": self.user[0], "group": self.user[1], "extra_groups": self.extra_groups}
+                   if self.user is not None else {})
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=stdin, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True, close_fds=True,
-                pass_fds=keep,
+                pass_fds=keep, **as_user,
             )
         finally:
             if self.hold_stdin:
@@ -148,9 +213,9 @@ class Child:
                 self.proc = None
                 self.quick_deaths += 1
 
-    def reload(self) -> None:
+    async def reload(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGHUP)
+            await send_signal(self.proc.pid, signal.SIGHUP)
 
     async def stop(self) -> None:
         self.wanted = False
@@ -158,13 +223,12 @@ class Child:
             self._task.cancel()
             self._task = None
         if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.terminate()
+            # our own child: its pid cannot be reused before we wait for it
+            await send_signal(self.proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.proc.wait(), 3)
             except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
+                await send_signal(self.proc.pid, signal.SIGKILL)
                 await self.proc.wait()
         self.proc = None
         self.state = "stopped"

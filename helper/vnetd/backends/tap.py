@@ -70,6 +70,15 @@ def make_persistent_tap(name: str, uid: int | None, gid: int | None) -> None:
         os.close(fd)
 
 
+def set_tap_owner(name: str, uid: int) -> None:
+    """TUNSETOWNER on an existing persistent tap (its group stays)."""
+    fd = open_tap(name, IFF_TAP | IFF_NO_PI)
+    try:
+        fcntl.ioctl(fd, TUNSETOWNER, uid)
+    finally:
+        os.close(fd)
+
+
 def clear_persist(name: str) -> None:
     """Attach to an existing persistent tap and drop IFF_PERSIST (the kernel then deletes it
     when this fd closes, unless someone else still holds it)."""

@@ -15,11 +15,15 @@ def sock_dir(runtime_dir: Path, tap: str) -> Path:
     return Path(runtime_dir) / "vde" / tap
 
 
-def argv(tap: str, sockdir: Path, mgmt: Path, ports: int, group: str,
+def argv(tap: str, sockdir: Path, mgmt: Path, ports: int, group: str, mgmt_group: str,
          extra: tuple[str, ...] = ()) -> list[str]:
+    """The data sockets are for `group` (vnet: QEMU users); the management socket only for
+    `mgmt_group` (vde_switch's own group, which vnetd joins to count free ports).
+    `--dirmode` is required: without it vde_switch makes its directory setgid, which the
+    service's RestrictSUIDSGID= refuses."""
     return [VDE_SWITCH, "--tap", tap, "--sock", str(sockdir), "--mode", "660",
             "--dirmode", "770", "--group", group, "--numports", str(ports),
-            "--mgmt", str(mgmt), "--mgmtmode", "600", *extra]
+            "--mgmt", str(mgmt), "--mgmtmode", "660", "--mgmtgroup", mgmt_group, *extra]
 
 
 def active_ports(mgmt: Path, timeout: float = 0.5) -> int | None:

@@ -1,0 +1,118 @@
+"""vnetd inside the unit's limits: the harness runs it with systemd/vnetd.service's capability
+bounding set and no-new-privs (tests/harness/services.py sandboxed), so every system test
+already proves the daemon works without CAP_KILL, CAP_CHOWN or CAP_DAC_OVERRIDE. This file
+checks that the sandbox is really in force, and that each child runs as its own user with the
+fewest capabilities it accepts."""
+
+from __future__ import annotations
+
+import pwd
+import time
+
+import pytest
+
+from tests.harness import services
+from tests.harness.daemon import run_client
+
+CAP_BITS = {"chown": 0, "dac_override": 1, "kill": 5, "setgid": 6, "setuid": 7,
+            "net_bind_service": 10, "net_admin": 12, "net_raw": 13}
+
+
+def status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def caps(pid: int, which: str = "CapEff") -> set[str]:
+    mask = int(status(pid)[which], 16)
+    return {name for name, bit in CAP_BITS.items() if mask >> bit & 1} | (
+        {"other"} if mask & ~sum(1 << b for b in CAP_BITS.values()) else set())
+
+
+def user_of(pid: int) -> str:
+    return pwd.getpwuid(int(status(pid)["Uid"].split()[0])).pw_name
+
+
+def children_named(vnetd, name: str) -> list[int]:
+    out = []
+    for pid in vnetd.children():
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == name:
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def networks(vnetd):
+    run_client("define", "vnet5", "--dhcp", "dhcpd", check=True)
+    run_client("define", "vnet6", "--vde", "-n", "1", check=True)
+    run_client("start", "vnet5", check=True)
+    run_client("start", "vnet6", check=True)
+    yield
+    for n in ("vnet5", "vnet6"):
+        run_client("stop", n)
+
+
+def test_vnetd_holds_only_the_units_capabilities(vnetd):
+    want = set(services.unit_capabilities())
+    assert "kill" not in want and "chown" not in want
+    assert caps(vnetd.proc.pid, "CapBnd") == want  # setpriv's pid is vnetd's: it execs
+    assert caps(vnetd.proc.pid) == want
+    assert status(vnetd.proc.pid)["NoNewPrivs"] == "1"
+
+
+def test_dhcpd_runs_as_vnet_dhcp_with_two_capabilities(vnetd):
+    (pid,) = children_named(vnetd, "dhcpd")
+    assert user_of(pid) == "vnet-dhcp"
+    assert caps(pid) == {"net_raw", "net_bind_service"}
+    assert status(pid)["Groups"] == ""
+
+
+def test_dnsmasq_drops_to_its_user(vnetd):
+    pids = children_named(vnetd, "dnsmasq")  # the DNS-only one next to dhcpd
+    assert pids
+    for pid in pids:
+        assert user_of(pid) == "dnsmasq"
+        assert caps(pid) <= {"net_admin", "net_raw", "net_bind_service"}
+
+
+def test_vde_switch_runs_as_vnet_vde_without_capabilities(vnetd):
+    (pid,) = children_named(vnetd, "vde_switch")
+    assert user_of(pid) == "vnet-vde"
+    assert caps(pid) == set()
+    assert caps(pid, "CapPrm") == set()
+
+
+def test_children_of_other_users_are_stopped_without_cap_kill(vnetd):
+    """Stopping a network signals dnsmasq, dhcpd and vde_switch, which run as three other
+    users, through the signal helper; all of them end."""
+    before = {n: children_named(vnetd, n) for n in ("dhcpd", "dnsmasq", "vde_switch")}
+    assert all(before.values())
+    run_client("stop", "vnet5", check=True)
+    run_client("stop", "vnet6", check=True)
+    deadline = time.monotonic() + 5
+    while any(children_named(vnetd, n) for n in before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(children_named(vnetd, n) for n in before)
+    assert "PermissionError" not in vnetd.log()
+
+
+def test_adopted_children_are_replaced_after_a_crash(vnetd):
+    """A SIGKILLed vnetd leaves its children running as their users; the next one replaces
+    them (signalled as their users) and serves again."""
+    run_client("start", "vnet5", check=True)
+    old = set(children_named(vnetd, "dhcpd"))
+    vnetd.kill()
+    vnetd.start()
+    run_client("stop", "vnet5", check=True)
+    run_client("start", "vnet5", check=True)
+    new = set(children_named(vnetd, "dhcpd"))
+    assert len(new) == 1 and not new & old
+    assert not any(p in old for p in vnetd.children())
