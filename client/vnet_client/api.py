@@ -259,7 +259,16 @@ class Client:
         return await self.value("ExportEtherConf", "s", [network])
 
     async def import_macs(self, network: str, macs: dict[str, str]) -> int:
+        """Keys 'vm' (NIC 0) or 'vm/nic'; all or nothing."""
         return await self.value("ImportMacs", "sa{ss}", [network, macs])
+
+    async def export_macs(self, network: str) -> dict[str, str]:
+        """The network's MAC registry, 'vm/nic' -> mac (what import_macs takes)."""
+        return await self.value("ExportMacs", "s", [network])
+
+    async def forget_mac(self, network: str, vm: str) -> int:
+        """Drop every NIC's MAC of `vm` on `network`; how many there were."""
+        return await self.value("ForgetMac", "ss", [network, vm])
 
     async def enslave(self, ifname: str) -> str:
         return await self.value("Enslave", "s", [ifname])

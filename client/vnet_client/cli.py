@@ -158,12 +158,46 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("ports", "list your ports (administrators: everyone's)")
     sp = cmd("detach", "remove a port now (its owner or an administrator)")
     sp.add_argument("ifname")
-    sp = cmd("mac", "print a VM's stable MAC on a network, or the network's ether.conf")
-    sp.add_argument("--br", required=True, metavar="NET", help="the network")
+    sp = cmd("mac", "stable MACs: print a VM's; export, import or forget a network's MAC "
+             "registry")
+    sp.usage = ("vnet-client mac --br=NET --vm=NAME [--nic=N]\n"
+                "       vnet-client mac --br=NET --export-ether-conf [FILE]\n"
+                "       vnet-client mac export NET [--json]\n"
+                "       vnet-client mac import NET FILE|-\n"
+                "       vnet-client mac forget NET VM")
+    sp.epilog = MAC_EPILOG
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.add_argument("--br", metavar="NET", help="the network")
     sp.add_argument("--vm", metavar="NAME", help="the VM")
     sp.add_argument("--nic", type=int, default=0, help="NIC index (default 0)")
     sp.add_argument("--export-ether-conf", nargs="?", const="-", metavar="FILE",
                     help="write qemu-vlan's ether.conf lines (ether_<i>=MAC) to FILE or stdout")
+    msub = sp.add_subparsers(dest="mac_cmd", metavar="ACTION")
+    me = msub.add_parser("export", help="print the network's MAC registry, one 'VM/NIC MAC' "
+                         "line per NIC (--json: one object)",
+                         description="Print the network's MAC registry: one 'VM/NIC MAC' line "
+                         "per NIC, or with --json one JSON object. 'mac import' on another "
+                         "host takes it in, so VMs that move keep their MACs.")
+    _add_common(me)
+    me.add_argument("network")
+    mi = msub.add_parser("import", help="take in what 'mac export' printed (lines or JSON); "
+                         "all or nothing",
+                         description="Take in a MAC registry that 'mac export' printed (its "
+                         "lines or its JSON; a key without /NIC means NIC 0): all entries or "
+                         "none. Refused if a MAC belongs to another VM on the network.")
+    _add_common(mi)
+    mi.add_argument("network")
+    mi.add_argument("file", help="the file, or - for standard input")
+    mf = msub.add_parser("forget", help="drop a VM's MACs (all its NICs) from the network's "
+                         "registry",
+                         description="Drop every NIC's MAC of a VM from the network's "
+                         "registry, making room in it (it holds vnetd's --max-macs-per-network "
+                         "entries at most). Refused while the VM is attached to the network. "
+                         "Asked again later, the VM most likely gets the same MAC back (it is "
+                         "derived from the names).")
+    _add_common(mf)
+    mf.add_argument("network")
+    mf.add_argument("forget_vm", metavar="VM")  # not "vm": that is mac's --vm
     hp = cmd("host", "static hosts: fixed addresses and DNS names for VMs")
     hsub = hp.add_subparsers(dest="host_cmd", metavar="ACTION", required=True)
     ha = hsub.add_parser("add", help="give a VM a fixed address (applied live)")
@@ -211,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--br", metavar="NET",
                     help="the network (default: the file's directory name, e.g. vnet3)")
     return p
+
+
+MAC_EPILOG = """\
+examples:
+  vnet-client mac --br=vnet2 --vm=web1              # web1's MAC on vnet2 (given out if new)
+  vnet-client mac --br=vnet2 --vm=web1 --nic=1      # its second NIC's
+  vnet-client mac --br=vnet3 --export-ether-conf    # qemu-vlan's ether.conf lines
+  vnet-client mac export vnet2 > vnet2.macs         # the whole registry: 'VM/NIC MAC' lines
+  vnet-client mac import vnet2 vnet2.macs           # on the new host: the VMs keep their MACs
+  ssh old-host vnet-client mac export vnet2 --json | vnet-client mac import vnet2 -
+  vnet-client mac forget vnet2 web1                 # web1 is gone: free its entries
+
+Exporting needs nothing; importing and forgetting need the 'manage' right.
+"""
 
 
 ATTACH_HELP = """\
@@ -298,6 +346,14 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
                      for r in [head, *rows])
 
 
+def _user(uid: int) -> str:
+    """A uid as people read it: 'alice (1000)', or the number alone."""
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} ({uid})"
+    except (KeyError, TypeError, OverflowError):
+        return str(uid)
+
+
 def print_networks(nets: list[dict[str, Any]]) -> None:
     if not nets:
         print("No networks defined. Try: vnet-client define vnet2 --mode=nat")
@@ -308,14 +364,16 @@ def print_networks(nets: list[dict[str, Any]]) -> None:
 
 
 def print_network(n: dict[str, Any]) -> None:
-    order = ["name", "state", "mode", "bridge", "subnet", "gateway", "subnet6", "gateway6",
-             "mtu", "autostart", "dhcp", "taps", "tap-names", "mac", "addresses"]
+    order = ["name", "state", "owner", "mode", "bridge", "subnet", "gateway", "subnet6",
+             "gateway6", "mtu", "autostart", "dhcp", "taps", "tap-names", "mac", "addresses"]
     keys = [k for k in order if k in n] + sorted(k for k in n if k not in order)
     width = max(len(k) for k in keys)
     for k in keys:
         v = n[k]
         if k == "firewall-warnings":
             v = "\n  ".join([""] + v)
+        elif k == "owner":
+            v = _user(v)
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             v = "; ".join(" ".join(str(x) for x in d.values()) for d in v)
         elif isinstance(v, list):
@@ -547,8 +605,9 @@ async def run_forward(s: Session, args: argparse.Namespace) -> int:
             print(_table([[f["proto"] + ("6" if f["family"] == 6 else ""),
                            f.get("ext-addr", "*"), f["port"], f["target"],
                            str(f["target-port"]), f.get("resolved") or "unresolved",
-                           f.get("iface", "*")] for f in fwds],
-                         ["PROTO", "EXT-ADDR", "PORT", "TARGET", "TO-PORT", "NOW", "IFACE"]))
+                           f.get("iface", "*"), _user(f.get("owner", 0))] for f in fwds],
+                         ["PROTO", "EXT-ADDR", "PORT", "TARGET", "TO-PORT", "NOW", "IFACE",
+                          "OWNER"]))
     return EXIT_OK
 
 
@@ -740,6 +799,14 @@ async def run_attach(groups: list[Group], command: list[str],
 
 
 async def run_mac(args: argparse.Namespace) -> int:
+    if args.mac_cmd:
+        if args.br or args.vm or args.export_ether_conf:
+            raise Usage(f"mac {args.mac_cmd} takes the network as its argument: give no "
+                        "--br, --vm or --export-ether-conf with it.")
+        return await run_mac_registry(args)
+    if not args.br:
+        raise Usage("mac needs --br=NET with --vm=NAME or --export-ether-conf, or an action: "
+                    "export, import, forget (see vnet-client mac --help).")
     async with Session(args) as s:
         if args.export_ether_conf:
             text = await s.run(lambda c: c.export_ether_conf(args.br))
@@ -756,6 +823,72 @@ async def run_mac(args: argparse.Namespace) -> int:
         print(json.dumps({"network": args.br, "vm": args.vm, "nic": args.nic, "mac": mac})
               if args.json else mac)
     return EXIT_OK
+
+
+async def run_mac_registry(args: argparse.Namespace) -> int:
+    """mac export / import / forget: a network's whole MAC registry."""
+    net = args.network
+    if args.mac_cmd == "import":
+        macs = read_mac_table(args.file)
+    async with Session(args) as s:
+        if args.mac_cmd == "export":
+            macs = await s.run(lambda c: c.export_macs(net))
+            sys.stdout.write(json.dumps(macs, indent=2, sort_keys=True) + "\n" if args.json
+                             else render_mac_table(net, macs))
+        elif args.mac_cmd == "import":
+            n = await s.run(lambda c: c.import_macs(net, macs))
+            print(json.dumps({"network": net, "imported": n}) if args.json else
+                  f"Imported {n} MAC(s) into the registry of {net}.")
+        else:
+            vm = args.forget_vm
+            n = await s.run(lambda c: c.forget_mac(net, vm))
+            print(json.dumps({"network": net, "vm": vm, "forgotten": n}) if args.json
+                  else f"Forgot {n} MAC(s) of {vm} on {net}.")
+    return EXIT_OK
+
+
+def render_mac_table(network: str, macs: dict[str, str]) -> str:
+    """'mac export's text: a comment, then one 'VM/NIC MAC' line per NIC."""
+    lines = [f"# MAC registry of {network} (qemu-vnet), one 'VM/NIC MAC' per line: "
+             f"'vnet-client mac import {network} FILE' takes it in."]
+    lines += [f"{k} {m}" for k, m in sorted(macs.items())]
+    return "\n".join(lines) + "\n"
+
+
+def read_mac_table(path: str) -> dict[str, str]:
+    """What 'mac export' printed, as text lines or JSON, from a file or '-' (stdin).
+    Keys and MACs are checked by vnetd; this only reads the shape."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Failure(f"cannot read {path}: {getattr(e, 'strerror', None) or e}.") from None
+    where = "standard input" if path == "-" else path
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise Failure(f"{where} is not valid JSON: {e}.") from None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise Failure(f"{where}: the JSON object must map 'VM/NIC' to MAC strings.")
+        out = data
+    else:
+        out = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            if len(words) != 2:
+                raise Failure(f"{where}:{n}: not a 'VM/NIC MAC' line: {line.strip()[:60]!r}")
+            if words[0] in out:
+                raise Failure(f"{where}:{n}: {words[0]} is given a second time.")
+            out[words[0]] = words[1]
+    if not out:
+        raise Failure(f"{where} holds no MACs.")
+    return out
 
 
 ETHER_LINE = re.compile(r"\s*ether_(\d{1,4})\s*=\s*['\"]?([0-9A-Fa-f:]{17})['\"]?\s*(#.*)?")

@@ -70,9 +70,12 @@ METHODS: tuple[Method, ...] = (
     Method(MANAGER, "Define", _a("name:s", "options:a{sv}"), _a("network:o"), MANAGE,
            "Define a network. Options (the TOML keys): mode, subnet, subnet6, mtu, autostart, "
            "taps, tap-user, tap-group, dhcp, dhcp-start, dhcp-end, domain, hosts, forwards, "
-           "allow-host, routed-with, spoof-protection, vde, vde-ports, vde-switch-args."),
+           "allow-host, routed-with, spoof-protection, vde, vde-ports, vde-switch-args. The "
+           "caller owns the network and its forwards (not an option: 'owner' is refused); "
+           "other than root, one user owns at most vnetd's --max-networks-per-user networks."),
     Method(MANAGER, "ExportDefinition", _a("name:s"), _a("toml:s"), INFO,
-           "The network's definition as TOML (forwards inline): 'define --from' takes it back."),
+           "The network's definition as TOML (forwards inline, owners left out): 'define "
+           "--from' takes it back."),
     Method(MANAGER, "Undefine", _a("name:s"), (), MANAGE,
            "Remove a stopped network's definition."),
     Method(MANAGER, "Start", _a("name:s"), (), MANAGE,
@@ -96,7 +99,8 @@ METHODS: tuple[Method, ...] = (
     Method(MANAGER, "ListPorts", (), _a("ports:aa{sv}"), INFO,
            "Your ports; administrators (manage) see everyone's.", details=()),
     Method(MANAGER, "GetMac", _a("network:s", "vm:s", "nic:u"), _a("mac:s"), ATTACH,
-           "The stable MAC of a VM's NIC on a network (given out and remembered if new).",
+           "The stable MAC of a VM's NIC on a network (given out and remembered if new; a "
+           "network's registry holds at most vnetd's --max-macs-per-network entries).",
            details=("network", "vm")),
     Method(MANAGER, "VdeSocket", _a("network:s", "vm:s", "nic:u"), _a("sock:s", "mac:s"),
            ATTACH, "A VDE switch of the network with a free port (for -netdev vde,sock=) and "
@@ -106,8 +110,15 @@ METHODS: tuple[Method, ...] = (
            "The network's MACs as qemu-vlan's ether.conf (ether_<i>=MAC lines).",
            details=("network",)),
     Method(MANAGER, "ImportMacs", _a("network:s", "macs:a{ss}"), _a("count:u"), MANAGE,
-           "Take in VM -> MAC entries (from an old ether.conf: VM '<network>_<i>'); all or "
-           "nothing.", details=("network",)),
+           "Take in 'VM' (NIC 0; from an old ether.conf: VM '<network>_<i>') or 'VM/NIC' -> "
+           "MAC entries, as ExportMacs gives them; all or nothing.", details=("network",)),
+    Method(MANAGER, "ExportMacs", _a("network:s"), _a("macs:a{ss}"), INFO,
+           "The network's MAC registry, 'VM/NIC' -> MAC: ImportMacs on another host takes it "
+           "in, so VMs that move keep their MACs.", details=("network",)),
+    Method(MANAGER, "ForgetMac", _a("network:s", "vm:s"), _a("count:u"), MANAGE,
+           "Drop every NIC's MAC of a VM from the network's registry (the network need not be "
+           "defined any more); refused while a NIC of the VM is attached there.",
+           details=("network", "vm")),
     Method(MANAGER, "Enslave", _a("ifname:s"), _a("network:s"), ATTACH,
            "vnet-ifup: put a tap you own on the bridge its name names (<network>_<n>).",
            details=("ifname",)),
@@ -126,12 +137,15 @@ METHODS: tuple[Method, ...] = (
     Method(MANAGER, "AddForward", _a("network:s", "forward:a{sv}"), _a("forward:a{sv}"),
            FORWARD, "Forward host traffic into the network. Keys: proto (tcp|udp), family "
            "(4|6), port ('8080' or '8000-8010'), target (an address in the network or a VM "
-           "name), target-port, ext-addr, iface. Refused if it overlaps another forward.",
+           "name), target-port, ext-addr, iface. Refused if it overlaps another forward. The "
+           "caller owns it; other than root, one user owns at most vnetd's "
+           "--max-forwards-per-user forwards.",
            details=("network",)),
     Method(MANAGER, "RemoveForward", _a("network:s", "forward:a{sv}"), (), FORWARD,
            "Remove the forward of proto, family, port (and ext-addr).", details=("network",)),
     Method(MANAGER, "ListForwards", _a("network:s"), _a("forwards:aa{sv}"), INFO,
-           "The network's forwards, with the address each VM-name target resolves to now.",
+           "The network's forwards, with their owner's uid and the address each VM-name "
+           "target resolves to now.",
            details=("network",)),
     Method(NETWORK, "GetInfo", (), _a("network:a{sv}"), INFO,
            "This network, as Manager.GetNetwork returns it."),
@@ -198,7 +212,9 @@ ERRORS_DOC = (
     ("org.qemuvnet.Vnet1.Error.Busy", "the thing is in use (a running network, an attached "
      "NIC)"),
     ("org.qemuvnet.Vnet1.Error.NotRunning", "the network must be started first"),
-    ("org.qemuvnet.Vnet1.Error.QuotaExceeded", "a per-user limit was reached"),
+    ("org.qemuvnet.Vnet1.Error.QuotaExceeded", "a limit was reached: a user's ports, "
+     "networks or forwards (root has none), or a network's MAC registry; nothing was "
+     "changed"),
     ("org.qemuvnet.Vnet1.Error.Failed", "the kernel or a server refused; what was done was "
      "rolled back"),
     ("org.freedesktop.DBus.Error.AccessDenied", "polkit said no (or is not running)"),

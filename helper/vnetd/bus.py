@@ -143,6 +143,8 @@ class Service:
             (api.MANAGER, "ExportEtherConf"): self.export_ether_conf,
             (api.MANAGER, "VdeSocket"): self.vde_socket,
             (api.MANAGER, "ImportMacs"): self.import_macs,
+            (api.MANAGER, "ExportMacs"): self.export_macs,
+            (api.MANAGER, "ForgetMac"): self.forget_mac,
             (api.MANAGER, "Enslave"): self.enslave,
             (api.MANAGER, "Release"): self.release,
             (api.MANAGER, "AddHost"): self.add_host,
@@ -382,13 +384,13 @@ class Service:
         if opts.get("taps") and "tap-user" not in opts:
             opts["tap-user"] = caller.uid  # the original's default: the caller owns the taps
         net = Network.from_options(name, opts)
-        await self.engine.define(net)
+        await self.engine.define(net, caller.uid)
         return network_path(net.name)
 
     async def export_definition(self, caller: Caller, name: str) -> Any:
         from .model import render_toml
 
-        d = self.engine.get(name).to_dict()
+        d = self.engine.get(name).to_dict(owner=False)  # portable: the definer owns it
         d.pop("name", None)
         return render_toml(d, f"qemu-vnet network {name}: 'vnet-client define {name} --from "
                            "FILE' takes this back.")
@@ -456,8 +458,15 @@ class Service:
         return self.engine.macs.export_ether_conf(network)
 
     async def import_macs(self, caller: Caller, network: str, macs: dict[str, str]) -> Any:
-        self.engine.get(network)
-        return self.engine.macs.import_macs(network, macs)
+        return Reply(self.engine.import_macs(network, macs),
+                     audit=f"{len(macs)} entr{'y' if len(macs) == 1 else 'ies'}")
+
+    async def export_macs(self, caller: Caller, network: str) -> Any:
+        return self.engine.export_macs(network)
+
+    async def forget_mac(self, caller: Caller, network: str, vm: str) -> Any:
+        n = await self.engine.forget_mac(network, vm)
+        return Reply(n, audit=f"forgot {n} MAC(s)")
 
     async def enslave(self, caller: Caller, ifname: str) -> Any:
         return await self.engine.enslave(ifname, caller.uid)
@@ -481,7 +490,8 @@ class Service:
 
     # --- port forwarding ----------------------------------------------------------------
     async def add_forward(self, caller: Caller, network: str, spec: dict[str, Any]) -> Any:
-        return to_asv((await self.engine.add_forward(network, spec)).to_dict())
+        fwd = await self.engine.add_forward(network, spec, caller.uid)
+        return to_asv(self.engine.forward_info(fwd))
 
     async def remove_forward(self, caller: Caller, network: str, spec: dict[str, Any]) -> None:
         await self.engine.remove_forward(network, spec)

@@ -10,11 +10,13 @@ its alias that no definition wants. Interfaces it did not make are never touched
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import grp
 import ipaddress
 import json
 import logging
 import os
+import pwd
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,7 +28,16 @@ from .backends import tap as tapdev
 from .backends.links import Link, Links
 from .backends.supervisor import reap
 from .dhcp import DhcpServers
-from .errors import Busy, Exists, Failed, InvalidArgument, NotFound, NotRunning, VnetError
+from .errors import (
+    Busy,
+    Exists,
+    Failed,
+    InvalidArgument,
+    NotFound,
+    NotRunning,
+    QuotaExceeded,
+    VnetError,
+)
 from .firewall import Firewall
 from .macs import MacRegistry
 from .model import Network
@@ -55,13 +66,26 @@ class Rollback:
         self.steps.clear()
 
 
+def _who(uid: int) -> str:
+    """A user as a sentence names them: 'alice (uid 1000)', or 'uid 1000'."""
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 class Engine:
-    def __init__(self, store: Store, links: Links, max_ports_per_user: int = 64):
+    def __init__(self, store: Store, links: Links, max_ports_per_user: int = 64,
+                 max_networks_per_user: int = 8, max_forwards_per_user: int = 64,
+                 max_macs_per_network: int = macs_mod.DEFAULT_LIMIT):
         self.store = store
         self.links = links
+        self.max_networks_per_user = max_networks_per_user
+        self.max_forwards_per_user = max_forwards_per_user
         self.macs = MacRegistry(
             store.load_json(MacRegistry.FILE, {}, valid=macs_mod.valid),
             lambda data: store.save_json(MacRegistry.FILE, data),
+            limit=max_macs_per_network,
         )
         self.ports = Ports(links, self.macs, store, max_ports_per_user)
         self.dhcp = DhcpServers(store.runtime_dir, store.state_dir,
@@ -217,6 +241,7 @@ class Engine:
 
     def summary(self, net: Network) -> dict[str, Any]:
         d = net.to_dict()
+        d["owner"] = net.owner
         d["state"] = "running" if net.name in self.running else "stopped"
         d["gateway"] = str(net.gateway)
         if net.gateway6:
@@ -264,17 +289,58 @@ class Engine:
                 "made by qemu-vnet; choose another network name."
             )
 
-    async def define(self, net: Network) -> Network:
+    async def define(self, net: Network, uid: int = 0) -> Network:
+        """Define a network owned by `uid` (its inline forwards too), within uid's limits."""
+        net = net.with_changes(owner=uid, forwards=tuple(
+            dataclasses.replace(f, owner=uid) for f in net.forwards))
         async with self.lock:
             await self.check_new_name(net.name)
+            self._check_network_quota(uid)
+            self._check_forward_quota(uid, len(net.forwards))
             for tname in net.tap_names:
                 if await self.links.get(tname) is not None:
                     raise Exists(f"An interface named '{tname}' already exists on this host.")
             await self._check_subnets(net)
+            for f in net.forwards:
+                clash = self.fwd_index.clash(f)
+                if clash is not None:
+                    raise Exists(f"{f.proto} {f.external} is already forwarded to "
+                                 f"'{clash[1].target}' ({clash[1].describe()}) on network "
+                                 f"'{clash[0]}'.")
             self.store.save(net)
+            try:
+                for f in net.forwards:  # kept one per file, as AddForward keeps them
+                    self.store.save_forward(net.name, f)
+            except OSError:
+                self.store.delete(net.name)
+                raise
             self.defs[net.name] = net
+            for f in net.forwards:
+                self.fwd_index.add(net.name, f)
         self._changed(net.name, "defined")
         return net
+
+    def _check_network_quota(self, uid: int) -> None:
+        if uid == 0:
+            return
+        owned = sum(1 for n in self.defs.values() if n.owner == uid)
+        if owned >= self.max_networks_per_user:
+            raise QuotaExceeded(
+                f"{_who(uid)} already owns {owned} networks and the limit is "
+                f"{self.max_networks_per_user} per user: undefine one first, or ask the "
+                "administrator to raise vnetd's --max-networks-per-user.")
+
+    def _check_forward_quota(self, uid: int, adding: int = 1) -> None:
+        if uid == 0 or not adding:
+            return
+        owned = self.fwd_index.owned_by(uid)
+        if owned + adding > self.max_forwards_per_user:
+            more = f" and would add {adding}" if adding > 1 else ""
+            raise QuotaExceeded(
+                f"{_who(uid)} already owns {owned} port forwards{more}, and the limit is "
+                f"{self.max_forwards_per_user} per user: remove one first (vnet-client "
+                "forward remove), or ask the administrator to raise vnetd's "
+                "--max-forwards-per-user.")
 
     async def _check_subnets(self, net: Network, ignore: str | None = None) -> None:
         for other in self.defs.values():
@@ -599,6 +665,26 @@ class Engine:
         self.get(network)
         return self.macs.get(network, vm, nic)
 
+    def export_macs(self, network: str) -> dict[str, str]:
+        self.get(network)
+        return self.macs.export(network)
+
+    def import_macs(self, network: str, entries: dict[str, str]) -> int:
+        self.get(network)
+        return self.macs.import_macs(network, entries)
+
+    async def forget_mac(self, network: str, vm: str) -> int:
+        """Drop a VM's MACs on a network (defined or not: an undefined network's MACs stay
+        remembered until forgotten), unless one of its NICs is attached there now."""
+        model.validate_network_name(network)
+        model.validate_vm_name(vm)
+        async with self.lock:  # attach gives out MACs under it
+            held = sorted(p.ifname for p in self.ports.on_network(network) if p.vm == vm)
+            if held:
+                raise Busy(f"VM '{vm}' is attached to {network} now (port "
+                           f"{', '.join(held)}): detach it (or stop the VM) first.")
+            return self.macs.forget(network, vm)
+
     # --- static hosts and leases --------------------------------------------------------
     async def add_host(self, network: str, vm: str, options: dict[str, Any]) -> model.StaticHost:
         unknown = sorted(model._printable(k) for k in options if k not in ("ip", "mac"))
@@ -686,10 +772,14 @@ class Engine:
             for f in net.forwards:
                 self.fwd_index.add(net.name, f)
 
-    async def add_forward(self, network: str, spec: dict[str, Any]) -> model.Forward:
+    async def add_forward(self, network: str, spec: dict[str, Any],
+                          uid: int = 0) -> model.Forward:
+        """Add a forward owned by `uid`, within uid's limit."""
         async with self.lock:
             net = self.get(network)
-            fwd = model.parse_forward(net, model.expand_forward_words(spec))
+            fwd = dataclasses.replace(
+                model.parse_forward(net, model.expand_forward_words(spec)), owner=uid)
+            self._check_forward_quota(uid)
             if not self._knows_vm(net, fwd.target):
                 raise InvalidArgument(
                     f"'{fwd.target}' is neither an address nor a known VM on {network} (an "
@@ -748,10 +838,15 @@ class Engine:
         net = self.get(network)
         out = []
         for f in net.forwards:
-            d = f.to_dict()
+            d = self.forward_info(f)
             d["resolved"] = self.firewall.resolve(net, f) or ""
             out.append(d)
         return out
+
+    @staticmethod
+    def forward_info(f: model.Forward) -> dict[str, Any]:
+        """A forward as callers see it: its table, with its owner even when that is root."""
+        return {**f.to_dict(), "owner": f.owner}
 
     def vde_socket(self, network: str, vm: str, nic: int) -> tuple[str, str]:
         """A VDE switch socket with a free port, and the VM's stable MAC."""

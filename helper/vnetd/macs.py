@@ -4,19 +4,24 @@ A MAC is derived from a hash of network/vm/nic, so the same VM gets the same MAC
 with an empty registry; a collision inside the network is resolved by rehashing with a
 counter, and every MAC given out is remembered in the state directory, so it never changes
 once given (the original qemu-vlan's MACs depended on the shell's PID).
-The registry file also carries MACs imported from an old ether.conf.
+The registry file also carries MACs imported from an old ether.conf, or from another host's
+registry (ExportMacs/ImportMacs: a VM that moves keeps its MACs). Each network's registry holds
+at most `limit` entries, so that callers allowed to ask for MACs cannot grow it without end.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
-from .errors import Exists, InvalidArgument
-from .model import validate_mac, validate_network_name, validate_vm_name
+from .errors import Exists, InvalidArgument, NotFound, QuotaExceeded
+from .model import _printable, validate_mac, validate_network_name, validate_vm_name
 
 QEMU_OUI = "52:54:00"
 MAX_NIC = 31
+DEFAULT_LIMIT = 4096  # entries per network
+_NIC_RE = re.compile(r"0|[1-9][0-9]?")
 
 
 def derive_mac(network: str, vm: str, nic: int, attempt: int = 0) -> str:
@@ -35,27 +40,55 @@ def validate_nic(nic: object) -> int:
     return nic
 
 
+def parse_key(text: object) -> tuple[str, int]:
+    """An import's key: 'vm' (NIC 0, as an ether.conf import has it) or 'vm/nic'."""
+    if not isinstance(text, str):
+        raise InvalidArgument(f"A MAC registry key must be 'VM' or 'VM/NIC', not "
+                              f"{_printable(text)}.")
+    vm, sep, nic = text.partition("/")
+    validate_vm_name(vm)
+    if not sep:
+        return vm, 0
+    if not _NIC_RE.fullmatch(nic) or int(nic) > MAX_NIC:
+        raise InvalidArgument(f"The key '{_printable(text)}' does not end in a NIC index: "
+                              f"write VM/NIC with NIC from 0 to {MAX_NIC}, e.g. web1/0.")
+    return vm, int(nic)
+
+
 class MacRegistry:
     """{network: {"vm/nic": mac}}, persisted through a save callback after each change."""
 
     FILE = "macs.json"
 
-    def __init__(self, data: dict[str, dict[str, str]], save):
+    def __init__(self, data: dict[str, dict[str, str]], save, limit: int = DEFAULT_LIMIT):
         self.data = {n: dict(m) for n, m in data.items() if isinstance(m, dict)}
         self._save = save
+        self.limit = limit
 
     def lookup(self, network: str, vm: str, nic: int) -> str | None:
         return self.data.get(network, {}).get(key(vm, nic))
+
+    def _full(self, network: str, held: int, adding: int = 1) -> QuotaExceeded:
+        what = ("" if adding == 1 else
+                f" and the import would add {adding} new ones, past its limit of {self.limit}")
+        return QuotaExceeded(
+            f"The MAC registry of network {network} holds {held} entries"
+            f"{what or ', its limit'}; 'vnet-client mac forget {network} VM' frees the "
+            "entries of a VM that is gone (or ask the administrator to raise vnetd's "
+            "--max-macs-per-network).")
 
     def get(self, network: str, vm: str, nic: int) -> str:
         """The MAC of (network, vm, nic), giving one out (and remembering it) if new."""
         validate_network_name(network)
         validate_vm_name(vm)
         validate_nic(nic)
-        macs = self.data.setdefault(network, {})
         k = key(vm, nic)
+        macs = self.data.get(network, {})
         if k in macs:
             return macs[k]
+        if len(macs) >= self.limit:
+            raise self._full(network, len(macs))
+        macs = self.data.setdefault(network, {})
         used = set(macs.values())
         attempt = 0
         mac = derive_mac(network, vm, nic)
@@ -73,24 +106,52 @@ class MacRegistry:
         return None
 
     def import_macs(self, network: str, entries: dict[str, str]) -> int:
-        """Take in vm -> mac (nic 0) entries; all or nothing."""
+        """Take in 'vm' (NIC 0) or 'vm/nic' -> mac entries; all or nothing."""
         validate_network_name(network)
         macs = dict(self.data.get(network, {}))
-        seen: dict[str, str] = {}
-        for vm, mac in entries.items():
-            validate_vm_name(vm)
+        holders = {m: k for k, m in macs.items()}
+        seen: dict[str, str] = {}  # mac -> key
+        rows: dict[str, str] = {}  # key -> mac
+        for text, mac in entries.items():
+            k = key(*parse_key(text))
             mac = validate_mac(mac)
+            if k in rows:
+                raise InvalidArgument(f"VM '{k.rsplit('/', 1)[0]}' NIC {k.rsplit('/', 1)[1]} "
+                                      "is given twice.")
             if mac in seen:
-                raise Exists(f"The MAC {mac} is given twice, to '{seen[mac]}' and '{vm}'.")
-            seen[mac] = vm
-            holder = next((k for k, m in macs.items() if m == mac and k != key(vm, 0)), None)
-            if holder is not None:
+                raise Exists(f"The MAC {mac} is given twice, to '{seen[mac]}' and '{k}'.")
+            seen[mac] = k
+            holder = holders.get(mac)
+            if holder is not None and holder != k:
                 raise Exists(f"The MAC {mac} already belongs to '{holder}' on {network}.")
-        for vm, mac in entries.items():
-            macs[key(vm, 0)] = mac.lower()
+            rows[k] = mac
+        new = sum(1 for k in rows if k not in macs)
+        if new and len(macs) + new > self.limit:
+            raise self._full(network, len(macs), new)
+        macs.update(rows)
         self.data[network] = macs
         self._save(self.data)
-        return len(entries)
+        return len(rows)
+
+    def export(self, network: str) -> dict[str, str]:
+        """The network's entries, 'vm/nic' -> mac: what import_macs takes back."""
+        return dict(sorted(self.data.get(network, {}).items()))
+
+    def forget(self, network: str, vm: str) -> int:
+        """Drop every NIC entry of a VM on a network; how many there were."""
+        validate_network_name(network)
+        validate_vm_name(vm)
+        macs = self.data.get(network, {})
+        gone = [k for k in macs if k.rsplit("/", 1)[0] == vm]
+        if not gone:
+            raise NotFound(f"VM '{vm}' has no MAC in the registry of network {network}.")
+        kept = {k: m for k, m in macs.items() if k not in gone}
+        data = {n: m for n, m in self.data.items() if n != network}
+        if kept:
+            data[network] = kept
+        self._save(data)  # first: a failed write changes nothing
+        self.data = data
+        return len(gone)
 
     def export_ether_conf(self, network: str) -> str:
         """qemu-vlan's ether.conf: ether_<i>=MAC. VMs named <network>_<i> (the original's tap

@@ -26,6 +26,17 @@ REQUEST_NAME_DO_NOT_QUEUE = 4
 PRIMARY_OWNER = 1
 
 
+def _count(text: str) -> int:
+    """A limit: a whole number, 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is negative: a limit is 0 or more")
+    return n
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="vnetd",
@@ -44,6 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="generated configs, pids, sockets (default: %(default)s)")
     p.add_argument("--max-ports-per-user", type=int, default=64, metavar="N",
                    help="ports one user may hold at once (default: %(default)s)")
+    p.add_argument("--max-networks-per-user", type=_count, default=8, metavar="N",
+                   help="networks one user may own (define); root has no limit "
+                   "(default: %(default)s)")
+    p.add_argument("--max-forwards-per-user", type=_count, default=64, metavar="N",
+                   help="port forwards one user may own, on all networks together; root has "
+                   "no limit (default: %(default)s)")
+    p.add_argument("--max-macs-per-network", type=_count, default=4096, metavar="N",
+                   help="entries (VM NICs) the MAC registry keeps per network; 'vnet-client "
+                   "mac forget' frees them (default: %(default)s)")
     p.add_argument("--log-level", default=os.environ.get("VNETD_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"vnetd {__version__}")
@@ -57,7 +77,10 @@ async def run(args: argparse.Namespace) -> int:
     store = Store(args.config_dir, args.state_dir, args.runtime_dir)
     links = Links()
     await links.open()
-    engine = Engine(store, links, max_ports_per_user=args.max_ports_per_user)
+    engine = Engine(store, links, max_ports_per_user=args.max_ports_per_user,
+                    max_networks_per_user=args.max_networks_per_user,
+                    max_forwards_per_user=args.max_forwards_per_user,
+                    max_macs_per_network=args.max_macs_per_network)
     await engine.startup()
 
     if args.bus_address:

@@ -22,6 +22,7 @@ DHCP_KINDS = ("dnsmasq", "dhcpd", "none")
 MAX_TAPS = 64
 MIN_MTU, MAX_MTU = 576, 9216
 MAX_VM_NAME = 64
+MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _VM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -197,6 +198,17 @@ def _vde_args(args: object) -> tuple[str, ...]:
 
 
 
+def _owner(options: dict[str, Any], stored: bool, why: str) -> int:
+    """The 'owner' uid of a stored definition or forward (0 when absent). A caller cannot
+    give one: vnetd takes it from the caller's credentials."""
+    if "owner" not in options:
+        return 0
+    if not stored:
+        raise InvalidArgument(f"The key 'owner' cannot be given: {why} (vnetd takes it from "
+                              "the caller; remove the key).")
+    return _int_in(options["owner"], 0, MAX_UID, "owner uid")
+
+
 def _bool(value: object, what: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidArgument(f"'{what}' must be true or false, not {_printable(value)}.")
@@ -311,6 +323,7 @@ class Network:
     vde_switch_args: tuple[str, ...] = ()
     uplink: str | None = None  # bridged mode: the physical NIC (key "if")
     force: bool = False  # bridged mode: even if the NIC carries the only default route
+    owner: int = 0  # the uid that defined it (0: root, or defined before owners were kept)
 
     @property
     def dns_domain(self) -> str:
@@ -351,12 +364,17 @@ class Network:
             "force")
 
     @classmethod
-    def from_options(cls, name: object, options: dict[str, Any]) -> Network:
-        """Build and validate a definition from D-Bus options or a parsed TOML table."""
+    def from_options(cls, name: object, options: dict[str, Any],
+                     stored: bool = False) -> Network:
+        """Build and validate a definition from D-Bus options or a parsed TOML table.
+        `stored`: vnetd's own definition file, which may also say who owns the network (a
+        caller's options may not: a network belongs to whoever defines it)."""
         name = validate_network_name(name)
         if not isinstance(options, dict):
             raise InvalidArgument("The network options must be a dictionary.")
-        unknown = sorted(str(k) for k in options if k not in cls.KEYS and k != "name")
+        owner = _owner(options, stored, "a network belongs to whoever defines it")
+        unknown = sorted(str(k) for k in options if k not in cls.KEYS and k not in
+                         ("name", "owner"))
         if unknown:
             raise InvalidArgument(
                 f"Unknown network option(s): {', '.join(_printable(k) for k in unknown)}. "
@@ -418,7 +436,7 @@ class Network:
         net = cls(
             name=name, mode=mode, subnet=subnet, subnet6=subnet6, mtu=mtu, autostart=autostart,
             taps=taps, tap_user=tap_user, tap_group=tap_group, dhcp=dhcp, dhcp_start=start,
-            dhcp_end=end, domain=domain, hosts=hosts,
+            dhcp_end=end, domain=domain, hosts=hosts, owner=owner,
             allow_host=_bool(options.get("allow-host", False), "allow-host"),
             routed_with=routed,
             spoof_protection=_bool(options.get("spoof-protection", True), "spoof-protection"),
@@ -450,7 +468,7 @@ class Network:
         forwards: list[Forward] = []
         index = ForwardIndex()
         for row in rows:
-            f = parse_forward(net, expand_forward_words(row))
+            f = parse_forward(net, expand_forward_words(row), stored=stored)
             clash = index.clash(f)
             if clash:
                 raise InvalidArgument(f"The forwards '{clash[1].describe()}' and "
@@ -459,14 +477,16 @@ class Network:
             forwards.append(f)
         return replace(net, forwards=tuple(forwards)) if forwards else net
 
-    def to_dict(self, forwards: bool = True) -> dict[str, Any]:
-        """The TOML table (and D-Bus 'definition'); the exact inverse of from_options.
-        forwards=False leaves them out (the definition file keeps them in a directory)."""
-        d: dict[str, Any] = {
-            "name": self.name,
-            "mode": self.mode,
-            "subnet": str(self.subnet),
-        }
+    def to_dict(self, forwards: bool = True, owner: bool = True) -> dict[str, Any]:
+        """The TOML table (and D-Bus 'definition'); the exact inverse of from_options
+        (stored=True). forwards=False leaves them out (the definition file keeps them in a
+        directory); owner=False leaves out who owns it and its forwards (an export is
+        portable); an owner of 0 (root) is never written."""
+        d: dict[str, Any] = {"name": self.name}
+        if owner and self.owner:
+            d["owner"] = self.owner
+        d["mode"] = self.mode
+        d["subnet"] = str(self.subnet)
         if self.subnet6:
             d["subnet6"] = str(self.subnet6)
         d["mtu"] = self.mtu
@@ -502,7 +522,7 @@ class Network:
             if self.vde_switch_args:
                 d["vde-switch-args"] = list(self.vde_switch_args)
         if forwards and self.forwards:
-            d["forwards"] = [f.to_dict() for f in self.forwards]
+            d["forwards"] = [f.to_dict(owner=owner) for f in self.forwards]
         return d
 
     def with_changes(self, **kw: Any) -> Network:
@@ -549,6 +569,7 @@ class Forward:
     target_port: int
     ext_addr: str | None = None
     iface: str | None = None
+    owner: int = 0  # the uid that added it (0: root, or added before owners were kept)
 
     @property
     def ports(self) -> str:
@@ -561,13 +582,17 @@ class Forward:
         addr = f"[{self.ext_addr}]" if ":" in self.ext_addr else self.ext_addr
         return f"{addr}:{self.ports}"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, owner: bool = True) -> dict[str, Any]:
+        """Its TOML table (its file, or a row of an export with owner=False); an owner of 0
+        (root) is never written."""
         d: dict[str, Any] = {"proto": self.proto, "family": self.family, "port": self.ports,
                              "target": self.target, "target-port": self.target_port}
         if self.ext_addr:
             d["ext-addr"] = self.ext_addr
         if self.iface:
             d["iface"] = self.iface
+        if owner and self.owner:
+            d["owner"] = self.owner
         return d
 
     def clashes(self, other: Forward) -> bool:
@@ -591,19 +616,30 @@ class Forward:
 
 class ForwardIndex:
     """Forwards by (proto, family, port): finding a clash costs the new forward's port count,
-    not the number of forwards present."""
+    not the number of forwards present. It also counts them by owner (the per-user limit)."""
 
     def __init__(self) -> None:
         self._by_port: dict[tuple[str, int, int], list[tuple[str, Forward]]] = {}
+        self._owned: dict[int, int] = {}
 
     def add(self, network: str, f: Forward) -> None:
         for port in range(f.port_lo, f.port_hi + 1):
             self._by_port.setdefault((f.proto, f.family, port), []).append((network, f))
+        self._owned[f.owner] = self._owned.get(f.owner, 0) + 1
 
     def remove(self, network: str, f: Forward) -> None:
+        found = False
         for port in range(f.port_lo, f.port_hi + 1):
             rows = self._by_port.get((f.proto, f.family, port), [])
-            rows[:] = [r for r in rows if r != (network, f)]
+            kept = [r for r in rows if r != (network, f)]
+            found = found or len(kept) != len(rows)
+            rows[:] = kept
+        if found:
+            self._owned[f.owner] -= 1
+
+    def owned_by(self, uid: int) -> int:
+        """How many forwards `uid` added, on all networks."""
+        return self._owned.get(uid, 0)
 
     def clash(self, f: Forward) -> tuple[str, Forward] | None:
         for port in range(f.port_lo, f.port_hi + 1):
@@ -663,12 +699,14 @@ def _split_addr_port(text: str, what: str) -> tuple[str | None, str]:
     return None, text
 
 
-def parse_forward(net: Network, spec: dict[str, Any]) -> Forward:
-    """A forward from D-Bus options / a TOML table, checked against its network."""
+def parse_forward(net: Network, spec: dict[str, Any], stored: bool = False) -> Forward:
+    """A forward from D-Bus options / a TOML table, checked against its network. `stored`:
+    vnetd's own file, which may also say who owns the forward (a caller's options may not)."""
     if not isinstance(spec, dict):
         raise InvalidArgument("A forward must be a dictionary.")
+    owner = _owner(spec, stored, "a forward belongs to whoever adds it")
     known = {"proto", "family", "port", "target", "target-port", "ext-addr", "iface"}
-    unknown = sorted(_printable(k) for k in spec if k not in known)
+    unknown = sorted(_printable(k) for k in spec if k not in known and k != "owner")
     if unknown:
         raise InvalidArgument(f"Unknown forward option(s): {', '.join(unknown)}. "
                               f"Known: {', '.join(sorted(known))}.")
@@ -720,7 +758,7 @@ def parse_forward(net: Network, spec: dict[str, Any]) -> Forward:
         raise InvalidArgument(f"The network '{net.name}' has no IPv6 prefix: give it one "
                               "(--subnet6) to forward IPv6.")
     return Forward(proto=proto, family=family, port_lo=lo, port_hi=hi, target=target,
-                   target_port=tport, ext_addr=ext, iface=iface)
+                   target_port=tport, ext_addr=ext, iface=iface, owner=owner)
 
 
 def parse_forward_args(proto: str, external: str, target: str, *, iface: str | None = None,

@@ -149,7 +149,7 @@ class Store:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise VnetError(f"it is not valid TOML ({e})") from None
-        return Network.from_options(name, data)
+        return Network.from_options(name, data, stored=True)
 
     def _add_forwards(self, net: Network, problems: list[str]) -> Network:
         """The network with the forwards of its directory. Each file stands alone: a damaged
@@ -163,7 +163,8 @@ class Store:
             f = None
             for source in (path, good_d / path.name):
                 try:
-                    f = parse_forward(net, tomllib.loads(source.read_text(encoding="utf-8")))
+                    f = parse_forward(net, tomllib.loads(source.read_text(encoding="utf-8")),
+                                      stored=True)
                 except FileNotFoundError:
                     break
                 except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError, VnetError) as e:

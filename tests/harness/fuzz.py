@@ -505,8 +505,11 @@ OPTION_KEYS = {
     ("RemoveForward", "forward"): FORWARD_KEYS,
 }
 ROLES = {"name": network_names, "network": network_names, "vm": vm_names, "ifname": ifnames}
-mac_tables = st.lists(st.tuples(st.one_of(st.sampled_from(VMS), vm_names), macs).map(list),
-                      max_size=4)
+# ImportMacs keys: 'VM' (NIC 0) or 'VM/NIC', and near misses of the second form
+mac_keys = st.one_of(st.sampled_from(VMS), vm_names,
+                     st.tuples(st.sampled_from(VMS), st.sampled_from(
+                         ("0", "1", "31", "32", "01", "-1", "", "x", "0/0", " 1"))).map("/".join))
+mac_tables = st.lists(st.tuples(mac_keys, macs).map(list), max_size=4)
 
 
 def argument(method: str, name: str, sig: str) -> st.SearchStrategy[Any]:

@@ -34,6 +34,8 @@ MATRIX = {
     ("Manager", "ExportEtherConf"): ("info", "s", ["vnet2"]),
     ("Manager", "VdeSocket"): ("attach", "ssu", ["vnet2", "mx", 0]),
     ("Manager", "ImportMacs"): ("manage", "sa{ss}", ["vnet2", {"bad name": "x"}]),
+    ("Manager", "ExportMacs"): ("info", "s", ["vnet2"]),
+    ("Manager", "ForgetMac"): ("manage", "ss", ["vnet2", "nosuch"]),
     ("Manager", "Enslave"): ("attach", "s", ["nosuch_1"]),
     ("Manager", "Release"): ("attach", "s", ["nosuch_1"]),
     ("Manager", "AddHost"): ("manage", "ssa{sv}", ["vnet2", "mx", {"ip": "1.2.3.4"}]),

@@ -1,0 +1,374 @@
+"""Limits (issue 7): who owns a network or a forward, kept in vnetd's files and never taken from
+a caller's options; the per-user limits on networks and forwards (root has none); the bound on
+a network's MAC registry, ForgetMac, and the registry's export/import across hosts ('vm/nic'
+keys). Pure code and the engine over a stub of the kernel: no root, no bus."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import replace
+
+import pytest
+from vnet_client import cli
+from vnetd import main as vnetd_main
+from vnetd.engine import Engine
+from vnetd.errors import Busy, Exists, InvalidArgument, NotFound, QuotaExceeded
+from vnetd.macs import MacRegistry, derive_mac, parse_key
+from vnetd.model import Network, parse_forward, render_toml
+from vnetd.store import Store
+
+ALICE, BOB = 4001, 4002  # uids without a passwd entry: sentences name them 'uid N'
+FWD = {"proto": "tcp", "port": "8080", "target": "172.16.12.5", "target-port": 80}
+
+
+# --- owners in the model and the store ---------------------------------------------------------
+def test_a_caller_cannot_give_an_owner_in_define_options():
+    with pytest.raises(InvalidArgument, match="'owner'") as e:
+        Network.from_options("vnet2", {"owner": 1000})
+    assert e.value.message.endswith(".")
+    with pytest.raises(InvalidArgument, match="'owner'"):
+        Network.from_options("vnet2", {"forwards": [{**FWD, "owner": 1000}]})
+    with pytest.raises(InvalidArgument, match="'owner'"):
+        parse_forward(Network.from_options("vnet2", {}), {**FWD, "owner": 0})
+
+
+def test_stored_definitions_carry_their_owner_and_the_forwards_theirs():
+    n = Network.from_options("vnet2", {"owner": ALICE, "forwards": [{**FWD, "owner": BOB}]},
+                             stored=True)
+    assert n.owner == ALICE and n.forwards[0].owner == BOB
+    d = n.to_dict()
+    assert d["owner"] == ALICE and d["forwards"][0]["owner"] == BOB
+    assert Network.from_options("vnet2", tomllib.loads(render_toml(d)), stored=True) == n
+    with pytest.raises(InvalidArgument, match="owner uid"):
+        Network.from_options("vnet2", {"owner": -1}, stored=True)
+
+
+def test_root_and_old_definitions_have_owner_0_and_write_none():
+    n = Network.from_options("vnet2", {"forwards": [FWD]})
+    assert n.owner == 0 and n.forwards[0].owner == 0
+    assert "owner" not in n.to_dict() and "owner" not in n.to_dict()["forwards"][0]
+    assert Network.from_options("vnet2", n.to_dict()) == n  # what root stores reads back
+
+
+def test_an_export_leaves_the_owners_out_and_defines_again():
+    n = Network.from_options("vnet2", {"owner": ALICE, "forwards": [{**FWD, "owner": ALICE}]},
+                             stored=True)
+    d = n.to_dict(owner=False)
+    assert "owner" not in d and "owner" not in d["forwards"][0]
+    d.pop("name")
+    again = Network.from_options("vnet2", tomllib.loads(render_toml(d)))
+    assert again == n.with_changes(owner=0, forwards=tuple(replace(f, owner=0)
+                                                            for f in n.forwards))
+
+
+def test_the_store_keeps_owners_across_a_restart(tmp_path):
+    st = Store(tmp_path / "etc", tmp_path / "var")
+    n = Network.from_options("vnet2", {}).with_changes(owner=ALICE)
+    st.save(n)
+    f = replace(parse_forward(n, FWD), owner=BOB)
+    st.save_forward("vnet2", f)
+    assert f"owner = {ALICE}" in st.path_of("vnet2").read_text()
+    assert f"owner = {BOB}" in next(st.forwards_dir("vnet2").glob("*.toml")).read_text()
+    nets, problems = Store(st.config_dir, st.state_dir).load_all()
+    assert problems == []
+    assert nets["vnet2"].owner == ALICE and nets["vnet2"].forwards[0].owner == BOB
+
+
+# --- the engine's limits, over a stub of the kernel --------------------------------------------
+class NoLinks:
+    """A host with no interfaces at all: every name is free, no address is taken."""
+
+    async def get(self, name=None, index=None):
+        return None
+
+    async def all_addresses(self):
+        return []
+
+
+@pytest.fixture
+def engine(tmp_path):
+    st = Store(tmp_path / "etc", tmp_path / "var", tmp_path / "run")
+    return Engine(st, NoLinks(), max_networks_per_user=2, max_forwards_per_user=3,
+                  max_macs_per_network=3)
+
+
+def net(name: str, **opts) -> Network:
+    n = int(name[-1])
+    return Network.from_options(name, {"subnet": f"10.{n}.0.0/24", **opts})
+
+
+async def test_a_user_may_own_max_networks_then_is_refused_with_nothing_made(engine):
+    await engine.define(net("n1"), ALICE)
+    await engine.define(net("n2"), ALICE)
+    with pytest.raises(QuotaExceeded) as e:
+        await engine.define(net("n3"), ALICE)
+    msg = e.value.message
+    assert f"uid {ALICE}" in msg and "owns 2 networks" in msg and "limit is 2" in msg
+    assert "--max-networks-per-user" in msg and "undefine" in msg and msg.endswith(".")
+    assert "n3" not in engine.defs and not engine.store.path_of("n3").exists()
+    await engine.define(net("n4"), BOB)  # another user is not affected
+    await engine.define(net("n5"), 0)  # nor is root
+    await engine.define(net("n6"), 0)
+    await engine.define(net("n7"), 0)
+    assert {n: d.owner for n, d in engine.defs.items()} == {
+        "n1": ALICE, "n2": ALICE, "n4": BOB, "n5": 0, "n6": 0, "n7": 0}
+    await engine.undefine("n1")  # undefining one makes room
+    await engine.define(net("n3"), ALICE)
+
+
+async def test_forwards_count_per_owner_across_networks(engine):
+    await engine.define(net("n1"), 0)
+    await engine.define(net("n2"), 0)
+    for i, network in enumerate(("n1", "n2", "n1")):
+        f = await engine.add_forward(network, {**FWD, "port": str(8000 + i),
+                                               "target": f"10.{network[-1]}.0.5"}, ALICE)
+        assert f.owner == ALICE
+    with pytest.raises(QuotaExceeded) as e:
+        await engine.add_forward("n2", {**FWD, "target": "10.2.0.5"}, ALICE)
+    msg = e.value.message
+    assert "owns 3 port forwards" in msg and "limit is 3" in msg
+    assert "--max-forwards-per-user" in msg and msg.endswith(".")
+    assert len(list(engine.store.forwards_dir("n2").glob("*.toml"))) == 1  # nothing new
+    assert [f.owner for f in engine.defs["n2"].forwards] == [ALICE]
+    await engine.add_forward("n2", {**FWD, "target": "10.2.0.5"}, BOB)
+    for port in range(9000, 9005):
+        await engine.add_forward("n2", {**FWD, "port": str(port), "target": "10.2.0.5"}, 0)
+    listed = engine.list_forwards("n2")
+    assert sorted({d["owner"] for d in listed}) == [0, ALICE, BOB]
+    await engine.remove_forward("n1", {"proto": "tcp", "port": "8000"})
+    await engine.add_forward("n2", {**FWD, "port": "7000", "target": "10.2.0.5"}, ALICE)
+
+
+async def test_define_counts_inline_forwards_and_keeps_them_one_file_each(engine):
+    rows = [{**FWD, "port": str(8000 + i), "target": "10.1.0.5"} for i in range(4)]
+    with pytest.raises(QuotaExceeded, match="would add 4"):
+        await engine.define(net("n1", forwards=rows), ALICE)
+    assert not engine.store.path_of("n1").exists()
+    n = await engine.define(net("n1", forwards=rows[:3]), ALICE)
+    assert n.owner == ALICE and {f.owner for f in n.forwards} == {ALICE}
+    assert len(list(engine.store.forwards_dir("n1").glob("*.toml"))) == 3
+    nets, _ = engine.store.load_all()  # a restart keeps them, and who owns them
+    assert [f.owner for f in nets["n1"].forwards] == [ALICE] * 3
+    with pytest.raises(Exists, match="already forwarded"):
+        await engine.define(net("n2", forwards=[{**FWD, "port": "8000", "target": "10.2.0.5"}]))
+    assert not engine.store.path_of("n2").exists()
+
+
+async def test_summary_and_forward_lists_show_the_owner_and_export_does_not(engine):
+    await engine.define(net("n1"), ALICE)
+    assert engine.summary(engine.defs["n1"])["owner"] == ALICE
+    assert "owner" not in engine.defs["n1"].to_dict(owner=False)
+
+
+def test_vnetd_takes_the_limits_as_options():
+    a = vnetd_main.parse_args([])
+    assert (a.max_networks_per_user, a.max_forwards_per_user, a.max_macs_per_network) == (
+        8, 64, 4096)
+    a = vnetd_main.parse_args(["--max-networks-per-user", "1", "--max-forwards-per-user=0",
+                               "--max-macs-per-network", "10"])
+    assert (a.max_networks_per_user, a.max_forwards_per_user, a.max_macs_per_network) == (
+        1, 0, 10)
+    with pytest.raises(SystemExit):
+        vnetd_main.parse_args(["--max-networks-per-user", "-1"])
+
+
+# --- the MAC registry ------------------------------------------------------------------------------
+class Saved:
+    def __init__(self):
+        self.writes: list[dict] = []
+
+    def __call__(self, data):
+        self.writes.append(json.loads(json.dumps(data)))
+
+
+def registry(limit: int = 3, data=None) -> tuple[MacRegistry, Saved]:
+    saved = Saved()
+    return MacRegistry(data or {}, saved, limit=limit), saved
+
+
+def test_a_full_registry_refuses_new_vms_but_answers_known_ones():
+    r, saved = registry(3)
+    macs = [r.get("vnet2", f"vm{i}", 0) for i in range(3)]
+    with pytest.raises(QuotaExceeded) as e:
+        r.get("vnet2", "vm3", 0)
+    msg = e.value.message
+    assert "MAC registry of network vnet2 holds 3 entries, its limit" in msg
+    assert "vnet-client mac forget vnet2 VM" in msg and msg.endswith(".")
+    assert [r.get("vnet2", f"vm{i}", 0) for i in range(3)] == macs
+    assert len(saved.writes) == 3  # nothing written for the refusal nor for known ones
+    assert r.get("other", "vm3", 0)  # the limit is per network
+
+
+def test_forget_frees_every_nic_of_the_vm_and_is_saved():
+    r, saved = registry(3)
+    r.get("vnet2", "a", 0)
+    r.get("vnet2", "a", 1)
+    b = r.get("vnet2", "b", 0)
+    assert r.forget("vnet2", "a") == 2
+    assert saved.writes[-1] == {"vnet2": {"b/0": b}}
+    assert r.get("vnet2", "c", 0) and r.get("vnet2", "d", 0)
+    with pytest.raises(NotFound, match="VM 'a' has no MAC"):
+        r.forget("vnet2", "a")
+    with pytest.raises(InvalidArgument):
+        r.forget("vnet2", "a/0")
+    assert r.forget("vnet2", "b") == 1 and r.forget("vnet2", "c") == 1
+    r.forget("vnet2", "d")
+    assert "vnet2" not in r.data  # an emptied network leaves no trace
+
+
+def test_export_and_import_carry_every_nic_to_another_host():
+    old, _ = registry(10)
+    for vm, nic in (("web", 0), ("web", 1), ("db", 0), ("db", 3)):
+        old.get("vnet2", vm, nic)
+    exported = old.export("vnet2")
+    assert sorted(exported) == ["db/0", "db/3", "web/0", "web/1"]
+    new, saved = registry(10)
+    assert new.import_macs("vnet2", exported) == 4
+    assert new.export("vnet2") == exported
+    assert new.get("vnet2", "db", 3) == exported["db/3"]
+    assert saved.writes[-1] == {"vnet2": exported}
+
+
+def test_import_takes_bare_vm_keys_as_nic_0():
+    r, _ = registry()
+    assert r.import_macs("vnet3", {"vnet3_1": "52:54:00:AA:00:01", "web/2": "52:54:00:aa:00:02"})
+    assert r.lookup("vnet3", "vnet3_1", 0) == "52:54:00:aa:00:01"
+    assert r.lookup("vnet3", "web", 2) == "52:54:00:aa:00:02"
+
+
+@pytest.mark.parametrize("key", ["web/", "web/32", "web/01", "web/-1", "web/x", "web/0/0",
+                                 "/0", "", "a b/0", "../x"])
+def test_import_refuses_keys_that_are_not_vm_or_vm_slash_nic(key):
+    r, saved = registry()
+    with pytest.raises(InvalidArgument):
+        r.import_macs("vnet2", {"ok": "52:54:00:00:00:01", key: "52:54:00:00:00:02"})
+    assert r.data == {} and saved.writes == []
+
+
+def test_parse_key():
+    assert parse_key("web") == ("web", 0)
+    assert parse_key("web/0") == ("web", 0)
+    assert parse_key("web.1/31") == ("web.1", 31)
+
+
+def test_import_is_all_or_nothing_and_bounded():
+    r, saved = registry(3)
+    r.get("vnet2", "a", 0)
+    with pytest.raises(InvalidArgument, match="given twice"):
+        r.import_macs("vnet2", {"b": "52:54:00:00:00:01", "b/0": "52:54:00:00:00:02"})
+    with pytest.raises(Exists, match="already belongs to 'a/0'"):
+        r.import_macs("vnet2", {"b": r.lookup("vnet2", "a", 0)})
+    with pytest.raises(QuotaExceeded) as e:
+        r.import_macs("vnet2", {f"n{i}": f"52:54:00:00:00:0{i}" for i in range(1, 4)})
+    assert "holds 1 entries and the import would add 3 new ones, past its limit of 3" in \
+        e.value.message
+    assert list(r.data["vnet2"]) == ["a/0"] and len(saved.writes) == 1
+    # replacing known entries adds none: allowed at the limit
+    r.import_macs("vnet2", {"b": "52:54:00:00:00:01", "c/1": "52:54:00:00:00:02"})
+    assert r.import_macs("vnet2", {"b": "52:54:00:00:00:03"}) == 1
+    assert r.lookup("vnet2", "b", 0) == "52:54:00:00:00:03"
+
+
+async def test_forget_mac_is_refused_while_the_vm_is_attached(engine):
+    await engine.define(net("n1"), 0)
+    engine.get_mac("n1", "web", 0)
+
+    class Port:
+        ifname, network, vm = "n1-abcdef", "n1", "web"
+
+    engine.ports.by_name["n1-abcdef"] = Port()
+    with pytest.raises(Busy, match="n1-abcdef"):
+        await engine.forget_mac("n1", "web")
+    del engine.ports.by_name["n1-abcdef"]
+    assert await engine.forget_mac("n1", "web") == 1
+    await engine.undefine("n1")
+    engine.macs.get("n1", "old", 0)  # the MACs of an undefined network can still be forgotten
+    assert await engine.forget_mac("n1", "old") == 1
+
+
+async def test_the_engine_bounds_the_registry_for_getmac(engine):
+    await engine.define(net("n1"), 0)
+    for i in range(3):
+        engine.get_mac("n1", f"vm{i}", 0)
+    with pytest.raises(QuotaExceeded):
+        engine.get_mac("n1", "vm3", 0)
+    assert engine.get_mac("n1", "vm0", 0) == derive_mac("n1", "vm0", 0)
+    assert sorted(engine.export_macs("n1")) == ["vm0/0", "vm1/0", "vm2/0"]
+    with pytest.raises(NotFound):
+        engine.export_macs("nosuch")
+
+
+# --- the command line --------------------------------------------------------------------------
+def parse(argv):
+    return cli.build_parser().parse_args(argv)
+
+
+def test_mac_actions_parse():
+    a = parse(["mac", "export", "vnet2", "--json"])
+    assert (a.cmd, a.mac_cmd, a.network, a.json) == ("mac", "export", "vnet2", True)
+    a = parse(["mac", "import", "vnet2", "-"])
+    assert (a.mac_cmd, a.network, a.file) == ("import", "vnet2", "-")
+    a = parse(["mac", "forget", "vnet2", "web1"])
+    assert (a.mac_cmd, a.network, a.forget_vm, a.vm) == ("forget", "vnet2", "web1", None)
+    a = parse(["mac", "--br=vnet2", "--vm", "web1", "--nic=1"])
+    assert (a.mac_cmd, a.br, a.vm, a.nic) == (None, "vnet2", "web1", 1)
+    assert not cli.is_compat(["mac", "--br=vnet2", "--vm", "web1"])
+
+
+@pytest.mark.parametrize("argv", [["mac"], ["mac", "--vm", "x"],
+                                  ["mac", "--br=vnet2", "forget", "vnet2", "x"],
+                                  ["mac", "forget", "vnet2"], ["mac", "import", "vnet2"],
+                                  ["mac", "frobnicate", "vnet2"]])
+def test_mac_usage_errors_exit_2_without_a_bus(argv, capsys, monkeypatch):
+    monkeypatch.setenv("VNET_BUS_ADDRESS", "unix:path=/nonexistent/vnet-unit-test-bus")
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_mac_help_teaches_the_registry_actions(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["mac", "--help"])
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    for words in ("mac export vnet2", "mac import vnet2", "mac forget vnet2 web1", "--vm=web1"):
+        assert words in out, words
+
+
+def test_export_text_reads_back_and_json_too(tmp_path):
+    macs = {"web/0": "52:54:00:00:00:01", "web/1": "52:54:00:00:00:02",
+            "db.1/0": "52:54:00:00:00:03"}
+    text = cli.render_mac_table("vnet2", macs)
+    assert text.splitlines()[1:] == ["db.1/0 52:54:00:00:00:03", "web/0 52:54:00:00:00:01",
+                                     "web/1 52:54:00:00:00:02"]
+    (tmp_path / "t").write_text(text + "\n  # a comment\nold 52:54:00:00:00:04  # from ether\n")
+    assert cli.read_mac_table(str(tmp_path / "t")) == {**macs, "old": "52:54:00:00:00:04"}
+    (tmp_path / "j").write_text(json.dumps(macs, indent=2))
+    assert cli.read_mac_table(str(tmp_path / "j")) == macs
+
+
+@pytest.mark.parametrize("text, words", [
+    ("web/0\n", ":1: not a 'VM/NIC MAC' line"),
+    ("web/0 52:54:00:00:00:01 extra\n", ":1:"),
+    ("a 52:54:00:00:00:01\na 52:54:00:00:00:02\n", ":2: a is given a second time"),
+    ("# nothing\n\n", "holds no MACs"),
+    ('{"a": 1}', "MAC strings"),
+    ('["a"]', ":1: not a 'VM/NIC MAC' line"),
+    ("{broken", "not valid JSON"),
+])
+def test_reading_a_bad_table_names_the_line(tmp_path, text, words):
+    (tmp_path / "t").write_text(text)
+    with pytest.raises(cli.Failure, match=words.replace("(", r"\(")):
+        cli.read_mac_table(str(tmp_path / "t"))
+    with pytest.raises(cli.Failure, match="cannot read"):
+        cli.read_mac_table(str(tmp_path / "missing"))
+
+
+def test_show_and_forward_list_name_the_owner(capsys):
+    cli.print_network({"name": "vnet2", "state": "stopped", "owner": 0})
+    out = capsys.readouterr().out
+    assert "owner:" in out and "root (0)" in out
