@@ -298,5 +298,8 @@ class Client:
     async def remove_forward(self, network: str, spec: dict[str, Any]) -> None:
         await self.call("RemoveForward", "sa{sv}", [network, asv(spec)])
 
+    async def set_peer(self, network: str, address: str, add: bool = True) -> None:
+        await self.call("AddPeer" if add else "RemovePeer", "ss", [network, address])
+
     async def list_forwards(self, network: str) -> list[dict[str, Any]]:
         return await self.value("ListForwards", "s", [network])

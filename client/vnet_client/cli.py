@@ -104,6 +104,24 @@ def _define_options(p: argparse.ArgumentParser) -> None:
                    help="run a VDE switch on each tap (qemu-vlan's --vde; needs -n COUNT)")
     p.add_argument("--vde-ports", type=int, metavar="N",
                    help="ports per VDE switch (default 32)")
+    o = p.add_argument_group("VXLAN overlay: one LAN across hosts (docs/overlay.md)")
+    o.add_argument("--vni", type=int, metavar="VNI",
+                   help="VXLAN network identifier, 1-16777215 (turns the overlay on)")
+    o.add_argument("--local", metavar="IP", help="this host's underlay address")
+    o.add_argument("--peer", action="append", metavar="IP",
+                   help="another host's underlay address (repeatable); with --control=evpn "
+                   "its BGP neighbour")
+    o.add_argument("--underlay-dev", metavar="IF", help="the underlay interface (optional)")
+    o.add_argument("--vxlan-port", type=int, metavar="PORT", help="UDP port (default 4789)")
+    o.add_argument("--role", choices=["gateway", "member"],
+                   help="gateway (default): holds the gateway address, DHCP/DNS, NAT; "
+                   "member: only extends the LAN to this host")
+    o.add_argument("--control", choices=["static", "evpn"],
+                   help="static (default): flood to the listed peers; evpn: BGP EVPN "
+                   "through the system's FRR")
+    o.add_argument("--asn", type=int, metavar="AS", help="evpn: the iBGP AS (default 65000)")
+    o.add_argument("--route-reflector", action="store_true",
+                   help="evpn: this host reflects routes to its peers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,6 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
     fl = fsub.add_parser("list", help="list the network's forwards")
     _add_common(fl)
     fl.add_argument("network")
+    op = cmd("overlay", "a network's VXLAN overlay: its peers (other hosts)")
+    osub = op.add_subparsers(dest="ov_cmd", metavar="ACTION", required=True)
+    for name, text in (("add-peer", "flood to (static) or peer with (evpn) another host, "
+                        "live and stored"),
+                       ("remove-peer", "stop flooding to / peering with a host, live and "
+                        "stored")):
+        oa = osub.add_parser(name, help=text, description=text.capitalize() + ".",
+                             epilog=OVERLAY_EPILOG,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(oa)
+        oa.add_argument("network")
+        oa.add_argument("address", help="the other host's underlay address")
+    os_ = osub.add_parser("show", help="the overlay's device, MTU, peers, forwarding entries "
+                          "and (evpn) BGP sessions")
+    _add_common(os_)
+    os_.add_argument("network")
     sp = cmd("leases", "show the network's DHCP leases")
     sp.add_argument("network")
     sp = cmd("import-ether-conf", "take in an old qemu-vlan ether.conf so VMs keep their MACs")
@@ -245,6 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--br", metavar="NET",
                     help="the network (default: the file's directory name, e.g. vnet3)")
     return p
+
+
+OVERLAY_EPILOG = """\
+examples (three hosts, underlay 10.77.0.0/24; host A is the gateway):
+  A$ vnet-client define vnet7 --vni 5007 --local 10.77.0.1 --peer 10.77.0.2 --peer 10.77.0.3
+  B$ vnet-client define vnet7 --vni 5007 --local 10.77.0.2 --peer 10.77.0.1 --peer 10.77.0.3 \\
+         --role member
+  A$ vnet-client overlay add-peer vnet7 10.77.0.4      # a fourth host joins
+  A$ vnet-client overlay remove-peer vnet7 10.77.0.3   # host C is cut off from A
+  A$ vnet-client overlay show vnet7
+"""
 
 
 MAC_EPILOG = """\
@@ -331,6 +376,13 @@ def _define_opts(a: argparse.Namespace) -> dict[str, Any]:
         opts["vde-ports"] = a.vde_ports
     if a.autostart:
         opts["autostart"] = True
+    overlay = {"vni": a.vni, "local": a.local, "peers": a.peer, "dev": a.underlay_dev,
+               "port": a.vxlan_port, "role": a.role, "control": a.control, "asn": a.asn,
+               "route-reflector": True if a.route_reflector else None}
+    if any(v is not None for v in overlay.values()):
+        if a.vni is None or a.local is None:
+            raise Usage("an overlay needs at least --vni and --local.")
+        opts["overlay"] = {k: v for k, v in overlay.items() if v is not None}
     if a.group is not None:
         try:
             grp.getgrnam(a.group)
@@ -494,6 +546,8 @@ async def run_command(args: argparse.Namespace) -> int:
             return await run_host(s, args)
         elif cmd == "forward":
             return await run_forward(s, args)
+        elif cmd == "overlay":
+            return await run_overlay(s, args)
         elif cmd == "leases":
             leases = await s.run(lambda c: c.leases(args.network))
             if out_json:
@@ -608,6 +662,43 @@ async def run_forward(s: Session, args: argparse.Namespace) -> int:
                            f.get("iface", "*"), _user(f.get("owner", 0))] for f in fwds],
                          ["PROTO", "EXT-ADDR", "PORT", "TARGET", "TO-PORT", "NOW", "IFACE",
                           "OWNER"]))
+    return EXIT_OK
+
+
+async def run_overlay(s: Session, args: argparse.Namespace) -> int:
+    if args.ov_cmd in ("add-peer", "remove-peer"):
+        add = args.ov_cmd == "add-peer"
+        await s.run(lambda c: c.set_peer(args.network, args.address, add))
+        if args.json:
+            print(json.dumps({"network": args.network, "peer": args.address,
+                              "added" if add else "removed": True}))
+        else:
+            print(f"{'Added' if add else 'Removed'} peer {args.address} "
+                  f"{'to' if add else 'from'} {args.network}'s overlay.")
+        return EXIT_OK
+    d = await s.run(lambda c: c.get_network(args.network))
+    ov = d.get("overlay")
+    if ov is None:
+        raise Usage(f"the network '{args.network}' has no overlay.")
+    state = d.get("overlay-state", {})
+    if args.json:
+        print(json.dumps({"overlay": ov, "state": state}, indent=2))
+        return EXIT_OK
+    print(f"{args.network}: VNI {ov['vni']}, {ov['role']}, {ov['control']} control, "
+          f"local {ov['local']}, UDP port {ov.get('port', 4789)}")
+    if "device" in state:
+        print(f"  device {state['device']}, MTU {state['mtu']} ({state['mtu-source']})")
+    print(f"  peers: {', '.join(ov['peers']) or '(none)'}")
+    for e in state.get("fdb", []):
+        print(f"  fdb {e['mac']} -> {e['dst']} ({e['how']})")
+    evpn = state.get("evpn")
+    if evpn:
+        for ip, st in sorted(evpn.get("peers", {}).items()):
+            print(f"  bgp {ip}: {st}")
+        if "frr" in evpn:
+            print(f"  frr: {evpn['frr']}")
+    if d.get("state") != "running":
+        print("  (not running)")
     return EXIT_OK
 
 
@@ -929,7 +1020,9 @@ def is_compat(argv: list[str]) -> bool:
         return False
     takes_value = {"-n", "--taps", "--mode", "--subnet", "--subnet6", "--mtu", "--user",
                    "--group", "--dhcp", "--dhcp-start", "--dhcp-end", "--domain",
-                   "--bus-address", "--br", "--routed-with", "--vde-ports", "--if"}
+                   "--bus-address", "--br", "--routed-with", "--vde-ports", "--if", "--vni",
+                   "--local", "--peer", "--underlay-dev", "--vxlan-port", "--role",
+                   "--control", "--asn"}
     skip = False
     for a in argv:
         if skip:

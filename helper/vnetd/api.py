@@ -147,6 +147,16 @@ METHODS: tuple[Method, ...] = (
            "The network's forwards, with their owner's uid and the address each VM-name "
            "target resolves to now.",
            details=("network",)),
+    Method(MANAGER, "AddPeer", _a("network:s", "address:s"), (), MANAGE,
+           "Add a host to the network's VXLAN overlay, live and stored: with static control "
+           "its address joins the flood list (bridge fdb append 00:00:00:00:00:00 dst "
+           "ADDRESS); with EVPN it becomes a BGP neighbour. Refused for the host's own local "
+           "address, another address family, or a peer already listed.",
+           details=("network",)),
+    Method(MANAGER, "RemovePeer", _a("network:s", "address:s"), (), MANAGE,
+           "Take a host out of the network's VXLAN overlay, live and stored: no more frames "
+           "are flooded to it (static) or its BGP session ends (EVPN).",
+           details=("network",)),
     Method(NETWORK, "GetInfo", (), _a("network:a{sv}"), INFO,
            "This network, as Manager.GetNetwork returns it."),
     Method(NETWORK, "Start", (), (), MANAGE, "Start this network."),

@@ -153,6 +153,8 @@ class Service:
             (api.MANAGER, "Leases"): self.leases,
             (api.MANAGER, "AddForward"): self.add_forward,
             (api.MANAGER, "RemoveForward"): self.remove_forward,
+            (api.MANAGER, "AddPeer"): self.add_peer,
+            (api.MANAGER, "RemovePeer"): self.remove_peer,
             (api.MANAGER, "ListForwards"): self.list_forwards,
             (api.NETWORK, "GetInfo"): self.get_network,
             (api.NETWORK, "Start"): self.start,
@@ -495,6 +497,13 @@ class Service:
 
     async def remove_forward(self, caller: Caller, network: str, spec: dict[str, Any]) -> None:
         await self.engine.remove_forward(network, spec)
+
+    # --- VXLAN overlay ------------------------------------------------------------------
+    async def add_peer(self, caller: Caller, network: str, address: str) -> None:
+        await self.engine.set_peer(network, address, add=True)
+
+    async def remove_peer(self, caller: Caller, network: str, address: str) -> None:
+        await self.engine.set_peer(network, address, add=False)
 
     async def list_forwards(self, caller: Caller, network: str) -> Any:
         return [to_asv(d) for d in self.engine.list_forwards(network)]

@@ -24,6 +24,7 @@ from typing import Any
 
 from . import macs as macs_mod
 from . import model
+from . import overlay as overlay_mod
 from .backends import tap as tapdev
 from .backends.links import Link, Links
 from .backends.supervisor import reap
@@ -38,6 +39,7 @@ from .errors import (
     QuotaExceeded,
     VnetError,
 )
+from .evpn import Evpn
 from .firewall import Firewall
 from .macs import MacRegistry
 from .model import Network
@@ -77,7 +79,8 @@ def _who(uid: int) -> str:
 class Engine:
     def __init__(self, store: Store, links: Links, max_ports_per_user: int = 64,
                  max_networks_per_user: int = 8, max_forwards_per_user: int = 64,
-                 max_macs_per_network: int = macs_mod.DEFAULT_LIMIT):
+                 max_macs_per_network: int = macs_mod.DEFAULT_LIMIT,
+                 frr_pathspace: str | None = None):
         self.store = store
         self.links = links
         self.max_networks_per_user = max_networks_per_user
@@ -93,6 +96,7 @@ class Engine:
         self.firewall = Firewall(self)
         self.fwd_index = model.ForwardIndex()
         self.vde = VdeSwitches(store.runtime_dir)
+        self.evpn = Evpn(store.runtime_dir, frr_pathspace)
         self.ports.listeners.append(self._port_event)
         self.dhcp.listeners.append(self._lease_event)
         self.defs: dict[str, Network] = {}
@@ -163,7 +167,8 @@ class Engine:
         others = [lk for lk in ours if lk.kind != "bridge"]
         for lk in others:
             net = self.defs.get(model.network_of_alias(lk.alias) or "")
-            if net is not None and lk.ifname in net.tap_names:
+            if net is not None and (lk.ifname in net.tap_names or (
+                    net.overlay is not None and lk.ifname == net.overlay.ifname)):
                 continue
             if net is not None and await self.ports.adopt(lk):
                 continue
@@ -203,6 +208,13 @@ class Engine:
 
     async def _ensure_running(self, net: Network, bridge: Link) -> None:
         """Make an adopted network match its definition (idempotent)."""
+        if net.overlay is not None:
+            underlay, net = await self._underlay(net)
+            self.defs[net.name] = net
+            vx = await self.links.get(net.overlay.ifname)
+            if vx is None:
+                raise NotFound(f"The VXLAN device {net.overlay.ifname} is gone.")
+            await self._overlay_plumbing(net, bridge.index, vx)
         if bridge.mtu != net.mtu and net.mode != "bridged":
             await self.links.set(bridge.index, mtu=net.mtu)
         if net.mode == "bridged":  # finish a move a crash may have cut short
@@ -241,6 +253,7 @@ class Engine:
 
     def summary(self, net: Network) -> dict[str, Any]:
         d = net.to_dict()
+        d["mtu"] = net.mtu
         d["owner"] = net.owner
         d["state"] = "running" if net.name in self.running else "stopped"
         d["gateway"] = str(net.gateway)
@@ -271,6 +284,8 @@ class Engine:
                            "spoof-drops": counters.get(p.ifname, {}).get("packets", 0)}
                           for p in sorted(self.ports.on_network(net.name),
                                           key=lambda p: p.ifname)]
+            if net.overlay is not None:
+                d["overlay-state"] = await self._overlay_state(net)
             warnings = await asyncio.to_thread(self.firewall.warnings)
             if warnings:
                 d["firewall-warnings"] = warnings
@@ -301,6 +316,7 @@ class Engine:
                 if await self.links.get(tname) is not None:
                     raise Exists(f"An interface named '{tname}' already exists on this host.")
             await self._check_subnets(net)
+            self._check_vni(net)
             for f in net.forwards:
                 clash = self.fwd_index.clash(f)
                 if clash is not None:
@@ -319,6 +335,14 @@ class Engine:
                 self.fwd_index.add(net.name, f)
         self._changed(net.name, "defined")
         return net
+
+    def _check_vni(self, net: Network) -> None:
+        if net.overlay is None:
+            return
+        for other in self.defs.values():
+            if other.name != net.name and other.overlay and other.overlay.vni == net.overlay.vni:
+                raise Exists(f"The VNI {net.overlay.vni} already belongs to network "
+                             f"'{other.name}' on this host: one network per VNI.")
 
     def _check_network_quota(self, uid: int) -> None:
         if uid == 0:
@@ -419,6 +443,8 @@ class Engine:
     def _gateway_ifaces(self, net: Network) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
         if net.mode == "bridged":
             return []  # the bridge carries the NIC's own addresses
+        if net.overlay is not None and net.overlay.is_member:
+            return []  # the gateway host holds the gateway address
         out: list[Any] = [ipaddress.ip_interface(f"{net.gateway}/{net.subnet.prefixlen}")]
         if net.subnet6 is not None:
             out.append(ipaddress.ip_interface(f"{net.gateway6}/{net.subnet6.prefixlen}"))
@@ -453,6 +479,10 @@ class Engine:
         if net.mode == "bridged":
             return await self._start_bridged(net)
         await self._check_subnets(net)
+        underlay = None
+        if net.overlay is not None:
+            underlay, net = await self._underlay(net)
+            self.defs[net.name] = net
         gid = self._tap_gid(net) if net.taps else None
         rb = Rollback()
         try:
@@ -469,6 +499,8 @@ class Engine:
                 if await self.links.get(tname) is not None:
                     raise Exists(f"An interface named '{tname}' already exists on this host.")
                 await self._make_tap(net, tname, br.index, gid, rb)
+            if net.overlay is not None:
+                await self._start_overlay(net, br.index, underlay, rb)
             await self.links.up(br.index)
             await self.vde.start(net)
             await self.dhcp.start(net)
@@ -480,6 +512,115 @@ class Engine:
             await self.vde.stop(net)
             await rb.run()
             raise
+
+    # --- VXLAN overlay ------------------------------------------------------------------
+    async def _underlay(self, net: Network) -> tuple[Link, Network]:
+        """The interface the overlay leaves through (it must hold `local`), and the network
+        with its MTU: the underlay's minus VXLAN's overhead unless the definition says."""
+        ov = net.overlay
+        holder = await self.links.link_of_address(str(ov.local))
+        if holder is None:
+            raise InvalidArgument(
+                f"The overlay's local address {ov.local} is not an address of this host: "
+                "give this host's own underlay address.")
+        dev = holder
+        if ov.dev is not None:
+            dev = await self.links.get(ov.dev)
+            if dev is None:
+                raise NotFound(f"The underlay interface '{ov.dev}' (overlay dev) does not "
+                               "exist on this host.")
+            if dev.index != holder.index:
+                raise InvalidArgument(f"The local address {ov.local} is on '{holder.ifname}', "
+                                      f"not on the underlay interface '{ov.dev}'.")
+        if not dev.up:
+            raise InvalidArgument(f"The underlay interface '{dev.ifname}' is down: the "
+                                  "overlay's peers cannot be reached through it.")
+        if net.mtu_auto:
+            mtu = dev.mtu - ov.overhead
+            if mtu < model.MIN_MTU:
+                raise InvalidArgument(f"The underlay '{dev.ifname}' has MTU {dev.mtu}: too "
+                                      f"small to carry VXLAN ({ov.overhead} bytes overhead).")
+            net = net.with_changes(mtu=mtu)
+        return dev, net
+
+    async def _start_overlay(self, net: Network, bridge: int, dev: Link, rb: Rollback) -> None:
+        ov = net.overlay
+        if await self.links.get(ov.ifname) is not None:
+            raise Exists(f"An interface named '{ov.ifname}' already exists on this host: VNI "
+                         f"{ov.vni} is in use outside qemu-vnet.")
+        with self.store.intent(ov.ifname):
+            vx = await self.links.create_vxlan(
+                ov.ifname, ov.vni, str(ov.local), ov.port,
+                dev.index if ov.dev is not None else None, learning=ov.control == "static",
+                mtu=net.mtu, alias=model.alias_for(net.name))
+        rb.add(f"delete {ov.ifname}", lambda: self.links.delete(vx.index))
+        await self._overlay_plumbing(net, bridge, vx)
+
+    async def _overlay_plumbing(self, net: Network, bridge: int, vx: Link) -> None:
+        """Idempotent: the VXLAN port on the bridge, its flags, and the flood list (static)
+        or the BGP EVPN configuration (evpn)."""
+        ov = net.overlay
+        await self.links.set(vx.index, master=bridge, mtu=net.mtu, state="up")
+        await self.links.vxlan_port_flags(vx.index, evpn=ov.control == "evpn")
+        if ov.control == "static":
+            for peer in ov.peers:
+                await self.links.flood_to(vx.index, str(peer))
+        else:
+            await self.evpn.apply(self._evpn_networks(net))
+
+    def _evpn_networks(self, changed: Network | None = None, gone: str | None = None
+                       ) -> list[Network]:
+        nets = {n: self.defs[n] for n in self.running if n in self.defs}
+        if changed is not None:
+            nets[changed.name] = changed
+        nets.pop(gone or "", None)
+        return [n for _, n in sorted(nets.items())
+                if n.overlay is not None and n.overlay.control == "evpn"]
+
+    async def _overlay_state(self, net: Network) -> dict[str, Any]:
+        ov = net.overlay
+        d: dict[str, Any] = {"device": ov.ifname, "mtu": net.mtu,
+                             "mtu-source": "underlay minus VXLAN overhead" if net.mtu_auto
+                             else "definition"}
+        vx = await self.links.get(ov.ifname)
+        if vx is not None:
+            d["fdb"] = await self.links.fdb(vx.index)
+            d["underlay-mtu"] = net.mtu + ov.overhead if net.mtu_auto else None
+        if ov.control == "evpn":
+            d["evpn"] = await self.evpn.status()
+        return {k: v for k, v in d.items() if v is not None}
+
+    async def set_peer(self, network: str, address: str, add: bool) -> Network:
+        """Add or remove an overlay peer, live: the flood entry (static) or the BGP
+        neighbour (evpn) changes with the stored definition."""
+        async with self.lock:
+            net = self.get(network)
+            if net.overlay is None:
+                raise InvalidArgument(f"The network '{network}' has no overlay: define it with "
+                                      "--vni, --local and --peer.")
+            peer = overlay_mod.parse_address(address, "peer address")
+            ov = net.overlay.with_peer(peer) if add else net.overlay.without_peer(peer)
+            new = net.with_changes(overlay=ov)
+            running = network in self.running
+            vx = await self.links.get(ov.ifname) if running else None
+            if vx is not None:
+                if ov.control == "static":
+                    await self.links.flood_to(vx.index, str(peer), add=add)
+                    if not add:
+                        await self.links.forget_remote(vx.index, str(peer))
+                else:
+                    await self.evpn.apply(self._evpn_networks(new))
+            try:
+                self.store.save(new)
+            except OSError:
+                if vx is not None and ov.control == "static":
+                    await self.links.flood_to(vx.index, str(peer), add=not add)
+                raise
+            self.defs[network] = new
+            if running:
+                await self.firewall.sync_all()  # the VXLAN port takes only the peers
+        self._changed(network, "peers")
+        return new
 
     async def _teardown_bridged(self, net: Network) -> None:
         await self.vde.stop(net)
@@ -587,7 +728,8 @@ class Engine:
     async def _remove_links(self, net: Network) -> None:
         """The network's ports, pre-created taps and bridge: only those carrying its alias."""
         await self.ports.remove_network_ports(net.name)
-        for name in [*net.tap_names, net.bridge]:
+        vx = [net.overlay.ifname] if net.overlay is not None else []
+        for name in [*net.tap_names, *vx, net.bridge]:
             lk = await self.links.get(name)
             if lk is not None and model.network_of_alias(lk.alias) == net.name:
                 await self.links.delete(lk.index)
@@ -595,6 +737,11 @@ class Engine:
     async def _teardown(self, net: Network) -> None:
         if net.mode == "bridged":
             return await self._teardown_bridged(net)
+        if net.overlay is not None and net.overlay.control == "evpn":
+            try:
+                await self.evpn.apply(self._evpn_networks(gone=net.name))
+            except VnetError as e:  # the network goes anyway; show says what FRR has
+                log.error("evpn: %s", e.message)
         await self.dhcp.stop(net.name)
         await self.vde.stop(net)
         await self._remove_links(net)
@@ -777,6 +924,9 @@ class Engine:
         """Add a forward owned by `uid`, within uid's limit."""
         async with self.lock:
             net = self.get(network)
+            if net.overlay is not None and net.overlay.is_member:
+                raise InvalidArgument(f"'{network}' is a member of an overlay here: port "
+                                      "forwards live on the overlay's gateway host.")
             fwd = dataclasses.replace(
                 model.parse_forward(net, model.expand_forward_words(spec)), owner=uid)
             self._check_forward_quota(uid)

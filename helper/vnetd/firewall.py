@@ -133,10 +133,18 @@ class Firewall:
                             target=target, target_port=f.target_port, iface=f.iface)
 
     def _fw_network(self, net: Network) -> fw.FwNetwork:
-        return fw.FwNetwork(name=net.name, mode=net.mode, subnet=net.subnet,
+        ov = net.overlay
+        static = ov is not None and ov.control == "static"
+        # a member host routes nothing for the LAN (the gateway host does): no NAT here, even
+        # for bridged frames that br_netfilter shows to the inet hooks
+        mode = "host-only" if ov is not None and ov.is_member else net.mode
+        return fw.FwNetwork(name=net.name, mode=mode, subnet=net.subnet,
                             gateway=net.gateway, subnet6=net.subnet6, gateway6=net.gateway6,
                             allow_host=net.allow_host, routed_with=net.routed_with,
-                            spoof_protection=net.spoof_protection)
+                            spoof_protection=net.spoof_protection,
+                            overlay_port=ov.port if ov is not None else None,
+                            overlay_peers=tuple(str(p) for p in ov.peers) if static else (),
+                            overlay_evpn=ov is not None and not static)
 
     def _fw_port(self, port: Port) -> fw.FwPort:
         net = self.engine.defs.get(port.network)

@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-macs-per-network", type=_count, default=4096, metavar="N",
                    help="entries (VM NICs) the MAC registry keeps per network; 'vnet-client "
                    "mac forget' frees them (default: %(default)s)")
+    p.add_argument("--frr-pathspace", metavar="NAME",
+                   help="EVPN: talk to the FRR instance started with -N NAME (vtysh -N NAME); "
+                   "default: the system's FRR")
     p.add_argument("--log-level", default=os.environ.get("VNETD_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"vnetd {__version__}")
@@ -80,7 +83,8 @@ async def run(args: argparse.Namespace) -> int:
     engine = Engine(store, links, max_ports_per_user=args.max_ports_per_user,
                     max_networks_per_user=args.max_networks_per_user,
                     max_forwards_per_user=args.max_forwards_per_user,
-                    max_macs_per_network=args.max_macs_per_network)
+                    max_macs_per_network=args.max_macs_per_network,
+                    frr_pathspace=args.frr_pathspace)
     await engine.startup()
 
     if args.bus_address:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import InvalidArgument
+from .overlay import Overlay
 
 IFNAMSIZ = 16  # with the trailing NUL: names of 15 bytes at most
 MAX_IFNAME = IFNAMSIZ - 1
@@ -324,6 +325,8 @@ class Network:
     uplink: str | None = None  # bridged mode: the physical NIC (key "if")
     force: bool = False  # bridged mode: even if the NIC carries the only default route
     owner: int = 0  # the uid that defined it (0: root, or defined before owners were kept)
+    overlay: Overlay | None = None  # VXLAN across hosts ([overlay], overlay.py)
+    mtu_auto: bool = False  # overlay without an explicit mtu: underlay MTU - overhead at start
 
     @property
     def dns_domain(self) -> str:
@@ -355,13 +358,17 @@ class Network:
 
     @property
     def mac(self) -> str:
+        """The bridge's MAC. An overlay's bridges on different hosts are on one LAN, so each
+        host's differs (else a member's bridge would swallow frames for the gateway's)."""
+        if self.overlay is not None:
+            return bridge_mac(f"{self.name}@{self.overlay.local}")
         return bridge_mac(self.name)
 
     # --- construction -------------------------------------------------------------------
     KEYS = ("mode", "subnet", "subnet6", "mtu", "autostart", "taps", "tap-user", "tap-group",
             "dhcp", "dhcp-start", "dhcp-end", "domain", "hosts", "forwards", "allow-host",
             "routed-with", "spoof-protection", "vde", "vde-ports", "vde-switch-args", "if",
-            "force")
+            "force", "overlay")
 
     @classmethod
     def from_options(cls, name: object, options: dict[str, Any],
@@ -411,7 +418,11 @@ class Network:
         tap_group = options.get("tap-group", "vnet")
         if not isinstance(tap_group, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", tap_group):
             raise InvalidArgument(f"'{_printable(tap_group)}' is not a valid group name.")
-        dhcp = options.get("dhcp", "none" if mode == "bridged" else "dnsmasq")
+        overlay = Overlay.from_options(options["overlay"]) if "overlay" in options else None
+        if overlay is not None:
+            overlay_rules(mode, options, overlay)
+        member = overlay is not None and overlay.is_member
+        dhcp = options.get("dhcp", "none" if mode == "bridged" or member else "dnsmasq")
         if dhcp not in DHCP_KINDS:
             raise InvalidArgument(
                 f"Unknown DHCP server '{_printable(dhcp)}': use one of {', '.join(DHCP_KINDS)}."
@@ -443,6 +454,7 @@ class Network:
             vde=_bool(options.get("vde", False), "vde"),
             vde_ports=_int_in(options.get("vde-ports", 32), 2, 1024, "VDE port count"),
             vde_switch_args=_vde_args(options.get("vde-switch-args", [])),
+            overlay=overlay, mtu_auto=overlay is not None and "mtu" not in options,
         )
         if mode == "bridged":
             if not options.get("if"):
@@ -489,7 +501,8 @@ class Network:
         d["subnet"] = str(self.subnet)
         if self.subnet6:
             d["subnet6"] = str(self.subnet6)
-        d["mtu"] = self.mtu
+        if not self.mtu_auto:
+            d["mtu"] = self.mtu
         d["autostart"] = self.autostart
         if self.taps:
             d["taps"] = self.taps
@@ -521,12 +534,29 @@ class Network:
             d["vde-ports"] = self.vde_ports
             if self.vde_switch_args:
                 d["vde-switch-args"] = list(self.vde_switch_args)
+        if self.overlay is not None:
+            d["overlay"] = self.overlay.to_dict()
         if forwards and self.forwards:
             d["forwards"] = [f.to_dict(owner=owner) for f in self.forwards]
         return d
 
     def with_changes(self, **kw: Any) -> Network:
         return replace(self, **kw)
+
+
+def overlay_rules(mode: str, options: dict[str, Any], overlay: Overlay) -> None:
+    """What an [overlay] may go with: a member host only extends the LAN (the gateway host
+    holds the gateway address, DHCP/DNS, NAT and forwards)."""
+    if mode == "bridged":
+        raise InvalidArgument("An overlay extends a nat or host-only network; a bridged "
+                              "network is already on the physical LAN.")
+    if overlay.is_member:
+        if options.get("dhcp", "none") != "none":
+            raise InvalidArgument("A member host of an overlay runs no DHCP: the gateway host "
+                                  "serves the whole LAN (leave --dhcp out).")
+        if options.get("forwards"):
+            raise InvalidArgument("Port forwards live on the overlay's gateway host, not on a "
+                                  "member.")
 
 
 def parse_hosts(subnet: ipaddress.IPv4Network, rows: object) -> tuple[StaticHost, ...]:

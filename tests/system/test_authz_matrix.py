@@ -45,6 +45,8 @@ MATRIX = {
     ("Manager", "AddForward"): ("forward", "sa{sv}", ["vnet2", {"proto": "tcp"}]),
     ("Manager", "RemoveForward"): ("forward", "sa{sv}", ["vnet2", {"proto": "tcp"}]),
     ("Manager", "ListForwards"): ("info", "s", ["vnet2"]),
+    ("Manager", "AddPeer"): ("manage", "ss", ["vnet2", "10.77.0.9"]),
+    ("Manager", "RemovePeer"): ("manage", "ss", ["vnet2", "10.77.0.9"]),
     ("Network", "GetInfo"): ("info", "", []),
     ("Network", "Start"): ("manage", "", []),
     ("Network", "Stop"): ("manage", "", []),

@@ -76,7 +76,7 @@ def test_every_method_has_one_of_the_four_polkit_actions():
 # Methods that change state (GetMac gives out, and remembers, a new MAC). None of them may be
 # open to everyone through 'info'.
 CHANGING = {"Define", "Undefine", "Start", "Stop", "SetAutostart", "Reload", "Attach", "Detach",
-            "ImportMacs", "Enslave", "Release", "GetMac", "ForgetMac"}
+            "ImportMacs", "Enslave", "Release", "GetMac", "ForgetMac", "AddPeer", "RemovePeer"}
 NETWORK_ADMIN = {"Define", "Undefine", "Start", "Stop", "SetAutostart", "Reload"}
 
 

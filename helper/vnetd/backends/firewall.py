@@ -169,6 +169,11 @@ class FwNetwork:
     allow_host: bool = False
     routed_with: tuple[str, ...] = ()  # networks this one may exchange traffic with
     spoof_protection: bool = True
+    # a VXLAN overlay's UDP port accepts only these hosts; evpn: from any host (its VTEPs
+    # come from BGP, not from a list known here)
+    overlay_port: int | None = None
+    overlay_peers: tuple[str, ...] = ()
+    overlay_evpn: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,10 @@ def validate_network(n: FwNetwork) -> None:
         raise ValueError(f"The gateway {n.gateway6} of {n.name} is not in {n.subnet6}.")
     for r in n.routed_with:
         _ifname(r, f"routed_with of {n.name}:")
+    if n.overlay_port is not None:
+        _port(n.overlay_port, "VXLAN port")
+        for peer in n.overlay_peers:
+            ipaddress.ip_address(peer)
 
 
 def validate_forward(f: FwForward) -> None:
@@ -516,6 +525,9 @@ def _inet_sets() -> list[dict]:
         _set_cmd("inet", "intra6", ["ipv6_addr", "ipv6_addr"], flags=["interval"]),
         _set_cmd("inet", "masq4", "ipv4_addr", flags=["interval"]),
         _set_cmd("inet", "masq6", "ipv6_addr", flags=["interval"]),
+        _set_cmd("inet", "vx_ports", "inet_service"),
+        _set_cmd("inet", "vx_peers4", ["ipv4_addr", "inet_service"]),
+        _set_cmd("inet", "vx_peers6", ["ipv6_addr", "inet_service"]),
     ]
     for fam in (4, 6):
         for shape in SHAPES:
@@ -542,6 +554,7 @@ def _inet_chains_and_rules() -> list[dict]:
     c: list[dict] = [
         _chain(f, "input", "input", "filter", PRIO_FILTER),
         _chain(f, "from_bridge"),
+        _chain(f, "from_underlay"),
         _chain(f, "forward", "forward", "filter", PRIO_FILTER),
         _chain(f, "prerouting", "prerouting", "nat", PRIO_DSTNAT),
         _chain(f, "output", "output", "nat", PRIO_DSTNAT),
@@ -553,6 +566,17 @@ def _inet_chains_and_rules() -> list[dict]:
     dnat = _match({"ct": {"key": "status"}}, "dnat", "in")
     # input: decisions only for traffic arriving on our bridges
     c.append(_rule(f, "input", _match(IIF, "@bridges"), _jump("from_bridge")))
+    # VXLAN of static overlays: only from the listed peers (VXLAN itself authenticates
+    # nobody: anyone who can reach the port could inject frames into the LAN)
+    c.append(_rule(f, "input", _match(_pl("udp", "dport"), "@vx_ports"), _jump("from_underlay")))
+    c += [
+        _rule(f, "from_underlay", _match(_cat(_pl("ip", "saddr"), _pl("udp", "dport")),
+                                         "@vx_peers4"), ACCEPT),
+        _rule(f, "from_underlay", _match(_cat(_pl("ip6", "saddr"), _pl("udp", "dport")),
+                                         "@vx_peers6"), ACCEPT),
+        _rule(f, "from_underlay", _counter(), DROP, comment="VXLAN from a host that is not "
+              "a peer"),
+    ]
     c += [
         _rule(f, "from_bridge", est, ACCEPT),
         _rule(f, "from_bridge", _match(_pl("udp", "dport"), {"set": [67, 547]}), ACCEPT,
@@ -660,6 +684,17 @@ def _bridge_chains_and_rules() -> list[dict]:
     ])
 
 
+def _overlay_filters(nets: list[FwNetwork]) -> dict[int, set[str]]:
+    """UDP port -> the hosts that may send VXLAN to it. A port that an EVPN network also
+    uses is not filtered: its VTEPs come from BGP."""
+    out: dict[int, set[str]] = {}
+    evpn = {n.overlay_port for n in nets if n.overlay_evpn}
+    for n in nets:
+        if n.overlay_port is not None and n.overlay_port not in evpn:
+            out.setdefault(n.overlay_port, set()).update(n.overlay_peers)
+    return out
+
+
 def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] = (),
                    ports: Iterable[FwPort] = (), *, fresh: bool = False) -> dict:
     """ONE transaction that (re)creates both tables completely: add table, flush table (or,
@@ -700,6 +735,11 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
             if r in by_name and r != n.name:
                 put("pass", _cat(n.name, r))
                 put("pass", _cat(r, n.name))
+    for port, peers in _overlay_filters(nets).items():
+        put("vx_ports", port)
+        for peer in peers:
+            ip = ipaddress.ip_address(peer)
+            put("vx_peers4" if ip.version == 4 else "vx_peers6", _cat(str(ip), port))
 
     seen_keys: set[str] = set()
     for f in fwds:

@@ -166,6 +166,70 @@ class Links:
         await self.set(link.index, ifalias=alias)
         return link
 
+    # --- VXLAN overlay ------------------------------------------------------------------
+    async def create_vxlan(self, name: str, vni: int, local: str, port: int, dev: int | None,
+                           learning: bool, mtu: int, alias: str) -> Link:
+        kw = {"vxlan_local6" if ":" in local else "vxlan_local": local}
+        if dev is not None:
+            kw["vxlan_link"] = dev
+        try:
+            await self.ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni,
+                                vxlan_port=port, vxlan_learning=int(learning), mtu=mtu, **kw)
+        except NetlinkError as e:
+            raise _failed(f"create VXLAN device {name} (VNI {vni})", e) from None
+        link = await self.get(name)
+        await self.set(link.index, ifalias=alias)
+        return link
+
+    async def vxlan_port_flags(self, index: int, evpn: bool) -> None:
+        """EVPN: the bridge learns nothing on the VXLAN port (bgpd installs remote MACs) and
+        answers ARP/ND for remote hosts itself (neigh_suppress)."""
+        try:
+            await self.ipr.brport("set", index=index, learning=0 if evpn else 1,
+                                  neigh_suppress=1 if evpn else 0)
+        except NetlinkError as e:
+            raise _failed(f"set bridge port flags of interface #{index}", e) from None
+
+    async def flood_to(self, index: int, peer: str, add: bool = True) -> None:
+        """Head-end replication: BUM frames on the VXLAN device go to `peer` too (`bridge fdb
+        append 00:00:00:00:00:00 dev VX dst PEER`). Idempotent both ways."""
+        try:
+            await self.ipr.fdb("append" if add else "del", ifindex=index,
+                               lladdr="00:00:00:00:00:00", dst=peer)
+        except NetlinkError as e:
+            if not add and e.code in (errno.ENOENT, errno.ENODEV):
+                return
+            raise _failed(f"{'add' if add else 'remove'} the flood entry for {peer}", e) from None
+
+    async def forget_remote(self, index: int, peer: str) -> None:
+        """Drop the MACs the VXLAN device learned behind `peer` (a removed peer)."""
+        for e in await self.fdb(index):
+            if e["dst"] == peer and e["mac"] != "00:00:00:00:00:00":
+                try:
+                    await self.ipr.fdb("del", ifindex=index, lladdr=e["mac"], dst=peer)
+                except NetlinkError as err:
+                    if err.code not in (errno.ENOENT, errno.ENODEV):
+                        raise _failed(f"forget {e['mac']} behind {peer}", err) from None
+
+    async def fdb(self, index: int) -> list[dict]:
+        """The VXLAN device's forwarding entries: MAC, remote address, and how it was
+        learned ('static' by vnetd, 'extern' from BGP EVPN, 'learned' from traffic)."""
+        out = []
+        async for m in await self.ipr.fdb("dump", ifindex=index):
+            if m["ifindex"] != index or not m.get("dst"):
+                continue
+            flags = m["flags"]
+            how = "extern" if flags & 0x10 else ("static" if m["state"] & 0x80 else "learned")
+            out.append({"mac": m.get("lladdr"), "dst": m.get("dst"), "how": how})
+        return out
+
+    async def link_of_address(self, ip: str) -> Link | None:
+        """The interface that holds `ip` on this host."""
+        for index, iface in await self.all_addresses():
+            if str(iface.ip) == ip:
+                return await self.get(index=index)
+        return None
+
     async def set(self, index: int, **kw) -> None:
         try:
             await self.ipr.link("set", index=index, **kw)
