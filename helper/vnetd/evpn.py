@@ -39,19 +39,20 @@ class Evpn:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self._vtysh(), *args, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         except FileNotFoundError:
             raise NotRunning("FRR is not installed (no vtysh): EVPN needs FRR's zebra and "
                              "bgpd (apt install frr; bgpd=yes in /etc/frr/daemons).") from None
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError:
             proc.kill()
             await proc.wait()
             raise Failed("vtysh did not answer in time.") from None
         text = out.decode(errors="replace")
         if proc.returncode != 0:
-            raise Failed(f"vtysh failed ({proc.returncode}): {text.strip()[:300]}")
+            why = (text + err.decode(errors="replace")).strip()
+            raise Failed(f"vtysh failed ({proc.returncode}): {why[:300]}")
         return text
 
     async def check(self) -> None:

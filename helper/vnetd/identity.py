@@ -28,6 +28,7 @@ log = logging.getLogger("vnetd")
 DHCP_USER = "vnet-dhcp"
 VDE_USER = "vnet-vde"
 VNET_GROUP = "vnet"
+FRR_GROUP = "frrvty"  # FRR's vty sockets: vtysh applies the EVPN configuration through them
 FALLBACK_USERS = ("dnsmasq", "nobody")
 
 
@@ -64,9 +65,10 @@ def vde_ids(group: str = VNET_GROUP) -> tuple[int, int]:
 def join_child_groups() -> None:
     """Add the children's groups to vnetd's supplementary groups (see the module text)."""
     want = {dhcpd_ids()[1], user_ids(VDE_USER)[1]}
-    g = group_id(VNET_GROUP)
-    if g is not None:
-        want.add(g)
+    for name in (VNET_GROUP, FRR_GROUP):
+        g = group_id(name)
+        if g is not None:
+            want.add(g)
     have = set(os.getgroups())
     if want <= have:
         return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -132,6 +133,54 @@ def wait_until(fn, timeout: float, what: str, step: float = 0.1):
 def ping(guest, addr: str, count: int = 1, wait: int = 1) -> bool:
     r = guest.run("ping", "-c", str(count), "-W", str(wait), addr, timeout=count * wait + 10)
     return r.returncode == 0
+
+
+class Frr:
+    """FRR's zebra and bgpd in a host's namespace, as the system would run them there: one
+    instance per host, told apart by pathspace (-N, sockets in /var/run/frr/<host netns>).
+    bgpd starts with no BGP configuration: the host's vnetd (--frr-pathspace) supplies it."""
+
+    DAEMONS = ("zebra", "bgpd")
+
+    def __init__(self, host: Host):
+        self.host = host
+        self.ns = host.netns
+        self.dir = host.dir / "frr"
+        self.dir.mkdir()
+        sh("chown", "frr:frr", str(self.dir))
+        run = Path("/var/run/frr")
+        if not run.exists():
+            run.mkdir(parents=True)
+            sh("chown", "frr:frr", str(run))
+        for d in self.DAEMONS:
+            conf = self.dir / f"{d}.conf"
+            conf.write_text(f"hostname {self.ns}\nlog file {self.dir}/{d}.log informational\n")
+            sh("chown", "frr:frr", str(conf))
+        for d in self.DAEMONS:
+            host.exec(f"/usr/lib/frr/{d}", "-d", "-N", self.ns, "-F", "traditional", "-P", "0",
+                      "-f", str(self.dir / f"{d}.conf"), "-i", str(self.dir / f"{d}.pid"))
+            wait_until(lambda d=d: (run / self.ns / f"{d}.vty").exists(), 10, f"{d} of {self.ns}")
+
+    def vtysh(self, *commands: str, check: bool = True) -> str:
+        argv = ["vtysh", "-N", self.ns]
+        for c in commands:
+            argv += ["-c", c]
+        return sh(*argv, check=check).stdout
+
+    def stop(self) -> None:
+        for d in reversed(self.DAEMONS):
+            pidfile = self.dir / f"{d}.pid"
+            try:
+                pid = int(pidfile.read_text())
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if self.ns.encode() in f.read():
+                        os.kill(pid, signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (Path("/var/run/frr") / self.ns / "bgpd.vty").exists():
+            time.sleep(0.05)
+        shutil.rmtree(Path("/var/run/frr") / self.ns, ignore_errors=True)
 
 
 def frr_available() -> bool:
