@@ -68,6 +68,21 @@ class Rollback:
         self.steps.clear()
 
 
+def _same(running: Network | None, stored: Network) -> bool:
+    """A definition unchanged by its file (an overlay's computed MTU is not a change)."""
+    if running is not None and running.mtu_auto and stored.mtu_auto:
+        running = running.with_changes(mtu=stored.mtu)
+    return running == stored
+
+
+def _overlay_moved(old: Network, new: Network) -> bool:
+    """Overlay settings that need the VXLAN device made again (all but the peers)."""
+    a, b = old.overlay, new.overlay
+    if a is None or b is None:
+        return a is not b
+    return dataclasses.replace(a, peers=()) != dataclasses.replace(b, peers=())
+
+
 def _who(uid: int) -> str:
     """A user as a sentence names them: 'alice (uid 1000)', or 'uid 1000'."""
     try:
@@ -188,11 +203,13 @@ class Engine:
             except VnetError as e:
                 log.error("reconcile: could not adopt %s (%s); removing it", net.name, e.message)
                 await self._teardown(net)
+        await self._apply_evpn("reconcile")  # once, with every adopted network
         await self._reap_orphan_children()
 
     async def _reap_orphan_children(self) -> None:
         """Servers a crashed vnetd left for networks that are not running (their start was
-        cut short, or they were stopped): a pid file whose process still runs our config."""
+        cut short, or they were stopped): processes whose command line names our config or
+        socket path (found in /proc/*/cmdline); their pid files go too."""
         run = self.store.runtime_dir
         for d in run.iterdir():
             if d.is_dir() and (d / "dnsmasq.conf").exists() and d.name not in self.running:
@@ -209,12 +226,7 @@ class Engine:
     async def _ensure_running(self, net: Network, bridge: Link) -> None:
         """Make an adopted network match its definition (idempotent)."""
         if net.overlay is not None:
-            underlay, net = await self._underlay(net)
-            self.defs[net.name] = net
-            vx = await self.links.get(net.overlay.ifname)
-            if vx is None:
-                raise NotFound(f"The VXLAN device {net.overlay.ifname} is gone.")
-            await self._overlay_plumbing(net, bridge.index, vx)
+            net = await self._ensure_overlay(net, bridge)
         if bridge.mtu != net.mtu and net.mode != "bridged":
             await self.links.set(bridge.index, mtu=net.mtu)
         if net.mode == "bridged":  # finish a move a crash may have cut short
@@ -415,7 +427,13 @@ class Engine:
                 if name not in defs and name in self.running:
                     problems.append(f"{name}: its file is gone but it is running: kept until stopped.")
                     defs[name] = self.defs[name]
-            changed = [n for n in defs if self.defs.get(n) != defs[n]]
+            changed = [n for n in defs if not _same(self.defs.get(n), defs[n])]
+            for name in changed:
+                old = self.defs.get(name)
+                if name in self.running and old is not None and _overlay_moved(old, defs[name]):
+                    problems.append(f"{name}: its overlay settings (other than peers) changed "
+                                    "while it runs: stop and start it to apply them.")
+                    defs[name] = defs[name].with_changes(overlay=old.overlay)
             self.defs = defs
             self.problems = problems
             self._index_forwards()
@@ -423,9 +441,14 @@ class Engine:
                 if name in self.running:
                     lk = await self.links.get(name)
                     if lk is not None:
-                        await self._ensure_running(defs[name], lk)
+                        try:
+                            await self._ensure_running(defs[name], lk)
+                        except VnetError as e:
+                            problems.append(f"{name}: {e.message}")
+                            continue
                         await self.dhcp.stop(name)
-                        await self.dhcp.start(defs[name])
+                        await self.dhcp.start(self.defs[name])
+            await self._apply_evpn("reload")  # also gives back what an FRR restart lost
             await self.firewall.sync_all()  # also re-checks a DOCKER-USER chain
         for name in changed:
             self._changed(name, "reloaded")
@@ -544,29 +567,73 @@ class Engine:
         return dev, net
 
     async def _start_overlay(self, net: Network, bridge: int, dev: Link, rb: Rollback) -> None:
+        vx = await self._create_vx(net, dev)
+        rb.add(f"delete {net.overlay.ifname}", lambda: self.links.delete(vx.index))
+        await self._overlay_plumbing(net, bridge, vx)
+        if net.overlay.control == "evpn":
+            rb.add("withdraw from FRR",
+                   lambda: self.evpn.apply(self._evpn_networks(gone=net.name)))
+            await self.evpn.apply(self._evpn_networks(net))
+
+    async def _create_vx(self, net: Network, dev: Link) -> Link:
         ov = net.overlay
-        if await self.links.get(ov.ifname) is not None:
-            raise Exists(f"An interface named '{ov.ifname}' already exists on this host: VNI "
-                         f"{ov.vni} is in use outside qemu-vnet.")
+        taken = await self.links.get(ov.ifname)
+        if taken is not None:
+            owner = model.network_of_alias(taken.alias)
+            raise Exists(f"An interface named '{ov.ifname}' already exists on this host, so "
+                         f"VNI {ov.vni} is taken" + (f" (by network '{owner}')." if owner else
+                                                      " (not by qemu-vnet)."))
         with self.store.intent(ov.ifname):
-            vx = await self.links.create_vxlan(
+            return await self.links.create_vxlan(
                 ov.ifname, ov.vni, str(ov.local), ov.port,
                 dev.index if ov.dev is not None else None, learning=ov.control == "static",
                 mtu=net.mtu, alias=model.alias_for(net.name))
-        rb.add(f"delete {ov.ifname}", lambda: self.links.delete(vx.index))
-        await self._overlay_plumbing(net, bridge, vx)
+
+    async def _ensure_overlay(self, net: Network, bridge: Link) -> Network:
+        """An adopted overlay network (vnetd restart, reload): kept running through passing
+        trouble (underlay not up yet, FRR restarting), which is reported, not punished by
+        tearing the guests' LAN down. A missing VXLAN device is made again."""
+        try:
+            dev, net = await self._underlay(net)
+        except VnetError as e:
+            dev = None
+            self.problems.append(f"{net.name}: {e.message} (the network keeps running)")
+            log.error("overlay %s: %s", net.name, e.message)
+            if net.mtu_auto:
+                net = net.with_changes(mtu=bridge.mtu)
+        self.defs[net.name] = net
+        vx = await self.links.get(net.overlay.ifname)
+        if vx is None:
+            if dev is None:
+                raise NotFound(f"The VXLAN device {net.overlay.ifname} is gone and cannot be "
+                               "made again without its underlay.")
+            vx = await self._create_vx(net, dev)
+        await self._overlay_plumbing(net, bridge.index, vx)
+        return net
 
     async def _overlay_plumbing(self, net: Network, bridge: int, vx: Link) -> None:
-        """Idempotent: the VXLAN port on the bridge, its flags, and the flood list (static)
-        or the BGP EVPN configuration (evpn)."""
+        """Idempotent: the VXLAN port on the bridge, its flags, and (static) the flood list,
+        exactly the peers: entries for hosts no longer listed are removed."""
         ov = net.overlay
         await self.links.set(vx.index, master=bridge, mtu=net.mtu, state="up")
         await self.links.vxlan_port_flags(vx.index, evpn=ov.control == "evpn")
         if ov.control == "static":
-            for peer in ov.peers:
-                await self.links.flood_to(vx.index, str(peer))
-        else:
-            await self.evpn.apply(self._evpn_networks(net))
+            want = {str(p) for p in ov.peers}
+            for e in await self.links.fdb(vx.index):
+                if e["mac"] == "00:00:00:00:00:00" and e["dst"] not in want:
+                    await self.links.flood_to(vx.index, e["dst"], add=False)
+                    await self.links.forget_remote(vx.index, e["dst"])
+            for peer in sorted(want):
+                await self.links.flood_to(vx.index, peer)
+
+    async def _apply_evpn(self, why: str) -> None:
+        """FRR gets the fragment for the running EVPN networks (after reconcile, on reload):
+        trouble is reported, and the networks keep running."""
+        try:
+            await self.evpn.apply(self._evpn_networks())
+        except VnetError as e:
+            self.problems.append(f"evpn ({why}): {e.message}")
+            log.error("evpn (%s): %s", why, e.message)
 
     def _evpn_networks(self, changed: Network | None = None, gone: str | None = None
                        ) -> list[Network]:
@@ -592,7 +659,8 @@ class Engine:
 
     async def set_peer(self, network: str, address: str, add: bool) -> Network:
         """Add or remove an overlay peer, live: the flood entry (static) or the BGP
-        neighbour (evpn) changes with the stored definition."""
+        neighbour (evpn), the VXLAN filter and the stored definition change together, or
+        nothing does."""
         async with self.lock:
             net = self.get(network)
             if net.overlay is None:
@@ -603,22 +671,32 @@ class Engine:
             new = net.with_changes(overlay=ov)
             running = network in self.running
             vx = await self.links.get(ov.ifname) if running else None
-            if vx is not None:
+
+            async def kernel(n: Network, adding: bool) -> None:
+                if vx is None:
+                    return
                 if ov.control == "static":
-                    await self.links.flood_to(vx.index, str(peer), add=add)
-                    if not add:
-                        await self.links.forget_remote(vx.index, str(peer))
+                    await self.links.flood_to(vx.index, str(peer), add=adding)
                 else:
-                    await self.evpn.apply(self._evpn_networks(new))
+                    await self.evpn.apply(self._evpn_networks(n))
+
+            await kernel(new, add)
             try:
+                self.defs[network] = new
+                if running:
+                    await self.firewall.sync_all()  # the VNI takes only the peers
                 self.store.save(new)
-            except OSError:
-                if vx is not None and ov.control == "static":
-                    await self.links.flood_to(vx.index, str(peer), add=not add)
+            except BaseException:
+                self.defs[network] = net
+                await kernel(net, not add)
+                if running:
+                    await self.firewall.sync_all()
                 raise
-            self.defs[network] = new
-            if running:
-                await self.firewall.sync_all()  # the VXLAN port takes only the peers
+            if vx is not None and ov.control == "static" and not add:
+                try:  # tidying: the MACs learned behind the removed host
+                    await self.links.forget_remote(vx.index, str(peer))
+                except VnetError as e:
+                    log.warning("overlay %s: %s", network, e.message)
         self._changed(network, "peers")
         return new
 

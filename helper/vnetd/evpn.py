@@ -4,18 +4,21 @@ started by the system, not by vnetd; vnetd checks that it is there and says so w
 
 The fragment (backends/frr.py) is the iBGP instance with `address-family l2vpn evpn`,
 `advertise-all-vni` and the networks' peers as neighbours; zebra learns the VNIs from the
-kernel's VXLAN devices on our bridges. Only what vnetd applied is ever removed: the applied
-fragment is kept in the runtime directory, and a change sends FRR the difference.
+kernel's VXLAN devices on our bridges. The applied fragment is kept in the runtime directory:
+a change removes what is no longer wanted and sends the whole fragment again. vnetd removes
+the `router bgp` instance only if it made it; in an instance the admin made, it touches only
+its own neighbours and advertise-all-vni.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from .backends import frr
-from .errors import Failed, NotRunning
+from .errors import Busy, Failed, NotRunning
 from .model import Network
 from .store import atomic_write
 
@@ -76,31 +79,53 @@ class Evpn:
             return None
 
     async def apply(self, networks: list[Network]) -> None:
-        """Make FRR hold exactly the fragment for `networks` (all running EVPN networks)."""
+        """Make FRR hold exactly the fragment for `networks` (all running EVPN networks).
+        The whole fragment is sent each time (idempotent: no session resets), so FRR gets it
+        back after a restart of its own."""
         async with self.lock:
             want = frr.fragment(networks)
             have = self.applied()
-            if want == have:
+            if want is None and have is None:
                 return
             if want is not None:
                 await self.check()
+                want = await self._ownership(have, want)
             commands = frr.diff(have, want)
-            if commands:
-                args: list[str] = []
-                for c in ["configure terminal", *commands]:
-                    args += ["-c", c]
-                try:
-                    await self._run(*args)
-                except NotRunning:
-                    if want is not None:
-                        raise
-            if want is None:
-                self.path.unlink(missing_ok=True)
-                self.state.unlink(missing_ok=True)
-            else:
-                atomic_write(self.path, want.render().encode())
-                atomic_write(self.state, want.dumps().encode())
+            args: list[str] = []
+            for c in ["configure terminal", *commands]:
+                args += ["-c", c]
+            try:
+                await self._run(*args)
+            except NotRunning:
+                if want is not None:
+                    raise
+            except Failed:
+                self._save(frr.merged(have, want))  # a later removal covers what was sent
+                raise
+            self._save(want)
             log.info("evpn: FRR configuration applied (%d command(s))", len(commands))
+
+    async def _ownership(self, have: frr.Fragment | None, want: frr.Fragment) -> frr.Fragment:
+        """vnetd owns the BGP instance only if it made it. An admin's own `router bgp` (an
+        underlay's BGP, say) in the same AS is shared: vnetd then adds and removes only its
+        neighbours and advertise-all-vni, never the instance or its router id."""
+        if have is not None and have.asn == want.asn:
+            return replace(want, owned=have.owned)
+        existing = frr.instances(await self._run("-c", "show running-config", timeout=10))
+        mine = have.asn if have is not None and have.owned else None
+        others = [a for a in existing if a != mine]
+        if others and others != [want.asn]:
+            raise Busy(f"FRR already runs BGP as AS {others[0]}, and FRR allows one BGP "
+                       f"instance: define the EVPN networks with --asn {others[0]}.")
+        return replace(want, owned=not others)
+
+    def _save(self, fragment: frr.Fragment | None) -> None:
+        if fragment is None:
+            self.path.unlink(missing_ok=True)
+            self.state.unlink(missing_ok=True)
+        else:
+            atomic_write(self.path, fragment.render().encode())
+            atomic_write(self.state, fragment.dumps().encode())
 
     async def status(self) -> dict:
         """What bgpd says of its EVPN peers, for `show`."""

@@ -143,6 +143,7 @@ class Firewall:
                             allow_host=net.allow_host, routed_with=net.routed_with,
                             spoof_protection=net.spoof_protection,
                             overlay_port=ov.port if ov is not None else None,
+                            overlay_vni=ov.vni if ov is not None else None,
                             overlay_peers=tuple(str(p) for p in ov.peers) if static else (),
                             overlay_evpn=ov is not None and not static)
 

@@ -47,6 +47,8 @@ def parse_address(value: object, what: str) -> Address:
         addr = ipaddress.ip_address(value)
     except ValueError:
         raise InvalidArgument(f"The {what} '{_text(value)}' is not an IP address.") from None
+    if getattr(addr, "scope_id", None) is not None:
+        raise InvalidArgument(f"The {what} must be a plain address, without a %zone.")
     if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
         raise InvalidArgument(f"The {what} {addr} cannot carry VXLAN: use a unicast address "
                               "of the underlay.")
@@ -115,6 +117,10 @@ class Overlay:
                                   f"{_text(control)}.")
         asn = _int_in(options.get("asn", DEFAULT_ASN), 1, 4294967295, "BGP AS number")
         rr = _bool(options.get("route-reflector", False), "route-reflector")
+        if control == "evpn" and local.version != 4:
+            raise InvalidArgument("EVPN needs an IPv4 underlay: FRR's BGP router id is the "
+                                  "local address and must be IPv4 (a static overlay may use "
+                                  "IPv6).")
         if control == "static" and ("asn" in options or rr):
             raise InvalidArgument("'asn' and 'route-reflector' only apply with "
                                   "control = \"evpn\".")

@@ -21,8 +21,11 @@ if not frr_available():
                 pytrace=False)
 
 
-@pytest.fixture(scope="module")
-def lan(system_services):
+@pytest.fixture(scope="module", params=["mesh", "reflector"])
+def lan(system_services, request):
+    """mesh: every host peers with every other. reflector: A reflects routes; B and C peer
+    with A only, so what B knows of C comes through A."""
+    rr = request.param == "reflector"
     ul = Underlay("10.89.0.0/24")
     hosts = [Host(f"ev{c}") for c in "abc"]
     frrs: list[Frr] = []
@@ -35,10 +38,12 @@ def lan(system_services):
         for i, h in enumerate(hosts):
             args = ["define", NET, "--vni", VNI, "--local", addrs[i], "--control", "evpn"]
             for j, a in enumerate(addrs):
-                if j != i:
+                if j != i and not (rr and i and j):
                     args += ["--peer", a]
             if i:
                 args += ["--role", "member"]
+            elif rr:
+                args += ["--route-reflector"]
             r = h.client(*args)
             assert r.returncode == 0, r.stderr
             r = h.client("start", NET)
@@ -61,8 +66,10 @@ def sessions(host) -> dict[str, str]:
 
 
 def established(hosts) -> bool:
-    return all(len(sessions(h)) == 2 and set(sessions(h).values()) == {"Established"}
-               for h in hosts)
+    """Every host's sessions (2 for A, and 2 or 1 for B and C) are up."""
+    states = [sessions(h) for h in hosts]
+    return (len(states[0]) == 2 and all(s and set(s.values()) == {"Established"}
+                                        for s in states))
 
 
 def remote_macs(host) -> dict[str, str]:
@@ -133,3 +140,53 @@ def test_without_frr_start_says_so_and_leaves_nothing(system_services):
     finally:
         h.close()
         ul.close()
+
+
+def peer_uptimes(frr: Frr) -> dict[str, int]:
+    d = json.loads(frr.vtysh("show bgp l2vpn evpn summary json"))
+    return {ip: p.get("peerUptimeMsec", 0) for ip, p in d.get("peers", {}).items()}
+
+
+def test_a_vnetd_restart_does_not_reset_bgp_sessions(lan):
+    hosts, _, _, frrs = lan
+    wait_until(lambda: established(hosts), 30, "all BGP sessions to be established")
+    before = peer_uptimes(frrs[0])
+    hosts[0].kill()
+    hosts[0].start(["--frr-pathspace", hosts[0].netns])
+    after = peer_uptimes(frrs[0])
+    assert after.keys() == before.keys()
+    assert all(after[ip] >= before[ip] for ip in before), (before, after)
+
+
+def test_reload_gives_back_what_an_frr_restart_lost(lan):
+    hosts, _, _, frrs = lan
+    frrs[2].vtysh("configure terminal", "no router bgp 65000")  # as if FRR had restarted
+    assert "router bgp" not in frrs[2].vtysh("show running-config")
+    r = hosts[2].client("reload")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "advertise-all-vni" in frrs[2].vtysh("show running-config")
+    wait_until(lambda: established(hosts), 30, "C's sessions to come back")
+
+
+def test_an_admins_bgp_instance_is_shared_not_taken_over(lan):
+    """vnetd adds only its neighbours and advertise-all-vni to an instance it did not make,
+    and removes only those."""
+    hosts, _, _, frrs = lan
+    c, fc = hosts[2], frrs[2]
+    c.client("stop", NET, check=True)
+    assert "router bgp" not in fc.vtysh("show running-config")
+    fc.vtysh("configure terminal", "router bgp 65000", "bgp router-id 10.89.0.99",
+             "neighbor 192.0.2.1 remote-as 65000")
+    try:
+        c.client("start", NET, check=True)
+        running = fc.vtysh("show running-config")
+        assert "advertise-all-vni" in running and "bgp router-id 10.89.0.99" in running
+        wait_until(lambda: established(hosts), 30, "C's sessions with the admin's instance")
+        c.client("stop", NET, check=True)
+        running = fc.vtysh("show running-config")
+        assert "router bgp 65000" in running and "neighbor 192.0.2.1 remote-as" in running
+        assert "advertise-all-vni" not in running and lan[2][0] not in running
+    finally:
+        fc.vtysh("configure terminal", "no router bgp 65000")
+        c.client("start", NET, check=True)
+    wait_until(lambda: established(hosts), 30, "C back")

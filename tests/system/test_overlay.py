@@ -180,3 +180,44 @@ def test_unreachable_underlay_is_refused_at_start_and_leaves_nothing(lan):
     assert a.link_names() == links
     r = a.client("overlay", "add-peer", NET, addr)
     assert r.returncode != 0 and "own local address" in r.stderr
+
+
+def test_a_vm_moving_between_hosts_keeps_its_mac(lan, tmp_path):
+    """The registry is keyed by network and VM: exported on A and imported on B, a VM that
+    moves keeps the MACs of all its NICs."""
+    a, b = lan[0][0], lan[0][1]
+    macs = {}
+    for nic in (0, 1):
+        macs[nic] = a.client("mac", "--br", NET, "--vm", "mover", "--nic", str(nic),
+                             check=True).stdout.strip()
+    export = tmp_path / "vnet7.macs"
+    export.write_text(a.client("mac", "export", NET, check=True).stdout)
+    r = b.client("mac", "import", NET, str(export))
+    assert r.returncode == 0, r.stderr
+    for nic in (0, 1):
+        got = b.client("mac", "--br", NET, "--vm", "mover", "--nic", str(nic),
+                       check=True).stdout.strip()
+        assert got == macs[nic]
+
+
+def test_reload_applies_peers_edited_in_the_file(lan):
+    hosts, _, addrs, *_ = lan
+    a = hosts[0]
+    path = a.config_dir / "networks" / f"{NET}.toml"
+    original = path.read_text()
+    try:
+        path.write_text(original.replace(f'"{addrs[2]}"', "").replace(", ]", "]")
+                        .replace("[, ", "["))
+        r = a.client("reload")
+        assert r.returncode == 0, r.stdout + r.stderr
+        flood = {e["dst"] for e in json.loads(a.exec("bridge", "-j", "fdb", "show", "dev",
+                                                       f"vx{VNI}").stdout)
+                 if e["mac"] == "00:00:00:00:00:00"}
+        assert flood == {addrs[1]}
+    finally:
+        path.write_text(original)
+        a.client("reload", check=True)
+    flood = {e["dst"] for e in json.loads(a.exec("bridge", "-j", "fdb", "show", "dev",
+                                                   f"vx{VNI}").stdout)
+             if e["mac"] == "00:00:00:00:00:00"}
+    assert flood == {addrs[1], addrs[2]}

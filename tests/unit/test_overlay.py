@@ -91,12 +91,13 @@ def test_peer_changes():
 
 
 # --- the firewall's VXLAN filter ------------------------------------------------------------
-def _fwnet(name, subnet, port=None, peers=(), evpn=False):
+def _fwnet(name, subnet, port=None, peers=(), evpn=False, vni=5007):
     from vnetd.backends import firewall as fw
 
     net = ipaddress.ip_network(subnet)
     return fw.FwNetwork(name=name, mode="nat", subnet=net, gateway=net[1], overlay_port=port,
-                        overlay_peers=tuple(peers), overlay_evpn=evpn)
+                        overlay_vni=vni if port else None, overlay_peers=tuple(peers),
+                        overlay_evpn=evpn)
 
 
 def _elements(cmd, name):
@@ -104,25 +105,37 @@ def _elements(cmd, name):
             and c["add"]["element"]["name"] == name for e in c["add"]["element"]["elem"]]
 
 
-def test_static_overlay_port_accepts_only_peers():
+def _underlay_rules(cmd):
+    return [c["add"]["rule"]["expr"] for c in cmd["nftables"] if "add" in c
+            and "rule" in c["add"] and c["add"]["rule"]["chain"] == "from_underlay"]
+
+
+def test_each_vni_is_accepted_only_from_its_own_peers():
     from vnetd.backends import firewall as fw
 
-    cmd = fw.render_ruleset([_fwnet("vnet7", "172.16.17.0/24", 4789, ["10.88.0.2"]),
-                             _fwnet("vnet8", "172.16.18.0/24", 4789, ["10.88.0.3"]),
-                             _fwnet("vnet9", "172.16.19.0/24", 8472, ["fd88::2"])])
+    cmd = fw.render_ruleset([_fwnet("vnet7", "172.16.17.0/24", 4789, ["10.88.0.2"], vni=7),
+                             _fwnet("vnet8", "172.16.18.0/24", 4789, ["10.88.0.3"], vni=8),
+                             _fwnet("vnet9", "172.16.19.0/24", 8472, ["fd88::2"], vni=9)])
     assert sorted(_elements(cmd, "vx_ports")) == [4789, 8472]
-    assert {e["concat"][0] for e in _elements(cmd, "vx_peers4")} == {"10.88.0.2", "10.88.0.3"}
-    assert _elements(cmd, "vx_peers6") == [{"concat": ["fd88::2", 8472]}]
-    text = repr(cmd)
-    assert "from_underlay" in text and "not a peer" in text
+    rules = _underlay_rules(cmd)
+    assert len(rules) == 4 and "drop" in rules[-1][-1]
+    by_vni = {r[1]["match"]["right"]: r for r in rules[:-1]}
+    assert by_vni[7][2]["match"]["right"] == {"set": ["10.88.0.2"]}
+    assert by_vni[8][2]["match"]["right"] == {"set": ["10.88.0.3"]}  # not vnet7's peer
+    assert by_vni[9][2]["match"]["left"] == {"payload": {"protocol": "ip6", "field": "saddr"}}
 
 
-def test_evpn_on_a_port_leaves_it_unfiltered():
+def test_an_evpn_vni_is_open_but_a_static_one_on_the_same_port_stays_filtered():
     from vnetd.backends import firewall as fw
 
-    cmd = fw.render_ruleset([_fwnet("vnet7", "172.16.17.0/24", 4789, ["10.88.0.2"]),
-                             _fwnet("vnet8", "172.16.18.0/24", 4789, evpn=True)])
-    assert _elements(cmd, "vx_ports") == []
+    cmd = fw.render_ruleset([_fwnet("vnet7", "172.16.17.0/24", 4789, ["10.88.0.2"], vni=7),
+                             _fwnet("vnet8", "172.16.18.0/24", 4789, evpn=True, vni=8)])
+    rules = _underlay_rules(cmd)
+    assert len(rules) == 3
+    assert rules[0][2]["match"]["right"] == {"set": ["10.88.0.2"]}
+    assert rules[1][1]["match"]["right"] == 8 and "accept" in rules[1][-1]
+    with pytest.raises(ValueError, match="zone"):
+        fw.render_ruleset([_fwnet("vnet7", "172.16.17.0/24", 4789, ["fe80::1%eth0"])])
 
 
 # --- FRR fragment ----------------------------------------------------------------------------
@@ -148,20 +161,43 @@ def test_frr_fragment_and_commands():
     assert frr.fragment([]) is None
 
 
-def test_frr_diff_is_incremental_for_neighbours():
+def test_frr_diff_removes_what_went_and_resends_the_whole_fragment():
     from vnetd.backends import frr
 
     a = frr.Fragment(65000, "10.88.0.2", ("10.88.0.1", "10.88.0.3"))
     b = frr.Fragment(65000, "10.88.0.2", ("10.88.0.1", "10.88.0.4"))
     cmds = frr.diff(a, b)
-    assert cmds[0] == "router bgp 65000" and " no neighbor 10.88.0.3" in cmds
-    assert " neighbor 10.88.0.4 remote-as 65000" in cmds and "  neighbor 10.88.0.4 activate" in cmds
-    assert not any("10.88.0.1" in c for c in cmds)
-    assert frr.diff(a, a) == []
+    assert cmds[:2] == ["router bgp 65000", " no neighbor 10.88.0.3"]
+    assert cmds[2:] == b.commands()  # idempotent: an FRR that lost it gets it all back
+    assert frr.diff(a, a) == a.commands()
     assert frr.diff(a, None) == ["no router bgp 65000"]
     assert frr.diff(None, a) == a.commands()
+    assert frr.diff(None, None) == []
     c = frr.Fragment(65001, "10.88.0.2", ("10.88.0.1",))
     assert frr.diff(a, c)[0] == "no router bgp 65000" and "router bgp 65001" in frr.diff(a, c)
+
+
+def test_frr_fragment_in_an_admins_instance_leaves_the_instance_alone():
+    from vnetd.backends import frr
+
+    f = frr.Fragment(65000, "10.88.0.2", ("10.88.0.1",), owned=False)
+    assert not any("router-id" in c or "default ipv4-unicast" in c for c in f.commands())
+    assert f.removal() == ["router bgp 65000", " no neighbor 10.88.0.1",
+                           " address-family l2vpn evpn", "  no advertise-all-vni",
+                           " exit-address-family"]
+    assert frr.Fragment.parse(f.dumps()) == f
+    assert frr.instances("router bgp 65000\n neighbor x\nrouter bgp 65001 vrf red\n") == [65000]
+    have = frr.Fragment(65000, "10.88.0.2", ("10.88.0.1",), owned=False)
+    want = frr.Fragment(65000, "10.88.0.2", ("10.88.0.3",))
+    assert frr.merged(have, want).neighbors == ("10.88.0.1", "10.88.0.3")
+    assert frr.merged(have, want).owned is False
+
+
+def test_frr_refuses_addresses_that_could_carry_commands():
+    from vnetd.backends import frr
+
+    with pytest.raises(InvalidArgument):
+        frr.Fragment(65000, "10.88.0.2", ("fe80::1%x\nip route 0.0.0.0/0 1.1.1.1",))
 
 
 def test_frr_fragment_refuses_mixed_instances():
@@ -199,3 +235,15 @@ def test_member_rules():
     assert a.mac != b.mac  # each host's bridge differs on the shared LAN
     assert "mtu" not in a.to_dict()
     assert Network.from_options("vnet7", {"mtu": 1400, "overlay": BASE}).to_dict()["mtu"] == 1400
+
+
+@pytest.mark.parametrize("bad", ["fe80::1%eth0", "2001:db8::2%x peer-group\n exit\nip route 0.0.0.0/0 1.1.1.1"])
+def test_zoned_addresses_are_refused(bad):
+    """A %zone may carry any text, newlines included: it must never reach vtysh or nft."""
+    with pytest.raises(InvalidArgument, match="zone|not an IP address"):
+        ov(local="fd00::1", peers=[bad])
+
+
+def test_evpn_needs_an_ipv4_underlay():
+    with pytest.raises(InvalidArgument, match="IPv4"):
+        ov(local="fd00::1", control="evpn")

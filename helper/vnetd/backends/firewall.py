@@ -169,9 +169,10 @@ class FwNetwork:
     allow_host: bool = False
     routed_with: tuple[str, ...] = ()  # networks this one may exchange traffic with
     spoof_protection: bool = True
-    # a VXLAN overlay's UDP port accepts only these hosts; evpn: from any host (its VTEPs
-    # come from BGP, not from a list known here)
+    # a VXLAN overlay: its VNI on its UDP port is accepted only from these hosts; evpn: from
+    # any host (its VTEPs come from BGP, not from a list known here)
     overlay_port: int | None = None
+    overlay_vni: int | None = None
     overlay_peers: tuple[str, ...] = ()
     overlay_evpn: bool = False
 
@@ -247,7 +248,11 @@ def validate_network(n: FwNetwork) -> None:
         _ifname(r, f"routed_with of {n.name}:")
     if n.overlay_port is not None:
         _port(n.overlay_port, "VXLAN port")
+        if not isinstance(n.overlay_vni, int) or not 1 <= n.overlay_vni <= 0xFFFFFF:
+            raise ValueError(f"{n.name}: the VNI {n.overlay_vni!r} is not 1..16777215.")
         for peer in n.overlay_peers:
+            if "%" in peer:
+                raise ValueError(f"{n.name}: the peer {peer!r} has a zone.")
             ipaddress.ip_address(peer)
 
 
@@ -526,8 +531,6 @@ def _inet_sets() -> list[dict]:
         _set_cmd("inet", "masq4", "ipv4_addr", flags=["interval"]),
         _set_cmd("inet", "masq6", "ipv6_addr", flags=["interval"]),
         _set_cmd("inet", "vx_ports", "inet_service"),
-        _set_cmd("inet", "vx_peers4", ["ipv4_addr", "inet_service"]),
-        _set_cmd("inet", "vx_peers6", ["ipv6_addr", "inet_service"]),
     ]
     for fam in (4, 6):
         for shape in SHAPES:
@@ -566,17 +569,9 @@ def _inet_chains_and_rules() -> list[dict]:
     dnat = _match({"ct": {"key": "status"}}, "dnat", "in")
     # input: decisions only for traffic arriving on our bridges
     c.append(_rule(f, "input", _match(IIF, "@bridges"), _jump("from_bridge")))
-    # VXLAN of static overlays: only from the listed peers (VXLAN itself authenticates
-    # nobody: anyone who can reach the port could inject frames into the LAN)
+    # VXLAN to our overlays' ports: from_underlay accepts each VNI from its peers only
+    # (rules per network, render_ruleset); anything else to those ports is dropped
     c.append(_rule(f, "input", _match(_pl("udp", "dport"), "@vx_ports"), _jump("from_underlay")))
-    c += [
-        _rule(f, "from_underlay", _match(_cat(_pl("ip", "saddr"), _pl("udp", "dport")),
-                                         "@vx_peers4"), ACCEPT),
-        _rule(f, "from_underlay", _match(_cat(_pl("ip6", "saddr"), _pl("udp", "dport")),
-                                         "@vx_peers6"), ACCEPT),
-        _rule(f, "from_underlay", _counter(), DROP, comment="VXLAN from a host that is not "
-              "a peer"),
-    ]
     c += [
         _rule(f, "from_bridge", est, ACCEPT),
         _rule(f, "from_bridge", _match(_pl("udp", "dport"), {"set": [67, 547]}), ACCEPT,
@@ -684,14 +679,30 @@ def _bridge_chains_and_rules() -> list[dict]:
     ])
 
 
-def _overlay_filters(nets: list[FwNetwork]) -> dict[int, set[str]]:
-    """UDP port -> the hosts that may send VXLAN to it. A port that an EVPN network also
-    uses is not filtered: its VTEPs come from BGP."""
-    out: dict[int, set[str]] = {}
-    evpn = {n.overlay_port for n in nets if n.overlay_evpn}
+VNI = {"payload": {"base": "th", "offset": 96, "len": 24}}  # the VXLAN header's VNI field
+
+
+def _overlay_rules(nets: list[FwNetwork]) -> list[dict]:
+    """from_underlay: a static overlay's VNI only from its peers (VXLAN authenticates nobody:
+    whoever reaches the port could otherwise inject frames into the LAN, or into another
+    network's VNI on the same port); an EVPN overlay's VNI from anyone (its VTEPs come from
+    BGP). Then drop the rest."""
+    out = []
     for n in nets:
-        if n.overlay_port is not None and n.overlay_port not in evpn:
-            out.setdefault(n.overlay_port, set()).update(n.overlay_peers)
+        if n.overlay_port is None:
+            continue
+        head = [_match(_pl("udp", "dport"), n.overlay_port), _match(VNI, n.overlay_vni)]
+        if n.overlay_evpn:
+            out.append(_rule("inet", "from_underlay", *head, ACCEPT, comment=f"{n.name} evpn"))
+            continue
+        for fam, proto in ((4, "ip"), (6, "ip6")):
+            peers = sorted(p for p in n.overlay_peers if ipaddress.ip_address(p).version == fam)
+            if peers:
+                out.append(_rule("inet", "from_underlay", *head,
+                                 _match(_pl(proto, "saddr"), {"set": peers}), ACCEPT,
+                                 comment=f"{n.name} peers"))
+    out.append(_rule("inet", "from_underlay", _counter(), DROP,
+                     comment="VXLAN from a host that is not a peer"))
     return out
 
 
@@ -735,11 +746,8 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
             if r in by_name and r != n.name:
                 put("pass", _cat(n.name, r))
                 put("pass", _cat(r, n.name))
-    for port, peers in _overlay_filters(nets).items():
+    for port in sorted({n.overlay_port for n in nets if n.overlay_port is not None}):
         put("vx_ports", port)
-        for peer in peers:
-            ip = ipaddress.ip_address(peer)
-            put("vx_peers4" if ip.version == 4 else "vx_peers6", _cat(str(ip), port))
 
     seen_keys: set[str] = set()
     for f in fwds:
@@ -783,6 +791,7 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
     for s in _inet_sets():
         cmds += _with_flush("inet", s, fresh)
     cmds += _inet_chains_and_rules()
+    cmds += _overlay_rules(nets)
     for name in sorted(el):
         cmds.append(_elements("add", "inet", name, _sorted(el[name])))
     cmds += _table_head("bridge", fresh)

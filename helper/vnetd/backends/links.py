@@ -178,7 +178,11 @@ class Links:
         except NetlinkError as e:
             raise _failed(f"create VXLAN device {name} (VNI {vni})", e) from None
         link = await self.get(name)
-        await self.set(link.index, ifalias=alias)
+        try:
+            await self.set(link.index, ifalias=alias)
+        except BaseException:  # without its alias no reconcile would ever recognise it
+            await self.delete(link.index)
+            raise
         return link
 
     async def vxlan_port_flags(self, index: int, evpn: bool) -> None:
