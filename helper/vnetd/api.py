@@ -70,8 +70,9 @@ METHODS: tuple[Method, ...] = (
     Method(MANAGER, "Define", _a("name:s", "options:a{sv}"), _a("network:o"), MANAGE,
            "Define a network. Options (the TOML keys): mode, subnet, subnet6, mtu, autostart, "
            "taps, tap-user, tap-group, dhcp, dhcp-start, dhcp-end, domain, hosts, forwards, "
-           "allow-host, routed-with, spoof-protection, vde, vde-ports, vde-switch-args. The "
-           "caller owns the network and its forwards (not an option: 'owner' is refused); "
+           "allow-host, routed-with, spoof-protection, vde, vde-ports, vde-switch-args, if and "
+           "force (bridged mode), overlay (a{sv}: vni, local, peers, dev, port, role, control, "
+           "asn, route-reflector; docs/overlay.md). The caller owns the network and its forwards (not an option: 'owner' is refused); "
            "other than root, one user owns at most vnetd's --max-networks-per-user networks."),
     Method(MANAGER, "ExportDefinition", _a("name:s"), _a("toml:s"), INFO,
            "The network's definition as TOML (forwards inline, owners left out): 'define "
