@@ -449,10 +449,10 @@ class Service:
         return [to_asv(p.to_dict()) for p in sorted(ports, key=lambda p: p.ifname)]
 
     async def get_mac(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
-        return self.engine.get_mac(network, vm, nic)
+        return self.engine.get_mac(network, vm, nic, caller.uid)
 
     async def vde_socket(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
-        sock, mac = await asyncio.to_thread(self.engine.vde_socket, network, vm, nic)
+        sock, mac = await asyncio.to_thread(self.engine.vde_socket, network, vm, nic, caller.uid)
         return Reply(sock, mac)
 
     async def export_ether_conf(self, caller: Caller, network: str) -> Any:

@@ -95,6 +95,8 @@ class Engine:
     def __init__(self, store: Store, links: Links, max_ports_per_user: int = 64,
                  max_networks_per_user: int = 8, max_forwards_per_user: int = 64,
                  max_macs_per_network: int = macs_mod.DEFAULT_LIMIT,
+                 max_macs: int = macs_mod.DEFAULT_TOTAL,
+                 max_macs_per_user: int = macs_mod.DEFAULT_PER_USER,
                  frr_pathspace: str | None = None):
         self.store = store
         self.links = links
@@ -104,6 +106,9 @@ class Engine:
             store.load_json(MacRegistry.FILE, {}, valid=macs_mod.valid),
             lambda data: store.save_json(MacRegistry.FILE, data),
             limit=max_macs_per_network,
+            creators=store.load_json(MacRegistry.CREATORS, {}, valid=macs_mod.valid_creators),
+            save_creators=lambda data: store.save_json(MacRegistry.CREATORS, data),
+            total_limit=max_macs, per_user=max_macs_per_user,
         )
         self.ports = Ports(links, self.macs, store, max_ports_per_user)
         self.dhcp = DhcpServers(store.runtime_dir, store.state_dir,
@@ -886,9 +891,9 @@ class Engine:
                                  state="up")
             return net.name
 
-    def get_mac(self, network: str, vm: str, nic: int) -> str:
+    def get_mac(self, network: str, vm: str, nic: int, uid: int = 0) -> str:
         self.get(network)
-        return self.macs.get(network, vm, nic)
+        return self.macs.get(network, vm, nic, uid)
 
     def export_macs(self, network: str) -> dict[str, str]:
         self.get(network)
@@ -1076,7 +1081,7 @@ class Engine:
         """A forward as callers see it: its table, with its owner even when that is root."""
         return {**f.to_dict(), "owner": f.owner}
 
-    def vde_socket(self, network: str, vm: str, nic: int) -> tuple[str, str]:
+    def vde_socket(self, network: str, vm: str, nic: int, uid: int = 0) -> tuple[str, str]:
         """A VDE switch socket with a free port, and the VM's stable MAC."""
         net = self.get(network)
         if not net.vde:
@@ -1084,4 +1089,4 @@ class Engine:
                                   "with --vde).")
         if network not in self.running:
             raise NotRunning(f"The network '{network}' is not running: start it first.")
-        return self.vde.free_socket(net), self.get_mac(network, vm, nic)
+        return self.vde.free_socket(net), self.get_mac(network, vm, nic, uid)

@@ -5,8 +5,12 @@ with an empty registry; a collision inside the network is resolved by rehashing 
 counter, and every MAC given out is remembered in the state directory, so it never changes
 once given (the original qemu-vlan's MACs depended on the shell's PID).
 The registry file also carries MACs imported from an old ether.conf, or from another host's
-registry (ExportMacs/ImportMacs: a VM that moves keeps its MACs). Each network's registry holds
-at most `limit` entries, so that callers allowed to ask for MACs cannot grow it without end.
+registry (ExportMacs/ImportMacs: a VM that moves keeps its MACs).
+
+Bounds, so that callers allowed to ask for MACs cannot grow the registry without end or crowd
+each other out: each network holds at most `limit` entries, the whole registry (networks
+undefined since included) at most `total_limit`, and a user other than root brings in at
+most `per_user` entries per network (who first asked for a VM is kept in mac-creators.json).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from .model import _printable, validate_mac, validate_network_name, validate_vm_
 QEMU_OUI = "52:54:00"
 MAX_NIC = 31
 DEFAULT_LIMIT = 4096  # entries per network
+DEFAULT_TOTAL = 65536  # entries in all
+DEFAULT_PER_USER = 256  # entries one user (not root) brings into one network
 _NIC_RE = re.compile(r"0|[1-9][0-9]?")
 
 
@@ -59,11 +65,49 @@ class MacRegistry:
     """{network: {"vm/nic": mac}}, persisted through a save callback after each change."""
 
     FILE = "macs.json"
+    CREATORS = "mac-creators.json"
 
-    def __init__(self, data: dict[str, dict[str, str]], save, limit: int = DEFAULT_LIMIT):
+    def __init__(self, data: dict[str, dict[str, str]], save, limit: int = DEFAULT_LIMIT,
+                 creators: dict[str, dict[str, int]] | None = None, save_creators=None,
+                 total_limit: int = DEFAULT_TOTAL, per_user: int = DEFAULT_PER_USER):
         self.data = {n: dict(m) for n, m in data.items() if isinstance(m, dict)}
         self._save = save
         self.limit = limit
+        self.total_limit = total_limit
+        self.per_user = per_user
+        # {network: {vm: uid}}: who first asked for a VM's MAC (its entries count for them)
+        self.creators = {n: dict(m) for n, m in (creators or {}).items() if isinstance(m, dict)}
+        self._save_creators = save_creators or (lambda data: None)
+
+    def total(self) -> int:
+        return sum(len(m) for m in self.data.values())
+
+    def _check_room(self, network: str, uid: int, vm: str, adding: int = 1) -> None:
+        macs = self.data.get(network, {})
+        if len(macs) + adding > self.limit:
+            raise self._full(network, len(macs), adding)
+        if self.total() + adding > self.total_limit:
+            raise QuotaExceeded(
+                f"The MAC registry holds {self.total()} entries on all networks together, its "
+                f"limit of {self.total_limit}; 'vnet-client mac forget NET VM' frees the "
+                "entries of VMs that are gone, also on networks undefined since (or ask the "
+                "administrator to raise vnetd's --max-macs).")
+        if uid == 0 or self.creators.get(network, {}).get(vm, uid) != uid:
+            return  # root, or a VM someone else brought in (it counts for them)
+        mine = {v for v, c in self.creators.get(network, {}).items() if c == uid}
+        held = sum(1 for k in macs if k.rsplit("/", 1)[0] in mine)
+        if held + adding > self.per_user:
+            raise QuotaExceeded(
+                f"uid {uid} has brought {held} MACs into the registry of network {network}, "
+                f"the limit of {self.per_user} per user: 'vnet-client mac forget {network} VM' "
+                "frees the entries of your VMs that are gone (or ask the administrator to "
+                "raise vnetd's --max-macs-per-user).")
+
+    def _note_creator(self, network: str, vm: str, uid: int) -> None:
+        by_vm = self.creators.setdefault(network, {})
+        if vm not in by_vm:
+            by_vm[vm] = uid
+            self._save_creators(self.creators)
 
     def lookup(self, network: str, vm: str, nic: int) -> str | None:
         return self.data.get(network, {}).get(key(vm, nic))
@@ -77,8 +121,9 @@ class MacRegistry:
             "entries of a VM that is gone (or ask the administrator to raise vnetd's "
             "--max-macs-per-network).")
 
-    def get(self, network: str, vm: str, nic: int) -> str:
-        """The MAC of (network, vm, nic), giving one out (and remembering it) if new."""
+    def get(self, network: str, vm: str, nic: int, uid: int = 0) -> str:
+        """The MAC of (network, vm, nic), giving one out (and remembering it) if new; a new
+        entry counts for `uid` (see the module text)."""
         validate_network_name(network)
         validate_vm_name(vm)
         validate_nic(nic)
@@ -86,8 +131,8 @@ class MacRegistry:
         macs = self.data.get(network, {})
         if k in macs:
             return macs[k]
-        if len(macs) >= self.limit:
-            raise self._full(network, len(macs))
+        self._check_room(network, uid, vm)
+        self._note_creator(network, vm, uid)
         macs = self.data.setdefault(network, {})
         used = set(macs.values())
         attempt = 0
@@ -128,6 +173,8 @@ class MacRegistry:
         new = sum(1 for k in rows if k not in macs)
         if new and len(macs) + new > self.limit:
             raise self._full(network, len(macs), new)
+        if new and self.total() + new > self.total_limit:
+            self._check_room(network, 0, "", new)  # raises: the whole registry is full
         macs.update(rows)
         self.data[network] = macs
         self._save(self.data)
@@ -151,6 +198,10 @@ class MacRegistry:
             data[network] = kept
         self._save(data)  # first: a failed write changes nothing
         self.data = data
+        if self.creators.get(network, {}).pop(vm, None) is not None:
+            if not self.creators[network]:
+                del self.creators[network]
+            self._save_creators(self.creators)
         return len(gone)
 
     def export_ether_conf(self, network: str) -> str:
@@ -177,6 +228,15 @@ class MacRegistry:
             note = "" if vm == f"{prefix}{i}" and nic == "0" else f"  # vm {vm} nic {nic}"
             lines.append(f"ether_{i}={mac}{note}")
         return "\n".join(lines) + "\n"
+
+
+def valid_creators(data: Any) -> bool:
+    """{network: {vm: uid}}"""
+    return isinstance(data, dict) and all(
+        isinstance(n, str) and isinstance(m, dict)
+        and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                for k, v in m.items())
+        for n, m in data.items())
 
 
 def valid(data: Any) -> bool:

@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-macs-per-network", type=_count, default=4096, metavar="N",
                    help="entries (VM NICs) the MAC registry keeps per network; 'vnet-client "
                    "mac forget' frees them (default: %(default)s)")
+    p.add_argument("--max-macs", type=_count, default=65536, metavar="N",
+                   help="MAC registry entries on all networks together, undefined ones "
+                   "included (default: %(default)s)")
+    p.add_argument("--max-macs-per-user", type=_count, default=256, metavar="N",
+                   help="MAC registry entries one user other than root brings into one "
+                   "network (default: %(default)s)")
     p.add_argument("--frr-pathspace", metavar="NAME",
                    help="EVPN: talk to the FRR instance started with -N NAME (vtysh -N NAME); "
                    "default: the system's FRR")
@@ -84,6 +90,7 @@ async def run(args: argparse.Namespace) -> int:
                     max_networks_per_user=args.max_networks_per_user,
                     max_forwards_per_user=args.max_forwards_per_user,
                     max_macs_per_network=args.max_macs_per_network,
+                    max_macs=args.max_macs, max_macs_per_user=args.max_macs_per_user,
                     frr_pathspace=args.frr_pathspace)
     await engine.startup()
 

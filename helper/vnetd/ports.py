@@ -353,7 +353,7 @@ class Ports:
         if mac is None:
             # the stable MAC; with learn-mac the guest's own MAC is unknown (the firewall
             # locks the port to the first source MAC it sees), but the VM still has one given
-            mac = self.macs.get(net.name, vm, nic)
+            mac = self.macs.get(net.name, vm, nic, uid)
         flags = tapdev.HANDOFF_FLAGS | (tapdev.IFF_MULTI_QUEUE if queues > 1 else 0)
         fds: list[int] = []
         vhostfds: list[int] = []

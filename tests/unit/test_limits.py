@@ -372,3 +372,56 @@ def test_show_and_forward_list_name_the_owner(capsys):
     cli.print_network({"name": "vnet2", "state": "stopped", "owner": 0})
     out = capsys.readouterr().out
     assert "owner:" in out and "root (0)" in out
+
+
+# --- the registry's per-user and total bounds ----------------------------------------------
+def _reg(**kw):
+    from vnetd.macs import MacRegistry
+
+    saved = {}
+    return MacRegistry({}, lambda d: saved.update(macs=d), creators={},
+                       save_creators=lambda d: saved.update(creators=d), **kw), saved
+
+
+def test_one_user_cannot_crowd_a_network_out():
+    from vnetd.errors import QuotaExceeded
+
+    reg, saved = _reg(limit=100, per_user=3)
+    for i in range(3):
+        reg.get("vnet2", f"junk{i}", 0, uid=1000)
+    with pytest.raises(QuotaExceeded, match="uid 1000 has brought 3 MACs.*--max-macs-per-user"):
+        reg.get("vnet2", "junk3", 0, uid=1000)
+    assert reg.get("vnet2", "real", 0, uid=1001)  # another user is unaffected
+    assert reg.get("vnet2", "junk9", 0, uid=0)  # root is exempt
+    assert reg.get("vnet2", "junk0", 0, uid=1000)  # a known entry is still answered
+    assert saved["creators"]["vnet2"]["junk0"] == 1000
+    assert reg.forget("vnet2", "junk0") == 1
+    assert "junk0" not in reg.creators["vnet2"]
+    assert reg.get("vnet2", "junk4", 0, uid=1000)  # room again
+
+
+def test_a_vm_brought_in_by_another_counts_for_them():
+    reg, _ = _reg(limit=100, per_user=1)
+    reg.get("vnet2", "web1", 0, uid=1000)
+    assert reg.get("vnet2", "web1", 1, uid=1001)  # web1 is 1000's: its second NIC too
+    assert reg.creators["vnet2"]["web1"] == 1000
+
+
+def test_the_whole_registry_is_bounded_across_networks():
+    from vnetd.errors import QuotaExceeded
+
+    reg, _ = _reg(limit=100, total_limit=4)
+    for n in ("vnet2", "vnet3"):
+        reg.get(n, "a", 0)
+        reg.get(n, "b", 0)
+    with pytest.raises(QuotaExceeded, match="all networks together.*--max-macs"):
+        reg.get("vnet4", "a", 0)
+    with pytest.raises(QuotaExceeded, match="all networks together"):
+        reg.import_macs("vnet4", {"x": "52:54:00:00:00:01"})
+
+
+def test_vnetd_takes_the_mac_bounds():
+    from vnetd.main import parse_args
+
+    a = parse_args(["--max-macs", "10", "--max-macs-per-user", "2"])
+    assert (a.max_macs, a.max_macs_per_user) == (10, 2)
