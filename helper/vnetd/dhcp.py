@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import identity
+from . import identity, safefile
 from .backends import dhcpd as dhcpd_be
 from .backends import dnsmasq as dnsmasq_be
 from .backends.dnsmasq import Lease
@@ -116,11 +116,13 @@ class DhcpServers:
         identity.share_dir(d, gid)
         conf = self.runtime_dir / net.name / "dhcpd.conf"
         leases = d / "dhcpd.leases"
-        if not leases.exists():
-            leases.touch()
-        if leases.stat().st_uid == os.geteuid():  # dhcpd appends to it before its first rewrite
-            os.chown(leases, -1, gid)
-            os.chmod(leases, 0o664)
+        # dhcpd appends to it before its first rewrite. The directory is dhcpd's to write, so
+        # nothing in it is followed or trusted (safefile.py).
+        try:
+            safefile.prepare_shared_file(leases, gid, 0o664)
+        except OSError as e:
+            raise Failed(f"Cannot prepare the DHCP lease file {leases}: "
+                         f"{e.strerror or e}.") from e
         atomic_write(conf, dhcpd_be.render_conf(net).encode())
         pidfile = self.runtime_dir / net.name / "dhcpd.pid"
         return Child(f"dhcpd[{net.name}]", dhcpd_be.argv(net, conf, leases, uid, gid),
@@ -177,9 +179,9 @@ class DhcpServers:
 
     # --- leases -------------------------------------------------------------------------
     def leases(self, net: Network) -> list[Lease]:
-        try:
-            text = self.lease_file(net).read_text(errors="replace")
-        except OSError:
+        # dhcpd's file is in a directory dhcpd writes: no symlink, FIFO or endless file
+        text = safefile.read_capped(self.lease_file(net))
+        if text is None:
             return []
         if self.kinds.get(net.name, net.dhcp) == "dhcpd":
             return dhcpd_be.parse_leases(text)
@@ -198,7 +200,7 @@ class DhcpServers:
                 if net is None:
                     continue
                 try:
-                    mtime = self.lease_file(net).stat().st_mtime
+                    mtime = os.lstat(self.lease_file(net)).st_mtime
                 except OSError:
                     continue
                 if self.lease_mtimes.get(name) == mtime:

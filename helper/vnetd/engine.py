@@ -222,7 +222,7 @@ class Engine:
         for net in self.defs.values():
             if net.name not in self.running:
                 for tap in net.tap_names:
-                    await reap(str(run / "vde" / tap), run / "vde" / f"{tap}.pid")
+                    await reap(str(run / "vde" / tap), self.vde.pidfile(tap))
 
     async def _remove_unwanted(self, lk: Link) -> None:
         log.info("reconcile: removing %s (alias %s): no definition wants it", lk.ifname, lk.alias)

@@ -17,11 +17,15 @@ changing the group of one's own file to a group one belongs to needs no capabili
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import logging
 import os
 import pwd
+import stat
 from pathlib import Path
+
+from . import safefile
 
 log = logging.getLogger("vnetd")
 
@@ -80,15 +84,37 @@ def join_child_groups() -> None:
 
 
 def share_dir(path: Path, gid: int, mode: int = 0o770) -> None:
-    """A directory of ours that the group `gid` may write (dhcpd's lease directory). A
-    directory left by an older vnetd that belongs to someone else is moved aside: without
-    CAP_DAC_OVERRIDE, vnetd could not write into it."""
-    with contextlib.suppress(FileNotFoundError):
-        st = path.stat()
-        if st.st_uid != os.geteuid():
-            aside = path.with_name(f"{path.name}.old")
-            log.warning("moving %s (owned by uid %d) aside to %s", path, st.st_uid, aside)
-            path.rename(aside)
-    path.mkdir(parents=True, exist_ok=True)
-    os.chown(path, -1, gid)
-    os.chmod(path, mode)
+    """A directory of ours that the group `gid` may write (dhcpd's lease directory, the VDE
+    base directory). Its parent must be one only root writes (the state or runtime directory),
+    so nobody else can have put anything at `path`; still, nothing is followed: an entry that
+    is not a directory of ours (one left by an older vnetd that belongs to someone else, or
+    anything that is not a directory) is moved aside to NAME.old-<time>, since without
+    CAP_DAC_OVERRIDE vnetd could not write into it, and the group and mode are set through
+    the opened directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid()):
+        aside = safefile.unique_aside(path, "old")
+        log.warning("moving %s (%s, owned by uid %d) aside to %s", path,
+                    "a directory" if stat.S_ISDIR(st.st_mode) else "not a directory",
+                    st.st_uid, aside)
+        os.rename(path, aside)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, mode)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise PermissionError(errno.EPERM, f"{path} is not vnetd's directory")
+        os.fchown(fd, -1, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def private_dir(path: Path) -> None:
+    """A directory only vnetd writes (root:root 0755), such as the children's pid files."""
+    share_dir(path, os.getegid(), 0o755)

@@ -1,7 +1,13 @@
 """VDE switches of a network (`vde = true`): one supervised vde_switch per tap, its sockets
 under /run/qemu-vnet/vde/<tap>/ (group vnet, mode 660), so members of vnet plug QEMU in with
 `-netdev vde,sock=/run/qemu-vnet/vde/<tap>`. A dead switch is restarted; stopping the network
-stops the switches and removes their sockets."""
+stops the switches and removes their sockets.
+
+/run/qemu-vnet/vde is root:vnet-vde 0771 with no sticky bit: every switch (supplementary group
+vnet-vde) may create, rename and remove any entry in it. So vnetd keeps nothing of its own
+there: the switches' pid files are in /run/qemu-vnet/_pids (root 0755), and the management
+sockets, which the switches make there, are talked to with a deadline, a byte cap and a check
+of the peer's uid (backends/vde.py active_ports)."""
 
 from __future__ import annotations
 
@@ -17,48 +23,79 @@ from pathlib import Path
 from . import identity
 from .backends import tap as tap_be
 from .backends import vde as vde_be
-from .backends.supervisor import Child
+from .backends.supervisor import Child, reap
 from .errors import Busy, Failed
 from .model import Network
 
 log = logging.getLogger("vnetd.vde")
 
+# Pid files of the children whose own directories others may write (the VDE switches). The
+# name starts with '_', so no network's runtime directory (/run/qemu-vnet/<network>) can be it.
+PID_DIR = "_pids"
+
 
 def give_tap(tap: str, uid: int) -> None:
     """The switch, not a QEMU user, opens a VDE network's tap: make vnet-vde its owner (the
     tun driver lets a user without CAP_NET_ADMIN open a tap only if it owns it and is in its
-    group). EBUSY: a switch left running by a previous vnetd holds it, already its owner."""
+    group). The caller has stopped any switch left running for this tap, so EBUSY means some
+    other process holds it, and the new switch could not open it."""
     try:
         tap_be.set_tap_owner(tap, uid)
     except OSError as e:
-        if e.errno != errno.EBUSY:
-            raise Failed(f"Cannot hand the tap {tap} to the VDE switch: {e.strerror}.") from e
+        if e.errno == errno.EBUSY:
+            raise Failed(f"The tap {tap} is held by another process, so its VDE switch cannot "
+                         "open it; stop that process and start the network again.") from e
+        raise Failed(f"Cannot hand the tap {tap} to the VDE switch: {e.strerror}.") from e
+
+
+def mgmt_group_name(gid: int) -> str | None:
+    """vde_switch's --mgmtgroup takes a name only; None when `gid` has no group entry."""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        log.warning("group %d has no name: VDE management sockets will be mode 0600 and vnetd "
+                    "cannot count free ports", gid)
+        return None
 
 
 class VdeSwitches:
     def __init__(self, runtime_dir: Path):
         self.base = Path(runtime_dir) / "vde"
+        self.pid_dir = Path(runtime_dir) / PID_DIR
         self.children: dict[str, list[Child]] = {}
+        self.uid: int | None = None  # the switches' user, once one was started
+
+    def pidfile(self, tap: str) -> Path:
+        return self.pid_dir / f"vde_switch-{tap}.pid"
 
     def _paths(self, tap: str) -> tuple[Path, Path, Path]:
         return (vde_be.sock_dir(self.base.parent, tap), self.base / f"{tap}.mgmt",
-                self.base / f"{tap}.pid")
+                self.pidfile(tap))
 
     async def start(self, net: Network) -> None:
         """vde_switch runs as vnet-vde, group = the network's tap group, no capabilities
         (identity.py). The base directory is root:vnet-vde 0771: the switches create their
         directories and management sockets in it; anyone may pass through to a socket
-        directory, which only the tap group may enter; nobody else may list or create."""
+        directory, which only the tap group may enter; only the switches (and root) may list
+        or create entries (see the module text).
+
+        Per tap: first stop any switch left running for it (by a previous vnetd, perhaps one
+        that ran it as root and made root the tap's owner), then hand the tap to vnet-vde,
+        then start the new switch."""
         if not net.vde or net.name in self.children:
             return
         uid, own_gid = identity.user_ids(identity.VDE_USER)
         _, gid = identity.vde_ids(net.tap_group)
         identity.share_dir(self.base, own_gid, 0o771)
-        mgmt_group = grp.getgrgid(own_gid).gr_name
+        identity.private_dir(self.pid_dir)
+        mgmt_group = mgmt_group_name(own_gid)
+        self.uid = uid
         started: list[Child] = []
         try:
             for tap in net.tap_names:
                 sock, mgmt, pid = self._paths(tap)
+                await reap(str(sock))
+                self._remove_legacy_pidfile(tap)
                 give_tap(tap, uid)
                 c = Child(f"vde_switch[{tap}]",
                           vde_be.argv(tap, sock, mgmt, net.vde_ports, net.tap_group,
@@ -97,12 +134,18 @@ class VdeSwitches:
             shutil.rmtree(sock, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 mgmt.unlink()
+            self._remove_legacy_pidfile(tap)
+
+    def _remove_legacy_pidfile(self, tap: str) -> None:
+        """An older vnetd kept the pid file in the base directory (unlink never follows)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.base / f"{tap}.pid").unlink()
 
     def status(self, net: Network) -> list[dict]:
         out = []
         for tap, c in zip(net.tap_names, self.children.get(net.name, []), strict=False):
             sock, mgmt, _ = self._paths(tap)
-            used = vde_be.active_ports(mgmt)
+            used = vde_be.active_ports(mgmt, peer_uid=self.uid)
             d = {"tap": tap, "sock": str(sock), "ports": net.vde_ports, **c.status()}
             if used is not None:
                 d["free"] = max(0, net.vde_ports - used)
@@ -110,8 +153,14 @@ class VdeSwitches:
         return out
 
     def free_socket(self, net: Network) -> str:
-        """The switch with the most free ports."""
-        best = max(self.status(net), key=lambda d: d.get("free", 0), default=None)
-        if best is None or not best.get("free"):
-            raise Busy(f"Every VDE switch of {net.name} is full ({net.vde_ports} ports each).")
-        return best["sock"]
+        """The switch with the most free ports; failing that, a running one whose free ports
+        are unknown (its management socket did not answer, or is not vnetd's to use: see
+        mgmt_group_name)."""
+        switches = self.status(net)
+        best = max(switches, key=lambda d: d.get("free", 0), default=None)
+        if best is not None and best.get("free"):
+            return best["sock"]
+        unknown = [d for d in switches if "free" not in d and d.get("state") == "running"]
+        if unknown:
+            return unknown[0]["sock"]
+        raise Busy(f"Every VDE switch of {net.name} is full ({net.vde_ports} ports each).")

@@ -1,10 +1,13 @@
 """Supervised children: argv lists (never a shell), foreground, restarted when they die.
 
 A child that dies is started again at once (well within a second); one that keeps dying soon
-after each start is backed off exponentially (up to 30 s) and reported as a crash loop. Each
-child's pid is written to a pid file, so a restarted vnetd finds the ones a previous vnetd left
-running and replaces them cleanly (never two servers on one bridge). Children run in their
-own session and outlive vnetd: a network keeps its DHCP while vnetd restarts.
+after each start is backed off exponentially (up to 30 s) and reported as a crash loop.
+Children run in their own session and outlive vnetd: a network keeps its DHCP while vnetd
+restarts. A restarted vnetd finds the ones a previous vnetd left running by scanning
+/proc/*/cmdline for the child's marker (its config or socket path, `pids_with`), not through
+pid files, and replaces them cleanly (never two servers on one bridge). Each child's pid is
+still written to a pid file, for people and scripts; pid files live in directories only root
+writes, and are written with O_NOFOLLOW (safefile.write_pid_file).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+from ..safefile import write_pid_file
 
 log = logging.getLogger("vnetd.children")
 
@@ -82,9 +87,15 @@ async def send_signal(pid: int, sig: int) -> None:
     argv = ([KILL, "-s", str(sig), str(pid)] if KILL else
             [sys.executable, "-I", "-S", "-c",
              "import os, sys; os.kill(int(sys.argv[1]), int(sys.argv[2]))", str(pid), str(sig)])
-    proc = await asyncio.create_subprocess_exec(
-        *argv, user=uid, group=gid, extra_groups=[], stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, close_fds=True)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, user=uid, group=gid, extra_groups=[], stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            close_fds=True)
+    except OSError as e:  # the helper could not be started (or could not drop to uid/gid)
+        log.warning("cannot signal pid %d (uid %d) with %s: %s", pid, uid,
+                    signal.Signals(sig).name, e)
+        return
     await proc.wait()
 
 
@@ -175,7 +186,13 @@ class Child:
                 os.close(stdin)
                 os.close(keep[0])
         self._started_at = time.monotonic()
-        self.pidfile.write_text(f"{self.proc.pid}\n")
+        try:
+            write_pid_file(self.pidfile, self.proc.pid)
+        except OSError as e:
+            # The child runs; a restarted vnetd finds it by its command line (pids_with), so
+            # a missing pid file costs nothing but this warning.
+            log.warning("%s: cannot write the pid file %s: %s", self.name, self.pidfile,
+                        e.strerror or e)
         self.state = "running"
         asyncio.get_running_loop().create_task(self._log_output(self.proc))
 
@@ -229,7 +246,11 @@ class Child:
                 await asyncio.wait_for(self.proc.wait(), 3)
             except TimeoutError:
                 await send_signal(self.proc.pid, signal.SIGKILL)
-                await self.proc.wait()
+                try:
+                    await asyncio.wait_for(self.proc.wait(), 3)
+                except TimeoutError:  # not even SIGKILL got through (see send_signal)
+                    log.error("%s (pid %d) could not be stopped; it is left running",
+                              self.name, self.proc.pid)
         self.proc = None
         self.state = "stopped"
         with contextlib.suppress(FileNotFoundError):

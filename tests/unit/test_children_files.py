@@ -1,0 +1,487 @@
+"""Files and sockets vnetd shares with its children, which it must not trust: lease files in
+dhcpd's directory, pid files, the VDE management socket (helper/vnetd/safefile.py,
+backends/supervisor.py, backends/vde.py, vde.py). No root needed."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from vnetd import identity, safefile
+from vnetd import vde as vde_mod
+from vnetd.backends import supervisor
+from vnetd.backends import vde as vde_be
+from vnetd.errors import Busy, Failed
+from vnetd.model import Network
+
+GID = os.getgid()
+
+
+def secret(tmp_path: Path, text: str = "root's secret\n", mode: int = 0o600) -> Path:
+    """A file standing for one of root's files elsewhere on the host."""
+    p = tmp_path / "elsewhere" / "secret"
+    p.parent.mkdir(exist_ok=True)
+    p.write_text(text)
+    p.chmod(mode)
+    return p
+
+
+def untouched(p: Path, text: str = "root's secret\n", mode: int = 0o600) -> bool:
+    st = p.stat()
+    return p.read_text() == text and stat.S_IMODE(st.st_mode) == mode and st.st_nlink == 1
+
+
+# --- read_capped ---------------------------------------------------------------------------
+
+def test_read_capped_reads_a_regular_file(tmp_path):
+    p = tmp_path / "dhcpd.leases"
+    p.write_text("lease 10.0.0.2 {\n}\n")
+    assert safefile.read_capped(p) == "lease 10.0.0.2 {\n}\n"
+    assert safefile.read_capped(tmp_path / "missing") is None
+
+
+def test_read_capped_does_not_follow_a_symlink(tmp_path, caplog):
+    target = secret(tmp_path, mode=0o644)
+    p = tmp_path / "dhcpd.leases"
+    p.symlink_to(target)
+    assert safefile.read_capped(p) is None
+    assert "symbolic link" in caplog.text
+
+
+def test_read_capped_refuses_dev_zero_and_a_fifo_without_blocking(tmp_path):
+    p = tmp_path / "dhcpd.leases"
+    p.symlink_to("/dev/zero")
+    t = time.monotonic()
+    assert safefile.read_capped(p) is None
+    p.unlink()
+    os.mkfifo(p)  # no writer: a blocking open would hang here
+    assert safefile.read_capped(p) is None
+    assert time.monotonic() - t < 2
+
+
+def test_read_capped_refuses_a_file_beyond_the_cap(tmp_path, caplog):
+    p = tmp_path / "dnsmasq.leases"
+    p.write_bytes(b"x" * 1001)
+    assert safefile.read_capped(p, cap=1000) is None
+    assert "1001 bytes" in caplog.text
+    p.write_bytes(b"x" * 1000)
+    assert safefile.read_capped(p, cap=1000) == "x" * 1000
+    assert safefile.LEASE_FILE_CAP == 16 * 1024 * 1024
+
+
+def test_lease_readers_go_through_read_capped(tmp_path, monkeypatch):
+    """DhcpServers.leases reads both servers' files through the safe reader."""
+    from vnetd import dhcp
+
+    seen = []
+    monkeypatch.setattr(safefile, "read_capped", lambda p, *a: seen.append(Path(p)) or None)
+    servers = dhcp.DhcpServers(tmp_path / "run", tmp_path / "lib", lambda n: None)
+    for kind in ("dnsmasq", "dhcpd"):
+        net = Network.from_options("vnet9", {"dhcp": kind})
+        assert servers.leases(net) == []
+    assert seen == [tmp_path / "lib/vnet9/dnsmasq.leases",
+                    tmp_path / "lib/vnet9/dhcpd/dhcpd.leases"]
+
+
+# --- prepare_shared_file (dhcpd's lease file) ----------------------------------------------
+
+def shared(p: Path) -> bool:
+    st = os.lstat(p)
+    return (stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o664
+            and st.st_gid == GID and st.st_nlink == 1)
+
+
+def test_prepare_creates_a_missing_file_for_the_group(tmp_path):
+    p = tmp_path / "dhcpd.leases"
+    safefile.prepare_shared_file(p, GID)
+    assert shared(p) and p.read_text() == ""
+
+
+def test_prepare_keeps_an_existing_file_and_fixes_its_mode(tmp_path):
+    p = tmp_path / "dhcpd.leases"
+    p.write_text("lease 10.0.0.2 {\n}\n")
+    p.chmod(0o600)
+    safefile.prepare_shared_file(p, GID)
+    assert shared(p) and p.read_text() == "lease 10.0.0.2 {\n}\n"
+
+
+def test_prepare_replaces_a_symlink_and_leaves_its_target_alone(tmp_path, caplog):
+    target = secret(tmp_path)
+    p = tmp_path / "dhcpd.leases"
+    p.symlink_to(target)
+    safefile.prepare_shared_file(p, GID)
+    assert untouched(target)
+    assert shared(p) and p.read_text() == ""
+    assert "symbolic link" in caplog.text
+
+
+def test_prepare_does_not_create_through_a_dangling_symlink(tmp_path):
+    target = tmp_path / "elsewhere" / "new-root-file"
+    target.parent.mkdir()
+    p = tmp_path / "dhcpd.leases"
+    p.symlink_to(target)
+    safefile.prepare_shared_file(p, GID)
+    assert not target.exists()
+    assert shared(p)
+
+
+def test_prepare_replaces_a_hard_link_and_leaves_the_other_name_alone(tmp_path):
+    target = secret(tmp_path)
+    p = tmp_path / "dhcpd.leases"
+    os.link(target, p)
+    safefile.prepare_shared_file(p, GID)
+    assert untouched(target)
+    assert shared(p) and p.read_text() == ""
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "socket"])
+def test_prepare_replaces_what_is_not_a_regular_file(tmp_path, kind):
+    p = tmp_path / "dhcpd.leases"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "dir":
+        p.mkdir()
+        (p / "inside").write_text("x")
+    else:
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(p))
+        s.close()
+    safefile.prepare_shared_file(p, GID)
+    assert shared(p)
+    if kind == "dir":  # moved aside, not deleted
+        (aside,) = tmp_path.glob("dhcpd.leases.bad-*")
+        assert (aside / "inside").read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a file of another user")
+def test_prepare_leaves_the_childs_own_file_alone(tmp_path):
+    p = tmp_path / "dhcpd.leases"
+    p.write_text("dhcpd's\n")
+    os.chown(p, 65534, 65534)
+    p.chmod(0o644)
+    safefile.prepare_shared_file(p, GID)
+    st = p.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o644)
+
+
+def test_prepare_gives_up_when_the_name_keeps_being_replaced(tmp_path, monkeypatch):
+    p = tmp_path / "dhcpd.leases"
+    real_unlink = os.unlink
+
+    def replant(path, *a, **kw):  # a child racing: a new symlink after each removal
+        real_unlink(path, *a, **kw)
+        os.symlink("/etc/passwd", path)
+
+    monkeypatch.setattr(safefile.os, "unlink", replant)
+    p.symlink_to("/etc/passwd")
+    with pytest.raises(OSError):
+        safefile.prepare_shared_file(p, GID)
+
+
+# --- share_dir ----------------------------------------------------------------------------
+
+def test_share_dir_makes_the_directory_with_group_and_mode(tmp_path):
+    d = tmp_path / "net" / "dhcpd"
+    identity.share_dir(d, GID)
+    st = os.lstat(d)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o770 and st.st_gid == GID
+
+
+def test_share_dir_moves_a_symlink_aside_and_leaves_its_target_alone(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    d = tmp_path / "dhcpd"
+    d.symlink_to(target)
+    identity.share_dir(d, GID)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert stat.S_ISDIR(os.lstat(d).st_mode)
+    (aside,) = tmp_path.glob("dhcpd.old-*")
+    assert aside.is_symlink()
+
+
+def test_moving_aside_never_reuses_a_name(tmp_path):
+    d = tmp_path / "dhcpd"
+    names = set()
+    for _ in range(3):
+        aside = safefile.unique_aside(d, "old")
+        aside.mkdir()
+        names.add(aside.name)
+    assert len(names) == 3 and all(n.startswith("dhcpd.old-") for n in names)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a directory of another user")
+def test_share_dir_moves_a_foreign_directory_aside_twice(tmp_path):
+    """The second time, an older `.old` is already there: a fresh name is used."""
+    d = tmp_path / "dhcpd"
+    d.mkdir()
+    for _ in range(2):
+        os.chown(d, 65534, 65534)
+        identity.share_dir(d, GID)
+        assert os.lstat(d).st_uid == 0
+    assert len(list(tmp_path.glob("dhcpd.old-*"))) == 2
+
+
+# --- pid files ----------------------------------------------------------------------------
+
+def test_write_pid_file(tmp_path):
+    p = tmp_path / "x.pid"
+    safefile.write_pid_file(p, 1234)
+    safefile.write_pid_file(p, 56)
+    assert p.read_text() == "56\n" and stat.S_IMODE(p.stat().st_mode) == 0o644
+
+
+def test_write_pid_file_does_not_follow_a_symlink(tmp_path):
+    target = secret(tmp_path)
+    p = tmp_path / "x.pid"
+    p.symlink_to(target)
+    with pytest.raises(OSError) as e:
+        safefile.write_pid_file(p, 1234)
+    assert e.value.errno == errno.ELOOP
+    assert untouched(target)
+    dangling = tmp_path / "y.pid"
+    dangling.symlink_to(tmp_path / "elsewhere" / "created")
+    with pytest.raises(OSError):
+        safefile.write_pid_file(dangling, 1234)
+    assert not (tmp_path / "elsewhere" / "created").exists()
+
+
+def test_write_pid_file_does_not_block_on_a_fifo(tmp_path):
+    p = tmp_path / "x.pid"
+    os.mkfifo(p)
+    with pytest.raises(OSError):
+        safefile.write_pid_file(p, 1234)
+
+
+def test_child_runs_even_if_its_pid_file_is_a_symlink(tmp_path, caplog):
+    """Child._spawn writes through write_pid_file: the symlink is not followed, the child
+    runs all the same (a restarted vnetd finds it by its command line)."""
+    target = secret(tmp_path)
+    pidfile = tmp_path / "x.pid"
+    pidfile.symlink_to(target)
+    token = f"vnet-test-{uuid.uuid4().hex}"  # the marker: only this test's process has it
+
+    async def main():
+        c = supervisor.Child("sleeper", [sys.executable, "-c", "import time; time.sleep(30)",
+                                         token], pidfile, token)
+        await c.start()
+        try:
+            assert c.pid and c.state == "running"
+            assert supervisor.pids_with(token) == [c.pid]
+        finally:
+            await c.stop()
+        assert supervisor.pids_with(token) == []
+
+    asyncio.run(main())
+    assert untouched(target)
+    assert "cannot write the pid file" in caplog.text
+
+
+def test_vde_pid_files_are_not_in_the_switches_directory(tmp_path):
+    v = vde_mod.VdeSwitches(tmp_path)
+    assert v.pidfile("vnet3_1") == tmp_path / "_pids" / "vde_switch-vnet3_1.pid"
+    assert v.pidfile("vnet3_1").parent != v.base
+    assert all(p.parent != v.base or p.suffix != ".pid" for p in v._paths("vnet3_1"))
+
+
+# --- signals ------------------------------------------------------------------------------
+
+def test_send_signal_survives_a_helper_that_cannot_start(monkeypatch, caplog):
+    def denied(pid, sig):
+        raise PermissionError(errno.EPERM, "no CAP_KILL")
+
+    async def broken(*a, **kw):
+        raise OSError(errno.ENOEXEC, "Exec format error")
+
+    monkeypatch.setattr(supervisor.os, "kill", denied)
+    monkeypatch.setattr(supervisor, "proc_ids", lambda pid: (65534, 65534))
+    monkeypatch.setattr(supervisor.asyncio, "create_subprocess_exec", broken)
+    asyncio.run(supervisor.send_signal(4242, 15))
+    assert "cannot signal pid 4242" in caplog.text
+
+
+# --- VDE ----------------------------------------------------------------------------------
+
+def test_vde_argv_without_a_management_group_name():
+    a = vde_be.argv("t1", Path("/run/x/vde/t1"), Path("/run/x/vde/t1.mgmt"), 8, "vnet", None)
+    assert "--mgmtgroup" not in a
+    assert a[a.index("--mgmtmode") + 1] == "600"
+    a = vde_be.argv("t1", Path("/run/x/vde/t1"), Path("/run/x/vde/t1.mgmt"), 8, "vnet", "vde")
+    assert a[a.index("--mgmtgroup") + 1] == "vde" and a[a.index("--mgmtmode") + 1] == "660"
+
+
+def test_mgmt_group_name_of_a_gid_without_a_name():
+    assert vde_mod.mgmt_group_name(0) == "root"
+    free = next(g for g in range(2_000_000_000, 2_000_001_000) if not _has_group(g))
+    assert vde_mod.mgmt_group_name(free) is None
+
+
+def _has_group(gid: int) -> bool:
+    import grp
+    try:
+        grp.getgrgid(gid)
+        return True
+    except KeyError:
+        return False
+
+
+PORTS = (b"0000 DATA END WITH '.'\nPort 0001 untagged_vlan=0000 ACTIVE - Unnamed Allocatable\n"
+         b"Port 0002 untagged_vlan=0000 ACTIVE - Unnamed Allocatable\n.\n1000 Success\n\nvde$ ")
+
+
+class FakeSwitch:
+    """A management socket served by a thread: `behave(conn)` talks to one client."""
+
+    def __init__(self, path: Path, behave):
+        self.path = path
+        self.received = b""
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(str(path))
+        self.srv.listen(1)
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, args=(behave,), daemon=True)
+        self.t.start()
+
+    def _run(self, behave):
+        conn, _ = self.srv.accept()
+        with conn:
+            conn.settimeout(0.2)
+            behave(self, conn)
+
+    def read(self, conn):
+        try:
+            self.received += conn.recv(1024)
+        except OSError:
+            pass
+
+    def close(self):
+        self.stop.set()
+        self.t.join(5)
+        self.srv.close()
+
+
+def test_active_ports_from_an_honest_switch(tmp_path):
+    def honest(fs, conn):
+        conn.sendall(b"VDE switch V.2.3.2\n\nvde$ ")
+        while b"port/print" not in fs.received and not fs.stop.is_set():
+            fs.read(conn)
+        conn.sendall(PORTS)
+        fs.stop.wait(5)
+
+    fs = FakeSwitch(tmp_path / "m", honest)
+    try:
+        assert vde_be.active_ports(fs.path, peer_uid=os.getuid()) == 2
+    finally:
+        fs.close()
+
+
+def test_active_ports_gives_up_on_a_trickling_switch(tmp_path):
+    def trickle(fs, conn):
+        try:
+            while not fs.stop.is_set():
+                conn.send(b"x")
+                time.sleep(0.05)
+        except OSError:
+            pass  # the client gave up
+
+    fs = FakeSwitch(tmp_path / "m", trickle)
+    try:
+        t = time.monotonic()
+        assert vde_be.active_ports(fs.path, deadline=0.5) is None
+        assert time.monotonic() - t < 1.0
+    finally:
+        fs.close()
+
+
+def test_active_ports_stops_reading_at_the_byte_cap(tmp_path):
+    def flood(fs, conn):
+        try:
+            while not fs.stop.is_set():
+                conn.sendall(b"Port 0001 untagged_vlan=0000 ACTIVE\n" * 100)
+        except OSError:
+            pass  # the client gave up
+
+    fs = FakeSwitch(tmp_path / "m", flood)
+    try:
+        t = time.monotonic()
+        assert vde_be.active_ports(fs.path, max_bytes=64 * 1024) is None
+        assert time.monotonic() - t < 0.5
+    finally:
+        fs.close()
+
+
+def test_active_ports_sends_nothing_to_another_users_socket(tmp_path):
+    def listen(fs, conn):
+        try:
+            conn.sendall(b"vde$ ")
+        except OSError:
+            return  # the client gave up
+        while not fs.stop.is_set():
+            fs.read(conn)
+
+    fs = FakeSwitch(tmp_path / "m", listen)
+    try:
+        assert vde_be.active_ports(fs.path, peer_uid=os.getuid() + 1) is None
+    finally:
+        fs.close()
+    assert fs.received == b""
+
+
+def test_free_socket_with_unknown_free_ports(tmp_path, monkeypatch):
+    net = Network.from_options("vnet9", {"vde": True, "taps": 2})
+    v = vde_mod.VdeSwitches(tmp_path)
+    monkeypatch.setattr(v, "status", lambda n: [
+        {"tap": "vnet9_1", "sock": "/s1", "state": "running", "free": 0},
+        {"tap": "vnet9_2", "sock": "/s2", "state": "running"}])
+    assert v.free_socket(net) == "/s2"
+    monkeypatch.setattr(v, "status", lambda n: [
+        {"tap": "vnet9_1", "sock": "/s1", "state": "running", "free": 0},
+        {"tap": "vnet9_2", "sock": "/s2", "state": "crash-loop"}])
+    with pytest.raises(Busy):
+        v.free_socket(net)
+
+
+def test_give_tap_ebusy_is_a_failure(monkeypatch):
+    def busy(tap, uid):
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+    monkeypatch.setattr(vde_mod.tap_be, "set_tap_owner", busy)
+    with pytest.raises(Failed, match="held by another process"):
+        vde_mod.give_tap("vnet9_1", 1000)
+
+
+def test_vde_start_stops_old_switches_before_handing_the_tap(tmp_path, monkeypatch):
+    """C11: a switch left for the tap (perhaps a root one from an older vnetd) is stopped
+    first, then the tap goes to vnet-vde, then the new switch starts."""
+    calls = []
+    net = Network.from_options("vnet9", {"vde": True, "taps": 1})
+    v = vde_mod.VdeSwitches(tmp_path)
+    monkeypatch.setattr(identity, "share_dir", lambda *a, **kw: None)
+    monkeypatch.setattr(identity, "private_dir", lambda *a, **kw: None)
+
+    async def reap(marker, pidfile=None):
+        calls.append(("reap", marker))
+
+    async def start(self):
+        calls.append(("start", self.marker))
+        raise Failed("stop here")
+
+    async def stop(self):
+        pass
+
+    monkeypatch.setattr(vde_mod, "reap", reap)
+    monkeypatch.setattr(vde_mod, "give_tap", lambda tap, uid: calls.append(("give", tap)))
+    monkeypatch.setattr(supervisor.Child, "start", start)
+    monkeypatch.setattr(supervisor.Child, "stop", stop)
+    with pytest.raises(Failed):
+        asyncio.run(v.start(net))
+    sock = str(tmp_path / "vde" / "vnet9_1")
+    assert calls == [("reap", sock), ("give", "vnet9_1"), ("start", sock)]
