@@ -58,8 +58,20 @@ def validate_ifname(name: object, what: str = "network name") -> str:
     return name
 
 
+# A network's name is also a directory under vnetd's runtime and state directories, so it may
+# not be one of vnetd's own entries there (a network called "vde" would put its dnsmasq
+# configuration where the VDE switches may write), nor a VXLAN device's name (vx<VNI>).
+RESERVED_NAMES = frozenset({"vde", "ports", "intents", "last-good", "dhcpd", "lo"})
+_RESERVED_RE = re.compile(r"vx[0-9]+|.*\.(json|conf|pid|toml|tmp)|bridged-.*|frr-.*")
+
+
 def validate_network_name(name: object) -> str:
-    return validate_ifname(name, "network name")
+    name = validate_ifname(name, "network name")
+    if name in RESERVED_NAMES or _RESERVED_RE.fullmatch(name):
+        raise InvalidArgument(f"'{name}' is reserved (vnetd uses the name for a file, a "
+                              "directory or a VXLAN device of its own): choose another "
+                              "network name.")
+    return name
 
 
 def validate_vm_name(name: object) -> str:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tomllib
 from dataclasses import replace
@@ -42,15 +43,17 @@ FORWARD_HEADER = "qemu-vnet port forward (one per file; 'vnet-client forward' ma
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    # a fresh name, created exclusively and never through a link: safe even in a directory
+    # someone else could write into
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         try:
             _write_all(fd, data)
+            os.fchmod(fd, mode)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

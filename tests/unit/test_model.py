@@ -596,3 +596,19 @@ def test_bridged_mode_needs_an_interface_and_no_dhcp_or_forwards():
             Network.from_options("vnet2", opts)
     n = Network.from_options("vnet2", {"mode": "bridged", "if": "eth0", "force": True})
     assert Network.from_options("vnet2", n.to_dict()) == n
+
+
+@pytest.mark.parametrize("name", ["vde", "ports", "intents", "last-good", "vx5007", "macs.json",
+                                  "bridged-x", "frr-evpn", "dhcpd"])
+def test_names_vnetd_uses_itself_are_reserved(name):
+    from vnetd.model import validate_network_name
+
+    with pytest.raises(InvalidArgument, match="reserved"):
+        validate_network_name(name)
+
+
+def test_ordinary_names_are_not_reserved():
+    from vnetd.model import validate_network_name
+
+    for name in ("vnet2", "vdenet", "vx", "lab.net", "ports2"):
+        assert validate_network_name(name) == name
