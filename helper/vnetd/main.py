@@ -37,6 +37,21 @@ def _count(text: str) -> int:
     return n
 
 
+# Limits (docs/design.md): each a vnetd option, passed to the Engine under its own name.
+LIMITS = (
+    ("--max-ports-per-user", 64, "ports one user may hold at once"),
+    ("--max-networks-per-user", 8, "networks one user may own (define); root has no limit"),
+    ("--max-forwards-per-user", 64, "port forwards one user may own, on all networks "
+     "together; root has no limit"),
+    ("--max-macs-per-network", 4096, "entries (VM NICs) the MAC registry keeps per network; "
+     "'vnet-client mac forget' frees them"),
+    ("--max-macs", 65536, "MAC registry entries on all networks together, undefined ones "
+     "included"),
+    ("--max-macs-per-user", 256, "MAC registry entries one user other than root brings into "
+     "one network"),
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="vnetd",
@@ -53,23 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MAC registry, leases, last good copies (default: %(default)s)")
     p.add_argument("--runtime-dir", type=Path, default=Path("/run/qemu-vnet"),
                    help="generated configs, pids, sockets (default: %(default)s)")
-    p.add_argument("--max-ports-per-user", type=int, default=64, metavar="N",
-                   help="ports one user may hold at once (default: %(default)s)")
-    p.add_argument("--max-networks-per-user", type=_count, default=8, metavar="N",
-                   help="networks one user may own (define); root has no limit "
-                   "(default: %(default)s)")
-    p.add_argument("--max-forwards-per-user", type=_count, default=64, metavar="N",
-                   help="port forwards one user may own, on all networks together; root has "
-                   "no limit (default: %(default)s)")
-    p.add_argument("--max-macs-per-network", type=_count, default=4096, metavar="N",
-                   help="entries (VM NICs) the MAC registry keeps per network; 'vnet-client "
-                   "mac forget' frees them (default: %(default)s)")
-    p.add_argument("--max-macs", type=_count, default=65536, metavar="N",
-                   help="MAC registry entries on all networks together, undefined ones "
-                   "included (default: %(default)s)")
-    p.add_argument("--max-macs-per-user", type=_count, default=256, metavar="N",
-                   help="MAC registry entries one user other than root brings into one "
-                   "network (default: %(default)s)")
+    for flag, default, text in LIMITS:
+        p.add_argument(flag, type=_count, default=default, metavar="N",
+                       help=f"{text} (default: %(default)s)")
     p.add_argument("--frr-pathspace", metavar="NAME",
                    help="EVPN: talk to the FRR instance started with -N NAME (vtysh -N NAME); "
                    "default: the system's FRR")
@@ -86,12 +87,9 @@ async def run(args: argparse.Namespace) -> int:
     store = Store(args.config_dir, args.state_dir, args.runtime_dir)
     links = Links()
     await links.open()
-    engine = Engine(store, links, max_ports_per_user=args.max_ports_per_user,
-                    max_networks_per_user=args.max_networks_per_user,
-                    max_forwards_per_user=args.max_forwards_per_user,
-                    max_macs_per_network=args.max_macs_per_network,
-                    max_macs=args.max_macs, max_macs_per_user=args.max_macs_per_user,
-                    frr_pathspace=args.frr_pathspace)
+    limits = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+              for flag, _, _ in LIMITS}
+    engine = Engine(store, links, frr_pathspace=args.frr_pathspace, **limits)
     await engine.startup()
 
     if args.bus_address:
