@@ -95,7 +95,7 @@ def main() -> None:
     a = ap.parse_args()
     with bench_daemon("bench") as d:
         d.stop()
-        d.start(["--max-ports-per-user", "5000"])
+        d.start(["--max-ports-per-user", "5000", "--max-macs-per-user", "10000"])
         run_client("define", "bench1", "--subnet=10.202.0.0/16", "--dhcp=none", check=True)
         run_client("start", "bench1", check=True)
         out = {}

@@ -26,7 +26,7 @@ QEMU_OUI = "52:54:00"
 MAX_NIC = 31
 DEFAULT_LIMIT = 4096  # entries per network
 DEFAULT_TOTAL = 65536  # entries in all
-DEFAULT_PER_USER = 256  # entries one user (not root) brings into one network
+DEFAULT_PER_USER = 1024  # entries one user (not root) brings into one network
 _NIC_RE = re.compile(r"0|[1-9][0-9]?")
 
 

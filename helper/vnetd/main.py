@@ -47,7 +47,7 @@ LIMITS = (
      "'vnet-client mac forget' frees them"),
     ("--max-macs", 65536, "MAC registry entries on all networks together, undefined ones "
      "included"),
-    ("--max-macs-per-user", 256, "MAC registry entries one user other than root brings into "
+    ("--max-macs-per-user", 1024, "MAC registry entries one user other than root brings into "
      "one network"),
 )
 
