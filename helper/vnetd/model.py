@@ -61,7 +61,7 @@ def validate_ifname(name: object, what: str = "network name") -> str:
 # A network's name is also a directory under vnetd's runtime and state directories, so it may
 # not be one of vnetd's own entries there (a network called "vde" would put its dnsmasq
 # configuration where the VDE switches may write), nor a VXLAN device's name (vx<VNI>).
-RESERVED_NAMES = frozenset({"vde", "ports", "intents", "last-good", "dhcpd", "lo"})
+RESERVED_NAMES = frozenset({"vde", "ports", "intents", "last-good", "dhcpd"})
 _RESERVED_RE = re.compile(r"vx[0-9]+|.*\.(json|conf|pid|toml|tmp)|bridged-.*|frr-.*")
 
 

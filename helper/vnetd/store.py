@@ -27,6 +27,7 @@ from .model import (
     Network,
     parse_forward,
     render_toml,
+    validate_ifname,
     validate_network_name,
 )
 
@@ -295,7 +296,7 @@ class Store:
     def intent(self, ifname: str) -> contextlib.AbstractContextManager:
         d = self.runtime_dir / "intents"
         d.mkdir(exist_ok=True)
-        path = d / validate_network_name(ifname)
+        path = d / validate_ifname(ifname, "interface name")
 
         @contextlib.contextmanager
         def cm():

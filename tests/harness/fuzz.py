@@ -456,6 +456,24 @@ forward_specs = options(FORWARD_KEYS)
 HOST_KEYS = {"vm": Key(V("s", st.sampled_from(VMS)), V("s", vm_names)),
              "mac": Key(V("s", good_macs), V("s", macs)),
              "ip": Key(V("s", st.integers(2, 31).map(lambda n: f"172.16.12.{n}")), V("s", ip4))}
+# [overlay]: plausible ones (they define, and fail cleanly at start: 10.99.0.1 is not on the
+# fuzzed host) and hostile ones, zoned addresses that could carry text into vtysh included
+OVERLAY_ADDRS = ("10.99.0.1", "10.99.0.2", "fe80::1%eth0", "fd00::2%x\nip route 0.0.0.0/0 1.1.1.1",
+                 "fd00::2", "0.0.0.0", "224.0.0.1", "127.0.0.1")
+OVERLAY_KEYS = {
+    "vni": Key(nat(1, 16777215, "iu"), int_variant((0, -1, 16777216, 2**32 - 1, 2**40))),
+    "local": Key(V("s", st.just("10.99.0.1")), V("s", st.sampled_from(OVERLAY_ADDRS) | ip4)),
+    "peers": Key(V("as", st.lists(st.sampled_from(("10.99.0.2", "10.99.0.3")), max_size=2,
+                                  unique=True)),
+                 st.one_of(V("as", st.lists(st.sampled_from(OVERLAY_ADDRS) | ip4, max_size=3)),
+                           variants())),
+    "dev": Key(None, V("s", st.sampled_from(("ul0", "lo", "../x", "")) | hostile_strings)),
+    "port": Key(nat(1024, 65535), ports),
+    "role": Key(V("s", st.sampled_from(("gateway", "member"))), V("s", hostile_strings)),
+    "control": Key(V("s", st.sampled_from(("static", "evpn"))), V("s", hostile_strings)),
+    "asn": Key(None, int_variant((0, 65000, 2**32, -1))),
+    "route-reflector": Key(None, boolish),
+}
 DEFINE_KEYS = {
     "mode": Key(V("s", st.sampled_from(("nat", "host-only"))),
                 V("s", st.sampled_from(("NAT", "bridge", "routed", "")) | hostile_strings)),
@@ -480,6 +498,7 @@ DEFINE_KEYS = {
                  st.one_of(V("aa{sv}", st.lists(options(HOST_KEYS), max_size=3)), variants())),
     "forwards": Key(V("aa{sv}", st.just([])),
                     st.one_of(V("aa{sv}", st.lists(forward_specs, max_size=2)), variants())),
+    "overlay": Key(V("a{sv}", options(OVERLAY_KEYS)), variants()),
     "allow-host": Key(yes_no, boolish),
     "routed-with": Key(V("as", st.lists(st.sampled_from(FIXED_NETWORKS), max_size=2)),
                        st.one_of(V("as", st.lists(network_names, max_size=3)), variants())),
