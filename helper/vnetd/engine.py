@@ -564,7 +564,7 @@ class Engine:
             raise InvalidArgument(f"The underlay interface '{dev.ifname}' is down: the "
                                   "overlay's peers cannot be reached through it.")
         if net.mtu_auto:
-            mtu = dev.mtu - ov.overhead
+            mtu = min(dev.mtu - ov.overhead, model.MAX_MTU)
             if mtu < model.MIN_MTU:
                 raise InvalidArgument(f"The underlay '{dev.ifname}' has MTU {dev.mtu}: too "
                                       f"small to carry VXLAN ({ov.overhead} bytes overhead).")
