@@ -6,6 +6,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,6 +46,19 @@ def bench_daemon(label: str):
                 d.close()
         if host:
             services.ensure_vnetd()
+
+
+async def time_start_stop(client, name: str, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds each Start and each Stop of a defined network took, `runs` times."""
+    starts, stops = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        await client.start(name)
+        starts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        await client.stop(name)
+        stops.append(time.perf_counter() - t)
+    return starts, stops
 
 
 def emit(name: str, result: dict) -> None:

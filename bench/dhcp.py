@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import time
 
-from _common import bench_daemon, emit, summary_ms
+from _common import bench_daemon, emit, summary_ms, time_start_stop
 from vnet_client import Client
 
 from tests.harness.guests import Guest
@@ -21,14 +21,7 @@ from tests.harness.guests import Guest
 async def start_stop(runs: int) -> tuple[list[float], list[float]]:
     async with Client() as c:
         await c.define("benchnat", mode="nat", subnet="10.203.0.0/24")
-        starts, stops = [], []
-        for _ in range(runs):
-            t = time.perf_counter()
-            await c.start("benchnat")
-            starts.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            await c.stop("benchnat")
-            stops.append(time.perf_counter() - t)
+        starts, stops = await time_start_stop(c, "benchnat", runs)
         await c.start("benchnat")
     return starts, stops
 

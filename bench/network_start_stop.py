@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 
-from _common import bench_daemon, emit, summary_ms
+from _common import bench_daemon, emit, summary_ms, time_start_stop
 from vnet_client import Client
 
 
 async def measure(runs: int) -> dict:
     async with Client() as c:
         await c.define("benchnet", mode="host-only", subnet="10.201.0.0/24", dhcp="none")
-        starts, stops = [], []
-        for _ in range(runs):
-            t = time.perf_counter()
-            await c.start("benchnet")
-            starts.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            await c.stop("benchnet")
-            stops.append(time.perf_counter() - t)
+        starts, stops = await time_start_stop(c, "benchnet", runs)
         await c.undefine("benchnet")
     return {"start": summary_ms(starts), "stop": summary_ms(stops),
             "target_start_p50_ms": 20}

@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 
-from _common import bench_daemon, emit, summary_ms
+from _common import bench_daemon, emit, summary_ms, time_start_stop
 from vnet_client import Client
 
 
 async def measure(runs: int) -> tuple[list[float], list[float]]:
     async with Client() as c:
         await c.define("benchvde", subnet="10.207.0.0/24", taps=4, vde=True)
-        starts, stops = [], []
-        for _ in range(runs):
-            t = time.perf_counter()
-            await c.start("benchvde")
-            starts.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            await c.stop("benchvde")
-            stops.append(time.perf_counter() - t)
+        starts, stops = await time_start_stop(c, "benchvde", runs)
     return starts, stops
 
 

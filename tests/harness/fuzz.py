@@ -13,6 +13,7 @@ without touching this file (with generic values by type for arguments it does no
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -705,27 +706,6 @@ PORT_PLACEHOLDER = sys.argv[2]
 held = []  # (ifname, [fds]) of ports this worker attached and still holds
 
 
-def split(sig):
-    out, i = [], 0
-    while i < len(sig):
-        j = end(sig, i)
-        out.append(sig[i:j])
-        i = j
-    return out
-
-
-def end(sig, i):
-    c = sig[i]
-    if c == "a":
-        return end(sig, i + 1)
-    if c in "({":
-        close = ")" if c == "(" else "}"
-        j = i + 1
-        while sig[j] != close:
-            j = end(sig, j)
-        return j + 1
-    return i + 1
-
 
 def new_fd(fds):
     kind = len(fds) % 3
@@ -765,13 +745,13 @@ def decode(sig, j, fds):
     if c == "a":
         inner = sig[1:]
         if inner.startswith("{"):
-            k, v = split(inner[1:-1])
+            k, v = split_signature(inner[1:-1])
             return {decode(k, a, fds): decode(v, b, fds) for a, b in j}
         if inner == "y":
             return bytes.fromhex(j)
         return [decode(inner, x, fds) for x in j]
     if c == "(":
-        return [decode(s, x, fds) for s, x in zip(split(sig[1:-1]), j)]
+        return [decode(s, x, fds) for s, x in zip(split_signature(sig[1:-1]), j)]
     raise ValueError(sig)
 
 
@@ -790,7 +770,7 @@ def plain(v):
 async def one(bus, c):
     fds = []
     try:
-        body = [decode(t, v, fds) for t, v in zip(split(c["sig"]), c["body"])]
+        body = [decode(t, v, fds) for t, v in zip(split_signature(c["sig"]), c["body"])]
         for _ in range(c.get("extra_fds", 0)):
             new_fd(fds)
         msg = Message(destination=DEST, path=c["path"], interface=c.get("iface"),
@@ -870,6 +850,9 @@ async def main():
 
 asyncio.run(main())
 '''
+# the worker splits signatures with this module's own functions (one parser, not two)
+WORKER_SOURCE = (inspect.getsource(_complete_end) + "\n\n" + inspect.getsource(split_signature)
+                 + WORKER)
 
 
 class Worker:
@@ -880,7 +863,7 @@ class Worker:
         self.timeout = timeout
         self.stderr = tempfile.NamedTemporaryFile(prefix=f"vnet-fuzz-{who}-", suffix=".err",
                                                   delete=False)
-        argv = [str(PY), script(WORKER), str(timeout), PORT_PLACEHOLDER]
+        argv = [str(PY), script(WORKER_SOURCE), str(timeout), PORT_PLACEHOLDER]
         if USERS[who]:
             argv = as_user(USERS[who], argv)
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

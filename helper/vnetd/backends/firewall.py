@@ -706,6 +706,13 @@ def _overlay_rules(nets: list[FwNetwork]) -> list[dict]:
     return out
 
 
+def _among(by_name: dict[str, FwNetwork], network: str, what: str) -> FwNetwork:
+    net = by_name.get(network)
+    if net is None:
+        raise ValueError(f"{what} {network}, which is not among the networks.")
+    return net
+
+
 def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] = (),
                    ports: Iterable[FwPort] = (), *, fresh: bool = False) -> dict:
     """ONE transaction that (re)creates both tables completely: add table, flush table (or,
@@ -752,10 +759,7 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
     seen_keys: set[str] = set()
     for f in fwds:
         validate_forward(f)
-        net = by_name.get(f.network)
-        if net is None:
-            raise ValueError(f"The forward to {f.target} is for {f.network}, "
-                             "which is not among the networks.")
+        net = _among(by_name, f.network, f"The forward to {f.target} is for")
         target = ipaddress.ip_address(f.target)
         subnet = net.subnet if f.family == 4 else net.subnet6
         if subnet is None or target not in subnet:
@@ -774,10 +778,7 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
     counters: list[str] = []
     for p in prts:
         validate_port(p)
-        net = by_name.get(p.network)
-        if net is None:
-            raise ValueError(f"The port {p.ifname} is on {p.network}, "
-                             "which is not among the networks.")
+        net = _among(by_name, p.network, f"The port {p.ifname} is on")
         if not net.spoof_protection:
             continue
         if p.ifname in counters:
