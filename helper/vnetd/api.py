@@ -226,6 +226,8 @@ ERRORS_DOC = (
     ("org.qemuvnet.Vnet1.Error.QuotaExceeded", "a limit was reached: a user's ports, "
      "networks or forwards (root has none), or a network's MAC registry; nothing was "
      "changed"),
+    ("org.qemuvnet.Vnet1.Error.NotOwner", "the VM name, MAC or address belongs to another "
+     "user (the uid that first registered it); nothing was changed"),
     ("org.qemuvnet.Vnet1.Error.Failed", "the kernel or a server refused; what was done was "
      "rolled back"),
     ("org.freedesktop.DBus.Error.AccessDenied", "polkit said no (or is not running)"),

@@ -118,6 +118,7 @@ class Engine:
         self.vde = VdeSwitches(store.runtime_dir)
         self.evpn = Evpn(store.runtime_dir, frr_pathspace)
         self.ports.listeners.append(self._port_event)
+        self.ports.identity_owner = self._identity_owner
         self.dhcp.listeners.append(self._lease_event)
         self.defs: dict[str, Network] = {}
         self.running: set[str] = set()
@@ -160,6 +161,8 @@ class Engine:
     def _port_event(self, port: Port, state: str) -> None:
         if state == "detached":
             asyncio.get_running_loop().create_task(self._locked(self.firewall.port_gone(port)))
+        elif state == "cut":
+            asyncio.get_running_loop().create_task(self._locked(self._cut_off(port)))
         elif state == "learned":
             asyncio.get_running_loop().create_task(
                 self._locked(self.firewall.port_attached(port)))
@@ -167,6 +170,44 @@ class Engine:
     def _lease_event(self, network: str, lease, event: str) -> None:
         asyncio.get_running_loop().create_task(
             self._locked(self.firewall.leases_changed(network)))
+
+    async def _cut_off(self, port: Port) -> None:
+        """A port's holder changed its tap's own address (or sent as another VM): off the
+        bridge at once (which also drops the bridge's entries for it), and a tap vnetd
+        handed out is deleted."""
+        await self.firewall.port_gone(port)
+        try:
+            if port.kind == "attach":
+                await self.links.delete(port.ifindex)
+            else:
+                await self.links.set(port.ifindex, master=0)
+        except Exception as e:  # gone meanwhile
+            log.info("cutting off %s: %s", port.ifname, e)
+
+    def _identity_owner(self, network: str, mac: str) -> str | None:
+        """The VM (or the gateway) a MAC belongs to on a network, if any."""
+        net = self.defs.get(network)
+        if net is not None:
+            if mac == net.mac:
+                return "the gateway"
+            for h in net.hosts:
+                if h.mac == mac:
+                    return h.vm
+        for p in self.ports.on_network(network):
+            if p.mac_known and p.mac == mac and p.kind != "vde":
+                return p.vm
+        k = self.macs.owner_of(network, mac)
+        return k.rsplit("/", 1)[0] if k else None
+
+    def _guard_taps(self, net: Network) -> None:
+        """The taps a network brings (`-n` taps, VDE switches' taps) are guarded as ports:
+        a `-n` tap carries the MAC of VM <tap name> (ether.conf), a VDE tap is a segment."""
+        for tname in net.tap_names:
+            if net.vde:
+                self.ports.guard_tap(net, tname, "vde", 0, None)
+            else:
+                self.ports.guard_tap(net, tname, "tap", 0,
+                                     self.macs.get(net.name, tname, 0))
 
     async def _locked(self, coro) -> None:
         async with self.lock:
@@ -187,8 +228,10 @@ class Engine:
         others = [lk for lk in ours if lk.kind != "bridge"]
         for lk in others:
             net = self.defs.get(model.network_of_alias(lk.alias) or "")
-            if net is not None and (lk.ifname in net.tap_names or (
-                    net.overlay is not None and lk.ifname == net.overlay.ifname)):
+            if net is not None and lk.ifname in net.tap_names:
+                await self.ports.adopt(lk)
+                continue
+            if net is not None and net.overlay is not None and lk.ifname == net.overlay.ifname:
                 continue
             if net is not None and await self.ports.adopt(lk):
                 continue
@@ -203,6 +246,7 @@ class Engine:
                 await self._ensure_running(net, lk)
                 await self.vde.start(net)
                 await self.dhcp.start(net)
+                self._guard_taps(net)
                 self.running.add(net.name)
                 log.info("reconcile: adopted running network %s", net.name)
             except VnetError as e:
@@ -532,10 +576,13 @@ class Engine:
             await self.links.up(br.index)
             await self.vde.start(net)
             await self.dhcp.start(net)
+            self._guard_taps(net)
             self.running.add(net.name)
             await self.firewall.sync_all()
         except BaseException:
             self.running.discard(net.name)
+            for p in self.ports.on_network(net.name):
+                self.ports.forget(p)
             await self.dhcp.stop(net.name)
             await self.vde.stop(net)
             await rb.run()
@@ -884,11 +931,28 @@ class Engine:
             if uid != 0 and lk.tun_owner != uid:
                 raise InvalidArgument(f"The tap '{ifname}' does not belong to you (uid {uid}).")
             if release:
+                port = self.ports.by_name.get(ifname)
                 if lk.master is not None:
                     await self.links.set(lk.index, master=0)
+                if port is not None and port.kind == "ifup":
+                    self.ports.forget(port)
+                    await self.firewall.port_gone(port)
                 return net.name
-            await self.links.set(lk.index, master=self._running_bridge(net), mtu=net.mtu,
-                                 state="up")
+            if uid != 0 and len(self.ports.of_uid(uid)) >= self.ports.max_per_user:
+                raise QuotaExceeded(f"You already hold {self.ports.max_per_user} ports, the "
+                                    "most one user may; detach some first.")
+            bridge = self._running_bridge(net)
+            port = self.ports.guard_tap(net, ifname, "ifup", uid, None)
+            if port is None:
+                raise NotFound(f"There is no interface named '{ifname}'.")
+            try:
+                if net.spoof_protection:  # guarded before it reaches the bridge
+                    await self.firewall.port_attached(port)
+                await self.links.set(lk.index, master=bridge, mtu=net.mtu, state="up")
+            except BaseException:
+                self.ports.forget(port)
+                await self.firewall.port_gone(port)
+                raise
             return net.name
 
     def get_mac(self, network: str, vm: str, nic: int, uid: int = 0) -> str:

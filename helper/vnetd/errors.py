@@ -43,6 +43,12 @@ class Failed(VnetError):
     dbus_name = ERROR_PREFIX + "Failed"
 
 
+class NotOwner(VnetError):
+    """The VM name, MAC, address or object belongs to another user."""
+
+    dbus_name = ERROR_PREFIX + "NotOwner"
+
+
 class AccessDenied(VnetError):
     dbus_name = "org.freedesktop.DBus.Error.AccessDenied"
 
@@ -58,6 +64,7 @@ ALL_ERRORS = (
     Busy,
     NotRunning,
     QuotaExceeded,
+    NotOwner,
     Failed,
     AccessDenied,
     InteractiveAuthorizationRequired,

@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 import logging
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,9 @@ class Firewall:
         self.engine = engine
         self.applied_forwards: dict[tuple[str, Forward], fw.FwForward] = {}
         self.applied_ports: dict[str, fw.FwPort] = {}
+        # how many applied ports and gateways hold each host-wide identity element (the
+        # taken/claimed sets): one is deleted only when nothing holds it any more
+        self._held: Counter = Counter()
         self._nft = None
         # one libnftables context, used from worker threads: one at a time (libnftables is
         # not thread-safe, and its netlink errors can end the whole process)
@@ -116,12 +120,15 @@ class Firewall:
         host = net.host(f.target)
         if host is not None and f.family == 4:
             return str(host.ip)
+        # vnetd's own identity only: the VM's registry MACs and the MACs of the ports that
+        # hold it, never a hostname a guest chose for itself
         macs = {m for k, m in self.engine.macs.data.get(net.name, {}).items()
                 if k.rsplit("/", 1)[0] == f.target}
+        macs |= {p.mac for p in self.engine.ports.on_network(net.name)
+                 if p.vm == f.target and p.mac_known and p.kind != "vde"}
         for le in self.engine.dhcp.leases(net):
-            if le.mac in macs or le.hostname.lower() == f.target.lower():
-                if (":" in le.ip) == (f.family == 6):
-                    return le.ip
+            if le.mac in macs and (":" in le.ip) == (f.family == 6):
+                return le.ip
         return None
 
     def _fw_forward(self, net: Network, f: Forward) -> fw.FwForward | None:
@@ -145,21 +152,50 @@ class Firewall:
                             overlay_port=ov.port if ov is not None else None,
                             overlay_vni=ov.vni if ov is not None else None,
                             overlay_peers=tuple(str(p) for p in ov.peers) if static else (),
-                            overlay_evpn=ov is not None and not static)
+                            overlay_evpn=ov is not None and not static,
+                            mac=net.mac)
 
     def _fw_port(self, port: Port) -> fw.FwPort:
+        """What a port may be: its MAC, the IPv4 address bound to it (a static host, else its
+        lease: the lease of its own MAC, which DHCP only gives to that client hardware
+        address), and its IPv6 addresses (SLAAC from its MAC, DHCPv6 leases)."""
+        if port.kind == "vde":
+            return fw.FwPort(ifname=port.ifname, network=port.network, mac=None, segment=True)
         net = self.engine.defs.get(port.network)
-        ipv4 = None
+        ipv4, ipv6 = None, []
         if net is not None and port.mac_known:
             static = next((h for h in net.hosts if h.mac == port.mac), None)
+            leases = [le for le in self.engine.dhcp.leases(net) if le.mac == port.mac]
             if static is not None:
                 ipv4 = str(static.ip)
             else:
-                lease = next((le for le in self.engine.dhcp.leases(net) if le.mac == port.mac
-                              and ":" not in le.ip), None)
-                ipv4 = lease.ip if lease else None
+                ipv4 = next((le.ip for le in leases if ":" not in le.ip), None)
+            if net.subnet6 is not None:
+                if net.subnet6.prefixlen == 64:
+                    ipv6.append(fw.eui64_in(net.subnet6, port.mac))
+                ipv6 += [le.ip for le in leases if ":" in le.ip]
+        member = net is not None and net.overlay is not None and net.overlay.is_member
         return fw.FwPort(ifname=port.ifname, network=port.network,
-                         mac=port.mac if port.mac_known else None, ipv4=ipv4)
+                         mac=port.mac if port.mac_known else None, ipv4=ipv4,
+                         ipv6=tuple(sorted(set(ipv6))),
+                         unbound_in=str(net.subnet) if member and ipv4 is None else None)
+
+    def _gateways(self, network: str) -> tuple[str, ...]:
+        net = self.engine.defs.get(network)
+        return fw.gateway_addresses(self._fw_network(net)) if net is not None else ()
+
+    def _hold(self, port: fw.FwPort | None, n: int) -> None:
+        if port is not None:
+            for e in fw.shared_elems(port):
+                self._held[e] += n
+                if self._held[e] <= 0:
+                    del self._held[e]
+
+    def _keep(self, old: fw.FwPort | None) -> frozenset:
+        """The elements of `old` that something else still holds."""
+        if old is None:
+            return frozenset()
+        return frozenset(e for e in fw.shared_elems(old) if self._held[e] > 1)
 
     # --- whole-ruleset changes (network start/stop, start-up) ---------------------------
     async def sync_all(self) -> None:
@@ -174,10 +210,18 @@ class Firewall:
         ours = {n.name for n in running}
         ports = {p.ifname: self._fw_port(p) for p in self.engine.ports.by_name.values()
                  if p.network in ours}
-        await self._change("load the ruleset", fw.render_ruleset,
-                           [self._fw_network(n) for n in running], list(forwards.values()),
-                           list(ports.values()))
+        fw_nets = [self._fw_network(n) for n in running]
+        counters = await self.spoof_counters() if self.applied_ports else {}
+        await self._change("load the ruleset", fw.render_ruleset, fw_nets,
+                           list(forwards.values()), list(ports.values()), counters=counters)
         self.applied_forwards, self.applied_ports = forwards, ports
+        self._held = Counter()
+        for n in fw_nets:
+            if n.spoof_protection:
+                self._held.update(fw._keyed(e) for e in fw.network_elems(n))
+        for p in ports.values():
+            if self._protects(p.network):
+                self._hold(p, 1)
         self._forwarding(any(n.mode == "nat" for n in running),
                          any(n.mode == "nat" and n.subnet6 for n in running))
         await asyncio.to_thread(self._docker_user, [n.bridge for n in running])
@@ -230,19 +274,32 @@ class Firewall:
     async def port_attached(self, port: Port) -> None:
         """A new port, or one whose MAC was just learned."""
         new = self._fw_port(port)
-        old = self.applied_ports.get(port.ifname)
-        await self._change("protect the port", fw.render_port_update, new, old,
-                           spoof_protection=self._protects(port.network))
-        self.applied_ports[port.ifname] = new
+        await self._update(port.network, new)
+
+    async def _update(self, network: str, new: fw.FwPort) -> None:
+        old = self.applied_ports.get(new.ifname)
+        protects = self._protects(network)
+        self._hold(new, 1)
+        try:
+            await self._change("protect the port", fw.render_port_update, new, old,
+                               spoof_protection=protects, gateways=self._gateways(network),
+                               keep=self._keep(old))
+        except BaseException:
+            self._hold(new, -1)
+            raise
+        self._hold(old, -1)
+        self.applied_ports[new.ifname] = new
 
     async def port_gone(self, port: Port) -> None:
         old = self.applied_ports.pop(port.ifname, None)
         if old is not None:
             try:
                 await self._change("forget the port", fw.render_port_remove, old,
-                                   spoof_protection=self._protects(port.network))
+                                   spoof_protection=self._protects(port.network),
+                                   keep=self._keep(old))
             except Failed as e:
                 log.warning("%s", e.message)
+            self._hold(old, -1)
 
     async def leases_changed(self, network: str) -> None:
         """A lease came, changed or went: re-resolve VM-name forwards and port addresses."""
@@ -272,6 +329,4 @@ class Firewall:
             old_p = self.applied_ports.get(p.ifname)
             new_p = self._fw_port(p)
             if old_p is not None and old_p != new_p:
-                await self._change("update the port's addresses", fw.render_port_update, new_p,
-                                   old_p, spoof_protection=net.spoof_protection)
-                self.applied_ports[p.ifname] = new_p
+                await self._update(network, new_p)

@@ -11,6 +11,10 @@ Bounds, so that callers allowed to ask for MACs cannot grow the registry without
 each other out: each network holds at most `limit` entries, the whole registry (networks
 undefined since included) at most `total_limit`, and a user other than root brings in at
 most `per_user` entries per network (who first asked for a VM is kept in mac-creators.json).
+
+Ownership: a VM name on a network belongs to the uid that first registered it (asked for its
+MAC or attached it), root included; another uid's calls for that VM are refused (NotOwner)
+until an administrator forgets it (ForgetMac).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import hashlib
 import re
 from typing import Any
 
-from .errors import Exists, InvalidArgument, NotFound, QuotaExceeded
+from .errors import Exists, InvalidArgument, NotFound, NotOwner, QuotaExceeded
 from .model import _printable, validate_mac, validate_network_name, validate_vm_name
 
 QEMU_OUI = "52:54:00"
@@ -109,6 +113,33 @@ class MacRegistry:
             by_vm[vm] = uid
             self._save_creators(self.creators)
 
+    def owner_uid(self, network: str, vm: str) -> int | None:
+        return self.creators.get(network, {}).get(vm)
+
+    def check_owner(self, network: str, vm: str, uid: int) -> None:
+        """Refuse `uid` a VM name another uid registered first (root may use any)."""
+        owner = self.owner_uid(network, vm)
+        if owner is not None and owner != uid and uid != 0:
+            raise NotOwner(
+                f"VM '{vm}' on {network} belongs to another user (uid {owner}), who registered "
+                "it first: choose another VM name, or ask an administrator to forget it "
+                f"('vnet-client mac forget {network} {vm}').")
+
+    def claim(self, network: str, vm: str, uid: int) -> None:
+        """Register `uid` as the owner of a VM name that has none yet (bounded like the MAC
+        entries: a user names at most `per_user` VMs per network)."""
+        by_vm = self.creators.get(network, {})
+        if vm in by_vm:
+            self.check_owner(network, vm, uid)
+            return
+        if uid != 0 and sum(1 for c in by_vm.values() if c == uid) >= self.per_user:
+            raise QuotaExceeded(
+                f"uid {uid} has named {self.per_user} VMs on network {network}, the limit per "
+                f"user: 'vnet-client mac forget {network} VM' frees the names of your VMs "
+                "that are gone (or ask the administrator to raise vnetd's "
+                "--max-macs-per-user).")
+        self._note_creator(network, vm, uid)
+
     def lookup(self, network: str, vm: str, nic: int) -> str | None:
         return self.data.get(network, {}).get(key(vm, nic))
 
@@ -127,9 +158,11 @@ class MacRegistry:
         validate_network_name(network)
         validate_vm_name(vm)
         validate_nic(nic)
+        self.check_owner(network, vm, uid)
         k = key(vm, nic)
         macs = self.data.get(network, {})
         if k in macs:
+            self._note_creator(network, vm, uid)
             return macs[k]
         self._check_room(network, uid, vm)
         self._note_creator(network, vm, uid)

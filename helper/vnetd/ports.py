@@ -27,13 +27,18 @@ from typing import Any
 from . import model
 from .backends import tap as tapdev
 from .backends.links import Links
-from .errors import Busy, Failed, InvalidArgument, NotFound, QuotaExceeded
+from .errors import Busy, Failed, InvalidArgument, NotFound, NotOwner, QuotaExceeded
 from .macs import MacRegistry, validate_nic
 
 log = logging.getLogger("vnetd.ports")
 
 RTMGRP_LINK, RTMGRP_NEIGH = 1, 4
-RTM_DELLINK, RTM_NEWNEIGH = 17, 28
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWNEIGH = 16, 17, 28
+IFLA_ADDRESS = 1
+SIOCGIFHWADDR = 0x8927
+# What a port is: a tap handed out by Attach (the bridge helper too), a pre-created `-n` tap,
+# the tap of a VDE switch (a shared segment), or a user's own tap enslaved by vnet-ifup.
+KINDS = ("attach", "tap", "vde", "ifup")
 AF_BRIDGE, NDA_LLADDR, NUD_PERMANENT = 7, 2, 0x80
 MAX_QUEUES = 8
 VHOST_PATH = "/dev/vhost-net"
@@ -53,12 +58,16 @@ class Port:
     holder_pid: int | None
     queues: int
     created: float
+    kind: str = "attach"
+    tap_mac: str | None = None  # the tap's own address when vnetd took it: a change is cut off
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["created"] = int(self.created)
         if d["holder_pid"] is None:
             del d["holder_pid"]
+        if d["tap_mac"] is None:
+            del d["tap_mac"]
         return {k.replace("_", "-"): v for k, v in d.items()}
 
 
@@ -119,6 +128,21 @@ def parent_pid(pid: int) -> int | None:
     return int(stat[stat.rindex(b")") + 2:].split()[1])
 
 
+def read_tap_mac(fd: int | None = None, ifname: str | None = None) -> str | None:
+    """A tap's own hardware address, through its fd (the tun driver answers SIOCGIFHWADDR)
+    or by name."""
+    req = struct.pack("16s16x", (ifname or "").encode())
+    try:
+        if fd is not None:
+            out = fcntl.ioctl(fd, SIOCGIFHWADDR, req)
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sk:
+                out = fcntl.ioctl(sk.fileno(), SIOCGIFHWADDR, req)
+    except OSError:
+        return None
+    return ":".join(f"{b:02x}" for b in out[18:24])
+
+
 class Ports:
     def __init__(self, links: Links, macs: MacRegistry, store, max_per_user: int = 64):
         self.links = links
@@ -126,15 +150,41 @@ class Ports:
         self.store = store
         self.max_per_user = max_per_user
         self.by_name: dict[str, Port] = {}
-        self._pidfds: dict[int, int] = {}  # holder pid -> pidfd
+        self.by_index: dict[int, Port] = {}
+        self._pidfds: dict[int, int] = {}  # holder pid -> pidfd (one per holder process)
         self._monitor: asyncio.Task | None = None
         self._records: dict[str, Port] = {}
         # ports whose guest MAC is still to be learned, by ifindex: the FDB events of every
         # bridge on the host are checked against this, so it must cost O(1)
         self.learning: dict[int, Port] = {}
         self.listeners: list = []
+        # who else holds an identity: a learned MAC must not be one (set by the engine)
+        self.identity_owner = lambda network, mac: None
 
     DIR = "ports"
+
+    # --- the one place ports come and go ------------------------------------------------
+    def _add(self, port: Port) -> None:
+        self.by_name[port.ifname] = port
+        self.by_index[port.ifindex] = port
+        if not port.mac_known:
+            self.learning[port.ifindex] = port
+
+    def _drop(self, port: Port) -> bool:
+        """Forget a port (its record, its index entries and, with the last port of its holder,
+        the holder's pidfd); False if it was not known."""
+        if self.by_name.get(port.ifname) is not port:
+            return False
+        del self.by_name[port.ifname]
+        if self.by_index.get(port.ifindex) is port:
+            del self.by_index[port.ifindex]
+        self.learning.pop(port.ifindex, None)
+        self._forget(port.ifname)
+        pid = port.holder_pid
+        if pid and pid in self._pidfds and not any(p.holder_pid == pid
+                                                   for p in self.by_name.values()):
+            self._unwatch(pid)
+        return True
 
     # --- persistence and adoption -------------------------------------------------------
     # One small file per port under the runtime directory (tmpfs): O(1) per attach however
@@ -165,24 +215,29 @@ class Ports:
                 p = Port(**{k.replace("-", "_"): v for k, v in d.items()
                             if k.replace("-", "_") in Port.__dataclass_fields__},
                          **({} if "holder-pid" in d else {"holder_pid": None}))
+                if p.kind not in KINDS:
+                    raise TypeError(p.kind)
                 out[p.ifname] = p
             except TypeError:
                 log.error("ignoring an unreadable port record: %r", d)
         return out
 
     async def adopt(self, link) -> bool:
-        """At start-up: keep an attached tap if our records know it (same ifindex)."""
+        """At start-up: keep an attached tap if our records know it (same ifindex), and cut
+        off one whose own address changed while vnetd was away."""
         rec = self._records.get(link.ifname)
         if rec is None or rec.ifindex != link.index:
             return False
-        self.by_name[rec.ifname] = rec
-        if not rec.mac_known:
-            self.learning[rec.ifindex] = rec
+        self._add(rec)
         if rec.holder_pid and not self._watch(rec.holder_pid):
             # the holder died while vnetd was down
-            if link.tun_persist:
+            if link.tun_persist and rec.kind == "attach":
                 await self.links.delete(link.index)
-            self.by_name.pop(rec.ifname, None)
+            self._drop(rec)
+            return True
+        now = read_tap_mac(ifname=rec.ifname)
+        if rec.tap_mac and now and now != rec.tap_mac:
+            self._cut(rec, now)
             return True
         log.info("reconcile: adopted port %s (%s/%s nic %d, uid %d)", rec.ifname, rec.network,
                  rec.vm, rec.nic, rec.uid)
@@ -199,9 +254,9 @@ class Ports:
 
     # --- netlink events -----------------------------------------------------------------
     async def start_monitor(self) -> None:
-        """Listen to RTM_DELLINK on a raw rtnetlink socket. Every tap creation makes several
-        RTM_NEWLINK events too; reading only the fixed headers (no attribute parsing) keeps
-        them nearly free, which matters on the attach path."""
+        """Listen to link and neighbour events on a raw rtnetlink socket. Every tap creation
+        makes several RTM_NEWLINK events; only those of our ports are parsed further (a
+        dictionary lookup by ifindex), which keeps the rest nearly free on the attach path."""
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                              socket.NETLINK_ROUTE)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -222,6 +277,10 @@ class Ports:
                         socket.if_indextoname(p.ifindex)
                     except OSError:
                         self._gone(p.ifindex)
+                        continue
+                    now = read_tap_mac(ifname=p.ifname)
+                    if p.tap_mac and now and now != p.tap_mac:
+                        self._cut(p, now)
                 continue
             off = 0
             while off + 16 <= len(data):
@@ -231,13 +290,47 @@ class Ports:
                 if kind == RTM_DELLINK and off + 24 <= len(data):
                     (index,) = struct.unpack_from("=i", data, off + 20)  # ifinfomsg.ifi_index
                     self._gone(index)
+                elif kind == RTM_NEWLINK and off + 32 <= len(data):
+                    (index,) = struct.unpack_from("=i", data, off + 20)
+                    port = self.by_index.get(index)
+                    if port is not None and port.tap_mac:
+                        self._link_changed(port, data[off + 32:off + length])
                 elif kind == RTM_NEWNEIGH and self.learning:
                     self._fdb_entry(data[off + 16:off + length])
                 off += (length + 3) & ~3
 
+    def _link_changed(self, port: Port, attrs: bytes) -> None:
+        """A link event of one of our ports: its own address must stay what it was (a holder
+        can re-MAC its tap through the fd; the bridge would then deliver another guest's
+        frames to it)."""
+        off = 0
+        while off + 4 <= len(attrs):
+            alen, atype = struct.unpack_from("=HH", attrs, off)
+            if alen < 4:
+                return
+            if atype == IFLA_ADDRESS and alen >= 10:
+                mac = ":".join(f"{b:02x}" for b in attrs[off + 4:off + 10])
+                if mac != port.tap_mac:
+                    self._cut(port, mac)
+                return
+            off += (alen + 3) & ~3
+
+    def _cut(self, port: Port, new_mac: str) -> None:
+        """Cut a port off: its holder changed the tap's own address."""
+        log.warning("audit: cut off port %s (%s/%s nic %d, uid %d, %s): its tap's address "
+                    "changed from %s to %s", port.ifname, port.network, port.vm, port.nic,
+                    port.uid, port.kind, port.tap_mac, new_mac)
+        if not self._drop(port):
+            return
+        for fn in self.listeners:
+            fn(port, "cut")
+
     def _fdb_entry(self, msg: bytes) -> None:
         """A bridge FDB entry: the first source MAC seen on a port whose guest MAC vnetd could
-        not know becomes that port's MAC, sticky until the port goes (switch port security)."""
+        not know becomes that port's MAC, sticky until the port goes (switch port security).
+        The firewall never lets a MAC that is taken (another port's, the gateway's) pass, so
+        it is never learned; one that belongs to another VM (the MAC registry, a static host)
+        cuts the port off."""
         if len(msg) < 12:
             return
         family, index, state = struct.unpack_from("=B3xiH", msg)
@@ -256,6 +349,12 @@ class Ports:
                 mac = ":".join(f"{b:02x}" for b in msg[off + 4:off + 10])
                 if int(mac[:2], 16) & 1:
                     return  # multicast source: not a guest's address
+                owner = self.identity_owner(port.network, mac)
+                if owner is not None and owner != port.vm:
+                    log.warning("audit: port %s (uid %d) sent as %s, which belongs to %s on "
+                                "%s", port.ifname, port.uid, mac, owner, port.network)
+                    self._cut(port, port.tap_mac or "?")
+                    return
                 port.mac, port.mac_known = mac, True
                 del self.learning[index]
                 self._write(port)
@@ -267,15 +366,11 @@ class Ports:
             off += (alen + 3) & ~3
 
     def _gone(self, index: int) -> None:
-        port = next((p for p in self.by_name.values() if p.ifindex == index), None) \
-            if self.by_name else None
-        if port is None:
+        port = self.by_index.get(index)
+        if port is None or not self._drop(port):
             return
-        del self.by_name[port.ifname]
-        self.learning.pop(port.ifindex, None)
         log.info("port %s gone (%s/%s nic %d, uid %d): its holder closed it", port.ifname,
                  port.network, port.vm, port.nic, port.uid)
-        self._forget(port.ifname)
         for fn in self.listeners:
             fn(port, "detached")
 
@@ -291,11 +386,14 @@ class Ports:
         asyncio.get_running_loop().add_reader(pidfd, self._holder_exited, pid)
         return True
 
-    def _holder_exited(self, pid: int) -> None:
+    def _unwatch(self, pid: int) -> None:
         pidfd = self._pidfds.pop(pid, None)
         if pidfd is not None:
             asyncio.get_running_loop().remove_reader(pidfd)
             os.close(pidfd)
+
+    def _holder_exited(self, pid: int) -> None:
+        self._unwatch(pid)
         left = [p for p in self.by_name.values() if p.holder_pid == pid]
         if left:
             asyncio.get_running_loop().create_task(self._reap(left))
@@ -310,8 +408,9 @@ class Ports:
                 log.info("port %s outlived its holder (pid %s, persistent): removing it",
                          p.ifname, p.holder_pid)
                 await self.links.delete(p.ifindex)
-            self.by_name.pop(p.ifname, None)
-            self._forget(p.ifname)
+            if self._drop(p):
+                for fn in self.listeners:
+                    fn(p, "detached")
 
     # --- queries ------------------------------------------------------------------------
     def of_uid(self, uid: int) -> list[Port]:
@@ -326,6 +425,18 @@ class Ports:
         if p is None:
             raise NotFound(f"There is no port named '{ifname}'.")
         return p
+
+    # --- identity -----------------------------------------------------------------------
+    def check_mac(self, net: model.Network, vm: str, mac: str) -> None:
+        """A MAC a VM may use on a network: not the gateway's, not another VM's (the
+        registry, a static host, an attached port)."""
+        if mac == net.mac:
+            raise NotOwner(f"{mac} is the MAC of the gateway of {net.name}; a VM cannot use "
+                           "it.")
+        owner = self.identity_owner(net.name, mac)
+        if owner is not None and owner != vm:
+            raise NotOwner(f"The MAC {mac} belongs to VM '{owner}' on {net.name}; use the "
+                           f"VM's own MAC (vnet-client mac {net.name} {vm}).")
 
     # --- attach / detach ----------------------------------------------------------------
     async def attach(self, net: model.Network, bridge_index: int, vm: str, uid: int,
@@ -345,11 +456,15 @@ class Ports:
                 raise InvalidArgument("'holder-pid' must be the calling process's parent "
                                       "(or its grandparent).")
             holder = opts["holder"]
+        self.macs.check_owner(net.name, vm, uid)
         mac_known = not opts["learn"]
         mac = opts["mac"]
         host = net.host(vm) if nic == 0 else None
         if mac is None and host is not None:
             mac = host.mac  # the static host says which MAC this VM has on this network
+        if mac is not None:
+            self.check_mac(net, vm, mac)
+        self.macs.claim(net.name, vm, uid)
         if mac is None:
             # the stable MAC; with learn-mac the guest's own MAC is unknown (the firewall
             # locks the port to the first source MAC it sees), but the VM still has one given
@@ -367,6 +482,7 @@ class Ports:
                 index = socket.if_nametoindex(ifname)
             except OSError as e:
                 raise Failed(f"Could not set up tap '{ifname}': {e.strerror}.") from None
+            tap_mac = read_tap_mac(fd=first, ifname=ifname)
             self.links.fast.set(index, alias=model.alias_for(net.name), master=bridge_index,
                                 mtu=net.mtu)
             info: dict[str, Any] = {"vhost": False}
@@ -384,16 +500,34 @@ class Ports:
             raise
         port = Port(ifname=ifname, ifindex=index, network=net.name, vm=vm, nic=nic, uid=uid,
                     mac=mac, mac_known=mac_known, holder_pid=holder, queues=queues,
-                    created=time.time())
-        self.by_name[ifname] = port
-        if not mac_known:
-            self.learning[port.ifindex] = port
+                    created=time.time(), tap_mac=tap_mac)
+        self._add(port)
         if holder:
             self._watch(holder)
         self._write(port)
         info.update(port.to_dict())
         info["mtu"] = net.mtu
         return port, fds, vhostfds, info
+
+    def guard_tap(self, net: model.Network, ifname: str, kind: str, uid: int,
+                  mac: str | None) -> Port | None:
+        """Record a tap vnetd did not hand out as a port, so that it is guarded like one: a
+        `-n` tap (locked to its registry MAC), a VDE switch's tap (a shared segment) or a
+        user's tap enslaved by vnet-ifup (locked to its first source MAC)."""
+        old = self.by_name.get(ifname)
+        if old is not None:
+            return old
+        try:
+            index = socket.if_nametoindex(ifname)
+        except OSError:
+            return None
+        port = Port(ifname=ifname, ifindex=index, network=net.name, vm=ifname, nic=0, uid=uid,
+                    mac=mac or "", mac_known=mac is not None or kind == "vde", holder_pid=None,
+                    queues=1, created=time.time(), kind=kind,
+                    tap_mac=read_tap_mac(ifname=ifname))
+        self._add(port)
+        self._write(port)
+        return port
 
     def _open_free(self, network: str, vm: str, nic: int, flags: int) -> tuple[str, int]:
         """Create the tap under the first free deterministic name. IFF_TUN_EXCL makes the
@@ -410,11 +544,18 @@ class Ports:
                 raise Failed(f"Could not create tap '{name}': {e.strerror}.") from None
         raise Busy("No free interface name for this port (16 collisions); try again.")
 
+    def forget(self, port: Port) -> bool:
+        """Stop tracking a port (its tap stays as it is)."""
+        return self._drop(port)
+
     async def detach(self, port: Port) -> None:
-        await self.links.delete(port.ifindex)
-        self.by_name.pop(port.ifname, None)
-        self.learning.pop(port.ifindex, None)
-        self._forget(port.ifname)
+        """Remove a port: a tap vnetd handed out is deleted, another tap leaves the bridge."""
+        if port.kind == "attach":
+            await self.links.delete(port.ifindex)
+        else:
+            with contextlib.suppress(Exception):
+                await self.links.set(port.ifindex, master=0)
+        self._drop(port)
 
     async def remove_network_ports(self, network: str) -> None:
         for p in self.on_network(network):

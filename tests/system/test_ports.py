@@ -280,8 +280,13 @@ def test_ifup_and_ifdown_move_the_callers_own_tap(vnetd):
     r = subprocess.run(as_user(ALICE, [ifup, "vnet3_1"]), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert vnetd.ipj("link", "show", "vnet3_1")[0]["master"] == "vnet3"
+    # on the bridge, her tap is guarded and counted like any port of hers
+    assert [(p["ifname"], p["kind"]) for p in ports_of(ALICE)] == [("vnet3_1", "ifup")]
     r = subprocess.run(as_user(ALICE, [ifup, "vnet2"]), capture_output=True, text=True)
     assert r.returncode == 1 and "does not name its network" in r.stderr
+    r = subprocess.run(as_user(ALICE, [ifdown, "vnet3_1"]), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert ports_of(ALICE) == []
 
 
 FAKE_QEMU = """

@@ -81,15 +81,17 @@ def assert_only_our_tables(doc):
 # --- the whole ruleset ------------------------------------------------------------------------
 
 
-def test_ruleset_starts_with_both_tables_added_and_flushed():
+def test_ruleset_flushes_inet_in_place_and_makes_the_bridge_table_anew():
     doc = fw.render_ruleset(NETS, FWDS, PORTS)
     c = cmds(doc)
     assert c[0] == {"add": {"table": {"family": "inet", "name": "qemu_vnet"}}}
     assert c[1] == {"flush": {"table": {"family": "inet", "name": "qemu_vnet"}}}
-    i = c.index({"add": {"table": {"family": "bridge", "name": "qemu_vnet"}}})
-    assert c[i + 1] == {"flush": {"table": {"family": "bridge", "name": "qemu_vnet"}}}
-    # every set and map is flushed right after being added, so stale elements go
-    for k, c0 in enumerate(c):
+    t = {"family": "bridge", "name": "qemu_vnet"}
+    i = c.index({"add": {"table": t}})
+    # no chain of a port that is gone survives
+    assert c[i:i + 3] == [{"add": {"table": t}}, {"delete": {"table": t}}, {"add": {"table": t}}]
+    # every inet set and map is flushed right after being added, so stale elements go
+    for k, c0 in enumerate(c[:i]):
         for kind in ("set", "map"):
             if "add" in c0 and kind in c0["add"]:
                 name = c0["add"][kind]["name"]
@@ -115,12 +117,15 @@ def test_base_chains_hooks_priorities_and_accept_policy():
         ("inet", "output"): ("nat", "output", -100, "accept"),
         ("inet", "postrouting"): ("nat", "postrouting", 100, "accept"),
         ("bridge", "prerouting"): ("filter", "prerouting", -200, "accept"),
+        ("bridge", "forward"): ("filter", "forward", 0, "accept"),
+        ("bridge", "output"): ("filter", "output", 0, "accept"),
     }
 
 
-def test_rules_do_not_grow_with_networks_forwards_or_ports():
+def test_rules_do_not_grow_with_networks_or_forwards_and_ports_cost_their_own_chains():
     def nrules(doc):
-        return len(objects(doc, "rule"))
+        return len([r for r in objects(doc, "rule") if not r["chain"].startswith(("in_",
+                                                                                  "out_"))])
 
     small = fw.render_ruleset([NETS[0]])
     many_nets = [net(f"big{i}", "nat" if i % 2 else "host-only", 100 + i) for i in range(40)]
@@ -137,7 +142,7 @@ def test_empty_ruleset_still_creates_both_tables_chains_and_sets():
     assert_only_our_tables(doc)
     assert {(c["family"], c["name"]) for c in objects(doc, "table")} == {
         ("inet", "qemu_vnet"), ("bridge", "qemu_vnet")}
-    assert len([c for c in objects(doc, "chain") if "hook" in c]) == 6
+    assert len([c for c in objects(doc, "chain") if "hook" in c]) == 8
     assert elements(doc) == {}
 
 
@@ -298,22 +303,84 @@ def test_network_validation():
 # --- ports ------------------------------------------------------------------------------------
 
 
-def test_ruleset_port_elements_and_counters():
+def rules_of(doc, chain):
+    return [r for r in objects(doc, "rule") if r["family"] == "bridge" and r["chain"] == chain]
+
+
+def text(rules):
+    return json.dumps([r["expr"] for r in rules])
+
+
+def test_ruleset_port_elements_chains_and_counters():
     doc = fw.render_ruleset(NETS, (), PORTS)
     el = elements(doc, family="bridge")
-    assert sorted(el["guarded"]) == ["vnet2-a", "vnet2-b"]  # vnet4 has no spoof protection
-    assert el["mac_known"] == ["vnet2-a"] and el["strict"] == ["vnet2-a"]
-    assert el["port_mac"] == [{"concat": ["vnet2-a", "52:54:00:00:00:aa"]}]
-    assert el["port_ip4"] == [{"concat": ["vnet2-a", "172.16.12.60"]}]
+    assert sorted(el["guard_in"]) == [["vnet2-a", {"jump": {"target": "in_vnet2-a"}}],
+                                      ["vnet2-b", {"jump": {"target": "in_vnet2-b"}}]]
+    assert sorted(el["guard_out"]) == [["vnet2-a", {"jump": {"target": "out_vnet2-a"}}],
+                                       ["vnet2-b", {"jump": {"target": "out_vnet2-b"}}]]
+    # vnet4 has no spoof protection: neither its port nor its gateway is there
+    assert el["taken"] == ["52:54:00:00:00:aa"]
+    assert sorted(el["claimed4"]) == ["172.16.12.1", "172.16.12.60", "172.16.13.1",
+                                      "172.16.15.1"]
+    assert "fe80::5054:ff:fe00:aa" in el["claimed6"] and "fd00:12::1" in el["claimed6"]
     assert sorted(el["port_ctr"]) == [["vnet2-a", "spoof_vnet2-a"], ["vnet2-b", "spoof_vnet2-b"]]
     names = [c["name"] for c in objects(doc, "counter")]
     assert names == ["spoof_vnet2-a", "spoof_vnet2-b"]
+    chains = {c["name"] for c in objects(doc, "chain") if c["family"] == "bridge"}
+    assert {"in_vnet2-a", "out_vnet2-a", "in_vnet2-b", "out_vnet2-b"} <= chains
+    assert "in_vnet4-a" not in chains
     # counters are added before the map that refers to them
     c = cmds(doc)
     first_ctr = min(i for i, x in enumerate(c) if "counter" in x.get("add", {}))
     ctr_map = next(i for i, x in enumerate(c) if x.get("add", {}).get("element", {}).get(
         "name") == "port_ctr")
     assert first_ctr < ctr_map
+
+
+def test_counters_carry_over_a_rebuild():
+    doc = fw.render_ruleset(NETS, (), PORTS, counters={"vnet2-a": {"packets": 7, "bytes": 420}})
+    ctrs = {c["name"]: (c.get("packets", 0), c.get("bytes", 0))
+            for c in objects(doc, "counter")}
+    assert ctrs == {"spoof_vnet2-a": (7, 420), "spoof_vnet2-b": (0, 0)}
+
+
+def test_a_bound_port_may_send_only_as_itself():
+    doc = fw.render_ruleset(NETS, (), PORTS)
+    t = text(rules_of(doc, "in_vnet2-a"))
+    assert '"right": "52:54:00:00:00:aa"' in t  # source MAC and ARP sender MAC
+    assert '"0x5254000000aa"' in t  # DHCP chaddr and ND link-layer options
+    assert '["0.0.0.0", "172.16.12.60"]' in t and '"right": "172.16.12.60"' in t
+    assert "fe80::5054:ff:fe00:aa" in t
+    out = text(rules_of(doc, "out_vnet2-a"))
+    assert '"daddr"' in out and "52:54:00:00:00:aa" in out
+
+
+def test_an_unbound_learning_port_sends_only_dhcp_and_probes():
+    doc = fw.render_ruleset(NETS, (), PORTS)
+    rules = rules_of(doc, "in_vnet2-b")
+    t = text(rules)
+    assert '"right": "@taken"' in t  # never the gateway's or another port's MAC
+    assert any(r.get("comment") == "ARP before an address" for r in rules)
+    assert any(r.get("comment") == "IPv4 before an address" for r in rules)
+    assert any(r.get("comment") == "NA before an address" for r in rules)
+
+
+def test_a_segment_may_not_claim_anyone_elses_identity():
+    p = FwPort("vnet2_1", "vnet2", None, segment=True)
+    doc = fw.render_ruleset(NETS, (), [p])
+    t = text(rules_of(doc, "in_vnet2_1"))
+    for s_ in ("@taken", "@claimed4", "@claimed6"):
+        assert s_ in t
+    assert "IPv4 before an address" not in t
+
+
+def test_common_checks_come_first_and_drop_what_no_guest_may_send():
+    doc = fw.render_ruleset(NETS, (), PORTS)
+    assert rules_of(doc, "in_vnet2-a")[0]["expr"] == [{"jump": {"target": "from_any_port"}}]
+    t = text(rules_of(doc, "from_any_port"))
+    for what in ("nd-router-advert", "nd-redirect", "redirect", "[67, 547]",
+                 '["ip", "arp", "ip6"]', "01:00:00:00:00:00"):
+        assert what in t
 
 
 def test_ruleset_rejects_ports_of_unknown_networks_and_bad_macs():
@@ -325,57 +392,71 @@ def test_ruleset_rejects_ports_of_unknown_networks_and_bad_macs():
         fw.render_ruleset(NETS, (), [FwPort("t1", "vnet2", "52:54:00:00:00")])
     with pytest.raises(ValueError, match="twice"):
         fw.render_ruleset(NETS, (), [PORTS[1], PORTS[1]])
+    with pytest.raises(ValueError, match="zone"):
+        fw.render_ruleset(NETS, (), [FwPort("t1", "vnet2", None, ipv6=("fe80::1%eth0",))])
 
 
-def test_port_update_learning_the_mac_only_adds():
+def test_port_update_learning_the_mac_rewrites_its_chains():
     old, new = PORTS[1], dataclasses.replace(PORTS[1], mac="52:54:00:00:00:CC")
     doc = fw.render_port_update(new, old)
     assert_only_our_tables(doc)
     assert elements(doc, "delete") == {}
-    assert elements(doc)["port_mac"] == [{"concat": ["vnet2-b", "52:54:00:00:00:cc"]}]
-    assert elements(doc)["mac_known"] == ["vnet2-b"]
+    assert elements(doc)["taken"] == ["52:54:00:00:00:cc"]
+    assert {"flush": {"chain": {"family": "bridge", "table": "qemu_vnet",
+                                "name": "in_vnet2-b"}}} in cmds(doc)
+    assert "52:54:00:00:00:cc" in text(rules_of(doc, "in_vnet2-b"))
     assert objects(doc, "counter") == [{"family": "bridge", "table": "qemu_vnet",
                                         "name": "spoof_vnet2-b"}]
 
 
-def test_port_update_replaces_only_what_changed():
+def test_port_update_deletes_only_what_went_and_what_no_one_else_holds():
     old = PORTS[0]
     new = dataclasses.replace(old, ipv4="172.16.12.61")
     doc = fw.render_port_update(new, old)
-    assert elements(doc, "delete") == {"port_ip4": [{"concat": ["vnet2-a", "172.16.12.60"]}]}
-    assert elements(doc)["port_ip4"] == [{"concat": ["vnet2-a", "172.16.12.61"]}]
-    # forgetting the address deletes its elements
-    doc = fw.render_port_update(dataclasses.replace(old, ipv4=None), old)
-    assert set(elements(doc, "delete")) == {"ip_known", "port_ip4"}
+    assert elements(doc, "delete") == {"claimed4": ["172.16.12.60"]}
+    assert "172.16.12.61" in elements(doc)["claimed4"]
+    doc = fw.render_port_update(new, old, keep=frozenset({("claimed4", "172.16.12.60")}))
+    assert elements(doc, "delete") == {}
+    with pytest.raises(ValueError, match="rename"):
+        fw.render_port_update(dataclasses.replace(old, ifname="x"), old)
 
 
 def test_port_update_new_port_and_without_protection():
     doc = fw.render_port_update(PORTS[0], None)
     assert elements(doc, "delete") == {}
-    assert set(elements(doc)) == {"guarded", "port_ctr", "mac_known", "port_mac", "ip_known",
-                                  "port_ip4", "strict"}
+    assert set(elements(doc)) == {"guard_in", "guard_out", "port_ctr", "taken", "claimed4",
+                                  "claimed6"}
     assert fw.render_port_update(PORTS[2], None, spoof_protection=False) == {"nftables": []}
     assert fw.render_port_update(PORTS[2], PORTS[2], spoof_protection=False) == \
         fw.render_port_remove(PORTS[2])
 
 
-def test_port_remove_deletes_map_element_before_counter():
+def test_port_remove_deletes_elements_then_chains_then_counter():
     doc = fw.render_port_remove(PORTS[0])
     assert_only_our_tables(doc)
     c = cmds(doc)
     assert c[-1] == {"delete": {"counter": {"family": "bridge", "table": "qemu_vnet",
                                             "name": "spoof_vnet2-a"}}}
-    assert set(elements(doc, "delete")) == {"guarded", "port_ctr", "mac_known", "port_mac",
-                                            "ip_known", "port_ip4", "strict"}
+    assert set(elements(doc, "delete")) == {"guard_in", "guard_out", "port_ctr", "taken",
+                                            "claimed4", "claimed6"}
+    assert {"delete": {"chain": {"family": "bridge", "table": "qemu_vnet",
+                                 "name": "in_vnet2-a"}}} in c
     assert fw.render_port_remove(PORTS[2], spoof_protection=False) == {"nftables": []}
 
 
 def test_spoof_rules_count_into_the_port_counter():
-    rules = [r for r in objects(fw.render_ruleset([]), "rule") if r["family"] == "bridge"]
-    guard = [r["expr"] for r in rules if r["chain"] == "guard"]
-    drops = [e for e in guard if {"drop": None} in e]
+    doc = fw.render_ruleset(NETS, (), PORTS)
+    rules = [r for r in objects(doc, "rule") if r["family"] == "bridge"
+             and r["chain"] in ("from_any_port", "in_vnet2-a", "in_vnet2-b")]
+    drops = [r["expr"] for r in rules if {"drop": None} in r["expr"]]
     ctr = {"counter": {"map": {"key": {"meta": {"key": "iifname"}}, "data": "@port_ctr"}}}
     assert drops and all(e[-2:] == [ctr, {"drop": None}] for e in drops)
+
+
+def test_eui64_addresses():
+    assert fw.eui64_ll("52:54:00:12:34:56") == "fe80::5054:ff:fe12:3456"
+    assert fw.eui64_in(ia.ip_network("fd00:12::/64"), "52:54:00:12:34:56") == \
+        "fd00:12::5054:ff:fe12:3456"
 
 
 def test_counters_query_and_parse():
@@ -398,7 +479,7 @@ def test_every_render_names_only_our_tables():
     docs = [fw.render_ruleset(NETS, FWDS, PORTS), fw.render_ruleset([]),
             fw.render_ruleset(NETS, FWDS, PORTS, fresh=True), fw.render_delete_all(),
             fw.render_flowtable_probe(), fw.render_counters_query(),
-            fw.render_port_update(PORTS[0], PORTS[1]), fw.render_port_remove(PORTS[0])]
+            fw.render_port_update(PORTS[0], PORTS[0]), fw.render_port_remove(PORTS[0])]
     docs += [fw.render_forward_add(f) for f in FWDS] + [fw.render_forward_remove(f) for f in FWDS]
     for d in docs:
         assert_only_our_tables(d)

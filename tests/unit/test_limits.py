@@ -400,11 +400,30 @@ def test_one_user_cannot_crowd_a_network_out():
     assert reg.get("vnet2", "junk4", 0, uid=1000)  # room again
 
 
-def test_a_vm_brought_in_by_another_counts_for_them():
+def test_a_vm_name_belongs_to_who_registered_it_first():
+    from vnetd.errors import NotOwner
+
     reg, _ = _reg(limit=100, per_user=1)
     reg.get("vnet2", "web1", 0, uid=1000)
-    assert reg.get("vnet2", "web1", 1, uid=1001)  # web1 is 1000's: its second NIC too
+    with pytest.raises(NotOwner, match="belongs to another user \\(uid 1000\\)"):
+        reg.get("vnet2", "web1", 1, uid=1001)
+    with pytest.raises(NotOwner):
+        reg.claim("vnet2", "web1", 1001)
+    assert reg.get("vnet2", "web1", 1, uid=0)  # root may; web1 stays 1000's
     assert reg.creators["vnet2"]["web1"] == 1000
+    reg.forget("vnet2", "web1")  # an administrator forgets it: free to name again
+    reg.claim("vnet2", "web1", 1001)
+    assert reg.creators["vnet2"]["web1"] == 1001
+
+
+def test_naming_vms_is_bounded_per_user():
+    from vnetd.errors import QuotaExceeded
+
+    reg, _ = _reg(limit=100, per_user=2)
+    reg.claim("vnet2", "a", 1000)
+    reg.claim("vnet2", "b", 1000)
+    with pytest.raises(QuotaExceeded, match="named 2 VMs"):
+        reg.claim("vnet2", "c", 1000)
 
 
 def test_the_whole_registry_is_bounded_across_networks():

@@ -175,6 +175,7 @@ class FwNetwork:
     overlay_vni: int | None = None
     overlay_peers: tuple[str, ...] = ()
     overlay_evpn: bool = False
+    mac: str | None = None  # the bridge's (the gateway's) MAC, which no port may take
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,15 @@ class FwPort:
 
     ifname: str
     network: str
-    mac: str | None  # None: unknown until the engine learns it; only rogue servers dropped
-    ipv4: str | None = None  # once known: IPv4 and ARP from the port must carry it
+    mac: str | None  # None: learning; locks to its first unicast source that is not taken
+    ipv4: str | None = None  # once bound: IPv4 and ARP from the port must carry it (until
+    # then only DHCP client traffic and ARP probes leave it)
+    ipv6: tuple[str, ...] = ()  # bound IPv6 addresses beyond the MAC's link-local address
+    segment: bool = False  # many guests behind it (a VDE switch): none may take a port's or
+    # the gateway's identity, but their own MACs and addresses are not known
+    # where this host cannot know the leases (an overlay member: DHCP runs on the gateway
+    # host), an unbound port may use any address of this subnet that no one here holds
+    unbound_in: str | None = None
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -246,6 +254,8 @@ def validate_network(n: FwNetwork) -> None:
         raise ValueError(f"The gateway {n.gateway6} of {n.name} is not in {n.subnet6}.")
     for r in n.routed_with:
         _ifname(r, f"routed_with of {n.name}:")
+    if n.mac is not None:
+        _mac(n.mac)
     if n.overlay_port is not None:
         _port(n.overlay_port, "VXLAN port")
         if not isinstance(n.overlay_vni, int) or not 1 <= n.overlay_vni <= 0xFFFFFF:
@@ -282,6 +292,12 @@ def validate_port(p: FwPort) -> None:
         _mac(p.mac)
     if p.ipv4 is not None:
         _addr(p.ipv4, 4, "Port address")
+    if p.unbound_in is not None:
+        ipaddress.IPv4Network(p.unbound_in)
+    for a in p.ipv6:
+        _addr(a, 6, "Port address")
+        if "%" in a:
+            raise ValueError(f"The port address {a!r} has a zone.")
 
 
 # --- JSON building blocks ---------------------------------------------------------------------
@@ -415,65 +431,268 @@ def render_forward_remove(f: FwForward) -> dict:
 
 
 # --- ports (bridge table) ---------------------------------------------------------------------
+# Every guarded port has two chains of its own, in_<ifname> (frames from it) and out_<ifname>
+# (frames to it), reached through the verdict maps guard_in / guard_out: what a port may send
+# is a handful of constants in its own chain, so adding, changing or removing one port is one
+# small transaction whatever the number of ports, and no concatenation of a raw payload with
+# a typed set is needed (nftables cannot type those).
+
+
+def eui64_ll(mac: str) -> str:
+    """The EUI-64 link-local IPv6 address of a MAC (what the kernel's default gives a guest)."""
+    b = bytes.fromhex(_mac(mac).replace(":", ""))
+    iid = bytes([b[0] ^ 2, b[1], b[2], 0xFF, 0xFE, b[3], b[4], b[5]])
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + iid))
+
+
+def eui64_in(prefix: ipaddress.IPv6Network, mac: str) -> str:
+    """The SLAAC address (EUI-64) of a MAC in a /64 prefix."""
+    ll = int(ipaddress.IPv6Address(eui64_ll(mac)))
+    return str(ipaddress.IPv6Address(int(prefix.network_address) | (ll & ((1 << 64) - 1))))
 
 
 def counter_name(ifname: str) -> str:
     return f"spoof_{ifname}"
 
 
+def _in_chain(ifname: str) -> str:
+    return f"in_{ifname}"
+
+
+def _out_chain(ifname: str) -> str:
+    return f"out_{ifname}"
+
+
+def port_allowed6(p: FwPort) -> list[str]:
+    """The IPv6 sources a strict port may use: its MAC's link-local address and its bound
+    addresses (none while its MAC is unknown)."""
+    if p.mac is None:
+        return []
+    return sorted({eui64_ll(p.mac), *(str(ipaddress.IPv6Address(a)) for a in p.ipv6)},
+                  key=lambda a: int(ipaddress.IPv6Address(a)))
+
+
 def _port_elems(p: FwPort) -> list[tuple[str, Any]]:
-    """(set name, element) pairs of one guarded port."""
+    """(set or map name, element) pairs of one guarded port (its chains aside)."""
     validate_port(p)
-    out: list[tuple[str, Any]] = [("guarded", p.ifname), ("port_ctr", [p.ifname,
-                                                                        counter_name(p.ifname)])]
-    if p.mac is not None:
-        out += [("mac_known", p.ifname), ("port_mac", _cat(p.ifname, _mac(p.mac)))]
-    if p.ipv4 is not None:
-        out += [("ip_known", p.ifname),
-                ("port_ip4", _cat(p.ifname, str(ipaddress.ip_address(p.ipv4))))]
-    if p.mac is not None or p.ipv4 is not None:
-        out.append(("strict", p.ifname))
+    out: list[tuple[str, Any]] = [
+        ("guard_in", [p.ifname, _jump(_in_chain(p.ifname))]),
+        ("guard_out", [p.ifname, _jump(_out_chain(p.ifname))]),
+        ("port_ctr", [p.ifname, counter_name(p.ifname)]),
+    ]
+    if p.mac is not None and not p.segment:
+        out.append(("taken", _mac(p.mac)))
+    if p.ipv4 is not None and not p.segment:
+        out.append(("claimed4", str(ipaddress.ip_address(p.ipv4))))
+    if not p.segment:
+        out += [("claimed6", a) for a in port_allowed6(p)]
     return out
+
+
+def _int128(addr: str) -> str:
+    return hex(int(ipaddress.IPv6Address(addr)))
+
+
+def _th(offset_bytes: int, len_bytes: int) -> dict:
+    return {"payload": {"base": "th", "offset": offset_bytes * 8, "len": len_bytes * 8}}
+
+
+def _mac_int(mac: str) -> str:
+    return "0x" + _mac(mac).replace(":", "")
+
+
+ICMP6 = _pl("icmpv6", "type")
+NS, NA = "nd-neighbor-solicit", "nd-neighbor-advert"
+IP6_LEN = _pl("ip6", "length")
+UNSPEC6 = "::"
+
+
+def _port_rules(p: FwPort, gateways: tuple[str, ...] = ()) -> list[dict]:
+    """The rules of one port's two chains (see the module text for what they hold).
+    `gateways` are the addresses of the network's gateway (IPv4, IPv6 and the bridge's
+    link-local), which a VDE segment must never claim."""
+    b = "bridge"
+    ci, co = _in_chain(p.ifname), _out_chain(p.ifname)
+    count_drop = [{"counter": {"map": {"key": IIF, "data": "@port_ctr"}}}, DROP]
+    count_drop_out = [{"counter": {"map": {"key": OIF, "data": "@port_ctr"}}}, DROP]
+
+    def r(*expr: dict, comment: str) -> dict:
+        return _rule(b, ci, *expr, *count_drop, comment=comment)
+
+    unicast_dst = _match({"&": [_pl("ether", "daddr"), "01:00:00:00:00:00"]},
+                         "00:00:00:00:00:00")
+    rules = [_rule(b, ci, _jump("from_any_port"))]
+    if p.segment:
+        # many guests behind one port (a VDE switch): none may take an identity vnetd gave
+        # to a port, or the gateway's
+        rules += [
+            r(_match(_pl("ether", "saddr"), "@taken"), comment="MAC of a port or the gateway"),
+            r(_match(_pl("arp", "saddr ether"), "@taken"),
+              comment="ARP sender MAC of a port or the gateway"),
+            r(_match(_pl("arp", "saddr ip"), "@claimed4"),
+              comment="ARP for an address of a port or the gateway"),
+            r(_match(_pl("ip", "saddr"), "@claimed4"),
+              comment="IPv4 source of a port or the gateway"),
+            r(_match(_pl("ip6", "saddr"), "@claimed6"),
+              comment="IPv6 source of a port or the gateway"),
+        ]
+        gw6 = [g for g in gateways if ":" in g]
+        if gw6:  # asking for the gateway is fine; answering for it or DAD of it is not
+            gw_set = {"set": [_int128(g) for g in gw6]}
+            rules += [r(_match(ICMP6, NA), _match(_th(8, 16), gw_set),
+                        comment="NA for the gateway"),
+                      r(_match(_pl("ip6", "saddr"), UNSPEC6), _match(ICMP6, NS),
+                        _match(_th(8, 16), gw_set), comment="DAD for the gateway")]
+        rules.append(_rule(b, co, unicast_dst, _match(_pl("ether", "daddr"), "@taken"),
+                           *count_drop_out, comment="unicast for another port"))
+        return rules
+    mac = _mac(p.mac) if p.mac is not None else None
+    if mac is not None:
+        rules += [
+            r(_match(_pl("ether", "saddr"), mac, "!="), comment="source MAC"),
+            r(_match(_pl("arp", "saddr ether"), mac, "!="), comment="ARP sender MAC"),
+            r(_match(_pl("udp", "dport"), 67), _match(_th(8 + 28, 6), _mac_int(mac), "!="),
+              comment="DHCP client hardware address"),
+        ]
+        rules.append(_rule(b, co, unicast_dst, _match(_pl("ether", "daddr"), mac, "!="),
+                           *count_drop_out, comment="unicast for another MAC"))
+    else:
+        # learning: the first unicast source locks the port, but never an identity that is
+        # already taken (a port's MAC, the bridge's)
+        rules += [
+            r(_match(_pl("ether", "saddr"), "@taken"), comment="MAC of a port or the gateway"),
+            r(_match(_pl("arp", "saddr ether"), "@taken"),
+              comment="ARP sender MAC of a port or the gateway"),
+        ]
+        rules.append(_rule(b, co, unicast_dst, _match(_pl("ether", "daddr"), "@taken"),
+                           *count_drop_out, comment="unicast for another port"))
+    # IPv4 and ARP: until an address is bound only DHCP client traffic and ARP probes
+    arp_ip = _pl("arp", "saddr ip")
+    if p.ipv4 is not None:
+        rules.append(r(_match(arp_ip, {"set": ["0.0.0.0", p.ipv4]}, "!="),
+                       comment="ARP sender IP"))
+    elif p.unbound_in is not None:
+        sub = _prefix(ipaddress.IPv4Network(p.unbound_in))
+        rules += [r(_match(arp_ip, {"set": ["0.0.0.0", sub]}, "!="),
+                    comment="ARP sender IP outside the subnet"),
+                  r(_match(arp_ip, "@claimed4"), comment="ARP for an address held here"),
+                  r(_match(_pl("ip", "saddr"), {"set": ["0.0.0.0", sub]}, "!="),
+                    comment="source IPv4 outside the subnet"),
+                  r(_match(_pl("ip", "saddr"), "@claimed4"),
+                    comment="source IPv4 held here")]
+    else:
+        rules.append(r(_match(arp_ip, "0.0.0.0", "!="), comment="ARP before an address"))
+    rules.append(_rule(b, ci, _match(_pl("ip", "saddr"), "0.0.0.0"),
+                       _match(_pl("udp", "sport"), 68), _match(_pl("udp", "dport"), 67),
+                       RETURN, comment="DHCP client without an address"))
+    if p.ipv4 is not None:
+        rules.append(r(_match(_pl("ip", "saddr"), p.ipv4, "!="), comment="source IPv4"))
+    elif p.unbound_in is None:
+        rules.append(r(_match(_pl("ether", "type"), "ip"), comment="IPv4 before an address"))
+    # IPv6: the port's link-local and bound addresses; '::' only for DAD and MLD
+    allowed = port_allowed6(p)
+    sources = {"set": [UNSPEC6, *allowed]} if allowed else UNSPEC6
+    rules += [
+        r(_match(_pl("ip6", "saddr"), sources, "!="), comment="source IPv6"),
+        r(_match(_pl("ip6", "saddr"), UNSPEC6),
+          _match(ICMP6, {"set": [NS, "mld-listener-report", "mld2-listener-report"]}, "!="),
+          comment="unspecified source beyond DAD and MLD"),
+        r(_match(ICMP6, {"set": [NS, NA]}), _match(IP6_LEN, {"set": [24, 32]}, "!="),
+          comment="neighbour discovery with unexpected options"),
+    ]
+    targets = {"set": [_int128(a) for a in allowed]} if allowed else None
+    if targets is None:
+        rules.append(r(_match(ICMP6, NA), comment="NA before an address"))
+        rules.append(r(_match(_pl("ip6", "saddr"), UNSPEC6), _match(ICMP6, NS),
+                       comment="DAD before an address"))
+    else:
+        rules += [
+            r(_match(ICMP6, NA), _match(_th(8, 16), targets, "!="), comment="NA target"),
+            r(_match(_pl("ip6", "saddr"), UNSPEC6), _match(ICMP6, NS),
+              _match(_th(8, 16), targets, "!="), comment="DAD target"),
+        ]
+    if mac is not None:
+        rules += [
+            r(_match(ICMP6, NA), _match(IP6_LEN, 32), _match(_th(24, 2), "0x0201", "!="),
+              comment="NA option"),
+            r(_match(ICMP6, NA), _match(IP6_LEN, 32), _match(_th(26, 6), _mac_int(mac), "!="),
+              comment="NA target link-layer address"),
+            r(_match(ICMP6, NS), _match(IP6_LEN, 32), _match(_th(24, 1), {"set": [1, 14]},
+                                                              "!="),
+              comment="NS option"),
+            r(_match(ICMP6, NS), _match(IP6_LEN, 32), _match(_th(24, 2), "0x0101"),
+              _match(_th(26, 6), _mac_int(mac), "!="), comment="NS source link-layer address"),
+        ]
+    return rules
+
+
+def _port_chain_cmds(p: FwPort, gateways: tuple[str, ...], *, flush: bool) -> list[dict]:
+    cmds: list[dict] = []
+    for name in (_in_chain(p.ifname), _out_chain(p.ifname)):
+        cmds.append(_chain("bridge", name))
+        if flush:
+            cmds.append({"flush": {"chain": _obj("bridge", name=name)}})
+    return cmds + _port_rules(p, gateways)
 
 
 def _group(pairs: Iterable[tuple[str, Any]], op: str) -> list[dict]:
     by_set: dict[str, list] = {}
     for name, elem in pairs:
-        by_set.setdefault(name, []).append(elem)
+        if elem not in by_set.setdefault(name, []):
+            by_set[name].append(elem)
     return [_elements(op, "bridge", name, elems) for name, elems in by_set.items()]
 
 
-def _counter_obj(ifname: str) -> dict:
-    return _obj("bridge", name=counter_name(ifname))
+def _counter_obj(ifname: str, packets: int = 0, bytes_: int = 0) -> dict:
+    c = _obj("bridge", name=counter_name(ifname))
+    if packets or bytes_:
+        c.update(packets=packets, bytes=bytes_)
+    return c
 
 
-def render_port_update(port: FwPort, old: FwPort | None, *,
-                       spoof_protection: bool = True) -> dict:
-    """Add or replace one port's anti-spoofing elements in one transaction: the elements of
-    ``old`` (what was applied before; None: nothing) that ``port`` no longer has are deleted,
-    those of ``port`` are added (adding an existing element changes nothing), and the named
-    counter ``spoof_<ifname>`` keeps its value. ``spoof_protection`` is the port's network's
-    setting."""
+def render_port_update(port: FwPort, old: FwPort | None, *, spoof_protection: bool = True,
+                       gateways: tuple[str, ...] = (),
+                       keep: frozenset[tuple[str, Any]] = frozenset()) -> dict:
+    """Add or replace one port's guard in one transaction: its two chains are (re)written,
+    the elements of ``old`` (what was applied before; None: nothing) that ``port`` no longer
+    has are deleted and those of ``port`` added; the named counter ``spoof_<ifname>`` keeps its
+    value. ``spoof_protection`` is the port's network's setting; ``gateways`` the gateway's
+    addresses (for VDE segments). Elements in ``keep`` (the identities other ports or
+    gateways still hold: the sets are host-wide) are never deleted."""
     if not spoof_protection:
-        return render_port_remove(old) if old is not None else {"nftables": []}
+        return render_port_remove(old, keep=keep) if old is not None else {"nftables": []}
+    if old is not None and old.ifname != port.ifname:
+        raise ValueError(f"A port update cannot rename {old.ifname} to {port.ifname}.")
     new = _port_elems(port)
     cmds: list[dict] = []
     if old is not None:
-        gone = [pe for pe in _port_elems(old) if pe not in new]
-        # the map element referring to the counter goes before the counter
-        cmds += _group(gone, "delete")
-        if old.ifname != port.ifname:
-            cmds.append({"delete": {"counter": _counter_obj(old.ifname)}})
+        cmds += _group([pe for pe in _port_elems(old) if pe not in new and _keyed(pe) not in keep],
+                       "delete")
     cmds.append({"add": {"counter": _counter_obj(port.ifname)}})
-    cmds += _group(new, "add")
+    cmds += _port_chain_cmds(port, gateways, flush=old is not None)
+    cmds += _group(new, "add")  # adding an element that is there changes nothing
     return {"nftables": cmds}
 
 
-def render_port_remove(port: FwPort, *, spoof_protection: bool = True) -> dict:
-    """Delete one port's anti-spoofing elements and its counter (as they were applied)."""
+def _keyed(pe: tuple[str, Any]) -> tuple[str, Any]:
+    return pe[0], json.dumps(pe[1], sort_keys=True) if not isinstance(pe[1], str) else pe[1]
+
+
+def shared_elems(p: FwPort) -> set[tuple[str, Any]]:
+    """The host-wide identity elements of a port (what ``keep`` is made of)."""
+    return {_keyed(pe) for pe in _port_elems(p) if pe[0] in ("taken", "claimed4", "claimed6")}
+
+
+def render_port_remove(port: FwPort, *, spoof_protection: bool = True,
+                       keep: frozenset[tuple[str, Any]] = frozenset()) -> dict:
+    """Delete one port's guard (as it was applied): its elements (but those in ``keep``),
+    chains and counter."""
     if not spoof_protection:
         return {"nftables": []}
-    cmds = _group(_port_elems(port), "delete")
+    cmds = _group([pe for pe in _port_elems(port) if _keyed(pe) not in keep], "delete")
+    for name in (_in_chain(port.ifname), _out_chain(port.ifname)):
+        cmds.append({"flush": {"chain": _obj("bridge", name=name)}})
+        cmds.append({"delete": {"chain": _obj("bridge", name=name)}})
     cmds.append({"delete": {"counter": _counter_obj(port.ifname)}})
     return {"nftables": cmds}
 
@@ -636,46 +855,41 @@ def _inet_chains_and_rules() -> list[dict]:
 def _bridge_sets() -> list[dict]:
     b = "bridge"
     return [
-        _set_cmd(b, "guarded", "ifname"),
-        _set_cmd(b, "strict", "ifname"),
-        _set_cmd(b, "mac_known", "ifname"),
-        _set_cmd(b, "port_mac", ["ifname", "ether_addr"]),
-        _set_cmd(b, "ip_known", "ifname"),
-        _set_cmd(b, "port_ip4", ["ifname", "ipv4_addr"]),
+        _set_cmd(b, "guard_in", "ifname", map_="verdict"),
+        _set_cmd(b, "guard_out", "ifname", map_="verdict"),
+        _set_cmd(b, "taken", "ether_addr"),
+        _set_cmd(b, "claimed4", "ipv4_addr"),
+        _set_cmd(b, "claimed6", "ipv6_addr"),
         _set_cmd(b, "port_ctr", "ifname", map_="counter"),
     ]
 
 
 def _bridge_chains_and_rules() -> list[dict]:
+    """The hooks and the checks every guarded port shares (from_any_port): default-deny on
+    what no guest may send whoever it is."""
     b = "bridge"
     count_drop = [{"counter": {"map": {"key": IIF, "data": "@port_ctr"}}}, DROP]
+    c = "from_any_port"
     return copy.deepcopy([
         _chain(b, "prerouting", "prerouting", "filter", PRIO_BRIDGE_FILTER),
-        _chain(b, "guard"),
-        _rule(b, "prerouting", _match(IIF, "@guarded"), _jump("guard")),
-        _rule(b, "guard", _match(IIF, "@mac_known"),
-              _match(_cat(IIF, _pl("ether", "saddr")), "@port_mac", "!="), *count_drop,
-              comment="source MAC"),
-        _rule(b, "guard", _match(IIF, "@strict"),
-              _match(_pl("ether", "type"), {"set": ["8021q", "8021ad"]}), *count_drop,
-              comment="VLAN tag"),
-        _rule(b, "guard", _match(_pl("udp", "sport"), {"set": [67, 547]}), *count_drop,
+        _chain(b, "forward", "forward", "filter", PRIO_FILTER),
+        _chain(b, "output", "output", "filter", PRIO_FILTER),
+        _chain(b, c),
+        _rule(b, "prerouting", {"vmap": {"key": IIF, "data": "@guard_in"}}),
+        _rule(b, "forward", {"vmap": {"key": OIF, "data": "@guard_out"}}),
+        _rule(b, "output", {"vmap": {"key": OIF, "data": "@guard_out"}}),
+        _rule(b, c, _match({"&": [_pl("ether", "saddr"), "01:00:00:00:00:00"]},
+                           "01:00:00:00:00:00"), *count_drop, comment="multicast source MAC"),
+        _rule(b, c, _match(_pl("ether", "type"), {"set": ["ip", "arp", "ip6"]}, "!="),
+              *count_drop, comment="not IPv4, ARP or IPv6 (VLAN tags, STP, ...)"),
+        _rule(b, c, _match(_pl("udp", "sport"), {"set": [67, 547]}), *count_drop,
               comment="rogue DHCP server"),
-        _rule(b, "guard", _match(_pl("icmpv6", "type"), "nd-router-advert"), *count_drop,
+        _rule(b, c, _match(ICMP6, {"set": ["nd-router-advert", "nd-redirect"]}), *count_drop,
               comment="rogue router"),
-        _rule(b, "guard", _match(IIF, "@mac_known"),
-              _match(_cat(IIF, _pl("arp", "saddr ether")), "@port_mac", "!="), *count_drop,
-              comment="ARP sender MAC"),
-        _rule(b, "guard", _match(_pl("arp", "saddr ip"), "0.0.0.0", "!="),
-              _match(IIF, "@ip_known"),
-              _match(_cat(IIF, _pl("arp", "saddr ip")), "@port_ip4", "!="), *count_drop,
-              comment="ARP sender IP"),
-        _rule(b, "guard", _match(_pl("ip", "saddr"), "0.0.0.0"),
-              _match(_pl("udp", "sport"), 68), _match(_pl("udp", "dport"), 67), RETURN,
-              comment="DHCP client without an address"),
-        _rule(b, "guard", _match(IIF, "@ip_known"),
-              _match(_cat(IIF, _pl("ip", "saddr")), "@port_ip4", "!="), *count_drop,
-              comment="source IPv4"),
+        _rule(b, c, _match(_pl("icmp", "type"), "redirect"), *count_drop,
+              comment="ICMP redirect"),
+        _rule(b, c, _match(_pl("arp", "htype"), 1, "!="), *count_drop,
+              comment="ARP for other hardware"),
     ])
 
 
@@ -713,12 +927,33 @@ def _among(by_name: dict[str, FwNetwork], network: str, what: str) -> FwNetwork:
     return net
 
 
+def gateway_addresses(n: FwNetwork) -> tuple[str, ...]:
+    """The gateway's addresses on its bridge: IPv4, IPv6 and the bridge's link-local."""
+    out = [str(n.gateway)]
+    if n.gateway6 is not None:
+        out.append(str(n.gateway6))
+    if n.mac is not None:
+        out.append(eui64_ll(n.mac))
+    return tuple(out)
+
+
+def network_elems(n: FwNetwork) -> list[tuple[str, str]]:
+    """The gateway's identity on a guarded network, which no port may take."""
+    out = [("claimed6" if ":" in a else "claimed4", a) for a in gateway_addresses(n)]
+    if n.mac is not None:
+        out.append(("taken", _mac(n.mac)))
+    return out
+
+
 def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] = (),
-                   ports: Iterable[FwPort] = (), *, fresh: bool = False) -> dict:
+                   ports: Iterable[FwPort] = (), *, fresh: bool = False,
+                   counters: dict[str, dict[str, int]] | None = None) -> dict:
     """ONE transaction that (re)creates both tables completely: add table, flush table (or,
     with ``fresh``, delete and add it again), then sets and maps (each flushed), chains, rules
-    and elements. Applying it twice gives the same ruleset; other tables are never named.
-    Named counters of ports survive an in-place rebuild."""
+    and elements. The bridge table (the port guards, with one pair of chains per port) is
+    always made anew, so no chain of a port that is gone survives; ``counters`` (what
+    :func:`parse_spoof_counters` read before) carries the ports' drop counts over. Applying it
+    twice gives the same ruleset; other tables are never named."""
     nets = sorted(networks, key=lambda n: n.name)
     by_name: dict[str, FwNetwork] = {}
     for n in nets:
@@ -775,17 +1010,28 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
                 put(name, e)
 
     bridge_el: dict[str, list] = {}
-    counters: list[str] = []
+
+    def bput(name: str, elem: Any) -> None:
+        if elem not in bridge_el.setdefault(name, []):
+            bridge_el[name].append(elem)
+
+    for n in nets:  # the gateway's identity is taken on every guarded network
+        if n.spoof_protection:
+            for name, e in network_elems(n):
+                bput(name, e)
+    guarded: list[str] = []
+    port_cmds: list[dict] = []
     for p in prts:
         validate_port(p)
         net = _among(by_name, p.network, f"The port {p.ifname} is on")
         if not net.spoof_protection:
             continue
-        if p.ifname in counters:
+        if p.ifname in guarded:
             raise ValueError(f"The port {p.ifname} is listed twice.")
-        counters.append(p.ifname)
+        guarded.append(p.ifname)
         for name, e in _port_elems(p):
-            bridge_el.setdefault(name, []).append(e)
+            bput(name, e)
+        port_cmds += _port_chain_cmds(p, gateway_addresses(net), flush=False)
 
     cmds: list[dict] = []
     cmds += _table_head("inet", fresh)
@@ -795,12 +1041,15 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
     cmds += _overlay_rules(nets)
     for name in sorted(el):
         cmds.append(_elements("add", "inet", name, _sorted(el[name])))
-    cmds += _table_head("bridge", fresh)
-    for s in _bridge_sets():
-        cmds += _with_flush("bridge", s, fresh)
-    for ifname in counters:
-        cmds.append({"add": {"counter": _counter_obj(ifname)}})
+    cmds += _table_head("bridge", True)
+    cmds += _bridge_sets()
+    counts = counters or {}
+    for ifname in guarded:
+        c = counts.get(ifname, {})
+        cmds.append({"add": {"counter": _counter_obj(ifname, c.get("packets", 0),
+                                                     c.get("bytes", 0))}})
     cmds += _bridge_chains_and_rules()
+    cmds += port_cmds
     for name in sorted(bridge_el):
         cmds.append(_elements("add", "bridge", name, _sorted(bridge_el[name])))
     return {"nftables": cmds}
