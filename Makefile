@@ -20,7 +20,7 @@ LOGDIR      ?= /var/log/qemu-vnet
 DEB_RUNTIME := dbus-daemon dbus-bin polkitd pkexec python3 python3-venv python3-pip \
                python3-nftables nftables iproute2 dnsmasq-base isc-dhcp-server vde2
 DEB_TEST    := qemu-system-x86 linux-image-cloud-amd64 busybox-static expect dnsutils \
-               iperf3 systemd procps psmisc frr
+               iperf3 systemd procps psmisc frr iputils-ping vdeplug
 PIP_TEST    := pytest pytest-asyncio hypothesis pexpect ruff
 
 SYSTEMD_PID1 := $(shell [ "$$(cat /proc/1/comm 2>/dev/null)" = systemd ] && echo yes)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import services
 from .daemon import PY, Daemon, run_client, sh
+from .tools import require
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -131,6 +132,7 @@ def wait_until(fn, timeout: float, what: str, step: float = 0.1):
 
 
 def ping(guest, addr: str, count: int = 1, wait: int = 1) -> bool:
+    require("ping")  # a missing ping must not read as 'unreachable'
     r = guest.run("ping", "-c", str(count), "-W", str(wait), addr, timeout=count * wait + 10)
     return r.returncode == 0
 

@@ -613,6 +613,8 @@ class World:
         for name, net in running.items():
             want_links |= {name, *net.tap_names}
         live_ports = {p.ifname for p in self.ports.values() if p.network in running}
+        # a network's -n taps are guarded ports of root's too
+        tap_ports = {t for net in running.values() for t in net.tap_names}
         want_links |= live_ports
         if set(links) != want_links:
             extra = [(x, links[x].get("linkinfo", {}).get("info_kind"), links[x].get("ifalias"),
@@ -738,9 +740,10 @@ class World:
                                 f", missing {sorted((want_ip - fwd_ip).elements())}; ports extra "
                                 f"{sorted((fwd_port - want_port).elements())}, missing "
                                 f"{sorted((want_port - fwd_port).elements())}")
-            guarded = sorted(sets.get(("bridge", "guarded"), []))
-            if guarded != sorted(live_ports):
-                problems.append(f"nft set guarded holds {guarded}, ports: {sorted(live_ports)}")
+            guarded = sorted(k for k, _ in sets.get(("bridge", "guard_in"), []))
+            if guarded != sorted(live_ports | tap_ports):
+                problems.append(f"nft map guard_in holds {guarded}, ports: "
+                                f"{sorted(live_ports | tap_ports)}")
 
         # 5. definitions, forwards and static hosts: nothing lost, nothing extra or doubled
         nets_dir = v.config_dir / "networks"
@@ -785,12 +788,13 @@ class World:
         keys = [(p["network"], p["vm"], p["nic"]) for p in ports]
         if len(set(names)) != len(names) or len(set(keys)) != len(keys):
             problems.append(f"duplicate ports: {ports}")
-        if set(names) != live_ports:
+        if set(names) != live_ports | tap_ports:
             problems.append(f"ports listed {sorted(names)}, held by their holder "
-                            f"{sorted(live_ports)}")
+                            f"{sorted(live_ports)}, -n taps {sorted(tap_ports)}")
         records = {p.stem for p in (v.runtime_dir / "ports").glob("*.json")}
-        if records != live_ports:
-            problems.append(f"port records {sorted(records)}, ports {sorted(live_ports)}")
+        if records != live_ports | tap_ports:
+            problems.append(f"port records {sorted(records)}, ports "
+                            f"{sorted(live_ports | tap_ports)}")
 
         # 7. MACs handed out: the same from vnetd, and in the registry on disk
         try:
