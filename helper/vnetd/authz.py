@@ -1,6 +1,6 @@
 """Who is calling, and may they? Caller credentials from the bus, answers from polkit.
 
-Rules (DESIGN.md rule 1 and 2):
+Rules:
 - the caller's uid comes from org.freedesktop.DBus.GetConnectionCredentials(sender), never from
   an argument;
 - polkit is asked with the *system-bus-name* subject of the sender (never a PID);
@@ -9,15 +9,20 @@ Rules (DESIGN.md rule 1 and 2):
   gets org.freedesktop.DBus.Error.InteractiveAuthorizationRequired;
 - uid 0 skips polkit; if polkit cannot be asked, non-root callers are denied.
 
-Positive answers are cached per (sender unique name, action, details): a connection's uid and
-groups cannot change under it, so the cache answers as polkit would. Entries go when the sender
-disconnects and when polkit emits Changed; answers that came from a password (a temporary
-authorization) are never cached.
+Positive answers are cached per (sender unique name, action, details), for a short time only
+(--authz-cache-seconds, 60 s by default): polkit's answer can change under an open connection
+(a user taken out of group 'vnet', a rule file edited), and an expired entry is asked again.
+The cache is bounded by entries and by bytes, least recently used first out; the bus surface
+validates every argument before it asks, so details are short names, never a caller's
+kilobytes. Entries go when the sender disconnects and when polkit emits Changed; answers that
+came from a password (a temporary authorization) are never cached.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from dbus_fast import Message, MessageType, Variant
@@ -39,6 +44,13 @@ POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
 POLKIT_IFACE = "org.freedesktop.PolicyKit1.Authority"
 CHECK_ALLOW_USER_INTERACTION = 0x1
 
+CACHE_SECONDS = 60.0  # how long a positive answer is trusted without asking polkit again
+CACHE_ENTRIES = 4096
+CACHE_BYTES = 1 << 20  # characters of keys held, all entries together
+CREDS_ENTRIES = 4096  # connections whose credentials are remembered
+
+CacheKey = tuple[str, str, tuple[tuple[str, str], ...]]
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -52,32 +64,73 @@ class Caller:
         return self.uid == 0
 
 
+def _key_size(key: CacheKey) -> int:
+    return len(key[0]) + len(key[1]) + sum(len(k) + len(v) for k, v in key[2])
+
+
 class Authorizer:
-    def __init__(self, bus: MessageBus):
+    def __init__(self, bus: MessageBus, cache_seconds: float = CACHE_SECONDS,
+                 max_entries: int = CACHE_ENTRIES, max_bytes: int = CACHE_BYTES,
+                 clock=time.monotonic):
         self.bus = bus
-        self._creds: dict[str, tuple[int, int | None]] = {}
-        self._cache: set[tuple[str, str, tuple[tuple[str, str], ...]]] = set()
+        self.cache_seconds = cache_seconds
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self._creds: OrderedDict[str, tuple[int, int | None]] = OrderedDict()
+        self._cache: OrderedDict[CacheKey, float] = OrderedDict()  # key -> expiry, LRU order
+        self._bytes = 0
         self.polkit_calls = 0
         self.cache_hits = 0
 
     # --- cache maintenance (wired to bus signals by bus.py) -----------------------------
     def forget_sender(self, name: str) -> None:
         self._creds.pop(name, None)
-        if self._cache:
-            before = len(self._cache)
-            self._cache = {k for k in self._cache if k[0] != name}
-            if len(self._cache) != before:
-                log.debug("forgot %d cached answer(s) for %s: it disconnected",
-                          before - len(self._cache), name)
+        gone = [k for k in self._cache if k[0] == name]
+        for k in gone:
+            self._drop(k)
+        if gone:
+            log.debug("forgot %d cached answer(s) for %s: it disconnected", len(gone), name)
 
     def polkit_changed(self) -> None:
         if self._cache:
             log.info("polkit configuration changed: dropped %d cached answers", len(self._cache))
         self._cache.clear()
+        self._bytes = 0
 
     @property
     def cache_size(self) -> int:
         return len(self._cache)
+
+    @property
+    def cache_bytes(self) -> int:
+        return self._bytes
+
+    def _drop(self, key: CacheKey) -> None:
+        if self._cache.pop(key, None) is not None:
+            self._bytes -= _key_size(key)
+
+    def _cached(self, key: CacheKey) -> bool:
+        expiry = self._cache.get(key)
+        if expiry is None:
+            return False
+        if self.clock() >= expiry:
+            self._drop(key)
+            return False
+        self._cache.move_to_end(key)
+        return True
+
+    def _remember(self, key: CacheKey) -> None:
+        if self.cache_seconds <= 0:
+            return
+        size = _key_size(key)
+        if size > self.max_bytes:
+            return
+        self._drop(key)
+        self._cache[key] = self.clock() + self.cache_seconds
+        self._bytes += size
+        while len(self._cache) > self.max_entries or self._bytes > self.max_bytes:
+            self._drop(next(iter(self._cache)))  # the least recently used
 
     # --- credentials --------------------------------------------------------------------
     async def caller(self, sender: str, interactive: bool) -> Caller:
@@ -95,6 +148,10 @@ class Authorizer:
             pid = creds["ProcessID"].value if "ProcessID" in creds else None
             cached = (uid, pid)
             self._creds[sender] = cached
+            while len(self._creds) > CREDS_ENTRIES:  # a unique name is never reused
+                self._creds.popitem(last=False)
+        else:
+            self._creds.move_to_end(sender)
         return Caller(sender=sender, uid=cached[0], pid=cached[1], interactive=interactive)
 
     # --- polkit -------------------------------------------------------------------------
@@ -107,7 +164,7 @@ class Authorizer:
             return
         details = details or {}
         key = (caller.sender, action, tuple(sorted(details.items())))
-        if key in self._cache:
+        if self._cached(key):
             self.cache_hits += 1
             return
         flags = CHECK_ALLOW_USER_INTERACTION if caller.interactive else 0
@@ -133,7 +190,7 @@ class Authorizer:
         if is_authorized:
             if not any(k.startswith(("polkit.temporary_authorization",
                                      "polkit.retains_authorization")) for k in result_details):
-                self._cache.add(key)
+                self._remember(key)
             return
         verb = action[len(ACTION_PREFIX):]
         if is_challenge and not caller.interactive:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,11 +19,13 @@ from typing import Any
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from . import api
-from .authz import Authorizer, Caller
+from . import api, model
+from .authz import POLKIT_NAME, Authorizer, Caller
 from .engine import Engine
-from .errors import InvalidArgument, VnetError
+from .errors import InvalidArgument, NotOwner, VnetError
 from .model import Network, validate_network_name
+
+BUS_DAEMON = "org.freedesktop.DBus"
 
 log = logging.getLogger("vnetd.bus")
 
@@ -37,6 +40,17 @@ STD_IFACES = """  <interface name="org.freedesktop.DBus.Introspectable">
 MAX_DEPTH = 16  # containers and variants nested in one argument
 MAX_IN_FLIGHT = 32  # calls one sender may have waiting for an answer at once
 MAX_STRING = 4096  # characters in any one string argument
+IGNORED_SIGNAL_LOG_EVERY = 10.0  # seconds between warnings about signals from the wrong sender
+
+# Arguments checked before polkit is asked (by name, as the contract table names them): a call
+# with a bad one is refused with InvalidArgument at once, so polkit's answer, and the cache of
+# answers, only ever hold names that could be real.
+ARG_VALIDATORS: dict[str, Callable[[Any], Any]] = {
+    "name": model.validate_network_name,
+    "network": model.validate_network_name,
+    "vm": model.validate_vm_name,
+    "ifname": lambda v: model.validate_ifname(v, "interface name"),
+}
 
 
 # --- value conversion -------------------------------------------------------------------
@@ -165,6 +179,8 @@ class Service:
             raise RuntimeError(f"contract and handlers disagree: {sorted(missing)}")
         self.tasks: set[asyncio.Task] = set()
         self.in_flight: dict[str, int] = {}
+        self.polkit_owner: str | None = None  # polkitd's unique name on the bus, when it runs
+        self._ignored_logged = 0.0
         engine.listeners.append(self.emit_network_changed)
         engine.ports.listeners.append(self.emit_port_changed)
         engine.dhcp.listeners.append(self.emit_lease_changed)
@@ -218,12 +234,31 @@ class Service:
             self.in_flight.pop(sender, None)
 
     def _on_signal(self, msg: Message) -> None:
-        if msg.interface == "org.freedesktop.DBus" and msg.member == "NameOwnerChanged":
+        """Only the bus daemon says who disconnected, and only polkitd's current connection
+        says that polkit changed: the same signals from anyone else (a local user can send
+        any signal to vnetd's connection) are ignored."""
+        if msg.interface == BUS_DAEMON and msg.member == "NameOwnerChanged":
+            if msg.sender != BUS_DAEMON or msg.signature != "sss":
+                return self._ignored(msg)
             name, _old, new = msg.body
+            if name == POLKIT_NAME:
+                self.polkit_owner = new or None
             if name.startswith(":") and not new:
                 self.authz.forget_sender(name)
         elif msg.interface == "org.freedesktop.PolicyKit1.Authority" and msg.member == "Changed":
+            if self.polkit_owner is None or msg.sender != self.polkit_owner:
+                return self._ignored(msg)
             self.authz.polkit_changed()
+
+    def _ignored(self, msg: Message) -> None:
+        now = time.monotonic()
+        level = logging.DEBUG
+        if now - self._ignored_logged >= IGNORED_SIGNAL_LOG_EVERY:
+            self._ignored_logged = now
+            level = logging.WARNING
+        log.log(level, "ignored a %s.%s signal from %s: only %s sends it", msg.interface,
+                msg.member, msg.sender,
+                BUS_DAEMON if msg.member == "NameOwnerChanged" else "polkitd")
 
     async def subscribe(self) -> None:
         for rule in (
@@ -236,6 +271,14 @@ class Service:
                 destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                 interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule],
             ))
+        # after the match: a polkitd that starts from now on is seen by NameOwnerChanged
+        reply = await self.bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="GetNameOwner", signature="s",
+            body=[POLKIT_NAME],
+        ))
+        if reply.message_type == MessageType.METHOD_RETURN and self.polkit_owner is None:
+            self.polkit_owner = reply.body[0]
 
     # --- introspection ------------------------------------------------------------------
     def _children(self, path: str) -> list[str]:
@@ -323,6 +366,11 @@ class Service:
         args = [unwrap(a) for a in msg.body]
         if target is not None:
             args.insert(0, target)
+        for arg, value in zip(spec.args, args[1:] if target is not None else args,
+                              strict=False):
+            check = ARG_VALIDATORS.get(arg.name)
+            if check is not None:
+                check(value)
         details = self._details(spec, args, target)
         handler = self.handlers[(iface, msg.member)]
         try:
@@ -345,9 +393,10 @@ class Service:
             unix_fds=result.fds,
         ), result.fds
 
-    @staticmethod
-    def _details(spec: api.Method, args: list[Any], target: str | None) -> dict[str, str]:
-        """polkit details from the named arguments (what a rules file may test)."""
+    def _details(self, spec: api.Method, args: list[Any], target: str | None) -> dict[str, str]:
+        """polkit details from the named arguments (what a rules file may test). Every method
+        that touches a network names it, also those given only an interface: the network its
+        name says (vnet-ifup's <network>_<n> taps), or the network of the port."""
         if target is not None:
             return {"network": target}
         names = [a.name for a in spec.args]
@@ -355,7 +404,22 @@ class Service:
         for want in spec.details:
             if want in names and isinstance(args[names.index(want)], str):
                 out["network" if want == "name" else want] = args[names.index(want)]
+        ifname = out.get("ifname")
+        if ifname is not None and "network" not in out:
+            network = self._network_of_interface(spec.name, ifname)
+            if network is not None:
+                out = {"network": network, **out}
         return out
+
+    def _network_of_interface(self, method: str, ifname: str) -> str | None:
+        if method == "Detach":
+            port = self.engine.ports.by_name.get(ifname)
+            return port.network if port is not None else None
+        network = ifname.rsplit("_", 1)[0] if "_" in ifname else ""
+        try:
+            return validate_network_name(network)
+        except VnetError:  # the engine says what is wrong with the name
+            return None
 
     def _unknown(self, msg: Message) -> Message:
         return self._error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
@@ -378,7 +442,15 @@ class Service:
         return [to_asv(d) for d in self.engine.list()]
 
     async def get_network(self, caller: Caller, name: str) -> Any:
-        return to_asv(await self.engine.show(name))
+        """Everyone may look at a network; its ports (VM, MAC, uid) are shown whole only to
+        their holders and to administrators (manage), the rest as a count (other-ports)."""
+        d = await self.engine.show(name)
+        ports = d.get("ports")
+        if ports and not caller.is_root and any(p["uid"] != caller.uid for p in ports):
+            if not await self.is_admin(caller, name):
+                d["ports"] = [p for p in ports if p["uid"] == caller.uid]
+                d["other-ports"] = len(ports) - len(d["ports"])
+        return to_asv(d)
 
     async def define(self, caller: Caller, name: str, options: dict[str, Any]) -> Any:
         await self.engine.check_new_name(validate_network_name(name))
@@ -398,16 +470,37 @@ class Service:
                            "FILE' takes this back.")
 
     async def undefine(self, caller: Caller, name: str) -> None:
+        self.owns_network(caller, name)
         await self.engine.undefine(name)
 
     async def start(self, caller: Caller, name: str) -> None:
+        self.owns_network(caller, name)
         await self.engine.start(name)
 
     async def stop(self, caller: Caller, name: str) -> None:
+        self.owns_network(caller, name)
         await self.engine.stop(name)
 
     async def set_autostart(self, caller: Caller, name: str, enabled: bool) -> None:
+        self.owns_network(caller, name)
         await self.engine.set_autostart(name, enabled)
+
+    # --- owners -------------------------------------------------------------------------
+    # polkit says who may manage networks or change forwards at all; a network and a forward
+    # also carry the uid that made them. With the action delegated to users other than root
+    # (a polkit rule), each of them may change what they own and what root owns, never what
+    # another such user owns. Root may change anything.
+    @staticmethod
+    def _owns(caller: Caller, owner: int, what: str) -> None:
+        if caller.is_root or owner in (0, caller.uid):
+            return
+        raise NotOwner(f"{what} belongs to {_who(owner)}: only its owner or root may change "
+                       "it.")
+
+    def owns_network(self, caller: Caller, name: str) -> Network:
+        net = self.engine.get(name)
+        self._owns(caller, net.owner, f"The network '{name}'")
+        return net
 
     async def reload(self, caller: Caller) -> Any:
         return await self.engine.reload()
@@ -460,6 +553,7 @@ class Service:
         return self.engine.macs.export_ether_conf(network)
 
     async def import_macs(self, caller: Caller, network: str, macs: dict[str, str]) -> Any:
+        self.owns_network(caller, network)
         return Reply(self.engine.import_macs(network, macs),
                      audit=f"{len(macs)} entr{'y' if len(macs) == 1 else 'ies'}")
 
@@ -467,6 +561,8 @@ class Service:
         return self.engine.export_macs(network)
 
     async def forget_mac(self, caller: Caller, network: str, vm: str) -> Any:
+        if network in self.engine.defs:  # the network need not be defined any more
+            self.owns_network(caller, network)
         n = await self.engine.forget_mac(network, vm)
         return Reply(n, audit=f"forgot {n} MAC(s)")
 
@@ -479,9 +575,11 @@ class Service:
     # --- static hosts and leases --------------------------------------------------------
     async def add_host(self, caller: Caller, network: str, vm: str,
                        options: dict[str, Any]) -> Any:
+        self.owns_network(caller, network)
         return to_asv((await self.engine.add_host(network, vm, options)).to_dict())
 
     async def remove_host(self, caller: Caller, network: str, vm: str) -> None:
+        self.owns_network(caller, network)
         await self.engine.remove_host(network, vm)
 
     async def list_hosts(self, caller: Caller, network: str) -> Any:
@@ -492,21 +590,42 @@ class Service:
 
     # --- port forwarding ----------------------------------------------------------------
     async def add_forward(self, caller: Caller, network: str, spec: dict[str, Any]) -> Any:
+        self.owns_network(caller, network)  # a forward into a network changes it
         fwd = await self.engine.add_forward(network, spec, caller.uid)
         return to_asv(self.engine.forward_info(fwd))
 
     async def remove_forward(self, caller: Caller, network: str, spec: dict[str, Any]) -> None:
+        net = self.owns_network(caller, network)
+        if not caller.is_root:
+            words = model.expand_forward_words(spec)  # the engine's own lookup, to see whose
+            probe = model.parse_forward(net, {**words, "target": words.get("target") or "x",
+                                              "target-port": words.get("target-port", 1)})
+            match = self.engine.fwd_index.find(network, probe.proto, probe.family,
+                                               probe.port_lo, probe.port_hi, probe.ext_addr)
+            if match is not None:
+                self._owns(caller, match.owner,
+                           f"The forward of {match.proto} {match.external} on {network}")
         await self.engine.remove_forward(network, spec)
 
     # --- VXLAN overlay ------------------------------------------------------------------
     async def add_peer(self, caller: Caller, network: str, address: str) -> None:
+        self.owns_network(caller, network)
         await self.engine.set_peer(network, address, add=True)
 
     async def remove_peer(self, caller: Caller, network: str, address: str) -> None:
+        self.owns_network(caller, network)
         await self.engine.set_peer(network, address, add=False)
 
     async def list_forwards(self, caller: Caller, network: str) -> Any:
         return [to_asv(d) for d in self.engine.list_forwards(network)]
+
+
+def _who(uid: int) -> str:
+    """A user as a sentence names them: 'alice (uid 1000)', or 'uid 1000'."""
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _one_line(text: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import struct
 import time
@@ -173,6 +174,21 @@ class DhcpServers:
                 await c.start()
             else:
                 await c.reload()
+
+    def forget(self, net_name: str) -> None:
+        """An undefined network: its runtime directory (configs, pid files) and its state
+        directory (leases) go, so a network defined later under that name starts clean.
+        rmtree never follows a symbolic link, also not one a child left in dhcpd's directory."""
+        if net_name in self.children:
+            log.error("%s: its servers still run; its directories are kept", net_name)
+            return
+        for d in (self.runtime_dir / net_name, self.state_dir / net_name):
+            if d.is_symlink():
+                d.unlink()
+            elif d.exists():
+                shutil.rmtree(d, onerror=lambda _f, path, e: log.warning(
+                    "cannot remove %s: %s", path, e[1]))
+        self.lease_mtimes.pop(net_name, None)
 
     def status(self, net_name: str) -> list[dict]:
         return [c.status() for c in self.children.get(net_name, [])]

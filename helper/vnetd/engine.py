@@ -257,16 +257,18 @@ class Engine:
 
     async def _reap_orphan_children(self) -> None:
         """Servers a crashed vnetd left for networks that are not running (their start was
-        cut short, or they were stopped): processes whose command line names our config or
-        socket path (found in /proc/*/cmdline); their pid files go too."""
+        cut short, or they were stopped): only the processes that the records next to their
+        pid files name, in directories only root writes, never found by command line
+        (backends/supervisor.py); pid files and records go too."""
         run = self.store.runtime_dir
         for d in run.iterdir():
-            if d.is_dir() and (d / "dnsmasq.conf").exists() and d.name not in self.running:
-                await reap(f"{d}/", d / "dnsmasq.pid")  # dnsmasq, dhcpd: configs live there
+            if d.is_dir() and not d.is_symlink() and d.name not in self.running:
+                for pidfile in ("dnsmasq.pid", "dhcpd.pid"):  # dnsmasq, dhcpd
+                    await reap(d / pidfile)
         for net in self.defs.values():
             if net.name not in self.running:
                 for tap in net.tap_names:
-                    await reap(str(run / "vde" / tap), self.vde.pidfile(tap))
+                    await reap(self.vde.pidfile(tap))
 
     async def _remove_unwanted(self, lk: Link) -> None:
         log.info("reconcile: removing %s (alias %s): no definition wants it", lk.ifname, lk.alias)
@@ -459,6 +461,7 @@ class Engine:
             for f in self.defs[name].forwards:
                 self.fwd_index.remove(name, f)
             del self.defs[name]
+            self.dhcp.forget(name)  # its runtime and state directories, old leases too
         self._changed(name, "undefined")
 
     async def set_autostart(self, name: str, enabled: bool) -> Network:
@@ -765,7 +768,10 @@ class Engine:
         if record is not None:
             await self._restore_uplink(record)()
             path.unlink(missing_ok=True)
+        was_running = net.name in self.running
         self.running.discard(net.name)
+        if was_running:
+            await self.firewall.sync_all()  # its ports' guards go
         log.info("bridged %s: %s has its addresses and routes back", net.name, net.uplink)
 
     async def stop(self, name: str) -> None:
@@ -827,9 +833,13 @@ class Engine:
             for tname in net.tap_names:
                 await self._make_tap(net, tname, br.index, gid, rb)
             await self.vde.start(net)
+            self._guard_taps(net)
             self.running.add(net.name)
+            await self.firewall.sync_all()  # its taps are guarded ports too
         except BaseException:
             self.running.discard(net.name)
+            for p in self.ports.on_network(net.name):
+                self.ports.forget(p)
             await self.vde.stop(net)
             await rb.run()
             raise
@@ -899,7 +909,7 @@ class Engine:
         async with self.lock:
             port, fds, vhostfds, info = await self.ports.attach(
                 net, self._running_bridge(net), vm, uid, pid, opts)
-            if net.spoof_protection and net.mode != "bridged":
+            if net.spoof_protection:
                 try:
                     await self.firewall.port_attached(port)
                 except BaseException:

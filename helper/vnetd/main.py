@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import errno
 import logging
+import logging.handlers
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -14,7 +18,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from . import __version__, api, identity
-from .authz import Authorizer
+from .authz import CACHE_SECONDS, Authorizer
 from .backends.links import Links
 from .bus import Service
 from .engine import Engine
@@ -52,6 +56,17 @@ LIMITS = (
 )
 
 
+def _seconds(text: str) -> float:
+    """A duration in seconds, 0 or more."""
+    try:
+        n = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not 0 <= n <= 86400:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 86400 seconds")
+    return n
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="vnetd",
@@ -71,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, default, text in LIMITS:
         p.add_argument(flag, type=_count, default=default, metavar="N",
                        help=f"{text} (default: %(default)s)")
+    p.add_argument("--authz-cache-seconds", type=_seconds, default=CACHE_SECONDS, metavar="S",
+                   help="how long a positive polkit answer is reused for the same connection, "
+                   "action and details before polkit is asked again; a user taken out of "
+                   "group vnet loses an open connection's rights within this time; 0: never "
+                   "reused (default: %(default)s)")
     p.add_argument("--frr-pathspace", metavar="NAME",
                    help="EVPN: talk to the FRR instance started with -N NAME (vtysh -N NAME); "
                    "default: the system's FRR")
@@ -97,7 +117,7 @@ async def run(args: argparse.Namespace) -> int:
     else:
         bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
     await bus.connect()
-    authz = Authorizer(bus)
+    authz = Authorizer(bus, cache_seconds=args.authz_cache_seconds)
     service = Service(bus, engine, authz)
     service.install()
     await service.subscribe()
@@ -132,18 +152,177 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- the unit's limits, whoever started vnetd -------------------------------------------------
+# systemd/vnetd.service's CapabilityBoundingSet= (a test keeps the two the same). Started any
+# other way (D-Bus activation through dbus-daemon's launch helper where systemd is not PID 1,
+# or by hand), vnetd confines itself to the same capabilities with no-new-privs before it does
+# anything else, so that neither it nor any child it starts holds more than under systemd.
+UNIT_CAPABILITIES = {"net_admin": 12, "net_bind_service": 10, "net_raw": 13, "setuid": 7,
+                     "setgid": 6}
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _proc_status() -> dict[str, str]:
+    with open("/proc/self/status") as f:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+
+
+def confine() -> list[str]:
+    """Drop every capability the unit does not keep (bounding, permitted, effective,
+    inheritable and ambient sets) and set no-new-privs. Returns what was changed, in words;
+    raises OSError if a capability that was held could not be dropped."""
+    allowed = sum(1 << bit for bit in UNIT_CAPABILITIES.values())
+    st = _proc_status()
+    bounding = int(st["CapBnd"], 16)
+    held = int(st["CapPrm"], 16) | int(st["CapEff"], 16) | int(st["CapInh"], 16)
+    nnp = st.get("NoNewPrivs") == "1"
+    done: list[str] = []
+    if not bounding & ~allowed and not held & ~allowed and nnp:
+        return done
+    libc = ctypes.CDLL(None, use_errno=True)
+    extra = bounding & ~allowed
+    for cap in range(64):
+        if extra >> cap & 1 and libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            if err != errno.EINVAL:  # EINVAL: a capability this kernel does not have
+                raise OSError(err, f"cannot drop capability {cap} from the bounding set: "
+                              f"{os.strerror(err)}")
+    if extra:
+        done.append("capability bounding set limited to the unit's "
+                    f"({', '.join(sorted(UNIT_CAPABILITIES))})")
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two of (effective, permitted, inheritable)
+    if libc.capget(header, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capget: {os.strerror(err)}")
+    for half in (0, 1):
+        mask = allowed >> (32 * half) & 0xFFFFFFFF
+        for i in range(3):
+            data[3 * half + i] &= mask
+    if libc.capset(header, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    if held & ~allowed:
+        done.append("capabilities held limited to the same")
+    if not nnp:
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot set no-new-privs: {os.strerror(err)}")
+        done.append("no-new-privs set")
+    st = _proc_status()
+    if int(st["CapPrm"], 16) & ~allowed or int(st["CapEff"], 16) & ~allowed:
+        raise OSError(errno.EPERM, "capabilities outside the unit's set are still held")
+    return done
+
+
+# --- logging ---------------------------------------------------------------------------------
+LOG_FILE = Path("/var/log/qemu-vnet/vnetd.log")
+DEV_LOG = "/dev/log"
+FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def _fd_stat(fd: int) -> os.stat_result | None:
+    try:
+        return os.fstat(fd)
+    except OSError:
+        return None
+
+
+def _stderr_is_journal(st: os.stat_result | None) -> bool:
+    """systemd tells its services where their stderr goes (JOURNAL_STREAM=dev:inode)."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    return st is not None and want == f"{st.st_dev}:{st.st_ino}"
+
+
+def _stderr_is_useful(st: os.stat_result | None) -> bool:
+    if st is None:
+        return False
+    if stat.S_ISCHR(st.st_mode):
+        try:
+            return st.st_rdev != os.stat("/dev/null").st_rdev
+        except OSError:
+            return True
+    return True
+
+
+def _open_log_file(path: Path) -> logging.Handler:
+    """Appended to, never through a symbolic link; the directory is root's."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                 | os.O_NOCTTY | os.O_NONBLOCK, 0o640)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    h = logging.StreamHandler(os.fdopen(fd, "a", buffering=1, encoding="utf-8",
+                                        errors="backslashreplace"))
+    h.setFormatter(logging.Formatter(f"%(asctime)s vnetd[%(process)d]: {FORMAT}"))
+    return h
+
+
+def setup_logging(level: str, log_file: Path = LOG_FILE, dev_log: str = DEV_LOG) -> list[str]:
+    """stderr, when it goes somewhere; and, unless stderr is the journal already, the system
+    log at /dev/log (journald or syslog), or failing that log_file: whoever started vnetd (a
+    D-Bus launch helper puts stderr on /dev/null), its audit trail is kept. Returns problems
+    met, to be logged once logging works."""
+    root = logging.getLogger()
+    root.setLevel(getattr(logging, level.upper()))
+    problems: list[str] = []
+    st = _fd_stat(2)
+    if _stderr_is_useful(st):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter(
+            f"%(asctime)s {FORMAT}" if sys.stderr.isatty() else FORMAT))
+        root.addHandler(h)
+    if not _stderr_is_journal(st):
+        system: logging.Handler | None = None
+        if os.path.exists(dev_log):
+            try:
+                system = logging.handlers.SysLogHandler(
+                    address=dev_log, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+                system.setFormatter(logging.Formatter(f"vnetd[%(process)d]: {FORMAT}"))
+            except OSError as e:
+                problems.append(f"cannot log to {dev_log}: {e.strerror or e}")
+        if system is None:
+            try:
+                lst = os.stat(log_file)
+                if st is not None and (lst.st_dev, lst.st_ino) == (st.st_dev, st.st_ino):
+                    log_file = None  # stderr is that file already
+            except OSError:
+                pass
+            if log_file is not None:
+                try:
+                    system = _open_log_file(log_file)
+                except OSError as e:
+                    problems.append(f"cannot log to {log_file}: {e.strerror or e}")
+        if system is not None:
+            system.setLevel(max(logging.INFO, root.level))  # the audit trail, not debugging
+            root.addHandler(system)
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(levelname)s %(name)s: %(message)s" if not sys.stderr.isatty()
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    problems = setup_logging(args.log_level)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    for p in problems:
+        log.warning("%s", p)
     if os.geteuid() != 0:
         log.error("vnetd must run as root (it creates bridges and taps)")
         return 1
+    try:
+        changed = confine()
+    except OSError as e:
+        log.error("vnetd cannot confine itself to its unit's limits: %s", e.strerror or e)
+        return 1
+    if changed:
+        log.info("started with more privileges than its unit gives (D-Bus activation or by "
+                 "hand?): %s", "; ".join(changed))
     os.umask(0o022)
     try:
         return asyncio.run(run(args))

@@ -94,7 +94,7 @@ class VdeSwitches:
         try:
             for tap in net.tap_names:
                 sock, mgmt, pid = self._paths(tap)
-                await reap(str(sock))
+                await reap(pid)  # the switch a previous vnetd recorded for this tap, if any
                 self._remove_legacy_pidfile(tap)
                 give_tap(tap, uid)
                 c = Child(f"vde_switch[{tap}]",

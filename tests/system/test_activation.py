@@ -65,3 +65,56 @@ def test_a_call_activates_vnetd_and_it_comes_back_after_a_crash(vnetd, activatab
     assert new and new != pid
     assert "vnet2" in run_client("list").stdout
     run_client("undefine", "vnet2", check=True)
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+CAP_BITS = {"chown": 0, "dac_override": 1, "dac_read_search": 2, "fowner": 3, "kill": 5,
+            "setgid": 6, "setuid": 7, "setpcap": 8, "net_bind_service": 10, "net_admin": 12,
+            "net_raw": 13, "sys_module": 16, "sys_ptrace": 19, "sys_admin": 21}
+
+
+def test_an_activated_vnetd_keeps_the_units_limits_and_an_audit_trail(vnetd, activatable):
+    """The launch helper starts vnetd as full root with stderr on /dev/null: vnetd itself
+    drops to the unit's capability bounding set with no-new-privs, and logs where an
+    administrator finds it (the journal or syslog at /dev/log, else a file)."""
+    logfile = services.LOGDIR / "vnetd.log"
+    mark = logfile.stat().st_size if logfile.exists() else 0
+    r = run_client("list", "--json", user=ALICE)
+    assert r.returncode == 0, r.stderr
+    pid = services.name_owner_pid("org.qemuvnet.Vnet1")
+    st = _status(pid)
+    allowed = sum(1 << CAP_BITS[c] for c in services.unit_capabilities())
+    for field in ("CapBnd", "CapPrm", "CapEff", "CapInh"):
+        held = int(st[field], 16)
+        assert held & ~allowed == 0, f"{field} {st[field]} holds more than the unit allows"
+    assert int(st["CapBnd"], 16) == allowed
+    assert st["NoNewPrivs"] == "1"
+    if not Path("/dev/log").exists():  # no journal or syslog here: the file has it
+        deadline = time.monotonic() + 5
+        text = ""
+        while time.monotonic() < deadline:
+            with open(logfile, "rb") as f:
+                f.seek(mark)
+                text = f.read().decode(errors="replace")
+            if "ready on" in text:
+                break
+            time.sleep(0.1)
+        assert "ready on" in text, text[-2000:]
+        assert f"[{pid}]" in text
+
+
+def test_vnetd_confines_itself_to_the_units_capabilities():
+    """main.py's list is the unit's CapabilityBoundingSet=, so that a vnetd started without
+    systemd holds exactly what the unit would give it."""
+    from vnetd import main
+
+    assert sorted(main.UNIT_CAPABILITIES) == sorted(services.unit_capabilities())
+    assert all(CAP_BITS[c] == bit for c, bit in main.UNIT_CAPABILITIES.items())

@@ -114,3 +114,71 @@ def test_polkit_errors_deny():
 
     with pytest.raises(AccessDenied, match="not available"):
         check(Authorizer(Failing()), ALICE)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_answers_expire_so_polkit_is_asked_again():
+    clock = Clock()
+    bus = StubBus(*[(True, False, {})] * 3)
+    a = Authorizer(bus, cache_seconds=60, clock=clock)
+    check(a, ALICE)
+    clock.now += 59
+    check(a, ALICE)  # still cached
+    assert len(bus.calls) == 1
+    clock.now += 2
+    check(a, ALICE)  # expired: asked again (a user taken out of group vnet is refused now)
+    assert len(bus.calls) == 2
+    assert a.cache_size == 1
+
+
+def test_no_cache_at_zero_seconds():
+    bus = StubBus(*[(True, False, {})] * 2)
+    a = Authorizer(bus, cache_seconds=0)
+    check(a, ALICE)
+    check(a, ALICE)
+    assert len(bus.calls) == 2 and a.cache_size == 0
+
+
+def test_the_cache_is_bounded_in_entries_least_recently_used_first_out():
+    bus = StubBus(*[(True, False, {})] * 20)
+    a = Authorizer(bus, max_entries=3)
+    for vm in ("a", "b", "c"):
+        check(a, ALICE, details={"network": "vnet2", "vm": vm})
+    check(a, ALICE, details={"network": "vnet2", "vm": "a"})  # a is used again: kept
+    check(a, ALICE, details={"network": "vnet2", "vm": "d"})  # b, the oldest, goes
+    assert a.cache_size == 3 and len(bus.calls) == 4
+    check(a, ALICE, details={"network": "vnet2", "vm": "a"})
+    assert len(bus.calls) == 4
+    check(a, ALICE, details={"network": "vnet2", "vm": "b"})
+    assert len(bus.calls) == 5
+
+
+def test_the_cache_is_bounded_in_bytes():
+    bus = StubBus(*[(True, False, {})] * 100)
+    a = Authorizer(bus, max_bytes=2000)
+    for i in range(50):
+        check(a, ALICE, details={"network": "vnet2", "vm": f"{i:02d}" + "v" * 62})
+    assert 0 < a.cache_bytes <= 2000
+    assert a.cache_size < 50
+    a.forget_sender(ALICE.sender)
+    assert a.cache_size == 0 and a.cache_bytes == 0
+
+
+def test_credentials_are_bounded():
+    class CredBus:
+        async def call(self, msg):
+            from dbus_fast import Variant
+            return Reply([{"UnixUserID": Variant("u", 1001), "ProcessID": Variant("u", 7)}])
+
+    from vnetd import authz
+    a = Authorizer(CredBus())
+    for i in range(authz.CREDS_ENTRIES + 10):
+        asyncio.run(a.caller(f":1.{i}", False))
+    assert len(a._creds) == authz.CREDS_ENTRIES

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import signal
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -262,12 +264,13 @@ def test_write_pid_file_does_not_block_on_a_fifo(tmp_path):
 
 
 def test_child_runs_even_if_its_pid_file_is_a_symlink(tmp_path, caplog):
-    """Child._spawn writes through write_pid_file: the symlink is not followed, the child
-    runs all the same (a restarted vnetd finds it by its command line)."""
+    """A symbolic link in place of the pid file is never followed: start removes what a
+    previous child left there, and write_pid_file would refuse a link; the child runs and
+    its record (next to the pid file) names it."""
     target = secret(tmp_path)
     pidfile = tmp_path / "x.pid"
     pidfile.symlink_to(target)
-    token = f"vnet-test-{uuid.uuid4().hex}"  # the marker: only this test's process has it
+    token = f"vnet-test-{uuid.uuid4().hex}"
 
     async def main():
         c = supervisor.Child("sleeper", [sys.executable, "-c", "import time; time.sleep(30)",
@@ -275,14 +278,15 @@ def test_child_runs_even_if_its_pid_file_is_a_symlink(tmp_path, caplog):
         await c.start()
         try:
             assert c.pid and c.state == "running"
-            assert supervisor.pids_with(token) == [c.pid]
+            assert supervisor.read_record(pidfile)[0] == c.pid
+            pid = c.pid
         finally:
             await c.stop()
-        assert supervisor.pids_with(token) == []
+        assert supervisor.proc_stat(pid) is None
+        assert not supervisor.record_path(pidfile).exists()
 
     asyncio.run(main())
-    assert untouched(target)
-    assert "cannot write the pid file" in caplog.text
+    assert untouched(target)  # the stale link was removed (unlink never follows), not written
 
 
 def test_vde_pid_files_are_not_in_the_switches_directory(tmp_path):
@@ -294,18 +298,73 @@ def test_vde_pid_files_are_not_in_the_switches_directory(tmp_path):
 
 # --- signals ------------------------------------------------------------------------------
 
-def test_send_signal_survives_a_helper_that_cannot_start(monkeypatch, caplog):
-    def denied(pid, sig):
+def test_signal_pidfd_survives_a_helper_that_cannot_start(monkeypatch, caplog):
+    def denied(fd, sig):
         raise PermissionError(errno.EPERM, "no CAP_KILL")
 
     async def broken(*a, **kw):
         raise OSError(errno.ENOEXEC, "Exec format error")
 
-    monkeypatch.setattr(supervisor.os, "kill", denied)
+    monkeypatch.setattr(supervisor.signal, "pidfd_send_signal", denied)
     monkeypatch.setattr(supervisor, "proc_ids", lambda pid: (65534, 65534))
     monkeypatch.setattr(supervisor.asyncio, "create_subprocess_exec", broken)
-    asyncio.run(supervisor.send_signal(4242, 15))
+    asyncio.run(supervisor.signal_pidfd(99, 4242, 15))
     assert "cannot signal pid 4242" in caplog.text
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen(["/bin/sleep", "30"])
+
+
+def test_reap_stops_the_recorded_process_only_while_it_is_that_process(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    pidfile = tmp_path / "x.pid"
+    p = _sleeper()
+    try:
+        start = supervisor.proc_stat(p.pid)[1]
+        names = supervisor.exe_names(["/bin/sleep"])
+        # a record whose start time is not the process's (its pid was reused): left alone
+        supervisor.write_record(pidfile, p.pid, start + 1, names)
+        asyncio.run(supervisor.reap(pidfile))
+        assert p.poll() is None and not supervisor.record_path(pidfile).exists()
+        # a record of some other program: left alone
+        supervisor.write_record(pidfile, p.pid, start, ["dnsmasq"])
+        asyncio.run(supervisor.reap(pidfile))
+        assert p.poll() is None
+        # the very process: stopped
+        supervisor.write_record(pidfile, p.pid, start, names)
+        asyncio.run(supervisor.reap(pidfile))
+        assert p.wait(5) == -signal.SIGTERM
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_records_others_could_write_are_ignored(tmp_path):
+    os.chmod(tmp_path, 0o777)
+    pidfile = tmp_path / "x.pid"
+    p = _sleeper()
+    try:
+        supervisor.write_record(pidfile, p.pid, supervisor.proc_stat(p.pid)[1],
+                                supervisor.exe_names(["/bin/sleep"]))
+        if os.geteuid() == 0:
+            assert supervisor.read_record(pidfile) is None  # the directory is not root's alone
+        asyncio.run(supervisor.reap(pidfile))
+        assert p.poll() is None
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_the_gate_runs_nothing_when_vnetd_dies_before_it_says_go(tmp_path):
+    flag = tmp_path / "ran"
+    r, w = os.pipe()
+    p = subprocess.Popen([sys.executable, "-I", "-S", "-c", supervisor.GATE, str(r),
+                          "/usr/bin/touch", str(flag)], pass_fds=(r,))
+    os.close(r)
+    os.close(w)  # as a killed vnetd's end closes
+    assert p.wait(10) == 0
+    assert not flag.exists()
 
 
 # --- VDE ----------------------------------------------------------------------------------
@@ -467,8 +526,8 @@ def test_vde_start_stops_old_switches_before_handing_the_tap(tmp_path, monkeypat
     monkeypatch.setattr(identity, "share_dir", lambda *a, **kw: None)
     monkeypatch.setattr(identity, "private_dir", lambda *a, **kw: None)
 
-    async def reap(marker, pidfile=None):
-        calls.append(("reap", marker))
+    async def reap(pidfile):
+        calls.append(("reap", str(pidfile)))
 
     async def start(self):
         calls.append(("start", self.marker))
@@ -484,4 +543,4 @@ def test_vde_start_stops_old_switches_before_handing_the_tap(tmp_path, monkeypat
     with pytest.raises(Failed):
         asyncio.run(v.start(net))
     sock = str(tmp_path / "vde" / "vnet9_1")
-    assert calls == [("reap", sock), ("give", "vnet9_1"), ("start", sock)]
+    assert calls == [("reap", str(v.pidfile("vnet9_1"))), ("give", "vnet9_1"), ("start", sock)]

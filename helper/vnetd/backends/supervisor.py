@@ -3,21 +3,34 @@
 A child that dies is started again at once (well within a second); one that keeps dying soon
 after each start is backed off exponentially (up to 30 s) and reported as a crash loop.
 Children run in their own session and outlive vnetd: a network keeps its DHCP while vnetd
-restarts. A restarted vnetd finds the ones a previous vnetd left running by scanning
-/proc/*/cmdline for the child's marker (its config or socket path, `pids_with`), not through
-pid files, and replaces them cleanly (never two servers on one bridge). Each child's pid is
-still written to a pid file, for people and scripts; pid files live in directories only root
-writes, and are written with O_NOFOLLOW (safefile.write_pid_file).
+restarts.
+
+Which processes are vnetd's children is never guessed from command lines (any local user can
+start a process whose argv names a child's config file). A child is held by a pidfd from the
+moment it is spawned, and every signal goes through that pidfd, so a pid reused by another
+process is never hit. Each spawn also leaves a record next to the child's pid file: the pid,
+its start time (field 22 of /proc/PID/stat) and the executables it may run. A restarted vnetd
+finds what a previous one left only through these records, in directories only root writes,
+and only a process whose start time and executable still match is taken for the child; pid
+files and records anywhere else, or of another owner, are ignored.
+
+A crash between the spawn and the record would leave a child no record names, so a child is
+spawned behind a gate: a small interpreter that waits on a pipe and runs the real program only
+once vnetd has written the record and says so. If vnetd dies first, the gate sees the pipe
+close and exits without running it. The pid file itself holds the pid alone, for people and
+scripts (written with O_NOFOLLOW, safefile.write_pid_file).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import json
 import logging
 import os
-import shutil
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -28,25 +41,52 @@ log = logging.getLogger("vnetd.children")
 
 QUICK_DEATH = 5.0  # seconds: dying sooner than this counts towards a crash loop
 MAX_BACKOFF = 30.0
+TERM_TIMEOUT = 3.0  # seconds a child of ours gets to exit on SIGTERM before SIGKILL
+RECORD_MAX = 4096
+
+# The gate: reads one byte from fd argv[1]; b"1" runs argv[2:], anything else (vnetd died, EOF)
+# exits. No site, no environment: nothing but the standard os module.
+GATE = ("import os, sys\n"
+        "r = int(sys.argv[1])\n"
+        "go = os.read(r, 1)\n"
+        "os.close(r)\n"
+        "if go != b'1':\n"
+        "    os._exit(0)\n"
+        "os.execv(sys.argv[2], sys.argv[2:])\n")
+GATE_NAMES = (os.path.basename(sys.executable), os.path.basename(os.path.realpath(
+    sys.executable)))
+
+# Signals a child that runs as its own user (vnetd has no CAP_KILL) through the pidfd it was
+# handed: run as that same user, it can reach nothing that user does not own.
+SIGNAL_HELPER = ("import signal, sys\n"
+                 "signal.pidfd_send_signal(int(sys.argv[1]), int(sys.argv[2]))\n")
 
 
-def pids_with(marker: str) -> list[int]:
-    """Processes whose command line contains marker (a child's config path): also finds a
-    child a crashed vnetd started but had not yet written the pid file of."""
-    out = []
-    # a whole argument (ends at its NUL), or a directory prefix given with its '/'
-    needle = marker.encode() + (b"" if marker.endswith("/") else b"\0")
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                if needle in f.read():
-                    out.append(int(entry.name))
-        except OSError:
-            continue
-    return out
+# --- /proc -------------------------------------------------------------------------------------
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(comm, start time in clock ticks since boot: field 22) of a process, None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read(4096)
+    except OSError:
+        return None
+    lpar, rpar = raw.find(b"("), raw.rfind(b")")
+    if lpar < 0 or rpar < 0:
+        return None
+    fields = raw[rpar + 2:].split()
+    try:
+        return raw[lpar + 1:rpar].decode(errors="replace"), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def proc_exe_name(pid: int) -> str | None:
+    """The basename of /proc/PID/exe; None when it cannot be read (a process of another user
+    is not vnetd's to inspect that way: it has no CAP_SYS_PTRACE)."""
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return None
 
 
 def proc_ids(pid: int) -> tuple[int, int] | None:
@@ -65,16 +105,112 @@ def proc_ids(pid: int) -> tuple[int, int] | None:
     return None if uid is None or gid is None else (uid, gid)
 
 
-KILL = shutil.which("kill") or ""
+def exe_names(argv: list[str]) -> list[str]:
+    """The programs a child may be running: argv[0], and a program a wrapper runs after '--'
+    (dhcpd under setpriv)."""
+    names = [os.path.basename(argv[0])]
+    names += [os.path.basename(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == "--"]
+    return names
 
 
-async def send_signal(pid: int, sig: int) -> None:
-    """Signal a child, also one that runs as its own user. vnetd runs without CAP_KILL, so a
-    child that dropped to 'dnsmasq', 'vnet-dhcp' or 'vnet-vde' is signalled by a one-shot helper
-    that runs as that same user: it can hit nothing that user does not own, so a forged pid file
-    cannot make vnetd hit another user's process."""
+def _matches(pid: int, start: int, names: list[str]) -> bool:
+    st = proc_stat(pid)
+    if st is None or st[1] != start:
+        return False
+    exe = proc_exe_name(pid)
+    if exe is not None:
+        return exe in names
+    return st[0] in {n[:15] for n in names}  # comm: the executable's name, cut at 15
+
+
+# --- records -------------------------------------------------------------------------------
+def record_path(pidfile: Path) -> Path:
+    return pidfile.with_name(pidfile.name + ".id")
+
+
+def _root_only(st: os.stat_result) -> bool:
+    return st.st_uid == 0 and not st.st_mode & 0o022
+
+
+def write_record(pidfile: Path, pid: int, start: int, names: list[str]) -> None:
+    data = json.dumps({"pid": pid, "start": start, "exe": names}).encode()
+    path = record_path(pidfile)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                 | os.O_CLOEXEC, 0o644)
     try:
-        os.kill(pid, sig)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        os.ftruncate(fd, 0)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_record(pidfile: Path) -> tuple[int, int, list[str]] | None:
+    """(pid, start, exe names) of a record that only root could have written: in a directory
+    root owns that nobody else may write, a regular file root owns."""
+    path = record_path(pidfile)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("cannot read %s: %s", path, e.strerror or e)
+        return None
+    try:
+        if not _root_only(os.stat(path.parent)):
+            log.warning("%s is in a directory others may write: ignored", path)
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _root_only(st):
+            log.warning("%s is not a regular file of root's: ignored", path)
+            return None
+        d = json.loads(os.read(fd, RECORD_MAX))
+        pid, start, names = d["pid"], d["start"], d["exe"]
+        if not (isinstance(pid, int) and pid > 1 and isinstance(start, int)
+                and isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError("wrong shape")
+        return pid, start, names
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s is unreadable (%s): ignored", path, e)
+        return None
+    finally:
+        os.close(fd)
+
+
+def remove_files(pidfile: Path) -> None:
+    for p in (pidfile, record_path(pidfile)):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def open_recorded(pidfile: Path) -> tuple[int, int] | None:
+    """(pidfd, pid) of the process a record names, if it is still that process."""
+    rec = read_record(pidfile)
+    if rec is None:
+        return None
+    pid, start, names = rec
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone
+        return None
+    # checked after the pidfd is open: a pid reused since cannot pass for the recorded process
+    if not _matches(pid, start, [*names, *GATE_NAMES]):
+        os.close(fd)
+        log.info("%s names pid %d, which is no longer the child it recorded: left alone",
+                 pidfile, pid)
+        return None
+    return fd, pid
+
+
+# --- signals -------------------------------------------------------------------------------
+async def signal_pidfd(pidfd: int, pid: int, sig: int) -> None:
+    """Signal the process of a pidfd, also one that runs as its own user: vnetd runs without
+    CAP_KILL, so a child that dropped to 'dnsmasq', 'vnet-dhcp' or 'vnet-vde' is signalled by
+    a one-shot helper that runs as that same user and is handed the pidfd."""
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
         return
     except ProcessLookupError:
         return
@@ -84,14 +220,12 @@ async def send_signal(pid: int, sig: int) -> None:
     if ids is None:
         return
     uid, gid = ids
-    argv = ([KILL, "-s", str(sig), str(pid)] if KILL else
-            [sys.executable, "-I", "-S", "-c",
-             "import os, sys; os.kill(int(sys.argv[1]), int(sys.argv[2]))", str(pid), str(sig)])
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, user=uid, group=gid, extra_groups=[], stdin=asyncio.subprocess.DEVNULL,
+            sys.executable, "-I", "-S", "-c", SIGNAL_HELPER, str(pidfd), str(sig),
+            user=uid, group=gid, extra_groups=[], stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            close_fds=True)
+            close_fds=True, pass_fds=(pidfd,))
     except OSError as e:  # the helper could not be started (or could not drop to uid/gid)
         log.warning("cannot signal pid %d (uid %d) with %s: %s", pid, uid,
                     signal.Signals(sig).name, e)
@@ -99,50 +233,52 @@ async def send_signal(pid: int, sig: int) -> None:
     await proc.wait()
 
 
-async def wait_gone(pid: int, timeout: float) -> bool:
-    """Wait for any process to end (a pidfd: no permission needed, unlike kill(pid, 0))."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
+async def wait_pidfd(pidfd: int, timeout: float) -> bool:
+    """Wait for the process of a pidfd to end (it becomes readable)."""
     loop = asyncio.get_running_loop()
     gone = loop.create_future()
-    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
     try:
         await asyncio.wait_for(gone, timeout)
         return True
     except TimeoutError:
         return False
     finally:
-        loop.remove_reader(fd)
-        os.close(fd)
+        loop.remove_reader(pidfd)
 
 
-async def kill_pid(pid: int, timeout: float = 3.0) -> None:
-    await send_signal(pid, signal.SIGTERM)
-    if not await wait_gone(pid, timeout):
-        await send_signal(pid, signal.SIGKILL)
-        await wait_gone(pid, 1.0)
+async def stop_pidfd(pidfd: int, pid: int, timeout: float = TERM_TIMEOUT) -> bool:
+    """SIGTERM, then SIGKILL after `timeout` s; True once it is gone."""
+    await signal_pidfd(pidfd, pid, signal.SIGTERM)
+    if await wait_pidfd(pidfd, timeout):
+        return True
+    await signal_pidfd(pidfd, pid, signal.SIGKILL)
+    return await wait_pidfd(pidfd, 1.0)
 
 
-async def reap(marker: str, pidfile: Path | None = None) -> None:
-    """Stop every process still running with `marker` (left by a previous vnetd)."""
-    for pid in pids_with(marker):
-        log.info("stopping pid %d (%s): left behind by a previous vnetd", pid, marker)
-        await kill_pid(pid)
-    if pidfile is not None:
-        with contextlib.suppress(FileNotFoundError):
-            pidfile.unlink()
+async def reap(pidfile: Path) -> None:
+    """Stop the child a previous vnetd recorded in `pidfile` (and its record), if that
+    process still runs; then remove both files."""
+    found = open_recorded(Path(pidfile))
+    if found is not None:
+        fd, pid = found
+        try:
+            log.info("stopping pid %d (%s): left behind by a previous vnetd", pid, pidfile)
+            if not await stop_pidfd(fd, pid):
+                log.error("pid %d (%s) could not be stopped; it is left running", pid, pidfile)
+        finally:
+            os.close(fd)
+    remove_files(Path(pidfile))
 
 
 class Child:
-    def __init__(self, name: str, argv: list[str], pidfile: Path, marker: str,
+    def __init__(self, name: str, argv: list[str], pidfile: Path, marker: str = "",
                  hold_stdin: bool = False, user: tuple[int, int] | None = None,
                  extra_groups: list[int] | None = None):
         self.name = name
         self.argv = argv
-        self.pidfile = Path(pidfile)
-        self.marker = marker  # a string of argv that identifies this child (its config path)
+        self.pidfile = Path(pidfile)  # in a directory only root writes; its record next to it
+        self.marker = marker  # the child's main file (its config path or socket), for people
         # Some daemons (vde_switch) quit at EOF on stdin: give them a pipe whose write end
         # they hold themselves, so it never ends, even when vnetd restarts.
         self.hold_stdin = hold_stdin
@@ -151,6 +287,7 @@ class Child:
         self.user = user
         self.extra_groups = extra_groups or []
         self.proc: asyncio.subprocess.Process | None = None
+        self.pidfd: int | None = None
         self.wanted = False
         self.restarts = 0
         self.quick_deaths = 0
@@ -161,36 +298,57 @@ class Child:
 
     # --- control ------------------------------------------------------------------------
     async def start(self) -> None:
-        for old in pids_with(self.marker):
-            log.info("%s: replacing pid %d left by a previous vnetd", self.name, old)
-            await kill_pid(old)
+        await reap(self.pidfile)  # one a previous vnetd left: replaced, never two
         self.wanted = True
         await self._spawn()
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _spawn(self) -> None:
+        self._close_pidfd()
         stdin, keep = asyncio.subprocess.DEVNULL, ()
         if self.hold_stdin:
             stdin, w = os.pipe()
             keep = (w,)
+        gate_r, gate_w = os.pipe()
         as_user = ({"user": self.user[0], "group": self.user[1], "extra_groups": self.extra_groups}
                    if self.user is not None else {})
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=stdin, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True, close_fds=True,
-                pass_fds=keep, **as_user,
-            )
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-I", "-S", "-c", GATE, str(gate_r), *self.argv,
+                    stdin=stdin, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT, start_new_session=True, close_fds=True,
+                    pass_fds=(*keep, gate_r), **as_user,
+                )
+            finally:
+                os.close(gate_r)
+                if self.hold_stdin:
+                    os.close(stdin)
+                    os.close(keep[0])
+            # our own child, not yet waited for: its pid cannot have been reused
+            self.pidfd = os.pidfd_open(self.proc.pid)
+            st = proc_stat(self.proc.pid)
+            try:
+                if st is None:
+                    raise OSError(errno.ESRCH, "it is gone already")
+                write_record(self.pidfile, self.proc.pid, st[1], exe_names(self.argv))
+            except OSError as e:
+                # without its record, a restarted vnetd could not find it: not started at all
+                os.close(gate_w)
+                gate_w = -1
+                await self.proc.wait()
+                raise OSError(e.errno, f"cannot record {self.name} in "
+                              f"{record_path(self.pidfile)}: {e.strerror or e}") from None
+            os.write(gate_w, b"1")
         finally:
-            if self.hold_stdin:
-                os.close(stdin)
-                os.close(keep[0])
+            if gate_w >= 0:
+                os.close(gate_w)
         self._started_at = time.monotonic()
         try:
             write_pid_file(self.pidfile, self.proc.pid)
         except OSError as e:
-            # The child runs; a restarted vnetd finds it by its command line (pids_with), so
-            # a missing pid file costs nothing but this warning.
+            # The child runs, and its record says which process it is: a missing pid file
+            # costs nothing but this warning.
             log.warning("%s: cannot write the pid file %s: %s", self.name, self.pidfile,
                         e.strerror or e)
         self.state = "running"
@@ -231,30 +389,31 @@ class Child:
                 self.quick_deaths += 1
 
     async def reload(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            await send_signal(self.proc.pid, signal.SIGHUP)
+        if self.proc is not None and self.proc.returncode is None and self.pidfd is not None:
+            await signal_pidfd(self.pidfd, self.proc.pid, signal.SIGHUP)
 
     async def stop(self) -> None:
         self.wanted = False
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        if self.proc is not None and self.proc.returncode is None:
-            # our own child: its pid cannot be reused before we wait for it
-            await send_signal(self.proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 3)
-            except TimeoutError:
-                await send_signal(self.proc.pid, signal.SIGKILL)
-                try:
-                    await asyncio.wait_for(self.proc.wait(), 3)
-                except TimeoutError:  # not even SIGKILL got through (see send_signal)
-                    log.error("%s (pid %d) could not be stopped; it is left running",
-                              self.name, self.proc.pid)
+        if self.proc is not None and self.proc.returncode is None and self.pidfd is not None:
+            if not await stop_pidfd(self.pidfd, self.proc.pid):
+                # not even SIGKILL got through (see signal_pidfd)
+                log.error("%s (pid %d) could not be stopped; it is left running",
+                          self.name, self.proc.pid)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.proc.wait(), 1.0)
+        self._close_pidfd()
         self.proc = None
         self.state = "stopped"
-        with contextlib.suppress(FileNotFoundError):
-            self.pidfile.unlink()
+        remove_files(self.pidfile)
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
     @property
     def pid(self) -> int | None:

@@ -1,0 +1,377 @@
+"""Attacks on vnetd's authorization and its memory: a local user must not bloat the
+authorization cache, keep rights an administrator took away, act on another user's network or
+forward with delegated rights, read other users' ports, or forge the signals vnetd trusts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.harness.daemon import ALICE, BOB, PolkitRule, grant_rule, run_client, sh, uid_of
+from tests.harness.users import read_json, run_as, spawn_as
+
+CACHE_SECONDS = 2
+
+ATTACH_ACTION = "org.qemuvnet.Vnet1.attach"
+MANAGE_ACTION = "org.qemuvnet.Vnet1.manage"
+FORWARD_ACTION = "org.qemuvnet.Vnet1.forward"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def daemon(vnetd):
+    """This module's vnetd keeps positive answers for CACHE_SECONDS only; vnet2 is root's."""
+    vnetd.stop()
+    vnetd.start(["--authz-cache-seconds", str(CACHE_SECONDS)])
+    run_client("define", "vnet2", "--dhcp=none", check=True)
+    run_client("start", "vnet2", check=True)
+    yield vnetd
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def network_rule(user: str, action: str, network: str) -> str:
+    return (
+        "polkit.addRule(function(action, subject) {\n"
+        f'  if (action.id == "{action}" && subject.user == "{user}" &&\n'
+        f'      action.lookup("network") == "{network}") return polkit.Result.YES;\n'
+        "});\n"
+    )
+
+
+def grant_all(users: list[str], actions: list[str]) -> str:
+    return "".join(grant_rule(u, a) for u in users for a in actions)
+
+
+# --- 1. the authorization cache is bounded, and expires --------------------------------------
+
+GETMAC_FLOOD = """
+async def main():
+    async with Client() as c:
+        kinds = {}
+        for i in range(int(sys.argv[1])):
+            long = f"{i:08d}" + "x" * 4088  # 4096 characters, a new one each time
+            try:
+                await c.call("GetMac", "ssu", [long, long, 0])
+                kinds["ok"] = kinds.get("ok", 0) + 1
+            except VnetClientError as e:
+                kinds[e.name] = kinds.get(e.name, 0) + 1
+        print(json.dumps(kinds), flush=True)
+        sys.stdin.read()  # the connection stays open until the test has looked
+asyncio.run(main())
+"""
+
+
+def test_long_arguments_on_one_connection_do_not_grow_vnetd(daemon):
+    pid = daemon.proc.pid
+    run_as(ALICE, GETMAC_FLOOD, "200", timeout=120, input="")  # warm: allocator, code paths
+    before = rss_kb(pid)
+    proc = spawn_as(ALICE, GETMAC_FLOOD, "4000")
+    try:
+        kinds = read_json(proc)
+        grown = rss_kb(pid) - before  # while the connection is still open
+    finally:
+        proc.kill()
+        proc.wait()
+    assert kinds == {"org.qemuvnet.Vnet1.Error.InvalidArgument": 4000}, kinds
+    assert grown < 8 * 1024, f"vnetd grew by {grown} KB over 4000 refused calls"
+
+
+ATTACHER = """
+async def main():
+    async with Client() as c:
+        print(json.dumps({"name": c.bus.unique_name}), flush=True)
+        for line in sys.stdin:
+            cmd, _, arg = line.strip().partition(" ")
+            try:
+                if cmd == "attach":
+                    a = await c.attach("vnet2", arg)
+                    a.close()
+                elif cmd == "mac":
+                    await c.get_mac("vnet2", arg)
+                print(json.dumps({"ok": True}), flush=True)
+            except VnetClientError as e:
+                print(json.dumps({"ok": False, "error": e.name}), flush=True)
+asyncio.run(main())
+"""
+
+
+def ask(proc, line: str) -> dict:
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    return read_json(proc)
+
+
+def test_removal_from_group_vnet_reaches_an_open_connection(daemon):
+    proc = spawn_as(ALICE, ATTACHER)
+    try:
+        read_json(proc)
+        assert ask(proc, "attach g1") == {"ok": True}
+        assert ask(proc, "attach g1") == {"ok": True}  # from the cache
+        sh("gpasswd", "-d", ALICE, "vnet")
+        try:
+            time.sleep(CACHE_SECONDS + 1)
+            result = ask(proc, "attach g1")  # the very call polkit said yes to before
+        finally:
+            sh("gpasswd", "-a", ALICE, "vnet")
+        assert result["ok"] is False, "alice attached after she left group vnet"
+        assert result["error"] in ("org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
+                                   "org.freedesktop.DBus.Error.AccessDenied")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# --- 2. polkit details name the network ------------------------------------------------------
+
+PORT_CALLS = """
+async def main():
+    async with Client() as c:
+        out = {}
+        for what in sys.argv[1:]:
+            cmd, _, arg = what.partition(":")
+            try:
+                if cmd == "enslave":
+                    out[what] = await c.enslave(arg)
+                elif cmd == "release":
+                    out[what] = await c.release(arg)
+                elif cmd == "attach-detach":
+                    a = await c.attach(arg, "bobvm")
+                    await c.detach(a.ifname)
+                    a.close()
+                    out[what] = "ok"
+            except VnetClientError as e:
+                out[what] = e.name
+        print(json.dumps(out))
+asyncio.run(main())
+"""
+
+
+def test_enslave_release_and_detach_name_the_network_for_polkit(daemon):
+    run_client("define", "vnet3", "--dhcp=none", check=True)
+    run_client("start", "vnet3", check=True)
+    bob = str(uid_of(BOB))
+    for tap in ("vnet2_1", "vnet3_1"):
+        daemon.ip("tuntap", "add", "dev", tap, "mode", "tap", "user", bob)
+    try:
+        with PolkitRule("60-vnet-adv-bob-vnet3", network_rule(BOB, ATTACH_ACTION, "vnet3")):
+            r = run_as(BOB, PORT_CALLS, "enslave:vnet3_1", "release:vnet3_1", "enslave:vnet2_1",
+                       "attach-detach:vnet3")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["enslave:vnet3_1"] == "vnet3", out  # the rule for vnet3 applies
+        assert out["release:vnet3_1"] == "vnet3", out
+        assert out["attach-detach:vnet3"] == "ok", out
+        assert out["enslave:vnet2_1"].endswith("InteractiveAuthorizationRequired"), out
+    finally:
+        for tap in ("vnet2_1", "vnet3_1"):
+            daemon.ip("link", "del", tap, check=False)
+        run_client("stop", "vnet3")
+        run_client("undefine", "vnet3")
+
+
+# --- 3. owners, when manage and forward are delegated ----------------------------------------
+
+CALLS = """
+async def main():
+    async with Client() as c:
+        out = {}
+        for spec in json.loads(sys.argv[1]):
+            key, member, sig, body = spec
+            try:
+                await c.call(member, sig, body)
+                out[key] = "ok"
+            except VnetClientError as e:
+                out[key] = e.name
+        print(json.dumps(out))
+asyncio.run(main())
+"""
+
+
+def calls(user: str | None, *specs) -> dict:
+    r = run_as(user, CALLS, json.dumps(list(specs)), timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+FWD_CALLS = """
+from dbus_fast import Variant
+async def main():
+    async with Client() as c:
+        out = {}
+        for key, member, network, port, target in json.loads(sys.argv[1]):
+            spec = {"proto": Variant("s", "tcp"), "port": Variant("s", str(port))}
+            if target:
+                spec["target"] = Variant("s", target)
+                spec["target-port"] = Variant("s", "80")
+            try:
+                await c.call(member, "sa{sv}", [network, spec])
+                out[key] = "ok"
+            except VnetClientError as e:
+                out[key] = e.name
+        print(json.dumps(out))
+asyncio.run(main())
+"""
+
+
+def fwd_calls(user: str | None, *specs) -> dict:
+    r = run_as(user, FWD_CALLS, json.dumps(list(specs)), timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+NOT_OWNER = "org.qemuvnet.Vnet1.Error.NotOwner"
+
+
+def test_delegated_managers_cannot_touch_another_users_network_or_forward(daemon):
+    rule = grant_all([ALICE, BOB], [MANAGE_ACTION, FORWARD_ACTION])
+    with PolkitRule("60-vnet-adv-delegated", rule):
+        try:
+            out = calls(ALICE, ["define", "Define", "sa{sv}", ["vnet4", {}]],
+                        ["start", "Start", "s", ["vnet4"]])
+            assert out == {"define": "ok", "start": "ok"}, out
+            out = fwd_calls(ALICE, ["alice-fwd", "AddForward", "vnet4", 8041, "172.16.14.5"],
+                            ["alice-fwd-root", "AddForward", "vnet2", 8042, "172.16.12.5"])
+            assert out == {"alice-fwd": "ok", "alice-fwd-root": "ok"}, out
+
+            # bob, granted manage and forward by a rule, against alice's network and forwards
+            out = calls(BOB,
+                        ["stop", "Stop", "s", ["vnet4"]],
+                        ["undefine", "Undefine", "s", ["vnet4"]],
+                        ["autostart", "SetAutostart", "sb", ["vnet4", True]],
+                        ["addhost", "AddHost", "ssa{sv}", ["vnet4", "bobvm", {}]],
+                        ["forget", "ForgetMac", "ss", ["vnet4", "x"]])
+            assert out == {k: NOT_OWNER for k in out}, out
+            out = fwd_calls(BOB, ["rm-alice", "RemoveForward", "vnet4", 8041, None],
+                            ["rm-alice-on-root", "RemoveForward", "vnet2", 8042, None],
+                            ["add-into-alice", "AddForward", "vnet4", 8043, "172.16.14.6"])
+            assert out == {k: NOT_OWNER for k in out}, out
+            assert "vnet4" in run_client("list").stdout
+            assert len(json.loads(run_client("forward", "list", "vnet4", "--json").stdout)) == 1
+
+            # root's network stays open to a delegated manager, as before
+            out = fwd_calls(BOB, ["bob-fwd-root", "AddForward", "vnet2", 8044, "172.16.12.6"])
+            assert out == {"bob-fwd-root": "ok"}, out
+            out = calls(BOB, ["autostart-root", "SetAutostart", "sb", ["vnet2", False]])
+            assert out == {"autostart-root": "ok"}, out
+            # ...but not bob's forward to alice, even on root's network
+            out = fwd_calls(ALICE, ["rm-bob", "RemoveForward", "vnet2", 8044, None])
+            assert out == {"rm-bob": NOT_OWNER}, out
+
+            # the owner and root may
+            out = fwd_calls(ALICE, ["rm-own", "RemoveForward", "vnet4", 8041, None])
+            assert out == {"rm-own": "ok"}, out
+            out = fwd_calls(None, ["rm-bob-root", "RemoveForward", "vnet2", 8044, None],
+                            ["rm-alice-root", "RemoveForward", "vnet2", 8042, None])
+            assert out == {"rm-bob-root": "ok", "rm-alice-root": "ok"}, out
+            out = calls(ALICE, ["stop", "Stop", "s", ["vnet4"]],
+                        ["undefine", "Undefine", "s", ["vnet4"]])
+            assert out == {"stop": "ok", "undefine": "ok"}, out
+        finally:
+            run_client("stop", "vnet4")
+            run_client("undefine", "vnet4")
+
+
+def test_not_owner_says_whose_it_is(daemon):
+    with PolkitRule("60-vnet-adv-delegated", grant_all([ALICE, BOB], [MANAGE_ACTION])):
+        try:
+            run_client("define", "vnet5", user=ALICE, check=True)
+            r = run_client("undefine", "vnet5", user=BOB)
+            assert r.returncode != 0
+            assert "belongs to" in r.stderr and ALICE in r.stderr, r.stderr
+        finally:
+            run_client("undefine", "vnet5")
+
+
+# --- 4. GetNetwork shows callers without manage only their own ports -------------------------
+
+SHOW = """
+async def main():
+    async with Client() as c:
+        print(json.dumps(await c.get_network(sys.argv[1])))
+asyncio.run(main())
+"""
+
+HOLD = """
+async def main():
+    async with Client() as c:
+        a = await c.attach(sys.argv[1], sys.argv[2])
+        print(json.dumps({"ifname": a.ifname, "mac": a.mac}), flush=True)
+        sys.stdin.read()
+asyncio.run(main())
+"""
+
+
+def show_as(user: str | None, network: str) -> dict:
+    r = run_as(user, SHOW, network)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_get_network_shows_other_users_ports_only_as_a_count(daemon):
+    with PolkitRule("60-vnet-adv-bob-attach", grant_rule(BOB, ATTACH_ACTION)):
+        alice = spawn_as(ALICE, HOLD, "vnet2", "secretvm")
+        bob = spawn_as(BOB, HOLD, "vnet2", "bobvm")
+        try:
+            a = read_json(alice)
+            b = read_json(bob)
+            seen = show_as(BOB, "vnet2")
+            assert [p["vm"] for p in seen["ports"]] == ["bobvm"], seen["ports"]
+            assert seen["other-ports"] == 1
+            assert a["mac"] not in json.dumps(seen) and "secretvm" not in json.dumps(seen)
+            mine = show_as(ALICE, "vnet2")
+            assert [p["vm"] for p in mine["ports"]] == ["secretvm"]
+            every = show_as(None, "vnet2")
+            assert sorted(p["vm"] for p in every["ports"]) == ["bobvm", "secretvm"]
+            assert every.get("other-ports", 0) == 0
+            assert b["ifname"] in json.dumps(every)
+        finally:
+            for p in (alice, bob):
+                p.kill()
+                p.wait()
+
+
+# --- 6. forged signals -----------------------------------------------------------------------
+
+FORGER = """
+from dbus_fast import Message, MessageType
+async def main():
+    victim = sys.argv[1]
+    async with Client() as c:
+        c.bus.send(Message(message_type=MessageType.SIGNAL, destination="org.qemuvnet.Vnet1",
+                           path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+                           member="NameOwnerChanged", signature="sss",
+                           body=[victim, victim, ""]))
+        c.bus.send(Message(message_type=MessageType.SIGNAL, destination="org.qemuvnet.Vnet1",
+                           path="/org/freedesktop/PolicyKit1/Authority",
+                           interface="org.freedesktop.PolicyKit1.Authority", member="Changed"))
+        await c.list_networks()  # the signals went before this call's answer came
+        print(json.dumps({"sent": True}))
+asyncio.run(main())
+"""
+
+
+def test_forged_bus_and_polkit_signals_are_ignored(daemon):
+    proc = spawn_as(ALICE, ATTACHER)
+    try:
+        name = read_json(proc)["name"]
+        assert ask(proc, "mac forged1") == {"ok": True}  # a cached answer for alice
+        mark = len(daemon.log())
+        r = run_as(BOB, FORGER, name)
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.3)
+        after = daemon.log()[mark:]
+        assert f"for {name}: it disconnected" not in after, after
+        assert "polkit configuration changed" not in after, after
+        assert "ignored" in after and "signal" in after, after
+        assert ask(proc, "mac forged2") == {"ok": True}
+    finally:
+        proc.kill()
+        proc.wait()
