@@ -159,9 +159,14 @@ class Firewall:
         """What a port may be: its MAC, the IPv4 address bound to it (a static host, else its
         lease: the lease of its own MAC, which DHCP only gives to that client hardware
         address), and its IPv6 addresses (SLAAC from its MAC, DHCPv6 leases)."""
-        if port.kind == "vde":
-            return fw.FwPort(ifname=port.ifname, network=port.network, mac=None, segment=True)
         net = self.engine.defs.get(port.network)
+        bridged = net is not None and net.mode == "bridged"
+        if port.kind == "vde":
+            return fw.FwPort(ifname=port.ifname, network=port.network, mac=None, segment=True,
+                             bridged=bridged)
+        if bridged:
+            return fw.FwPort(ifname=port.ifname, network=port.network,
+                             mac=port.mac if port.mac_known else None, bridged=True)
         ipv4, ipv6 = None, []
         if net is not None and port.mac_known:
             static = next((h for h in net.hosts if h.mac == port.mac), None)
@@ -182,7 +187,9 @@ class Firewall:
 
     def _gateways(self, network: str) -> tuple[str, ...]:
         net = self.engine.defs.get(network)
-        return fw.gateway_addresses(self._fw_network(net)) if net is not None else ()
+        if net is None or net.mode == "bridged":
+            return ()  # the physical LAN's gateway is not ours to know
+        return fw.gateway_addresses(self._fw_network(net))
 
     def _hold(self, port: fw.FwPort | None, n: int) -> None:
         if port is not None:
@@ -207,7 +214,8 @@ class Firewall:
                 ff = self._fw_forward(net, f)
                 if ff is not None:
                     forwards[(net.name, f)] = ff
-        ours = {n.name for n in running}
+        # ports of bridged networks are guarded too (their MAC only)
+        ours = {n for n in self.engine.running if n in self.engine.defs}
         ports = {p.ifname: self._fw_port(p) for p in self.engine.ports.by_name.values()
                  if p.network in ours}
         fw_nets = [self._fw_network(n) for n in running]

@@ -206,6 +206,9 @@ class FwPort:
     # where this host cannot know the leases (an overlay member: DHCP runs on the gateway
     # host), an unbound port may use any address of this subnet that no one here holds
     unbound_in: str | None = None
+    # a bridged network's port: its addresses come from the physical LAN's servers, which vnetd
+    # does not know, so only its MAC is held (both ways); its network is not among ours
+    bridged: bool = False
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -566,6 +569,10 @@ def _port_rules(p: FwPort, gateways: tuple[str, ...] = ()) -> list[dict]:
         ]
         rules.append(_rule(b, co, unicast_dst, _match(_pl("ether", "daddr"), "@taken"),
                            *count_drop_out, comment="unicast for another port"))
+    if p.bridged:
+        if mac is not None:
+            rules += _nd_option_rules(r, mac)
+        return rules
     # IPv4 and ARP: until an address is bound only DHCP client traffic and ARP probes
     arp_ip = _pl("arp", "saddr ip")
     if p.ipv4 is not None:
@@ -597,9 +604,11 @@ def _port_rules(p: FwPort, gateways: tuple[str, ...] = ()) -> list[dict]:
         r(_match(_pl("ip6", "saddr"), UNSPEC6),
           _match(ICMP6, {"set": [NS, "mld-listener-report", "mld2-listener-report"]}, "!="),
           comment="unspecified source beyond DAD and MLD"),
-        r(_match(ICMP6, {"set": [NS, NA]}), _match(IP6_LEN, {"set": [24, 32]}, "!="),
-          comment="neighbour discovery with unexpected options"),
     ]
+    if mac is None:
+        rules.append(r(_match(ICMP6, {"set": [NS, NA]}),
+                       _match(IP6_LEN, {"set": [24, 32]}, "!="),
+                       comment="neighbour discovery with unexpected options"))
     targets = {"set": [_int128(a) for a in allowed]} if allowed else None
     if targets is None:
         rules.append(r(_match(ICMP6, NA), comment="NA before an address"))
@@ -612,18 +621,25 @@ def _port_rules(p: FwPort, gateways: tuple[str, ...] = ()) -> list[dict]:
               _match(_th(8, 16), targets, "!="), comment="DAD target"),
         ]
     if mac is not None:
-        rules += [
-            r(_match(ICMP6, NA), _match(IP6_LEN, 32), _match(_th(24, 2), "0x0201", "!="),
-              comment="NA option"),
-            r(_match(ICMP6, NA), _match(IP6_LEN, 32), _match(_th(26, 6), _mac_int(mac), "!="),
-              comment="NA target link-layer address"),
-            r(_match(ICMP6, NS), _match(IP6_LEN, 32), _match(_th(24, 1), {"set": [1, 14]},
-                                                              "!="),
-              comment="NS option"),
-            r(_match(ICMP6, NS), _match(IP6_LEN, 32), _match(_th(24, 2), "0x0101"),
-              _match(_th(26, 6), _mac_int(mac), "!="), comment="NS source link-layer address"),
-        ]
+        rules += _nd_option_rules(r, mac)
     return rules
+
+
+def _nd_option_rules(r, mac: str) -> list[dict]:
+    """Neighbour solicitations and advertisements carry at most one option, and a link-layer
+    address option carries the port's MAC."""
+    return [
+        r(_match(ICMP6, {"set": [NS, NA]}), _match(IP6_LEN, {"set": [24, 32]}, "!="),
+          comment="neighbour discovery with unexpected options"),
+        r(_match(ICMP6, NA), _match(IP6_LEN, 32), _match(_th(24, 2), "0x0201", "!="),
+          comment="NA option"),
+        r(_match(ICMP6, NA), _match(IP6_LEN, 32), _match(_th(26, 6), _mac_int(mac), "!="),
+          comment="NA target link-layer address"),
+        r(_match(ICMP6, NS), _match(IP6_LEN, 32), _match(_th(24, 1), {"set": [1, 14]}, "!="),
+          comment="NS option"),
+        r(_match(ICMP6, NS), _match(IP6_LEN, 32), _match(_th(24, 2), "0x0101"),
+          _match(_th(26, 6), _mac_int(mac), "!="), comment="NS source link-layer address"),
+    ]
 
 
 def _port_chain_cmds(p: FwPort, gateways: tuple[str, ...], *, flush: bool) -> list[dict]:
@@ -1023,15 +1039,18 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
     port_cmds: list[dict] = []
     for p in prts:
         validate_port(p)
-        net = _among(by_name, p.network, f"The port {p.ifname} is on")
-        if not net.spoof_protection:
-            continue
+        if p.bridged:  # a bridged network is not among ours; the engine says if it protects
+            net = None
+        else:
+            net = _among(by_name, p.network, f"The port {p.ifname} is on")
+            if not net.spoof_protection:
+                continue
         if p.ifname in guarded:
             raise ValueError(f"The port {p.ifname} is listed twice.")
         guarded.append(p.ifname)
         for name, e in _port_elems(p):
             bput(name, e)
-        port_cmds += _port_chain_cmds(p, gateway_addresses(net), flush=False)
+        port_cmds += _port_chain_cmds(p, gateway_addresses(net) if net else (), flush=False)
 
     cmds: list[dict] = []
     cmds += _table_head("inet", fresh)
