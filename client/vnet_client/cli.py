@@ -487,12 +487,15 @@ async def run_command(args: argparse.Namespace) -> int:
                 print(_table([[p["ifname"], p["vm"], str(p["nic"]), p["mac"], str(p["uid"]),
                                str(p["spoof-drops"])] for p in ports],
                              ["PORT", "VM", "NIC", "MAC", "UID", "SPOOF-DROPS"])
-                      if ports else f"No ports on {args.name}.")
+                      if ports else f"No ports of yours on {args.name}."
+                      if n.get("other-ports") else f"No ports on {args.name}.")
+                if n.get("other-ports"):
+                    print(f"(and {n['other-ports']} port(s) of other users)")
             elif out_json:
                 print(json.dumps(n, indent=2))
             else:
-                print_network({k: v for k, v in n.items() if k != "ports"}
-                              | {"ports": len(n.get("ports", []))})
+                print_network({k: v for k, v in n.items() if k not in ("ports", "other-ports")}
+                              | {"ports": len(n.get("ports", [])) + n.get("other-ports", 0)})
         elif cmd == "define" and args.from_file:
             if any(v for k, v in _define_opts(args).items()):
                 raise Usage("define --from FILE takes no other network options.")

@@ -66,7 +66,8 @@ METHODS: tuple[Method, ...] = (
     Method(MANAGER, "ListNetworks", (), _a("networks:aa{sv}"), INFO,
            "Every defined network with its definition and state.", details=()),
     Method(MANAGER, "GetNetwork", _a("name:s"), _a("network:a{sv}"), INFO,
-           "One network: definition, state, bridge, addresses."),
+           "One network: definition, state, bridge, addresses, ports. Callers without the "
+           "manage action see only their own ports, and the others as a count (other-ports)."),
     Method(MANAGER, "Define", _a("name:s", "options:a{sv}"), _a("network:o"), MANAGE,
            "Define a network. Options (the TOML keys): mode, subnet, subnet6, mtu, autostart, "
            "taps, tap-user, tap-group, dhcp, dhcp-start, dhcp-end, domain, hosts, forwards, "
