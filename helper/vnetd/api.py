@@ -134,7 +134,8 @@ METHODS: tuple[Method, ...] = (
     Method(MANAGER, "ListHosts", _a("network:s"), _a("hosts:aa{sv}"), INFO,
            "The network's static hosts.", details=("network",)),
     Method(MANAGER, "Leases", _a("network:s"), _a("leases:aa{sv}"), INFO,
-           "Current DHCP leases: mac, ip, hostname, expiry, and the vm/port when known.",
+           "Current DHCP leases: mac, ip, hostname, expiry, and the vm/port when known. "
+           "Callers without the manage action see the leases of their own VMs only.",
            details=("network",)),
     Method(MANAGER, "AddForward", _a("network:s", "forward:a{sv}"), _a("forward:a{sv}"),
            FORWARD, "Forward host traffic into the network. Keys: proto (tcp|udp), family "

@@ -586,7 +586,13 @@ class Service:
         return [to_asv(h.to_dict()) for h in self.engine.get(network).hosts]
 
     async def leases(self, caller: Caller, network: str) -> Any:
-        return [to_asv(d) for d in self.engine.leases(network)]
+        """Administrators (manage) see every lease; others the leases of their own VMs (who
+        has which address and MAC is what an attack on another guest starts from)."""
+        leases = self.engine.leases(network)
+        if not await self.is_admin(caller, network):
+            owner = self.engine.macs.owner_uid
+            leases = [d for d in leases if "vm" in d and owner(network, d["vm"]) == caller.uid]
+        return [to_asv(d) for d in leases]
 
     # --- port forwarding ----------------------------------------------------------------
     async def add_forward(self, caller: Caller, network: str, spec: dict[str, Any]) -> Any:

@@ -375,3 +375,40 @@ def test_forged_bus_and_polkit_signals_are_ignored(daemon):
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- leases: who has which address is told to its owner and administrators only ---------------
+
+
+def test_leases_show_a_user_only_its_own_vms(daemon):
+    from tests.harness.guests import Guest
+
+    run_client("define", "vnet3", "--mode=host-only", check=True)
+    run_client("start", "vnet3", check=True)
+    guests = []
+    try:
+        with PolkitRule("60-vnet-adv-bob-attach", grant_rule(BOB, ATTACH_ACTION)):
+            macs = {}
+            for user, vm in ((ALICE, "alicevm"), (BOB, "bobvm")):
+                r = run_client("mac", "--br=vnet3", f"--vm={vm}", user=user)
+                assert r.returncode == 0, r.stderr
+                macs[vm] = r.stdout.strip()
+                g = Guest(daemon, "vnet3", mac=macs[vm])
+                guests.append(g)
+                assert g.dhcp(), f"{vm} got no lease"
+
+            def leases(user):
+                r = run_client("leases", "vnet3", "--json", user=user)
+                assert r.returncode == 0, r.stderr
+                return json.loads(r.stdout)
+
+            mine = leases(ALICE)
+            assert [le.get("vm") for le in mine] == ["alicevm"], mine
+            assert macs["bobvm"] not in json.dumps(mine)
+            assert [le.get("vm") for le in leases(BOB)] == ["bobvm"]
+            assert sorted(le.get("vm") for le in leases(None)) == ["alicevm", "bobvm"]
+    finally:
+        for g in guests:
+            g.close()
+        run_client("stop", "vnet3")
+        run_client("undefine", "vnet3")
