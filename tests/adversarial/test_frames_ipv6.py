@@ -1,0 +1,153 @@
+"""IPv6 from a port: only its link-local address (EUI-64 of its MAC) and its bound addresses as
+source; neighbour solicitations and advertisements only for its own addresses and with its
+own MAC in their link-layer options; no router advertisements, no redirects. An unsolicited
+override advertisement for the gateway's address never reaches another guest, and the host's
+neighbour entry for a guest never moves to the attacker's MAC.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import frames as F
+from tests.harness.daemon import ALICE, BOB, run_client
+
+from .lab import (
+    bridge_mac,
+    exchange,
+    fdb_ports_of,
+    matching,
+    neigh_macs,
+    respond,
+    settle,
+    wait_for,
+)
+
+NET, GW6, PREFIX = "vnet2", "fd00:12::1", "fd00:12::/64"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def network(vnetd, bob_may_attach):
+    run_client("define", NET, f"--subnet6={PREFIX}", check=True)
+    run_client("start", NET, check=True)
+    yield
+
+
+def bridge_ll(vnetd) -> str | None:
+    """The bridge's link-local address once duplicate address detection is over (the bridge
+    has a carrier only from its first port on)."""
+    addrs = vnetd.ipj("-6", "addr", "show", "dev", NET)
+    info = addrs[0]["addr_info"] if addrs else []
+    if any(a.get("tentative") for a in info) or not any(a.get("local") == GW6 for a in info):
+        return None
+    return next((a["local"] for a in info if a.get("scope") == "link"), None)
+
+
+@pytest.fixture
+def scene(vnetd, agents, request):
+    n = request.node.name.split("_")[1]
+    victim = agents(ALICE, NET, f"victim6-{n}")
+    attacker = agents(BOB, NET, f"evil6-{n}")
+    assert victim.error is None and attacker.error is None
+    assert wait_for(lambda: bridge_ll(vnetd), 10), "the bridge's IPv6 addresses stay tentative"
+    vll = F.eui64_ll(victim.mac)
+    respond(victim, ip6=[vll])
+    brmac = bridge_mac(vnetd, NET)
+    # positive control: the victim resolves its gateway, and the host learns the victim
+    got = exchange(victim, [F.neighbor_solicit(victim.mac, vll, GW6)],
+                   {"icmp6.type": F.NA, "icmp6.target": GW6})
+    assert matching(got, icmp6__type=F.NA, icmp6__target=GW6), "no NA from the gateway"
+    got = exchange(victim, [F.echo6(victim.mac, brmac, vll, GW6)], {"icmp6.type": 129})
+    assert matching(got, icmp6__type=129), "no echo reply from the gateway"
+    assert neigh_macs(vnetd, NET).get(vll) == victim.mac
+    return victim, attacker, vll, brmac
+
+
+def test_neighbour_discovery_spoofing(vnetd, scene):
+    victim, attacker, vll, brmac = scene
+    a, all_ = attacker.mac, "ff02::1"
+    all_mac = F.mcast6_mac(all_)
+    all_ll = F.eui64_ll(a)
+    gw_ll = bridge_ll(vnetd)
+    forged = F.random_mac()
+    blocked = F.distinct([
+        F.neighbor_advert(a, all_ll, GW6, tag="na-gw-override"),
+        F.neighbor_advert(a, all_ll, GW6, tll=brmac, tag="na-gw-gwmac"),
+        F.neighbor_advert(a, gw_ll, GW6, tag="na-gw-from-gw-ll"),
+        F.neighbor_advert(a, all_ll, gw_ll, flags=F.NA_OVERRIDE | F.NA_ROUTER,
+                          tag="na-gw-ll"),
+        F.neighbor_advert(a, all_ll, vll, tag="na-victim"),
+        F.neighbor_advert(a, all_ll, all_ll, tll=forged, tag="na-own-forged-tll"),
+        F.neighbor_advert(a, all_ll, all_ll, tll=victim.mac, tag="na-own-victim-tll"),
+        F.neighbor_advert(a, all_ll, GW6, tll=None, tag="na-gw-no-option"),
+        # solicitations go to all nodes or to the victim itself: a bridge sends a
+        # solicited-node group only where a listener asked for it
+        F.neighbor_solicit(a, all_ll, vll, sll=forged, dst=vll, dst_mac=victim.mac,
+                           tag="ns-forged-sll"),
+        F.neighbor_solicit(a, all_ll, GW6, sll=brmac, dst=all_, tag="ns-gwmac-sll"),
+        F.neighbor_solicit(a, vll, GW6, sll=victim.mac, dst=all_, tag="ns-as-victim"),
+        F.neighbor_solicit(a, "::", vll, sll=None, dst=all_, tag="dad-victim"),
+        F.neighbor_solicit(a, "::", GW6, sll=None, dst=all_, tag="dad-gw"),
+        F.neighbor_advert(a, all_ll, GW6, tag="vlan-na", vlan=5),
+        F.neighbor_advert(a, all_ll, all_ll, tag="vlan-own-na", vlan=0),
+        F.router_advert(a, all_ll, "fd00:99::/64", tag="ra"),
+        F.router_advert(a, gw_ll, PREFIX, tag="ra-as-gw"),
+        F.redirect6(a, gw_ll, vll, victim.mac, all_ll, "2001:db8::1", tag="redirect-as-gw"),
+        F.redirect6(a, all_ll, vll, victim.mac, all_ll, "2001:db8::1", tag="redirect"),
+    ])
+    allowed = [
+        F.neighbor_advert(a, all_ll, all_ll, tag="own-na"),
+        F.neighbor_solicit(a, "::", all_ll, sll=None, dst=all_, tag="own-dad"),
+        F.udp6_frame(a, all_mac, all_ll, all_, 9, 9, tag="own-udp6"),
+    ]
+    victim.clear()
+    attacker.send(*blocked, *allowed)
+    # what the host is told: the victim's address is at the attacker's MAC
+    attacker.send(F.neighbor_advert(a, all_ll, vll, dst=gw_ll, dst_mac=brmac,
+                                    flags=F.NA_OVERRIDE, tag="na-victim-to-host"),
+                  F.neighbor_advert(a, vll, vll, dst=gw_ll, dst_mac=brmac,
+                                    flags=F.NA_OVERRIDE | F.NA_SOLICITED,
+                                    tag="na-victim-to-host-as-victim"),
+                  F.neighbor_solicit(a, vll, GW6, sll="same", tag="ns-as-victim-to-gw"))
+    settle(0.5)
+    seen = F.tags(victim.collect(0.3), F.distinct(blocked + allowed))
+    assert {"own-na", "own-dad", "own-udp6"} <= seen, f"positive control: {seen}"
+    problems = []
+    leaked = seen & {t for f in blocked for t in F.parse(f)["tags"]}
+    if leaked:
+        problems.append(f"forbidden neighbour discovery reached another guest: {sorted(leaked)}")
+    table = neigh_macs(vnetd, NET)
+    if table.get(vll) != victim.mac:
+        problems.append(f"the host's entry for the victim moved: {vll} -> {table.get(vll)}")
+    wrong = [ip for ip, mac in table.items() if mac == a and ip != all_ll]
+    if wrong:
+        problems.append(f"the host believes the attacker holds {wrong}")
+    assert not problems, problems
+    assert fdb_ports_of(vnetd, NET, victim.mac) <= {victim.ifname}
+    assert attacker.ifname not in fdb_ports_of(vnetd, NET, brmac)
+
+
+def test_ipv6_sources(vnetd, scene):
+    victim, attacker, vll, brmac = scene
+    a, all_ = attacker.mac, "ff02::1"
+    all_mac = F.mcast6_mac(all_)
+    all_ll = F.eui64_ll(a)
+    blocked = {
+        "src-victim-ll": vll,
+        "src-gw": GW6,
+        "src-gw-ll": bridge_ll(vnetd),
+        "src-unbound": "fd00:12::99",
+        "src-other-ll": "fe80::1234",
+        "src-victim-slaac": F.eui64_ll(victim.mac).replace("fe80::", "fd00:12::"),
+        "src-unspecified": "::",
+    }
+    frames = [F.udp6_frame(a, all_mac, src, all_, 9, 9, tag=tag) for tag, src in blocked.items()]
+    frames.append(F.echo6(a, victim.mac, "fd00:12::99", vll, tag="echo-from-unbound"))
+    frames.append(F.udp6_frame(a, all_mac, all_ll, all_, 9, 9, tag="own-ll"))
+    victim.clear()
+    attacker.send(*frames)
+    settle(0.5)
+    seen = F.tags(victim.collect(0.3), F.distinct(frames))
+    assert "own-ll" in seen, f"positive control: {seen}"
+    leaked = seen & (set(blocked) | {"echo-from-unbound"})
+    assert not leaked, f"IPv6 from addresses the port does not hold got through: {leaked}"
