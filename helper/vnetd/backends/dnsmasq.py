@@ -52,6 +52,10 @@ def render_conf(net: Network, paths: Paths, dhcp: bool = True, upstream: bool | 
         *(f"listen-address={a}" for a in listen),
         f"user={user[0]}",
         f"group={user[1]}",
+        # No pid file of dnsmasq's own: its default, /run/dnsmasq.pid, is shared with the
+        # host's dnsmasq service and outside vnetd's directories (/run is read-only to the
+        # unit). vnetd writes the child's pid file and record itself (supervisor.py).
+        "pid-file=",
         "no-hosts",
         f"addn-hosts={paths.hosts_dns}",
         f"domain={net.dns_domain}",

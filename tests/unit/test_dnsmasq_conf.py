@@ -1,0 +1,55 @@
+"""The dnsmasq configuration vnetd renders: everything dnsmasq writes is inside vnetd's own
+directories. dnsmasq's defaults (/run/dnsmasq.pid, /var/lib/misc/dnsmasq.leases,
+/etc/dnsmasq.conf) belong to the host's own dnsmasq service and are read-only to vnetd's unit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from vnetd.backends import dnsmasq
+from vnetd.model import Network
+
+RUN = Path("/run/qemu-vnet/lab")
+STATE = Path("/var/lib/qemu-vnet/lab")
+PATHS = dnsmasq.Paths(conf=RUN / "dnsmasq.conf", hosts_dhcp=RUN / "hosts.dhcp",
+                      hosts_dns=RUN / "hosts.dns", leases=STATE / "dnsmasq.leases",
+                      pid=RUN / "dnsmasq.pid")
+
+
+def settings(text: str) -> list[tuple[str, str]]:
+    out = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out.append((key, value))
+    return out
+
+
+@pytest.mark.parametrize("dhcp", [True, False], ids=["dhcp", "dns-only"])
+@pytest.mark.parametrize("options", [{"subnet": "10.7.0.0/24"},
+                                     {"subnet": "10.7.0.0/24", "subnet6": "fd00:7::/64"},
+                                     {"mode": "host-only", "subnet": "10.7.0.0/24"}])
+def test_dnsmasq_writes_no_pid_file_of_its_own(options, dhcp):
+    net = Network.from_options("lab", options)
+    conf = settings(dnsmasq.render_conf(net, PATHS, dhcp=dhcp, user=("dnsmasq", "nogroup")))
+    pid_files = [v for k, v in conf if k == "pid-file"]
+    # An empty pid-file= turns dnsmasq's pid file off; without it every instance writes
+    # /run/dnsmasq.pid (and fails where /run is read-only).
+    assert pid_files == [""], f"expected exactly one empty pid-file=, got {pid_files}"
+
+
+@pytest.mark.parametrize("options", [{"subnet": "10.7.0.0/24"},
+                                     {"subnet": "10.7.0.0/24", "subnet6": "fd00:7::/64"}])
+def test_every_path_dnsmasq_writes_is_below_vnetds_directories(options):
+    net = Network.from_options("lab", options)
+    conf = settings(dnsmasq.render_conf(net, PATHS, dhcp=True, user=("dnsmasq", "nogroup")))
+    written = {k: v for k, v in conf if k in ("dhcp-leasefile", "pid-file", "dhcp-hostsfile",
+                                              "addn-hosts")}
+    assert written["dhcp-leasefile"] == str(PATHS.leases)
+    for key, value in written.items():
+        if value:
+            assert value.startswith(("/run/qemu-vnet/", "/var/lib/qemu-vnet/")), (key, value)
+    argv = dnsmasq.argv(PATHS)
+    assert f"--conf-file={PATHS.conf}" in argv, "dnsmasq must not read /etc/dnsmasq.conf"
