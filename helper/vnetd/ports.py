@@ -443,6 +443,7 @@ class Ports:
                      caller_pid: int | None, opts: dict[str, Any]) -> tuple[Port, list[int],
                                                                           list[int], dict]:
         nic, queues = opts["nic"], opts["queues"]
+        self.macs.check_owner(net.name, vm, uid)  # before anything says who holds it
         for p in self.by_name.values():
             if p.network == net.name and p.vm == vm and p.nic == nic:
                 raise Busy(f"VM '{vm}' NIC {nic} is already attached to {net.name} as {p.ifname} "
@@ -456,7 +457,6 @@ class Ports:
                 raise InvalidArgument("'holder-pid' must be the calling process's parent "
                                       "(or its grandparent).")
             holder = opts["holder"]
-        self.macs.check_owner(net.name, vm, uid)
         mac_known = not opts["learn"]
         mac = opts["mac"]
         host = net.host(vm) if nic == 0 else None

@@ -118,6 +118,7 @@ def test_base_chains_hooks_priorities_and_accept_policy():
         ("inet", "postrouting"): ("nat", "postrouting", 100, "accept"),
         ("bridge", "prerouting"): ("filter", "prerouting", -200, "accept"),
         ("bridge", "forward"): ("filter", "forward", 0, "accept"),
+        ("bridge", "input"): ("filter", "input", 0, "accept"),
         ("bridge", "output"): ("filter", "output", 0, "accept"),
     }
 
@@ -142,7 +143,7 @@ def test_empty_ruleset_still_creates_both_tables_chains_and_sets():
     assert_only_our_tables(doc)
     assert {(c["family"], c["name"]) for c in objects(doc, "table")} == {
         ("inet", "qemu_vnet"), ("bridge", "qemu_vnet")}
-    assert len([c for c in objects(doc, "chain") if "hook" in c]) == 8
+    assert len([c for c in objects(doc, "chain") if "hook" in c]) == 9
     assert elements(doc) == {}
 
 
@@ -400,7 +401,7 @@ def test_port_update_learning_the_mac_rewrites_its_chains():
     old, new = PORTS[1], dataclasses.replace(PORTS[1], mac="52:54:00:00:00:CC")
     doc = fw.render_port_update(new, old)
     assert_only_our_tables(doc)
-    assert elements(doc, "delete") == {}
+    assert elements(doc, "delete") == {"unlocked": ["vnet2-b"]}  # its DHCP now reaches others
     assert elements(doc)["taken"] == ["52:54:00:00:00:cc"]
     assert {"flush": {"chain": {"family": "bridge", "table": "qemu_vnet",
                                 "name": "in_vnet2-b"}}} in cmds(doc)

@@ -485,6 +485,8 @@ def _port_elems(p: FwPort) -> list[tuple[str, Any]]:
     ]
     if p.mac is not None and not p.segment:
         out.append(("taken", _mac(p.mac)))
+    if p.mac is None and not p.segment:
+        out.append(("unlocked", p.ifname))
     if p.ipv4 is not None and not p.segment:
         out.append(("claimed4", str(ipaddress.ip_address(p.ipv4))))
     if not p.segment:
@@ -601,6 +603,8 @@ def _port_rules(p: FwPort, gateways: tuple[str, ...] = ()) -> list[dict]:
     sources = {"set": [UNSPEC6, *allowed]} if allowed else UNSPEC6
     rules += [
         r(_match(_pl("ip6", "saddr"), sources, "!="), comment="source IPv6"),
+        r(_match(_pl("ip6", "saddr"), UNSPEC6), _match(L4, "ipv6-icmp", "!="),
+          comment="unspecified source beyond ICMPv6"),
         r(_match(_pl("ip6", "saddr"), UNSPEC6),
           _match(ICMP6, {"set": [NS, "mld-listener-report", "mld2-listener-report"]}, "!="),
           comment="unspecified source beyond DAD and MLD"),
@@ -874,6 +878,7 @@ def _bridge_sets() -> list[dict]:
         _set_cmd(b, "guard_in", "ifname", map_="verdict"),
         _set_cmd(b, "guard_out", "ifname", map_="verdict"),
         _set_cmd(b, "taken", "ether_addr"),
+        _set_cmd(b, "unlocked", "ifname"),
         _set_cmd(b, "claimed4", "ipv4_addr"),
         _set_cmd(b, "claimed6", "ipv6_addr"),
         _set_cmd(b, "port_ctr", "ifname", map_="counter"),
@@ -889,9 +894,17 @@ def _bridge_chains_and_rules() -> list[dict]:
     return copy.deepcopy([
         _chain(b, "prerouting", "prerouting", "filter", PRIO_BRIDGE_FILTER),
         _chain(b, "forward", "forward", "filter", PRIO_FILTER),
+        _chain(b, "input", "input", "filter", PRIO_FILTER),
         _chain(b, "output", "output", "filter", PRIO_FILTER),
         _chain(b, c),
         _rule(b, "prerouting", {"vmap": {"key": IIF, "data": "@guard_in"}}),
+        # a learning port's DHCP before its MAC is locked: the bridge learns the source MAC
+        # from it (prerouting let it pass) but nobody gets it, so its client hardware address
+        # is checked from the retransmission on. Not counted as spoofing: every learning
+        # port's first DISCOVER meets this (and a flooded frame would count once per port).
+        *[_rule(b, hook, _match(IIF, "@unlocked"), _match(_pl("udp", "dport"), 67),
+                DROP, comment="DHCP before the MAC is locked")
+          for hook in ("forward", "input")],
         _rule(b, "forward", {"vmap": {"key": OIF, "data": "@guard_out"}}),
         _rule(b, "output", {"vmap": {"key": OIF, "data": "@guard_out"}}),
         _rule(b, c, _match({"&": [_pl("ether", "saddr"), "01:00:00:00:00:00"]},
