@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true",
                     help="only print the definition and what could not be carried over")
     sp.add_argument("--start", action="store_true", help="start the network afterwards")
+    sp.add_argument("--if", dest="iface", metavar="NIC",
+                    help="a bridged network's physical interface (qemu-vlan did not save it)")
+    sp.add_argument("-n", "--num", type=int, metavar="COUNT",
+                    help="the tap count qemu-vlan ran with (it did not save it): taps "
+                    "NAME_0..NAME_{COUNT-1}")
     for name, help in (("start", "start a network: bridge, addresses, taps"),
                        ("stop", "stop a network and remove what start made"),
                        ("undefine", "remove a stopped network's definition")):
@@ -609,7 +614,9 @@ async def run_import_qemu_vlan(s: Session, args: argparse.Namespace) -> int:
     from .migrate import MigrationError, read_qemu_vlan_dir, render_definition_toml
 
     try:
-        imp = read_qemu_vlan_dir(args.dir)
+        if args.num is not None and args.num < 1:
+            raise Usage("-n takes a tap count of at least 1.")
+        imp = read_qemu_vlan_dir(args.dir, iface=args.iface, num=args.num)
     except (MigrationError, OSError) as e:
         raise Failure(str(e)) from None
     for f in imp.findings:

@@ -3,13 +3,17 @@
 A pure reader: it opens files under the directory (and the files its configuration names),
 never the network, the bus or the system's user database. What it reads:
 
-- `<br>.conf` (`vnet3.conf`): shell lines the original script sourced - `netmask=`,
-  `gateway=`, `ether=`, `br=`, `n=`/`nic=`, `dhcp=`, `vde=`, `if=`, `user=`, `group=`,
+- `<br>.conf` (`vnet3.conf`): shell lines the original script wrote and sourced -
+  `netmask=`, `gateway=`, `broadcast=`, `ether=` (the bridge's own MAC; an older hand-written
+  form gave the path of ether.conf there), `vde_switch_ether_<i>=` (one VDE switch's MAC per
+  tap), and what a user may add because the script sources the file over its own variables:
+  `num=` (the tap count), `vde=true`, `dhcp=`, `if=`, `br=`, `user=`, `group=`,
   `DNSMASQ_ARGS="..."`, `VDE_SWITCH_ARGS="..."`, `PREROUTING_RULES="..."` (and the misspelled
   `PREROUTING_RULSES` of the original's documentation), `ether_<i>=` MACs;
-- `ether.conf` (or the file `ether=` names): `ether_<i>=52:54:00:xx:xx:xx`;
+- `ether.conf`: `ether_<i>=52:54:00:xx:xx:xx` from i=0 (VM `<network>_<i>`);
 - dnsmasq's files: `dhcp.host` and any `--dhcp-hostsfile` (one `dhcp-host` value a line),
-  `dnsmasq.conf` and `dhcp.conf` (`option=value` lines);
+  `dnsmasq.conf` (`option=value` lines), and `dhcp.conf` with any `dhcp-optsfile` (DHCP
+  options, `option:router,0.0.0.0` lines: dnsmasq's dhcp-optsfile format);
 - ISC dhcpd's `dhcpd.conf` (`host NAME { hardware ethernet ..; fixed-address ..; }`,
   `subnet .. { range ..; option routers ..; }`).
 
@@ -86,6 +90,7 @@ _MAC_RE = re.compile(r"[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}")
 _WILD_MAC_RE = re.compile(r"([0-9A-Fa-f]{2}|\*)(:([0-9A-Fa-f]{2}|\*)){5}")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ETHER_KEY = re.compile(r"ether_(\d{1,4})")
+_VDE_ETHER_KEY = re.compile(r"vde_switch_ether_(\d{1,4})")
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
 _HOSTNAME_FIELD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _LEASE_FIELD = re.compile(r"(\d+[smhdw]?|infinite)", re.IGNORECASE)
@@ -93,7 +98,9 @@ _LEASE_FIELD = re.compile(r"(\d+[smhdw]?|infinite)", re.IGNORECASE)
 TRUE_WORDS = {"yes", "y", "true", "1", "on"}
 FALSE_WORDS = {"no", "n", "false", "0", "off", ""}
 
-DNSMASQ_FILES = ("dnsmasq.conf", "dhcp.conf")
+DNSMASQ_FILES = ("dnsmasq.conf",)
+OPTS_FILE = "dhcp.conf"  # dnsmasq's dhcp-optsfile, written by the original
+MACS_PER_TAP, MACS_PER_VDE_TAP = 8, 32  # what the original's --macaddr wrote per tap
 HOSTS_FILE = "dhcp.host"
 DHCPD_FILE = "dhcpd.conf"
 ETHER_FILE = "ether.conf"
@@ -553,18 +560,29 @@ _VDE_TAKES_VALUE = {"-s", "--sock", "-M", "--mgmt", "-m", "--mode", "-g", "--gro
                     "--tap", "-p", "--pidfile", "-f", "--rcfile", "--mgmtmode", "--dirmode"}
 
 _CONF_KEYS = {
-    "netmask", "gateway", "ether", "br", "n", "nic", "dhcp", "vde", "if", "user", "group",
-    "DNSMASQ_ARGS", "VDE_SWITCH_ARGS", "PREROUTING_RULES", "PREROUTING_RULSES",
-    "POSTROUTING_RULES", "POSTROUTING_RULSES",
+    "netmask", "gateway", "broadcast", "address", "ether", "br", "num", "n", "nic", "dhcp",
+    "vde", "if", "user", "group", "DNSMASQ_ARGS", "DHCPD_ARGS", "VDE_SWITCH_ARGS",
+    "PREROUTING_RULES", "PREROUTING_RULSES", "POSTROUTING_RULES", "POSTROUTING_RULSES",
 }
 _CONF_ALIASES = {"dnsmasq_args": "DNSMASQ_ARGS", "vde_switch_args": "VDE_SWITCH_ARGS",
-                 "prerouting_rules": "PREROUTING_RULES", "prerouting_rulses": "PREROUTING_RULSES"}
+                 "DNMASQ_ARGS": "DNSMASQ_ARGS", "dhcpd_args": "DHCPD_ARGS",
+                 "prerouting_rules": "PREROUTING_RULES", "prerouting_rulses": "PREROUTING_RULSES",
+                 "QEMU_VLAN_PREROUTING_RULES": "PREROUTING_RULES",
+                 "QEMU_VLAN_PREROUTING_RULSES": "PREROUTING_RULSES",
+                 "QEMU_VLAN_POSTROUTING_RULES": "POSTROUTING_RULES",
+                 "QEMU_VLAN_POSTROUTING_RULSES": "POSTROUTING_RULSES"}
 
 
 class _Importer:
-    def __init__(self, directory: Path, conf: Path | None):
+    def __init__(self, directory: Path, conf: Path | None, iface: str | None = None,
+                 num: int | None = None):
         self.dir = directory
+        self.num = num
         self.conf_path = conf
+        self.iface = iface
+        self.vde_ethers: list[_Assign] = []
+        self.n_ether_keys = 0
+        self.optsfiles: set[Path] = set()
         self.findings: list[Finding] = []
         self.read_files: set[Path] = set()
         self.conf: dict[str, _Assign] = {}
@@ -620,12 +638,15 @@ class _Importer:
         self.gateway = subnet.network_address + 1
         definition: dict[str, Any] = {}
         macs = self._macs(network)
+        self._bridge_mac()
         self._dnsmasq_sources()
         self._hostsfiles()
         self._dhcpd()
         dhcp = self._dhcp_kind()
-        mode = self._mode(dhcp)
+        mode = self._mode(dhcp, network)
         definition["mode"] = mode
+        if mode == "bridged":
+            return self._bridged(network, definition, macs)
         definition["subnet"] = str(subnet)
         taps = self._taps(network)
         if taps:
@@ -680,6 +701,9 @@ class _Importer:
             key = _CONF_ALIASES.get(a.key, a.key)
             if _ETHER_KEY.fullmatch(key):
                 self.conf_ethers.append(a)
+                continue
+            if _VDE_ETHER_KEY.fullmatch(key):
+                self.vde_ethers.append(a)
                 continue
             if key not in _CONF_KEYS:
                 self.note(file, a.line, a.text, f"unknown key '{a.key}': not carried over.")
@@ -756,13 +780,24 @@ class _Importer:
         return subnet
 
     def _taps(self, network: str) -> int:
-        a, b = self.conf.get("n"), self.conf.get("nic")
-        if a is not None and b is not None:
-            self.note(self._conf_file(), b.line, b.text, f"both n= (line {a.line}) and nic= "
-                      "are set: n= is used.")
-        a = a or b
+        file = self._conf_file()
+        for key in ("n", "nic"):
+            b = self.conf.get(key)
+            if b is not None:
+                self.note(file, b.line, b.text, f"{key}= is not the tap count in qemu-vlan "
+                          "(the script sets n to the number in the bridge's name itself; the "
+                          "tap count is num=): not carried over.")
+        a = self.conf.get("num")
+        if self.num is not None:
+            if self.num > MAX_TAPS or len(f"{network}_{self.num - 1}".encode()) > MAX_IFNAME:
+                raise MigrationError(file, 0, f"-n {self.num}: vnetd pre-creates 1 to "
+                                     f"{MAX_TAPS} taps whose names fit {MAX_IFNAME} bytes.")
+            if a is not None and a.value.strip() != str(self.num):
+                self.note(file, a.line, a.text, f"num={a.value.strip()}: -n {self.num} given "
+                          "to the import is used instead.")
+            return self.num
         if a is None:
-            return 0
+            return self._taps_inferred(network)
         text = a.value.strip()
         if not text.isdigit():
             self.note(self._conf_file(), a.line, a.text, f"'{a.key}={_short(text)}' is not a "
@@ -775,11 +810,55 @@ class _Importer:
             self.note(self._conf_file(), a.line, a.text, f"{n} taps are more than vnetd's "
                       f"{MAX_TAPS}: no taps are pre-created (give -n at most {MAX_TAPS}).")
             return 0
-        if len(f"{network}_{n}".encode()) > MAX_IFNAME:
-            self.note(self._conf_file(), a.line, a.text, f"the tap name {network}_{n} would "
+        if len(f"{network}_{n - 1}".encode()) > MAX_IFNAME:
+            self.note(self._conf_file(), a.line, a.text, f"the tap name {network}_{n - 1} would "
                       f"exceed {MAX_IFNAME} bytes: no taps are pre-created.")
             return 0
         return n
+
+    def _taps_inferred(self, network: str) -> int:
+        """No num= saved (the script never writes it): the count its own files imply - one
+        VDE switch MAC per tap, else the MACs --macaddr wrote (8 per tap, 32 with VDE)."""
+        file = self._conf_file()
+        how = ""
+        n = 0
+        if self.vde_ethers:
+            n = len({a.key for a in self.vde_ethers})
+            how = f"{n} vde_switch_ether_<i> line(s), one VDE switch per tap"
+        elif self.n_ether_keys and self.n_ether_keys % MACS_PER_TAP == 0:
+            per = MACS_PER_VDE_TAP if self._vde_on() else MACS_PER_TAP
+            if self.n_ether_keys % per == 0:
+                n = self.n_ether_keys // per
+                how = (f"{self.n_ether_keys} ether_<i> lines in {ETHER_FILE}, {per} per tap as "
+                       "qemu-vlan --macaddr wrote them")
+        if not n:
+            self.note(file, 0, "", "no num= (the tap count) is recorded and none follows from "
+                      "the other files: no taps are pre-created (define with -n COUNT; "
+                      "qemu-vlan 1.0.0's default was 4).")
+            return 0
+        if n > MAX_TAPS or len(f"{network}_{n - 1}".encode()) > MAX_IFNAME:
+            self.note(file, 0, "", f"{how} would make {n} taps, more than fit: no taps are "
+                      "pre-created (define with -n COUNT).")
+            return 0
+        self.note(file, 0, "", f"no num= is recorded: {n} tap(s) {network}_0..{network}_{n - 1} "
+                  f"from {how}.")
+        return n
+
+    def _vde_on(self) -> bool:
+        a = self.conf.get("vde")
+        return bool(self.vde_ethers) or (a is not None and a.value.strip().lower() in TRUE_WORDS)
+
+    def _bridge_mac(self) -> None:
+        a = self.conf.get("ether")
+        if a is not None and _MAC_RE.fullmatch(a.value.strip()):
+            self.note(self._conf_file(), a.line, a.text, f"ether= is the bridge's own MAC "
+                      f"({a.value.strip().lower()}); vnetd gives the bridge a fixed MAC of its "
+                      "own: not carried over (guests learn the new one by ARP).")
+        for k in ("broadcast", "address"):
+            b = self.conf.get(k)
+            if b is not None:
+                self.note(self._conf_file(), b.line, b.text, f"{k}= follows from the subnet "
+                          "in vnetd: not needed.")
 
     def _owner(self, definition: dict[str, Any], taps: int) -> None:
         file = self._conf_file()
@@ -810,14 +889,17 @@ class _Importer:
         entries: dict[int, tuple[str, str, int, str]] = {}
         a = self.conf.get("ether")
         path: Path | None = None
-        if a is not None and a.value.strip():
-            path = self._resolve(a.value.strip(), self._conf_file(), a.line, a.text, "ether=")
-            if path is None:
-                self.note(self._conf_file(), a.line, a.text, f"ether={a.value.strip()} does not "
-                          f"exist, nor does {ETHER_FILE} here: no MACs imported from it.")
-        else:
+        if a is not None and _MAC_RE.fullmatch(a.value.strip()):
+            a = None  # the bridge's own MAC (see _bridge_mac), not a file
+        if a is None:
             own = self.dir / ETHER_FILE
             path = own if own.is_file() else None
+        elif a.value.strip():
+            path = self._resolve(a.value.strip(), self._conf_file(), a.line, a.text, "ether=")
+            if path is None:
+                self.note(self._conf_file(), a.line, a.text, f"ether={a.value.strip()} is "
+                          f"neither a MAC address nor a file that exists, nor is there an "
+                          f"{ETHER_FILE} here: no MACs imported from it.")
         for e in self.conf_ethers:
             self._ether_entry(e, self._conf_file(), entries)
         if path is not None:
@@ -850,9 +932,19 @@ class _Importer:
     def _ether_entry(self, e: _Assign, file: str,
                      entries: dict[int, tuple[str, str, int, str]]) -> None:
         i = int(_ETHER_KEY.fullmatch(e.key).group(1))  # type: ignore[union-attr]
+        self.n_ether_keys += 1
         if e.problem is not None:
-            raise MigrationError(file, e.line, f"{e.key} is not a MAC address: {e.problem}.")
-        mac = _mac(e.value, file, e.line, f"MAC address (for {e.key})")
+            self.note(file, e.line, e.text, f"{e.key} is not a MAC address ({e.problem}): "
+                      f"not carried over; VM {self.network or 'NET'}_{i} gets a new MAC.")
+            return
+        try:
+            mac = _mac(e.value, file, e.line, f"MAC address (for {e.key})")
+        except MigrationError as err:
+            why = (" (qemu-vlan 1.0.0's --macaddr wrote such lines: it ran without md5sum)"
+                   if e.value.strip().endswith(":::") else "")
+            self.note(file, e.line, e.text, f"{err.message.rstrip('.')}{why}: not carried "
+                      f"over; VM {self.network or 'NET'}_{i} gets a new MAC from vnetd.")
+            return
         if i in entries and entries[i][0] != mac:
             _, f2, l2, t2 = entries[i]
             self.note(f2, l2, t2, f"{e.key} is set again ({file}:{e.line}): the later value "
@@ -880,6 +972,29 @@ class _Importer:
             p = self.dir / fname
             if p.is_file():
                 self._dnsmasq_conf(p)
+        p = self.dir / OPTS_FILE
+        if p.is_file():
+            self._optsfile(p)
+
+    def _optsfile(self, path: Path) -> None:
+        """dnsmasq's dhcp-optsfile: one dhcp-option value a line (`option:router,0.0.0.0`).
+        The original's first samples wrote `option:router 0.0.0.0`, with a blank: dnsmasq
+        refuses that line; it is read for what it meant, and said so."""
+        for file, n, line in self._dnsmasq_lines(path, self.optsfiles):
+            value = line
+            if re.match(r"[a-z][a-z0-9-]*(=|$)", line) and not re.match(
+                    r"(option6?|tag|set|net|encap|vendor|vi-encap):", line):
+                self.note(file, n, line, "a dnsmasq configuration line, not a DHCP option: "
+                          "dnsmasq refuses it in a dhcp-optsfile: not carried over.")
+                continue
+            m = re.fullmatch(r"((?:(?:tag|set|net|encap|vendor|vi-encap):[^,\s]*,)*"
+                             r"option6?:[a-z0-9-]+|\d{1,3})\s+(\S.*)", line)
+            if m:
+                value = f"{m.group(1)},{m.group(2)}"
+                self.note(file, n, line, "dnsmasq refuses this line (option and value are "
+                          "separated by a blank, not a comma); read as "
+                          f"'{_short(value, 40)}'.")
+            self._dhcp_option(value, file, n, line)
 
     def _dnsmasq_arg(self, toks: list[tuple[str, int]],
                      i: int) -> tuple[str | None, str | None, int]:
@@ -956,6 +1071,15 @@ class _Importer:
                 self._dnsmasq_conf(p)
         elif name == "dhcp-option" and value is not None:
             self._dhcp_option(value, file, line, text)
+        elif name in ("dhcp-optsfile", "addn-hosts") and value is not None:
+            p = self._resolve(value.strip(), file, line, text, name)
+            if p is None:
+                self.note(file, line, text, f"the file {value.strip()} does not exist here: "
+                          "nothing read from it.")
+            elif name == "dhcp-optsfile":
+                self._optsfile(p)
+            else:
+                self._addn_hosts(p, file, line, text)
         elif name in _DNSMASQ_VNETD:
             self.note(file, line, text, f"vnetd runs dnsmasq with its own '{name}' (bound to "
                       "the bridge only, authoritative, its own lease and pid files): not "
@@ -963,6 +1087,19 @@ class _Importer:
         else:
             self.note(file, line, text, f"the dnsmasq option '{name}' is not carried over "
                       "(vnetd does not take extra dnsmasq options).")
+
+    def _addn_hosts(self, path: Path, file: str, line: int, text: str) -> None:
+        """addn-hosts: /etc/hosts lines (IP NAME...). vnetd's DNS answers for its static hosts
+        and leases and writes its own addn-hosts; an entry here has no MAC to make a static
+        host of, so each is named."""
+        lines = self._dnsmasq_lines(path, self.hostsfiles)
+        if not lines:
+            self.note(file, line, text, f"{path.name} is empty: nothing to carry over (vnetd "
+                      "writes its own addn-hosts file from the static hosts).")
+        for f2, n, ln in lines:
+            self.note(f2, n, ln, "a DNS-only name (addn-hosts): vnetd's DNS answers for static "
+                      "hosts and leases only; make it a static host (host add NET --vm NAME "
+                      "--mac MAC --ip IP) to keep the name: not carried over.")
 
     def _is_our_subnet(self, text: str) -> bool:
         try:
@@ -978,6 +1115,8 @@ class _Importer:
         if opt in ("3", "option:router", "6", "option:dns-server") and len(fields) > 1:
             what = "router" if opt in ("3", "option:router") else "DNS server"
             self._router_note(what, fields[1:], file, line, text)
+        elif opt in ("15", "option:domain-name") and len(fields) > 1:
+            self.domains["dnsmasq"].append((fields[1].strip('"'), file, line, text))
         else:
             self.note(file, line, text, "extra DHCP options are not carried over (vnetd does "
                       "not take them yet).")
@@ -1007,10 +1146,18 @@ class _Importer:
                       "or static ranges: vnetd serves IPv6 with router advertisements once the "
                       "network has --subnet6): not carried over.")
             return
-        rest = [f for f in fields[2:] if f != str(self.subnet.netmask)]
+        rest = [f for f in fields[2:] if f not in (str(self.subnet.netmask),
+                                                   str(self.subnet.broadcast_address))]
+        lease = [f for f in rest if _LEASE_FIELD.fullmatch(f)]
+        if lease:
+            self.note(file, line, text, f"the lease time {lease[0]}: vnetd's leases last 1 "
+                      "hour (a guest renews after 30 minutes): not carried over.")
+        rest = [f for f in rest if f not in lease]
         if rest:
-            self.note(file, line, text, f"'{','.join(rest)}' of this range (lease time, mask, "
-                      "broadcast) is not carried over: vnetd uses its own.")
+            self.note(file, line, text, f"'{','.join(rest)}' of this range is not carried "
+                      "over: vnetd sets mask and broadcast from the subnet"
+                      + (" (the original wrote '<br>oadcast' for the broadcast address by "
+                         "mistake)" if any(f.endswith("oadcast") for f in rest) else "") + ".")
         self.ranges["dnsmasq"].append(_Range(str(start), str(end), file, line, text))
 
     def _hostsfiles(self) -> None:
@@ -1221,10 +1368,15 @@ class _Importer:
                 return "none"
             if v in ("dhcpcd", "dhclient", "udhcpc"):
                 self.note(file, a.line, a.text, f"dhcp={v} ran a DHCP client on the bridge "
-                          "(bridged mode); that is not yet supported by vnetd: not carried over.")
+                          "(bridged mode, with if=); vnetd runs none: not carried over.")
             else:
                 self.note(file, a.line, a.text, f"dhcp={_short(v)} is not a DHCP server vnetd "
                           "knows (dnsmasq, dhcpd, none).")
+        if not dhcpd and not self.dnsmasq_used and (self.dir / "dhcpd.lease").is_file():
+            self.note(str(self.dir / "dhcpd.lease"), 0, "", "no dhcp= and no DHCP server "
+                      "configuration, but the lease file qemu-vlan made for --dhcp=dhcpd: ISC "
+                      "dhcpd is used (a host-only network).")
+            return "dhcpd"
         if dhcpd and not self.dnsmasq_used:
             self.note(str(self.dir / DHCPD_FILE), 0, "", "no dhcp= in the configuration: "
                       "ISC dhcpd is used, as this directory has a dhcpd.conf.")
@@ -1235,14 +1387,30 @@ class _Importer:
                       "dnsmasq is used; static hosts are taken from both.")
         return "dnsmasq"
 
-    def _mode(self, dhcp: str) -> str:
+    def _looks_bridged(self, network: str) -> bool:
+        """What the original saved for --if: gateway=192.168.0.1 (its bridged default) and no
+        DHCP server files - and not the 172.16.(10+N) subnet its NAT networks had."""
+        gw = self.conf.get("gateway")
+        if gw is None or self.dnsmasq_used or self.dhcpd_present:
+            return False
+        m = _TRAILING_DIGITS.search(network)
+        nat_gw = f"172.16.1{m.group(1)[-1]}.1" if m else None
+        return gw.value.strip() != nat_gw and gw.value.strip().startswith("192.168.")
+
+    def _mode(self, dhcp: str, network: str) -> str:
         file = self._conf_file()
         iface = self.conf.get("if")
+        if self.iface:
+            return "bridged"
         if iface is not None and iface.value.strip():
-            self.note(file, iface.line, iface.text, f"bridged mode (--if={iface.value.strip()}) "
-                      "is not yet supported by vnetd: imported as a NAT network on its own "
-                      f"subnet {self.subnet}; {iface.value.strip()} is left alone.")
-            return "nat"
+            return "bridged"
+        if self._looks_bridged(network):
+            gw = self.conf["gateway"]
+            raise MigrationError(file, gw.line, f"gateway={gw.value.strip()} and no DHCP server "
+                                 "files: this is what qemu-vlan saved for a bridged network "
+                                 "(--if=NIC), and it does not record the NIC. Give it: "
+                                 "import-qemu-vlan --if=NIC DIR (or, for a NAT network, set "
+                                 "gateway= to its 172.16.x.1 in a copy).")
         if dhcp == "dhcpd":
             self.note(file, 0, "", "mode host-only: the original used ISC dhcpd for private "
                       "networks and dnsmasq for those with access outside (its NAT came from "
@@ -1304,9 +1472,14 @@ class _Importer:
         extra: list[str] = []
         if args is not None and args.value.strip():
             ports, extra = self._vde_args(args, on)
+        if self.vde_ethers and not on:
+            on = True
+            e = self.vde_ethers[0]
+            self.note(file, e.line, e.text, "vde_switch_ether_<i> lines: the network ran VDE "
+                      "switches (the script records no vde=): imported with VDE switches.")
         if on and not taps:
             self.note(file, a.line if a else 0, a.text if a else "", "a VDE network runs one "
-                      "switch per tap, and no tap count (n=) is recorded: VDE is not enabled "
+                      "switch per tap, and no tap count (num=) is recorded: VDE is not enabled "
                       "(define with --vde -n COUNT).")
             on = False
         if on:
@@ -1314,6 +1487,9 @@ class _Importer:
             definition["vde-ports"] = ports or DEFAULT_VDE_PORTS
             if extra:
                 definition["vde-switch-args"] = extra
+            vmacs = self._vde_macs(taps)
+            if vmacs:
+                definition["vde-macs"] = vmacs
         elif args is not None and args.value.strip():
             self.note(file, args.line, args.text, "VDE_SWITCH_ARGS is set but vde= does not "
                       "say the network used VDE switches: not carried over (define with --vde "
@@ -1322,6 +1498,39 @@ class _Importer:
             self.note(file, 0, "", f"{ETHER_FILE} holds {n_macs} MACs, 32 per tap, as qemu-vlan "
                       "wrote them for --vde: if this network used VDE switches, define it with "
                       "--vde.")
+
+    def _vde_macs(self, taps: int) -> list[str]:
+        """vde_switch_ether_<i>: switch i's MAC, for i in 0..taps-1; all or none."""
+        file = self._conf_file()
+        found: dict[int, str] = {}
+        for e in self.vde_ethers:
+            i = int(_VDE_ETHER_KEY.fullmatch(e.key).group(1))  # type: ignore[union-attr]
+            try:
+                if e.problem is not None:
+                    raise MigrationError(file, e.line, e.problem)
+                mac = _mac(e.value, file, e.line, f"MAC address (for {e.key})")
+            except MigrationError as err:
+                self.note(file, e.line, e.text, f"{err.message.rstrip('.')}: not carried over.")
+                continue
+            if i >= taps:
+                self.note(file, e.line, e.text, f"there is no switch {i} with {taps} tap(s): "
+                          "not carried over.")
+                continue
+            if mac in self.ether_index:
+                self.note(file, e.line, e.text, f"{mac} is also ether_{self.ether_index[mac]}'s "
+                          "(a VM's): one MAC cannot be both a switch's and a VM's: not "
+                          "carried over.")
+                continue
+            found[i] = mac
+        if not found:
+            return []
+        if len(found) != taps:
+            missing = [str(i) for i in range(taps) if i not in found]
+            self.note(file, 0, "", "VDE switch MACs are kept for all switches or none, and "
+                      f"vde_switch_ether_{'/'.join(missing)} is missing: vnetd picks the "
+                      "switches' MACs.")
+            return []
+        return [found[i] for i in range(taps)]
 
     def _vde_args(self, a: _Assign, on: bool) -> tuple[int | None, list[str]]:
         file = self._conf_file()
@@ -1446,6 +1655,51 @@ class _Importer:
             out.append({"vm": label, "mac": h.mac, "ip": str(h.ip)})
         return out
 
+    def _bridged(self, network: str, definition: dict[str, Any],
+                 macs: dict[str, str]) -> Imported:
+        """A bridged network: the NIC in the bridge, guests on the physical LAN; no subnet,
+        DHCP server, static hosts or forwards of its own."""
+        file = self._conf_file()
+        a = self.conf.get("if")
+        nic = self.iface or (a.value.strip() if a is not None else "")
+        if not _IFNAME_RE.fullmatch(nic) or len(nic.encode()) > MAX_IFNAME:
+            raise MigrationError(file, a.line if a is not None and not self.iface else 0,
+                                 f"'{_short(nic)}' is not an interface name.")
+        definition["if"] = nic
+        self.note(file, a.line if a is not None and not self.iface else 0,
+                  a.text if a is not None and not self.iface else "",
+                  f"bridged network: {nic} is put in the bridge {network} when it starts; "
+                  "the guests take addresses from the physical LAN.")
+        for k in ("gateway", "netmask"):
+            g = self.conf.get(k)
+            if g is not None:
+                self.note(file, g.line, g.text, f"{k}= is the physical LAN's in a bridged "
+                          "network: vnetd does not set it (the host keeps its own address "
+                          f"on {nic}'s side).")
+        d = self.conf.get("dhcp")
+        if d is not None and d.value.strip():
+            self.note(file, d.line, d.text, f"dhcp={d.value.strip()}: a bridged network has no "
+                      "DHCP server of vnetd's; the original could run a DHCP client on the "
+                      "bridge, vnetd does not: not carried over.")
+        taps = self._taps(network)
+        if taps:
+            definition["taps"] = taps
+        self._owner(definition, taps)
+        self._vde(definition, taps, len(macs))
+        for h in self.hosts:
+            self.note(h.file, h.line, h.text, "a static host: a bridged network's addresses "
+                      "come from the physical LAN's DHCP server: not carried over.")
+        for key in ("PREROUTING_RULES", "PREROUTING_RULSES"):
+            r = self.conf.get(key)
+            if r is not None and r.value.strip():
+                self.note(file, r.line, r.text, "port forwards are for nat and host-only "
+                          "networks: not carried over.")
+        self._other_files()
+        order = {f: i for i, f in enumerate(sorted({f.file for f in self.findings}))}
+        self.findings.sort(key=lambda f: (order[f.file], f.line))
+        return Imported(network=network, definition=definition, macs=macs,
+                        findings=self.findings)
+
     def _forwards(self) -> list[dict[str, str]]:
         file = self._conf_file()
         out: list[dict[str, str]] = []
@@ -1545,16 +1799,18 @@ def _to_label(name: str) -> str | None:
     return label if label and _LABEL_RE.fullmatch(label) else None
 
 
-def read_qemu_vlan_dir(path: str | Path) -> Imported:
+def read_qemu_vlan_dir(path: str | Path, iface: str | None = None,
+                       num: int | None = None) -> Imported:
     """Read a qemu-vlan directory (`/etc/qemu/vnet3`, or its `vnet3.conf`) into a definition,
-    the MACs to import and the findings. Raises MigrationError for a file it cannot read."""
+    the MACs to import and the findings. `iface`: the NIC of a bridged network, `num`: the
+    tap count (the original took both from its command line and saved neither). Raises MigrationError for a file it cannot read."""
     p = Path(path)
     if p.is_file():
-        return _Importer(p.parent, p).run()
+        return _Importer(p.parent, p, iface, num).run()
     if not p.is_dir():
         raise MigrationError(p, 0, "no such directory (give a qemu-vlan directory such as "
                              "/etc/qemu/vnet3).")
-    return _Importer(p, None).run()
+    return _Importer(p, None, iface, num).run()
 
 
 # --- TOML ----------------------------------------------------------------------------------

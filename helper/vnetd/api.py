@@ -70,8 +70,9 @@ METHODS: tuple[Method, ...] = (
            "manage action see only their own ports, and the others as a count (other-ports)."),
     Method(MANAGER, "Define", _a("name:s", "options:a{sv}"), _a("network:o"), MANAGE,
            "Define a network. Options (the TOML keys): mode, subnet, subnet6, mtu, autostart, "
-           "taps, tap-user, tap-group, dhcp, dhcp-start, dhcp-end, domain, hosts, forwards, "
-           "allow-host, routed-with, spoof-protection, vde, vde-ports, vde-switch-args, if and "
+           "taps, tap-base (0: taps NAME_0.., as qemu-vlan; 1: NAME_1..), tap-user, tap-group, "
+           "dhcp, dhcp-start, dhcp-end, domain, hosts, forwards, allow-host, routed-with, "
+           "spoof-protection, vde, vde-ports, vde-switch-args, vde-macs, if and "
            "force (bridged mode), overlay (a{sv}: vni, local, peers, dev, port, role, control, "
            "asn, route-reflector; docs/overlay.md). The caller owns the network and its forwards (not an option: 'owner' is refused); "
            "other than root, one user owns at most vnetd's --max-networks-per-user networks."),

@@ -188,6 +188,24 @@ _WITH_VALUE = {"--macaddr": re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}"),
                "--priority": re.compile(r"\d{1,5}"), "--hashsize": re.compile(r"\d{1,6}")}
 
 
+def _vde_macs(macs: object, net: Network) -> tuple[str, ...]:
+    """One MAC per VDE switch (qemu-vlan's vde_switch_ether_<i>): switch i is tap i's."""
+    if not net.vde:
+        raise InvalidArgument("'vde-macs' goes with vde = true (the switches' MACs).")
+    if not isinstance(macs, list | tuple):
+        raise InvalidArgument("'vde-macs' must be a list of MAC addresses, one per tap.")
+    if len(macs) != net.taps:
+        raise InvalidArgument(f"'vde-macs' holds {len(macs)} MAC(s) for {net.taps} switch(es): "
+                              "give one per tap.")
+    out = tuple(validate_mac(m) for m in macs)
+    if len(set(out)) != len(out):
+        raise InvalidArgument("'vde-macs' names one MAC for two switches.")
+    if "--macaddr" in net.vde_switch_args:
+        raise InvalidArgument("Give the switches' MACs either in 'vde-macs' or as --macaddr in "
+                              "'vde-switch-args', not both.")
+    return out
+
+
 def _vde_args(args: object) -> tuple[str, ...]:
     if not isinstance(args, list | tuple) or not all(isinstance(a, str) for a in args):
         raise InvalidArgument("'vde-switch-args' must be a list of strings.")
@@ -320,6 +338,7 @@ class Network:
     mtu: int = 1500
     autostart: bool = False
     taps: int = 0
+    tap_base: int = 0  # the first tap's number: NAME_0.. as qemu-vlan (1: definitions before)
     tap_user: int | None = None
     tap_group: str = "vnet"
     dhcp: str = "dnsmasq"
@@ -334,6 +353,7 @@ class Network:
     vde: bool = False
     vde_ports: int = 32
     vde_switch_args: tuple[str, ...] = ()
+    vde_macs: tuple[str, ...] = ()  # switch i's MAC (qemu-vlan's vde_switch_ether_<i>)
     uplink: str | None = None  # bridged mode: the physical NIC (key "if")
     force: bool = False  # bridged mode: even if the NIC carries the only default route
     owner: int = 0  # the uid that defined it (0: root, or defined before owners were kept)
@@ -366,7 +386,7 @@ class Network:
 
     @property
     def tap_names(self) -> list[str]:
-        return [f"{self.name}_{j}" for j in range(1, self.taps + 1)]
+        return [f"{self.name}_{j}" for j in range(self.tap_base, self.tap_base + self.taps)]
 
     @property
     def mac(self) -> str:
@@ -377,10 +397,10 @@ class Network:
         return bridge_mac(self.name)
 
     # --- construction -------------------------------------------------------------------
-    KEYS = ("mode", "subnet", "subnet6", "mtu", "autostart", "taps", "tap-user", "tap-group",
-            "dhcp", "dhcp-start", "dhcp-end", "domain", "hosts", "forwards", "allow-host",
-            "routed-with", "spoof-protection", "vde", "vde-ports", "vde-switch-args", "if",
-            "force", "overlay")
+    KEYS = ("mode", "subnet", "subnet6", "mtu", "autostart", "taps", "tap-base", "tap-user",
+            "tap-group", "dhcp", "dhcp-start", "dhcp-end", "domain", "hosts", "forwards",
+            "allow-host", "routed-with", "spoof-protection", "vde", "vde-ports",
+            "vde-switch-args", "vde-macs", "if", "force", "overlay")
 
     @classmethod
     def from_options(cls, name: object, options: dict[str, Any],
@@ -416,9 +436,15 @@ class Network:
         mtu = _int_in(options.get("mtu", 1500), MIN_MTU, MAX_MTU, "MTU")
         autostart = _bool(options.get("autostart", False), "autostart")
         taps = 0
+        # Pre-created taps are NAME_0..NAME_{n-1}, as qemu-vlan made them. A definition vnetd
+        # stored before that (no tap-base written) keeps NAME_1..NAME_n.
+        if "tap-base" in options:
+            tap_base = _int_in(options["tap-base"], 0, 1, "first tap number (tap-base)")
+        else:
+            tap_base = 1 if stored and options.get("taps") else 0
         if "taps" in options:
             taps = _int_in(options["taps"], 1, MAX_TAPS, "tap count (-n)")
-            longest = f"{name}_{taps}"
+            longest = f"{name}_{tap_base + taps - 1}"
             if len(longest) > MAX_IFNAME:
                 raise InvalidArgument(
                     f"With {taps} taps the tap name '{longest}' would exceed {MAX_IFNAME} bytes: "
@@ -458,7 +484,7 @@ class Network:
         routed = tuple(validate_network_name(r) for r in routed)
         net = cls(
             name=name, mode=mode, subnet=subnet, subnet6=subnet6, mtu=mtu, autostart=autostart,
-            taps=taps, tap_user=tap_user, tap_group=tap_group, dhcp=dhcp, dhcp_start=start,
+            taps=taps, tap_base=tap_base if taps else 0, tap_user=tap_user, tap_group=tap_group, dhcp=dhcp, dhcp_start=start,
             dhcp_end=end, domain=domain, hosts=hosts, owner=owner,
             allow_host=_bool(options.get("allow-host", False), "allow-host"),
             routed_with=routed,
@@ -486,6 +512,8 @@ class Network:
         if net.vde and not net.taps:
             raise InvalidArgument("A VDE network runs one switch per tap: give it taps "
                                   "(-n COUNT), e.g. --vde -n 4 for 4 x 32 ports.")
+        if "vde-macs" in options:
+            net = replace(net, vde_macs=_vde_macs(options["vde-macs"], net))
         rows = options.get("forwards", [])
         if not isinstance(rows, list):
             raise InvalidArgument("'forwards' must be a list of tables.")
@@ -518,6 +546,7 @@ class Network:
         d["autostart"] = self.autostart
         if self.taps:
             d["taps"] = self.taps
+            d["tap-base"] = self.tap_base
         if self.tap_user is not None:
             d["tap-user"] = self.tap_user
         if self.taps or self.tap_group != "vnet":
@@ -546,6 +575,8 @@ class Network:
             d["vde-ports"] = self.vde_ports
             if self.vde_switch_args:
                 d["vde-switch-args"] = list(self.vde_switch_args)
+            if self.vde_macs:
+                d["vde-macs"] = list(self.vde_macs)
         if self.overlay is not None:
             d["overlay"] = self.overlay.to_dict()
         if forwards and self.forwards:

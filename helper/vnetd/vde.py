@@ -92,14 +92,17 @@ class VdeSwitches:
         self.uid = uid
         started: list[Child] = []
         try:
-            for tap in net.tap_names:
+            for k, tap in enumerate(net.tap_names):
                 sock, mgmt, pid = self._paths(tap)
+                extra = net.vde_switch_args
+                if net.vde_macs:
+                    extra = (*extra, "--macaddr", net.vde_macs[k])
                 await reap(pid)  # the switch a previous vnetd recorded for this tap, if any
                 self._remove_legacy_pidfile(tap)
                 give_tap(tap, uid)
                 c = Child(f"vde_switch[{tap}]",
                           vde_be.argv(tap, sock, mgmt, net.vde_ports, net.tap_group,
-                                      mgmt_group, net.vde_switch_args), pid, str(sock),
+                                      mgmt_group, extra), pid, str(sock),
                           hold_stdin=True, user=(uid, gid), extra_groups=[own_gid])
                 await c.start()
                 started.append(c)

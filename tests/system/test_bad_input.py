@@ -85,11 +85,11 @@ def test_start_failing_part_way_leaves_nothing(vnetd, client):
         r = client("start", "vnet5")
         assert r.returncode == 1 and EXISTS in r.stderr and "vnet5_2" in r.stderr
         assert vnetd.snapshot() == before
-        assert "vnet5" not in vnetd.link_names() and "vnet5_1" not in vnetd.link_names()
+        assert "vnet5" not in vnetd.link_names() and "vnet5_0" not in vnetd.link_names()
     finally:
         vnetd.ip("link", "del", "vnet5_2")
     client("start", "vnet5", check=True)
-    assert {"vnet5", "vnet5_1", "vnet5_2", "vnet5_3"} <= vnetd.link_names()
+    assert {"vnet5", "vnet5_0", "vnet5_1", "vnet5_2"} <= vnetd.link_names()
     client("stop", "vnet5", check=True)
     client("undefine", "vnet5", check=True)
 

@@ -28,7 +28,7 @@ def test_start_then_stop_restores_links_exactly(vnetd, client):
     assert br["ifalias"] == "qemu-vnet:vnet2"
     addrs = {(a["local"], a["prefixlen"]) for a in vnetd.ipj("addr", "show", "vnet2")[0]["addr_info"]}
     assert ("172.16.12.1", 24) in addrs and ("fd00:12::1", 64) in addrs
-    for t in ("vnet2_1", "vnet2_2"):
+    for t in ("vnet2_0", "vnet2_1"):  # NAME_0.., as qemu-vlan
         tap = vnetd.ipj("-d", "link", "show", t)[0]
         assert tap["master"] == "vnet2" and tap["ifalias"] == "qemu-vnet:vnet2"
         assert tap["linkinfo"]["info_kind"] == "tun"
@@ -38,11 +38,30 @@ def test_start_then_stop_restores_links_exactly(vnetd, client):
     client("undefine", "vnet2", check=True)
 
 
+def our_tables(vnetd) -> set[str]:
+    listing = json.loads(vnetd.exec("nft", "-j", "list", "tables").stdout)["nftables"]
+    return {f'{o["table"]["family"]} {o["table"]["name"]}' for o in listing
+            if "table" in o and o["table"]["name"] == "qemu_vnet"}
+
+
+def test_our_tables_exist_only_while_a_network_runs(vnetd, client):
+    running = [n["name"] for n in json.loads(client("list", "--json", check=True).stdout)
+               if n.get("state") != "stopped"]
+    assert running == [] and our_tables(vnetd) == set()
+    client("define", "vnet2", "--mode=host-only", "--start", check=True)
+    assert our_tables(vnetd) == {"inet qemu_vnet", "bridge qemu_vnet"}
+    client("stop", "vnet2", check=True)
+    assert our_tables(vnetd) == set()
+    client("undefine", "vnet2", check=True)
+    assert our_tables(vnetd) == set()
+    assert "qemu_vnet" not in vnetd.exec("nft", "list", "ruleset").stdout
+
+
 def test_taps_are_owned_by_the_requested_user_and_group(vnetd, client):
     client("define", "vnet3", "-n", "1", f"--user={ALICE}", check=True)
     client("start", "vnet3", check=True)
-    owner = vnetd.exec("cat", "/sys/class/net/vnet3_1/owner").stdout.strip()
-    group = vnetd.exec("cat", "/sys/class/net/vnet3_1/group").stdout.strip()
+    owner = vnetd.exec("cat", "/sys/class/net/vnet3_0/owner").stdout.strip()
+    group = vnetd.exec("cat", "/sys/class/net/vnet3_0/group").stdout.strip()
     assert int(owner) == uid_of(ALICE)
     import grp
     assert int(group) == grp.getgrnam("vnet").gr_gid
@@ -130,8 +149,9 @@ def test_reload_reads_hand_edits_and_survives_a_broken_file(vnetd, client):
 def test_compat_form(vnetd, client):
     r = client("--br=vnet10", "-n4", "--start")
     assert r.returncode == 0, r.stderr
-    assert "172.16.20.1" in r.stdout and "vnet10_4" in r.stdout
-    assert {"vnet10", "vnet10_1", "vnet10_4"} <= vnetd.link_names()
+    assert "172.16.20.1" in r.stdout and "vnet10_3" in r.stdout
+    assert {"vnet10", "vnet10_0", "vnet10_3"} <= vnetd.link_names()
+    assert "vnet10_4" not in vnetd.link_names()
     r = client("--br=vnet10", "--macaddr")
     assert r.returncode == 0 and r.stdout.startswith("# ether.conf for vnet10")
     r = client("--br=vnet10", "--use-vnet", "--stop")

@@ -11,14 +11,14 @@ VNET3_CONF = """\
 # qemu-vlan configuration of vnet3
 netmask=255.255.255.0
 gateway=172.16.13.1
-ether=/etc/qemu/vnet3/ether.conf
+ether=52:54:00:aa:bb:cc
 dhcp=dnsmasq
-n=4
+num=4
 DNSMASQ_ARGS="--dhcp-host=52:54:00:13:00:07,172.16.13.7,db1"
 PREROUTING_RULSES="eth0,tcp,8080,172.16.13.5:80"
 frobnicate=yes
 """
-ETHER = "".join(f"ether_{i}=52:54:00:13:00:{i:02x}\n" for i in range(1, 9))
+ETHER = "".join(f"ether_{i}=52:54:00:13:00:{i:02x}\n" for i in range(0, 8))
 DHCP_HOST = "52:54:00:13:00:05,172.16.13.5,web1\n"
 
 
@@ -34,7 +34,7 @@ def test_import_qemu_vlan_keeps_macs_and_static_addresses(vnetd, tmp_path):
     assert "frobnicate" in r.stderr and "vnet3.conf:9" in r.stderr  # named, line by line
     r = run_client("import-qemu-vlan", str(d), "--start")
     assert r.returncode == 0, r.stderr
-    for i in range(1, 9):
+    for i in range(0, 8):
         mac = run_client("mac", "--br=vnet3", f"--vm=vnet3_{i}").stdout.strip()
         assert mac == f"52:54:00:13:00:{i:02x}"
     hosts = {h["vm"]: h for h in json.loads(run_client("host", "list", "vnet3", "--json").stdout)}
@@ -43,7 +43,7 @@ def test_import_qemu_vlan_keeps_macs_and_static_addresses(vnetd, tmp_path):
     assert [(f["proto"], f["port"], f["target"]) for f in fwds] == [("tcp", "8080",
                                                                      "172.16.13.5")]
     n = json.loads(run_client("show", "vnet3", "--json").stdout)
-    assert n["state"] == "running" and n["tap-names"] == [f"vnet3_{i}" for i in range(1, 5)]
+    assert n["state"] == "running" and n["tap-names"] == [f"vnet3_{i}" for i in range(4)]
     bad = tmp_path / "broken"
     bad.mkdir()
     (bad / "broken.conf").write_text('netmask="255.255.255.0\n')

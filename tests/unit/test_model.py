@@ -342,7 +342,7 @@ def test_no_taps_by_default():
 def test_tap_counts_accepted(count):
     n = Network.from_options("vnet3", {"taps": count})
     assert n.taps == count
-    assert n.tap_names == [f"vnet3_{j}" for j in range(1, count + 1)]
+    assert n.tap_names == [f"vnet3_{j}" for j in range(count)]  # qemu-vlan's NAME_0..
     assert len(set(n.tap_names)) == count
     for t in n.tap_names:
         assert validate_ifname(t, "tap name") == t
@@ -362,13 +362,16 @@ def test_tap_count_must_be_a_whole_number(value):
 
 def test_tap_names_must_fit_15_bytes():
     name13 = "abcdefghijklm"
-    assert Network.from_options(name13, {"subnet": "10.0.0.0/24", "taps": 9}).tap_names[-1] \
+    assert Network.from_options(name13, {"subnet": "10.0.0.0/24", "taps": 10}).tap_names[-1] \
         == "abcdefghijklm_9"
-    msg = refused(Network.from_options, name13, {"subnet": "10.0.0.0/24", "taps": 10})
+    msg = refused(Network.from_options, name13, {"subnet": "10.0.0.0/24", "taps": 11})
     assert_sentence(msg, "abcdefghijklm_10")
     assert "15" in msg
+    msg = refused(Network.from_options, name13, {"subnet": "10.0.0.0/24", "taps": 10,
+                                                 "tap-base": 1})
+    assert_sentence(msg, "abcdefghijklm_10")
     name12 = "abcdefghijk1"
-    assert Network.from_options(name12, {"taps": 64}).tap_names[-1] == "abcdefghijk1_64"
+    assert Network.from_options(name12, {"taps": 64}).tap_names[-1] == "abcdefghijk1_63"
     assert "a" * 15 == validate_ifname("a" * 15)
     refused(Network.from_options, "a" * 15, {"subnet": "10.0.0.0/24", "taps": 1})
     refused(Network.from_options, "a" * 14, {"subnet": "10.0.0.0/24", "taps": 1})
@@ -612,3 +615,39 @@ def test_ordinary_names_are_not_reserved():
 
     for name in ("vnet2", "vdenet", "vx", "lab.net", "ports2"):
         assert validate_network_name(name) == name
+
+
+def test_tap_base_keeps_definitions_stored_with_one_based_names():
+    """New definitions name their taps NAME_0..NAME_{n-1}, as qemu-vlan; a definition vnetd
+    stored before (no tap-base in the file) keeps NAME_1..NAME_n; tap-base = 1 asks for them."""
+    new = Network.from_options("vnet3", {"taps": 2})
+    assert (new.tap_base, new.tap_names) == (0, ["vnet3_0", "vnet3_1"])
+    assert new.to_dict()["tap-base"] == 0
+    assert Network.from_options("vnet3", new.to_dict(), stored=True) == new
+    old_file = {"name": "vnet3", "mode": "nat", "taps": 2, "tap-group": "vnet"}
+    old = Network.from_options("vnet3", old_file, stored=True)
+    assert old.tap_names == ["vnet3_1", "vnet3_2"]
+    assert Network.from_options("vnet3", old.to_dict(), stored=True) == old
+    assert Network.from_options("vnet3", {"taps": 2, "tap-base": 1}).tap_names == \
+        ["vnet3_1", "vnet3_2"]
+    assert "tap-base" not in Network.from_options("vnet3", {}).to_dict()
+    for bad in (2, -1, "0", True):
+        msg = refused(Network.from_options, "vnet3", {"taps": 2, "tap-base": bad})
+        assert "tap-base" in msg
+
+
+def test_vde_macs_one_per_switch():
+    ok = {"taps": 2, "vde": True, "vde-macs": ["52:54:00:AA:00:01", "52:54:00:aa:00:02"]}
+    n = Network.from_options("vnet4", ok)
+    assert n.vde_macs == ("52:54:00:aa:00:01", "52:54:00:aa:00:02")
+    assert Network.from_options("vnet4", n.to_dict(), stored=True) == n
+    for bad, word in ((dict(ok, **{"vde-macs": ["52:54:00:aa:00:01"]}), "one per tap"),
+                      (dict(ok, vde=False), "vde = true"),
+                      (dict(ok, **{"vde-macs": ["52:54:00:aa:00:01"] * 2}), "two switches"),
+                      (dict(ok, **{"vde-macs": ["01:54:00:aa:00:01", "52:54:00:aa:00:02"]}),
+                       "multicast"),
+                      (dict(ok, **{"vde-macs": "52:54:00:aa:00:01"}), "list"),
+                      (dict(ok, **{"vde-switch-args": ["--macaddr", "52:54:00:aa:00:09"]}),
+                       "not both")):
+        msg = refused(Network.from_options, "vnet4", bad)
+        assert word in msg, msg
