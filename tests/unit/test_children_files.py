@@ -542,5 +542,36 @@ def test_vde_start_stops_old_switches_before_handing_the_tap(tmp_path, monkeypat
     monkeypatch.setattr(supervisor.Child, "stop", stop)
     with pytest.raises(Failed):
         asyncio.run(v.start(net))
-    sock = str(tmp_path / "vde" / "vnet9_1")
-    assert calls == [("reap", str(v.pidfile("vnet9_1"))), ("give", "vnet9_1"), ("start", sock)]
+    sock = str(tmp_path / "vde" / "vnet9_0")  # the first tap is NAME_0, as qemu-vlan's
+    assert calls == [("reap", str(v.pidfile("vnet9_0"))), ("give", "vnet9_0"), ("start", sock)]
+
+
+def test_vde_switch_macs_go_to_their_own_switch(tmp_path, monkeypatch):
+    """vde-macs (qemu-vlan's vde_switch_ether_<i>): switch i runs with --macaddr MAC_i."""
+    argvs = []
+    net = Network.from_options("vnet9", {"vde": True, "taps": 2, "vde-switch-args": ["--hub"],
+                                         "vde-macs": ["52:54:00:09:00:00", "52:54:00:09:00:01"]})
+    v = vde_mod.VdeSwitches(tmp_path)
+    monkeypatch.setattr(identity, "share_dir", lambda *a, **kw: None)
+    monkeypatch.setattr(identity, "private_dir", lambda *a, **kw: None)
+    monkeypatch.setattr(identity, "user_ids", lambda name: (1000, 1000))
+    monkeypatch.setattr(identity, "vde_ids", lambda group: (1000, 1000))
+
+    async def reap(pidfile):
+        pass
+
+    async def start(self):
+        argvs.append(self.argv)
+
+    async def ready(self, net, children):
+        pass
+
+    monkeypatch.setattr(vde_mod, "reap", reap)
+    monkeypatch.setattr(vde_mod, "give_tap", lambda tap, uid: None)
+    monkeypatch.setattr(supervisor.Child, "start", start)
+    monkeypatch.setattr(vde_mod.VdeSwitches, "_wait_ready", ready)
+    asyncio.run(v.start(net))
+    assert [a[a.index("--tap") + 1] for a in argvs] == ["vnet9_0", "vnet9_1"]
+    assert [a[a.index("--macaddr") + 1] for a in argvs] == ["52:54:00:09:00:00",
+                                                           "52:54:00:09:00:01"]
+    assert all(a.count("--macaddr") == 1 and "--hub" in a for a in argvs)
