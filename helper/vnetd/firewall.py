@@ -219,9 +219,12 @@ class Firewall:
         ports = {p.ifname: self._fw_port(p) for p in self.engine.ports.by_name.values()
                  if p.network in ours}
         fw_nets = [self._fw_network(n) for n in running]
-        counters = await self.spoof_counters() if self.applied_ports else {}
-        await self._change("load the ruleset", fw.render_ruleset, fw_nets,
-                           list(forwards.values()), list(ports.values()), counters=counters)
+        if not ours and not ports:  # nothing runs: leave no table of ours behind
+            await self._change("remove its tables", fw.render_delete_all)
+        else:
+            counters = await self.spoof_counters() if self.applied_ports else {}
+            await self._change("load the ruleset", fw.render_ruleset, fw_nets,
+                               list(forwards.values()), list(ports.values()), counters=counters)
         self.applied_forwards, self.applied_ports = forwards, ports
         self._held = Counter()
         for n in fw_nets:
