@@ -1,6 +1,7 @@
 # qemu-vnet: install, demo and test on Debian 12.
 #   sudo make demo   installs everything and runs a VM on the default NAT network vnet2
 #   sudo make test   the whole test suite (real bus, polkitd, kernel, QEMU guests)
+#   make deb         build/qemu-vnet_<version>_all.deb (debhelper; docs/packaging.md)
 # Other targets: install, uninstall, install-files, start, stop, lint, unit, bench.
 
 VENV        ?= /opt/qemu-vnet
@@ -22,11 +23,15 @@ DEB_RUNTIME := dbus-daemon dbus-bin polkitd pkexec python3 python3-venv python3-
 DEB_TEST    := qemu-system-x86 linux-image-cloud-amd64 busybox-static expect dnsutils \
                iperf3 systemd procps psmisc frr iputils-ping vdeplug
 PIP_TEST    := pytest pytest-asyncio hypothesis pexpect ruff
+# Building the Debian package, and the systemd tier's Debian 12/13 images (tests/vm/).
+DEB_BUILD   := debhelper dpkg-dev lintian python3-pip
+DEB_VMTEST  := mmdebstrap e2fsprogs
 
 SYSTEMD_PID1 := $(shell [ "$$(cat /proc/1/comm 2>/dev/null)" = systemd ] && echo yes)
 
 .PHONY: all install install-deps install-test-deps install-files venv start stop uninstall \
-        demo test test-env unit lint bench clean check-root host-coexistence host-coexistence-remove
+        demo test test-env unit lint bench clean check-root host-coexistence host-coexistence-remove \
+        deb install-build-deps
 
 all:
 	@echo "Try: sudo make demo    (install and boot a VM on network vnet2)"
@@ -47,7 +52,7 @@ install-deps: check-root
 	fi
 
 install-test-deps: check-root install-deps
-	@missing=""; for p in $(DEB_TEST); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(DEB_TEST) $(DEB_BUILD) $(DEB_VMTEST); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing Debian packages for tests:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
@@ -132,6 +137,33 @@ endif
 	rm -rf $(VENV)
 	@echo "Uninstalled. Definitions in /etc/qemu-vnet and state in /var/lib/qemu-vnet were kept;"
 	@echo "remove them by hand if you want them gone. Group 'vnet' was kept."
+
+# The Debian package. The two bundled libraries (debian/bundled.txt) are fetched as wheels
+# here, so that debian/rules itself never touches the network.
+DEB_VERSION := $(shell dpkg-parsechangelog -l debian/changelog -S Version 2>/dev/null)
+DEB_SRC     := build/deb/qemu-vnet-$(DEB_VERSION)
+DEB         := build/qemu-vnet_$(DEB_VERSION)_all.deb
+
+install-build-deps: check-root
+	@missing=""; for p in $(DEB_BUILD); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages for building the package:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+deb:
+	@for p in dpkg-buildpackage dh lintian; do command -v $$p >/dev/null || { \
+	  echo "make deb: $$p is not installed (Debian packages: $(DEB_BUILD); sudo make install-build-deps)" >&2; exit 1; }; done
+	@rm -rf build/deb && mkdir -p build/wheels $(DEB_SRC)
+	@python3 -m pip download -q --no-deps --only-binary=:all: --dest build/wheels \
+	  -r debian/bundled.txt
+	@git ls-files -co --exclude-standard | grep -v '^build/' | tar -cf - -T - | tar -xf - -C $(DEB_SRC)
+	@mkdir -p $(DEB_SRC)/build && cp -r build/wheels $(DEB_SRC)/build/
+	cd $(DEB_SRC) && dpkg-buildpackage -b -us -uc -rnone >../build.log 2>&1 || \
+	  { tail -30 ../build.log >&2; exit 1; }
+	@mv build/deb/qemu-vnet_$(DEB_VERSION)_all.deb $(DEB)
+	lintian --info --fail-on error,warning $(DEB)
+	@echo "Built $(DEB)"
 
 demo: check-root install install-test-deps
 	@$(PY) -m tests.harness.demo
