@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Finding", "Imported", "MigrationError", "read_qemu_vlan_dir",
-           "render_definition_toml"]
+           "read_shell_assignments", "render_definition_toml"]
 
 
 @dataclass
@@ -1811,6 +1811,22 @@ def read_qemu_vlan_dir(path: str | Path, iface: str | None = None,
         raise MigrationError(p, 0, "no such directory (give a qemu-vlan directory such as "
                              "/etc/qemu/vnet3).")
     return _Importer(p, None, iface, num).run()
+
+
+def read_shell_assignments(path: str | Path, br: str) -> dict[str, tuple[str, int]]:
+    """The KEY=value assignments of a file qemu-vlan sourced (its `-c/--cf` file), the last
+    of each key, with its line: what the compatible command line reads. A value that needs
+    a shell (a command, an unknown variable) or a line that is not an assignment raises
+    MigrationError naming the line."""
+    p = Path(path)
+    text = _read_text(p, str(p))
+    out: dict[str, tuple[str, int]] = {}
+    for a in _Shell(p, text, {"br": br}).parse():
+        if a.problem is not None:
+            raise MigrationError(p, a.line, f"'{a.key}' cannot be read without running a "
+                                 f"shell ({a.problem}).")
+        out[a.key] = (a.value, a.line)
+    return out
 
 
 # --- TOML ----------------------------------------------------------------------------------

@@ -152,8 +152,23 @@ def test_compat_form(vnetd, client):
     assert "172.16.20.1" in r.stdout and "vnet10_3" in r.stdout
     assert {"vnet10", "vnet10_0", "vnet10_3"} <= vnetd.link_names()
     assert "vnet10_4" not in vnetd.link_names()
-    r = client("--br=vnet10", "--macaddr")
-    assert r.returncode == 0 and r.stdout.startswith("# ether.conf for vnet10")
+    d = json.loads(client("show", "vnet10", "--json").stdout)
+    assert d["dhcp"] == "none"  # qemu-vlan ran no DHCP server without --dhcp
+    # --macaddr: 8 per tap (qemu-vlan's count), the MACs vnetd gives VMs vnet10_<i>
+    r = client("-b", "vnet10", "-n", "1", "-m")
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stdout.splitlines() if x.startswith("ether_")]
+    assert [x.split("=")[0] for x in lines] == [f"ether_{i}" for i in range(8)]
+    mac5 = client("mac", "--br=vnet10", "--vm=vnet10_5", check=True).stdout.strip()
+    assert lines[5] == f"ether_5={mac5}"
+    # --start on the existing definition: the same flags start it, others are refused by name
+    r = client("-b", "vnet10", "-n", "2", "-d", "dhcpd", "-s")
+    assert r.returncode == 1
+    assert "taps is 4, -n asks for 2" in r.stderr and "dhcp is none, --dhcp asks for dhcpd" \
+        in r.stderr
+    client("-b", "vnet10", "-S", check=True)
+    r = client("-b", "vnet10", "-n", "4", "-s")
+    assert r.returncode == 0, r.stderr
     r = client("--br=vnet10", "--use-vnet", "--stop")
     assert r.returncode == 0, r.stderr
     assert "vnet10" not in vnetd.link_names()
