@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", "--num", type=int, metavar="COUNT",
                     help="the tap count qemu-vlan ran with (it did not save it): taps "
                     "NAME_0..NAME_{COUNT-1}")
+    sp.add_argument("-u", "--user", metavar="USER",
+                    help="owner of the taps (qemu-vlan's -u; default: you). QEMU opens a tap "
+                    "by name only as its owner (and a member of its group)")
+    sp.add_argument("-g", "--group", metavar="GROUP",
+                    help="group of the taps (default: the directory's group=, else vnet)")
     for name, help in (("start", "start a network: bridge, addresses, taps"),
                        ("stop", "stop a network and remove what start made"),
                        ("undefine", "remove a stopped network's definition")):
@@ -830,6 +835,12 @@ async def run_import_qemu_vlan(s: Session, args: argparse.Namespace) -> int:
         if args.num is not None and args.num < 1:
             raise Usage("-n takes a tap count of at least 1.")
         imp = read_qemu_vlan_dir(args.dir, iface=args.iface, num=args.num)
+        if imp.definition.get("taps") and args.user is not None:
+            imp.definition["tap-user"] = _uid_of(args.user)
+        if imp.definition.get("taps") and args.group is not None:
+            if not _group_exists(args.group):
+                raise Usage(f"There is no group named '{args.group}'.")
+            imp.definition["tap-group"] = args.group
     except (MigrationError, OSError) as e:
         raise Failure(str(e)) from None
     for f in imp.findings:
