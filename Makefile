@@ -18,7 +18,7 @@ UNITDIR     ?= /etc/systemd/system
 LOGDIR      ?= /var/log/qemu-vnet
 
 # What the service needs, and what the tests and the demo need on top.
-DEB_RUNTIME := dbus-daemon dbus-bin polkitd pkexec python3 python3-venv python3-pip \
+DEB_RUNTIME := dbus-daemon dbus-bin polkitd pkexec python3 python3-venv python3-pip netbase \
                python3-nftables nftables iproute2 dnsmasq-base isc-dhcp-server vde2
 DEB_TEST    := qemu-system-x86 linux-image-cloud-amd64 busybox-static expect dnsutils \
                iperf3 systemd procps psmisc frr iputils-ping vdeplug
@@ -154,11 +154,19 @@ install-build-deps: check-root
 deb:
 	@for p in dpkg-buildpackage dh lintian; do command -v $$p >/dev/null || { \
 	  echo "make deb: $$p is not installed (Debian packages: $(DEB_BUILD); sudo make install-build-deps)" >&2; exit 1; }; done
-	@rm -rf build/deb && mkdir -p build/wheels $(DEB_SRC)
-	@python3 -m pip download -q --no-deps --only-binary=:all: --dest build/wheels \
-	  -r debian/bundled.txt
+	@rm -rf build/deb build/bundle build/wheels && mkdir -p build/wheels build/bundle $(DEB_SRC)
+	@# the pinned wheels; offline, the same libraries from the project's virtualenv instead
+	@if python3 -m pip download -q --no-deps --only-binary=:all: --dest build/wheels \
+	    -r debian/bundled.txt 2>build/pip.log; then \
+	  for w in build/wheels/*.whl; do python3 -m zipfile -e $$w build/bundle/; done; \
+	elif [ -x $(PY) ]; then \
+	  echo "make deb: pip download failed ($$(tail -1 build/pip.log)); bundling from $(VENV)"; \
+	  site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  for n in $$(grep -v '^#' debian/bundled.txt | sed 's/==.*//; s/-/_/g'); do \
+	    cp -r $$site/$$n $$site/$$n-*.dist-info build/bundle/ || exit 1; done; \
+	else echo "make deb: cannot fetch the bundled libraries:" >&2; cat build/pip.log >&2; exit 1; fi
 	@git ls-files -co --exclude-standard | grep -v '^build/' | tar -cf - -T - | tar -xf - -C $(DEB_SRC)
-	@mkdir -p $(DEB_SRC)/build && cp -r build/wheels $(DEB_SRC)/build/
+	@mkdir -p $(DEB_SRC)/build && cp -r build/bundle $(DEB_SRC)/build/
 	cd $(DEB_SRC) && dpkg-buildpackage -b -us -uc -rnone >../build.log 2>&1 || \
 	  { tail -30 ../build.log >&2; exit 1; }
 	@mv build/deb/qemu-vnet_$(DEB_VERSION)_all.deb $(DEB)
