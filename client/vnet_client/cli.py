@@ -197,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "by name only as its owner (and a member of its group)")
     sp.add_argument("-g", "--group", metavar="GROUP",
                     help="group of the taps (default: the directory's group=, else vnet)")
+    sp = cmd("import-bridge-conf", "turn qemu-bridge-helper's /etc/qemu/bridge.conf (allow "
+             "lines, include files per group) into a polkit rules file giving the same groups "
+             "the same networks")
+    sp.add_argument("file", nargs="?", default="/etc/qemu/bridge.conf",
+                    help="default /etc/qemu/bridge.conf")
+    sp.add_argument("--group", metavar="GROUP",
+                    help="the group its allow lines are for (default: the group owning each "
+                    "file, as qemu-bridge-helper's convention has it)")
     for name, help in (("start", "start a network: bridge, addresses, taps"),
                        ("stop", "stop a network and remove what start made"),
                        ("undefine", "remove a stopped network's definition")):
@@ -1293,6 +1301,36 @@ async def run_import_ether_conf(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _file_group(path: Any) -> str | None:
+    try:
+        return grp.getgrgid(os.stat(path).st_gid).gr_name
+    except (KeyError, OSError):
+        return None
+
+
+async def run_import_bridge_conf(args: argparse.Namespace) -> int:
+    """No bus: it reads files and prints a polkit rules file for the administrator."""
+    from .migrate import MigrationError, read_bridge_conf, render_bridge_acl_rules
+
+    if args.group is not None and not _group_exists(args.group):
+        raise Usage(f"There is no group named '{args.group}'.")
+    try:
+        acl = read_bridge_conf(args.file, _file_group, args.group)
+    except (MigrationError, OSError) as e:
+        raise Failure(str(e)) from None
+    for f in acl.findings:
+        print(f"bridge.conf: {f}", file=sys.stderr)
+    if args.json:
+        out = {}
+        for g in sorted(set(acl.allow) | set(acl.deny)):
+            nets, but = acl.networks(g)
+            out[g] = {"networks": "all" if nets is None else nets, "except": but}
+        print(json.dumps(out, indent=2))
+    else:
+        sys.stdout.write(render_bridge_acl_rules(acl, args.file))
+    return EXIT_OK
+
+
 def is_compat(argv: list[str]) -> bool:
     """The qemu-vlan form: --br given and no subcommand. Subcommands take --br too (attach,
     mac), so the first word that is neither an option nor an option's value decides."""
@@ -1337,8 +1375,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.cmd:
                 parser.print_help(sys.stderr)
                 return EXIT_USAGE
-            runner = {"mac": run_mac, "import-ether-conf": run_import_ether_conf}.get(
-                args.cmd, run_command)
+            runner = {"mac": run_mac, "import-ether-conf": run_import_ether_conf,
+                      "import-bridge-conf": run_import_bridge_conf}.get(args.cmd, run_command)
         return asyncio.run(runner(args))
     except Usage as e:
         print(f"vnet-client: {e}", file=sys.stderr)

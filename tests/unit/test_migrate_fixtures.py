@@ -14,7 +14,9 @@ import pytest
 from vnet_client.migrate import (
     Imported,
     MigrationError,
+    read_bridge_conf,
     read_qemu_vlan_dir,
+    render_bridge_acl_rules,
     render_definition_toml,
 )
 from vnetd import model
@@ -181,3 +183,43 @@ def test_fixtures_hold_no_copy_of_the_script():
     for p in DATA.rglob("*"):
         if p.is_file() and p.name != "README.md":
             assert "#!/bin/sh" not in p.read_text()
+
+
+# --- /etc/qemu/bridge.conf -------------------------------------------------------------------
+def test_sample_bridge_conf_gives_its_group_the_same_bridges():
+    acl = read_bridge_conf(DATA / "samples/bridge.conf", lambda p: "qemu")
+    assert acl.networks("qemu") == (["br0", "virbr0", "vnet0", "vnet1", "vnet2", "vnet3",
+                                     "vnet4"], [])
+    assert acl.networks("bob") == ([], [])  # its include line is commented out
+    js = render_bridge_acl_rules(acl, "/etc/qemu/bridge.conf")
+    assert 'subject.isInGroup("qemu")' in js
+    assert '["br0", "virbr0", "vnet0", "vnet1", "vnet2", "vnet3", "vnet4"]' in js
+    assert 'action.id != "org.qemuvnet.Vnet1.attach"' in js
+    assert js.count("polkit.Result.YES") == 1 and "polkit.Result.NO;" not in js
+
+
+def test_bridge_conf_includes_are_per_group_and_deny_wins(tmp_path: Path):
+    (tmp_path / "bridge.conf").write_text("allow vnet1\ndeny vnet2\nallow vnet2\n"
+                                          "include bob.conf\ninclude /nonexistent/x.conf\n")
+    (tmp_path / "bob.conf").write_text("# bob's\nallow all\ndeny vnet1\ninclude bridge.conf\n")
+    groups = {"bridge.conf": "qemu", "bob.conf": "bob"}
+    acl = read_bridge_conf(tmp_path / "bridge.conf", lambda p: groups[p.name])
+    assert acl.networks("qemu") == (["vnet1"], [])
+    assert acl.networks("bob") == (None, ["vnet1"])
+    js = render_bridge_acl_rules(acl, "bridge.conf")
+    assert 'subject.isInGroup("bob") && ["vnet1"].indexOf(network) < 0' in js
+    assert 'subject.isInGroup("qemu") && ["vnet1"].indexOf(network) >= 0' in js
+    assert any("does not exist" in f.reason and f.line == 5 for f in acl.findings)
+    assert any("included again" in f.reason for f in acl.findings)
+    # --group names the group for every file
+    acl = read_bridge_conf(tmp_path / "bridge.conf", lambda p: None, group="vnetusers")
+    assert set(acl.allow) == {"vnetusers"}
+
+
+@pytest.mark.parametrize("text,line", [("allow\n", 1), ("# ok\npermit vnet1\n", 2),
+                                       ("allow vnet1 vnet2\n", 1), ("allow bad/name\n", 1)])
+def test_bridge_conf_bad_lines_are_named(tmp_path: Path, text: str, line: int):
+    (tmp_path / "bridge.conf").write_text(text)
+    with pytest.raises(MigrationError) as e:
+        read_bridge_conf(tmp_path / "bridge.conf", lambda p: "qemu")
+    assert e.value.line == line and e.value.message
