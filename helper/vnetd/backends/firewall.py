@@ -510,6 +510,15 @@ ICMP6 = _pl("icmpv6", "type")
 NS, NA = "nd-neighbor-solicit", "nd-neighbor-advert"
 IP6_LEN = _pl("ip6", "length")
 UNSPEC6 = "::"
+NS_NA = {"range": [NS, NA]}  # types 135 and 136
+
+
+def _none_of(left: Any, values: Iterable[Any]) -> list[dict]:
+    """``left`` is none of ``values``, as one inequality each (ANDed in a rule). A port's
+    chains use no anonymous sets: libnftables reads every set of the table before each
+    transaction, so sets per port would make every port's change cost more with every port
+    (12 ms at 1,000 ports, against about 1 ms without)."""
+    return [_match(left, v, "!=") for v in values]
 
 
 def _port_rules(p: FwPort, gateways: tuple[str, ...] = ()) -> list[dict]:
@@ -541,13 +550,12 @@ def _port_rules(p: FwPort, gateways: tuple[str, ...] = ()) -> list[dict]:
             r(_match(_pl("ip6", "saddr"), "@claimed6"),
               comment="IPv6 source of a port or the gateway"),
         ]
-        gw6 = [g for g in gateways if ":" in g]
-        if gw6:  # asking for the gateway is fine; answering for it or DAD of it is not
-            gw_set = {"set": [_int128(g) for g in gw6]}
-            rules += [r(_match(ICMP6, NA), _match(_th(8, 16), gw_set),
+        # asking for the gateway is fine; answering for it or DAD of it is not
+        for g in (g for g in gateways if ":" in g):
+            rules += [r(_match(ICMP6, NA), _match(_th(8, 16), _int128(g)),
                         comment="NA for the gateway"),
                       r(_match(_pl("ip6", "saddr"), UNSPEC6), _match(ICMP6, NS),
-                        _match(_th(8, 16), gw_set), comment="DAD for the gateway")]
+                        _match(_th(8, 16), _int128(g)), comment="DAD for the gateway")]
         rules.append(_rule(b, co, unicast_dst, _match(_pl("ether", "daddr"), "@taken"),
                            *count_drop_out, comment="unicast for another port"))
         return rules
@@ -578,14 +586,13 @@ def _port_rules(p: FwPort, gateways: tuple[str, ...] = ()) -> list[dict]:
     # IPv4 and ARP: until an address is bound only DHCP client traffic and ARP probes
     arp_ip = _pl("arp", "saddr ip")
     if p.ipv4 is not None:
-        rules.append(r(_match(arp_ip, {"set": ["0.0.0.0", p.ipv4]}, "!="),
-                       comment="ARP sender IP"))
+        rules.append(r(*_none_of(arp_ip, ["0.0.0.0", p.ipv4]), comment="ARP sender IP"))
     elif p.unbound_in is not None:
         sub = _prefix(ipaddress.IPv4Network(p.unbound_in))
-        rules += [r(_match(arp_ip, {"set": ["0.0.0.0", sub]}, "!="),
+        rules += [r(*_none_of(arp_ip, ["0.0.0.0", sub]),
                     comment="ARP sender IP outside the subnet"),
                   r(_match(arp_ip, "@claimed4"), comment="ARP for an address held here"),
-                  r(_match(_pl("ip", "saddr"), {"set": ["0.0.0.0", sub]}, "!="),
+                  r(*_none_of(_pl("ip", "saddr"), ["0.0.0.0", sub]),
                     comment="source IPv4 outside the subnet"),
                   r(_match(_pl("ip", "saddr"), "@claimed4"),
                     comment="source IPv4 held here")]
@@ -600,29 +607,27 @@ def _port_rules(p: FwPort, gateways: tuple[str, ...] = ()) -> list[dict]:
         rules.append(r(_match(_pl("ether", "type"), "ip"), comment="IPv4 before an address"))
     # IPv6: the port's link-local and bound addresses; '::' only for DAD and MLD
     allowed = port_allowed6(p)
-    sources = {"set": [UNSPEC6, *allowed]} if allowed else UNSPEC6
     rules += [
-        r(_match(_pl("ip6", "saddr"), sources, "!="), comment="source IPv6"),
+        r(*_none_of(_pl("ip6", "saddr"), [UNSPEC6, *allowed]), comment="source IPv6"),
         r(_match(_pl("ip6", "saddr"), UNSPEC6), _match(L4, "ipv6-icmp", "!="),
           comment="unspecified source beyond ICMPv6"),
         r(_match(_pl("ip6", "saddr"), UNSPEC6),
-          _match(ICMP6, {"set": [NS, "mld-listener-report", "mld2-listener-report"]}, "!="),
+          *_none_of(ICMP6, [NS, "mld-listener-report", "mld2-listener-report"]),
           comment="unspecified source beyond DAD and MLD"),
     ]
     if mac is None:
-        rules.append(r(_match(ICMP6, {"set": [NS, NA]}),
-                       _match(IP6_LEN, {"set": [24, 32]}, "!="),
+        rules.append(r(_match(ICMP6, NS_NA), *_none_of(IP6_LEN, [24, 32]),
                        comment="neighbour discovery with unexpected options"))
-    targets = {"set": [_int128(a) for a in allowed]} if allowed else None
-    if targets is None:
+    targets = [_int128(a) for a in allowed]
+    if not targets:
         rules.append(r(_match(ICMP6, NA), comment="NA before an address"))
         rules.append(r(_match(_pl("ip6", "saddr"), UNSPEC6), _match(ICMP6, NS),
                        comment="DAD before an address"))
     else:
         rules += [
-            r(_match(ICMP6, NA), _match(_th(8, 16), targets, "!="), comment="NA target"),
+            r(_match(ICMP6, NA), *_none_of(_th(8, 16), targets), comment="NA target"),
             r(_match(_pl("ip6", "saddr"), UNSPEC6), _match(ICMP6, NS),
-              _match(_th(8, 16), targets, "!="), comment="DAD target"),
+              *_none_of(_th(8, 16), targets), comment="DAD target"),
         ]
     if mac is not None:
         rules += _nd_option_rules(r, mac)
@@ -633,13 +638,13 @@ def _nd_option_rules(r, mac: str) -> list[dict]:
     """Neighbour solicitations and advertisements carry at most one option, and a link-layer
     address option carries the port's MAC."""
     return [
-        r(_match(ICMP6, {"set": [NS, NA]}), _match(IP6_LEN, {"set": [24, 32]}, "!="),
+        r(_match(ICMP6, NS_NA), *_none_of(IP6_LEN, [24, 32]),
           comment="neighbour discovery with unexpected options"),
         r(_match(ICMP6, NA), _match(IP6_LEN, 32), _match(_th(24, 2), "0x0201", "!="),
           comment="NA option"),
         r(_match(ICMP6, NA), _match(IP6_LEN, 32), _match(_th(26, 6), _mac_int(mac), "!="),
           comment="NA target link-layer address"),
-        r(_match(ICMP6, NS), _match(IP6_LEN, 32), _match(_th(24, 1), {"set": [1, 14]}, "!="),
+        r(_match(ICMP6, NS), _match(IP6_LEN, 32), *_none_of(_th(24, 1), [1, 14]),
           comment="NS option"),
         r(_match(ICMP6, NS), _match(IP6_LEN, 32), _match(_th(24, 2), "0x0101"),
           _match(_th(26, 6), _mac_int(mac), "!="), comment="NS source link-layer address"),
