@@ -140,7 +140,7 @@ def test_vde_member_cannot_reach_a_guarded_port_with_server_replies_or_spoofs(vn
 def test_precreated_tap_owner_cannot_reach_a_guarded_port_with_spoofs(vnetd, agents, inside):
     victim, vip, gw, brmac = victim_on(vnetd, agents, TAP_NET)
     taps = sorted(lk for lk in vnetd.link_names() if lk.startswith(f"{TAP_NET}_"))
-    assert taps == [f"{TAP_NET}_1"], taps
+    assert taps == [f"{TAP_NET}_0"], taps
     attacker = inside(ALICE, "tap", taps[0], netns=vnetd.netns)
     # a -n tap's guest has the stable MAC of the VM named like the tap (qemu-vlan's ether.conf)
     r = run_as(None, """
