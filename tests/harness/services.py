@@ -133,7 +133,7 @@ def exclusive(path: str = "/run/qemu-vnet-tests.lock"):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for another test session to finish ({path})...", flush=True)
+            print(f"waiting for another test session to finish ({path})...", file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
