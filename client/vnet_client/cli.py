@@ -289,10 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     fa.add_argument("proto", nargs="?", choices=["tcp", "udp"])
     fa.add_argument("external", nargs="?", metavar="[EXT_ADDR:]PORT[-PORT]")
     fa.add_argument("to", nargs="?", metavar="TARGET:PORT")
-    fa.add_argument("--if", dest="iface", metavar="IFACE", help="only traffic arriving here")
+    fa.add_argument("--if", dest="iface", metavar="IFACE",
+                    help="only traffic arriving on IFACE (by incoming interface)")
+    fa.add_argument("--addr-of", metavar="IFACE",
+                    help="only traffic to IFACE's addresses, whatever they are now, from "
+                    "outside, the host and other guests alike")
     fa.add_argument("-6", dest="ipv6", action="store_true", help="an IPv6 forward")
     fa.add_argument("--rule", metavar="RULE",
-                    help="qemu-vlan's format instead: interface,proto,port,address:port[/4|6]")
+                    help="qemu-vlan's format instead: interface,proto,port,address:port[/4|6]; "
+                    "its interface means the interface's addresses, as in qemu-vlan")
+    fa.add_argument("--rule-means", choices=["addresses", "incoming"],
+                    help="what --rule's interface means: addresses (default, qemu-vlan's "
+                    "-d ADDRESS) or incoming (traffic arriving on it)")
     fr = fsub.add_parser("remove", help="remove the forward of PROTO [EXT_ADDR:]PORT[-PORT]")
     _add_common(fr)
     fr.add_argument("network")
@@ -872,20 +880,30 @@ async def run_forward(s: Session, args: argparse.Namespace) -> int:
     family = 6 if getattr(args, "ipv6", False) else 4
     if args.fwd_cmd == "add":
         if args.rule:
-            if args.proto or args.external or args.to:
-                raise Usage("give either --rule or PROTO PORT TARGET:PORT, not both.")
+            if args.proto or args.external or args.to or args.iface or args.addr_of:
+                raise Usage("give either --rule or PROTO PORT TARGET:PORT [--if|--addr-of], "
+                            "not both.")
             spec: dict[str, Any] = {"rule": args.rule}
+            if args.rule_means:
+                spec["interface-means"] = args.rule_means
         else:
             if not (args.proto and args.external and args.to):
                 raise Usage("forward add needs PROTO [EXT_ADDR:]PORT[-PORT] TARGET:PORT "
                             "(or --rule).")
             spec = {"proto": args.proto, "external": args.external, "to": args.to,
                     "family": family}
+        if args.rule_means and not args.rule:
+            raise Usage("--rule-means goes with --rule.")
+        if args.iface and args.addr_of:
+            raise Usage("give --if (traffic arriving on an interface) or --addr-of (traffic "
+                        "to its addresses), not both.")
         if args.iface:
             spec["iface"] = args.iface
+        if args.addr_of:
+            spec["addr-of"] = args.addr_of
         f = await s.run(lambda c: c.add_forward(args.network, spec))
         print(json.dumps(f) if args.json else
-              f"Forwarding {f['proto']} {f.get('ext-addr', '*')}:{f['port']} to "
+              f"Forwarding {f['proto']} {_fwd_ext(f)}:{f['port']} to "
               f"{f['target']}:{f['target-port']} on {args.network}.")
     elif args.fwd_cmd == "remove":
         spec = {"proto": args.proto, "external": args.external, "family": family}
@@ -899,12 +917,19 @@ async def run_forward(s: Session, args: argparse.Namespace) -> int:
             print(f"No forwards on {args.network}.")
         else:
             print(_table([[f["proto"] + ("6" if f["family"] == 6 else ""),
-                           f.get("ext-addr", "*"), f["port"], f["target"],
+                           _fwd_ext(f), f["port"], f["target"],
                            str(f["target-port"]), f.get("resolved") or "unresolved",
                            f.get("iface", "*"), _user(f.get("owner", 0))] for f in fwds],
                          ["PROTO", "EXT-ADDR", "PORT", "TARGET", "TO-PORT", "NOW", "IFACE",
                           "OWNER"]))
     return EXIT_OK
+
+
+def _fwd_ext(f: dict[str, Any]) -> str:
+    """A forward's external side: an address, an interface's addresses, or any (*)."""
+    if f.get("addr-of"):
+        return f"<{f['addr-of']}>"
+    return f.get("ext-addr", "*")
 
 
 async def run_overlay(s: Session, args: argparse.Namespace) -> int:

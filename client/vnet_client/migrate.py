@@ -850,6 +850,10 @@ class _Importer:
         return bool(self.vde_ethers) or (a is not None and a.value.strip().lower() in TRUE_WORDS)
 
     def _bridge_mac(self) -> None:
+        d = self.conf.get("DHCPD_ARGS")
+        if d is not None and d.value.strip():
+            self.note(self._conf_file(), d.line, d.text, "DHCPD_ARGS: vnetd runs ISC dhcpd with "
+                      "its own arguments and takes no extra ones: not carried over.")
         a = self.conf.get("ether")
         if a is not None and _MAC_RE.fullmatch(a.value.strip()):
             self.note(self._conf_file(), a.line, a.text, f"ether= is the bridge's own MAC "
@@ -871,7 +875,7 @@ class _Importer:
             else:
                 self.note(file, u.line, u.text, f"the taps' owner '{_short(v)}' is a user name; "
                           "a definition holds a uid, which this reader does not look up: give "
-                          f"--user={_short(v)} to vnet-client define (or edit tap-user).")
+                          f"-u {_short(v)} to import-qemu-vlan (or --user to define).")
         g = self.conf.get("group")
         if g is not None and g.value.strip():
             v = g.value.strip()
@@ -882,8 +886,8 @@ class _Importer:
                           "not carried over (vnetd's default group is vnet).")
         elif taps:
             self.note(file, 0, "", "the original's taps belonged to group qemu unless --group "
-                      "said otherwise; vnetd's default is group vnet (define --group=qemu to "
-                      "keep the old group).")
+                      "said otherwise; vnetd's default is group vnet (import-qemu-vlan -g qemu "
+                      "keeps the old group).")
 
     # -- MACs ---------------------------------------------------------------------------
     def _macs(self, network: str) -> dict[str, str]:
@@ -1717,12 +1721,11 @@ class _Importer:
                 continue
             self.note(file, a.line, a.text, f"{a.key}: the original never applied these rules "
                       "(dead code); vnetd applies the ones carried over as soon as the network "
-                      "runs: check they are still wanted. They meant traffic to the "
-                      "interface's address (iptables -d ADDRESS); they come over as forwards "
-                      "by incoming interface (iface), which match what arrives on that "
-                      "interface from outside, not the host's or other guests' own traffic: "
-                      "for that, forward to the address instead (forward add NET PROTO "
-                      "ADDRESS:PORT TARGET:PORT).")
+                      "runs: check they are still wanted. They keep their meaning: traffic "
+                      "to the interface's addresses (iptables -d ADDRESS), from outside, the "
+                      "host and other guests alike, followed when the addresses change; add "
+                      "interface-means = \"incoming\" to a forward for traffic arriving on the "
+                      "interface instead.")
             for rule, line in a.token_lines():
                 if rule in seen:
                     self.note(file, line, rule, "this rule is listed twice: kept once.")

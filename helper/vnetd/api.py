@@ -141,7 +141,11 @@ METHODS: tuple[Method, ...] = (
     Method(MANAGER, "AddForward", _a("network:s", "forward:a{sv}"), _a("forward:a{sv}"),
            FORWARD, "Forward host traffic into the network. Keys: proto (tcp|udp), family "
            "(4|6), port ('8080' or '8000-8010'), target (an address in the network or a VM "
-           "name), target-port, ext-addr, iface. Refused if it overlaps another forward. The "
+           "name), target-port, ext-addr (traffic to that address), iface (traffic arriving on "
+           "that interface), addr-of (traffic to that interface's addresses, followed as they "
+           "change); or rule (qemu-vlan's 'interface,proto,port,address:port[/4|6]') with "
+           "interface-means (addresses, the default, or incoming). Refused if it overlaps "
+           "another forward. The "
            "caller owns it; other than root, one user owns at most vnetd's "
            "--max-forwards-per-user forwards.",
            details=("network",)),

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
+import struct
 import threading
 from collections import Counter
 from pathlib import Path
@@ -30,12 +32,19 @@ log = logging.getLogger("vnetd.firewall")
 
 IPV4_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 IPV6_FORWARD = Path("/proc/sys/net/ipv6/conf/all/forwarding")
+RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x10, 0x100
+RTM_NEWADDR, RTM_DELADDR = 20, 21
 
 
 class Firewall:
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.applied_forwards: dict[tuple[str, Forward], fw.FwForward] = {}
+        # a forward is one FwForward, or one per address of its addr-of interface
+        self.applied_forwards: dict[tuple[str, Forward], tuple[fw.FwForward, ...]] = {}
+        # the addresses of the interfaces addr-of forwards name, as last read from the kernel
+        self.iface_addrs: dict[str, tuple[str, ...]] = {}
+        self._addr_sock: socket.socket | None = None
+        self._addr_pending = False
         self.applied_ports: dict[str, fw.FwPort] = {}
         # how many applied ports and gateways hold each host-wide identity element (the
         # taken/claimed sets): one is deleted only when nothing holds it any more
@@ -131,13 +140,94 @@ class Firewall:
                 return le.ip
         return None
 
-    def _fw_forward(self, net: Network, f: Forward) -> fw.FwForward | None:
+    def _fw_forward(self, net: Network, f: Forward) -> tuple[fw.FwForward, ...]:
+        """What the kernel holds for a forward: nothing while its target is unresolved; one
+        element set per address of its addr-of interface (none while it has none)."""
         target = self.resolve(net, f)
         if target is None:
-            return None
-        return fw.FwForward(network=net.name, proto=f.proto, family=f.family,
-                            ext_addr=f.ext_addr, port_lo=f.port_lo, port_hi=f.port_hi,
-                            target=target, target_port=f.target_port, iface=f.iface)
+            return ()
+        if f.addr_of is not None:
+            addrs = [a for a in self.iface_addrs.get(f.addr_of, ())
+                     if ipaddress.ip_address(a).version == f.family]
+        else:
+            addrs = [f.ext_addr]
+        return tuple(fw.FwForward(network=net.name, proto=f.proto, family=f.family,
+                                  ext_addr=a, port_lo=f.port_lo, port_hi=f.port_hi,
+                                  target=target, target_port=f.target_port, iface=f.iface)
+                     for a in addrs)
+
+    # --- addr-of forwards: the interfaces' addresses, followed ---------------------------
+    def _addr_of_ifaces(self) -> set[str]:
+        return {f.addr_of for n in self.engine.running if n in self.engine.defs
+                for f in self.engine.defs[n].forwards if f.addr_of is not None}
+
+    async def _read_iface_addrs(self, names: set[str]) -> bool:
+        """Read the addresses of `names` (global scope: no link-local, no loopback's own
+        127/8 beyond what it has); True when any changed."""
+        changed = False
+        for name in sorted(names):
+            link = await self.engine.links.get(name)
+            addrs: tuple[str, ...] = ()
+            if link is not None:
+                addrs = tuple(sorted(str(a.ip) for a in await self.engine.links.addresses(
+                    link.index) if not a.ip.is_link_local))
+            if self.iface_addrs.get(name) != addrs:
+                self.iface_addrs[name] = addrs
+                changed = True
+        for gone in set(self.iface_addrs) - names:
+            del self.iface_addrs[gone]
+        return changed
+
+    def _watch_addresses(self) -> None:
+        """Address changes on any interface (RTM_NEWADDR/RTM_DELADDR): re-read the ones
+        addr-of forwards name and move their elements. One socket, read on the loop."""
+        if self._addr_sock is not None:
+            return
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                                 socket.NETLINK_ROUTE)
+            sock.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+        except OSError as e:
+            log.warning("cannot follow address changes (forwards to an interface's "
+                        "addresses keep the addresses of their start): %s", e)
+            return
+        self._addr_sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._addr_event)
+
+    def _addr_event(self) -> None:
+        relevant = False
+        try:
+            while True:
+                data = self._addr_sock.recv(65536)  # type: ignore[union-attr]
+                off = 0
+                while off + 16 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, off)
+                    relevant = relevant or kind in (RTM_NEWADDR, RTM_DELADDR)
+                    off += max((length + 3) & ~3, 16)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            log.warning("address events: %s", e)
+        if relevant and not self._addr_pending and self._addr_of_ifaces():
+            self._addr_pending = True
+            asyncio.get_running_loop().create_task(self.engine._locked(self._addresses_moved()))
+
+    async def _addresses_moved(self) -> None:
+        self._addr_pending = False
+        if await self._read_iface_addrs(self._addr_of_ifaces()):
+            for network in sorted(self.engine.running):
+                net = self.engine.defs.get(network)
+                if net is not None and any(f.addr_of for f in net.forwards):
+                    await self.leases_changed(network)
+
+    def close(self) -> None:
+        if self._addr_sock is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._addr_sock.fileno())
+            except RuntimeError:
+                pass
+            self._addr_sock.close()
+            self._addr_sock = None
 
     def _fw_network(self, net: Network) -> fw.FwNetwork:
         ov = net.overlay
@@ -208,11 +298,14 @@ class Firewall:
     async def sync_all(self) -> None:
         running = [self.engine.defs[n] for n in sorted(self.engine.running)
                    if n in self.engine.defs and self.engine.defs[n].mode != "bridged"]
-        forwards: dict[tuple[str, Forward], fw.FwForward] = {}
+        forwards: dict[tuple[str, Forward], tuple[fw.FwForward, ...]] = {}
+        if any(f.addr_of for net in running for f in net.forwards):
+            self._watch_addresses()
+            await self._read_iface_addrs(self._addr_of_ifaces())
         for net in running:
             for f in net.forwards:
                 ff = self._fw_forward(net, f)
-                if ff is not None:
+                if ff:
                     forwards[(net.name, f)] = ff
         # ports of bridged networks are guarded too (their MAC only)
         ours = {n for n in self.engine.running if n in self.engine.defs}
@@ -224,7 +317,8 @@ class Firewall:
         else:
             counters = await self.spoof_counters() if self.applied_ports else {}
             await self._change("load the ruleset", fw.render_ruleset, fw_nets,
-                               list(forwards.values()), list(ports.values()), counters=counters)
+                               [x for ff in forwards.values() for x in ff],
+                               list(ports.values()), counters=counters)
         self.applied_forwards, self.applied_ports = forwards, ports
         self._held = Counter()
         for n in fw_nets:
@@ -271,16 +365,33 @@ class Firewall:
 
     # --- element changes ----------------------------------------------------------------
     async def forward_added(self, net: Network, f: Forward) -> None:
+        if f.addr_of is not None:
+            self._watch_addresses()
+            await self._read_iface_addrs(self._addr_of_ifaces() | {f.addr_of})
         ff = self._fw_forward(net, f)
-        if ff is not None:
-            await self._change("add the forward", fw.render_forward_add, ff)
+        if ff:
+            await self._move((), ff, "add the forward")
             self.applied_forwards[(net.name, f)] = ff
 
     async def forward_removed(self, net: Network, f: Forward) -> None:
         ff = self.applied_forwards.get((net.name, f))
-        if ff is not None:
-            await self._change("remove the forward", fw.render_forward_remove, ff)
+        if ff:
+            await self._move(ff, (), "remove the forward")
             del self.applied_forwards[(net.name, f)]
+
+    async def _move(self, old: tuple[fw.FwForward, ...], new: tuple[fw.FwForward, ...],
+                    what: str) -> None:
+        """Remove `old` and add `new` elements in one transaction: never half moved."""
+        cmds: list = []
+        try:
+            for o in old:
+                cmds += fw.render_forward_remove(o)["nftables"]
+            for n in new:
+                cmds += fw.render_forward_add(n)["nftables"]
+        except ValueError as e:
+            raise Failed(f"The firewall cannot {what}: {e}") from None
+        if cmds:
+            await asyncio.to_thread(self._apply, {"nftables": cmds}, what)
 
     async def port_attached(self, port: Port) -> None:
         """A new port, or one whose MAC was just learned."""
@@ -318,24 +429,18 @@ class Firewall:
         if net is None or network not in self.engine.running:
             return
         for f in net.forwards:
-            old = self.applied_forwards.get((network, f))
+            old = self.applied_forwards.get((network, f), ())
             new = self._fw_forward(net, f)
             if old == new:
                 continue
-            cmds: list = []  # remove and add in one transaction: never half moved
-            try:
-                if old is not None:
-                    cmds += fw.render_forward_remove(old)["nftables"]
-                if new is not None:
-                    cmds += fw.render_forward_add(new)["nftables"]
-            except ValueError as e:
-                raise Failed(f"The firewall cannot move the forward: {e}") from None
-            await asyncio.to_thread(self._apply, {"nftables": cmds}, "move the forward")
-            if new is None:
-                del self.applied_forwards[(network, f)]
+            await self._move(old, new, "move the forward")
+            if not new:
+                self.applied_forwards.pop((network, f), None)
             else:
                 self.applied_forwards[(network, f)] = new
-                log.info("forward %s now goes to %s", f.describe(), new.target)
+                log.info("forward %s now goes to %s%s", f.describe(), new[0].target,
+                         f" for {', '.join(str(x.ext_addr) for x in new)}" if f.addr_of
+                         else "")
         for p in self.engine.ports.on_network(network):
             old_p = self.applied_ports.get(p.ifname)
             new_p = self._fw_port(p)

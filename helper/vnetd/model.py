@@ -632,7 +632,9 @@ PROTOS = ("tcp", "udp")
 class Forward:
     """DNAT of host traffic to PROTO [EXT_ADDR:]PORT_LO[-PORT_HI] onto TARGET:TARGET_PORT.
     `target` is an address in the network or a VM name (resolved through its static host or
-    current lease)."""
+    current lease). An interface narrows it in one of two ways: `iface`, traffic arriving on
+    it; `addr_of`, traffic to its addresses, whatever they are now (qemu-vlan's meaning of
+    its rules' interface field: iptables -d ADDRESS), from anywhere, the host included."""
 
     proto: str
     family: int
@@ -642,6 +644,7 @@ class Forward:
     target_port: int
     ext_addr: str | None = None
     iface: str | None = None
+    addr_of: str | None = None
     owner: int = 0  # the uid that added it (0: root, or added before owners were kept)
 
     @property
@@ -650,6 +653,8 @@ class Forward:
 
     @property
     def external(self) -> str:
+        if self.addr_of is not None:
+            return f"{self.addr_of}'s addresses:{self.ports}"
         if self.ext_addr is None:
             return self.ports
         addr = f"[{self.ext_addr}]" if ":" in self.ext_addr else self.ext_addr
@@ -664,6 +669,8 @@ class Forward:
             d["ext-addr"] = self.ext_addr
         if self.iface:
             d["iface"] = self.iface
+        if self.addr_of:
+            d["addr-of"] = self.addr_of
         if owner and self.owner:
             d["owner"] = self.owner
         return d
@@ -683,7 +690,8 @@ class Forward:
     def file_name(self) -> str:
         """Its file in <network>.forwards/: one small file per forward, so adding or removing
         one costs the same however many there are."""
-        ext = (self.ext_addr or "any").replace(":", "_")
+        ext = (self.ext_addr or (f"of.{self.addr_of}" if self.addr_of else "any")
+               ).replace(":", "_")
         return f"{self.proto}{self.family}-{ext}-{self.iface or 'any'}-{self.ports}.toml"
 
 
@@ -778,7 +786,8 @@ def parse_forward(net: Network, spec: dict[str, Any], stored: bool = False) -> F
     if not isinstance(spec, dict):
         raise InvalidArgument("A forward must be a dictionary.")
     owner = _owner(spec, stored, "a forward belongs to whoever adds it")
-    known = {"proto", "family", "port", "target", "target-port", "ext-addr", "iface"}
+    known = {"proto", "family", "port", "target", "target-port", "ext-addr", "iface",
+             "addr-of"}
     unknown = sorted(_printable(k) for k in spec if k not in known and k != "owner")
     if unknown:
         raise InvalidArgument(f"Unknown forward option(s): {', '.join(unknown)}. "
@@ -807,6 +816,13 @@ def parse_forward(net: Network, spec: dict[str, Any], stored: bool = False) -> F
     iface = spec.get("iface")
     if iface is not None:
         iface = validate_ifname(iface, "interface name")
+    addr_of = spec.get("addr-of")
+    if addr_of is not None:
+        addr_of = validate_ifname(addr_of, "interface name")
+        if ext is not None or iface is not None:
+            raise InvalidArgument("A forward to an interface's addresses (addr-of) takes "
+                                  "neither an external address nor an incoming interface "
+                                  "(iface): give one of the three.")
     target = spec["target"]
     if not isinstance(target, str) or not target:
         raise InvalidArgument("The forward's target must be an address or a VM name.")
@@ -831,7 +847,7 @@ def parse_forward(net: Network, spec: dict[str, Any], stored: bool = False) -> F
         raise InvalidArgument(f"The network '{net.name}' has no IPv6 prefix: give it one "
                               "(--subnet6) to forward IPv6.")
     return Forward(proto=proto, family=family, port_lo=lo, port_hi=hi, target=target,
-                   target_port=tport, ext_addr=ext, iface=iface, owner=owner)
+                   target_port=tport, ext_addr=ext, iface=iface, addr_of=addr_of, owner=owner)
 
 
 def parse_forward_args(proto: str, external: str, target: str, *, iface: str | None = None,
@@ -858,9 +874,12 @@ def expand_forward_words(spec: dict[str, Any]) -> dict[str, Any]:
     spec = dict(spec)
     if "rule" in spec:
         rule = spec.pop("rule")
+        means = spec.pop("interface-means", "addresses")
         if not isinstance(rule, str):
             raise InvalidArgument("'rule' must be a string.")
-        return {**parse_original_rule(rule), **spec}
+        return {**parse_original_rule(rule, means), **spec}
+    if "interface-means" in spec:
+        raise InvalidArgument("'interface-means' goes with 'rule' (qemu-vlan's format).")
     if "external" in spec:
         external, to = spec.pop("external"), spec.pop("to", None)
         proto = spec.pop("proto", None)
@@ -876,8 +895,17 @@ def expand_forward_words(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def parse_original_rule(rule: str) -> dict[str, Any]:
-    """qemu-vlan's 'interface,proto,port,address:port[/4|6]' (PREROUTING_RULES)."""
+RULE_MEANINGS = ("addresses", "incoming")
+
+
+def parse_original_rule(rule: str, means: object = "addresses") -> dict[str, Any]:
+    """qemu-vlan's 'interface,proto,port,address:port[/4|6]' (PREROUTING_RULES). The
+    interface means, by default as in the original, traffic to its addresses (addr-of);
+    `means="incoming"`: traffic arriving on it (iface)."""
+    if means not in RULE_MEANINGS:
+        raise InvalidArgument(f"interface-means '{_printable(means)}': use addresses (traffic "
+                              "to the interface's addresses, as qemu-vlan meant) or incoming "
+                              "(traffic arriving on it).")
     parts = rule.strip().split(",")
     if len(parts) != 4:
         raise InvalidArgument(f"'{_printable(rule)}' is not 'interface,proto,port,"
@@ -887,7 +915,10 @@ def parse_original_rule(rule: str) -> dict[str, Any]:
     if dest.endswith(("/4", "/6")):
         family = int(dest[-1])
         dest = dest[:-2]
-    return parse_forward_args(proto, port, dest, iface=iface or None, family=family)
+    spec = parse_forward_args(proto, port, dest, iface=iface or None, family=family)
+    if means == "addresses" and "iface" in spec:
+        spec["addr-of"] = spec.pop("iface")
+    return spec
 
 
 def overlapping(a: ipaddress._BaseNetwork, b: ipaddress._BaseNetwork) -> bool:

@@ -131,7 +131,8 @@ def test_original_rule_format(world):
     r = run_client("forward", "add", "vnet2", "--rule", "uplink0,tcp,2323,172.16.12.23:23")
     assert r.returncode == 0, r.stderr
     fwds = json.loads(run_client("forward", "list", "vnet2", "--json").stdout)
-    assert any(f["iface"] == "uplink0" and f["port"] == "2323" for f in fwds)
+    # the interface means its addresses, as qemu-vlan's iptables -d ADDRESS did
+    assert any(f.get("addr-of") == "uplink0" and f["port"] == "2323" for f in fwds)
     run_client("forward", "remove", "vnet2", "tcp", "2323", check=True)
 
 

@@ -312,7 +312,7 @@ def test_what_needs_the_shell_is_a_finding_not_a_guess(tmp_path: Path):
     finding_at(imp, "vnet11.conf", 1, "DNSMASQ_ARGS", "runs a command")
     finding_at(imp, "vnet11.conf", 2, "'n'", "runs a command")
     finding_at(imp, "vnet11.conf", 3, "unknown key 'domain_x'")
-    finding_at(imp, "vnet11.conf", 4, "alice", "--user=alice")
+    finding_at(imp, "vnet11.conf", 4, "alice", "-u alice")
     finding_at(imp, "vnet11.conf", 5, "not a valid group name")
 
 
@@ -519,3 +519,11 @@ def test_client_module_does_not_import_the_daemon():
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import vnet_client.migrate; "
             "assert not [m for m in sys.modules if m.split('.')[0] in ('vnetd', 'dbus_fast')]")
     subprocess.run([sys.executable, "-c", code, str(REPO / "client")], check=True)
+
+
+def test_dhcpd_args_and_n_are_named_not_guessed(tmp_path: Path):
+    imp = read_qemu_vlan_dir(write(tmp_path / "vnet15", {
+        "vnet15.conf": 'DHCPD_ARGS="-q"\nn=4\nnum=2\n'}))
+    assert imp.definition["taps"] == 2
+    finding_at(imp, "vnet15.conf", 1, "DHCPD_ARGS")
+    finding_at(imp, "vnet15.conf", 2, "not the tap count", "num=")

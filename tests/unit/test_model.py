@@ -651,3 +651,33 @@ def test_vde_macs_one_per_switch():
                        "not both")):
         msg = refused(Network.from_options, "vnet4", bad)
         assert word in msg, msg
+
+
+def test_forward_interface_has_two_named_meanings():
+    from vnetd.model import expand_forward_words, parse_forward
+
+    """qemu-vlan's rule interface meant traffic to the interface's addresses (-d ADDRESS):
+    that is what a rule means by default (addr-of); interface-means = "incoming" matches
+    traffic arriving on it (iface). Each is named in the forward and kept in its file."""
+    net = Network.from_options("vnet3", {})
+    rule = "eth0,tcp,8080,172.16.13.5:80"
+    f = parse_forward(net, expand_forward_words({"rule": rule}))
+    assert (f.addr_of, f.iface, f.ext_addr) == ("eth0", None, None)
+    assert f.to_dict()["addr-of"] == "eth0" and "eth0's addresses" in f.describe()
+    assert parse_forward(net, f.to_dict()) == f
+    g = parse_forward(net, expand_forward_words({"rule": rule, "interface-means": "incoming"}))
+    assert (g.addr_of, g.iface) == (None, "eth0")
+    assert f.file_name != g.file_name
+    assert parse_forward(net, expand_forward_words({"rule": ",tcp,8080,172.16.13.5:80"})
+                         ).addr_of is None  # no interface: any address of the host
+    for bad, word in (({"rule": rule, "interface-means": "to"}, "interface-means"),
+                      ({"proto": "tcp", "port": "80", "target": "172.16.13.5",
+                        "interface-means": "incoming"}, "goes with 'rule'")):
+        with pytest.raises(InvalidArgument, match=word):
+            parse_forward(net, expand_forward_words(bad))
+    for spec in ({"addr-of": "eth0", "iface": "eth1"}, {"addr-of": "eth0", "ext-addr": "10.0.0.1"}):
+        msg = refused(parse_forward, net, {"proto": "tcp", "port": "80",
+                                           "target": "172.16.13.5", **spec})
+        assert "addr-of" in msg
+    refused(parse_forward, net, {"proto": "tcp", "port": "80", "target": "172.16.13.5",
+                                 "addr-of": "bad name"})
