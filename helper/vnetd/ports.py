@@ -143,6 +143,19 @@ def read_tap_mac(fd: int | None = None, ifname: str | None = None) -> str | None
     return ":".join(f"{b:02x}" for b in out[18:24])
 
 
+def _mac_attr(attrs: bytes, want: int) -> str | None:
+    """The MAC in netlink attribute `want` of `attrs` (a run of rtattrs), or None."""
+    off = 0
+    while off + 4 <= len(attrs):
+        alen, atype = struct.unpack_from("=HH", attrs, off)
+        if alen < 4:
+            return None
+        if atype == want and alen >= 10:
+            return ":".join(f"{b:02x}" for b in attrs[off + 4:off + 10])
+        off += (alen + 3) & ~3
+    return None
+
+
 class Ports:
     def __init__(self, links: Links, macs: MacRegistry, store, max_per_user: int = 64):
         self.links = links
@@ -303,17 +316,9 @@ class Ports:
         """A link event of one of our ports: its own address must stay what it was (a holder
         can re-MAC its tap through the fd; the bridge would then deliver another guest's
         frames to it)."""
-        off = 0
-        while off + 4 <= len(attrs):
-            alen, atype = struct.unpack_from("=HH", attrs, off)
-            if alen < 4:
-                return
-            if atype == IFLA_ADDRESS and alen >= 10:
-                mac = ":".join(f"{b:02x}" for b in attrs[off + 4:off + 10])
-                if mac != port.tap_mac:
-                    self._cut(port, mac)
-                return
-            off += (alen + 3) & ~3
+        mac = _mac_attr(attrs, IFLA_ADDRESS)
+        if mac is not None and mac != port.tap_mac:
+            self._cut(port, mac)
 
     def _cut(self, port: Port, new_mac: str) -> None:
         """Cut a port off: its holder changed the tap's own address."""
@@ -340,30 +345,22 @@ class Ports:
         if port is None or self.by_name.get(port.ifname) is not port:
             self.learning.pop(index, None)  # gone meanwhile
             return
-        off = 12
-        while off + 4 <= len(msg):
-            alen, atype = struct.unpack_from("=HH", msg, off)
-            if alen < 4:
-                return
-            if atype == NDA_LLADDR and alen >= 10:
-                mac = ":".join(f"{b:02x}" for b in msg[off + 4:off + 10])
-                if int(mac[:2], 16) & 1:
-                    return  # multicast source: not a guest's address
-                owner = self.identity_owner(port.network, mac)
-                if owner is not None and owner != port.vm:
-                    log.warning("audit: port %s (uid %d) sent as %s, which belongs to %s on "
-                                "%s", port.ifname, port.uid, mac, owner, port.network)
-                    self._cut(port, port.tap_mac or "?")
-                    return
-                port.mac, port.mac_known = mac, True
-                del self.learning[index]
-                self._write(port)
-                log.info("port %s learned its guest MAC %s (locked until the port goes)",
-                         port.ifname, mac)
-                for fn in self.listeners:
-                    fn(port, "learned")
-                return
-            off += (alen + 3) & ~3
+        mac = _mac_attr(msg[12:], NDA_LLADDR)
+        if mac is None or int(mac[:2], 16) & 1:
+            return  # no address, or a multicast source: not a guest's address
+        owner = self.identity_owner(port.network, mac)
+        if owner is not None and owner != port.vm:
+            log.warning("audit: port %s (uid %d) sent as %s, which belongs to %s on %s",
+                        port.ifname, port.uid, mac, owner, port.network)
+            self._cut(port, port.tap_mac or "?")
+            return
+        port.mac, port.mac_known = mac, True
+        del self.learning[index]
+        self._write(port)
+        log.info("port %s learned its guest MAC %s (locked until the port goes)",
+                 port.ifname, mac)
+        for fn in self.listeners:
+            fn(port, "learned")
 
     def _gone(self, index: int) -> None:
         port = self.by_index.get(index)
