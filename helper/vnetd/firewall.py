@@ -220,15 +220,6 @@ class Firewall:
                 if net is not None and any(f.addr_of for f in net.forwards):
                     await self.leases_changed(network)
 
-    def close(self) -> None:
-        if self._addr_sock is not None:
-            try:
-                asyncio.get_running_loop().remove_reader(self._addr_sock.fileno())
-            except RuntimeError:
-                pass
-            self._addr_sock.close()
-            self._addr_sock = None
-
     def _fw_network(self, net: Network) -> fw.FwNetwork:
         ov = net.overlay
         static = ov is not None and ov.control == "static"

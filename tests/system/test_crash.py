@@ -106,7 +106,7 @@ class Net:
 
     @property
     def tap_names(self) -> list[str]:
-        return [f"{self.name}_{i}" for i in range(1, self.taps + 1)]
+        return [f"{self.name}_{i}" for i in range(self.taps)]  # NAME_0.., as qemu-vlan
 
 
 @dataclass
