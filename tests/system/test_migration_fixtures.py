@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.guest import build_guest as bg
-from tests.harness.daemon import ALICE, as_user, run_client
+from tests.harness.daemon import ALICE, BOB, PolkitRule, as_user, run_client
 from tests.harness.tools import require
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "qemu-vlan"
@@ -133,3 +133,31 @@ def test_bridged_directory_is_refused_without_the_nic(vnetd, tmp_path):
     assert "vnet7" not in run_client("list", "--json", check=True).stdout
     r = run_client("import-qemu-vlan", str(d), "--if=eth9", "-n", "2", "--dry-run")
     assert r.returncode == 0 and 'mode = "bridged"' in r.stdout and 'if = "eth9"' in r.stdout
+
+
+def test_bridge_conf_becomes_a_polkit_rule_polkitd_applies(vnetd):
+    """The repository's sample bridge.conf (allow br0, vnet0..vnet4, virbr0) for BOB's group:
+    with the rule polkitd itself lets BOB (not in group vnet) attach to vnet2 without a
+    password, and still not to vnet5, which bridge.conf does not allow."""
+    for net in ("vnet2", "vnet5"):
+        run_client("define", net, "--dhcp=none", check=True)
+        run_client("start", net, check=True)
+    try:
+        def attach(net: str) -> subprocess.CompletedProcess:
+            return run_client("attach", f"--br={net}", "--vm=b1", "--no-ask-password", "--",
+                              "true", user=BOB)
+
+        assert attach("vnet2").returncode == 4  # before: not authorized
+        r = run_client("import-bridge-conf", str(DATA / "samples/bridge.conf"),
+                       f"--group={BOB}")
+        assert r.returncode == 0, r.stderr
+        assert "bridge.conf:5" in r.stderr  # allow vnet1, named with its line
+        with PolkitRule("40-qemu-vnet-bridge-conf", r.stdout):
+            r2 = attach("vnet2")
+            assert r2.returncode == 0, r2.stderr
+            assert attach("vnet5").returncode == 4
+        assert attach("vnet2").returncode == 4
+    finally:
+        for net in ("vnet2", "vnet5"):
+            run_client("stop", net)
+            run_client("undefine", net)
