@@ -270,6 +270,10 @@ class Client:
         """Drop every NIC's MAC of `vm` on `network`; how many there were."""
         return await self.value("ForgetMac", "ss", [network, vm])
 
+    async def transfer_vm(self, network: str, vm: str, uid: int) -> int:
+        """Give VM `vm` on `network` (its name and MACs) to user `uid`."""
+        return await self.value("TransferVm", "ssu", [network, vm, uid])
+
     async def enslave(self, ifname: str) -> str:
         return await self.value("Enslave", "s", [ifname])
 

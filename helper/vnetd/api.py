@@ -122,6 +122,10 @@ METHODS: tuple[Method, ...] = (
            "Drop every NIC's MAC of a VM from the network's registry (the network need not be "
            "defined any more); refused while a NIC of the VM is attached there.",
            details=("network", "vm")),
+    Method(MANAGER, "TransferVm", _a("network:s", "vm:s", "uid:u"), _a("uid:u"), MANAGE,
+           "Give a VM name on a network, and its MACs, to another user (uid): from then on "
+           "only that user attaches it (the network need not be defined any more); refused "
+           "while a NIC of the VM is attached there.", details=("network", "vm")),
     Method(MANAGER, "Enslave", _a("ifname:s"), _a("network:s"), ATTACH,
            "vnet-ifup: put a tap you own on the bridge its name names (<network>_<n>).",
            details=("ifname",)),

@@ -159,6 +159,7 @@ class Service:
             (api.MANAGER, "ImportMacs"): self.import_macs,
             (api.MANAGER, "ExportMacs"): self.export_macs,
             (api.MANAGER, "ForgetMac"): self.forget_mac,
+            (api.MANAGER, "TransferVm"): self.transfer_vm,
             (api.MANAGER, "Enslave"): self.enslave,
             (api.MANAGER, "Release"): self.release,
             (api.MANAGER, "AddHost"): self.add_host,
@@ -565,6 +566,13 @@ class Service:
             self.owns_network(caller, network)
         n = await self.engine.forget_mac(network, vm)
         return Reply(n, audit=f"forgot {n} MAC(s)")
+
+    async def transfer_vm(self, caller: Caller, network: str, vm: str, uid: int) -> Any:
+        if network in self.engine.defs:  # the network need not be defined any more
+            self.owns_network(caller, network)
+        before = await self.engine.transfer_vm(network, vm, uid)
+        return Reply(uid, audit=f"VM {vm} from uid {'none' if before is None else before} "
+                                f"to uid {uid}")
 
     async def enslave(self, caller: Caller, ifname: str) -> Any:
         return await self.engine.enslave(ifname, caller.uid)

@@ -237,6 +237,22 @@ class MacRegistry:
             self._save_creators(self.creators)
         return len(gone)
 
+    def transfer(self, network: str, vm: str, uid: int) -> int | None:
+        """Make `uid` the owner of a VM name (its MACs go with it); the owner it had (None:
+        it had none). A VM vnetd knows nothing of on that network is NotFound."""
+        validate_network_name(network)
+        validate_vm_name(vm)
+        before = self.owner_uid(network, vm)
+        has_macs = any(k.rsplit("/", 1)[0] == vm for k in self.data.get(network, {}))
+        if before is None and not has_macs:
+            raise NotFound(f"VM '{vm}' is not known on network {network}: it has neither an "
+                           "owner nor a MAC in the registry.")
+        creators = {n: dict(m) for n, m in self.creators.items()}
+        creators.setdefault(network, {})[vm] = uid
+        self._save_creators(creators)  # first: a failed write changes nothing
+        self.creators = creators
+        return before
+
     def export_ether_conf(self, network: str) -> str:
         """qemu-vlan's ether.conf: ether_<i>=MAC. VMs named <network>_<i> (the original's tap
         names, which is what an import creates) keep their index; others follow."""
