@@ -11,6 +11,8 @@ import json
 import re
 import shutil
 import subprocess
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,51 @@ def test_bridge_conf_becomes_a_polkit_rule_polkitd_applies(vnetd):
         for net in ("vnet2", "vnet5"):
             run_client("stop", net)
             run_client("undefine", net)
+
+
+@pytest.fixture
+def lan(vnetd):
+    """A physical LAN for a bridged network: a veth 'lan0' in vnetd's namespace (no default
+    route on it), its far end in a namespace with a DHCP server handing out 10.89.0.100-150."""
+    ns = f"vnl-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    vnetd.ip("link", "add", "lan0", "type", "veth", "peer", "name", "up0", "netns", ns)
+    for args in (["addr", "add", "10.89.0.1/24", "dev", "up0"], ["link", "set", "up0", "up"],
+                 ["link", "set", "lo", "up"]):
+        subprocess.run(["ip", "-n", ns, *args], check=True)
+    vnetd.ip("addr", "add", "10.89.0.5/24", "dev", "lan0")
+    vnetd.ip("link", "set", "lan0", "up")
+    dhcp = subprocess.Popen(["ip", "netns", "exec", ns, require("dnsmasq"), "--keep-in-foreground",
+                             "--no-resolv", "--no-hosts", "--interface=up0", "--bind-interfaces",
+                             "--dhcp-range=10.89.0.100,10.89.0.150,1h", "--port=0",
+                             "--log-facility=-", "--pid-file=", "--dhcp-leasefile=/dev/null"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    yield ns
+    dhcp.kill()
+    dhcp.wait()
+    vnetd.ip("link", "del", "lan0", check=False)
+    subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_imported_bridged_directory_puts_an_old_style_guest_on_the_lan(vnetd, guest, lan,
+                                                                        tmp_path):
+    d = copy("v1.0.0/vnet7", tmp_path)
+    r = run_client("import-qemu-vlan", str(d), "--if=lan0", "-n", "2", f"--user={ALICE}",
+                   "--start")
+    try:
+        assert r.returncode == 0, r.stderr
+        n = json.loads(run_client("show", "vnet7", "--json", check=True).stdout)
+        assert (n["state"], n["mode"], n["if"]) == ("running", "bridged", "lan0")
+        assert n["tap-names"] == ["vnet7_0", "vnet7_1"]
+        assert vnetd.ipj("link", "show", "lan0")[0]["master"] == "vnet7"
+        mac = run_client("mac", "--br=vnet7", "--vm=vnet7_0", check=True).stdout.strip()
+        res = boot_old_style(vnetd, guest, "vnet7_0", mac)
+        assert res.get("dhcp") == "ok", res  # from the LAN's own DHCP server
+        assert ipaddress.IPv4Interface(res["ip"]).ip in ipaddress.IPv4Network("10.89.0.0/24")
+        assert res["server"] == "10.89.0.1"
+    finally:
+        run_client("stop", "vnet7")
+        run_client("undefine", "vnet7")
+    # stop gave lan0 its address back
+    assert "10.89.0.5" in vnetd.ip("addr", "show", "lan0").stdout
