@@ -223,12 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("detach", "remove a port now (its owner or an administrator)")
     sp.add_argument("ifname")
     sp = cmd("mac", "stable MACs: print a VM's; export, import or forget a network's MAC "
-             "registry")
+             "registry; give a VM to another user")
     sp.usage = ("vnet-client mac --br=NET --vm=NAME [--nic=N]\n"
                 "       vnet-client mac --br=NET --export-ether-conf [FILE]\n"
                 "       vnet-client mac export NET [--json]\n"
                 "       vnet-client mac import NET FILE|-\n"
-                "       vnet-client mac forget NET VM")
+                "       vnet-client mac forget NET VM\n"
+                "       vnet-client mac transfer NET VM USER")
     sp.epilog = MAC_EPILOG
     sp.formatter_class = argparse.RawDescriptionHelpFormatter
     sp.add_argument("--br", metavar="NET", help="the network")
@@ -237,14 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--export-ether-conf", nargs="?", const="-", metavar="FILE",
                     help="write qemu-vlan's ether.conf lines (ether_<i>=MAC) to FILE or stdout")
     msub = sp.add_subparsers(dest="mac_cmd", metavar="ACTION")
-    me = msub.add_parser("export", help="print the network's MAC registry, one 'VM/NIC MAC' "
+    me = msub.add_parser("export", usage="vnet-client mac export NET [--json]",
+                         help="print the network's MAC registry, one 'VM/NIC MAC' "
                          "line per NIC (--json: one object)",
                          description="Print the network's MAC registry: one 'VM/NIC MAC' line "
                          "per NIC, or with --json one JSON object. 'mac import' on another "
                          "host takes it in, so VMs that move keep their MACs.")
     _add_common(me)
     me.add_argument("network")
-    mi = msub.add_parser("import", help="take in what 'mac export' printed (lines or JSON); "
+    mi = msub.add_parser("import", usage="vnet-client mac import NET FILE|- [--json]",
+                         help="take in what 'mac export' printed (lines or JSON); "
                          "all or nothing",
                          description="Take in a MAC registry that 'mac export' printed (its "
                          "lines or its JSON; a key without /NIC means NIC 0): all entries or "
@@ -252,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(mi)
     mi.add_argument("network")
     mi.add_argument("file", help="the file, or - for standard input")
-    mf = msub.add_parser("forget", help="drop a VM's MACs (all its NICs) from the network's "
+    mf = msub.add_parser("forget", usage="vnet-client mac forget NET VM [--json]",
+                         help="drop a VM's MACs (all its NICs) from the network's "
                          "registry",
                          description="Drop every NIC's MAC of a VM from the network's "
                          "registry, making room in it (it holds vnetd's --max-macs-per-network "
@@ -262,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(mf)
     mf.add_argument("network")
     mf.add_argument("forget_vm", metavar="VM")  # not "vm": that is mac's --vm
+    mt = msub.add_parser("transfer", usage="vnet-client mac transfer NET VM USER [--json]",
+                         help="give a VM (its name and MACs on the network) to "
+                         "another user",
+                         description="Give a VM name on a network, with its MACs, to another "
+                         "user: from then on only that user attaches it, with the same MACs. A "
+                         "VM name belongs to the user who first registered it. Needs the "
+                         "'manage' right; refused while the VM is attached to the network.")
+    _add_common(mt)
+    mt.add_argument("network")
+    mt.add_argument("transfer_vm", metavar="VM")
+    mt.add_argument("user", help="the new owner: a user name or a uid")
     hp = cmd("host", "static hosts: fixed addresses and DNS names for VMs")
     hsub = hp.add_subparsers(dest="host_cmd", metavar="ACTION", required=True)
     ha = hsub.add_parser("add", help="give a VM a fixed address (applied live)")
@@ -355,8 +370,9 @@ examples:
   vnet-client mac import vnet2 vnet2.macs           # on the new host: the VMs keep their MACs
   ssh old-host vnet-client mac export vnet2 --json | vnet-client mac import vnet2 -
   vnet-client mac forget vnet2 web1                 # web1 is gone: free its entries
+  vnet-client mac transfer vnet2 web1 bob           # web1 is bob's now (same MACs)
 
-Exporting needs nothing; importing and forgetting need the 'manage' right.
+Exporting needs nothing; importing, forgetting and transferring need the 'manage' right.
 """
 
 
@@ -1210,7 +1226,7 @@ async def run_mac(args: argparse.Namespace) -> int:
         return await run_mac_registry(args)
     if not args.br:
         raise Usage("mac needs --br=NET with --vm=NAME or --export-ether-conf, or an action: "
-                    "export, import, forget (see vnet-client mac --help).")
+                    "export, import, forget, transfer (see vnet-client mac --help).")
     async with Session(args) as s:
         if args.export_ether_conf:
             text = await s.run(lambda c: c.export_ether_conf(args.br))
@@ -1230,10 +1246,12 @@ async def run_mac(args: argparse.Namespace) -> int:
 
 
 async def run_mac_registry(args: argparse.Namespace) -> int:
-    """mac export / import / forget: a network's whole MAC registry."""
+    """mac export / import / forget / transfer: a network's whole MAC registry."""
     net = args.network
     if args.mac_cmd == "import":
         macs = read_mac_table(args.file)
+    if args.mac_cmd == "transfer":
+        uid = user_uid(args.user)
     async with Session(args) as s:
         if args.mac_cmd == "export":
             macs = await s.run(lambda c: c.export_macs(net))
@@ -1243,12 +1261,28 @@ async def run_mac_registry(args: argparse.Namespace) -> int:
             n = await s.run(lambda c: c.import_macs(net, macs))
             print(json.dumps({"network": net, "imported": n}) if args.json else
                   f"Imported {n} MAC(s) into the registry of {net}.")
+        elif args.mac_cmd == "transfer":
+            vm = args.transfer_vm
+            await s.run(lambda c: c.transfer_vm(net, vm, uid))
+            print(json.dumps({"network": net, "vm": vm, "uid": uid}) if args.json
+                  else f"VM {vm} on {net} now belongs to {args.user} (uid {uid}).")
         else:
             vm = args.forget_vm
             n = await s.run(lambda c: c.forget_mac(net, vm))
             print(json.dumps({"network": net, "vm": vm, "forgotten": n}) if args.json
                   else f"Forgot {n} MAC(s) of {vm} on {net}.")
     return EXIT_OK
+
+
+def user_uid(user: str) -> int:
+    """A user name or a uid, as a uid; a name this host does not know is a usage error."""
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        msg = f"There is no user '{user}' on this host (give a user name or a uid)."
+        raise Usage(msg) from None
 
 
 def render_mac_table(network: str, macs: dict[str, str]) -> str:
