@@ -3,7 +3,7 @@
 Two figures per size: the firewall change alone (render + one libnftables transaction: the
 part held in nft maps), and the whole call through vnetd (D-Bus, validation, firewall, and
 saving the network's definition file).
-Target (issue 5): p99 <= 5 ms and flat (10,000 / 10 <= 1.5).
+Target: p99 <= 5 ms and flat (10,000 / 10 <= 1.5).
 
     sudo /opt/qemu-vnet/bin/python bench/forwards.py [--runs 100]
 """

@@ -1,6 +1,6 @@
 """NAT throughput, guest netns -> outside netns, with iperf3: through vnetd's ruleset (NAT,
 forward filtering, anti-spoofing) versus the same path routed with no ruleset at all.
-Target (issue 5): ours >= 95% of the bare path.
+Target: ours >= 95% of the bare path.
 
     sudo /opt/qemu-vnet/bin/python bench/nat_throughput.py [--seconds 3] [--rounds 3]
 """

@@ -1,6 +1,6 @@
 """Start/stop latency of a host-only network, from a long-lived client (JSON out).
 
-Target (issue 2): start p50 <= 20 ms on a 2-core machine.
+Target: start p50 <= 20 ms on a 2-core machine.
     sudo /opt/qemu-vnet/bin/python bench/network_start_stop.py [--runs 50]
 """
 

@@ -1,4 +1,4 @@
-"""VXLAN overlay (issue 8): guest-to-guest TCP throughput across two hosts through the overlay
+"""VXLAN overlay: guest-to-guest TCP throughput across two hosts through the overlay
 versus two guests on one host, and the time from a new guest's port appearing on host B to
 its first ping answered by a guest on host A. Both with static control and with BGP EVPN
 (FRR in each host namespace). Hosts are network namespaces, each with its own vnetd on its

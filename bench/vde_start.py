@@ -1,5 +1,5 @@
 """Start of a --vde -n4 network (4 vde_switch processes, 4 x 32 ports, dnsmasq), p50/p99
-over 20 runs. Target (issue 6): p50 <= 150 ms.
+over 20 runs. Target: p50 <= 150 ms.
 
     sudo /opt/qemu-vnet/bin/python bench/vde_start.py [--runs 20]
 """

@@ -1,4 +1,5 @@
-"""Ports: taps handed to users (DESIGN.md rule 4).
+"""Ports: taps handed to users (made IFF_TAP|IFF_NO_PI|IFF_VNET_HDR|IFF_TUN_EXCL, never
+persistent, tracked by ifindex).
 
 A port is a tap vnetd opened for a user, enslaved to a running network's bridge, whose fd(s)
 went to the caller. The tap is not persistent, so it lives exactly as long as the holder's

@@ -1,4 +1,4 @@
-"""Crash consistency (issue 7, item 3; DESIGN.md rule 6: nothing is lost).
+"""Crash consistency (nothing is lost).
 
 vnetd is SIGKILLed at random points *inside* operations (define, undefine, start, stop, attach,
 forward add/remove, host add, MAC hand-out), restarted, and the whole state is checked against

@@ -1,4 +1,4 @@
-"""Fuzzing the D-Bus API (issue 7, item 2).
+"""Fuzzing the D-Bus API.
 
 Hypothesis generates batches of calls for every method of the contract (read from
 dbus/org.qemuvnet.Vnet1.xml, so new methods are fuzzed too): arguments of the right types,

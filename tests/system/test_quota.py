@@ -1,4 +1,4 @@
-"""Per-user limits and the MAC registry's bound (issue 7), through the real bus and polkitd.
+"""Per-user limits and the MAC registry's bound, through the real bus and polkitd.
 
 Unprivileged users (a polkit rule grants them manage and forward, bob attach too) run into
 small limits given to the daemon: the (N+1)th network or forward of one user is refused with

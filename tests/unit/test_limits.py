@@ -1,4 +1,4 @@
-"""Limits (issue 7): who owns a network or a forward, kept in vnetd's files and never taken from
+"""Limits: who owns a network or a forward, kept in vnetd's files and never taken from
 a caller's options; the per-user limits on networks and forwards (root has none); the bound on
 a network's MAC registry, ForgetMac, and the registry's export/import across hosts ('vm/nic'
 keys). Pure code and the engine over a stub of the kernel: no root, no bus."""

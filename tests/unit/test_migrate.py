@@ -1,5 +1,5 @@
 """import-qemu-vlan's reader (vnet_client.migrate): fixture directories written here from the
-formats qemu-vlan's documentation gives (../shared/reference/) import to definitions with the
+formats qemu-vlan's documentation gives import to definitions with the
 same MACs and static addresses; whatever is not carried over is named with its file and line;
 malformed files raise MigrationError naming the line; the TOML written round-trips exactly
 and is accepted by vnetd's own model."""

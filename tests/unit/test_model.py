@@ -1,6 +1,6 @@
 """vnetd.model: validation of everything a caller can send, addressing, and the TOML round trip.
 
-Rules under test (DESIGN.md rule 3, issue 2): network names are Linux interface names of 1-15
+Rules under test (every name, address and count is validated here): network names are Linux interface names of 1-15
 bytes of [A-Za-z0-9_.-] that are not '.'/'..' (and here never look like an option); vnetN gets
 172.16.(10+N).0/24 with gateway .1 unless a subnet is given; '-n COUNT' pre-creates taps
 NAME_1..NAME_COUNT with COUNT 1..64 and tap names that still fit 15 bytes; every refusal is an

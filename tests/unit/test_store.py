@@ -1,6 +1,6 @@
 """vnetd.store: atomic writes, definitions with last good copies, JSON state with a .prev copy.
 
-DESIGN.md rule 6 (nothing is lost) and the store's own promise: a crash leaves the old or the
+Nothing is lost, and the store's own promise: a crash leaves the old or the
 new file, never half of one, and a definition an admin truncated or mangled is reported and the
 last good copy is used instead.
 """
