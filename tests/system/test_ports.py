@@ -350,3 +350,55 @@ asyncio.run(main())
     time.sleep(0.3)
     after = len(os.listdir(f"/proc/{pid}/fd"))
     assert after <= before + 2, (before, after)
+
+
+def pidfds_of(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[pidfd]"
+        except OSError:
+            pass  # closed meanwhile
+    return n
+
+
+def test_holders_that_closed_their_ports_hold_no_pidfd(vnetd):
+    """A user's processes that attach, close the tap and live on (exec'ing something else)
+    must not leave vnetd holding a pidfd each: pidfds go with a holder's last port."""
+    pid = vnetd.proc.pid
+    before = pidfds_of(pid)
+    code = """
+import time
+r, w = os.pipe()
+children = []
+for i in range(30):
+    child = os.fork()
+    if child == 0:
+        async def one():
+            async with Client() as c:
+                a = await c.attach("vnet2", f"pidfd{i}")
+                a.close()
+        asyncio.run(one())
+        os.write(w, b"x")
+        time.sleep(120)
+        os._exit(0)
+    children.append(child)
+got = b""
+while len(got) < 30:
+    got += os.read(r, 30)
+print("ready", flush=True)
+sys.stdin.readline()
+for c in children:
+    os.kill(c, 9)
+"""
+    holder = spawn_as(ALICE, code)
+    try:
+        assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
+        deadline = time.monotonic() + 5  # the taps' deletion reaches vnetd as link events
+        while pidfds_of(pid) > before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pidfds_of(pid) <= before, (before, pidfds_of(pid))
+        assert not [p for p in ports_of(ALICE) if p["vm"].startswith("pidfd")]
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
