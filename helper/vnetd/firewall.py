@@ -206,8 +206,9 @@ class Firewall:
                     off += max((length + 3) & ~3, 16)
         except BlockingIOError:
             pass
-        except OSError as e:
+        except OSError as e:  # ENOBUFS: events were lost; re-read the addresses anyway
             log.warning("address events: %s", e)
+            relevant = True
         if relevant and not self._addr_pending and self._addr_of_ifaces():
             self._addr_pending = True
             asyncio.get_running_loop().create_task(self.engine._locked(self._addresses_moved()))
