@@ -42,7 +42,7 @@ def networks(vnetd):
 def decoys(vnetd):
     """Processes of bob (not in group vnet) whose argv names vnetd's child files."""
     markers = [f"{vnetd.runtime_dir}/vnet3/dnsmasq.conf"] * 4 + [
-        f"{vnetd.runtime_dir}/vnet3/", f"{vnetd.runtime_dir}/vde/vnet4_1"]
+        f"{vnetd.runtime_dir}/vnet3/", f"{vnetd.runtime_dir}/vde/vnet4_0"]
     procs = [subprocess.Popen(as_user(BOB, [str(PY), "-c", STUBBORN, m]),
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               start_new_session=True)
