@@ -30,7 +30,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CACHE = Path(os.environ.get("VNET_VM_CACHE", "/var/cache/qemu-vnet-tests/vm"))
-MIRROR = os.environ.get("VNET_VM_MIRROR", "http://deb.debian.org/debian")
+
+
+def host_mirror() -> str:
+    """The Debian archive this machine's apt uses, so that a machine that reaches Debian only
+    through its own mirror builds from that mirror too."""
+    apt = Path("/etc/apt")
+    for f in [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list")),
+              *sorted((apt / "sources.list.d").glob("*.sources"))]:
+        try:
+            lines = f.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            words = line.split()
+            if words[:1] == ["deb"]:
+                words = [w for w in words[1:] if "=" not in w and not w.startswith("[")]
+            elif words[:1] and words[0].lower() == "uris:":
+                words = words[1:]
+            else:
+                continue
+            for w in words:
+                if w.startswith(("http://", "https://")) and w.rstrip("/").endswith("/debian"):
+                    return w.rstrip("/")
+    return "http://deb.debian.org/debian"
+
+
+MIRROR = os.environ.get("VNET_VM_MIRROR") or host_mirror()
 SUITES = ("bookworm", "trixie")
 
 # What every image holds. The first line is what the tier is about; the second is what the
