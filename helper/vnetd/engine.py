@@ -292,10 +292,8 @@ class Engine:
                 await self.links.set(nic.index, master=bridge.index)
             await self.links.move_addresses(record["addresses"], nic.index, bridge.index)
             await self.links.add_routes(record["routes"], bridge.index)
-        have = set(await self.links.addresses(bridge.index))
-        for want in self._gateway_ifaces(net):
-            if want not in have:
-                await self.links.add_address(bridge.index, want)
+        for want in self._gateway_ifaces(net):  # one that is there already is no error: no
+            await self.links.add_address(bridge.index, want)  # dump of every address first
         gid = self._tap_gid(net) if net.taps else None
         for tname in net.tap_names:
             lk = await self.links.get(tname)
