@@ -28,14 +28,29 @@ AUTH_ERRORS = (
     "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
     "org.freedesktop.PolicyKit1.Error.NotAuthorized",
 )
-UNAVAILABLE = (
+NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
+# the call never reached vnetd: safe to send again, whatever it is
+NOT_DELIVERED = (
     "org.freedesktop.DBus.Error.ServiceUnknown",
-    "org.freedesktop.DBus.Error.NoReply",
     "org.freedesktop.DBus.Error.NameHasNoOwner",
     "org.freedesktop.DBus.Error.Spawn.ChildExited",
 )
+UNAVAILABLE = (*NOT_DELIVERED, NO_REPLY)
+# Calls whose repetition changes nothing (the "info" methods, and GetMac, which gives the same
+# MAC again): only these are sent again after vnetd went away without answering. A change
+# (Define, Attach, ...) may have been made before the reply was lost.
+RESENDABLE = frozenset({
+    "ListNetworks", "GetNetwork", "ExportDefinition", "ListPorts", "GetMac",
+    "ExportEtherConf", "ExportMacs", "ListHosts", "Leases", "ListForwards", "GetInfo",
+})
 CALL_TIMEOUT = 300.0  # a person may be typing a password
 RETRY_AFTER = 1.0  # seconds before the one retry when vnetd is not there
+
+
+def lost_reply(member: str) -> str:
+    return (f"vnetd went away without answering {member}: it may or may not have been done, "
+            "so it was not sent again. Check with 'vnet-client list', 'show NET' or 'ports' "
+            "before trying again.")
 
 
 class VnetClientError(Exception):
@@ -155,31 +170,35 @@ class Client:
             return Message(destination=BUS_NAME, path=path, interface=interface, member=member,
                            signature=signature, body=body or [], flags=flags)
 
-        reply = await self._send(message())
-        if reply.message_type == MessageType.ERROR and reply.error_name in UNAVAILABLE:
+        reply = await self._send(message(), member)
+        if reply.message_type == MessageType.ERROR and (
+                reply.error_name in NOT_DELIVERED
+                or reply.error_name == NO_REPLY and member in RESENDABLE):
             # vnetd may be restarting (systemd's Restart=, or D-Bus activation): once more
             import asyncio
 
             await asyncio.sleep(RETRY_AFTER)
-            reply = await self._send(message())
+            reply = await self._send(message(), member)
         if reply.message_type == MessageType.ERROR:
             for fd in reply.unix_fds:
                 os.close(fd)
             text = reply.body[0] if reply.body else reply.error_name
+            if reply.error_name == NO_REPLY and member not in RESENDABLE:
+                raise VnetClientError(NO_REPLY, lost_reply(member))
             if reply.error_name in UNAVAILABLE:
                 text = (f"The qemu-vnet service (vnetd) is not running or not reachable ({text}). "
                         "Start it with 'sudo make install' or 'systemctl start vnetd'.")
             raise VnetClientError(reply.error_name, text)
         return reply
 
-    async def _send(self, msg: Message) -> Message:
+    async def _send(self, msg: Message, member: str = "") -> Message:
         import asyncio
 
         try:
             return await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT)
         except TimeoutError:
-            raise VnetClientError("org.freedesktop.DBus.Error.NoReply",
-                                  "vnetd did not answer in time.") from None
+            raise VnetClientError(NO_REPLY, "vnetd did not answer in time." if
+                                  member in RESENDABLE else lost_reply(member)) from None
         except (OSError, EOFError) as e:
             raise VnetClientError("org.freedesktop.DBus.Error.Disconnected",
                                   f"The connection to the system bus broke ({e}).") from None
