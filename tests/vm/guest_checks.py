@@ -221,6 +221,38 @@ def check_network_starts_writing_only_its_own_directories():
     return f"{NET}: bridge, tap, dnsmasq, both nft tables; no /run/dnsmasq.pid"
 
 
+def check_networkmanager_leaves_vnet_devices_alone():
+    """NetworkManager runs in the image. The package's snippet
+    (/usr/lib/NetworkManager/conf.d/90-qemu-vnet.conf, read at once through the postinst's
+    `nmcli general reload conf`) makes taps unmanaged. A bridge not named vnet*/vmnet* is one
+    NetworkManager only observes ("connected (externally)", as libvirt's virbr0 on a desktop):
+    it must keep its address and its port, also across a restart of NetworkManager."""
+    if not wait_for(lambda: sh("systemctl", "is-active", "NetworkManager.service",
+                               check=False).stdout.strip() == "active", 30):
+        raise Failed("NetworkManager is not running in the image")
+
+    def states() -> dict[str, str]:
+        r = sh("nmcli", "-t", "-f", "DEVICE,STATE", "device", "status")
+        return dict(ln.rsplit(":", 1) for ln in r.stdout.splitlines() if ":" in ln)
+
+    seen = states()
+    if seen.get(f"{NET}_0") != "unmanaged":
+        raise Failed(f"tap {NET}_0 is '{seen.get(f'{NET}_0')}' to NetworkManager, not unmanaged")
+    if seen.get(NET) not in ("unmanaged", "connected (externally)"):
+        raise Failed(f"bridge {NET} is '{seen.get(NET)}' to NetworkManager")
+    sh("systemctl", "restart", "NetworkManager.service", timeout=120)
+    time.sleep(3)
+    addr = sh("ip", "-4", "-o", "addr", "show", "dev", NET).stdout
+    if "10.77.0.1/24" not in addr:
+        raise Failed(f"the bridge lost its address: {addr.strip()}")
+    master = sh("ip", "-o", "link", "show", "dev", f"{NET}_0").stdout
+    if f"master {NET}" not in master:
+        raise Failed(f"the tap left the bridge: {master.strip()}")
+    after = states()
+    return (f"tap {after.get(f'{NET}_0')}, bridge {after.get(NET)}; after a restart of "
+            "NetworkManager the bridge keeps 10.77.0.1/24 and its tap")
+
+
 def check_journal_holds_audit_lines():
     r = sh("journalctl", "-u", "vnetd.service", "-o", "json", "--no-pager")
     hits = []
@@ -466,7 +498,8 @@ def check_dpkg_install_without_systemd():
 PHASES = {
     1: [check_package_installs, check_vnetd_active_after_install, check_unit_is_the_shipped_one,
         check_live_process_is_confined, check_security_score,
-        check_network_starts_writing_only_its_own_directories, check_journal_holds_audit_lines,
+        check_network_starts_writing_only_its_own_directories,
+        check_networkmanager_leaves_vnet_devices_alone, check_journal_holds_audit_lines,
         check_activation_when_disabled, check_activation_when_enabled, check_back_after_sigkill,
         check_prepare_reboot],
     2: [check_autostart_after_reboot, check_startup_with_20_networks,

@@ -60,12 +60,14 @@ MIRROR = os.environ.get("VNET_VM_MIRROR") or host_mirror()
 SUITES = ("bookworm", "trixie")
 
 # What every image holds. The first line is what the tier is about; the second is what the
-# package depends on (installed offline in the guest); the third the checks' own tools.
+# package depends on (installed offline in the guest); the third the checks' own tools; the
+# last a host service vnetd must coexist with.
 PACKAGES = (
     "systemd systemd-sysv dbus polkitd libpam-systemd udev iproute2 nftables dnsmasq-base "
     "linux-image-cloud-amd64 initramfs-tools "
     "python3 python3-nftables dbus-bin netbase "
-    "procps kmod passwd login util-linux"
+    "procps kmod passwd login util-linux "
+    "network-manager"
 )
 
 GUEST_RUNNER = r"""#!/bin/sh
