@@ -1,6 +1,7 @@
 # qemu-vnet: install, demo and test on Debian 12.
 #   sudo make demo   installs everything and runs a VM on the default NAT network vnet2
-#   sudo make test   the whole test suite (real bus, polkitd, kernel, QEMU guests)
+#   sudo make test   the whole test suite (real bus, polkitd, kernel, QEMU guests, and the
+#                    systemd tier: the package on Debian 12 and 13 images, tests/vm/)
 #   make deb         build/qemu-vnet_<version>_all.deb (debhelper; docs/packaging.md)
 # Other targets: install, uninstall, install-files, start, stop, lint, unit, bench.
 
@@ -156,7 +157,7 @@ deb:
 	  echo "make deb: $$p is not installed (Debian packages: $(DEB_BUILD); sudo make install-build-deps)" >&2; exit 1; }; done
 	@rm -rf build/deb build/bundle build/wheels && mkdir -p build/wheels build/bundle $(DEB_SRC)
 	@# the pinned wheels; offline, the same libraries from the project's virtualenv instead
-	@if python3 -m pip download -q --no-deps --only-binary=:all: --dest build/wheels \
+	@if python3 -m pip download -q --retries 1 --timeout 20 --no-deps --only-binary=:all: --dest build/wheels \
 	    -r debian/bundled.txt 2>build/pip.log; then \
 	  for w in build/wheels/*.whl; do python3 -m zipfile -e $$w build/bundle/; done; \
 	elif [ -x $(PY) ]; then \
