@@ -93,10 +93,10 @@ SYSCTL_CONF := /etc/sysctl.d/60-qemu-vnet.conf
 MARK        := \# qemu-vnet: vnetd's bridges and taps are not the host's
 
 host-coexistence: check-root
+	@# the package's snippet: a [device-*] section of its own, which an admin's
+	@# unmanaged-devices= in another file does not replace
 	@if [ -d /etc/NetworkManager ]; then install -d /etc/NetworkManager/conf.d; \
-	  printf '%s\n' "$(MARK)" '[keyfile]' \
-	    'unmanaged-devices=driver:tun;interface-name:vnet*;interface-name:vmnet*' \
-	    > $(NM_CONF); echo "Wrote $(NM_CONF)."; fi
+	  install -m 644 debian/NetworkManager.conf $(NM_CONF); echo "Wrote $(NM_CONF)."; fi
 	@if [ -f $(DHCPCD_CONF) ] && ! grep -q "^$(MARK)" $(DHCPCD_CONF); then \
 	  printf '%s\n' "$(MARK)" 'denyinterfaces vnet* vmnet*' >> $(DHCPCD_CONF); \
 	  echo "Added denyinterfaces to $(DHCPCD_CONF)."; fi
