@@ -1418,8 +1418,27 @@ def subcommands() -> list[str]:
     return list(sub.choices)
 
 
+GLOBAL_FLAGS = ("--json", "--no-ask-password")
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """`vnet-client --no-ask-password attach ...` as `vnet-client attach --no-ask-password
+    ...`: attach has a parser of its own, so the options every command takes move behind it."""
+    i = 0
+    while i < len(argv):
+        if argv[i] in GLOBAL_FLAGS or argv[i].startswith("--bus-address="):
+            i += 1
+        elif argv[i] == "--bus-address":
+            i += 2
+        else:
+            break
+    if i and argv[i:i + 1] == ["attach"]:
+        return ["attach", *argv[:i], *argv[i + 1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = hoist_global_options(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["attach"] and not {"-h", "--help"} & set(argv[1:argv.index("--")]
                                                                 if "--" in argv else argv[1:]):

@@ -277,3 +277,22 @@ def test_mac_transfer_parses_and_names_unknown_users():
         cli.user_uid("no-such-user-here")
     with pytest.raises(SystemExit):
         parse(["mac", "transfer", "vnet2", "web1"])  # no user
+
+
+@pytest.mark.parametrize("before", [["--no-ask-password"], ["--json"],
+                                    ["--bus-address", "unix:path=/x"],
+                                    ["--bus-address=unix:path=/x", "--json"]])
+def test_global_options_before_attach(before):
+    argv = cli.hoist_global_options([*before, "attach", "--br=vnet2", "--vm", "x", "--", "true"])
+    assert argv[0] == "attach"
+    groups, command, common = cli.parse_attach(argv[1:])
+    assert command == ["true"] and groups[0].network == "vnet2"
+    assert common.no_ask_password == ("--no-ask-password" in before)
+    assert common.json == ("--json" in before)
+    assert common.bus_address == ("unix:path=/x" if len(before) > 1 or "=" in before[0]
+                                  else None)
+
+
+def test_global_options_before_other_commands_are_left_to_argparse():
+    assert cli.hoist_global_options(["--json", "list"]) == ["--json", "list"]
+    assert cli.hoist_global_options(["attach", "--json"]) == ["attach", "--json"]
