@@ -155,9 +155,10 @@ class Authorizer:
         return Caller(sender=sender, uid=cached[0], pid=cached[1], interactive=interactive)
 
     # --- polkit -------------------------------------------------------------------------
-    async def check(self, caller: Caller, action: str, details: dict[str, str] | None = None) -> None:
-        """Return if `caller` may do `action`; raise AccessDenied or
-        InteractiveAuthorizationRequired otherwise."""
+    async def check(self, caller: Caller, action: str, details: dict[str, str] | None = None,
+                    method: str = "") -> None:
+        """Return if `caller` may do `action` (for `method`, which the refusal names); raise
+        AccessDenied or InteractiveAuthorizationRequired otherwise."""
         if action not in ACTIONS:  # fail closed on anything unknown
             raise AccessDenied(f"No authorization is defined for '{action}'; refused.")
         if caller.is_root:
@@ -193,21 +194,23 @@ class Authorizer:
                 self._remember(key)
             return
         verb = action[len(ACTION_PREFIX):]
+        what = _METHODS.get(method) or _VERBS.get(verb, verb)
+        # group vnet grants the attach action only (its polkit rule); the others take a rule
+        # of their own
+        fix = ("ask an administrator to add you to group 'vnet' or grant it in a polkit rule"
+               if action == ATTACH else
+               f"ask an administrator to grant you {action} in a polkit rule")
         if is_challenge and not caller.interactive:
             raise InteractiveAuthorizationRequired(
-                f"Authentication is required to {_VERBS.get(verb, verb)}: run the command on a "
-                "terminal (a password prompt will appear) or ask an administrator to add you "
-                "to group 'vnet' or grant it in a polkit rule."
-            )
+                f"Authentication is required to {what}: run the command on a terminal (a "
+                f"password prompt will appear) or {fix}.")
         if result_details.get("polkit.dismissed"):
-            raise AccessDenied(f"Authentication to {_VERBS.get(verb, verb)} was dismissed.")
+            raise AccessDenied(f"Authentication to {what} was dismissed.")
         if is_challenge:
             raise AccessDenied(
-                f"Authentication is required to {_VERBS.get(verb, verb)}, but no polkit "
-                "authentication agent answered: run the command on a terminal, or ask an "
-                "administrator to add you to group 'vnet' or grant it in a polkit rule."
-            )
-        raise AccessDenied(f"You are not allowed to {_VERBS.get(verb, verb)}.")
+                f"Authentication is required to {what}, but no polkit authentication agent "
+                f"answered: run the command on a terminal, or {fix}.")
+        raise AccessDenied(f"You are not allowed to {what}: {fix}.")
 
 
 _VERBS = {
@@ -215,4 +218,17 @@ _VERBS = {
     "attach": "attach a virtual machine to a network",
     "manage": "manage virtual networks",
     "forward": "change port forwarding",
+}
+# what a refusal names where the action alone would say something else
+_METHODS = {
+    "Detach": "detach a port", "Enslave": "put a tap on a network",
+    "Release": "take a tap off a network", "GetMac": "get a virtual machine's MAC",
+    "VdeSocket": "plug into a VDE switch", "Define": "define a network",
+    "Undefine": "undefine a network", "Start": "start a network", "Stop": "stop a network",
+    "Reload": "reload the network definitions", "SetAutostart": "change a network's autostart",
+    "ImportMacs": "import MACs", "ForgetMac": "forget a virtual machine's MACs",
+    "TransferVm": "give a virtual machine to another user", "AddHost": "add a static host",
+    "RemoveHost": "remove a static host", "AddPeer": "add an overlay peer",
+    "RemovePeer": "remove an overlay peer", "AddForward": "add a port forward",
+    "RemoveForward": "remove a port forward",
 }

@@ -375,7 +375,7 @@ class Service:
         details = self._details(spec, args, target)
         handler = self.handlers[(iface, msg.member)]
         try:
-            await self.authz.check(caller, spec.action, details)
+            await self.authz.check(caller, spec.action, details, spec.name)
             result = await handler(caller, *args)
         except VnetError as e:
             log.info("uid=%d sender=%s pid=%s %s%s: refused: %s: %s", caller.uid,
@@ -532,7 +532,7 @@ class Service:
         port = self.engine.ports.get(ifname)
         if port.uid != caller.uid and not caller.is_root:
             # not the owner: an administrator may (and may be asked for a password)
-            await self.authz.check(caller, api.MANAGE, {"network": port.network})
+            await self.authz.check(caller, api.MANAGE, {"network": port.network}, "Detach")
         await self.engine.detach(port)
         self.emit_port_changed(port, "detached")
 

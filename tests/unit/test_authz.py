@@ -182,3 +182,24 @@ def test_credentials_are_bounded():
     for i in range(authz.CREDS_ENTRIES + 10):
         asyncio.run(a.caller(f":1.{i}", False))
     assert len(a._creds) == authz.CREDS_ENTRIES
+
+
+@pytest.mark.parametrize("action,method,says,never", [
+    (MANAGE, "Define", "to define a network", "group 'vnet'"),
+    (ATTACH, "Detach", "to detach a port", "to attach"),
+    (ATTACH, "Attach", "to attach a virtual machine", ""),
+])
+def test_refusals_name_the_method_and_the_right_fix(action, method, says, never):
+    """A vnet member denied define is not told to join vnet (vnet grants attach only); a user
+    denied detach is not told it was attach."""
+    for result in ((False, True, {}), (False, False, {})):
+        a = Authorizer(StubBus(result))
+        with pytest.raises((AccessDenied, InteractiveAuthorizationRequired)) as e:
+            asyncio.run(a.check(ALICE, action, {"network": "vnet2"}, method))
+        text = str(e.value)
+        assert says in text, text
+        assert not never or never not in text, text
+        if action == ATTACH:
+            assert "group 'vnet'" in text
+        else:
+            assert "polkit rule" in text and "org.qemuvnet.Vnet1.manage" in text
