@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import __version__
 from .agent import TextAgent
 from .api import Attachment, Client, VnetClientError
 
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(p, top=True)
+    p.add_argument("--version", action="version", version=f"vnet-client (qemu-vnet) {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:

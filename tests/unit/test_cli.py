@@ -296,3 +296,11 @@ def test_global_options_before_attach(before):
 def test_global_options_before_other_commands_are_left_to_argparse():
     assert cli.hoist_global_options(["--json", "list"]) == ["--json", "list"]
     assert cli.hoist_global_options(["attach", "--json"]) == ["attach", "--json"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    from vnet_client import __version__
+    assert capsys.readouterr().out.strip() == f"vnet-client (qemu-vnet) {__version__}"
