@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import grp
 import json
 import os
@@ -153,8 +154,30 @@ def _define_options(p: argparse.ArgumentParser, compat: bool = False) -> None:
                    help="evpn: this host reflects routes to its peers")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with short mistakes: the error, a suggestion for a near miss, and where help
+    is, instead of the whole usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        hint = ""
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            close = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)),
+                                              n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        if m and m.group(1).startswith("-"):
+            flags = [o for a in self._actions for o in a.option_strings]
+            close = difflib.get_close_matches(m.group(1).split("=")[0], flags, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+        lines = self.format_usage().strip().splitlines()
+        usage = lines[0] + (" ..." if len(lines) > 1 else "")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}.{hint}\n{usage}\n"
+                              f"See '{self.prog} --help'.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vnet-client",
         description="Manage qemu-vnet virtual networks and attach QEMU VMs to them without "
         "root. Talks to the vnetd service over D-Bus; polkit decides who may do what.",
@@ -396,7 +419,7 @@ The tap lives as long as COMMAND holds its fd: when QEMU exits it is gone.
 
 
 def build_compat_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vnet-client",
         usage="vnet-client --br=BRIDGE [-n COUNT] [options] --start|--stop|--macaddr",
         description="qemu-vlan compatible form.", epilog=COMPAT_EPILOG,

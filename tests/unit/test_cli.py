@@ -304,3 +304,16 @@ def test_version(capsys):
     assert e.value.code == 0
     from vnet_client import __version__
     assert capsys.readouterr().out.strip() == f"vnet-client (qemu-vnet) {__version__}"
+
+
+@pytest.mark.parametrize("argv,suggestion", [
+    (["define", "vnet2", "--mode=natt"], "Did you mean 'nat'?"),
+    (["lsit"], "Did you mean 'list'?"),
+    (["list", "--jsno"], "Did you mean '--json'?"),
+    (["host", "ad"], "Did you mean 'add'?"),
+])
+def test_a_near_miss_gets_a_suggestion_and_no_wall_of_usage(argv, suggestion, capsys):
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert suggestion in err and "--help'." in err
+    assert len(err.splitlines()) == 3, err
