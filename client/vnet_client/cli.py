@@ -304,17 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("user", help="the new owner: a user name or a uid")
     hp = cmd("host", "static hosts: fixed addresses and DNS names for VMs")
     hsub = hp.add_subparsers(dest="host_cmd", metavar="ACTION", required=True)
-    ha = hsub.add_parser("add", help="give a VM a fixed address (applied live)")
+    ha = hsub.add_parser("add", help="give a VM a fixed address (applied live)",
+                         description="Give a VM a fixed address on the network (and the DNS "
+                         "name VM.NETWORK), applied live to the DHCP server. Needs the 'manage' "
+                         "right. Example: vnet-client host add vnet2 --vm web1 --ip "
+                         "172.16.12.5")
     _add_common(ha)
     ha.add_argument("network")
     ha.add_argument("--vm", required=True, help="the VM (also its DNS name: VM.NETWORK)")
     ha.add_argument("--ip", help="the address (default: first free below the DHCP range)")
     ha.add_argument("--mac", help="the VM's MAC (default: its stable MAC on the network)")
-    hr = hsub.add_parser("remove", help="remove a VM's fixed address")
+    hr = hsub.add_parser("remove", help="remove a VM's fixed address",
+                         description="Remove a VM's fixed address; it gets a dynamic lease "
+                         "when it next asks. Needs the 'manage' right. Example: vnet-client "
+                         "host remove vnet2 --vm web1")
     _add_common(hr)
     hr.add_argument("network")
     hr.add_argument("--vm", required=True)
-    hl = hsub.add_parser("list", help="list static hosts")
+    hl = hsub.add_parser("list", help="list static hosts",
+                         description="List the network's static hosts: VM, address, MAC. "
+                         "Example: vnet-client host list vnet2 --json")
     _add_common(hl)
     hl.add_argument("network")
     fp = cmd("forward", "port forwarding from the host into a network")
@@ -341,13 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     fa.add_argument("--rule-means", choices=["addresses", "incoming"],
                     help="what --rule's interface means: addresses (default, qemu-vlan's "
                     "-d ADDRESS) or incoming (traffic arriving on it)")
-    fr = fsub.add_parser("remove", help="remove the forward of PROTO [EXT_ADDR:]PORT[-PORT]")
+    fr = fsub.add_parser("remove", help="remove the forward of PROTO [EXT_ADDR:]PORT[-PORT]",
+                         description="Remove the forward of PROTO [EXT_ADDR:]PORT[-PORT] "
+                         "(as 'forward list' shows it). Needs the 'forward' right; another "
+                         "user's forward only its owner or root removes. Example: vnet-client "
+                         "forward remove vnet2 tcp 8080")
     _add_common(fr)
     fr.add_argument("network")
     fr.add_argument("proto", choices=["tcp", "udp"])
     fr.add_argument("external", metavar="[EXT_ADDR:]PORT[-PORT]")
     fr.add_argument("-6", dest="ipv6", action="store_true", help="an IPv6 forward")
-    fl = fsub.add_parser("list", help="list the network's forwards")
+    fl = fsub.add_parser("list", help="list the network's forwards",
+                         description="List the network's port forwards: protocol, external "
+                         "address and ports, target, owner. Example: vnet-client forward list "
+                         "vnet2")
     _add_common(fl)
     fl.add_argument("network")
     op = cmd("overlay", "a network's VXLAN overlay: its peers (other hosts)")
@@ -363,7 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
         oa.add_argument("network")
         oa.add_argument("address", help="the other host's underlay address")
     os_ = osub.add_parser("show", help="the overlay's device, MTU, peers, forwarding entries "
-                          "and (evpn) BGP sessions")
+                          "and (evpn) BGP sessions",
+                          description="Show the overlay of a network: its VXLAN device, "
+                          "MTU, peers, forwarding entries and, with evpn, the BGP sessions. "
+                          "Example: vnet-client overlay show vnet7")
     _add_common(os_)
     os_.add_argument("network")
     sp = cmd("leases", "show the network's DHCP leases")

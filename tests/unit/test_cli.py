@@ -3,6 +3,7 @@ bus, and the help says what the exit codes are and shows examples."""
 
 from __future__ import annotations
 
+import argparse
 import grp
 import os
 import pwd
@@ -317,3 +318,14 @@ def test_a_near_miss_gets_a_suggestion_and_no_wall_of_usage(argv, suggestion, ca
     err = capsys.readouterr().err
     assert suggestion in err and "--help'." in err
     assert len(err.splitlines()) == 3, err
+
+
+def test_every_subcommand_has_a_description():
+    def walk(p, path):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sp in a.choices.items():
+                    yield " ".join([*path, name]), sp
+                    yield from walk(sp, [*path, name])
+    missing = [name for name, sp in walk(cli.build_parser(), []) if not sp.description]
+    assert not missing, missing
