@@ -807,10 +807,17 @@ async def run_command(args: argparse.Namespace) -> int:
             await s.run(lambda c: c.define_from(args.name, opts))
             if args.start:
                 await s.run(lambda c: c.start(args.name))
-            print(f"Defined network {args.name} from {args.from_file}"
-                  f"{' and started it' if args.start else ''}.")
+            if out_json:
+                print(json.dumps(await s.run(lambda c: c.get_network(args.name)), indent=2))
+            else:
+                print(f"Defined network {args.name} from {args.from_file}"
+                      f"{' and started it' if args.start else ''}.")
         elif cmd == "export":
-            sys.stdout.write(await s.run(lambda c: c.export_definition(args.name)))
+            text = await s.run(lambda c: c.export_definition(args.name))
+            if out_json:  # the same definition as one JSON object
+                print(json.dumps(tomllib.loads(text), indent=2, sort_keys=True))
+            else:
+                sys.stdout.write(text)
         elif cmd == "import-qemu-vlan":
             return await run_import_qemu_vlan(s, args)
         elif cmd == "define":
@@ -833,7 +840,8 @@ async def run_command(args: argparse.Namespace) -> int:
                 print(f"{past} network {args.name}.")
         elif cmd == "autostart":
             await s.run(lambda c: c.set_autostart(args.name, args.state == "on"))
-            print(f"Autostart of {args.name}: {args.state}.")
+            print(json.dumps({"name": args.name, "autostart": args.state == "on"}) if out_json
+                  else f"Autostart of {args.name}: {args.state}.")
         elif cmd == "ports":
             ports = await s.run(lambda c: c.list_ports())
             if out_json:
@@ -862,11 +870,14 @@ async def run_command(args: argparse.Namespace) -> int:
                              ["IP", "MAC", "HOSTNAME", "VM", "PORT", "EXPIRES"]))
         elif cmd == "detach":
             await s.run(lambda c: c.detach(args.ifname))
-            print(f"Detached {args.ifname}.")
+            print(json.dumps({"ifname": args.ifname, "done": "detach"}) if out_json
+                  else f"Detached {args.ifname}.")
         elif cmd == "reload":
             problems = await s.run(lambda c: c.reload())
             if out_json:
                 print(json.dumps({"problems": problems}, indent=2))
+                if problems:
+                    return EXIT_FAIL
             else:
                 for p in problems:
                     print(f"problem: {p}", file=sys.stderr)
@@ -892,7 +903,8 @@ async def run_host(s: Session, args: argparse.Namespace) -> int:
               f"{h['vm']} on {args.network}: {h['ip']} for {h['mac']}.")
     elif args.host_cmd == "remove":
         await s.run(lambda c: c.remove_host(args.network, args.vm))
-        print(f"Removed the static host of {args.vm} on {args.network}.")
+        print(json.dumps({"network": args.network, "vm": args.vm, "removed": True})
+              if args.json else f"Removed the static host of {args.vm} on {args.network}.")
     else:
         hosts = await s.run(lambda c: c.list_hosts(args.network))
         if args.json:
@@ -919,16 +931,30 @@ async def run_import_qemu_vlan(s: Session, args: argparse.Namespace) -> int:
             imp.definition["tap-group"] = args.group
     except (MigrationError, OSError) as e:
         raise Failure(str(e)) from None
-    for f in imp.findings:
-        print(f"not carried over: {f}", file=sys.stderr)
+    if not args.json:
+        for f in imp.findings:
+            print(f"not carried over: {f}", file=sys.stderr)
     if args.dry_run:
-        sys.stdout.write(render_definition_toml(imp))
+        if args.json:
+            print(json.dumps({"network": imp.network, "definition": imp.definition,
+                              "macs": imp.macs, "not-carried-over": [str(f) for f in
+                                                                     imp.findings]},
+                             indent=2, default=str))
+        else:
+            sys.stdout.write(render_definition_toml(imp))
         return EXIT_OK
     await s.run(lambda c: c.define_from(imp.network, imp.definition))
     if imp.macs:
         await s.run(lambda c: c.import_macs(imp.network, imp.macs))
     if args.start:
         await s.run(lambda c: c.start(imp.network))
+    if args.json:
+        print(json.dumps({"network": imp.network,
+                          "hosts": len(imp.definition.get("hosts", [])), "macs": len(imp.macs),
+                          "forwards": len(imp.definition.get("forwards", [])),
+                          "started": bool(args.start),
+                          "not-carried-over": [str(f) for f in imp.findings]}, indent=2))
+        return EXIT_OK
     print(f"Imported {imp.network}: {len(imp.definition.get('hosts', []))} static host(s), "
           f"{len(imp.macs)} MAC(s), {len(imp.definition.get('forwards', []))} forward(s); "
           f"{len(imp.findings)} line(s) not carried over (listed above)."
@@ -968,7 +994,9 @@ async def run_forward(s: Session, args: argparse.Namespace) -> int:
     elif args.fwd_cmd == "remove":
         spec = {"proto": args.proto, "external": args.external, "family": family}
         await s.run(lambda c: c.remove_forward(args.network, spec))
-        print(f"Removed the forward of {args.proto} {args.external} on {args.network}.")
+        print(json.dumps({"network": args.network, "proto": args.proto,
+                          "external": args.external, "removed": True}) if args.json
+              else f"Removed the forward of {args.proto} {args.external} on {args.network}.")
     else:
         fwds = await s.run(lambda c: c.list_forwards(args.network))
         if args.json:
@@ -1045,7 +1073,8 @@ async def run_compat(args: argparse.Namespace) -> int:
     async with Session(args) as s:
         if args.stop:
             await s.run(lambda c: c.stop(name))
-            print(f"Stopped network {name}.")
+            print(json.dumps({"name": name, "done": "stop"}) if args.json
+                  else f"Stopped network {name}.")
             return EXIT_OK
         if args.macaddr:
             return await run_compat_macaddr(s, req, args)
@@ -1056,7 +1085,8 @@ async def run_compat(args: argparse.Namespace) -> int:
                 raise
             opts = compat_define_opts(args, req)
             await s.run(lambda c: c.define(name, **opts))
-            print(f"Defined network {name}.")
+            if not args.json:
+                print(f"Defined network {name}.")
         else:
             diff = compat_differences(req, d, _uid_of)
             if diff:
@@ -1067,8 +1097,11 @@ async def run_compat(args: argparse.Namespace) -> int:
                               "--from FILE).")
         await s.run(lambda c: c.start(name))
         n = await s.run(lambda c: c.get_network(name))
-        print(f"Started network {name}: {n['subnet']} gateway {n['gateway']}"
-              + (f", taps {', '.join(n['tap-names'])}" if n.get("tap-names") else "") + ".")
+        if args.json:
+            print(json.dumps(n, indent=2))
+        else:
+            print(f"Started network {name}: {n['subnet']} gateway {n['gateway']}"
+                  + (f", taps {', '.join(n['tap-names'])}" if n.get("tap-names") else "") + ".")
     return EXIT_OK
 
 
@@ -1092,7 +1125,8 @@ async def run_compat_macaddr(s: Session, req: CompatRequest, args: argparse.Name
                 f.write(text)
         except OSError as e:
             raise Failure(f"cannot append to {path}: {e.strerror or e}.") from None
-        print(f"Appended {count} MAC(s) to {path}.")
+        print(json.dumps({"appended": count, "file": path}) if args.json
+              else f"Appended {count} MAC(s) to {path}.")
     elif args.json:
         print(json.dumps({f"ether_{i}": m for i, m in enumerate(macs)}, indent=2))
     else:
@@ -1481,6 +1515,18 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return argv
 
 
+def say_error(argv: list[str], name: str, message: str, code: int) -> int:
+    """An error on stderr: the sentence, or with --json one object {"error", "message"}."""
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    if "--json" in own:
+        print(json.dumps({"error": name, "message": message}), file=sys.stderr)
+    else:
+        print(f"vnet-client: {message}", file=sys.stderr)
+        if os.environ.get("VNET_CLIENT_DEBUG") and "." in name:
+            print(f"  ({name})", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = hoist_global_options(sys.argv[1:] if argv is None else argv)
     try:
@@ -1501,16 +1547,11 @@ def main(argv: list[str] | None = None) -> int:
                       "import-bridge-conf": run_import_bridge_conf}.get(args.cmd, run_command)
         return asyncio.run(runner(args))
     except Usage as e:
-        print(f"vnet-client: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return say_error(argv, "Usage", str(e), EXIT_USAGE)
     except Failure as e:
-        print(f"vnet-client: {e}", file=sys.stderr)
-        return EXIT_FAIL
+        return say_error(argv, "Failure", str(e), EXIT_FAIL)
     except VnetClientError as e:
-        print(f"vnet-client: {e.message}", file=sys.stderr)
-        if os.environ.get("VNET_CLIENT_DEBUG"):
-            print(f"  ({e.name})", file=sys.stderr)
-        return EXIT_AUTH if e.is_auth else EXIT_FAIL
+        return say_error(argv, e.name, e.message, EXIT_AUTH if e.is_auth else EXIT_FAIL)
     except KeyboardInterrupt:
         return 130
 
