@@ -806,7 +806,7 @@ async def run_command(args: argparse.Namespace) -> int:
             opts.pop("name", None)
             await s.run(lambda c: c.define_from(args.name, opts))
             if args.start:
-                await s.run(lambda c: c.start(args.name))
+                await start_defined(s, args.name)
             if out_json:
                 print(json.dumps(await s.run(lambda c: c.get_network(args.name)), indent=2))
             else:
@@ -824,7 +824,7 @@ async def run_command(args: argparse.Namespace) -> int:
             opts = _define_opts(args)
             await s.run(lambda c: c.define(args.name, **opts))
             if args.start:
-                await s.run(lambda c: c.start(args.name))
+                await start_defined(s, args.name)
             n = await s.run(lambda c: c.get_network(args.name))
             if out_json:
                 print(json.dumps(n, indent=2))
@@ -885,6 +885,17 @@ async def run_command(args: argparse.Namespace) -> int:
                 if problems:
                     return EXIT_FAIL
     return EXIT_OK
+
+
+async def start_defined(s: Session, name: str) -> None:
+    """define --start: a start that fails says that the definition stays, and what next."""
+    try:
+        await s.run(lambda c: c.start(name))
+    except VnetClientError as e:
+        e.message = (f"Defined network {name}, but starting it failed: {e.message} The "
+                     f"definition stays: correct it and 'vnet-client start {name}', or "
+                     f"'vnet-client undefine {name}'.")
+        raise
 
 
 def _when(expiry: int) -> str:

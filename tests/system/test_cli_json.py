@@ -74,3 +74,12 @@ def test_errors_are_json_on_stderr_with_the_plain_exit_code(vnetd):
     assert err["error"] == "org.qemuvnet.Vnet1.Error.NotFound" and "nosuchnet" in err["message"]
     r = run_client("mac", "transfer", "vnet2", "x", "no-such-user-here", "--json")
     assert r.returncode == 2 and json.loads(r.stderr)["error"] == "Usage"
+
+
+def test_define_start_that_fails_to_start_says_the_definition_stays(vnetd):
+    r = run_client("define", "lanx", "--mode=bridged", "--if=nosuchnic0", "--start")
+    assert r.returncode == 1
+    assert "Defined network lanx, but starting it failed" in r.stderr
+    assert "nosuchnic0" in r.stderr and "vnet-client undefine lanx" in r.stderr
+    assert any(n["name"] == "lanx" and n["state"] == "stopped" for n in j("list"))
+    run_client("undefine", "lanx", check=True)
