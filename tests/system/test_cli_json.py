@@ -77,9 +77,9 @@ def test_errors_are_json_on_stderr_with_the_plain_exit_code(vnetd):
 
 
 def test_define_start_that_fails_to_start_says_the_definition_stays(vnetd):
-    r = run_client("define", "lanx", "--mode=bridged", "--if=nosuchnic0", "--start")
+    r = run_client("define", "lan8", "--mode=bridged", "--if=nosuchnic0", "--start")
     assert r.returncode == 1
-    assert "Defined network lanx, but starting it failed" in r.stderr
-    assert "nosuchnic0" in r.stderr and "vnet-client undefine lanx" in r.stderr
-    assert any(n["name"] == "lanx" and n["state"] == "stopped" for n in j("list"))
-    run_client("undefine", "lanx", check=True)
+    assert "Defined network lan8, but starting it failed" in r.stderr
+    assert "nosuchnic0" in r.stderr and "vnet-client undefine lan8" in r.stderr
+    assert any(n["name"] == "lan8" and n["state"] == "stopped" for n in j("list"))
+    run_client("undefine", "lan8", check=True)
