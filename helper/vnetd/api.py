@@ -178,8 +178,10 @@ METHODS: tuple[Method, ...] = (
 SIGNALS: tuple[Signal, ...] = (
     Signal(MANAGER, "NetworkChanged", _a("name:s", "state:s"),
            "A network was defined, undefined, started, stopped or reloaded."),
-    Signal(MANAGER, "LeaseChanged", _a("network:s", "mac:s", "ip:s", "hostname:s", "event:s"),
-           "A DHCP lease was added, changed or removed (event)."),
+    Signal(MANAGER, "LeaseChanged", _a("network:s", "event:s"),
+           "A DHCP lease on the network was added, changed or removed (event). The signal "
+           "goes to everyone on the bus, so it names no MAC, address or host: Leases shows "
+           "each caller the leases it may see."),
     Signal(MANAGER, "PortChanged", _a("ifname:s", "network:s", "state:s"),
            "A port was attached or detached (its holder closed it, or Detach)."),
 )

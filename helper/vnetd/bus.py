@@ -431,8 +431,9 @@ class Service:
                                          [port.ifname, port.network, state]))
 
     def emit_lease_changed(self, network: str, lease, event: str) -> None:
-        self.bus.send(Message.new_signal(api.MANAGER_PATH, api.MANAGER, "LeaseChanged", "sssss",
-                                         [network, lease.mac, lease.ip, lease.hostname, event]))
+        # broadcast: no MAC, address or host name of anyone's VM (Leases filters those)
+        self.bus.send(Message.new_signal(api.MANAGER_PATH, api.MANAGER, "LeaseChanged", "ss",
+                                         [network, event]))
 
     def emit_network_changed(self, name: str, state: str) -> None:
         self.bus.send(Message.new_signal(api.MANAGER_PATH, api.MANAGER, "NetworkChanged",
