@@ -293,6 +293,34 @@ class Client:
         """Give VM `vm` on `network` (its name and MACs) to user `uid`."""
         return await self.value("TransferVm", "ssu", [network, vm, uid])
 
+    async def events(self, network: str | None = None):
+        """vnetd's signals as they come: (member, {field: value}) for NetworkChanged,
+        PortChanged and LeaseChanged (of `network` only, if given)."""
+        import asyncio
+
+        fields = {"NetworkChanged": ("network", "state"),
+                  "PortChanged": ("ifname", "network", "state"),
+                  "LeaseChanged": ("network", "event")}
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on(msg: Message) -> None:
+            if (msg.message_type == MessageType.SIGNAL and msg.interface == MANAGER
+                    and msg.member in fields):
+                ev = dict(zip(fields[msg.member], (plain(b) for b in msg.body), strict=False))
+                if network is None or ev.get("network") == network:
+                    queue.put_nowait((msg.member, ev))
+
+        self.bus.add_message_handler(on)
+        await self._send(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                 interface="org.freedesktop.DBus", member="AddMatch",
+                                 signature="s", body=[f"type='signal',sender='{BUS_NAME}',"
+                                                      f"interface='{MANAGER}'"]))
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self.bus.remove_message_handler(on)
+
     async def enslave(self, ifname: str) -> str:
         return await self.value("Enslave", "s", [ifname])
 

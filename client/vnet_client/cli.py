@@ -19,6 +19,7 @@ import pwd
 import re
 import shutil
 import sys
+import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -385,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "Example: vnet-client overlay show vnet7")
     _add_common(os_)
     os_.add_argument("network")
+    sp = cmd("monitor", "print vnetd's events as they happen (networks, ports, leases)")
+    sp.description = ("Print one line per event as it happens: a network defined, started, "
+                      "stopped or undefined, a port attached or detached, a lease added, "
+                      "changed or removed (ask 'leases NET' for which). With --json, one JSON "
+                      "object per line. Until Ctrl-C, or --count events. Example: vnet-client "
+                      "monitor vnet2 --json")
+    sp.add_argument("network", nargs="?", help="only this network's events")
+    sp.add_argument("--count", type=int, metavar="N", help="stop after N events")
     sp = cmd("leases", "show the network's DHCP leases")
     sp.add_argument("network")
     sp = cmd("import-ether-conf", "take in an old qemu-vlan ether.conf so VMs keep their MACs")
@@ -896,6 +905,24 @@ async def start_defined(s: Session, name: str) -> None:
                      f"definition stays: correct it and 'vnet-client start {name}', or "
                      f"'vnet-client undefine {name}'.")
         raise
+
+
+async def run_monitor(args: argparse.Namespace) -> int:
+    """One line per event; the signals need no authorization (they name nothing private)."""
+    if args.count is not None and args.count < 1:
+        raise Usage("--count takes a number of events of at least 1.")
+    async with Session(args) as s:
+        n = 0
+        async for member, ev in s.client.events(args.network):
+            if args.json:
+                print(json.dumps({"event": member, **ev}), flush=True)
+            else:
+                print(f"{time.strftime('%H:%M:%S')} {member[:-len('Changed')].lower():7} "
+                      + " ".join(f"{k}={v}" for k, v in ev.items()), flush=True)
+            n += 1
+            if args.count is not None and n >= args.count:
+                break
+    return EXIT_OK
 
 
 def _when(expiry: int) -> str:
@@ -1555,7 +1582,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.print_help(sys.stderr)
                 return EXIT_USAGE
             runner = {"mac": run_mac, "import-ether-conf": run_import_ether_conf,
-                      "import-bridge-conf": run_import_bridge_conf}.get(args.cmd, run_command)
+                      "import-bridge-conf": run_import_bridge_conf,
+                      "monitor": run_monitor}.get(args.cmd, run_command)
         return asyncio.run(runner(args))
     except Usage as e:
         return say_error(argv, "Usage", str(e), EXIT_USAGE)

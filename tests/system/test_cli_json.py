@@ -83,3 +83,30 @@ def test_define_start_that_fails_to_start_says_the_definition_stays(vnetd):
     assert "nosuchnic0" in r.stderr and "vnet-client undefine lan8" in r.stderr
     assert any(n["name"] == "lan8" and n["state"] == "stopped" for n in j("list"))
     run_client("undefine", "lan8", check=True)
+
+
+def test_monitor_prints_one_json_line_per_event(vnetd):
+    import subprocess
+    import time
+
+    from tests.harness.daemon import ALICE, CLIENT, as_user
+
+    mon = subprocess.Popen(as_user(ALICE, [str(CLIENT), "monitor", "vnet9", "--json",
+                                           "--count", "3"]),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # its match rule is in place
+        run_client("define", "vnet19", check=True)  # another network's: not shown
+        run_client("define", "vnet9", check=True)
+        run_client("start", "vnet9", check=True)
+        run_client("stop", "vnet9", check=True)
+        out, err = mon.communicate(timeout=10)
+    finally:
+        if mon.poll() is None:
+            mon.kill()
+        run_client("undefine", "vnet9")
+        run_client("undefine", "vnet19")
+    assert mon.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(e["event"], e["network"]) for e in events] == [("NetworkChanged", "vnet9")] * 3
+    assert [e["state"] for e in events] == ["defined", "running", "stopped"], events
