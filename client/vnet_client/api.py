@@ -42,6 +42,7 @@ UNAVAILABLE = (*NOT_DELIVERED, NO_REPLY)
 RESENDABLE = frozenset({
     "ListNetworks", "GetNetwork", "ExportDefinition", "ListPorts", "GetMac",
     "ExportEtherConf", "ExportMacs", "ListHosts", "Leases", "ListForwards", "GetInfo",
+    "CheckDefinition",
 })
 CALL_TIMEOUT = 300.0  # a person may be typing a password
 RETRY_AFTER = 1.0  # seconds before the one retry when vnetd is not there
@@ -223,6 +224,12 @@ class Client:
 
     async def export_definition(self, name: str) -> str:
         return await self.value("ExportDefinition", "s", [name])
+
+    async def check_definition(self, name: str, **options: Any) -> dict[str, Any]:
+        """What define(name, **options) would make, checked as define checks it; nothing is
+        defined."""
+        opts = {k.replace("_", "-"): v for k, v in options.items() if v is not None}
+        return await self.value("CheckDefinition", "sa{sv}", [name, asv(opts)])
 
     async def define_from(self, name: str, options: dict[str, Any]) -> str:
         return await self.value("Define", "sa{sv}", [name, asv(options)])

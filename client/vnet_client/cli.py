@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", help="network (and bridge) name, at most 15 characters")
     _define_options(sp)
     sp.add_argument("--start", action="store_true", help="start it right away")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="check everything define checks (with vnetd: names, limits, subnets, "
+                    "interfaces, forwards) and print the network it would make; define nothing")
     sp.add_argument("--from", dest="from_file", metavar="FILE",
                     help="take the definition from a TOML file (what 'export' prints); other "
                     "options are not allowed with it")
@@ -829,6 +832,17 @@ async def run_command(args: argparse.Namespace) -> int:
                 sys.stdout.write(text)
         elif cmd == "import-qemu-vlan":
             return await run_import_qemu_vlan(s, args)
+        elif cmd == "define" and args.dry_run:
+            if args.start:
+                raise Usage("define --dry-run defines nothing, so it starts nothing: drop "
+                            "--start.")
+            opts = _define_opts(args)
+            n = await s.run(lambda c: c.check_definition(args.name, **opts))
+            if out_json:
+                print(json.dumps(n, indent=2))
+            else:
+                print(f"Would define network {n['name']} ({n['mode']}, {n['subnet']}, gateway "
+                      f"{n['gateway']}): every check passed; nothing was defined.")
         elif cmd == "define":
             opts = _define_opts(args)
             await s.run(lambda c: c.define(args.name, **opts))

@@ -76,6 +76,11 @@ METHODS: tuple[Method, ...] = (
            "force (bridged mode), overlay (a{sv}: vni, local, peers, dev, port, role, control, "
            "asn, route-reflector; docs/overlay.md). The caller owns the network and its forwards (not an option: 'owner' is refused); "
            "other than root, one user owns at most vnetd's --max-networks-per-user networks."),
+    Method(MANAGER, "CheckDefinition", _a("name:s", "options:a{sv}"), _a("network:a{sv}"),
+           MANAGE,
+           "Everything Define checks (the options, the name, the caller's limits, the "
+           "interfaces, subnets, VNI and forwards the host has), without defining: the network "
+           "as Define would make it (state 'not defined'), or Define's error."),
     Method(MANAGER, "ExportDefinition", _a("name:s"), _a("toml:s"), INFO,
            "The network's definition as TOML (forwards inline, owners left out): 'define "
            "--from' takes it back."),

@@ -226,7 +226,7 @@ _METHODS = {
     "VdeSocket": "plug into a VDE switch", "Define": "define a network",
     "Undefine": "undefine a network", "Start": "start a network", "Stop": "stop a network",
     "Reload": "reload the network definitions", "SetAutostart": "change a network's autostart",
-    "ImportMacs": "import MACs", "ForgetMac": "forget a virtual machine's MACs",
+    "ImportMacs": "import MACs", "CheckDefinition": "check a network definition", "ForgetMac": "forget a virtual machine's MACs",
     "TransferVm": "give a virtual machine to another user", "AddHost": "add a static host",
     "RemoveHost": "remove a static host", "AddPeer": "add an overlay peer",
     "RemovePeer": "remove an overlay peer", "AddForward": "add a port forward",

@@ -159,6 +159,7 @@ class Service:
             (api.MANAGER, "ImportMacs"): self.import_macs,
             (api.MANAGER, "ExportMacs"): self.export_macs,
             (api.MANAGER, "ForgetMac"): self.forget_mac,
+            (api.MANAGER, "CheckDefinition"): self.check_definition,
             (api.MANAGER, "TransferVm"): self.transfer_vm,
             (api.MANAGER, "Enslave"): self.enslave,
             (api.MANAGER, "Release"): self.release,
@@ -455,12 +456,21 @@ class Service:
         return to_asv(d)
 
     async def define(self, caller: Caller, name: str, options: dict[str, Any]) -> Any:
+        return await self._define(caller, name, options, dry_run=False)
+
+    async def check_definition(self, caller: Caller, name: str, options: dict[str, Any]) -> Any:
+        return await self._define(caller, name, options, dry_run=True)
+
+    async def _define(self, caller: Caller, name: str, options: dict[str, Any],
+                      dry_run: bool) -> Any:
         await self.engine.check_new_name(validate_network_name(name))
         opts = dict(options)
         if opts.get("taps") and "tap-user" not in opts:
             opts["tap-user"] = caller.uid  # the original's default: the caller owns the taps
         net = Network.from_options(name, opts)
-        await self.engine.define(net, caller.uid)
+        net = await self.engine.define(net, caller.uid, dry_run=dry_run)
+        if dry_run:
+            return to_asv(self.engine.summary(net) | {"state": "not defined"})
         return network_path(net.name)
 
     async def export_definition(self, caller: Caller, name: str) -> Any:

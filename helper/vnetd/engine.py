@@ -365,8 +365,9 @@ class Engine:
                 "made by qemu-vnet; choose another network name."
             )
 
-    async def define(self, net: Network, uid: int = 0) -> Network:
-        """Define a network owned by `uid` (its inline forwards too), within uid's limits."""
+    async def define(self, net: Network, uid: int = 0, dry_run: bool = False) -> Network:
+        """Define a network owned by `uid` (its inline forwards too), within uid's limits;
+        with `dry_run`, only check all that and change nothing."""
         net = net.with_changes(owner=uid, forwards=tuple(
             dataclasses.replace(f, owner=uid) for f in net.forwards))
         async with self.lock:
@@ -384,6 +385,8 @@ class Engine:
                     raise Exists(f"{f.proto} {f.external} is already forwarded to "
                                  f"'{clash[1].target}' ({clash[1].describe()}) on network "
                                  f"'{clash[0]}'.")
+            if dry_run:
+                return net
             self.store.save(net)
             try:
                 for f in net.forwards:  # kept one per file, as AddForward keeps them

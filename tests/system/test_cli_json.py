@@ -110,3 +110,20 @@ def test_monitor_prints_one_json_line_per_event(vnetd):
     events = [json.loads(line) for line in out.splitlines()]
     assert [(e["event"], e["network"]) for e in events] == [("NetworkChanged", "vnet9")] * 3
     assert [e["state"] for e in events] == ["defined", "running", "stopped"], events
+
+
+def test_define_dry_run_checks_everything_and_defines_nothing(vnetd):
+    files = sorted(p.name for p in (vnetd.config_dir / "networks").glob("*"))
+    n = j("define", "vnet17", "--mode=host-only", "--dry-run")
+    assert (n["name"], n["subnet"], n["mode"], n["state"]) == (
+        "vnet17", "172.16.27.0/24", "host-only", "not defined")
+    assert not any(x["name"] == "vnet17" for x in j("list"))
+    r = run_client("define", "vnet17", "--dry-run")
+    assert r.returncode == 0 and "nothing was defined" in r.stdout
+    # what define would refuse, the dry run refuses with the same error
+    run_client("define", "vnet18", check=True)
+    clash = ["vnet38", "--subnet=172.16.28.0/24"]  # vnet18 has 172.16.28.0/24
+    dry, real = run_client("define", *clash, "--dry-run"), run_client("define", *clash)
+    assert dry.returncode == real.returncode == 1 and dry.stderr == real.stderr, (dry, real)
+    run_client("undefine", "vnet18", check=True)
+    assert sorted(p.name for p in (vnetd.config_dir / "networks").glob("*")) == files

@@ -62,6 +62,7 @@ def test_any_call_is_sent_again_when_it_never_reached_vnetd(name):
 
 
 def test_resendable_calls_are_the_contracts_reads():
-    """Every 'info' method of the contract, and GetMac (the same MAC again); nothing else."""
+    """Every 'info' method of the contract, GetMac (the same MAC again) and CheckDefinition
+    (it changes nothing); nothing else."""
     reads = {m.name for m in contract.METHODS if m.action == contract.INFO}
-    assert api.RESENDABLE == reads | {"GetMac"}
+    assert api.RESENDABLE == reads | {"GetMac", "CheckDefinition"}
