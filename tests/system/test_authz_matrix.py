@@ -36,6 +36,8 @@ MATRIX = {
     ("Manager", "ImportMacs"): ("manage", "sa{ss}", ["vnet2", {"bad name": "x"}]),
     ("Manager", "ExportMacs"): ("info", "s", ["vnet2"]),
     ("Manager", "ForgetMac"): ("manage", "ss", ["vnet2", "nosuch"]),
+    ("Manager", "TransferVm"): ("manage", "ssu", ["vnet2", "nosuch", 0]),
+    ("Manager", "CheckDefinition"): ("manage", "sa{sv}", ["mx9", {}]),
     ("Manager", "Enslave"): ("attach", "s", ["nosuch_1"]),
     ("Manager", "Release"): ("attach", "s", ["nosuch_1"]),
     ("Manager", "AddHost"): ("manage", "ssa{sv}", ["vnet2", "mx", {"ip": "1.2.3.4"}]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import time
 
@@ -376,29 +377,36 @@ for i in range(30):
     if child == 0:
         async def one():
             async with Client() as c:
-                a = await c.attach("vnet2", f"pidfd{i}")
+                a = await c.attach("vnet2", f"vm{900 + i}")  # alice's already, or new
                 a.close()
-        asyncio.run(one())
-        os.write(w, b"x")
+        try:
+            asyncio.run(one())
+            os.write(w, b"x")
+        except BaseException as e:
+            os.write(w, b"e")
+            print(f"child {i}: {e!r}", file=sys.stderr, flush=True)
         time.sleep(120)
         os._exit(0)
     children.append(child)
 got = b""
 while len(got) < 30:
     got += os.read(r, 30)
-print("ready", flush=True)
+print("ready" if got == b"x" * 30 else f"failed {got.count(b'e')}", flush=True)
 sys.stdin.readline()
 for c in children:
     os.kill(c, 9)
 """
     holder = spawn_as(ALICE, code)
     try:
-        assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
+        ready, _, _ = select.select([holder.stdout], [], [], 60)
+        assert ready, "the holders did not report in 60 s"
+        line = holder.stdout.readline().strip()
+        assert line == "ready", line
         deadline = time.monotonic() + 5  # the taps' deletion reaches vnetd as link events
         while pidfds_of(pid) > before and time.monotonic() < deadline:
             time.sleep(0.1)
         assert pidfds_of(pid) <= before, (before, pidfds_of(pid))
-        assert not [p for p in ports_of(ALICE) if p["vm"].startswith("pidfd")]
+        assert not [p for p in ports_of(ALICE) if p["vm"] in {f"vm{900 + i}" for i in range(30)}]
     finally:
         holder.stdin.close()
         holder.wait(10)
