@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 
 from .daemon import Daemon, sh
+from .tools import require
 
 PY = "/usr/bin/python3"
 
@@ -101,3 +103,38 @@ class Outside:
 
 if __name__ == "__main__":
     sys.exit("a library for tests")
+
+
+@contextmanager
+def physical_lan(vnetd: Daemon, nic: str, prefix: str, *, prefix6: str | None = None,
+                 host_routes: tuple[tuple[str, ...], ...] = ()):
+    """A physical LAN for a bridged network: a veth `nic` in vnetd's namespace holding
+    PREFIX.5/24 (and PREFIX6::5/64), its far end 'up0' in a namespace of its own holding
+    PREFIX.1 (the LAN's router) with a DHCP server for PREFIX.100-150. Yields that
+    namespace's name."""
+    ns = f"vnl-{uuid.uuid4().hex[:6]}"
+    sh("ip", "netns", "add", ns)
+    vnetd.ip("link", "add", nic, "type", "veth", "peer", "name", "up0", "netns", ns)
+    far = [["addr", "add", f"{prefix}.1/24", "dev", "up0"]]
+    near = [["addr", "add", f"{prefix}.5/24", "dev", nic]]
+    if prefix6:
+        far.append(["addr", "add", f"{prefix6}::1/64", "dev", "up0", "nodad"])
+        near.append(["addr", "add", f"{prefix6}::5/64", "dev", nic, "nodad"])
+    for args in (*far, ["link", "set", "up0", "up"], ["link", "set", "lo", "up"]):
+        sh("ip", "-n", ns, *args)
+    for args in (*near, ["link", "set", nic, "up"], *(["route", "add", *r] for r in host_routes)):
+        vnetd.ip(*args)
+    dhcp = subprocess.Popen(["ip", "netns", "exec", ns, require("dnsmasq"),
+                             "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                             "--interface=up0", "--bind-interfaces",
+                             f"--dhcp-range={prefix}.100,{prefix}.150,1h", "--port=0",
+                             "--log-facility=-", "--pid-file=", "--dhcp-leasefile=/dev/null"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    try:
+        yield ns
+    finally:
+        dhcp.kill()
+        dhcp.wait()
+        vnetd.ip("link", "del", nic, check=False)
+        sh("ip", "netns", "del", ns, check=False)

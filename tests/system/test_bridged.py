@@ -4,14 +4,12 @@ a DHCP server and the default gateway."""
 from __future__ import annotations
 
 import json
-import subprocess
-import time
-import uuid
 
 import pytest
 
-from tests.harness.daemon import run_client, sh
+from tests.harness.daemon import run_client
 from tests.harness.guests import Guest
+from tests.harness.netpeers import physical_lan
 
 
 def routes(vnetd) -> list:
@@ -27,30 +25,10 @@ def addrs(vnetd) -> list:
 
 @pytest.fixture(scope="module")
 def upstream(vnetd):
-    ns = f"vnu-{uuid.uuid4().hex[:6]}"
-    sh("ip", "netns", "add", ns)
-    vnetd.ip("link", "add", "eth0", "type", "veth", "peer", "name", "up0", "netns", ns)
-    for args in (["addr", "add", "10.88.0.1/24", "dev", "up0"],
-                 ["addr", "add", "fd88::1/64", "dev", "up0", "nodad"],
-                 ["link", "set", "up0", "up"], ["link", "set", "lo", "up"]):
-        sh("ip", "-n", ns, *args)
-    for args in (["addr", "add", "10.88.0.5/24", "dev", "eth0"],
-                 ["addr", "add", "fd88::5/64", "dev", "eth0", "nodad"],
-                 ["link", "set", "eth0", "up"],
-                 ["route", "add", "default", "via", "10.88.0.1"],
-                 ["route", "add", "10.99.0.0/16", "via", "10.88.0.1", "metric", "50"]):
-        vnetd.ip(*args)
-    dhcp = subprocess.Popen(["ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground",
-                             "--no-resolv", "--no-hosts", "--interface=up0", "--bind-interfaces",
-                             "--dhcp-range=10.88.0.100,10.88.0.150,1h", "--port=0",
-                             "--log-facility=-", "--pid-file=", "--dhcp-leasefile=/dev/null"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.3)
-    yield ns
-    dhcp.kill()
-    dhcp.wait()
-    vnetd.ip("link", "del", "eth0", check=False)
-    sh("ip", "netns", "del", ns, check=False)
+    with physical_lan(vnetd, "eth0", "10.88.0", prefix6="fd88",
+                      host_routes=(("default", "via", "10.88.0.1"),
+                                   ("10.99.0.0/16", "via", "10.88.0.1", "metric", "50"))) as ns:
+        yield ns
 
 
 def reaches_upstream(vnetd) -> bool:

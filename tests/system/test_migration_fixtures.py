@@ -11,14 +11,13 @@ import json
 import re
 import shutil
 import subprocess
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.guest import build_guest as bg
 from tests.harness.daemon import ALICE, BOB, PolkitRule, as_user, run_client
+from tests.harness.netpeers import physical_lan
 from tests.harness.tools import require
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "qemu-vlan"
@@ -169,25 +168,8 @@ def test_bridge_conf_becomes_a_polkit_rule_polkitd_applies(vnetd):
 def lan(vnetd):
     """A physical LAN for a bridged network: a veth 'lan0' in vnetd's namespace (no default
     route on it), its far end in a namespace with a DHCP server handing out 10.89.0.100-150."""
-    ns = f"vnl-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    vnetd.ip("link", "add", "lan0", "type", "veth", "peer", "name", "up0", "netns", ns)
-    for args in (["addr", "add", "10.89.0.1/24", "dev", "up0"], ["link", "set", "up0", "up"],
-                 ["link", "set", "lo", "up"]):
-        subprocess.run(["ip", "-n", ns, *args], check=True)
-    vnetd.ip("addr", "add", "10.89.0.5/24", "dev", "lan0")
-    vnetd.ip("link", "set", "lan0", "up")
-    dhcp = subprocess.Popen(["ip", "netns", "exec", ns, require("dnsmasq"), "--keep-in-foreground",
-                             "--no-resolv", "--no-hosts", "--interface=up0", "--bind-interfaces",
-                             "--dhcp-range=10.89.0.100,10.89.0.150,1h", "--port=0",
-                             "--log-facility=-", "--pid-file=", "--dhcp-leasefile=/dev/null"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.3)
-    yield ns
-    dhcp.kill()
-    dhcp.wait()
-    vnetd.ip("link", "del", "lan0", check=False)
-    subprocess.run(["ip", "netns", "del", ns], check=False)
+    with physical_lan(vnetd, "lan0", "10.89.0") as ns:
+        yield ns
 
 
 def test_imported_bridged_directory_puts_an_old_style_guest_on_the_lan(vnetd, guest, lan,
