@@ -253,17 +253,21 @@ def check_networkmanager_leaves_vnet_devices_alone():
             "NetworkManager the bridge keeps 10.77.0.1/24 and its tap")
 
 
-def check_journal_holds_audit_lines():
-    r = sh("journalctl", "-u", "vnetd.service", "-o", "json", "--no-pager")
-    hits = []
+def vnetd_journal(*args: str):
+    """vnetd's journal entries (journalctl -o json) whose message is text."""
+    r = sh("journalctl", *args, "-u", "vnetd.service", "-o", "json", "--no-pager")
     for ln in r.stdout.splitlines():
         try:
             e = json.loads(ln)
         except ValueError:
             continue
-        msg = e.get("MESSAGE", "")
-        if isinstance(msg, str) and "uid=0" in msg and "Define" in msg and ": ok" in msg:
-            hits.append(e)
+        if isinstance(e.get("MESSAGE"), str):
+            yield e
+
+
+def check_journal_holds_audit_lines():
+    hits = [e for e in vnetd_journal()
+            if "uid=0" in e["MESSAGE"] and "Define" in e["MESSAGE"] and ": ok" in e["MESSAGE"]]
     if not hits:
         raise Failed("no audit line for Define in journalctl -u vnetd -o json")
     e = hits[-1]
@@ -350,17 +354,9 @@ def check_prepare_reboot():
 def check_autostart_after_reboot():
     if not wait_for(active, 60):
         raise Failed("vnetd not active after the reboot")
-    r = sh("journalctl", "-b", "-u", "vnetd.service", "-o", "json", "--no-pager")
     started = ready = None
-    for ln in r.stdout.splitlines():
-        try:
-            e = json.loads(ln)
-        except ValueError:
-            continue
-        msg = e.get("MESSAGE", "")
-        if not isinstance(msg, str):
-            continue
-        t = int(e["__MONOTONIC_TIMESTAMP"])
+    for e in vnetd_journal("-b"):
+        msg, t = e["MESSAGE"], int(e["__MONOTONIC_TIMESTAMP"])
         if started is None and f"autostart {NET}: started" in msg:
             started = t
         if ready is None and " ready on " in msg:
