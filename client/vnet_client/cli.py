@@ -661,7 +661,8 @@ def _uid_of(user: str | None) -> int | None:
     try:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
-        raise Usage(f"There is no user named '{user}'.") from None
+        raise Usage(f"There is no user named '{user}' on this host (give a user name or a "
+                    "uid).") from None
 
 
 def _define_opts(a: argparse.Namespace) -> dict[str, Any]:
@@ -1381,7 +1382,7 @@ async def run_mac_registry(args: argparse.Namespace) -> int:
     if args.mac_cmd == "import":
         macs = read_mac_table(args.file)
     if args.mac_cmd == "transfer":
-        uid = user_uid(args.user)
+        uid = _uid_of(args.user)
     async with Session(args) as s:
         if args.mac_cmd == "export":
             macs = await s.run(lambda c: c.export_macs(net))
@@ -1402,17 +1403,6 @@ async def run_mac_registry(args: argparse.Namespace) -> int:
             print(json.dumps({"network": net, "vm": vm, "forgotten": n}) if args.json
                   else f"Forgot {n} MAC(s) of {vm} on {net}.")
     return EXIT_OK
-
-
-def user_uid(user: str) -> int:
-    """A user name or a uid, as a uid; a name this host does not know is a usage error."""
-    if user.isdigit():
-        return int(user)
-    try:
-        return pwd.getpwnam(user).pw_uid
-    except KeyError:
-        msg = f"There is no user '{user}' on this host (give a user name or a uid)."
-        raise Usage(msg) from None
 
 
 def render_mac_table(network: str, macs: dict[str, str]) -> str:

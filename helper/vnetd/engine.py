@@ -984,28 +984,26 @@ class Engine:
         model.validate_network_name(network)
         model.validate_vm_name(vm)
         async with self.lock:  # attach gives out MACs under it
-            held = sorted(p.ifname for p in self.ports.on_network(network) if p.vm == vm)
-            if held:
-                raise Busy(f"VM '{vm}' is attached to {network} now (port "
-                           f"{', '.join(held)}): detach it (or stop the VM) first.")
+            self._refuse_attached(network, vm)
             return self.macs.forget(network, vm)
+
+    def _refuse_attached(self, network: str, vm: str) -> None:
+        held = sorted(p.ifname for p in self.ports.on_network(network) if p.vm == vm)
+        if held:
+            raise Busy(f"VM '{vm}' is attached to {network} now (port "
+                       f"{', '.join(held)}): detach it (or stop the VM) first.")
 
     async def transfer_vm(self, network: str, vm: str, uid: int) -> int | None:
         """Give a VM name on a network (and its MACs) to another uid; the uid that had it.
         Refused while a NIC of the VM is attached there (the port belongs to its holder)."""
         model.validate_network_name(network)
         model.validate_vm_name(vm)
-        if not isinstance(uid, int) or isinstance(uid, bool) or not 0 <= uid < 2**32 - 1:
-            raise InvalidArgument(f"'{uid}' is not a uid.")
         try:
             pwd.getpwuid(uid)
         except KeyError:
             raise InvalidArgument(f"There is no user with uid {uid} on this host.") from None
         async with self.lock:  # attach checks owners under it
-            held = sorted(p.ifname for p in self.ports.on_network(network) if p.vm == vm)
-            if held:
-                raise Busy(f"VM '{vm}' is attached to {network} now (port "
-                           f"{', '.join(held)}): detach it (or stop the VM) first.")
+            self._refuse_attached(network, vm)
             return self.macs.transfer(network, vm, uid)
 
     # --- static hosts and leases --------------------------------------------------------

@@ -65,7 +65,7 @@ def test_an_administrator_gives_a_vm_name_to_another_user():
     assert json.loads(r.stdout) == {"network": NET, "vm": "tr1", "uid": uid_of(ALICE)}
     assert mac(ALICE, "tr1") == first and mac(BOB, "tr1") == ERR + "NotOwner"
     r = run_client("mac", "transfer", NET, "tr1", "no-such-user-here")
-    assert r.returncode == 2 and "no user 'no-such-user-here'" in r.stderr
+    assert r.returncode == 2 and "no user named 'no-such-user-here'" in r.stderr
 
 
 def test_transfer_refusals_change_nothing():

@@ -273,9 +273,9 @@ def test_mac_transfer_parses_and_names_unknown_users():
     a = parse(["mac", "transfer", "vnet2", "web1", "root", "--json"])
     assert (a.mac_cmd, a.network, a.transfer_vm, a.user, a.json) == (
         "transfer", "vnet2", "web1", "root", True)
-    assert cli.user_uid("root") == 0 and cli.user_uid("1234") == 1234
-    with pytest.raises(cli.Usage, match="no user 'no-such-user-here'"):
-        cli.user_uid("no-such-user-here")
+    assert cli._uid_of("root") == 0 and cli._uid_of("1234") == 1234
+    with pytest.raises(cli.Usage, match="no user named 'no-such-user-here'"):
+        cli._uid_of("no-such-user-here")
     with pytest.raises(SystemExit):
         parse(["mac", "transfer", "vnet2", "web1"])  # no user
 
