@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vnet_common.names import split_key
+
 from . import macs as macs_mod
 from . import model
 from . import overlay as overlay_mod
@@ -197,7 +199,7 @@ class Engine:
             if p.mac_known and p.mac == mac and p.kind != "vde":
                 return p.vm
         k = self.macs.owner_of(network, mac)
-        return k.rsplit("/", 1)[0] if k else None
+        return split_key(k)[0] if k else None
 
     def _guard_taps(self, net: Network) -> None:
         """The taps a network brings (`-n` taps, VDE switches' taps) are guarded as ports:
@@ -1082,7 +1084,7 @@ class Engine:
             else:
                 owner = self.macs.owner_of(network, le.mac)
                 if owner:
-                    d["vm"] = owner.rsplit("/", 1)[0]
+                    d["vm"] = split_key(owner)[0]
             out.append(d)
         return sorted(out, key=lambda d: tuple(int(x) for x in d["ip"].split(".")))
 
@@ -1154,7 +1156,7 @@ class Engine:
             pass
         if net.host(target) is not None:
             return True
-        if any(k.rsplit("/", 1)[0] == target for k in self.macs.data.get(net.name, {})):
+        if any(split_key(k)[0] == target for k in self.macs.data.get(net.name, {})):
             return True
         return any(le.hostname.lower() == target.lower() for le in self.dhcp.leases(net))
 

@@ -20,6 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vnet_common.names import split_key
+
 from .backends import firewall as fw
 from .errors import Failed
 from .model import Forward, Network
@@ -132,7 +134,7 @@ class Firewall:
         # vnetd's own identity only: the VM's registry MACs and the MACs of the ports that
         # hold it, never a hostname a guest chose for itself
         macs = {m for k, m in self.engine.macs.data.get(net.name, {}).items()
-                if k.rsplit("/", 1)[0] == f.target}
+                if split_key(k)[0] == f.target}
         macs |= {p.mac for p in self.engine.ports.on_network(net.name)
                  if p.vm == f.target and p.mac_known and p.kind != "vde"}
         for le in self.engine.dhcp.leases(net):

@@ -23,6 +23,8 @@ import hashlib
 import re
 from typing import Any
 
+from vnet_common.names import key, split_key
+
 from .errors import Exists, InvalidArgument, NotFound, NotOwner, QuotaExceeded
 from .model import _printable, validate_mac, validate_network_name, validate_vm_name
 
@@ -38,10 +40,6 @@ def derive_mac(network: str, vm: str, nic: int, attempt: int = 0) -> str:
     seed = f"{network}/{vm}/{nic}" + (f"/{attempt}" if attempt else "")
     d = hashlib.sha256(seed.encode()).digest()
     return f"{QEMU_OUI}:{d[0]:02x}:{d[1]:02x}:{d[2]:02x}"
-
-
-def key(vm: str, nic: int) -> str:
-    return f"{vm}/{nic}"
 
 
 def validate_nic(nic: object) -> int:
@@ -99,7 +97,7 @@ class MacRegistry:
         if uid == 0 or self.creators.get(network, {}).get(vm, uid) != uid:
             return  # root, or a VM someone else brought in (it counts for them)
         mine = {v for v, c in self.creators.get(network, {}).items() if c == uid}
-        held = sum(1 for k in macs if k.rsplit("/", 1)[0] in mine)
+        held = sum(1 for k in macs if split_key(k)[0] in mine)
         if held + adding > self.per_user:
             raise QuotaExceeded(
                 f"uid {uid} has brought {held} MACs into the registry of network {network}, "
@@ -222,7 +220,7 @@ class MacRegistry:
         validate_network_name(network)
         validate_vm_name(vm)
         macs = self.data.get(network, {})
-        gone = [k for k in macs if k.rsplit("/", 1)[0] == vm]
+        gone = [k for k in macs if split_key(k)[0] == vm]
         if not gone:
             raise NotFound(f"VM '{vm}' has no MAC in the registry of network {network}.")
         kept = {k: m for k, m in macs.items() if k not in gone}
@@ -243,7 +241,7 @@ class MacRegistry:
         validate_network_name(network)
         validate_vm_name(vm)
         before = self.owner_uid(network, vm)
-        has_macs = any(k.rsplit("/", 1)[0] == vm for k in self.data.get(network, {}))
+        has_macs = any(split_key(k)[0] == vm for k in self.data.get(network, {}))
         if before is None and not has_macs:
             raise NotFound(f"VM '{vm}' is not known on network {network}: it has neither an "
                            "owner nor a MAC in the registry.")
@@ -261,8 +259,8 @@ class MacRegistry:
         rest: list[tuple[str, str]] = []
         prefix = f"{network}_"
         for k, mac in sorted(macs.items()):
-            vm, nic = k.rsplit("/", 1)
-            if nic == "0" and vm.startswith(prefix) and vm[len(prefix):].isdigit():
+            vm, nic = split_key(k)
+            if nic == 0 and vm.startswith(prefix) and vm[len(prefix):].isdigit():
                 indexed[int(vm[len(prefix):])] = (k, mac)
             else:
                 rest.append((k, mac))
@@ -273,8 +271,8 @@ class MacRegistry:
         lines = [f"# ether.conf for {network}, written by qemu-vnet"]
         for i in sorted(indexed):
             k, mac = indexed[i]
-            vm, nic = k.rsplit("/", 1)
-            note = "" if vm == f"{prefix}{i}" and nic == "0" else f"  # vm {vm} nic {nic}"
+            vm, nic = split_key(k)
+            note = "" if vm == f"{prefix}{i}" and nic == 0 else f"  # vm {vm} nic {nic}"
             lines.append(f"ether_{i}={mac}{note}")
         return "\n".join(lines) + "\n"
 
