@@ -27,17 +27,11 @@ from dataclasses import dataclass
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from vnet_common.contract import ACTION_PREFIX, ACTIONS, ATTACH
 
 from .errors import AccessDenied, InteractiveAuthorizationRequired
 
 log = logging.getLogger("vnetd.authz")
-
-ACTION_PREFIX = "org.qemuvnet.Vnet1."
-INFO = ACTION_PREFIX + "info"
-ATTACH = ACTION_PREFIX + "attach"
-MANAGE = ACTION_PREFIX + "manage"
-FORWARD = ACTION_PREFIX + "forward"
-ACTIONS = (INFO, ATTACH, MANAGE, FORWARD)
 
 POLKIT_NAME = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"

@@ -18,12 +18,15 @@ from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from vnet_common.contract import signature
+from vnet_common.names import validate_ifname, validate_network_name, validate_vm_name
+from vnet_common.toml import render_definition
 
 from . import api, model
 from .authz import POLKIT_NAME, Authorizer, Caller
 from .engine import Engine
 from .errors import InvalidArgument, NotOwner, VnetError
-from .model import Network, validate_network_name
+from .model import Network
 
 BUS_DAEMON = "org.freedesktop.DBus"
 
@@ -46,33 +49,24 @@ IGNORED_SIGNAL_LOG_EVERY = 10.0  # seconds between warnings about signals from t
 # with a bad one is refused with InvalidArgument at once, so polkit's answer, and the cache of
 # answers, only ever hold names that could be real.
 ARG_VALIDATORS: dict[str, Callable[[Any], Any]] = {
-    "name": model.validate_network_name,
-    "network": model.validate_network_name,
-    "vm": model.validate_vm_name,
-    "ifname": lambda v: model.validate_ifname(v, "interface name"),
+    "name": validate_network_name,
+    "network": validate_network_name,
+    "vm": validate_vm_name,
+    "ifname": lambda v: validate_ifname(v, "interface name"),
 }
 
 
 # --- value conversion -------------------------------------------------------------------
 def to_variant(v: Any) -> Variant:
+    """A plain value as the variant the contract's signature() names (see vnet_common)."""
     if isinstance(v, Variant):
         return v
-    if isinstance(v, bool):
-        return Variant("b", v)
-    if isinstance(v, int):
-        return Variant("i", v) if -(2**31) <= v < 2**31 else Variant("x", v)
-    if isinstance(v, str):
-        return Variant("s", v)
-    if isinstance(v, dict):
-        return Variant("a{sv}", to_asv(v))
-    if isinstance(v, list | tuple):
-        if v and all(isinstance(x, dict) for x in v):
-            return Variant("aa{sv}", [to_asv(x) for x in v])
-        if all(isinstance(x, str) for x in v):
-            return Variant("as", list(v))
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-            return Variant("ax", list(v))
-    raise TypeError(f"cannot encode {type(v).__name__}")
+    sig = signature(v)
+    if sig == "a{sv}":
+        return Variant(sig, to_asv(v))
+    if sig == "aa{sv}":
+        return Variant(sig, [to_asv(x) for x in v])
+    return Variant(sig, list(v) if sig in ("as", "ax") else v)
 
 
 def to_asv(d: dict[str, Any]) -> dict[str, Variant]:
@@ -474,11 +468,9 @@ class Service:
         return network_path(net.name)
 
     async def export_definition(self, caller: Caller, name: str) -> Any:
-        from .model import render_toml
-
         d = self.engine.get(name).to_dict(owner=False)  # portable: the definer owns it
         d.pop("name", None)
-        return render_toml(d, f"qemu-vnet network {name}: 'vnet-client define {name} --from "
+        return render_definition(d, f"qemu-vnet network {name}: 'vnet-client define {name} --from "
                            "FILE' takes this back.")
 
     async def undefine(self, caller: Caller, name: str) -> None:

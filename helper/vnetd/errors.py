@@ -1,20 +1,6 @@
 """Named errors. Each maps to one D-Bus error name; the message is a sentence for a person."""
 
-ERROR_PREFIX = "org.qemuvnet.Vnet1.Error."
-
-
-class VnetError(Exception):
-    """Base class: a refusal or failure that the caller should see as a named error."""
-
-    dbus_name = ERROR_PREFIX + "Failed"
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidArgument(VnetError):
-    dbus_name = ERROR_PREFIX + "InvalidArgument"
+from vnet_common.errors import ERROR_PREFIX, InvalidArgument, VnetError
 
 
 class NotFound(VnetError):

@@ -12,172 +12,41 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vnet_common.limits import (
+    DEFAULT_MTU,
+    DEFAULT_VDE_PORTS,
+    MAX_IFNAME,
+    MAX_MTU,
+    MAX_TAPS,
+    MAX_UID,
+    MAX_VDE_PORTS,
+    MIN_MTU,
+    MIN_VDE_PORTS,
+)
+from vnet_common.names import (
+    GROUP_RE,
+    default_subnet,
+    parse_ip4,
+    parse_port_range,
+    parse_subnet4,
+    parse_subnet6,
+    validate_domain,
+    validate_hostname,
+    validate_ifname,
+    validate_mac,
+    validate_network_name,
+    validate_vm_name,
+)
+from vnet_common.names import boolean as _bool
+from vnet_common.names import int_in as _int_in
+from vnet_common.names import parse_port as _port
+from vnet_common.names import printable as _printable
+from vnet_common.options import DHCP_KINDS, MODES, NETWORK_KEYS
+
 from .errors import InvalidArgument
 from .overlay import Overlay
 
-IFNAMSIZ = 16  # with the trailing NUL: names of 15 bytes at most
-MAX_IFNAME = IFNAMSIZ - 1
 ALIAS_PREFIX = "qemu-vnet:"
-MODES = ("nat", "host-only", "bridged")
-DHCP_KINDS = ("dnsmasq", "dhcpd", "none")
-MAX_TAPS = 64
-MIN_MTU, MAX_MTU = 576, 9216
-MAX_VM_NAME = 64
-MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid"
-
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_VM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
-_TRAILING_DIGITS = re.compile(r"(\d+)$")
-
-
-def _printable(value: object) -> str:
-    """A value as it may be quoted in an error sentence: short and free of control bytes."""
-    text = value if isinstance(value, str) else repr(value)
-    text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def validate_ifname(name: object, what: str = "network name") -> str:
-    """An interface name the kernel accepts and a shell cannot misread: 1-15 bytes of
-    [A-Za-z0-9_.-], starting with a letter or digit (so never '.', '..' or an option)."""
-    if not isinstance(name, str):
-        raise InvalidArgument(f"The {what} must be a string, not {_printable(name)}.")
-    if not name:
-        raise InvalidArgument(f"The {what} must not be empty.")
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_IFNAME:
-        raise InvalidArgument(
-            f"The {what} '{_printable(name)}' is too long: Linux interface names are at most "
-            f"{MAX_IFNAME} bytes (IFNAMSIZ is {IFNAMSIZ} with the NUL)."
-        )
-    if not _NAME_RE.fullmatch(name):
-        raise InvalidArgument(
-            f"The {what} '{_printable(name)}' is not allowed: use letters, digits, '_', '.' "
-            "and '-', starting with a letter or digit."
-        )
-    return name
-
-
-# A network's name is also a directory under vnetd's runtime and state directories, so it may
-# not be one of vnetd's own entries there (a network called "vde" would put its dnsmasq
-# configuration where the VDE switches may write), nor a VXLAN device's name (vx<VNI>).
-RESERVED_NAMES = frozenset({"vde", "ports", "intents", "last-good", "dhcpd"})
-_RESERVED_RE = re.compile(r"vx[0-9]+|.*\.(json|conf|pid|toml|tmp)|bridged-.*|frr-.*")
-
-
-def validate_network_name(name: object) -> str:
-    name = validate_ifname(name, "network name")
-    if name in RESERVED_NAMES or _RESERVED_RE.fullmatch(name):
-        raise InvalidArgument(f"'{name}' is reserved (vnetd uses the name for a file, a "
-                              "directory or a VXLAN device of its own): choose another "
-                              "network name.")
-    return name
-
-
-def validate_vm_name(name: object) -> str:
-    if not isinstance(name, str):
-        raise InvalidArgument(f"The VM name must be a string, not {_printable(name)}.")
-    if not name:
-        raise InvalidArgument("The VM name must not be empty.")
-    if len(name) > MAX_VM_NAME:
-        raise InvalidArgument(f"The VM name is too long: at most {MAX_VM_NAME} characters.")
-    if not _VM_RE.fullmatch(name):
-        raise InvalidArgument(
-            f"The VM name '{_printable(name)}' is not allowed: use letters, digits, '_', '.' "
-            "and '-', starting with a letter or digit."
-        )
-    return name
-
-
-def validate_mac(mac: object) -> str:
-    if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()):
-        raise InvalidArgument(
-            f"'{_printable(mac)}' is not a MAC address: write six hex pairs such as "
-            "52:54:00:12:34:56."
-        )
-    mac = mac.lower()
-    if int(mac[:2], 16) & 1:
-        raise InvalidArgument(f"The MAC address {mac} is a multicast address.")
-    if mac == "00:00:00:00:00:00":
-        raise InvalidArgument("The MAC address 00:00:00:00:00:00 is not usable.")
-    return mac
-
-
-def network_number(name: str) -> int | None:
-    """The original qemu-vlan's network number: the trailing digits of the bridge name."""
-    m = _TRAILING_DIGITS.search(name)
-    return int(m.group(1)) if m else None
-
-
-def default_subnet(name: str) -> ipaddress.IPv4Network:
-    """vnetN -> 172.16.(10+N).0/24, as qemu-vlan did."""
-    n = network_number(name)
-    if n is None:
-        raise InvalidArgument(
-            f"The network name '{name}' has no trailing number to derive a subnet from "
-            "(vnetN -> 172.16.(10+N).0/24): give a subnet, e.g. --subnet=172.16.50.0/24."
-        )
-    if n > 245:
-        raise InvalidArgument(
-            f"The network number {n} of '{name}' is too large for 172.16.(10+N).0/24 "
-            "(N is at most 245): give a subnet, e.g. --subnet=10.20.30.0/24."
-        )
-    return ipaddress.IPv4Network(f"172.16.{10 + n}.0/24")
-
-
-def parse_subnet4(text: object) -> ipaddress.IPv4Network:
-    if not isinstance(text, str):
-        raise InvalidArgument(f"The IPv4 subnet must be a string such as 172.16.12.0/24, "
-                              f"not {_printable(text)}.")
-    try:
-        net = ipaddress.IPv4Network(text, strict=True)
-    except ValueError as e:
-        raise InvalidArgument(
-            f"'{_printable(text)}' is not an IPv4 subnet in CIDR form (e.g. 172.16.12.0/24): {e}."
-        ) from None
-    if "/" not in text:
-        raise InvalidArgument(f"The subnet '{text}' needs a prefix length, e.g. {text}/24.")
-    if not 8 <= net.prefixlen <= 30:
-        raise InvalidArgument(
-            f"The subnet {net} has prefix length /{net.prefixlen}: use /8 to /30 so that it "
-            "holds a gateway and guests."
-        )
-    if net.is_loopback or net.is_multicast or net.is_link_local or net.is_reserved or (
-        net.network_address == ipaddress.IPv4Address("0.0.0.0")
-    ):
-        raise InvalidArgument(f"The subnet {net} is a special-purpose range; use a private one.")
-    return net
-
-
-def parse_subnet6(text: object) -> ipaddress.IPv6Network:
-    if not isinstance(text, str):
-        raise InvalidArgument(f"The IPv6 prefix must be a string such as fd00:12::/64, "
-                              f"not {_printable(text)}.")
-    try:
-        net = ipaddress.IPv6Network(text, strict=True)
-    except ValueError as e:
-        raise InvalidArgument(
-            f"'{_printable(text)}' is not an IPv6 prefix in CIDR form (e.g. fd00:12::/64): {e}."
-        ) from None
-    if "/" not in text:
-        raise InvalidArgument(f"The IPv6 prefix '{text}' needs a length, e.g. {text}/64.")
-    if not 48 <= net.prefixlen <= 120:
-        raise InvalidArgument(
-            f"The IPv6 prefix {net} has length /{net.prefixlen}: use /48 to /120 (/64 for SLAAC)."
-        )
-    if (net.is_loopback or net.is_multicast or net.is_link_local or net.is_unspecified
-            or net.is_reserved or net.network_address == ipaddress.IPv6Address("::")):
-        raise InvalidArgument(f"The IPv6 prefix {net} is a special-purpose range.")
-    return net
-
-
-def _int_in(value: object, lo: int, hi: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"The {what} must be a whole number from {lo} to {hi}, "
-                              f"not {_printable(value)}.")
-    if not lo <= value <= hi:
-        raise InvalidArgument(f"The {what} {value} is out of range: use {lo} to {hi}.")
-    return value
 
 
 # Extra switch arguments a definition may carry (vde-switch-args): behaviour of the switch
@@ -228,7 +97,6 @@ def _vde_args(args: object) -> tuple[str, ...]:
     return tuple(out)
 
 
-
 def _owner(options: dict[str, Any], stored: bool, why: str) -> int:
     """The 'owner' uid of a stored definition or forward (0 when absent). A caller cannot
     give one: vnetd takes it from the caller's credentials."""
@@ -238,12 +106,6 @@ def _owner(options: dict[str, Any], stored: bool, why: str) -> int:
         raise InvalidArgument(f"The key 'owner' cannot be given: {why} (vnetd takes it from "
                               "the caller; remove the key).")
     return _int_in(options["owner"], 0, MAX_UID, "owner uid")
-
-
-def _bool(value: object, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidArgument(f"'{what}' must be true or false, not {_printable(value)}.")
-    return value
 
 
 def bridge_mac(name: str) -> str:
@@ -263,28 +125,6 @@ def network_of_alias(alias: str | None) -> str | None:
     return None
 
 
-_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-
-
-def validate_domain(domain: object) -> str:
-    if not isinstance(domain, str) or not domain or len(domain) > 253:
-        raise InvalidArgument("The DNS domain must be 1 to 253 characters, e.g. vnet2 or lab.example.")
-    for label in domain.split("."):
-        if not _LABEL.fullmatch(label):
-            raise InvalidArgument(
-                f"'{_printable(domain)}' is not a DNS domain: labels of letters, digits and '-', "
-                "separated by dots.")
-    return domain.lower()
-
-
-def validate_hostname(name: object) -> str:
-    if not isinstance(name, str) or not _LABEL.fullmatch(name):
-        raise InvalidArgument(
-            f"'{_printable(name)}' cannot be a DNS host name: use letters, digits and '-' "
-            "(at most 63), not starting or ending with '-'.")
-    return name.lower()
-
-
 @dataclass(frozen=True)
 class StaticHost:
     """A fixed address for a VM: DHCP gives `ip` to `mac`, DNS answers `vm.domain`."""
@@ -295,15 +135,6 @@ class StaticHost:
 
     def to_dict(self) -> dict[str, Any]:
         return {"vm": self.vm, "mac": self.mac, "ip": str(self.ip)}
-
-
-def parse_ip4(text: object, what: str) -> ipaddress.IPv4Address:
-    try:
-        if not isinstance(text, str):
-            raise ValueError
-        return ipaddress.IPv4Address(text)
-    except ValueError:
-        raise InvalidArgument(f"The {what} '{_printable(text)}' is not an IPv4 address.") from None
 
 
 def check_host_ip(net_subnet: ipaddress.IPv4Network, ip: ipaddress.IPv4Address,
@@ -335,7 +166,7 @@ class Network:
     mode: str = "nat"
     subnet: ipaddress.IPv4Network = field(default=None)  # type: ignore[assignment]
     subnet6: ipaddress.IPv6Network | None = None
-    mtu: int = 1500
+    mtu: int = DEFAULT_MTU
     autostart: bool = False
     taps: int = 0
     tap_base: int = 0  # the first tap's number: NAME_0.. as qemu-vlan (1: definitions before)
@@ -351,7 +182,7 @@ class Network:
     routed_with: tuple[str, ...] = ()
     spoof_protection: bool = True
     vde: bool = False
-    vde_ports: int = 32
+    vde_ports: int = DEFAULT_VDE_PORTS
     vde_switch_args: tuple[str, ...] = ()
     vde_macs: tuple[str, ...] = ()  # switch i's MAC (qemu-vlan's vde_switch_ether_<i>)
     uplink: str | None = None  # bridged mode: the physical NIC (key "if")
@@ -397,10 +228,7 @@ class Network:
         return bridge_mac(self.name)
 
     # --- construction -------------------------------------------------------------------
-    KEYS = ("mode", "subnet", "subnet6", "mtu", "autostart", "taps", "tap-base", "tap-user",
-            "tap-group", "dhcp", "dhcp-start", "dhcp-end", "domain", "hosts", "forwards",
-            "allow-host", "routed-with", "spoof-protection", "vde", "vde-ports",
-            "vde-switch-args", "vde-macs", "if", "force", "overlay")
+    KEYS = NETWORK_KEYS  # the options table's top-level keys (vnet_common.options)
 
     @classmethod
     def from_options(cls, name: object, options: dict[str, Any],
@@ -433,7 +261,7 @@ class Network:
         else:
             subnet = default_subnet(name)
         subnet6 = parse_subnet6(options["subnet6"]) if options.get("subnet6") else None
-        mtu = _int_in(options.get("mtu", 1500), MIN_MTU, MAX_MTU, "MTU")
+        mtu = _int_in(options.get("mtu", DEFAULT_MTU), MIN_MTU, MAX_MTU, "MTU")
         autostart = _bool(options.get("autostart", False), "autostart")
         taps = 0
         # Pre-created taps are NAME_0..NAME_{n-1}, as qemu-vlan made them. A definition vnetd
@@ -452,9 +280,9 @@ class Network:
                 )
         tap_user = options.get("tap-user")
         if tap_user is not None:
-            tap_user = _int_in(tap_user, 0, 2**32 - 2, "tap owner uid")
+            tap_user = _int_in(tap_user, 0, MAX_UID, "tap owner uid")
         tap_group = options.get("tap-group", "vnet")
-        if not isinstance(tap_group, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", tap_group):
+        if not isinstance(tap_group, str) or not GROUP_RE.fullmatch(tap_group):
             raise InvalidArgument(f"'{_printable(tap_group)}' is not a valid group name.")
         overlay = Overlay.from_options(options["overlay"]) if "overlay" in options else None
         if overlay is not None:
@@ -490,7 +318,8 @@ class Network:
             routed_with=routed,
             spoof_protection=_bool(options.get("spoof-protection", True), "spoof-protection"),
             vde=_bool(options.get("vde", False), "vde"),
-            vde_ports=_int_in(options.get("vde-ports", 32), 2, 1024, "VDE port count"),
+            vde_ports=_int_in(options.get("vde-ports", DEFAULT_VDE_PORTS), MIN_VDE_PORTS,
+                              MAX_VDE_PORTS, "VDE port count"),
             vde_switch_args=_vde_args(options.get("vde-switch-args", [])),
             overlay=overlay, mtu_auto=overlay is not None and "mtu" not in options,
         )
@@ -737,32 +566,6 @@ class ForwardIndex:
         return None
 
 
-def _port(text: object, what: str) -> int:
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    elif isinstance(text, str) and text.isdigit():
-        value = int(text)
-    else:
-        raise InvalidArgument(f"The {what} '{_printable(text)}' is not a port number (1-65535).")
-    if not 1 <= value <= 65535:
-        raise InvalidArgument(f"The {what} {value} is out of range: ports are 1 to 65535.")
-    return value
-
-
-def parse_port_range(text: object) -> tuple[int, int]:
-    if isinstance(text, int) and not isinstance(text, bool):
-        p = _port(text, "port")
-        return p, p
-    if not isinstance(text, str):
-        raise InvalidArgument(f"'{_printable(text)}' is not a port or a port range.")
-    lo, sep, hi = text.partition("-")
-    a = _port(lo, "port")
-    b = _port(hi, "port") if sep else a
-    if b < a:
-        raise InvalidArgument(f"The port range {text} is reversed: write {b}-{a}.")
-    return a, b
-
-
 def _split_addr_port(text: str, what: str) -> tuple[str | None, str]:
     """'[v6]:port', 'v4:port', 'port'; returns (address or None, port part)."""
     if text.startswith("["):
@@ -923,49 +726,3 @@ def parse_original_rule(rule: str, means: object = "addresses") -> dict[str, Any
 
 def overlapping(a: ipaddress._BaseNetwork, b: ipaddress._BaseNetwork) -> bool:
     return a.version == b.version and a.overlaps(b)
-
-
-# --- a small TOML writer (tomllib reads; the standard library does not write) -------------
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, str):
-        out = ['"']
-        for ch in v:
-            if ch in '"\\':
-                out.append("\\" + ch)
-            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-                out.append(f"\\u{ord(ch):04x}")
-            else:
-                out.append(ch)
-        out.append('"')
-        return "".join(out)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def _toml_key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
-
-
-def render_toml(data: dict[str, Any], header: str = "") -> str:
-    """Scalars and inline arrays first, then arrays of tables ([[hosts]] and the like)."""
-    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    tables: list[tuple[str, list[dict[str, Any]]]] = []
-    for k, v in data.items():
-        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            tables.append((k, v))
-        else:
-            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-    for k, rows in tables:
-        for row in rows:
-            lines.append("")
-            lines.append(f"[[{_toml_key(k)}]]")
-            lines.extend(f"{_toml_key(rk)} = {_toml_value(rv)}" for rk, rv in row.items())
-    return "\n".join(lines) + "\n"

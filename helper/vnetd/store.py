@@ -20,13 +20,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from vnet_common.toml import render_toml
+
 from .errors import VnetError
 from .model import (
     Forward,
     ForwardIndex,
     Network,
     parse_forward,
-    render_toml,
     validate_ifname,
     validate_network_name,
 )

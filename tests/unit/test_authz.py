@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 from dbus_fast import MessageType
-from vnetd.authz import ATTACH, MANAGE, Authorizer, Caller
+from vnet_common.contract import ATTACH, MANAGE
+from vnetd.authz import Authorizer, Caller
 from vnetd.errors import AccessDenied, InteractiveAuthorizationRequired
 
 

@@ -1,4 +1,4 @@
-"""The D-Bus contract: one table (vnetd.api) that the XML file, the polkit check and the
+"""The D-Bus contract: one table (vnet_common.contract) that the XML file, the polkit check and the
 service's handlers all agree with. A method without a polkit action cannot exist."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from vnetd import api, authz, bus
+from vnet_common import contract
+from vnetd import api, bus
 
 REPO = Path(__file__).parents[2]
 XML_PATH = REPO / "dbus" / "org.qemuvnet.Vnet1.xml"
@@ -64,7 +65,7 @@ def test_names_are_the_fixed_ones():
     assert api.MANAGER_PATH == "/org/qemuvnet/Vnet1"
     assert api.NETWORK_PATH == "/org/qemuvnet/Vnet1/network"
     assert api.PORT_PATH == "/org/qemuvnet/Vnet1/port"
-    assert set(authz.ACTIONS) == FOUR
+    assert set(contract.ACTIONS) == FOUR
 
 
 def test_every_method_has_one_of_the_four_polkit_actions():
@@ -82,12 +83,12 @@ NETWORK_ADMIN = {"Define", "Undefine", "Start", "Stop", "SetAutostart", "Reload"
 
 def test_reading_methods_need_info_and_changing_methods_need_more():
     for name in ("ListNetworks", "GetNetwork"):
-        assert next(m for m in api.METHODS if m.name == name).action == authz.INFO
+        assert next(m for m in api.METHODS if m.name == name).action == contract.INFO
     for m in api.METHODS:
         if m.name in CHANGING:
-            assert m.action != authz.INFO, f"{m.name} changes state but needs only 'info'"
+            assert m.action != contract.INFO, f"{m.name} changes state but needs only 'info'"
         if m.name in NETWORK_ADMIN:
-            assert m.action == authz.MANAGE, (m.iface, m.name)
+            assert m.action == contract.MANAGE, (m.iface, m.name)
 
 
 def test_polkit_details_name_real_arguments():
@@ -113,11 +114,11 @@ def test_method_names_are_unique_per_interface_and_signatures_valid():
                                     "org.qemuvnet.Vnet1.Info", "org.freedesktop.login1.reboot"])
 def test_a_method_without_a_valid_action_cannot_be_constructed(action):
     with pytest.raises(ValueError):
-        api.Method(api.MANAGER, "Evil", (), (), action, "Does anything.")
+        contract.Method(api.MANAGER, "Evil", (), (), action, "Does anything.")
 
 
 def test_a_method_with_a_valid_action_can_be_constructed():
-    m = api.Method(api.MANAGER, "Fine", api._a("name:s", "n:u"), api._a("ok:b"), authz.MANAGE,
+    m = contract.Method(api.MANAGER, "Fine", contract._a("name:s", "n:u"), contract._a("ok:b"), contract.MANAGE,
                    "Fine.")
     assert (m.in_sig, m.out_sig) == ("su", "b")
 
@@ -187,7 +188,7 @@ def test_handlers_take_the_contract_arguments():
 
 
 def test_service_refuses_a_contract_method_without_a_handler(monkeypatch):
-    extra = api.Method(api.MANAGER, "Unhandled", (), (), authz.MANAGE, "No handler.")
+    extra = contract.Method(api.MANAGER, "Unhandled", (), (), contract.MANAGE, "No handler.")
     monkeypatch.setattr(api, "METHODS", (*api.METHODS, extra))
     with pytest.raises(RuntimeError, match="Unhandled"):
         _service()

@@ -11,11 +11,12 @@ from dataclasses import replace
 
 import pytest
 from vnet_client import cli
+from vnet_common.toml import render_toml
 from vnetd import main as vnetd_main
 from vnetd.engine import Engine
 from vnetd.errors import Busy, Exists, InvalidArgument, NotFound, QuotaExceeded
 from vnetd.macs import MacRegistry, derive_mac, parse_key
-from vnetd.model import Network, parse_forward, render_toml
+from vnetd.model import Network, parse_forward
 from vnetd.store import Store
 
 ALICE, BOB = 4001, 4002  # uids without a passwd entry: sentences name them 'uid N'

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vnet_client import migrate
 from vnet_client.migrate import (
     Finding,
     Imported,
@@ -24,6 +23,7 @@ from vnet_client.migrate import (
     read_qemu_vlan_dir,
     render_definition_toml,
 )
+from vnet_common import limits, names
 from vnetd import model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -499,12 +499,15 @@ def test_rendered_strings_are_escaped():
 
 
 # --- in step with vnetd, apart from it -------------------------------------------------------
-def test_limits_match_vnetds_model():
-    assert migrate.MAX_IFNAME == model.MAX_IFNAME
-    assert migrate.MAX_TAPS == model.MAX_TAPS
-    assert migrate.MAX_VM_NAME == model.MAX_VM_NAME
+def test_limits_and_names_are_vnetds_own():
+    from vnet_client.migrate import importer
+
+    assert importer.MAX_IFNAME is limits.MAX_IFNAME
+    assert importer.MAX_TAPS is limits.MAX_TAPS
+    assert importer.MAX_VM_NAME is limits.MAX_VM_NAME
+    assert importer._LABEL_RE is names.LABEL_RE
     for bad in ("ab_c", "-ab", "a" * 64, "a.b"):
-        assert not migrate._LABEL_RE.fullmatch(bad)
+        assert not importer._LABEL_RE.fullmatch(bad)
         with pytest.raises(model.InvalidArgument):
             model.validate_hostname(bad)
     net = ipaddress.IPv4Network("172.16.13.0/24")
@@ -512,10 +515,13 @@ def test_limits_match_vnetds_model():
 
 
 def test_client_module_does_not_import_the_daemon():
-    tree = ast.parse((REPO / "client/vnet_client/migrate.py").read_text())
-    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert not [n for n in names if n.split(".")[0] == "vnetd"]
+    files = sorted((REPO / "client/vnet_client/migrate").glob("*.py"))
+    assert len(files) > 1
+    for f in files:
+        tree = ast.parse(f.read_text())
+        mods = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        mods += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in mods if m.split(".")[0] == "vnetd"], f
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import vnet_client.migrate; "
             "assert not [m for m in sys.modules if m.split('.')[0] in ('vnetd', 'dbus_fast')]")
     subprocess.run([sys.executable, "-c", code, str(REPO / "client")], check=True)

@@ -1,4 +1,4 @@
-"""vnetd.model: validation of everything a caller can send, addressing, and the TOML round trip.
+"""vnet_common.names and vnetd.model: validation of everything a caller can send, addressing, and the TOML round trip.
 
 Rules under test (every name, address and count is validated here): network names are Linux interface names of 1-15
 bytes of [A-Za-z0-9_.-] that are not '.'/'..' (and here never look like an option); vnetN gets
@@ -18,23 +18,19 @@ import tomllib
 import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
-from vnetd import errors
-from vnetd.errors import InvalidArgument, VnetError
-from vnetd.model import (
-    MAX_IFNAME,
-    MAX_MTU,
-    MAX_TAPS,
-    MIN_MTU,
-    Network,
-    bridge_mac,
+from vnet_common.limits import MAX_IFNAME, MAX_MTU, MAX_TAPS, MIN_MTU
+from vnet_common.names import (
     default_subnet,
     network_number,
     parse_subnet4,
     parse_subnet6,
-    render_toml,
     validate_ifname,
     validate_network_name,
 )
+from vnet_common.toml import render_toml
+from vnetd import errors
+from vnetd.errors import InvalidArgument, VnetError
+from vnetd.model import Network, bridge_mac
 
 # Bounded and without the explain phase, so that the unit suite stays fast even when a
 # property fails (explain would re-run it many times and write patch files).

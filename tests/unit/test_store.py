@@ -14,9 +14,10 @@ import stat
 import tomllib
 
 import pytest
+from vnet_common.toml import render_toml
 from vnetd import store as store_mod
 from vnetd.errors import InvalidArgument, VnetError
-from vnetd.model import Network, render_toml
+from vnetd.model import Network
 from vnetd.store import HEADER, Store, atomic_write
 
 

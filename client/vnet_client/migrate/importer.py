@@ -1,527 +1,60 @@
-"""Read an old qemu-vlan configuration directory (`/etc/qemu/vnet3`) into a vnetd definition.
-
-A pure reader: it opens files under the directory (and the files its configuration names),
-never the network, the bus or the system's user database. What it reads:
-
-- `<br>.conf` (`vnet3.conf`): shell lines the original script wrote and sourced -
-  `netmask=`, `gateway=`, `broadcast=`, `ether=` (the bridge's own MAC; an older hand-written
-  form gave the path of ether.conf there), `vde_switch_ether_<i>=` (one VDE switch's MAC per
-  tap), and what a user may add because the script sources the file over its own variables:
-  `num=` (the tap count), `vde=true`, `dhcp=`, `if=`, `br=`, `user=`, `group=`,
-  `DNSMASQ_ARGS="..."`, `VDE_SWITCH_ARGS="..."`, `PREROUTING_RULES="..."` (and the misspelled
-  `PREROUTING_RULSES` of the original's documentation), `ether_<i>=` MACs;
-- `ether.conf`: `ether_<i>=52:54:00:xx:xx:xx` from i=0 (VM `<network>_<i>`);
-- dnsmasq's files: `dhcp.host` and any `--dhcp-hostsfile` (one `dhcp-host` value a line),
-  `dnsmasq.conf` (`option=value` lines), and `dhcp.conf` with any `dhcp-optsfile` (DHCP
-  options, `option:router,0.0.0.0` lines: dnsmasq's dhcp-optsfile format);
-- ISC dhcpd's `dhcpd.conf` (`host NAME { hardware ethernet ..; fixed-address ..; }`,
-  `subnet .. { range ..; option routers ..; }`).
-
-Everything that is not carried over is named in `Imported.findings`, line by line; a file
-that cannot be understood at all raises `MigrationError` naming the line. The result's
-`definition` holds the TOML keys of `vnet-client define --from FILE` (see
-`render_definition_toml`), and `macs` the VM -> MAC entries for ImportMacs.
-
-This module must not import the daemon package (`vnetd`): the client is installed without it.
-"""
+"""The importer: a qemu-vlan directory's files, read into records, become one vnetd
+definition (the keys of vnet_common.options), the MACs to import and the findings; and the
+definition as the TOML file `vnet-client define --from FILE` takes (vnet_common.toml)."""
 
 from __future__ import annotations
 
-import bisect
 import ipaddress
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BridgeAcl", "Finding", "Imported", "MigrationError", "read_bridge_conf",
-           "read_qemu_vlan_dir", "read_shell_assignments", "render_bridge_acl_rules",
-           "render_definition_toml"]
+from vnet_common.limits import (
+    DEFAULT_VDE_PORTS,
+    MAX_IFNAME,
+    MAX_TAPS,
+    MAX_VDE_PORTS,
+    MAX_VM_NAME,
+    MIN_VDE_PORTS,
+)
+from vnet_common.names import GROUP_RE as _GROUP_RE
+from vnet_common.names import IFNAME_RE as _IFNAME_RE
+from vnet_common.names import LABEL_RE as _LABEL_RE
+from vnet_common.names import VM_RE as _VM_RE
+from vnet_common.toml import comment, render_toml
 
-
-@dataclass
-class Finding:
-    """Something that could not be carried over, or a note about what was changed.
-    `line` is 1-based; 0 means the file as a whole."""
-
-    file: str
-    line: int
-    text: str
-    reason: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.reason}" + (f"\n    {self.text}" if self.text else "")
-
-
-@dataclass
-class Imported:
-    """The network's name, its definition (the TOML keys of `define --from FILE`), the MACs to
-    import (`<network>_<i>` from ether.conf; a static host's own VM name for a MAC that
-    ether.conf does not hold) and the findings."""
-
-    network: str
-    definition: dict[str, Any]
-    macs: dict[str, str] = field(default_factory=dict)
-    findings: list[Finding] = field(default_factory=list)
-
-
-class MigrationError(Exception):
-    """A file that cannot be understood; names the file and the line (0: the whole file)."""
-
-    def __init__(self, file: str | Path, line: int, message: str):
-        self.file = str(file)
-        self.line = line
-        self.message = message
-        super().__init__(f"{self.file}:{line}: {message}" if line else f"{self.file}: {message}")
-
-
-# --- limits shared with vnetd's model (kept in step by tests/unit/test_migrate.py) ---------
-MAX_IFNAME = 15
-MAX_TAPS = 64
-MAX_VM_NAME = 64
-MIN_VDE_PORTS, MAX_VDE_PORTS = 2, 1024
-DEFAULT_VDE_PORTS = 32
-
-_IFNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_VM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
-_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}")
-_WILD_MAC_RE = re.compile(r"([0-9A-Fa-f]{2}|\*)(:([0-9A-Fa-f]{2}|\*)){5}")
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_ETHER_KEY = re.compile(r"ether_(\d{1,4})")
-_VDE_ETHER_KEY = re.compile(r"vde_switch_ether_(\d{1,4})")
-_TRAILING_DIGITS = re.compile(r"(\d+)$")
-_HOSTNAME_FIELD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_LEASE_FIELD = re.compile(r"(\d+[smhdw]?|infinite)", re.IGNORECASE)
-
-TRUE_WORDS = {"yes", "y", "true", "1", "on"}
-FALSE_WORDS = {"no", "n", "false", "0", "off", ""}
-
-DNSMASQ_FILES = ("dnsmasq.conf",)
-OPTS_FILE = "dhcp.conf"  # dnsmasq's dhcp-optsfile, written by the original
-MACS_PER_TAP, MACS_PER_VDE_TAP = 8, 32  # what the original's --macaddr wrote per tap
-HOSTS_FILE = "dhcp.host"
-DHCPD_FILE = "dhcpd.conf"
-ETHER_FILE = "ether.conf"
-
-
-def _mac(text: str, file: str, line: int, what: str = "MAC address") -> str:
-    """A unicast MAC in lower case with colons, or MigrationError naming the line."""
-    t = text.strip()
-    if not _MAC_RE.fullmatch(t):
-        raise MigrationError(file, line, f"'{_short(t)}' is not a {what}: write six hex pairs "
-                             "such as 52:54:00:12:34:56.")
-    mac = t.lower().replace("-", ":")
-    if int(mac[:2], 16) & 1:
-        raise MigrationError(file, line, f"{mac} is a multicast address, not a {what}.")
-    if mac == "00:00:00:00:00:00":
-        raise MigrationError(file, line, "00:00:00:00:00:00 is not a usable MAC address.")
-    return mac
-
-
-def _short(text: str, n: int = 60) -> str:
-    text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-# --- shell files ---------------------------------------------------------------------------
-@dataclass
-class _Assign:
-    key: str
-    value: str
-    line: int
-    text: str
-    problem: str | None  # set when the value needs what a file reader cannot know
-    char_lines: list[int]  # the source line of each character of value
-
-    def token_lines(self) -> list[tuple[str, int]]:
-        """The value split the way the original used it (unquoted $VAR: on blanks), with
-        the line each word came from."""
-        return [(m.group(), self.char_lines[m.start()] if self.char_lines else self.line)
-                for m in re.finditer(r"\S+", self.value)]
-
-
-class _Shell:
-    """Reads the assignments of a shell file the original script sourced: `KEY=value`,
-    `export KEY=value`, several on a line, '...' and "..." quoting (over several lines too),
-    backslash escapes and continuations, `$KEY`/`${KEY}` of keys set earlier, `# comments`,
-    and `: ${KEY:=value}` defaults. Anything else is a command it cannot run: MigrationError."""
-
-    def __init__(self, path: Path, text: str, env: dict[str, str]):
-        self.file = str(path)
-        self.text = text
-        self.env = dict(env)
-        self.lines = text.splitlines()
-        self.starts = [0] + [m.end() for m in re.finditer(r"\n", text)]
-        self.out: list[_Assign] = []
-        self.pending: list[_Assign] = []
-
-    def line_of(self, pos: int) -> int:
-        return bisect.bisect_right(self.starts, pos)
-
-    def line_text(self, n: int) -> str:
-        return self.lines[n - 1].strip() if 0 < n <= len(self.lines) else ""
-
-    def error(self, pos: int, message: str) -> MigrationError:
-        return MigrationError(self.file, self.line_of(pos), message)
-
-    def parse(self) -> list[_Assign]:
-        t, pos, n = self.text, 0, len(self.text)
-        while pos < n:
-            c = t[pos]
-            if c in " \t\r\n;":
-                pos += 1
-            elif c == "#":
-                pos = self._eol(pos)
-            elif t.startswith("\\\n", pos):
-                pos += 2
-            else:
-                pos = self._statement(pos)
-        return self.out
-
-    def _eol(self, pos: int) -> int:
-        end = self.text.find("\n", pos)
-        return len(self.text) if end < 0 else end
-
-    def _blanks(self, pos: int) -> int:
-        t = self.text
-        while pos < len(t):
-            if t[pos] in " \t\r":
-                pos += 1
-            elif t.startswith("\\\n", pos):
-                pos += 2
-            else:
-                break
-        return pos
-
-    def _statement(self, pos: int) -> int:
-        t = self.text
-        first = True
-        mode = "assign"
-        while True:
-            pos = self._blanks(pos)
-            if pos >= len(t) or t[pos] in "\n;":
-                return pos
-            if t[pos] == "#":
-                return self._eol(pos)
-            start = pos
-            raw_end = self._raw_end(pos)
-            raw = t[start:raw_end]
-            if first and raw in ("export", "readonly"):
-                mode, first, pos = "export", False, raw_end
-                continue
-            if first and raw == ":":
-                mode, first, pos = "noop", False, raw_end
-                continue
-            first = False
-            m = re.match(r"([A-Za-z_][A-Za-z0-9_]*)=", raw)
-            if mode == "noop":
-                value, problem, _, pos = self._word(start)  # only ${KEY:=value} matters
-            elif m:
-                value, problem, lines, pos = self._word(start)
-                key = m.group(1)
-                cut = len(key) + 1
-                line = self.line_of(start)
-                self._record(_Assign(key, value[cut:], line, self.line_text(line), problem,
-                                     lines[cut:]))
-            elif mode == "export" and _NAME_RE.fullmatch(raw):
-                pos = raw_end  # `export KEY`: nothing assigned
-            else:
-                raise self.error(start, f"'{_short(raw, 40)}' is not a KEY=VALUE assignment: a "
-                                 "qemu-vlan configuration file holds only assignments and "
-                                 "comments (a command here cannot be carried over).")
-            self._flush()
-
-    def _record(self, a: _Assign) -> None:
-        self._flush()
-        self.out.append(a)
-        if a.problem is None:
-            self.env[a.key] = a.value
-        else:
-            self.env.pop(a.key, None)
-
-    def _flush(self) -> None:
-        while self.pending:
-            a = self.pending.pop(0)
-            self.out.append(a)
-            self.env[a.key] = a.value
-
-    def _raw_end(self, pos: int) -> int:
-        """Where the word starting at pos ends, without interpreting it (quotes skipped)."""
-        t = self.text
-        while pos < len(t) and t[pos] not in " \t\r\n;":
-            c = t[pos]
-            if c == "\\":
-                pos += 2
-            elif c in "'\"":
-                end = self._close_quote(pos)
-                pos = end + 1
-            elif t.startswith("${", pos):
-                end = t.find("}", pos)
-                pos = len(t) if end < 0 else end + 1
-            else:
-                pos += 1
-        return min(pos, len(t))
-
-    def _close_quote(self, pos: int) -> int:
-        t, q = self.text, self.text[pos]
-        i = pos + 1
-        while i < len(t):
-            if t[i] == q:
-                return i
-            if q == '"' and t[i] == "\\":
-                i += 1
-            i += 1
-        kind = "single" if q == "'" else "double"
-        raise self.error(pos, f"unterminated {kind} quote ({q}): the value opened here is never "
-                         "closed.")
-
-    def _word(self, pos: int) -> tuple[str, str | None, list[int], int]:
-        """Reads one word from pos: (value, problem, the line of each value char, end)."""
-        t = self.text
-        out: list[str] = []
-        lines: list[int] = []
-        problem: str | None = None
-
-        def put(s: str, at: int) -> None:
-            ln = self.line_of(at)
-            out.append(s)
-            lines.extend([ln] * len(s))
-
-        while pos < len(t):
-            c = t[pos]
-            if c in " \t\r\n;":
-                break
-            if c in "|&<>()":
-                raise self.error(pos, f"'{c}' is shell syntax a configuration file reader does "
-                                 "not run: only KEY=VALUE assignments and comments are read.")
-            if c == "\\":
-                if pos + 1 < len(t) and t[pos + 1] != "\n":
-                    put(t[pos + 1], pos + 1)
-                pos += 2
-            elif c == "'":
-                end = self._close_quote(pos)
-                for i in range(pos + 1, end):
-                    put(t[i], i)
-                pos = end + 1
-            elif c == '"':
-                end = self._close_quote(pos)
-                i = pos + 1
-                while i < end:
-                    ch = t[i]
-                    if ch == "\\" and t[i + 1] in '$`"\\\n':
-                        if t[i + 1] != "\n":
-                            put(t[i + 1], i + 1)
-                        i += 2
-                    elif ch in "$`":
-                        at = i
-                        i, val, prob = self._dollar(i, end)
-                        put(val, at)
-                        problem = problem or prob
-                    else:
-                        put(ch, i)
-                        i += 1
-                pos = end + 1
-            elif c in "$`":
-                at = pos
-                pos, val, prob = self._dollar(pos, len(t))
-                put(val, at)
-                problem = problem or prob
-            else:
-                put(c, pos)
-                pos += 1
-        return "".join(out), problem, lines, pos
-
-    def _dollar(self, pos: int, limit: int) -> tuple[int, str, str | None]:
-        """An expansion at pos ($KEY, ${KEY}, ${KEY:-x}, ${KEY:=x}, $(..), `..`):
-        (end, value, problem or None)."""
-        t = self.text
-        if t[pos] == "`":
-            end = t.find("`", pos + 1, limit)
-            if end < 0:
-                raise self.error(pos, "unterminated command substitution (`).")
-            return end + 1, "", f"it runs a command ({_short(t[pos:end + 1], 40)})"
-        nxt = t[pos + 1] if pos + 1 < limit else ""
-        if nxt == "(":
-            depth, i = 0, pos + 1
-            while i < limit:
-                if t[i] == "(":
-                    depth += 1
-                elif t[i] == ")":
-                    depth -= 1
-                    if depth == 0:
-                        return i + 1, "", f"it runs a command ({_short(t[pos:i + 1], 40)})"
-                i += 1
-            raise self.error(pos, "unterminated command substitution $(.")
-        if nxt == "{":
-            end = t.find("}", pos + 2, limit)
-            if end < 0:
-                raise self.error(pos, "unterminated ${ expansion.")
-            inner = t[pos + 2:end]
-            m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?)([-=])(.*))?", inner, re.S)
-            if not m:
-                return end + 1, "", f"it uses the shell expansion ${{{_short(inner, 30)}}}"
-            name, colon, op, word = m.groups()
-            have = self.env.get(name)
-            if op is None:
-                if have is None:
-                    return end + 1, "", f"it uses ${name}, which this file does not set"
-                return end + 1, have, None
-            word = word.strip("'\"") if word and "$" not in word else (word or "")
-            if "$" in word or "`" in word:
-                return end + 1, "", f"it uses the shell expansion ${{{_short(inner, 30)}}}"
-            unset = have is None or (colon == ":" and have == "")
-            if not unset:
-                return end + 1, have or "", None
-            if op == "=":
-                line = self.line_of(pos)
-                self.pending.append(_Assign(name, word, line, self.line_text(line), None,
-                                            [line] * len(word)))
-            return end + 1, word, None
-        m = _NAME_RE.match(t, pos + 1, limit)
-        if m:
-            name = m.group()
-            if name not in self.env:
-                return m.end(), "", f"it uses ${name}, which this file does not set"
-            return m.end(), self.env[name], None
-        if nxt and (nxt.isdigit() or nxt in "@*#?$!-"):
-            return pos + 2, "", f"it uses the shell parameter ${nxt}"
-        return pos + 1, "$", None
-
-
-def _read_text(path: Path, shown: str) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise MigrationError(shown, 0, f"cannot read it: {e.strerror or e}.") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise MigrationError(shown, line, "not UTF-8 text (a binary file?).") from None
-
-
-# --- dhcpd.conf ----------------------------------------------------------------------------
-@dataclass
-class _Tok:
-    kind: str  # "word", "string" or one of "{};,"
-    value: str
-    line: int
-
-
-@dataclass
-class _Stmt:
-    words: list[_Tok]
-    block: list[_Stmt] | None
-    line: int
-
-    @property
-    def values(self) -> list[str]:
-        return [w.value for w in self.words if w.kind != ","]
-
-
-def _dhcpd_tokens(text: str, file: str) -> list[_Tok]:
-    toks: list[_Tok] = []
-    i, line, n = 0, 1, len(text)
-    while i < n:
-        c = text[i]
-        if c == "\n":
-            line += 1
-            i += 1
-        elif c in " \t\r":
-            i += 1
-        elif c == "#":
-            while i < n and text[i] != "\n":
-                i += 1
-        elif c in "{};,":
-            toks.append(_Tok(c, c, line))
-            i += 1
-        elif c == '"':
-            start_line, j, buf = line, i + 1, []
-            while True:
-                if j >= n:
-                    raise MigrationError(file, start_line, 'unterminated string (").')
-                if text[j] == "\\" and j + 1 < n:
-                    buf.append(text[j + 1])
-                    j += 2
-                    continue
-                if text[j] == '"':
-                    break
-                if text[j] == "\n":
-                    line += 1
-                buf.append(text[j])
-                j += 1
-            toks.append(_Tok("string", "".join(buf), start_line))
-            i = j + 1
-        else:
-            j = i
-            while j < n and text[j] not in " \t\r\n#{};,\"":
-                j += 1
-            toks.append(_Tok("word", text[i:j], line))
-            i = j
-    return toks
-
-
-def _dhcpd_parse(toks: list[_Tok], file: str) -> list[_Stmt]:
-    pos = 0
-
-    def block(depth: int, opened: int) -> list[_Stmt]:
-        nonlocal pos
-        out: list[_Stmt] = []
-        words: list[_Tok] = []
-        while pos < len(toks):
-            tk = toks[pos]
-            pos += 1
-            if tk.kind == ";":
-                if words:
-                    out.append(_Stmt(words, None, words[0].line))
-                words = []
-            elif tk.kind == "{":
-                if not words:
-                    raise MigrationError(file, tk.line, "a '{' block without a declaration "
-                                         "before it.")
-                inner = block(depth + 1, tk.line)
-                out.append(_Stmt(words, inner, words[0].line))
-                words = []
-            elif tk.kind == "}":
-                if depth == 0:
-                    raise MigrationError(file, tk.line, "'}' without a matching '{'.")
-                if words:
-                    raise MigrationError(file, words[0].line, "statement not ended with ';' "
-                                         "before '}'.")
-                return out
-            else:
-                words.append(tk)
-        if depth:
-            raise MigrationError(file, opened, "the block opened here ('{') is never closed.")
-        if words:
-            raise MigrationError(file, words[0].line, "statement not ended with ';'.")
-        return out
-
-    return block(0, 0)
-
-
-# --- the importer --------------------------------------------------------------------------
-@dataclass
-class _Host:
-    mac: str
-    ip: ipaddress.IPv4Address
-    name: str | None
-    file: str
-    line: int
-    text: str
-
-
-@dataclass
-class _Range:
-    start: str
-    end: str
-    file: str
-    line: int
-    text: str
-
+from .dhcpd import _dhcpd_parse, _dhcpd_tokens
+from .records import (
+    Assignment,
+    Finding,
+    HostRecord,
+    Imported,
+    MigrationError,
+    RangeRecord,
+    Statement,
+)
+from .shell import _Shell
+from .text import (
+    _ETHER_KEY,
+    _HOSTNAME_FIELD,
+    _LEASE_FIELD,
+    _MAC_RE,
+    _TRAILING_DIGITS,
+    _VDE_ETHER_KEY,
+    _WILD_MAC_RE,
+    DHCPD_FILE,
+    DNSMASQ_FILES,
+    ETHER_FILE,
+    FALSE_WORDS,
+    HOSTS_FILE,
+    MACS_PER_TAP,
+    MACS_PER_VDE_TAP,
+    OPTS_FILE,
+    TRUE_WORDS,
+    _mac,
+    _read_text,
+    _short,
+)
 
 # dnsmasq options vnetd sets itself for every network it runs.
 _DNSMASQ_VNETD = {
@@ -581,15 +114,15 @@ class _Importer:
         self.num = num
         self.conf_path = conf
         self.iface = iface
-        self.vde_ethers: list[_Assign] = []
+        self.vde_ethers: list[Assignment] = []
         self.n_ether_keys = 0
         self.optsfiles: set[Path] = set()
         self.findings: list[Finding] = []
         self.read_files: set[Path] = set()
-        self.conf: dict[str, _Assign] = {}
-        self.conf_ethers: list[_Assign] = []
-        self.hosts: list[_Host] = []
-        self.ranges: dict[str, list[_Range]] = {"dnsmasq": [], "dhcpd": []}
+        self.conf: dict[str, Assignment] = {}
+        self.conf_ethers: list[Assignment] = []
+        self.hosts: list[HostRecord] = []
+        self.ranges: dict[str, list[RangeRecord]] = {"dnsmasq": [], "dhcpd": []}
         self.domains: dict[str, list[tuple[str, str, int, str]]] = {"dnsmasq": [], "dhcpd": []}
         self.dnsmasq_used: list[str] = []
         self.hostsfiles: set[Path] = set()
@@ -934,7 +467,7 @@ class _Importer:
         self.ether_index = {mac: i for mac, (i, _, _) in owner.items()}
         return macs
 
-    def _ether_entry(self, e: _Assign, file: str,
+    def _ether_entry(self, e: Assignment, file: str,
                      entries: dict[int, tuple[str, str, int, str]]) -> None:
         i = int(_ETHER_KEY.fullmatch(e.key).group(1))  # type: ignore[union-attr]
         self.n_ether_keys += 1
@@ -1163,7 +696,7 @@ class _Importer:
                       "over: vnetd sets mask and broadcast from the subnet"
                       + (" (the original wrote '<br>oadcast' for the broadcast address by "
                          "mistake)" if any(f.endswith("oadcast") for f in rest) else "") + ".")
-        self.ranges["dnsmasq"].append(_Range(str(start), str(end), file, line, text))
+        self.ranges["dnsmasq"].append(RangeRecord(str(start), str(end), file, line, text))
 
     def _hostsfiles(self) -> None:
         p = self.dir / HOSTS_FILE
@@ -1231,7 +764,7 @@ class _Importer:
         if dropped:
             self.note(file, line, text, f"'{','.join(dropped)}' (client ids, tags, IPv6 "
                       "addresses, lease times) is not carried over.")
-        self.hosts.append(_Host(macs[0], ips[0], names[0] if names else None, file, line, text))
+        self.hosts.append(HostRecord(macs[0], ips[0], names[0] if names else None, file, line, text))
 
     # -- dhcpd --------------------------------------------------------------------------
     def _dhcpd(self) -> None:
@@ -1248,7 +781,7 @@ class _Importer:
     def _dline(self, n: int) -> str:
         return self.dhcpd_lines[n - 1].strip() if 0 < n <= len(self.dhcpd_lines) else ""
 
-    def _dhcpd_walk(self, stmts: list[_Stmt], file: str) -> None:
+    def _dhcpd_walk(self, stmts: list[Statement], file: str) -> None:
         for s in stmts:
             v = s.values
             if not v:
@@ -1286,7 +819,7 @@ class _Importer:
                 except (ValueError, IndexError):
                     raise MigrationError(file, s.line, "not a 'range FIRST LAST;' "
                                          "statement.") from None
-                self.ranges["dhcpd"].append(_Range(str(start), str(end), file, s.line, text))
+                self.ranges["dhcpd"].append(RangeRecord(str(start), str(end), file, s.line, text))
             elif kw == "option" and len(v) >= 3:
                 self._dhcpd_option(v[1].lower(), v[2:], file, s.line, text)
             elif kw in ("authoritative", "not", "ddns-update-style", "default-lease-time",
@@ -1311,7 +844,7 @@ class _Importer:
             self.note(file, line, text, f"the DHCP option '{name}' is not carried over (vnetd "
                       "does not take extra DHCP options yet).")
 
-    def _dhcpd_host(self, name: str, s: _Stmt, file: str) -> None:
+    def _dhcpd_host(self, name: str, s: Statement, file: str) -> None:
         mac: str | None = None
         ips: list[str] = []
         text = self._dline(s.line)
@@ -1354,7 +887,7 @@ class _Importer:
         if len(addrs) > 1:
             self.note(file, s.line, text, f"host {name} has several addresses: only {addrs[0]} "
                       "is carried over.")
-        self.hosts.append(_Host(mac, addrs[0], name, file, s.line, text))
+        self.hosts.append(HostRecord(mac, addrs[0], name, file, s.line, text))
 
     # -- decisions ----------------------------------------------------------------------
     def _dhcp_kind(self) -> str:
@@ -1537,7 +1070,7 @@ class _Importer:
             return []
         return [found[i] for i in range(taps)]
 
-    def _vde_args(self, a: _Assign, on: bool) -> tuple[int | None, list[str]]:
+    def _vde_args(self, a: Assignment, on: bool) -> tuple[int | None, list[str]]:
         file = self._conf_file()
         toks = a.token_lines()
         ports: int | None = None
@@ -1593,9 +1126,9 @@ class _Importer:
                                                  self.subnet.broadcast_address, self.gateway))
 
     def _final_hosts(self, network: str, macs: dict[str, str]) -> list[dict[str, str]]:
-        accepted: list[_Host] = []
-        by_mac: dict[str, _Host] = {}
-        by_ip: dict[ipaddress.IPv4Address, _Host] = {}
+        accepted: list[HostRecord] = []
+        by_mac: dict[str, HostRecord] = {}
+        by_ip: dict[ipaddress.IPv4Address, HostRecord] = {}
         for h in self.hosts:
             if not self._host_ip_ok(h.ip):
                 self.note(h.file, h.line, h.text, f"{h.ip} is not a guest address of "
@@ -1822,200 +1355,14 @@ def read_qemu_vlan_dir(path: str | Path, iface: str | None = None,
     return _Importer(p, None, iface, num).run()
 
 
-def read_shell_assignments(path: str | Path, br: str) -> dict[str, tuple[str, int]]:
-    """The KEY=value assignments of a file qemu-vlan sourced (its `-c/--cf` file), the last
-    of each key, with its line: what the compatible command line reads. A value that needs
-    a shell (a command, an unknown variable) or a line that is not an assignment raises
-    MigrationError naming the line."""
-    p = Path(path)
-    text = _read_text(p, str(p))
-    out: dict[str, tuple[str, int]] = {}
-    for a in _Shell(p, text, {"br": br}).parse():
-        if a.problem is not None:
-            raise MigrationError(p, a.line, f"'{a.key}' cannot be read without running a "
-                                 f"shell ({a.problem}).")
-        out[a.key] = (a.value, a.line)
-    return out
-
-
-# --- /etc/qemu/bridge.conf: qemu-bridge-helper's access list -----------------------------
-@dataclass
-class BridgeAcl:
-    """Who may attach to which bridge, per group: `allow` lines of a file belong to the group
-    that owns the file (qemu-bridge-helper's convention: bridge.conf root:qemu 0640, an
-    included bob.conf root:bob 0640). A deny wins over an allow, as in the helper."""
-
-    allow: dict[str, set[str]] = field(default_factory=dict)  # group -> bridges ("*": all)
-    deny: dict[str, set[str]] = field(default_factory=dict)
-    findings: list[Finding] = field(default_factory=list)
-
-    def networks(self, group: str) -> tuple[list[str] | None, list[str]]:
-        """(the networks `group` may attach to, None for every network; the networks
-        excepted from 'every')."""
-        allow, deny = self.allow.get(group, set()), self.deny.get(group, set())
-        if "*" in deny or not allow:
-            return [], []
-        if "*" in allow:
-            return None, sorted(deny)
-        return sorted(allow - deny), []
-
-
-def read_bridge_conf(path: str | Path, group_of: Any,
-                     group: str | None = None) -> BridgeAcl:
-    """Read bridge.conf and the files it includes. `group_of(path)` names the group owning a
-    file (the caller looks it up; this reader opens files only); `group` overrides it for
-    every file. Raises MigrationError naming the line for what is not an ACL line."""
-    acl = BridgeAcl()
-    seen: set[Path] = set()
-
-    def one(p: Path, depth: int) -> None:
-        if depth > 8:
-            raise MigrationError(p, 0, "includes nest more than 8 deep (a loop?).")
-        if p.resolve() in seen:
-            acl.findings.append(Finding(str(p), 0, "", "included again: read once."))
-            return
-        seen.add(p.resolve())
-        file = str(p)
-        text = _read_text(p, file)
-        g = group or group_of(p)
-        for n, raw in enumerate(text.splitlines(), 1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            words = line.split()
-            if len(words) != 2 or words[0] not in ("allow", "deny", "include"):
-                raise MigrationError(file, n, f"'{_short(line, 40)}' is not 'allow BRIDGE', "
-                                     "'deny BRIDGE' or 'include FILE'.")
-            kw, arg = words
-            if kw == "include":
-                inc = Path(arg) if Path(arg).is_absolute() else p.parent / arg
-                if not inc.is_file():
-                    acl.findings.append(Finding(file, n, raw.strip(), f"{arg} does not exist: "
-                                                "nothing read from it."))
-                    continue
-                one(inc, depth + 1)
-                continue
-            if arg != "all" and (not _IFNAME_RE.fullmatch(arg)
-                                 or len(arg.encode()) > MAX_IFNAME):
-                raise MigrationError(file, n, f"'{_short(arg)}' is not a bridge name.")
-            if g is None:
-                acl.findings.append(Finding(file, n, raw.strip(), "the file's group has no "
-                                            "name here: not carried over (give --group)."))
-                continue
-            target = acl.allow if kw == "allow" else acl.deny
-            target.setdefault(g, set()).add("*" if arg == "all" else arg)
-            if kw == "allow" and arg != "all":
-                acl.findings.append(Finding(file, n, raw.strip(), f"members of group {g} may "
-                                            f"attach VMs to {arg}."))
-
-    one(Path(path), 0)
-    return acl
-
-
-def render_bridge_acl_rules(acl: BridgeAcl, source: str) -> str:
-    """A polkit rules file (JavaScript) that gives the same groups the attach action on the
-    same networks. It only grants: a user it does not match falls through to the next rules
-    file (50-qemu-vnet.rules: group vnet)."""
-    lines = [f"// qemu-vnet: who may attach VMs to which network, from {_comment(source)}",
-             "// (qemu-bridge-helper's access list), written by vnet-client import-bridge-conf.",
-             "// Install as /etc/polkit-1/rules.d/40-qemu-vnet-bridge-conf.rules.",
-             "polkit.addRule(function(action, subject) {",
-             '    if (action.id != "org.qemuvnet.Vnet1.attach") {',
-             "        return polkit.Result.NOT_HANDLED;",
-             "    }",
-             '    var network = action.lookup("network");']
-    for g in sorted(set(acl.allow) | set(acl.deny)):
-        allow, deny = acl.allow.get(g, set()), acl.deny.get(g, set())
-        if not allow or "*" in deny:
-            continue
-        if "*" in allow:
-            test = "true" if not deny else \
-                f"{_js_list(sorted(deny))}.indexOf(network) < 0"
-        else:
-            names = sorted(allow - deny)
-            if not names:
-                continue
-            test = f"{_js_list(names)}.indexOf(network) >= 0"
-        lines += [f"    if (subject.isInGroup({_js_str(g)}) && {test}) {{",
-                  "        return polkit.Result.YES;",
-                  "    }"]
-    lines += ["    return polkit.Result.NOT_HANDLED;", "});"]
-    return "\n".join(lines) + "\n"
-
-
-def _js_str(s: str) -> str:
-    return '"' + "".join(c if c.isalnum() or c in "_.-" else f"\\u{ord(c):04x}" for c in s) + '"'
-
-
-def _js_list(names: list[str]) -> str:
-    return "[" + ", ".join(_js_str(n) for n in names) + "]"
-
-
-# --- TOML ----------------------------------------------------------------------------------
-def _toml_str(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_str(k)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, str):
-        return _toml_str(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(x)}"
-                                for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write a {type(v).__name__} to TOML")
-
-
-def _comment(text: str) -> str:
-    return "".join(ch if ch == "\t" or (ord(ch) >= 0x20 and ord(ch) != 0x7F) else "?"
-                   for ch in text)
-
-
 def render_definition_toml(imp: Imported) -> str:
     """The definition as a TOML file `vnet-client define NAME --from FILE` takes: scalars and
     lists first, then [[hosts]] and [[forwards]] tables; the findings as comments on top."""
-    lines = [f"# qemu-vnet definition of network {_comment(imp.network)}, imported from "
-             "qemu-vlan.",
-             f"# vnet-client define {_comment(imp.network)} --from THIS-FILE"]
+    header = [f"qemu-vnet definition of network {imp.network}, imported from qemu-vlan.",
+              f"vnet-client define {imp.network} --from THIS-FILE"]
     if imp.findings:
-        lines.append(f"# Not carried over, or changed ({len(imp.findings)}):")
+        header.append(f"Not carried over, or changed ({len(imp.findings)}):")
         for f in imp.findings:
             where = f"{f.file}:{f.line}" if f.line else f.file
-            lines.append(_comment(f"#   {where}: {f.reason}"))
-    tables: list[tuple[str, list[dict[str, Any]]]] = []
-    body: list[str] = []
-    for k, v in imp.definition.items():
-        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            tables.append((k, v))
-        else:
-            body.append(f"{_toml_key(k)} = {_toml_value(v)}")
-    lines.append("")
-    lines += body
-    for k, rows in tables:
-        for row in rows:
-            lines.append("")
-            lines.append(f"[[{_toml_key(k)}]]")
-            lines += [f"{_toml_key(str(rk))} = {_toml_value(rv)}" for rk, rv in row.items()]
-    return "\n".join(lines) + "\n"
+            header.append(comment(f"  {where}: {f.reason}"))
+    return render_toml(imp.definition, "\n".join(comment(h) for h in header), gap=True)
