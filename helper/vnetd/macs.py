@@ -23,13 +23,20 @@ import hashlib
 import re
 from typing import Any
 
-from vnet_common.names import key, split_key
+from vnet_common.limits import MAX_NIC
+from vnet_common.names import (
+    key,
+    split_key,
+    validate_mac,
+    validate_network_name,
+    validate_nic,
+    validate_vm_name,
+)
+from vnet_common.names import printable as _printable
 
 from .errors import Exists, InvalidArgument, NotFound, NotOwner, QuotaExceeded
-from .model import _printable, validate_mac, validate_network_name, validate_vm_name
 
 QEMU_OUI = "52:54:00"
-MAX_NIC = 31
 DEFAULT_LIMIT = 4096  # entries per network
 DEFAULT_TOTAL = 65536  # entries in all
 DEFAULT_PER_USER = 1024  # entries one user (not root) brings into one network
@@ -40,12 +47,6 @@ def derive_mac(network: str, vm: str, nic: int, attempt: int = 0) -> str:
     seed = f"{network}/{vm}/{nic}" + (f"/{attempt}" if attempt else "")
     d = hashlib.sha256(seed.encode()).digest()
     return f"{QEMU_OUI}:{d[0]:02x}:{d[1]:02x}:{d[2]:02x}"
-
-
-def validate_nic(nic: object) -> int:
-    if isinstance(nic, bool) or not isinstance(nic, int) or not 0 <= nic <= MAX_NIC:
-        raise InvalidArgument(f"The NIC index must be a whole number from 0 to {MAX_NIC}.")
-    return nic
 
 
 def parse_key(text: object) -> tuple[str, int]:

@@ -21,6 +21,11 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vnet_common.names import boolean as _bool
+from vnet_common.names import int_in as _int_in
+from vnet_common.names import printable, validate_ifname
+from vnet_common.options import OVERLAY_KEYS
+
 from .errors import InvalidArgument
 
 MAX_VNI = 16777215
@@ -29,15 +34,13 @@ DEFAULT_PORT = 4789
 DEFAULT_ASN = 65000
 ROLES = ("gateway", "member")
 CONTROLS = ("static", "evpn")
-KEYS = ("vni", "local", "peers", "dev", "port", "role", "control", "asn", "route-reflector")
+KEYS = OVERLAY_KEYS  # the options table's [overlay] keys (vnet_common.options)
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _text(value: object) -> str:
-    from .model import _printable
-
-    return _printable(value)
+    return printable(value)
 
 
 def parse_address(value: object, what: str) -> Address:
@@ -79,8 +82,6 @@ class Overlay:
 
     @classmethod
     def from_options(cls, options: object) -> Overlay:
-        from .model import _bool, _int_in, validate_ifname
-
         if not isinstance(options, dict):
             raise InvalidArgument("'overlay' must be a table of settings (vni, local, peers, "
                                   "...).")

@@ -25,11 +25,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vnet_common.names import validate_nic
+
 from . import model
 from .backends import tap as tapdev
 from .backends.links import Links
 from .errors import Busy, Failed, InvalidArgument, NotFound, NotOwner, QuotaExceeded
-from .macs import MacRegistry, validate_nic
+from .macs import MacRegistry
 
 log = logging.getLogger("vnetd.ports")
 
