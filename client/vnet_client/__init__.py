@@ -2,8 +2,10 @@
 
     from vnet_client import Client
 
-The names are imported on first use, so that `vnet-bridge-helper`, which QEMU runs for every
-`-netdev bridge`, does not pay for dbus-fast and asyncio (it uses `vnet_client.minibus`).
+The names are imported on first use, so that the short-lived commands (`vnet-client`,
+`vnet-bridge-helper`, which QEMU runs for every `-netdev bridge`, `vnet-ifup`/`vnet-ifdown`) do
+not pay for dbus-fast and asyncio: they use the synchronous client, `vnet_client.blocking`
+(jeepney).
 """
 
 __all__ = ["Attachment", "Client", "VnetClientError"]

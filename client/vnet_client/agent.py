@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported when an agent starts: most commands never need one
+    import subprocess
 
 
 class TextAgent:
@@ -24,6 +27,8 @@ class TextAgent:
         return os.geteuid() != 0 and sys.stdin.isatty() and shutil.which("pkttyagent") is not None
 
     def start(self) -> bool:
+        import subprocess
+
         exe = shutil.which("pkttyagent")
         if exe is None:
             return False
@@ -48,6 +53,8 @@ class TextAgent:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            import subprocess
+
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=2)

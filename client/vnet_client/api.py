@@ -13,64 +13,28 @@ dependencies).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from . import base
+from .base import (  # noqa: F401  (part of this module's interface)
+    AUTH_ERRORS,
+    CALL_TIMEOUT,
+    NO_REPLY,
+    NOT_DELIVERED,
+    RESENDABLE,
+    UNAVAILABLE,
+    Attachment,
+    VnetClientError,
+    lost_reply,
+)
+
 BUS_NAME = "org.qemuvnet.Vnet1"
 MANAGER_PATH = "/org/qemuvnet/Vnet1"
 MANAGER = "org.qemuvnet.Vnet1.Manager"
 ERR = "org.qemuvnet.Vnet1.Error."
-AUTH_ERRORS = (
-    "org.freedesktop.DBus.Error.AccessDenied",
-    "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
-    "org.freedesktop.PolicyKit1.Error.NotAuthorized",
-)
-NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
-# the call never reached vnetd: safe to send again, whatever it is
-NOT_DELIVERED = (
-    "org.freedesktop.DBus.Error.ServiceUnknown",
-    "org.freedesktop.DBus.Error.NameHasNoOwner",
-    "org.freedesktop.DBus.Error.Spawn.ChildExited",
-)
-UNAVAILABLE = (*NOT_DELIVERED, NO_REPLY)
-# Calls whose repetition changes nothing (the "info" methods, and GetMac, which gives the same
-# MAC again): only these are sent again after vnetd went away without answering. A change
-# (Define, Attach, ...) may have been made before the reply was lost.
-RESENDABLE = frozenset({
-    "ListNetworks", "GetNetwork", "ExportDefinition", "ListPorts", "GetMac",
-    "ExportEtherConf", "ExportMacs", "ListHosts", "Leases", "ListForwards", "GetInfo",
-    "CheckDefinition",
-})
-CALL_TIMEOUT = 300.0  # a person may be typing a password
-RETRY_AFTER = 1.0  # seconds before the one retry when vnetd is not there
-
-
-def lost_reply(member: str) -> str:
-    return (f"vnetd went away without answering {member}: it may or may not have been done, "
-            "so it was not sent again. Check with 'vnet-client list', 'show NET' or 'ports' "
-            "before trying again.")
-
-
-class VnetClientError(Exception):
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.name = name
-        self.message = message
-
-    @property
-    def short_name(self) -> str:
-        return self.name.rsplit(".", 1)[-1]
-
-    @property
-    def is_auth(self) -> bool:
-        return self.name in AUTH_ERRORS
-
-    @property
-    def needs_interaction(self) -> bool:
-        return self.name == "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 
 
 def plain(v: Any) -> Any:
@@ -103,28 +67,6 @@ def variant(v: Any) -> Variant:
 
 def asv(d: dict[str, Any]) -> dict[str, Variant]:
     return {k: variant(v) for k, v in d.items() if v is not None}
-
-
-@dataclass
-class Attachment:
-    """A port vnetd opened for you: the tap fd(s) are yours (inheritable=False until you say)."""
-
-    ifname: str
-    mac: str
-    network: str
-    vm: str
-    nic: int
-    fds: list[int]
-    vhostfds: list[int]
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def close(self) -> None:
-        for fd in self.fds + self.vhostfds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.fds, self.vhostfds = [], []
 
 
 class Client:
@@ -172,24 +114,20 @@ class Client:
                            signature=signature, body=body or [], flags=flags)
 
         reply = await self._send(message(), member)
-        if reply.message_type == MessageType.ERROR and (
-                reply.error_name in NOT_DELIVERED
-                or reply.error_name == NO_REPLY and member in RESENDABLE):
+        if (reply.message_type == MessageType.ERROR
+                and base.send_again(reply.error_name, member)):
             # vnetd may be restarting (systemd's Restart=, or D-Bus activation): once more
             import asyncio
 
-            await asyncio.sleep(RETRY_AFTER)
+            for fd in reply.unix_fds:
+                os.close(fd)
+            await asyncio.sleep(base.RETRY_AFTER)
             reply = await self._send(message(), member)
         if reply.message_type == MessageType.ERROR:
             for fd in reply.unix_fds:
                 os.close(fd)
             text = reply.body[0] if reply.body else reply.error_name
-            if reply.error_name == NO_REPLY and member not in RESENDABLE:
-                raise VnetClientError(NO_REPLY, lost_reply(member))
-            if reply.error_name in UNAVAILABLE:
-                text = (f"The qemu-vnet service (vnetd) is not running or not reachable ({text}). "
-                        "Start it with 'sudo make install' or 'systemctl start vnetd'.")
-            raise VnetClientError(reply.error_name, text)
+            raise base.error_for(reply.error_name, text, member)
         return reply
 
     async def _send(self, msg: Message, member: str = "") -> Message:
@@ -198,8 +136,7 @@ class Client:
         try:
             return await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT)
         except TimeoutError:
-            raise VnetClientError(NO_REPLY, "vnetd did not answer in time." if
-                                  member in RESENDABLE else lost_reply(member)) from None
+            raise base.timed_out(member) from None
         except (OSError, EOFError) as e:
             raise VnetClientError("org.freedesktop.DBus.Error.Disconnected",
                                   f"The connection to the system bus broke ({e}).") from None
@@ -253,13 +190,7 @@ class Client:
     async def attach(self, network: str, vm: str, *, nic: int = 0, queues: int = 1,
                      vhost: bool = False, mac: str | None = None, learn_mac: bool = False,
                      holder_pid: int | None = None) -> Attachment:
-        opts: dict[str, Any] = {"nic": nic, "queues": queues, "vhost": vhost}
-        if mac:
-            opts["mac"] = mac
-        if learn_mac:
-            opts["learn-mac"] = True
-        if holder_pid:
-            opts["holder-pid"] = holder_pid
+        opts = base.attach_options(nic, queues, vhost, mac, learn_mac, holder_pid)
         reply = await self.call("Attach", "ssa{sv}", [network, vm, asv(opts)])
         info = plain(reply.body[0])
         all_fds = list(reply.unix_fds)

@@ -1,17 +1,15 @@
 """The one D-Bus call vnet-bridge-helper makes: Attach, trying NIC 0, 1, ... in turn (QEMU
 runs the helper once per `-netdev bridge`, in order, so an earlier NIC is already held).
-It uses the small synchronous client (minibus) so the helper starts in milliseconds."""
+It uses the synchronous client (blocking, on jeepney) so the helper starts in milliseconds."""
 
 from __future__ import annotations
 
 import os
 
-from .minibus import ALLOW_INTERACTIVE_AUTHORIZATION, DBusError, MiniBus
+from .base import NO_BUS, VnetClientError
+from .blocking import BlockingClient
 
 MAX_NICS = 8
-BUS_NAME = "org.qemuvnet.Vnet1"
-PATH = "/org/qemuvnet/Vnet1"
-IFACE = "org.qemuvnet.Vnet1.Manager"
 
 
 class HelperError(Exception):
@@ -22,27 +20,25 @@ class HelperError(Exception):
 
 def attach_for_helper(bridge: str, vm: str, macs: list[str | None], holder: int) -> int:
     """Return the tap fd for the next free NIC of `vm` on `bridge`."""
+    client = BlockingClient(interactive=True)
     try:
-        bus = MiniBus(os.environ.get("VNET_BUS_ADDRESS") or None)
-    except DBusError as e:
+        client.connect()
+    except VnetClientError as e:
         raise HelperError(f"cannot reach the system bus: {e.message}") from None
-    with bus:
+    with client:
         for nic in range(max(len(macs), 1) + MAX_NICS):
             mac = macs[nic] if nic < len(macs) else None
-            opts: dict = {"nic": ("i", nic), "holder-pid": ("i", holder)}
-            opts.update({"mac": ("s", mac)} if mac else {"learn-mac": ("b", True)})
             try:
-                values, fds = bus.call(BUS_NAME, PATH, IFACE, "Attach", "ssa{sv}",
-                                       [bridge, vm, opts], flags=ALLOW_INTERACTIVE_AUTHORIZATION)
-            except DBusError as e:
-                if e.name.endswith(".Busy"):
+                a = client.attach(bridge, vm, nic=nic, mac=mac, learn_mac=not mac,
+                                  holder_pid=holder)
+            except VnetClientError as e:
+                if e.short_name == "Busy":
                     continue
-                if e.name.endswith((".ServiceUnknown", ".NameHasNoOwner")):
-                    raise HelperError("the qemu-vnet service (vnetd) is not running") from None
+                if e.name == NO_BUS:
+                    raise HelperError(f"cannot reach the system bus: {e.message}") from None
                 raise HelperError(e.message) from None
-            tap = values[1][0]
-            for fd in fds:
-                if fd != tap:
-                    os.close(fd)
+            tap = a.fds[0]
+            for fd in a.fds[1:] + a.vhostfds:
+                os.close(fd)
             return tap
     raise HelperError(f"VM '{vm}' already holds {MAX_NICS} NICs on {bridge}.")

@@ -9,10 +9,10 @@ names (vnet2_1 -> vnet2), or takes it off.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
-from .api import Client, VnetClientError
+from .base import VnetClientError
+from .blocking import BlockingClient
 
 USAGE = "usage: {prog} IFNAME   (QEMU runs this with the tap's name, e.g. vnet2_1)"
 
@@ -25,12 +25,9 @@ def _run(release: bool, argv: list[str] | None = None) -> int:
         return 2 if len(argv) < 2 else 0
     ifname = argv[1]
 
-    async def go() -> str:
-        async with Client(interactive=True) as c:
-            return await (c.release(ifname) if release else c.enslave(ifname))
-
     try:
-        network = asyncio.run(go())
+        with BlockingClient(interactive=True) as c:
+            network = c.release(ifname) if release else c.enslave(ifname)
     except VnetClientError as e:
         print(f"{prog}: {e.message}", file=sys.stderr)
         return 4 if e.is_auth else 1

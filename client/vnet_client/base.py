@@ -1,0 +1,134 @@
+"""What both clients share (the asyncio library in api.py and the synchronous one in
+blocking.py): the errors, the rule for sending a call again, and what Attach hands back.
+
+Standard library only, so that the commands importing it pay for no D-Bus library they do
+not use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+BUS_NAME = "org.qemuvnet.Vnet1"
+MANAGER_PATH = "/org/qemuvnet/Vnet1"
+MANAGER = "org.qemuvnet.Vnet1.Manager"
+AUTH_ERRORS = (
+    "org.freedesktop.DBus.Error.AccessDenied",
+    "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
+    "org.freedesktop.PolicyKit1.Error.NotAuthorized",
+)
+INTERACTION_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
+DISCONNECTED = "org.freedesktop.DBus.Error.Disconnected"
+NO_BUS = "org.qemuvnet.Vnet1.Error.NoBus"
+# the call never reached vnetd: safe to send again, whatever it is
+NOT_DELIVERED = (
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.Spawn.ChildExited",
+)
+UNAVAILABLE = (*NOT_DELIVERED, NO_REPLY)
+# Calls whose repetition changes nothing (the "info" methods, and GetMac, which gives the same
+# MAC again): only these are sent again after vnetd went away without answering. A change
+# (Define, Attach, ...) may have been made before the reply was lost.
+RESENDABLE = frozenset({
+    "ListNetworks", "GetNetwork", "ExportDefinition", "ListPorts", "GetMac",
+    "ExportEtherConf", "ExportMacs", "ListHosts", "Leases", "ListForwards", "GetInfo",
+    "CheckDefinition",
+})
+CALL_TIMEOUT = 300.0  # a person may be typing a password
+RETRY_AFTER = 1.0  # seconds before the one retry when vnetd is not there
+
+
+def lost_reply(member: str) -> str:
+    return (f"vnetd went away without answering {member}: it may or may not have been done, "
+            "so it was not sent again. Check with 'vnet-client list', 'show NET' or 'ports' "
+            "before trying again.")
+
+
+def send_again(error_name: str, member: str) -> bool:
+    """Whether a call that failed with `error_name` is sent once more: when it never reached
+    vnetd, or when vnetd went away without answering and repeating it changes nothing."""
+    return error_name in NOT_DELIVERED or (error_name == NO_REPLY and member in RESENDABLE)
+
+
+def error_for(error_name: str, text: str, member: str) -> VnetClientError:
+    """The error a failed call raises, after the one resend (if any) failed too."""
+    if error_name == NO_REPLY and member not in RESENDABLE:
+        return VnetClientError(NO_REPLY, lost_reply(member))
+    if error_name in UNAVAILABLE:
+        text = (f"The qemu-vnet service (vnetd) is not running or not reachable ({text}). "
+                "Start it with 'sudo make install' or 'systemctl start vnetd'.")
+    return VnetClientError(error_name, text)
+
+
+def timed_out(member: str) -> VnetClientError:
+    return VnetClientError(NO_REPLY, "vnetd did not answer in time." if member in RESENDABLE
+                           else lost_reply(member))
+
+
+class VnetClientError(Exception):
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+        self.message = message
+
+    @property
+    def short_name(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def is_auth(self) -> bool:
+        return self.name in AUTH_ERRORS
+
+    @property
+    def needs_interaction(self) -> bool:
+        return self.name == INTERACTION_REQUIRED
+
+
+class Attachment:
+    """A port vnetd opened for you: the tap fd(s) are yours (inheritable=False until you say).
+    (A plain class, not a dataclass: importing dataclasses costs the commands milliseconds.)"""
+
+    def __init__(self, ifname: str, mac: str, network: str, vm: str, nic: int, fds: list[int],
+                 vhostfds: list[int], info: dict[str, Any] | None = None):
+        self.ifname, self.mac, self.network, self.vm, self.nic = ifname, mac, network, vm, nic
+        self.fds, self.vhostfds, self.info = fds, vhostfds, info if info is not None else {}
+
+    def __repr__(self) -> str:
+        return (f"Attachment(ifname={self.ifname!r}, mac={self.mac!r}, network={self.network!r}, "
+                f"vm={self.vm!r}, nic={self.nic!r}, fds={self.fds!r}, vhostfds={self.vhostfds!r})")
+
+    def close(self) -> None:
+        for fd in self.fds + self.vhostfds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds, self.vhostfds = [], []
+
+
+def attach_options(nic: int = 0, queues: int = 1, vhost: bool = False, mac: str | None = None,
+                   learn_mac: bool = False, holder_pid: int | None = None) -> dict[str, Any]:
+    """Attach's options as both clients send them."""
+    opts: dict[str, Any] = {"nic": nic, "queues": queues, "vhost": vhost}
+    if mac:
+        opts["mac"] = mac
+    if learn_mac:
+        opts["learn-mac"] = True
+    if holder_pid:
+        opts["holder-pid"] = holder_pid
+    return opts
+
+
+def option_keys(options: dict[str, Any]) -> dict[str, Any]:
+    """define(name, dhcp_start=...) keyword arguments as Define's option keys (dhcp-start)."""
+    return {k.replace("_", "-"): v for k, v in options.items() if v is not None}
+
+
+# vnetd's signals that events() reports, with the names of their arguments
+EVENT_FIELDS = {"NetworkChanged": ("network", "state"),
+                "PortChanged": ("ifname", "network", "state"),
+                "LeaseChanged": ("network", "event")}
+EVENT_MATCH = f"type='signal',sender='{BUS_NAME}',interface='{MANAGER}'"

@@ -1,0 +1,164 @@
+"""vnet-client: the command line for qemu-vnet.
+
+Two forms:
+  vnet-client SUBCOMMAND ...             (list, show, define, start, stop, undefine, ...)
+  vnet-client --br=vnet3 -n4 --start     (the original qemu-vlan's flags)
+
+Exit codes: 0 ok, 1 failure, 2 usage, 4 not authorized.
+
+One module per noun (network, attach, mac, host, forward, overlay, monitor, imports, compat:
+the qemu-vlan form), each adding its subcommands to the parser with `set_defaults(func=...)`;
+parser (exit codes, usage errors), output, accounts and session (the connection) are shared.
+Every command talks to vnetd through the synchronous client (vnet_client.blocking).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..base import VnetClientError
+from . import attach, forward, host, imports, mac, monitor, network, overlay
+from .accounts import uid_of
+from .attach import parse_attach, run_attach
+from .compat import (
+    build_compat_parser,
+    compat_define_opts,
+    compat_differences,
+    compat_macaddr_count,
+    compat_request,
+    run_compat,
+)
+from .mac import read_mac_table, render_mac_table
+from .network import define_opts, print_network
+from .output import say_error
+from .parser import EXIT_AUTH, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Failure, Parser, Usage, add_common
+
+# What tests and other code use (and the names this module had before it was a package).
+_define_opts, _uid_of = define_opts, uid_of
+__all__ = [
+    "EXIT_AUTH", "EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "Failure", "Usage", "build_compat_parser",
+    "build_parser", "compat_define_opts", "compat_differences", "compat_macaddr_count",
+    "compat_request", "hoist_global_options", "is_compat", "main", "parse_attach",
+    "print_network", "read_mac_table", "render_mac_table",
+]
+
+EPILOG = """\
+examples:
+  vnet-client define vnet2 --mode=nat            # 172.16.12.0/24, gateway 172.16.12.1
+  vnet-client define lab --subnet=10.7.0.0/24 --subnet6=fd00:7::/64 --mode=host-only
+  vnet-client start vnet2
+  vnet-client list --json
+  vnet-client --br=vnet3 -n4 --start             # qemu-vlan style: define if needed, start
+  vnet-client --br=vnet3 --stop
+
+Authorization: listing is open to everyone; defining, starting and stopping networks needs
+the 'manage' right (an administrator's password by default). On a terminal a password prompt
+appears when polkit asks for one; --no-ask-password turns that off.
+Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="vnet-client",
+        description="Manage qemu-vnet virtual networks and attach QEMU VMs to them without "
+        "root. Talks to the vnetd service over D-Bus; polkit decides who may do what.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common(p, top=True)
+    p.add_argument("--version", action="version", version=f"vnet-client (qemu-vnet) {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        add_common(sp)
+        return sp
+
+    # in the order --help lists them
+    network.add_commands(cmd)  # list, show, define, export
+    imports.add_commands(cmd)  # import-qemu-vlan, import-bridge-conf
+    network.add_lifecycle(cmd)  # start, stop, undefine, autostart, reload
+    attach.add_commands(cmd)  # attach, ports, detach
+    mac.add_mac(cmd)
+    host.add_host(cmd)
+    forward.add_commands(cmd)
+    overlay.add_commands(cmd)
+    monitor.add_commands(cmd)
+    host.add_leases(cmd)
+    mac.add_import_ether_conf(cmd)
+    return p
+
+
+def is_compat(argv: list[str]) -> bool:
+    """The qemu-vlan form: --br given and no subcommand. Subcommands take --br too (attach,
+    mac), so the first word that is neither an option nor an option's value decides."""
+    if not any(a.startswith("--br") or (a.startswith("-b") and not a.startswith("--"))
+               for a in argv):
+        return False
+    takes_value = {"-n", "--taps", "--num", "--mode", "--subnet", "--subnet6", "--mtu",
+                   "--user", "-u", "--group", "-g", "--dhcp", "-d", "--dhcp-start",
+                   "--dhcp-end", "--domain", "--bus-address", "--br", "-b", "--routed-with",
+                   "--vde-ports", "--if", "-i", "--cf", "-c", "--vni", "--local", "--peer",
+                   "--underlay-dev", "--vxlan-port", "--role", "--control", "--asn"}
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.startswith("-"):
+            skip = a in takes_value
+            continue
+        return a not in subcommands()
+    return True
+
+
+def subcommands() -> list[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
+    return list(sub.choices)
+
+
+GLOBAL_FLAGS = ("--json", "--no-ask-password")
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """`vnet-client --no-ask-password attach ...` as `vnet-client attach --no-ask-password
+    ...`: attach has a parser of its own, so the options every command takes move behind it."""
+    i = 0
+    while i < len(argv):
+        if argv[i] in GLOBAL_FLAGS or argv[i].startswith("--bus-address="):
+            i += 1
+        elif argv[i] == "--bus-address":
+            i += 2
+        else:
+            break
+    if i and argv[i:i + 1] == ["attach"]:
+        return ["attach", *argv[:i], *argv[i + 1:]]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = hoist_global_options(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["attach"] and not {"-h", "--help"} & set(argv[1:argv.index("--")]
+                                                                if "--" in argv else argv[1:]):
+            groups, command, common = parse_attach(argv[1:])
+            return run_attach(groups, command, common)
+        if is_compat(argv):
+            return run_compat(build_compat_parser().parse_args(argv))
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.cmd:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return args.func(args)
+    except Usage as e:
+        return say_error(argv, "Usage", str(e), EXIT_USAGE)
+    except Failure as e:
+        return say_error(argv, "Failure", str(e), EXIT_FAIL)
+    except VnetClientError as e:
+        return say_error(argv, e.name, e.message, EXIT_AUTH if e.is_auth else EXIT_FAIL)
+    except KeyboardInterrupt:
+        return 130
+

@@ -1,0 +1,37 @@
+"""Users and groups named on the command line."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from typing import Any
+
+from .parser import Usage
+
+
+def uid_of(user: str | None) -> int | None:
+    if user is None:
+        return None
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise Usage(f"There is no user named '{user}' on this host (give a user name or a "
+                    "uid).") from None
+
+
+def group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def file_group(path: Any) -> str | None:
+    try:
+        return grp.getgrgid(os.stat(path).st_gid).gr_name
+    except (KeyError, OSError):
+        return None

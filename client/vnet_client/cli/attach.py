@@ -1,0 +1,223 @@
+"""attach (a VM's taps, then exec the command), ports and detach."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+
+from ..base import Attachment
+from .output import table
+from .parser import EXIT_OK, Failure, Usage
+from .session import Session
+
+Command = Callable[[str, str], argparse.ArgumentParser]
+
+ATTACH_HELP = """\
+Ask vnetd for a tap on each network named with --br, then run COMMAND with the fds.
+Placeholders in COMMAND are replaced:
+  {fd}        the tap fd            {fds}       all queue fds, colon-joined
+  {vhostfds}  vhost fds (if any)    {mac}       the VM's stable MAC
+  {ifname}    the tap's name        {vde_sock}  with --vde: a VDE switch with a free port
+With several --br groups, add the group's index: {fd0}, {mac1}, ...
+Options after a --br apply to that group; --vm given once applies to all.
+
+example:
+  vnet-client attach --br=vnet2 --vm web1 -- qemu-system-x86_64 -m 512 \\
+      -netdev tap,id=n0,fd={fd} -device virtio-net-pci,netdev=n0,mac={mac} disk.img
+
+The tap lives as long as COMMAND holds its fd: when QEMU exits it is gone.
+"""
+
+
+def add_commands(cmd: Command) -> None:
+    """attach (its --help only: parse_attach reads its command line), ports, detach."""
+    sp = cmd("attach", "attach a VM to a network and run COMMAND (QEMU) with the tap fd(s)")
+    sp.usage = ("vnet-client attach --br=NET --vm=NAME [--nic=N] [--queues=N] [--vhost] "
+                "[--mac=MAC] [--vde] [--br=NET2 ...] -- COMMAND [ARGS...]")
+    sp.description = ATTACH_HELP
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    cmd("ports", "list your ports (administrators: everyone's)").set_defaults(func=run_ports)
+    sp = cmd("detach", "remove a port now (its owner or an administrator)")
+    sp.add_argument("ifname")
+    sp.set_defaults(func=run_detach)
+
+
+PLACEHOLDER = re.compile(r"\{(fd|fds|vhostfds|mac|ifname|vde_sock)(\d*)\}")
+
+
+class Group:
+    """One --br group of attach's command line: a NIC to attach."""
+
+    def __init__(self, network: str, vm: str | None = None, nic: int = 0, queues: int = 1,
+                 vhost: bool = False, mac: str | None = None, vde: bool = False):
+        self.network, self.vm, self.nic, self.queues = network, vm, nic, queues
+        self.vhost, self.mac, self.vde = vhost, mac, vde
+
+
+class VdePlug:
+    """A NIC that QEMU plugs into a VDE switch itself (no fd)."""
+
+    def __init__(self, network: str, vm: str, nic: int, sock: str, mac: str):
+        self.network, self.vm, self.nic, self.sock, self.mac = network, vm, nic, sock, mac
+
+    def close(self) -> None:
+        pass
+
+
+def parse_attach(argv: list[str]) -> tuple[list[Group], list[str], argparse.Namespace]:
+    """attach's own parser: --br starts a group; --vm/--nic/--queues/--vhost/--mac belong to
+    the current group; everything after '--' is the command."""
+    if "--" not in argv:
+        raise Usage("attach needs a command after '--', e.g. "
+                    "vnet-client attach --br=vnet2 --vm web1 -- qemu-system-x86_64 ...")
+    i = argv.index("--")
+    opts, command = argv[:i], argv[i + 1:]
+    if not command:
+        raise Usage("attach needs a command after '--'.")
+    common = argparse.Namespace(json=False, no_ask_password=False, bus_address=None)
+    groups: list[Group] = []
+    vm_all: str | None = None
+    it = iter(opts)
+
+    def value(flag: str, inline: str | None) -> str:
+        if inline is not None:
+            return inline
+        try:
+            return next(it)
+        except StopIteration:
+            raise Usage(f"{flag} needs a value.") from None
+
+    def number(flag: str, text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise Usage(f"{flag} takes a whole number, not '{text}'.") from None
+
+    for tok in it:
+        flag, _, inline = tok.partition("=")
+        inline = inline if "=" in tok else None
+        if flag == "--br":
+            groups.append(Group(network=value(flag, inline)))
+            continue
+        if flag in ("--json", "--no-ask-password"):
+            setattr(common, flag[2:].replace("-", "_"), True)
+            continue
+        if flag == "--bus-address":
+            common.bus_address = value(flag, inline)
+            continue
+        if flag == "--vm" and not groups:
+            vm_all = value(flag, inline)
+            continue
+        if not groups:
+            raise Usage(f"{tok}: give --br=NETWORK first.")
+        g = groups[-1]
+        if flag == "--vm":
+            g.vm = value(flag, inline)
+            vm_all = vm_all or g.vm
+        elif flag == "--nic":
+            g.nic = number(flag, value(flag, inline))
+        elif flag == "--queues":
+            g.queues = number(flag, value(flag, inline))
+        elif flag == "--vhost":
+            g.vhost = True
+        elif flag == "--vde":
+            g.vde = True
+        elif flag == "--mac":
+            g.mac = value(flag, inline)
+        else:
+            raise Usage(f"attach does not know '{tok}' (see vnet-client attach --help).")
+    if not groups:
+        raise Usage("attach needs --br=NETWORK.")
+    for g in groups:
+        g.vm = g.vm or vm_all
+        if not g.vm:
+            raise Usage("attach needs --vm=NAME (the VM's name keys its stable MAC).")
+    return groups, command, common
+
+
+def substitute(command: list[str], atts: list[Attachment]) -> list[str]:
+    def one(m: re.Match) -> str:
+        what, idx = m.group(1), m.group(2)
+        if idx == "":
+            if len(atts) > 1 and what != "fds":
+                raise Usage(f"{{{what}}} is ambiguous with {len(atts)} NICs: use "
+                            f"{{{what}0}}..{{{what}{len(atts) - 1}}}.")
+            a = atts[0]
+        else:
+            if int(idx) >= len(atts):
+                raise Usage(f"{{{what}{idx}}} names NIC {idx}, but only {len(atts)} attached.")
+            a = atts[int(idx)]
+        if what != "mac" and (what == "vde_sock") != isinstance(a, VdePlug):
+            raise Usage(f"{{{what}}} does not fit NIC {atts.index(a)}: {{vde_sock}} goes with "
+                        "--vde, {fd}/{fds}/{vhostfds}/{ifname} with a tap.")
+        if isinstance(a, VdePlug):
+            return {"vde_sock": a.sock, "mac": a.mac}[what]
+        return {
+            "fd": str(a.fds[0]),
+            "fds": ":".join(str(f) for f in a.fds),
+            "vhostfds": ":".join(str(f) for f in a.vhostfds),
+            "mac": a.mac,
+            "ifname": a.ifname,
+        }[what]
+
+    return [PLACEHOLDER.sub(one, arg) for arg in command]
+
+
+def run_attach(groups: list[Group], command: list[str], common: argparse.Namespace) -> int:
+    exe = shutil.which(command[0])
+    if exe is None:
+        raise Failure(f"command not found: {command[0]} (nothing was attached).")
+    atts: list[Attachment] = []
+    try:
+        with Session(common) as s:
+            for g in groups:
+                if g.vde:
+                    sock, mac = s.run(lambda c, g=g: c.vde_socket(g.network, g.vm, g.nic))
+                    atts.append(VdePlug(g.network, g.vm, g.nic, sock, g.mac or mac))
+                    continue
+                atts.append(s.run(lambda c, g=g: c.attach(
+                    g.network, g.vm, nic=g.nic, queues=g.queues, vhost=g.vhost, mac=g.mac)))
+        argv = substitute(command, atts)
+    except BaseException:
+        for a in atts:
+            a.close()
+        raise
+    for a in atts:
+        if isinstance(a, VdePlug):
+            print(f"vnet-client: {a.vm} nic {a.nic} on {a.network} through VDE switch {a.sock} "
+                  f"(mac {a.mac})", file=sys.stderr)
+            continue
+        for fd in a.fds + a.vhostfds:
+            os.set_inheritable(fd, True)
+        note = f"attached {a.vm} nic {a.nic} to {a.network} as {a.ifname} (mac {a.mac})"
+        print(json.dumps(a.info) if common.json else f"vnet-client: {note}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(exe, argv)
+
+
+def run_ports(args: argparse.Namespace) -> int:
+    with Session(args) as s:
+        ports = s.run(lambda c: c.list_ports())
+    if args.json:
+        print(json.dumps(ports, indent=2))
+    elif not ports:
+        print("No ports.")
+    else:
+        print(table([[p["ifname"], p["network"], p["vm"], str(p["nic"]), p["mac"],
+                      str(p["uid"]), str(p.get("holder-pid", "-"))] for p in ports],
+                    ["PORT", "NETWORK", "VM", "NIC", "MAC", "UID", "HOLDER"]))
+    return EXIT_OK
+
+
+def run_detach(args: argparse.Namespace) -> int:
+    with Session(args) as s:
+        s.run(lambda c: c.detach(args.ifname))
+    print(json.dumps({"ifname": args.ifname, "done": "detach"}) if args.json
+          else f"Detached {args.ifname}.")
+    return EXIT_OK

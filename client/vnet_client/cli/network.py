@@ -1,0 +1,325 @@
+"""Networks: list, show, define (also --from, --dry-run), export, start, stop, undefine,
+autostart, reload."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..base import VnetClientError
+from .accounts import group_exists, uid_of
+from .output import table, user_name
+from .parser import EXIT_FAIL, EXIT_OK, Failure, Usage
+from .session import Session
+
+Command = Callable[[str, str], argparse.ArgumentParser]
+
+
+def define_options(p: argparse.ArgumentParser, compat: bool = False) -> None:
+    """define's network options. compat: the qemu-vlan form's spellings too (-i, -n/--num,
+    -u, -g, -d, -v) and its defaults left to the caller (None when not given)."""
+    def o(*names: str) -> list[str]:
+        return list(names) if compat else [n for n in names
+                                           if n not in ("-i", "-u", "-g", "-v", "--num")]
+
+    p.add_argument("--mode", choices=["nat", "host-only", "bridged"],
+                   help="nat (default), host-only, or bridged (with --if: guests on the "
+                   "physical network)")
+    p.add_argument(*o("-i", "--if"), dest="iface", metavar="NIC",
+                   help="bridged: the physical interface to put in the bridge (qemu-vlan's --if)")
+    p.add_argument("--force", action="store_true",
+                   help="bridged: even if the NIC carries the host's default route")
+    p.add_argument("--subnet", metavar="CIDR",
+                   help="IPv4 subnet (default from the name: vnetN -> 172.16.(10+N).0/24)")
+    p.add_argument("--subnet6", metavar="CIDR", help="an IPv6 prefix too, e.g. fd00:12::/64")
+    p.add_argument("--mtu", type=int, help="bridge and tap MTU (default 1500)")
+    p.add_argument("--autostart", action="store_true", help="start whenever vnetd starts")
+    p.add_argument(*o("-n", "--num", "--taps"), dest="taps", type=int, metavar="COUNT",
+                   help="pre-create COUNT persistent taps NAME_0..NAME_{COUNT-1} (qemu-vlan's "
+                   "-n" + (", default $QEMU_VLAN_NUM or 4)" if compat else ")"))
+    p.add_argument(*o("-u", "--user"), metavar="USER",
+                   help="owner of the pre-created taps (default: you)")
+    p.add_argument(*o("-g", "--group"), metavar="GROUP",
+                   help="group of the pre-created taps (default " + (
+                       "$GROUP, else qemu if that group exists, else vnet)" if compat
+                       else "vnet)"))
+    if compat:
+        p.add_argument("-d", "--dhcp", metavar="SERVER",
+                       help="dnsmasq (a nat network), dhcpd (host-only) or none; default "
+                       "$QEMU_VLAN_DHCP, else none, as qemu-vlan ran no server without it")
+    else:
+        p.add_argument("--dhcp", choices=["dnsmasq", "dhcpd", "none"],
+                       help="DHCP server for the network (default dnsmasq)")
+    p.add_argument("--dhcp-start", metavar="IP", help="first dynamic address (default .32)")
+    p.add_argument("--dhcp-end", metavar="IP", help="last dynamic address (default .254)")
+    p.add_argument("--domain", help="DNS domain of the VMs' names (default: the network name)")
+    p.add_argument("--allow-host", action="store_true",
+                   help="host-only: guests may reach the host's services (not only DHCP/DNS)")
+    p.add_argument("--routed-with", action="append", metavar="NET",
+                   help="let this network exchange traffic with NET (repeatable)")
+    p.add_argument("--no-spoof-protection", action="store_true",
+                   help="let guests send from any MAC/IP (default: locked to their own)")
+    p.add_argument(*o("-v", "--vde"), action="store_const", const=True,
+                   default=None if compat else False,
+                   help="run a VDE switch on each tap (qemu-vlan's --vde; needs -n COUNT)"
+                   + ("; default $QEMU_VLAN_VDE" if compat else ""))
+    p.add_argument("--vde-ports", type=int, metavar="N",
+                   help="ports per VDE switch (default 32)")
+    o = p.add_argument_group("VXLAN overlay: one LAN across hosts (docs/overlay.md)")
+    o.add_argument("--vni", type=int, metavar="VNI",
+                   help="VXLAN network identifier, 1-16777215 (turns the overlay on)")
+    o.add_argument("--local", metavar="IP", help="this host's underlay address")
+    o.add_argument("--peer", action="append", metavar="IP",
+                   help="another host's underlay address (repeatable); with --control=evpn "
+                   "its BGP neighbour")
+    o.add_argument("--underlay-dev", metavar="IF", help="the underlay interface (optional)")
+    o.add_argument("--vxlan-port", type=int, metavar="PORT", help="UDP port (default 4789)")
+    o.add_argument("--role", choices=["gateway", "member"],
+                   help="gateway (default): holds the gateway address, DHCP/DNS, NAT; "
+                   "member: only extends the LAN to this host")
+    o.add_argument("--control", choices=["static", "evpn"],
+                   help="static (default): flood to the listed peers; evpn: BGP EVPN "
+                   "through the system's FRR")
+    o.add_argument("--asn", type=int, metavar="AS", help="evpn: the iBGP AS (default 65000)")
+    o.add_argument("--route-reflector", action="store_true",
+                   help="evpn: this host reflects routes to its peers")
+
+
+def define_opts(a: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "mode": a.mode, "subnet": a.subnet, "subnet6": a.subnet6, "mtu": a.mtu,
+        "taps": a.taps, "tap-user": uid_of(a.user), "tap-group": a.group, "dhcp": a.dhcp,
+        "dhcp-start": a.dhcp_start, "dhcp-end": a.dhcp_end, "domain": a.domain,
+        "routed-with": a.routed_with,
+    }
+    if a.allow_host:
+        opts["allow-host"] = True
+    if a.no_spoof_protection:
+        opts["spoof-protection"] = False
+    if a.iface:
+        opts["if"] = a.iface
+        if a.mode is None:
+            opts["mode"] = "bridged"  # qemu-vlan: --if means a bridged network
+    if a.force:
+        opts["force"] = True
+    if a.vde:
+        opts["vde"] = True
+    if a.vde_ports is not None:
+        opts["vde-ports"] = a.vde_ports
+    if a.autostart:
+        opts["autostart"] = True
+    overlay = {"vni": a.vni, "local": a.local, "peers": a.peer, "dev": a.underlay_dev,
+               "port": a.vxlan_port, "role": a.role, "control": a.control, "asn": a.asn,
+               "route-reflector": True if a.route_reflector else None}
+    if any(v is not None for v in overlay.values()):
+        if a.vni is None or a.local is None:
+            raise Usage("an overlay needs at least --vni and --local.")
+        opts["overlay"] = {k: v for k, v in overlay.items() if v is not None}
+    if a.group is not None and not group_exists(a.group):
+        raise Usage(f"There is no group named '{a.group}'.")
+    return opts
+
+
+def print_networks(nets: list[dict[str, Any]]) -> None:
+    if not nets:
+        print("No networks defined. Try: vnet-client define vnet2 --mode=nat")
+        return
+    rows = [[n["name"], n["mode"], n["state"], n["subnet"], n["gateway"],
+             "yes" if n.get("autostart") else "no"] for n in nets]
+    print(table(rows, ["NAME", "MODE", "STATE", "SUBNET", "GATEWAY", "AUTOSTART"]))
+
+
+def print_network(n: dict[str, Any]) -> None:
+    order = ["name", "state", "owner", "mode", "bridge", "subnet", "gateway", "subnet6",
+             "gateway6", "mtu", "autostart", "dhcp", "taps", "tap-names", "mac", "addresses"]
+    keys = [k for k in order if k in n] + sorted(k for k in n if k not in order)
+    width = max(len(k) for k in keys)
+    for k in keys:
+        v = n[k]
+        if k == "firewall-warnings":
+            v = "\n  ".join([""] + v)
+        elif k == "owner":
+            v = user_name(v)
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            v = "; ".join(" ".join(str(x) for x in d.values()) for d in v)
+        elif isinstance(v, list):
+            v = ", ".join(str(x) for x in v) or "-"
+        elif isinstance(v, bool):
+            v = "yes" if v else "no"
+        print(f"{k + ':':<{width + 1}} {v}")
+
+
+def add_commands(cmd: Command) -> None:
+    """list, show, define, export."""
+    cmd("list", "list networks and their state").set_defaults(func=run_list)
+    sp = cmd("show", "show one network: definition, state, addresses")
+    sp.add_argument("name")
+    sp.add_argument("--ports", action="store_true",
+                    help="list the network's ports with their anti-spoofing drop counters")
+    sp.set_defaults(func=run_show)
+    sp = cmd("define", "define a network (it is saved in /etc/qemu-vnet/networks/NAME.toml)")
+    sp.add_argument("name", help="network (and bridge) name, at most 15 characters")
+    define_options(sp)
+    sp.add_argument("--start", action="store_true", help="start it right away")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="check everything define checks (with vnetd: names, limits, subnets, "
+                    "interfaces, forwards) and print the network it would make; define nothing")
+    sp.add_argument("--from", dest="from_file", metavar="FILE",
+                    help="take the definition from a TOML file (what 'export' prints); other "
+                    "options are not allowed with it")
+    sp.set_defaults(func=run_define)
+    sp = cmd("export", "print a network's definition as TOML ('define --from' takes it back)")
+    sp.add_argument("name")
+    sp.set_defaults(func=run_export)
+
+
+def add_lifecycle(cmd: Command) -> None:
+    """start, stop, undefine, autostart, reload."""
+    for name, help in (("start", "start a network: bridge, addresses, taps"),
+                       ("stop", "stop a network and remove what start made"),
+                       ("undefine", "remove a stopped network's definition")):
+        sp = cmd(name, help)
+        sp.add_argument("name")
+        sp.set_defaults(func=run_lifecycle)
+    sp = cmd("autostart", "start a network whenever vnetd starts (or not)")
+    sp.add_argument("name")
+    sp.add_argument("state", choices=["on", "off"])
+    sp.set_defaults(func=run_autostart)
+    cmd("reload", "re-read the definition files after editing them by hand").set_defaults(
+        func=run_reload)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    with Session(args) as s:
+        nets = s.run(lambda c: c.list_networks())
+    print(json.dumps(nets, indent=2)) if args.json else print_networks(nets)
+    return EXIT_OK
+
+
+def run_show(args: argparse.Namespace) -> int:
+    with Session(args) as s:
+        n = s.run(lambda c: c.get_network(args.name))
+    if args.ports and not args.json:
+        ports = n.get("ports", [])
+        print(table([[p["ifname"], p["vm"], str(p["nic"]), p["mac"], str(p["uid"]),
+                      str(p["spoof-drops"])] for p in ports],
+                    ["PORT", "VM", "NIC", "MAC", "UID", "SPOOF-DROPS"])
+              if ports else f"No ports of yours on {args.name}."
+              if n.get("other-ports") else f"No ports on {args.name}.")
+        if n.get("other-ports"):
+            print(f"(and {n['other-ports']} port(s) of other users)")
+    elif args.json:
+        print(json.dumps(n, indent=2))
+    else:
+        print_network({k: v for k, v in n.items() if k not in ("ports", "other-ports")}
+                      | {"ports": len(n.get("ports", [])) + n.get("other-ports", 0)})
+    return EXIT_OK
+
+
+def run_define(args: argparse.Namespace) -> int:
+    if args.from_file:
+        return run_define_from(args)
+    if args.dry_run and args.start:
+        raise Usage("define --dry-run defines nothing, so it starts nothing: drop --start.")
+    opts = define_opts(args)
+    with Session(args) as s:
+        if args.dry_run:
+            n = s.run(lambda c: c.check_definition(args.name, **opts))
+            if args.json:
+                print(json.dumps(n, indent=2))
+            else:
+                print(f"Would define network {n['name']} ({n['mode']}, {n['subnet']}, gateway "
+                      f"{n['gateway']}): every check passed; nothing was defined.")
+            return EXIT_OK
+        s.run(lambda c: c.define(args.name, **opts))
+        if args.start:
+            start_defined(s, args.name)
+        n = s.run(lambda c: c.get_network(args.name))
+    if args.json:
+        print(json.dumps(n, indent=2))
+    else:
+        print(f"Defined network {n['name']} ({n['mode']}, {n['subnet']}, gateway "
+              f"{n['gateway']}){' and started it' if args.start else ''}.")
+    return EXIT_OK
+
+
+def run_define_from(args: argparse.Namespace) -> int:
+    import tomllib
+
+    if any(v for k, v in define_opts(args).items()):
+        raise Usage("define --from FILE takes no other network options.")
+    try:
+        with open(args.from_file, "rb") as f:
+            opts = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise Failure(f"cannot read {args.from_file}: {e}") from None
+    opts.pop("name", None)
+    with Session(args) as s:
+        s.run(lambda c: c.define_from(args.name, opts))
+        if args.start:
+            start_defined(s, args.name)
+        if args.json:
+            print(json.dumps(s.run(lambda c: c.get_network(args.name)), indent=2))
+        else:
+            print(f"Defined network {args.name} from {args.from_file}"
+                  f"{' and started it' if args.start else ''}.")
+    return EXIT_OK
+
+
+def run_export(args: argparse.Namespace) -> int:
+    with Session(args) as s:
+        text = s.run(lambda c: c.export_definition(args.name))
+    if args.json:  # the same definition as one JSON object
+        import tomllib
+
+        print(json.dumps(tomllib.loads(text), indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def run_lifecycle(args: argparse.Namespace) -> int:
+    """start, stop, undefine."""
+    cmd = args.cmd
+    with Session(args) as s:
+        s.run(lambda c: getattr(c, cmd)(args.name))
+    if args.json:
+        print(json.dumps({"name": args.name, "done": cmd}))
+    else:
+        past = {"start": "Started", "stop": "Stopped", "undefine": "Undefined"}[cmd]
+        print(f"{past} network {args.name}.")
+    return EXIT_OK
+
+
+def run_autostart(args: argparse.Namespace) -> int:
+    with Session(args) as s:
+        s.run(lambda c: c.set_autostart(args.name, args.state == "on"))
+    print(json.dumps({"name": args.name, "autostart": args.state == "on"}) if args.json
+          else f"Autostart of {args.name}: {args.state}.")
+    return EXIT_OK
+
+
+def run_reload(args: argparse.Namespace) -> int:
+    with Session(args) as s:
+        problems = s.run(lambda c: c.reload())
+    if args.json:
+        print(json.dumps({"problems": problems}, indent=2))
+    else:
+        for p in problems:
+            print(f"problem: {p}", file=sys.stderr)
+        print(f"Reloaded definitions ({len(problems)} problem(s)).")
+    return EXIT_FAIL if problems else EXIT_OK
+
+
+def start_defined(s: Session, name: str) -> None:
+    """define --start: a start that fails says that the definition stays, and what next."""
+    try:
+        s.run(lambda c: c.start(name))
+    except VnetClientError as e:
+        e.message = (f"Defined network {name}, but starting it failed: {e.message} The "
+                     f"definition stays: correct it and 'vnet-client start {name}', or "
+                     f"'vnet-client undefine {name}'.")
+        raise

@@ -1,0 +1,42 @@
+"""Output: tables, user names, times, and errors (a sentence, or one JSON object)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import sys
+import time
+
+
+def table(rows: list[list[str]], head: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [head, *rows])
+
+
+def user_name(uid: int) -> str:
+    """A uid as people read it: 'alice (1000)', or the number alone."""
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} ({uid})"
+    except (KeyError, TypeError, OverflowError):
+        return str(uid)
+
+
+def when(expiry: int) -> str:
+    if not expiry:
+        return "never"
+    left = expiry - int(time.time())
+    return f"in {left // 60} min" if left > 0 else "expired"
+
+
+def say_error(argv: list[str], name: str, message: str, code: int) -> int:
+    """An error on stderr: the sentence, or with --json one object {"error", "message"}."""
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    if "--json" in own:
+        print(json.dumps({"error": name, "message": message}), file=sys.stderr)
+    else:
+        print(f"vnet-client: {message}", file=sys.stderr)
+        if os.environ.get("VNET_CLIENT_DEBUG") and "." in name:
+            print(f"  ({name})", file=sys.stderr)
+    return code

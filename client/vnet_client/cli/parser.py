@@ -1,0 +1,55 @@
+"""The parts every subcommand shares: exit codes, the two errors the command line raises
+itself, the options every command takes, and argparse with short mistakes."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 4
+
+
+class Usage(Exception):
+    """A mistake in the command line: exit 2."""
+
+
+class Failure(Exception):
+    """Something the client itself found wrong (a file, a command): exit 1."""
+
+
+def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """The options every command takes. On subcommands their defaults are suppressed, so that
+    `vnet-client --json list` and `vnet-client list --json` mean the same."""
+    d = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON", **d)
+    p.add_argument("--no-ask-password", action="store_true",
+                   help="never prompt for a password; fail with exit code 4 instead", **d)
+    p.add_argument("--bus-address", metavar="ADDR",
+                   help="talk to a vnetd on this D-Bus address (default: the system bus, "
+                   "or $VNET_BUS_ADDRESS)", **d)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with short mistakes: the error, a suggestion for a near miss, and where help
+    is, instead of the whole usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        hint = ""
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            import difflib
+
+            close = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)),
+                                              n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        if m and m.group(1).startswith("-"):
+            import difflib
+
+            flags = [o for a in self._actions for o in a.option_strings]
+            close = difflib.get_close_matches(m.group(1).split("=")[0], flags, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+        lines = self.format_usage().strip().splitlines()
+        usage = lines[0] + (" ..." if len(lines) > 1 else "")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}.{hint}\n{usage}\n"
+                              f"See '{self.prog} --help'.\n")
