@@ -17,6 +17,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import identity, safefile
 from .backends import dhcpd as dhcpd_be
@@ -26,6 +27,9 @@ from .backends.supervisor import Child
 from .errors import Failed
 from .model import Network
 from .store import atomic_write
+
+if TYPE_CHECKING:
+    from .networks import Running
 
 log = logging.getLogger("vnetd.dhcp")
 
@@ -70,6 +74,30 @@ class DhcpServers:
         p = self.paths(net)
         atomic_write(p.hosts_dhcp, dnsmasq_be.render_hosts_dhcp(net).encode())
         atomic_write(p.hosts_dns, dnsmasq_be.render_hosts_dns(net).encode())
+
+    # --- the subsystem protocol (subsystem.py) -----------------------------------------
+    name = "dhcp"
+
+    async def apply(self, run: Running) -> None:
+        """Serve the network as defined now: a server that runs for an older definition
+        is replaced."""
+        if run.name in self.children:
+            await self.stop(run.name)
+        await self.start(run.net)
+
+    async def remove(self, name: str) -> None:
+        await self.stop(name)
+
+    async def adopt(self, run: Running) -> None:
+        """A restarted vnetd replaces the servers the previous one left (it cannot wait
+        for children it did not start)."""
+        await self.start(run.net)
+
+    async def sync(self) -> None:
+        pass
+
+    async def status(self, name: str) -> list[dict]:
+        return [c.status() for c in self.children.get(name, [])]
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self, net: Network) -> None:
@@ -189,9 +217,6 @@ class DhcpServers:
                 shutil.rmtree(d, onerror=lambda _f, path, e: log.warning(
                     "cannot remove %s: %s", path, e[1]))
         self.lease_mtimes.pop(net_name, None)
-
-    def status(self, net_name: str) -> list[dict]:
-        return [c.status() for c in self.children.get(net_name, [])]
 
     # --- leases -------------------------------------------------------------------------
     def leases(self, net: Network) -> list[Lease]:

@@ -11,30 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import grp
-import ipaddress
-import json
 import logging
 import os
 import pwd
 import socket
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
 from typing import Any
-
-from vnet_common.names import split_key
 
 from . import macs as macs_mod
 from . import model
 from . import overlay as overlay_mod
-from .backends import tap as tapdev
 from .backends.links import Link, Links
 from .backends.supervisor import reap
 from .dhcp import DhcpServers
 from .errors import (
     Busy,
     Exists,
-    Failed,
     InvalidArgument,
     NotFound,
     NotRunning,
@@ -45,44 +37,36 @@ from .evpn import Evpn
 from .firewall import Firewall
 from .macs import MacRegistry
 from .model import Network
+from .networks import Context, Rollback, Running, driver_for, vxlan
 from .ports import Port, Ports, parse_attach_options
+from .resolver import Resolver
 from .store import Store
+from .subsystem import Subsystem
 from .vde import VdeSwitches
 
 log = logging.getLogger("vnetd")
 
 
-@dataclass
-class Rollback:
-    """Undo steps, run newest first, when an operation fails part-way."""
+class View:
+    """The firewall's read-only view of the networks (firewall.View)."""
 
-    steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = field(default_factory=list)
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self.links = engine.links
+        self.ports = engine.ports
+        self.resolver = engine.resolver
 
-    def add(self, what: str, fn: Callable[[], Awaitable[Any]]) -> None:
-        self.steps.append((what, fn))
+    def network(self, name: str) -> Network | None:
+        return self._engine.network(name)
 
-    async def run(self) -> None:
-        for what, fn in reversed(self.steps):
-            try:
-                await fn()
-            except Exception as e:  # keep unwinding; report what could not be undone
-                log.error("rollback: could not %s: %s", what, e)
-        self.steps.clear()
+    def running(self) -> list[Network]:
+        return [r.net for _, r in sorted(self._engine.running.items())]
 
+    def is_running(self, name: str) -> bool:
+        return name in self._engine.running
 
-def _same(running: Network | None, stored: Network) -> bool:
-    """A definition unchanged by its file (an overlay's computed MTU is not a change)."""
-    if running is not None and running.mtu_auto and stored.mtu_auto:
-        running = running.with_changes(mtu=stored.mtu)
-    return running == stored
-
-
-def _overlay_moved(old: Network, new: Network) -> bool:
-    """Overlay settings that need the VXLAN device made again (all but the peers)."""
-    a, b = old.overlay, new.overlay
-    if a is None or b is None:
-        return a is not b
-    return dataclasses.replace(a, peers=()) != dataclasses.replace(b, peers=())
+    def schedule(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._engine.schedule(coro)
 
 
 def _who(uid: int) -> str:
@@ -112,21 +96,43 @@ class Engine:
             save_creators=lambda data: store.save_json(MacRegistry.CREATORS, data),
             total_limit=max_macs, per_user=max_macs_per_user,
         )
-        self.ports = Ports(links, self.macs, store, max_ports_per_user)
-        self.dhcp = DhcpServers(store.runtime_dir, store.state_dir,
-                                lambda name: self.defs.get(name))
-        self.firewall = Firewall(self)
-        self.fwd_index = model.ForwardIndex()
-        self.vde = VdeSwitches(store.runtime_dir)
-        self.evpn = Evpn(store.runtime_dir, frr_pathspace)
-        self.ports.listeners.append(self._port_event)
-        self.ports.identity_owner = self._identity_owner
-        self.dhcp.listeners.append(self._lease_event)
-        self.defs: dict[str, Network] = {}
-        self.running: set[str] = set()
+        self.defs: dict[str, Network] = {}  # as declared: never holds run-time facts
+        self.running: dict[str, Running] = {}
         self.lock = asyncio.Lock()
         self.problems: list[str] = []
         self.listeners: list[Callable[[str, str], None]] = []
+        self.ports = Ports(links, self.macs, store, max_ports_per_user)
+        self.dhcp = DhcpServers(store.runtime_dir, store.state_dir, self.network)
+        self.resolver = Resolver(self.network, self.macs, self.ports, self.dhcp)
+        self.firewall = Firewall(View(self))
+        self.fwd_index = model.ForwardIndex()
+        self.vde = VdeSwitches(store.runtime_dir)
+        self.evpn = Evpn(store.runtime_dir, frr_pathspace)
+        # applied in this order after a network's driver made its links, removed in the
+        # reverse order before the driver removes them; the firewall (its ports' guards) is
+        # applied last and removed last, after the links are gone
+        self.services: list[Subsystem] = [self.vde, self.dhcp, self.evpn]
+        self.ctx = Context(links, store, self.ports, self.problems)
+        self.ports.listeners.append(self._port_event)
+        self.ports.identity_owner = self.resolver.owner_of_mac
+        self.dhcp.listeners.append(self._lease_event)
+
+    def network(self, name: str) -> Network | None:
+        """A network's definition in force: while it runs, with what only run time knows."""
+        run = self.running.get(name)
+        return run.net if run is not None else self.defs.get(name)
+
+    def schedule(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` soon, under the lock (for events from the kernel and the servers)."""
+        asyncio.get_running_loop().create_task(self._locked(coro))
+
+    def _put(self, net: Network) -> None:
+        """Record a definition; a running network's record follows (keeping its MTU from
+        the underlay when the definition leaves the MTU to it)."""
+        self.defs[net.name] = net
+        run = self.running.get(net.name)
+        if run is not None:
+            run.net = net.with_changes(mtu=run.net.mtu) if net.mtu_auto else net
 
     # --- events -------------------------------------------------------------------------
     def _changed(self, name: str, state: str) -> None:
@@ -135,7 +141,8 @@ class Engine:
 
     # --- start-up -----------------------------------------------------------------------
     async def startup(self) -> None:
-        self.defs, self.problems = self.store.load_all()
+        self.defs, problems = self.store.load_all()
+        self.problems[:] = problems
         self._index_forwards()
         for p in self.problems:
             log.error("definition problem: %s", p)
@@ -154,7 +161,7 @@ class Engine:
                     log.error("autostart %s failed: %s", name, e.message)
         async with self.lock:
             try:
-                await self.firewall.sync_all()
+                await self.firewall.sync()
             except VnetError as e:  # keep serving: show and the log say why
                 log.error("firewall: %s", e.message)
                 self.problems.append(f"firewall: {e.message}")
@@ -162,16 +169,14 @@ class Engine:
     # --- events from ports and leases ---------------------------------------------------
     def _port_event(self, port: Port, state: str) -> None:
         if state == "detached":
-            asyncio.get_running_loop().create_task(self._locked(self.firewall.port_gone(port)))
+            self.schedule(self.firewall.port_gone(port))
         elif state == "cut":
-            asyncio.get_running_loop().create_task(self._locked(self._cut_off(port)))
+            self.schedule(self._cut_off(port))
         elif state == "learned":
-            asyncio.get_running_loop().create_task(
-                self._locked(self.firewall.port_attached(port)))
+            self.schedule(self.firewall.port_attached(port))
 
     def _lease_event(self, network: str, lease, event: str) -> None:
-        asyncio.get_running_loop().create_task(
-            self._locked(self.firewall.leases_changed(network)))
+        self.schedule(self.firewall.leases_changed(network))
 
     async def _cut_off(self, port: Port) -> None:
         """A port's holder changed its tap's own address (or sent as another VM): off the
@@ -185,21 +190,6 @@ class Engine:
                 await self.links.set(port.ifindex, master=0)
         except Exception as e:  # gone meanwhile
             log.info("cutting off %s: %s", port.ifname, e)
-
-    def _identity_owner(self, network: str, mac: str) -> str | None:
-        """The VM (or the gateway) a MAC belongs to on a network, if any."""
-        net = self.defs.get(network)
-        if net is not None:
-            if mac == net.mac:
-                return "the gateway"
-            for h in net.hosts:
-                if h.mac == mac:
-                    return h.vm
-        for p in self.ports.on_network(network):
-            if p.mac_known and p.mac == mac and p.kind != "vde":
-                return p.vm
-        k = self.macs.owner_of(network, mac)
-        return split_key(k)[0] if k else None
 
     def _guard_taps(self, net: Network) -> None:
         """The taps a network brings (`-n` taps, VDE switches' taps) are guarded as ports:
@@ -245,17 +235,27 @@ class Engine:
                 await self._remove_unwanted(lk)
                 continue
             try:
-                await self._ensure_running(net, lk)
-                await self.vde.start(net)
-                await self.dhcp.start(net)
-                self._guard_taps(net)
-                self.running.add(net.name)
+                await self._adopt(net, lk)
                 log.info("reconcile: adopted running network %s", net.name)
             except VnetError as e:
                 log.error("reconcile: could not adopt %s (%s); removing it", net.name, e.message)
                 await self._teardown(net)
-        await self._apply_evpn("reconcile")  # once, with every adopted network
+        try:  # once, with every adopted network
+            await self.evpn.sync()
+        except VnetError as e:
+            self.problems.append(f"evpn (reconcile): {e.message}")
+            log.error("evpn (reconcile): %s", e.message)
         await self._reap_orphan_children()
+
+    async def _adopt(self, net: Network, bridge: Link) -> None:
+        """A network found running: its driver makes it match the definition (idempotent),
+        then each subsystem takes it over."""
+        run = await driver_for(net).adopt(self.ctx, net, bridge)
+        self.running[net.name] = run
+        for sub in self.services:
+            await sub.adopt(run)
+        self._guard_taps(run.net)
+        await self.firewall.adopt(run)
 
     async def _reap_orphan_children(self) -> None:
         """Servers a crashed vnetd left for networks that are not running (their start was
@@ -276,36 +276,6 @@ class Engine:
         log.info("reconcile: removing %s (alias %s): no definition wants it", lk.ifname, lk.alias)
         await self.links.delete(lk.index)
 
-    async def _ensure_running(self, net: Network, bridge: Link) -> None:
-        """Make an adopted network match its definition (idempotent)."""
-        if net.overlay is not None:
-            net = await self._ensure_overlay(net, bridge)
-        if bridge.mtu != net.mtu and net.mode != "bridged":
-            await self.links.set(bridge.index, mtu=net.mtu)
-        if net.mode == "bridged":  # finish a move a crash may have cut short
-            try:
-                record = json.loads(self._uplink_record_path(net).read_text())
-            except (OSError, ValueError):
-                raise Failed(f"There is no record of what {net.uplink} had.") from None
-            nic = await self.links.get(record["nic"])
-            if nic is None:
-                raise NotFound(f"The bridged interface {record['nic']} is gone.")
-            if nic.master != bridge.index:
-                await self.links.set(nic.index, master=bridge.index)
-            await self.links.move_addresses(record["addresses"], nic.index, bridge.index)
-            await self.links.add_routes(record["routes"], bridge.index)
-        for want in self._gateway_ifaces(net):  # one that is there already is no error: no
-            await self.links.add_address(bridge.index, want)  # dump of every address first
-        gid = self._tap_gid(net) if net.taps else None
-        for tname in net.tap_names:
-            lk = await self.links.get(tname)
-            if lk is None:
-                await self._make_tap(net, tname, bridge.index, gid, Rollback())
-            elif lk.master != bridge.index or not lk.up:
-                await self.links.set(lk.index, master=bridge.index, state="up")
-        if not bridge.up:
-            await self.links.up(bridge.index)
-
     # --- queries ------------------------------------------------------------------------
     def get(self, name: str) -> Network:
         model.validate_network_name(name)
@@ -316,7 +286,7 @@ class Engine:
 
     def summary(self, net: Network) -> dict[str, Any]:
         d = net.to_dict()
-        d["mtu"] = net.mtu
+        d["mtu"] = (self.network(net.name) or net).mtu
         d["owner"] = net.owner
         d["state"] = "running" if net.name in self.running else "stopped"
         d["gateway"] = str(net.gateway)
@@ -332,23 +302,27 @@ class Engine:
     async def show(self, name: str) -> dict[str, Any]:
         net = self.get(name)
         d = self.summary(net)
-        if net.name in self.running:
+        run = self.running.get(name)
+        if run is not None:
             lk = await self.links.get(net.bridge)
             if lk is not None:
                 d["ifindex"] = lk.index
                 d["mac"] = lk.address
                 d["addresses"] = [str(a) for a in await self.links.addresses(lk.index)]
-            d["servers"] = self.dhcp.status(net.name)
-            if net.vde:
-                d["vde"] = await asyncio.to_thread(self.vde.status, net)
-            counters = await self.firewall.spoof_counters()
+            d["servers"] = await self.dhcp.status(name)
+            vde = await self.vde.status(name)
+            if vde is not None:
+                d["vde"] = vde
+            counters = await self.firewall.status(name)
             d["ports"] = [{"ifname": p.ifname, "vm": p.vm, "nic": p.nic,
                            "mac": p.mac if p.mac_known else "(learning)", "uid": p.uid,
                            "spoof-drops": counters.get(p.ifname, {}).get("packets", 0)}
                           for p in sorted(self.ports.on_network(net.name),
                                           key=lambda p: p.ifname)]
-            if net.overlay is not None:
-                d["overlay-state"] = await self._overlay_state(net)
+            d.update(await driver_for(net).status(self.ctx, run))
+            evpn = await self.evpn.status(name)
+            if evpn is not None and "overlay-state" in d:
+                d["overlay-state"]["evpn"] = evpn
             warnings = await asyncio.to_thread(self.firewall.warnings)
             if warnings:
                 d["firewall-warnings"] = warnings
@@ -381,6 +355,7 @@ class Engine:
                     raise Exists(f"An interface named '{tname}' already exists on this host.")
             await self._check_subnets(net)
             self._check_vni(net)
+            await driver_for(net).verify(self.ctx, net)
             for f in net.forwards:
                 clash = self.fwd_index.clash(f)
                 if clash is not None:
@@ -396,7 +371,7 @@ class Engine:
             except OSError:
                 self.store.delete(net.name)
                 raise
-            self.defs[net.name] = net
+            self._put(net)
             for f in net.forwards:
                 self.fwd_index.add(net.name, f)
         self._changed(net.name, "defined")
@@ -471,7 +446,7 @@ class Engine:
         async with self.lock:
             net = self.get(name).with_changes(autostart=bool(enabled))
             self.store.save(net)
-            self.defs[name] = net
+            self._put(net)
         return net
 
     async def reload(self) -> list[str]:
@@ -482,29 +457,35 @@ class Engine:
                 if name not in defs and name in self.running:
                     problems.append(f"{name}: its file is gone but it is running: kept until stopped.")
                     defs[name] = self.defs[name]
-            changed = [n for n in defs if not _same(self.defs.get(n), defs[n])]
+            changed = [n for n in defs if self.defs.get(n) != defs[n]]
             for name in changed:
                 old = self.defs.get(name)
-                if name in self.running and old is not None and _overlay_moved(old, defs[name]):
+                if name in self.running and old is not None and vxlan.moved(old, defs[name]):
                     problems.append(f"{name}: its overlay settings (other than peers) changed "
                                     "while it runs: stop and start it to apply them.")
                     defs[name] = defs[name].with_changes(overlay=old.overlay)
-            self.defs = defs
-            self.problems = problems
+            self.defs = {}
+            for net in defs.values():
+                self._put(net)
+            self.problems[:] = problems
             self._index_forwards()
             for name in changed:
                 if name in self.running:
                     lk = await self.links.get(name)
                     if lk is not None:
                         try:
-                            await self._ensure_running(defs[name], lk)
+                            run = await driver_for(defs[name]).adopt(self.ctx, defs[name], lk)
                         except VnetError as e:
                             problems.append(f"{name}: {e.message}")
                             continue
-                        await self.dhcp.stop(name)
-                        await self.dhcp.start(self.defs[name])
-            await self._apply_evpn("reload")  # also gives back what an FRR restart lost
-            await self.firewall.sync_all()  # also re-checks a DOCKER-USER chain
+                        self.running[name] = run
+                        await self.dhcp.apply(run)
+            try:  # also gives back what an FRR restart lost
+                await self.evpn.sync()
+            except VnetError as e:
+                problems.append(f"evpn (reload): {e.message}")
+                log.error("evpn (reload): %s", e.message)
+            await self.firewall.sync()  # also re-checks a DOCKER-USER chain
         for name in changed:
             self._changed(name, "reloaded")
         return problems
@@ -518,203 +499,56 @@ class Engine:
             await self._start(net)
         self._changed(name, "running")
 
-    def _gateway_ifaces(self, net: Network) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
-        if net.mode == "bridged":
-            return []  # the bridge carries the NIC's own addresses
-        if net.overlay is not None and net.overlay.is_member:
-            return []  # the gateway host holds the gateway address
-        out: list[Any] = [ipaddress.ip_interface(f"{net.gateway}/{net.subnet.prefixlen}")]
-        if net.subnet6 is not None:
-            out.append(ipaddress.ip_interface(f"{net.gateway6}/{net.subnet6.prefixlen}"))
-        return out
-
-    def _tap_gid(self, net: Network) -> int:
-        try:
-            return grp.getgrnam(net.tap_group).gr_gid
-        except KeyError:
-            raise InvalidArgument(
-                f"The group '{net.tap_group}' for the taps of '{net.name}' does not exist on this "
-                "host (make install creates group 'vnet')."
-            ) from None
-
-    async def _make_tap(self, net: Network, tname: str, master: int, gid: int | None,
-                        rb: Rollback) -> None:
-        with self.store.intent(tname):
-            try:
-                await asyncio.to_thread(tapdev.make_persistent_tap, tname, net.tap_user, gid)
-            except OSError as e:
-                raise Failed(f"Could not create tap '{tname}': {e.strerror}.") from None
-            index = socket.if_nametoindex(tname)
-            rb.add(f"delete tap {tname}", lambda idx=index: self.links.delete(idx))
-            self.links.fast.set(index, alias=model.alias_for(net.name), master=master,
-                                mtu=net.mtu)
-
     async def _start(self, net: Network) -> None:
+        """The driver makes the network's links; then each subsystem, the firewall last.
+        Any failure undoes every step, newest first."""
         existing = await self.links.get(net.bridge)
         if existing is not None:
             raise Exists(f"An interface named '{net.bridge}' already exists and was not made "
                          "by qemu-vnet for this network.")
-        if net.mode == "bridged":
-            return await self._start_bridged(net)
-        await self._check_subnets(net)
-        underlay = None
-        if net.overlay is not None:
-            underlay, net = await self._underlay(net)
-            self.defs[net.name] = net
-        gid = self._tap_gid(net) if net.taps else None
+        if net.mode != "bridged":
+            await self._check_subnets(net)
         rb = Rollback()
         try:
-            with self.store.intent(net.bridge):
-                br = await self.links.create_bridge(net.bridge, net.mac, net.mtu,
-                                                    model.alias_for(net.name))
-            rb.add(f"delete bridge {net.bridge}", lambda: self.links.delete(br.index))
-            if net.subnet6 is not None:
-                # the gateway owns its prefix: no SLAAC from its own router advertisements
-                self.links.sysctl_ipv6(net.bridge, accept_ra=0, autoconf=0)
-            for iface in self._gateway_ifaces(net):
-                await self.links.add_address(br.index, iface)
-            for tname in net.tap_names:
-                if await self.links.get(tname) is not None:
-                    raise Exists(f"An interface named '{tname}' already exists on this host.")
-                await self._make_tap(net, tname, br.index, gid, rb)
-            if net.overlay is not None:
-                await self._start_overlay(net, br.index, underlay, rb)
-            await self.links.up(br.index)
-            await self.vde.start(net)
-            await self.dhcp.start(net)
-            self._guard_taps(net)
-            self.running.add(net.name)
-            await self.firewall.sync_all()
+            run = await driver_for(net).start(self.ctx, net, rb)
+            self.running[net.name] = run
+            rb.add(f"forget {net.name}'s ports", lambda: self._forget_ports(net.name))
+            for sub in self.services:
+                rb.add(f"remove {net.name} from {sub.name}", lambda s=sub: s.remove(net.name))
+                await sub.apply(run)
+            self._guard_taps(run.net)
+            await self.firewall.apply(run)  # one transaction: all of it, or none
         except BaseException:
-            self.running.discard(net.name)
-            for p in self.ports.on_network(net.name):
-                self.ports.forget(p)
-            await self.dhcp.stop(net.name)
-            await self.vde.stop(net)
             await rb.run()
             raise
 
+    async def _forget_ports(self, name: str) -> None:
+        self.running.pop(name, None)
+        for p in self.ports.on_network(name):
+            self.ports.forget(p)
+
+    async def stop(self, name: str) -> None:
+        async with self.lock:
+            net = self.get(name)
+            if name not in self.running:
+                raise Busy(f"The network '{name}' is not running.")
+            await self._teardown(net)
+        self._changed(name, "stopped")
+
+    async def _teardown(self, net: Network) -> None:
+        """Each subsystem lets go of the network, the driver removes its links (and gives
+        back what it took), and the firewall drops its guards last, once no port is left."""
+        run = self.running.get(net.name) or Running(net, 0)
+        for sub in reversed(self.services):
+            try:
+                await sub.remove(net.name)
+            except VnetError as e:  # the network goes anyway; show says what is left
+                log.error("%s: %s", sub.name, e.message)
+        await driver_for(net).stop(self.ctx, run)
+        if self.running.pop(net.name, None) is not None:
+            await self.firewall.remove(net.name)
+
     # --- VXLAN overlay ------------------------------------------------------------------
-    async def _underlay(self, net: Network) -> tuple[Link, Network]:
-        """The interface the overlay leaves through (it must hold `local`), and the network
-        with its MTU: the underlay's minus VXLAN's overhead unless the definition says."""
-        ov = net.overlay
-        holder = await self.links.link_of_address(str(ov.local))
-        if holder is None:
-            raise InvalidArgument(
-                f"The overlay's local address {ov.local} is not an address of this host: "
-                "give this host's own underlay address.")
-        dev = holder
-        if ov.dev is not None:
-            dev = await self.links.get(ov.dev)
-            if dev is None:
-                raise NotFound(f"The underlay interface '{ov.dev}' (overlay dev) does not "
-                               "exist on this host.")
-            if dev.index != holder.index:
-                raise InvalidArgument(f"The local address {ov.local} is on '{holder.ifname}', "
-                                      f"not on the underlay interface '{ov.dev}'.")
-        if not dev.up:
-            raise InvalidArgument(f"The underlay interface '{dev.ifname}' is down: the "
-                                  "overlay's peers cannot be reached through it.")
-        if net.mtu_auto:
-            mtu = min(dev.mtu - ov.overhead, model.MAX_MTU)
-            if mtu < model.MIN_MTU:
-                raise InvalidArgument(f"The underlay '{dev.ifname}' has MTU {dev.mtu}: too "
-                                      f"small to carry VXLAN ({ov.overhead} bytes overhead).")
-            net = net.with_changes(mtu=mtu)
-        return dev, net
-
-    async def _start_overlay(self, net: Network, bridge: int, dev: Link, rb: Rollback) -> None:
-        vx = await self._create_vx(net, dev)
-        rb.add(f"delete {net.overlay.ifname}", lambda: self.links.delete(vx.index))
-        await self._overlay_plumbing(net, bridge, vx)
-        if net.overlay.control == "evpn":
-            rb.add("withdraw from FRR",
-                   lambda: self.evpn.apply(self._evpn_networks(gone=net.name)))
-            await self.evpn.apply(self._evpn_networks(net))
-
-    async def _create_vx(self, net: Network, dev: Link) -> Link:
-        ov = net.overlay
-        taken = await self.links.get(ov.ifname)
-        if taken is not None:
-            owner = model.network_of_alias(taken.alias)
-            raise Exists(f"An interface named '{ov.ifname}' already exists on this host, so "
-                         f"VNI {ov.vni} is taken" + (f" (by network '{owner}')." if owner else
-                                                      " (not by qemu-vnet)."))
-        with self.store.intent(ov.ifname):
-            return await self.links.create_vxlan(
-                ov.ifname, ov.vni, str(ov.local), ov.port,
-                dev.index if ov.dev is not None else None, learning=ov.control == "static",
-                mtu=net.mtu, alias=model.alias_for(net.name))
-
-    async def _ensure_overlay(self, net: Network, bridge: Link) -> Network:
-        """An adopted overlay network (vnetd restart, reload): kept running through passing
-        trouble (underlay not up yet, FRR restarting), which is reported, not punished by
-        tearing the guests' LAN down. A missing VXLAN device is made again."""
-        try:
-            dev, net = await self._underlay(net)
-        except VnetError as e:
-            dev = None
-            self.problems.append(f"{net.name}: {e.message} (the network keeps running)")
-            log.error("overlay %s: %s", net.name, e.message)
-            if net.mtu_auto:
-                net = net.with_changes(mtu=bridge.mtu)
-        self.defs[net.name] = net
-        vx = await self.links.get(net.overlay.ifname)
-        if vx is None:
-            if dev is None:
-                raise NotFound(f"The VXLAN device {net.overlay.ifname} is gone and cannot be "
-                               "made again without its underlay.")
-            vx = await self._create_vx(net, dev)
-        await self._overlay_plumbing(net, bridge.index, vx)
-        return net
-
-    async def _overlay_plumbing(self, net: Network, bridge: int, vx: Link) -> None:
-        """Idempotent: the VXLAN port on the bridge, its flags, and (static) the flood list,
-        exactly the peers: entries for hosts no longer listed are removed."""
-        ov = net.overlay
-        await self.links.set(vx.index, master=bridge, mtu=net.mtu, state="up")
-        await self.links.vxlan_port_flags(vx.index, evpn=ov.control == "evpn")
-        if ov.control == "static":
-            want = {str(p) for p in ov.peers}
-            for e in await self.links.fdb(vx.index):
-                if e["mac"] == "00:00:00:00:00:00" and e["dst"] not in want:
-                    await self.links.flood_to(vx.index, e["dst"], add=False)
-                    await self.links.forget_remote(vx.index, e["dst"])
-            for peer in sorted(want):
-                await self.links.flood_to(vx.index, peer)
-
-    async def _apply_evpn(self, why: str) -> None:
-        """FRR gets the fragment for the running EVPN networks (after reconcile, on reload):
-        trouble is reported, and the networks keep running."""
-        try:
-            await self.evpn.apply(self._evpn_networks())
-        except VnetError as e:
-            self.problems.append(f"evpn ({why}): {e.message}")
-            log.error("evpn (%s): %s", why, e.message)
-
-    def _evpn_networks(self, changed: Network | None = None, gone: str | None = None
-                       ) -> list[Network]:
-        nets = {n: self.defs[n] for n in self.running if n in self.defs}
-        if changed is not None:
-            nets[changed.name] = changed
-        nets.pop(gone or "", None)
-        return [n for _, n in sorted(nets.items())
-                if n.overlay is not None and n.overlay.control == "evpn"]
-
-    async def _overlay_state(self, net: Network) -> dict[str, Any]:
-        ov = net.overlay
-        d: dict[str, Any] = {"device": ov.ifname, "mtu": net.mtu,
-                             "mtu-source": "underlay minus VXLAN overhead" if net.mtu_auto
-                             else "definition"}
-        vx = await self.links.get(ov.ifname)
-        if vx is not None:
-            d["fdb"] = await self.links.fdb(vx.index)
-            d["underlay-mtu"] = net.mtu + ov.overhead if net.mtu_auto else None
-        if ov.control == "evpn":
-            d["evpn"] = await self.evpn.status()
-        return {k: v for k, v in d.items() if v is not None}
-
     async def set_peer(self, network: str, address: str, add: bool) -> Network:
         """Add or remove an overlay peer, live: the flood entry (static) or the BGP
         neighbour (evpn), the VXLAN filter and the stored definition change together, or
@@ -728,170 +562,38 @@ class Engine:
             ov = net.overlay.with_peer(peer) if add else net.overlay.without_peer(peer)
             new = net.with_changes(overlay=ov)
             running = network in self.running
-            vx = await self.links.get(ov.ifname) if running else None
 
             async def kernel(n: Network, adding: bool) -> None:
-                if vx is None:
+                if not running:
                     return
                 if ov.control == "static":
-                    await self.links.flood_to(vx.index, str(peer), add=adding)
+                    await vxlan.flood(self.ctx, n, str(peer), adding)
                 else:
-                    await self.evpn.apply(self._evpn_networks(n))
+                    await self.evpn.apply(self.running[network])
 
-            await kernel(new, add)
+            self._put(new)
             try:
-                self.defs[network] = new
+                await kernel(new, add)
+            except BaseException:
+                self._put(net)
+                raise
+            try:
                 if running:
-                    await self.firewall.sync_all()  # the VNI takes only the peers
+                    await self.firewall.sync()  # the VNI takes only the peers
                 self.store.save(new)
             except BaseException:
-                self.defs[network] = net
+                self._put(net)
                 await kernel(net, not add)
                 if running:
-                    await self.firewall.sync_all()
+                    await self.firewall.sync()
                 raise
-            if vx is not None and ov.control == "static" and not add:
+            if running and ov.control == "static" and not add:
                 try:  # tidying: the MACs learned behind the removed host
-                    await self.links.forget_remote(vx.index, str(peer))
+                    await vxlan.forget(self.ctx, new, str(peer))
                 except VnetError as e:
                     log.warning("overlay %s: %s", network, e.message)
         self._changed(network, "peers")
         return new
-
-    async def _teardown_bridged(self, net: Network) -> None:
-        await self.vde.stop(net)
-        await self._remove_links(net)
-        path = self._uplink_record_path(net)
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            record = None
-            log.error("bridged %s: no record of %s's addresses; nothing to give back",
-                      net.name, net.uplink)
-        if record is not None:
-            await self._restore_uplink(record)()
-            path.unlink(missing_ok=True)
-        was_running = net.name in self.running
-        self.running.discard(net.name)
-        if was_running:
-            await self.firewall.sync_all()  # its ports' guards go
-        log.info("bridged %s: %s has its addresses and routes back", net.name, net.uplink)
-
-    async def stop(self, name: str) -> None:
-        async with self.lock:
-            net = self.get(name)
-            if name not in self.running:
-                raise Busy(f"The network '{name}' is not running.")
-            await self._teardown(net)
-        self._changed(name, "stopped")
-
-    # --- bridged mode -------------------------------------------------------------------
-    def _uplink_record_path(self, net: Network):
-        return self.store.runtime_dir / f"bridged-{net.name}.json"
-
-    async def _start_bridged(self, net: Network) -> None:
-        """Enslave the physical NIC; its addresses and routes move to the bridge (which takes
-        the NIC's MAC, so upstream DHCP and ARP keep working) and move back exactly on stop.
-        What the NIC had is written down first, so a restarted vnetd can still put it back."""
-        nic = await self.links.get(net.uplink)
-        if nic is None:
-            raise NotFound(f"There is no interface named '{net.uplink}' to bridge.")
-        if nic.master is not None:
-            master = await self.links.get(index=nic.master)
-            raise Busy(f"'{net.uplink}' is already in bridge "
-                       f"'{master.ifname if master else nic.master}'; take it out first.")
-        if nic.kind in ("bridge", "tun") or model.network_of_alias(nic.alias):
-            raise InvalidArgument(f"'{net.uplink}' is not a physical NIC (it is a "
-                                  f"{nic.kind or 'virtual'} interface).")
-        sysfs = f"/sys/class/net/{net.uplink}"
-        if os.path.exists(f"{sysfs}/wireless") or os.path.exists(f"{sysfs}/phy80211"):
-            raise InvalidArgument(f"'{net.uplink}' is a wireless NIC: Wi-Fi cannot be put in "
-                                  "a bridge (the access point drops other MACs); use a nat "
-                                  "network instead.")
-        addrs = await self.links.address_records(nic.index)
-        routes = await self.links.route_records(nic.index)
-        defaults = [r for r in routes if r["dst_len"] == 0]
-        if defaults and not net.force:
-            raise InvalidArgument(
-                f"'{net.uplink}' carries this host's default route: bridging moves its "
-                "addresses and routes to the bridge, and a mistake would cut the host off. "
-                "Define the network with --force if you mean it.")
-        record = {"nic": net.uplink, "up": nic.up, "mtu": nic.mtu, "addresses": addrs,
-                  "routes": routes}
-        path = self._uplink_record_path(net)
-        self.store.write_runtime_file(path, json.dumps(record).encode())
-        rb = Rollback()
-        rb.add("forget the uplink record", self._forget_uplink(path))
-        try:
-            with self.store.intent(net.bridge):
-                br = await self.links.create_bridge(net.bridge, nic.address, nic.mtu,
-                                                    model.alias_for(net.name))
-            rb.add(f"give {net.uplink} back its addresses", self._restore_uplink(record))
-            rb.add(f"delete bridge {net.bridge}", lambda: self.links.delete(br.index))
-            await self.links.set(nic.index, master=br.index)
-            await self.links.up(br.index)
-            await self.links.move_addresses(addrs, nic.index, br.index)
-            await self.links.add_routes(routes, br.index)
-            gid = self._tap_gid(net) if net.taps else None
-            for tname in net.tap_names:
-                await self._make_tap(net, tname, br.index, gid, rb)
-            await self.vde.start(net)
-            self._guard_taps(net)
-            self.running.add(net.name)
-            await self.firewall.sync_all()  # its taps are guarded ports too
-        except BaseException:
-            self.running.discard(net.name)
-            for p in self.ports.on_network(net.name):
-                self.ports.forget(p)
-            await self.vde.stop(net)
-            await rb.run()
-            raise
-        log.info("bridged %s: %s with %d address(es) and %d route(s) moved to the bridge",
-                 net.name, net.uplink, len(addrs), len(routes))
-
-    def _forget_uplink(self, path):
-        async def forget() -> None:
-            path.unlink(missing_ok=True)
-        return forget
-
-    def _restore_uplink(self, record: dict):
-        async def restore() -> None:
-            nic = await self.links.get(record["nic"])
-            if nic is None:
-                log.error("bridged: %s is gone; cannot give its addresses back", record["nic"])
-                return
-            if nic.master is not None:
-                await self.links.set(nic.index, master=0)
-            await self.links.move_addresses(record["addresses"], None, nic.index)
-            await self.links.add_routes(record["routes"], nic.index)
-            if record["up"] and not nic.up:
-                await self.links.up(nic.index)
-        return restore
-
-    async def _remove_links(self, net: Network) -> None:
-        """The network's ports, pre-created taps and bridge: only those carrying its alias."""
-        await self.ports.remove_network_ports(net.name)
-        vx = [net.overlay.ifname] if net.overlay is not None else []
-        for name in [*net.tap_names, *vx, net.bridge]:
-            lk = await self.links.get(name)
-            if lk is not None and model.network_of_alias(lk.alias) == net.name:
-                await self.links.delete(lk.index)
-
-    async def _teardown(self, net: Network) -> None:
-        if net.mode == "bridged":
-            return await self._teardown_bridged(net)
-        if net.overlay is not None and net.overlay.control == "evpn":
-            try:
-                await self.evpn.apply(self._evpn_networks(gone=net.name))
-            except VnetError as e:  # the network goes anyway; show says what FRR has
-                log.error("evpn: %s", e.message)
-        await self.dhcp.stop(net.name)
-        await self.vde.stop(net)
-        await self._remove_links(net)
-        was_running = net.name in self.running
-        self.running.discard(net.name)
-        if was_running:
-            await self.firewall.sync_all()
 
     # --- ports --------------------------------------------------------------------------
     def _running_bridge(self, net: Network) -> int:
@@ -910,8 +612,9 @@ class Engine:
         model.validate_vm_name(vm)
         opts = parse_attach_options(options)
         async with self.lock:
+            bridge = self._running_bridge(net)
             port, fds, vhostfds, info = await self.ports.attach(
-                net, self._running_bridge(net), vm, uid, pid, opts)
+                self.running[network].net, bridge, vm, uid, pid, opts)
             if net.spoof_protection:
                 try:
                     await self.firewall.port_attached(port)
@@ -961,7 +664,8 @@ class Engine:
             try:
                 if net.spoof_protection:  # guarded before it reaches the bridge
                     await self.firewall.port_attached(port)
-                await self.links.set(lk.index, master=bridge, mtu=net.mtu, state="up")
+                await self.links.set(lk.index, master=bridge,
+                                     mtu=self.running[net.name].net.mtu, state="up")
             except BaseException:
                 self.ports.forget(port)
                 await self.firewall.port_gone(port)
@@ -1040,7 +744,7 @@ class Engine:
             host = model.StaticHost(vm=vm, mac=mac, ip=ip)
             new = net.with_changes(hosts=(*net.hosts, host))
             self.store.save(new)
-            self.defs[network] = new
+            self._put(new)
             await self.dhcp.apply_hosts(new)
             await self.firewall.leases_changed(network)
         return host
@@ -1064,28 +768,14 @@ class Engine:
                 raise NotFound(f"VM '{vm}' has no static host on {network}.")
             new = net.with_changes(hosts=tuple(h for h in net.hosts if h.vm != vm))
             self.store.save(new)
-            self.defs[network] = new
+            self._put(new)
             await self.dhcp.apply_hosts(new)
             await self.firewall.leases_changed(network)
 
     def leases(self, network: str) -> list[dict[str, Any]]:
         net = self.get(network)
-        by_mac = {p.mac: p for p in self.ports.on_network(network)}
-        statics = {h.mac: h for h in net.hosts}
-        out = []
-        for le in self.dhcp.leases(net):
-            d: dict[str, Any] = {"mac": le.mac, "ip": le.ip, "hostname": le.hostname,
-                                 "expiry": le.expiry}
-            port = by_mac.get(le.mac)
-            if port is not None:
-                d["vm"], d["port"] = port.vm, port.ifname
-            elif le.mac in statics:
-                d["vm"] = statics[le.mac].vm
-            else:
-                owner = self.macs.owner_of(network, le.mac)
-                if owner:
-                    d["vm"] = split_key(owner)[0]
-            out.append(d)
+        out = [{"mac": le.mac, "ip": le.ip, "hostname": le.hostname, "expiry": le.expiry,
+                **self.resolver.lease_vm(net, le.mac)} for le in self.dhcp.leases(net)]
         return sorted(out, key=lambda d: tuple(int(x) for x in d["ip"].split(".")))
 
     # --- port forwarding ----------------------------------------------------------------
@@ -1106,7 +796,7 @@ class Engine:
             fwd = dataclasses.replace(
                 model.parse_forward(net, model.expand_forward_words(spec)), owner=uid)
             self._check_forward_quota(uid)
-            if not self._knows_vm(net, fwd.target):
+            if not self.resolver.knows_vm(net, fwd.target):
                 raise InvalidArgument(
                     f"'{fwd.target}' is neither an address nor a known VM on {network} (an "
                     "unknown VM name): give it a static host or attach it once first.")
@@ -1124,7 +814,7 @@ class Engine:
                 if net.name in self.running:
                     await self.firewall.forward_removed(new, fwd)
                 raise
-            self.defs[network] = new
+            self._put(new)
             self.fwd_index.add(network, fwd)
         return fwd
 
@@ -1143,22 +833,10 @@ class Engine:
             if net.name in self.running:
                 await self.firewall.forward_removed(net, match)
             self.store.delete_forward(network, match)
-            self.defs[network] = net.with_changes(
-                forwards=tuple(f for f in net.forwards if f is not match))
+            self._put(net.with_changes(
+                forwards=tuple(f for f in net.forwards if f is not match)))
             self.fwd_index.remove(network, match)
         return match
-
-    def _knows_vm(self, net: Network, target: str) -> bool:
-        try:
-            ipaddress.ip_address(target)
-            return True
-        except ValueError:
-            pass
-        if net.host(target) is not None:
-            return True
-        if any(split_key(k)[0] == target for k in self.macs.data.get(net.name, {})):
-            return True
-        return any(le.hostname.lower() == target.lower() for le in self.dhcp.leases(net))
 
     def list_forwards(self, network: str) -> list[dict[str, Any]]:
         net = self.get(network)

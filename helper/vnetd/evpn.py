@@ -16,11 +16,15 @@ import asyncio
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .backends import frr
 from .errors import Busy, Failed, NotRunning
 from .model import Network
 from .store import atomic_write
+
+if TYPE_CHECKING:
+    from .networks import Running
 
 log = logging.getLogger("vnetd.evpn")
 
@@ -31,6 +35,55 @@ class Evpn:
         self.state = Path(runtime_dir) / "frr-evpn.json"  # for vnetd: what to diff against
         self.pathspace = pathspace
         self.lock = asyncio.Lock()
+        self.nets: dict[str, Network] = {}  # the running EVPN networks, by name
+
+    # --- the subsystem protocol (subsystem.py) -----------------------------------------
+    name = "evpn"
+
+    @staticmethod
+    def concerns(net: Network) -> bool:
+        return net.overlay is not None and net.overlay.control == "evpn"
+
+    async def apply(self, run: Running) -> None:
+        """FRR advertises the network's VNI (and peers with its peers); on failure FRR
+        keeps what it had and so does this record."""
+        if not self.concerns(run.net):
+            return await self.remove(run.name)
+        before = self.nets.get(run.name)
+        self.nets[run.name] = run.net
+        try:
+            await self.push()
+        except BaseException:
+            if before is None:
+                self.nets.pop(run.name, None)
+            else:
+                self.nets[run.name] = before
+            raise
+
+    async def remove(self, name: str) -> None:
+        if self.nets.pop(name, None) is not None:
+            await self.push()
+
+    async def adopt(self, run: Running) -> None:
+        if self.concerns(run.net):
+            self.nets[run.name] = run.net
+
+    async def sync(self) -> None:
+        """Also gives FRR back what a restart of its own lost."""
+        await self.push()
+
+    async def status(self, name: str) -> dict | None:
+        """What bgpd says of its EVPN peers, for `show`."""
+        if name not in self.nets:
+            return None
+        try:
+            text = await self._run("-c", "show bgp l2vpn evpn summary json", timeout=5)
+        except (Failed, NotRunning) as e:
+            return {"frr": f"unreachable: {e.message}"}
+        return frr.parse_summary(text)
+
+    async def push(self) -> None:
+        await self.apply_networks([n for _, n in sorted(self.nets.items())])
 
     def _vtysh(self) -> list[str]:
         argv = [frr.VTYSH]
@@ -78,7 +131,7 @@ class Evpn:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    async def apply(self, networks: list[Network]) -> None:
+    async def apply_networks(self, networks: list[Network]) -> None:
         """Make FRR hold exactly the fragment for `networks` (all running EVPN networks).
         The whole fragment is sent each time (idempotent: no session resets), so FRR gets it
         back after a restart of its own."""
@@ -126,12 +179,3 @@ class Evpn:
         else:
             atomic_write(self.path, fragment.render().encode())
             atomic_write(self.state, fragment.dumps().encode())
-
-    async def status(self) -> dict:
-        """What bgpd says of its EVPN peers, for `show`."""
-        try:
-            text = await self._run("-c", "show bgp l2vpn evpn summary json", timeout=5)
-        except (Failed, NotRunning) as e:
-            return {"frr": f"unreachable: {e.message}"}
-        return frr.parse_summary(text)
-

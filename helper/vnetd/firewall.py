@@ -17,18 +17,19 @@ import socket
 import struct
 import threading
 from collections import Counter
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from vnet_common.names import split_key
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .backends import firewall as fw
 from .errors import Failed
 from .model import Forward, Network
 
 if TYPE_CHECKING:
-    from .engine import Engine
-    from .ports import Port
+    from .backends.links import Links
+    from .networks import Running
+    from .ports import Port, Ports
+    from .resolver import Resolver
 
 log = logging.getLogger("vnetd.firewall")
 
@@ -38,9 +39,30 @@ RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x10, 0x100
 RTM_NEWADDR, RTM_DELADDR = 20, 21
 
 
+class View(Protocol):
+    """What the firewall may know of the networks: read-only, from the engine."""
+
+    links: Links
+    ports: Ports
+    resolver: Resolver
+
+    def network(self, name: str) -> Network | None:
+        """A network's definition in force (with its run-time MTU while it runs)."""
+
+    def running(self) -> list[Network]:
+        """The running networks' definitions in force, by name."""
+
+    def is_running(self, name: str) -> bool: ...
+
+    def schedule(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` later, under the engine's lock (for events from the kernel)."""
+
+
 class Firewall:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    name = "firewall"
+
+    def __init__(self, view: View):
+        self.view = view
         # a forward is one FwForward, or one per address of its addr-of interface
         self.applied_forwards: dict[tuple[str, Forward], tuple[fw.FwForward, ...]] = {}
         # the addresses of the interfaces addr-of forwards name, as last read from the kernel
@@ -87,8 +109,26 @@ class Firewall:
             raise Failed(f"The firewall cannot {what}: {e}") from None
         await asyncio.to_thread(self._apply, cmd, what)
 
+    # --- the subsystem protocol (subsystem.py): networks change the whole ruleset --------
+    async def apply(self, run: Running) -> None:
+        await self.sync_all()
+
+    async def remove(self, name: str) -> None:
+        await self.sync_all()
+
+    async def adopt(self, run: Running) -> None:
+        pass  # one sync_all after every network is adopted
+
+    async def sync(self) -> None:
+        await self.sync_all()
+
+    async def status(self, name: str) -> dict[str, dict[str, int]]:
+        """The anti-spoofing drop counters of the network's ports, by port."""
+        mine = {p.ifname for p in self.view.ports.on_network(name)}
+        return {k: v for k, v in (await self.spoof_counters()).items() if k in mine}
+
     def _protects(self, network: str) -> bool:
-        net = self.engine.defs.get(network)
+        net = self.view.network(network)
         return net is None or net.spoof_protection
 
     async def spoof_counters(self) -> dict[str, dict[str, int]]:
@@ -124,23 +164,7 @@ class Firewall:
     # --- what should be there -----------------------------------------------------------
     def resolve(self, net: Network, f: Forward) -> str | None:
         """The address a forward's target is now: itself, or a VM's static host or lease."""
-        try:
-            return str(ipaddress.ip_address(f.target))
-        except ValueError:
-            pass  # a VM name
-        host = net.host(f.target)
-        if host is not None and f.family == 4:
-            return str(host.ip)
-        # vnetd's own identity only: the VM's registry MACs and the MACs of the ports that
-        # hold it, never a hostname a guest chose for itself
-        macs = {m for k, m in self.engine.macs.data.get(net.name, {}).items()
-                if split_key(k)[0] == f.target}
-        macs |= {p.mac for p in self.engine.ports.on_network(net.name)
-                 if p.vm == f.target and p.mac_known and p.kind != "vde"}
-        for le in self.engine.dhcp.leases(net):
-            if le.mac in macs and (":" in le.ip) == (f.family == 6):
-                return le.ip
-        return None
+        return self.view.resolver.address(net, f.target, f.family)
 
     def _fw_forward(self, net: Network, f: Forward) -> tuple[fw.FwForward, ...]:
         """What the kernel holds for a forward: nothing while its target is unresolved; one
@@ -160,18 +184,18 @@ class Firewall:
 
     # --- addr-of forwards: the interfaces' addresses, followed ---------------------------
     def _addr_of_ifaces(self) -> set[str]:
-        return {f.addr_of for n in self.engine.running if n in self.engine.defs
-                for f in self.engine.defs[n].forwards if f.addr_of is not None}
+        return {f.addr_of for net in self.view.running() for f in net.forwards
+                if f.addr_of is not None}
 
     async def _read_iface_addrs(self, names: set[str]) -> bool:
         """Read the addresses of `names` (global scope: no link-local, no loopback's own
         127/8 beyond what it has); True when any changed."""
         changed = False
         for name in sorted(names):
-            link = await self.engine.links.get(name)
+            link = await self.view.links.get(name)
             addrs: tuple[str, ...] = ()
             if link is not None:
-                addrs = tuple(sorted(str(a.ip) for a in await self.engine.links.addresses(
+                addrs = tuple(sorted(str(a.ip) for a in await self.view.links.addresses(
                     link.index) if not a.ip.is_link_local))
             if self.iface_addrs.get(name) != addrs:
                 self.iface_addrs[name] = addrs
@@ -213,15 +237,14 @@ class Firewall:
             relevant = True
         if relevant and not self._addr_pending and self._addr_of_ifaces():
             self._addr_pending = True
-            asyncio.get_running_loop().create_task(self.engine._locked(self._addresses_moved()))
+            self.view.schedule(self._addresses_moved())
 
     async def _addresses_moved(self) -> None:
         self._addr_pending = False
         if await self._read_iface_addrs(self._addr_of_ifaces()):
-            for network in sorted(self.engine.running):
-                net = self.engine.defs.get(network)
-                if net is not None and any(f.addr_of for f in net.forwards):
-                    await self.leases_changed(network)
+            for net in self.view.running():
+                if any(f.addr_of for f in net.forwards):
+                    await self.leases_changed(net.name)
 
     def _fw_network(self, net: Network) -> fw.FwNetwork:
         ov = net.overlay
@@ -243,7 +266,7 @@ class Firewall:
         """What a port may be: its MAC, the IPv4 address bound to it (a static host, else its
         lease: the lease of its own MAC, which DHCP only gives to that client hardware
         address), and its IPv6 addresses (SLAAC from its MAC, DHCPv6 leases)."""
-        net = self.engine.defs.get(port.network)
+        net = self.view.network(port.network)
         bridged = net is not None and net.mode == "bridged"
         if port.kind == "vde":
             return fw.FwPort(ifname=port.ifname, network=port.network, mac=None, segment=True,
@@ -253,16 +276,11 @@ class Firewall:
                              mac=port.mac if port.mac_known else None, bridged=True)
         ipv4, ipv6 = None, []
         if net is not None and port.mac_known:
-            static = next((h for h in net.hosts if h.mac == port.mac), None)
-            leases = [le for le in self.engine.dhcp.leases(net) if le.mac == port.mac]
-            if static is not None:
-                ipv4 = str(static.ip)
-            else:
-                ipv4 = next((le.ip for le in leases if ":" not in le.ip), None)
+            ipv4, leased6 = self.view.resolver.port_addresses(net, port.mac)
             if net.subnet6 is not None:
                 if net.subnet6.prefixlen == 64:
                     ipv6.append(fw.eui64_in(net.subnet6, port.mac))
-                ipv6 += [le.ip for le in leases if ":" in le.ip]
+                ipv6 += leased6
         member = net is not None and net.overlay is not None and net.overlay.is_member
         return fw.FwPort(ifname=port.ifname, network=port.network,
                          mac=port.mac if port.mac_known else None, ipv4=ipv4,
@@ -270,7 +288,7 @@ class Firewall:
                          unbound_in=str(net.subnet) if member and ipv4 is None else None)
 
     def _gateways(self, network: str) -> tuple[str, ...]:
-        net = self.engine.defs.get(network)
+        net = self.view.network(network)
         if net is None or net.mode == "bridged":
             return ()  # the physical LAN's gateway is not ours to know
         return fw.gateway_addresses(self._fw_network(net))
@@ -290,8 +308,8 @@ class Firewall:
 
     # --- whole-ruleset changes (network start/stop, start-up) ---------------------------
     async def sync_all(self) -> None:
-        running = [self.engine.defs[n] for n in sorted(self.engine.running)
-                   if n in self.engine.defs and self.engine.defs[n].mode != "bridged"]
+        every = self.view.running()
+        running = [n for n in every if n.mode != "bridged"]
         forwards: dict[tuple[str, Forward], tuple[fw.FwForward, ...]] = {}
         if any(f.addr_of for net in running for f in net.forwards):
             self._watch_addresses()
@@ -302,8 +320,8 @@ class Firewall:
                 if ff:
                     forwards[(net.name, f)] = ff
         # ports of bridged networks are guarded too (their MAC only)
-        ours = {n for n in self.engine.running if n in self.engine.defs}
-        ports = {p.ifname: self._fw_port(p) for p in self.engine.ports.by_name.values()
+        ours = {n.name for n in every}
+        ports = {p.ifname: self._fw_port(p) for p in self.view.ports.by_name.values()
                  if p.network in ours}
         fw_nets = [self._fw_network(n) for n in running]
         if not ours and not ports:  # nothing runs: leave no table of ours behind
@@ -419,8 +437,8 @@ class Firewall:
 
     async def leases_changed(self, network: str) -> None:
         """A lease came, changed or went: re-resolve VM-name forwards and port addresses."""
-        net = self.engine.defs.get(network)
-        if net is None or network not in self.engine.running:
+        net = self.view.network(network)
+        if net is None or not self.view.is_running(network):
             return
         for f in net.forwards:
             old = self.applied_forwards.get((network, f), ())
@@ -435,7 +453,7 @@ class Firewall:
                 log.info("forward %s now goes to %s%s", f.describe(), new[0].target,
                          f" for {', '.join(str(x.ext_addr) for x in new)}" if f.addr_of
                          else "")
-        for p in self.engine.ports.on_network(network):
+        for p in self.view.ports.on_network(network):
             old_p = self.applied_ports.get(p.ifname)
             new_p = self._fw_port(p)
             if old_p is not None and old_p != new_p:

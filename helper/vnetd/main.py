@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ctypes
 import errno
+import faulthandler
 import logging
 import logging.handlers
 import os
@@ -140,6 +141,8 @@ async def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(
             sig, lambda s=sig: stop.done() or stop.set_result(s))
+    # SIGUSR1: log what every pending task waits on (the loop runs, something never ends)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _log_tasks)
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
     done, _ = await asyncio.wait([stop, disconnected], return_when=asyncio.FIRST_COMPLETED)
     if disconnected in done:
@@ -163,6 +166,17 @@ PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _log_tasks() -> None:
+    """Log each pending asyncio task and where it waits: for a call that never answers."""
+    tasks = asyncio.all_tasks()
+    log.warning("SIGUSR1: %d pending task(s)", len(tasks))
+    for task in tasks:
+        frames = task.get_stack(limit=8)
+        where = " <- ".join(f"{f.f_code.co_name} ({Path(f.f_code.co_filename).name}:"
+                            f"{f.f_lineno})" for f in reversed(frames))
+        log.warning("task %s: %s", task.get_name(), where or "(not started)")
 
 
 def _proc_status() -> dict[str, str]:
@@ -329,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
 
+    # SIGUSR2: every thread's Python stack on stderr, even with the event loop stuck
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 if __name__ == "__main__":
     sys.exit(main())

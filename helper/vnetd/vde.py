@@ -19,6 +19,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import identity
 from .backends import tap as tap_be
@@ -26,6 +27,9 @@ from .backends import vde as vde_be
 from .backends.supervisor import Child, reap
 from .errors import Busy, Failed
 from .model import Network
+
+if TYPE_CHECKING:
+    from .networks import Running
 
 log = logging.getLogger("vnetd.vde")
 
@@ -64,6 +68,32 @@ class VdeSwitches:
         self.pid_dir = Path(runtime_dir) / PID_DIR
         self.children: dict[str, list[Child]] = {}
         self.uid: int | None = None  # the switches' user, once one was started
+        self.nets: dict[str, Network] = {}  # the networks whose switches run, as started
+
+    # --- the subsystem protocol (subsystem.py) -----------------------------------------
+    name = "vde"
+
+    async def apply(self, run: Running) -> None:
+        """Switches for each tap of a VDE network (already running ones are kept: their
+        sockets are in use)."""
+        await self.start(run.net)
+
+    async def remove(self, name: str) -> None:
+        net = self.nets.get(name)
+        if net is not None:
+            await self.stop(net)
+
+    async def adopt(self, run: Running) -> None:
+        """A restarted vnetd stops the switches the previous one recorded and starts its
+        own (the taps stay, and the guests' VDE ports reconnect)."""
+        await self.start(run.net)
+
+    async def sync(self) -> None:
+        pass
+
+    async def status(self, name: str) -> list[dict] | None:
+        net = self.nets.get(name)
+        return await asyncio.to_thread(self.switches, net) if net is not None else None
 
     def pidfile(self, tap: str) -> Path:
         return self.pid_dir / f"vde_switch-{tap}.pid"
@@ -113,6 +143,7 @@ class VdeSwitches:
             self._remove_sockets(net)
             raise
         self.children[net.name] = started
+        self.nets[net.name] = net
 
     async def _wait_ready(self, net: Network, children: list[Child]) -> None:
         deadline = time.monotonic() + 3
@@ -127,6 +158,7 @@ class VdeSwitches:
                 await asyncio.sleep(0.005)
 
     async def stop(self, net: Network) -> None:
+        self.nets.pop(net.name, None)
         for c in self.children.pop(net.name, []):
             await c.stop()
         self._remove_sockets(net)
@@ -144,7 +176,7 @@ class VdeSwitches:
         with contextlib.suppress(FileNotFoundError):
             (self.base / f"{tap}.pid").unlink()
 
-    def status(self, net: Network) -> list[dict]:
+    def switches(self, net: Network) -> list[dict]:
         out = []
         for tap, c in zip(net.tap_names, self.children.get(net.name, []), strict=False):
             sock, mgmt, _ = self._paths(tap)
@@ -159,7 +191,7 @@ class VdeSwitches:
         """The switch with the most free ports; failing that, a running one whose free ports
         are unknown (its management socket did not answer, or is not vnetd's to use: see
         mgmt_group_name)."""
-        switches = self.status(net)
+        switches = self.switches(net)
         best = max(switches, key=lambda d: d.get("free", 0), default=None)
         if best is not None and best.get("free"):
             return best["sock"]

@@ -154,6 +154,19 @@ class Daemon:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def stacks(self) -> str:
+        """vnetd's pending tasks (SIGUSR1) and threads' stacks (SIGUSR2), with its log's end:
+        for a call it never answered."""
+        if not self.alive():
+            return f"vnetd is not running:\n{self.log()[-6000:]}"
+        mark = len(self.log())
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            self.proc.send_signal(sig)
+        time.sleep(1)
+        log = self.log()
+        return f"vnetd's log before the dump:\n{log[max(0, mark - 6000):mark]}\n" \
+               f"the dump:\n{log[mark:][:12000]}"
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

@@ -37,10 +37,23 @@ def reaches_upstream(vnetd) -> bool:
 
 def test_refusals_change_nothing(vnetd, upstream):
     before = (vnetd.snapshot(), routes(vnetd))
-    run_client("define", "vnet2", "--mode=bridged", "--if=eth0", check=True)
-    r = run_client("start", "vnet2")  # eth0 has the default route: needs --force
+    r = run_client("define", "vnet2", "--mode=bridged", "--if=eth0")
+    # eth0 has the default route: refused when defined, not only when started
     assert r.returncode == 1 and "default route" in r.stderr and "--force" in r.stderr
-    run_client("undefine", "vnet2", check=True)
+    assert run_client("show", "vnet2").returncode != 0  # nothing was defined
+    # a NIC that gets the default route after the definition is refused at start
+    vnetd.ip("link", "add", "eth7", "type", "veth", "peer", "name", "eth7p")
+    try:
+        run_client("define", "vnet2", "--mode=bridged", "--if=eth7", check=True)
+        vnetd.ip("addr", "add", "10.77.0.2/24", "dev", "eth7")
+        vnetd.ip("link", "set", "eth7", "up")
+        vnetd.ip("link", "set", "eth7p", "up")
+        vnetd.ip("route", "add", "default", "via", "10.77.0.1", "dev", "eth7", "metric", "900")
+        r = run_client("start", "vnet2")
+        assert r.returncode == 1 and "default route" in r.stderr and "--force" in r.stderr
+        run_client("undefine", "vnet2", check=True)
+    finally:
+        vnetd.ip("link", "del", "eth7")
     run_client("define", "vnet4", "--if=nosuch0", check=True)
     r = run_client("start", "vnet4")
     assert r.returncode == 1 and "NotFound" in r.stderr

@@ -958,6 +958,9 @@ def test_sigkill_inside_operations_loses_and_duplicates_nothing(vnetd):
               + "\n  kills: " + ", ".join(f"{k} {o}: {n}" for (k, o), n in sorted(stats.items()))
               + "".join(f"\n  (not vnetd's doing, waited out: {f})" for f in w.foreign))
         assert len(plan) == KILLS
+    except DriverError as e:  # a call vnetd never answered: say where it waits
+        raise DriverError(f"{e}\nrecent operations:\n  " + "\n  ".join(w.history[-12:])
+                          + "\n" + vnetd.stacks()) from None
     finally:
         w.close()
 

@@ -173,3 +173,15 @@ def test_compat_form(vnetd, client):
     assert r.returncode == 0, r.stderr
     assert "vnet10" not in vnetd.link_names()
     client("undefine", "vnet10", check=True)
+
+
+def test_sigusr1_and_sigusr2_dump_what_vnetd_waits_on(vnetd, client):
+    """For a call that never answers: SIGUSR1 logs the pending tasks, SIGUSR2 every thread's
+    stack, and vnetd keeps serving."""
+    dump = vnetd.stacks()
+    after = dump.split("the dump:", 1)[1]
+    assert "SIGUSR1:" in after and "pending task(s)" in after, dump
+    assert "task " in after and "main.py" in after, dump  # run() waits for a signal
+    assert "Current thread" in after or "Thread 0x" in after, dump  # faulthandler's header
+    assert vnetd.alive()
+    client("list", check=True)

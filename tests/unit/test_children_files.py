@@ -497,11 +497,11 @@ def test_active_ports_sends_nothing_to_another_users_socket(tmp_path):
 def test_free_socket_with_unknown_free_ports(tmp_path, monkeypatch):
     net = Network.from_options("vnet9", {"vde": True, "taps": 2})
     v = vde_mod.VdeSwitches(tmp_path)
-    monkeypatch.setattr(v, "status", lambda n: [
+    monkeypatch.setattr(v, "switches", lambda n: [
         {"tap": "vnet9_1", "sock": "/s1", "state": "running", "free": 0},
         {"tap": "vnet9_2", "sock": "/s2", "state": "running"}])
     assert v.free_socket(net) == "/s2"
-    monkeypatch.setattr(v, "status", lambda n: [
+    monkeypatch.setattr(v, "switches", lambda n: [
         {"tap": "vnet9_1", "sock": "/s1", "state": "running", "free": 0},
         {"tap": "vnet9_2", "sock": "/s2", "state": "crash-loop"}])
     with pytest.raises(Busy):

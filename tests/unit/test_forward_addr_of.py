@@ -8,13 +8,15 @@ from types import SimpleNamespace
 
 from vnetd.firewall import Firewall
 from vnetd.model import Network, expand_forward_words, parse_forward
+from vnetd.resolver import Resolver
 
 
 def forwards(addrs: dict[str, tuple[str, ...]], rule: str, family: int = 4, **kw):
     net = Network.from_options("vnet3", {"subnet6": "fd00:13::/64"})
     f = parse_forward(net, expand_forward_words({"rule": rule, **kw}))
     assert f.family == family
-    fw = Firewall(SimpleNamespace())
+    # targets are addresses here: the resolver needs no registry, ports or leases
+    fw = Firewall(SimpleNamespace(resolver=Resolver(lambda name: None, None, None, None)))
     fw.iface_addrs = addrs
     return f, fw._fw_forward(net, f)
 

@@ -1,0 +1,67 @@
+"""Routed networks: `nat` and `host-only`. vnetd's bridge holds the gateway addresses (not on
+an overlay's member hosts, whose gateway is on the gateway host), the pre-created taps sit on
+it, and an overlay's VXLAN device joins it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import model
+from ..model import Network
+from . import vxlan
+from .base import Context, Rollback, Running, gateway_ifaces
+
+
+def _gateways(net: Network) -> list:
+    if net.overlay is not None and net.overlay.is_member:
+        return []  # the gateway host holds the gateway address
+    return gateway_ifaces(net)
+
+
+class RoutedDriver:
+    modes = ("nat", "host-only")
+
+    async def verify(self, ctx: Context, net: Network) -> None:
+        """Nothing of the host to check beyond what the engine checks for every network
+        (its subnets against the others and against this host's addresses)."""
+
+    async def start(self, ctx: Context, net: Network, rb: Rollback) -> Running:
+        dev = None
+        if net.overlay is not None:
+            dev, net = await vxlan.underlay(ctx, net)
+        with ctx.store.intent(net.bridge):
+            br = await ctx.links.create_bridge(net.bridge, net.mac, net.mtu,
+                                               model.alias_for(net.name))
+        rb.add(f"delete bridge {net.bridge}", lambda: ctx.links.delete(br.index))
+        if net.subnet6 is not None:
+            # the gateway owns its prefix: no SLAAC from its own router advertisements
+            ctx.links.sysctl_ipv6(net.bridge, accept_ra=0, autoconf=0)
+        for iface in _gateways(net):
+            await ctx.links.add_address(br.index, iface)
+        await ctx.make_taps(net, br.index, rb)
+        if net.overlay is not None:
+            await vxlan.start(ctx, net, br.index, dev, rb)
+        await ctx.links.up(br.index)
+        return Running(net, br.index, dev.ifname if dev is not None else None)
+
+    async def adopt(self, ctx: Context, net: Network, bridge) -> Running:
+        under = None
+        if net.overlay is not None:
+            net, under = await vxlan.ensure(ctx, net, bridge)
+        if bridge.mtu != net.mtu:
+            await ctx.links.set(bridge.index, mtu=net.mtu)
+        for want in _gateways(net):  # one that is there already is no error: no dump of
+            await ctx.links.add_address(bridge.index, want)  # every address first
+        await ctx.ensure_taps(net, bridge.index)
+        if not bridge.up:
+            await ctx.links.up(bridge.index)
+        return Running(net, bridge.index, under)
+
+    async def stop(self, ctx: Context, run: Running) -> None:
+        net = run.net
+        await ctx.remove_links(net, (net.overlay.ifname,) if net.overlay is not None else ())
+
+    async def status(self, ctx: Context, run: Running) -> dict[str, Any]:
+        if run.net.overlay is None:
+            return {}
+        return {"overlay-state": await vxlan.state(ctx, run.net)}

@@ -1,0 +1,108 @@
+"""Who a VM is on a network, in one place: its MACs (the registry and the ports that hold
+it), its addresses (a static host, else the DHCP leases of its own MACs), and whose a MAC is.
+
+Only vnetd's own identity counts: the registry, static hosts and ports. A hostname a guest
+chose for itself in a DHCP request never makes it anyone (it names a VM only for `knows_vm`,
+where it lets a forward wait for a VM by name)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from vnet_common.names import split_key
+
+from .model import Network
+
+if TYPE_CHECKING:
+    from .backends.dnsmasq import Lease
+    from .dhcp import DhcpServers
+    from .macs import MacRegistry
+    from .ports import Ports
+
+
+class Resolver:
+    def __init__(self, network: Callable[[str], Network | None], macs: MacRegistry,
+                 ports: Ports, dhcp: DhcpServers):
+        self.network = network  # a network's definition in force, by name
+        self.macs = macs
+        self.ports = ports
+        self.dhcp = dhcp
+
+    def leases(self, net: Network) -> list[Lease]:
+        return self.dhcp.leases(net)
+
+    def vm_macs(self, network: str, vm: str) -> set[str]:
+        """The VM's registry MACs and the MACs of the ports that hold it."""
+        macs = {m for k, m in self.macs.data.get(network, {}).items() if split_key(k)[0] == vm}
+        macs |= {p.mac for p in self.ports.on_network(network)
+                 if p.vm == vm and p.mac_known and p.kind != "vde"}
+        return macs
+
+    def address(self, net: Network, target: str, family: int) -> str | None:
+        """The address `target` (an address, or a VM name) is now: itself, the VM's static
+        host (IPv4), or a lease of one of its MACs."""
+        try:
+            return str(ipaddress.ip_address(target))
+        except ValueError:
+            pass  # a VM name
+        host = net.host(target)
+        if host is not None and family == 4:
+            return str(host.ip)
+        macs = self.vm_macs(net.name, target)
+        for le in self.leases(net):
+            if le.mac in macs and (":" in le.ip) == (family == 6):
+                return le.ip
+        return None
+
+    def port_addresses(self, net: Network, mac: str) -> tuple[str | None, list[str]]:
+        """What a port with `mac` is bound to: its IPv4 address (a static host, else its
+        lease: DHCP gives a lease only to that client hardware address) and its leased IPv6
+        addresses."""
+        leases = [le for le in self.leases(net) if le.mac == mac]
+        static = next((h for h in net.hosts if h.mac == mac), None)
+        if static is not None:
+            ipv4 = str(static.ip)
+        else:
+            ipv4 = next((le.ip for le in leases if ":" not in le.ip), None)
+        return ipv4, [le.ip for le in leases if ":" in le.ip]
+
+    def owner_of_mac(self, network: str, mac: str) -> str | None:
+        """The VM (or the gateway) a MAC belongs to on a network, if any."""
+        net = self.network(network)
+        if net is not None:
+            if mac == net.mac:
+                return "the gateway"
+            for h in net.hosts:
+                if h.mac == mac:
+                    return h.vm
+        for p in self.ports.on_network(network):
+            if p.mac_known and p.mac == mac and p.kind != "vde":
+                return p.vm
+        k = self.macs.owner_of(network, mac)
+        return split_key(k)[0] if k else None
+
+    def knows_vm(self, net: Network, target: str) -> bool:
+        """An address, or a VM with a static host, a registry MAC or a lease by that name."""
+        try:
+            ipaddress.ip_address(target)
+            return True
+        except ValueError:
+            pass
+        if net.host(target) is not None:
+            return True
+        if any(split_key(k)[0] == target for k in self.macs.data.get(net.name, {})):
+            return True
+        return any(le.hostname.lower() == target.lower() for le in self.leases(net))
+
+    def lease_vm(self, net: Network, mac: str) -> dict[str, Any]:
+        """For `leases`: the VM (and port) a leased MAC belongs to, if vnetd knows."""
+        for p in self.ports.on_network(net.name):
+            if p.mac == mac:
+                return {"vm": p.vm, "port": p.ifname}
+        for h in net.hosts:
+            if h.mac == mac:
+                return {"vm": h.vm}
+        owner = self.macs.owner_of(net.name, mac)
+        return {"vm": split_key(owner)[0]} if owner else {}
