@@ -116,14 +116,14 @@ ifeq ($(SYSTEMD_PID1),yes)
 	systemctl reload dbus || true
 	systemctl enable --now vnetd.service
 else
-	@$(PY) -m tests.harness.services start --vnetd
+	@$(PY) -m vnetd.devhost start --vnetd --venv $(VENV) --source $(CURDIR)
 endif
 
 stop: check-root
 ifeq ($(SYSTEMD_PID1),yes)
 	systemctl stop vnetd.service || true
 else
-	@$(PY) -m tests.harness.services stop-vnetd
+	@$(PY) -m vnetd.devhost stop-vnetd
 endif
 
 uninstall: check-root stop host-coexistence-remove
@@ -175,7 +175,7 @@ deb:
 	@echo "Built $(DEB)"
 
 demo: check-root install install-test-deps
-	@$(PY) -m tests.harness.demo
+	@$(PY) -m vnetd.devhost demo --client $(BINDIR)/vnet-client --source $(CURDIR)
 
 test-env: check-root install-deps install-test-deps install-files
 	@$(PY) -c "import pytest, pytest_asyncio, hypothesis, pexpect" 2>/dev/null || \
