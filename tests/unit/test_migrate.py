@@ -7,6 +7,7 @@ and is accepted by vnetd's own model."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import ipaddress
 import subprocess
 import sys
@@ -533,3 +534,33 @@ def test_dhcpd_args_and_n_are_named_not_guessed(tmp_path: Path):
     assert imp.definition["taps"] == 2
     finding_at(imp, "vnet15.conf", 1, "DHCPD_ARGS")
     finding_at(imp, "vnet15.conf", 2, "not the tap count", "num=")
+
+
+# --- the readers' records ------------------------------------------------------------------
+def test_a_dhcp_host_value_is_read_into_its_fields_in_any_order():
+    from vnet_client.migrate.dnsmasq import parse_dhcp_host
+
+    h = parse_dhcp_host("web1,52:54:00:AA:bb:01,id:x,172.16.13.5,12h,[fd00::5]", "f", 3)
+    assert h.macs == ("52:54:00:aa:bb:01",)
+    assert h.ips == (ipaddress.IPv4Address("172.16.13.5"),)
+    assert h.names == ("web1",) and h.dropped == ("id:x", "12h", "[fd00::5]")
+    assert not h.ignore and parse_dhcp_host("52:54:00:*:*:*,ignore", "f", 1).ignore
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        h.ignore = True  # type: ignore[misc]
+    with pytest.raises(MigrationError) as e:
+        parse_dhcp_host("52:54:00:aa:bb:01,a b", "dhcp.host", 7)
+    assert (e.value.file, e.value.line) == ("dhcp.host", 7)
+
+
+def test_dnsmasq_command_line_options_are_split_as_dnsmasq_does():
+    from vnet_client.migrate.dnsmasq import split_dnsmasq_arg
+
+    toks = [(t, 1) for t in ["--domain=lab", "-G", "52:54:00:00:00:01,h1", "--no-hosts",
+                             "-Fx", "stray"]]
+    out, i = [], 0
+    while i < len(toks):
+        name, value, n = split_dnsmasq_arg(toks, i)
+        out.append((name, value))
+        i += n
+    assert out == [("domain", "lab"), ("dhcp-host", "52:54:00:00:00:01,h1"),
+                   ("no-hosts", None), ("dhcp-range", "x"), (None, None)]

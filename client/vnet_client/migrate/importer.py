@@ -24,6 +24,12 @@ from vnet_common.names import VM_RE as _VM_RE
 from vnet_common.toml import comment, render_toml
 
 from .dhcpd import _dhcpd_parse, _dhcpd_tokens
+from .dnsmasq import (
+    _DNSMASQ_VNETD,
+    parse_dhcp_host,
+    read_dnsmasq_lines,
+    split_dnsmasq_arg,
+)
 from .records import (
     Assignment,
     Finding,
@@ -36,12 +42,10 @@ from .records import (
 from .shell import _Shell
 from .text import (
     _ETHER_KEY,
-    _HOSTNAME_FIELD,
     _LEASE_FIELD,
     _MAC_RE,
     _TRAILING_DIGITS,
     _VDE_ETHER_KEY,
-    _WILD_MAC_RE,
     DHCPD_FILE,
     DNSMASQ_FILES,
     ETHER_FILE,
@@ -56,30 +60,6 @@ from .text import (
     _short,
 )
 
-# dnsmasq options vnetd sets itself for every network it runs.
-_DNSMASQ_VNETD = {
-    "interface", "bind-interfaces", "bind-dynamic", "except-interface", "listen-address",
-    "dhcp-authoritative", "dhcp-leasefile", "pid-file", "keep-in-foreground", "no-daemon",
-    "user", "group", "strict-order", "no-resolv", "no-hosts", "domain-needed", "bogus-priv",
-    "expand-hosts", "port", "no-ping", "dhcp-no-override", "enable-ra", "conf-dir",
-}
-_DNSMASQ_NOARG = {
-    "bind-interfaces", "bind-dynamic", "dhcp-authoritative", "keep-in-foreground",
-    "no-daemon", "strict-order", "no-resolv", "no-hosts", "domain-needed", "bogus-priv",
-    "expand-hosts", "no-ping", "dhcp-no-override", "enable-ra", "log-queries", "log-dhcp",
-    "quiet-dhcp", "leasefile-ro", "localise-queries", "filterwin2k", "stop-dns-rebind",
-    "rebind-localhost-ok", "no-negcache", "dhcp-sequential-ip", "dhcp-rapid-commit",
-    "no-poll", "all-servers", "dhcp-broadcast", "read-ethers", "sequential-ip",
-}
-_DNSMASQ_SHORT = {
-    "G": "dhcp-host", "F": "dhcp-range", "s": "domain", "i": "interface",
-    "a": "listen-address", "I": "except-interface", "l": "dhcp-leasefile", "x": "pid-file",
-    "C": "conf-file", "O": "dhcp-option", "S": "server", "A": "address", "u": "user",
-    "g": "group", "p": "port", "H": "addn-hosts", "r": "resolv-file",
-    "z": "bind-interfaces", "K": "dhcp-authoritative", "R": "no-resolv", "h": "no-hosts",
-    "d": "no-daemon", "k": "keep-in-foreground", "q": "log-queries", "b": "bogus-priv",
-    "D": "domain-needed", "E": "expand-hosts", "o": "strict-order", "n": "no-poll",
-}
 _VDE_VNETD = {
     "-s": "--sock", "--sock": "--sock", "-M": "--mgmt", "--mgmt": "--mgmt",
     "-m": "--mode", "--mode": "--mode", "-g": "--group", "--group": "--group",
@@ -498,7 +478,7 @@ class _Importer:
             i = 0
             while i < len(toks):
                 tok, line = toks[i]
-                name, value, consumed = self._dnsmasq_arg(toks, i)
+                name, value, consumed = split_dnsmasq_arg(toks, i)
                 text = " ".join(t for t, _ in toks[i:i + consumed])
                 i += consumed
                 if name is None:
@@ -534,26 +514,6 @@ class _Importer:
                           f"'{_short(value, 40)}'.")
             self._dhcp_option(value, file, n, line)
 
-    def _dnsmasq_arg(self, toks: list[tuple[str, int]],
-                     i: int) -> tuple[str | None, str | None, int]:
-        tok = toks[i][0]
-        nxt = toks[i + 1][0] if i + 1 < len(toks) else None
-        if tok.startswith("--"):
-            name, eq, value = tok[2:].partition("=")
-            if eq:
-                return name, value, 1
-            if name in _DNSMASQ_NOARG or nxt is None or nxt.startswith("-"):
-                return name, None, 1
-            return name, nxt, 2
-        if tok.startswith("-") and len(tok) >= 2:
-            long = _DNSMASQ_SHORT.get(tok[1], f"-{tok[1]}")
-            if len(tok) > 2:
-                return long, tok[2:].lstrip("="), 1
-            if long in _DNSMASQ_NOARG or nxt is None or nxt.startswith("-"):
-                return long, None, 1
-            return long, nxt, 2
-        return None, None, 1
-
     def _dnsmasq_lines(self, path: Path, seen: set) -> list[tuple[str, int, str]]:
         """(file, line number, text) of a dnsmasq-style file's lines that say something; a
         file already read (through another name) gives none."""
@@ -563,12 +523,7 @@ class _Importer:
         self.read_files.add(path)
         file = str(path)
         self.dnsmasq_used.append(path.name)
-        out = []
-        for n, raw in enumerate(_read_text(path, file).splitlines(), 1):
-            line = raw.strip()
-            if line and not line.startswith("#"):
-                out.append((file, n, line))
-        return out
+        return [(r.file, r.line, r.text) for r in read_dnsmasq_lines(path, file)]
 
     def _dnsmasq_conf(self, path: Path) -> None:
         for file, n, line in self._dnsmasq_lines(path, self.dnsmasq_files):
@@ -708,40 +663,10 @@ class _Importer:
             self._dhcp_host(line, file, n, line)
 
     def _dhcp_host(self, value: str, file: str, line: int, text: str) -> None:
-        """dnsmasq's dhcp-host: [MAC...][,id:..][,set:..][,IPv4][,[IPv6]][,NAME][,LEASE]
-        [,ignore], in any order (mac,ip,name and mac,name,ip alike)."""
-        macs: list[str] = []
-        wild: list[str] = []
-        ips: list[ipaddress.IPv4Address] = []
-        names: list[str] = []
-        dropped: list[str] = []
-        ignore = False
-        for f in (x.strip() for x in value.split(",")):
-            if not f:
-                continue
-            low = f.lower()
-            if _MAC_RE.fullmatch(f):
-                macs.append(_mac(f, file, line))
-            elif "*" in f and _WILD_MAC_RE.fullmatch(f):
-                wild.append(f)
-            elif re.match(r"(id|set|tag|net):", low) or (f.startswith("[") and f.endswith("]")):
-                dropped.append(f)
-            elif low == "ignore":
-                ignore = True
-            elif re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", f):
-                try:
-                    ips.append(ipaddress.IPv4Address(f))
-                except ValueError:
-                    raise MigrationError(file, line, f"'{f}' is not an IPv4 address.") from None
-            elif _LEASE_FIELD.fullmatch(f):
-                dropped.append(f)
-            elif _HOSTNAME_FIELD.fullmatch(f):
-                names.append(f)
-            else:
-                raise MigrationError(file, line, f"'{_short(f, 40)}' in this dhcp-host is "
-                                     "neither a MAC address, an IPv4 address, a host name nor a "
-                                     "lease time.")
-        if ignore:
+        """A dhcp-host value (read by dnsmasq.parse_dhcp_host) as a static host, or findings."""
+        h = parse_dhcp_host(value, file, line)
+        macs, wild, ips, names, dropped = h.macs, h.wild, h.ips, h.names, h.dropped
+        if h.ignore:
             self.note(file, line, text, "this host is refused DHCP ('ignore'); vnetd has no "
                       "such setting: not carried over.")
             return
