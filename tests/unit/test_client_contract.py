@@ -154,3 +154,39 @@ def test_names_and_events_are_the_contracts():
         assert signals[member].iface == contract.MANAGER
         assert len(fields) == len(signals[member].args)
     assert set(base.EVENT_FIELDS) == set(signals)
+
+
+def test_defines_flags_are_the_option_tables():
+    """cli/flags.py is the generated copy of vnet_common.options' flags: regenerate it with
+    'python client/vnet_client/cli/gen_flags.py > client/vnet_client/cli/flags.py' (the venv's
+    python, where vnet_common is installed)."""
+    from pathlib import Path
+
+    from vnet_client.cli import flags, gen_flags
+
+    assert Path(flags.__file__).read_text() == gen_flags.render()
+
+
+def test_every_flag_of_the_table_reaches_define_with_its_key():
+    from vnet_client import cli
+    from vnet_common import options
+
+    argv = ["define", "lab"]
+    for o in options.OPTIONS:
+        if o.flag is None:
+            continue
+        if o.flag_value is not None:
+            argv.append(o.flag)
+        else:
+            value = {"int": "7", "uid": "0"}.get(o.type, o.choices[-1] if o.choices else "root")
+            argv.append(f"{o.flag}={value}")
+    opts = cli.define_opts(cli.build_parser().parse_args(argv))
+    for o in options.OPTIONS:
+        if o.flag is None:
+            continue
+        got = opts["overlay"][o.key] if o.section == "overlay" else opts[o.key]
+        if o.flag_value is not None:
+            assert got is o.flag_value, o.key
+        else:
+            assert got is not None, o.key
+    assert opts["tap-user"] == 0 and opts["routed-with"] == ["root"]

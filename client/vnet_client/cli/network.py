@@ -11,6 +11,7 @@ from typing import Any
 
 from ..base import VnetClientError
 from .accounts import group_exists, uid_of
+from .flags import FLAGS
 from .output import table, user_name
 from .parser import EXIT_FAIL, EXIT_OK, Failure, Usage
 from .session import Session
@@ -18,106 +19,82 @@ from .session import Session
 Command = Callable[[str, str], argparse.ArgumentParser]
 
 
-def define_options(p: argparse.ArgumentParser, compat: bool = False) -> None:
-    """define's network options. compat: the qemu-vlan form's spellings too (-i, -n/--num,
-    -u, -g, -d, -v) and its defaults left to the caller (None when not given)."""
-    def o(*names: str) -> list[str]:
-        return list(names) if compat else [n for n in names
-                                           if n not in ("-i", "-u", "-g", "-v", "--num")]
+# define's network options are the table's (vnet_common.options, through its generated copy
+# flags.py): flags, types, choices, metavars, help. The command line's own: define takes -n for
+# --taps too; the qemu-vlan form takes the table's other spellings (`compat`) and has its own
+# defaults, so its help says them.
+DEFINE_ALSO = {"taps": ("-n",)}
+COMPAT_HELP = {
+    "taps": "pre-create COUNT persistent taps NAME_0..NAME_{COUNT-1} (qemu-vlan's -n, default "
+            "$QEMU_VLAN_NUM or 4)",
+    "tap-group": "group of the pre-created taps (default $GROUP, else qemu if that group "
+                 "exists, else vnet)",
+    "dhcp": "dnsmasq (a nat network), dhcpd (host-only) or none; default $QEMU_VLAN_DHCP, "
+            "else none, as qemu-vlan ran no server without it",
+    "vde": "run a VDE switch on each tap (qemu-vlan's --vde; needs -n COUNT); default "
+           "$QEMU_VLAN_VDE",
+}
+OVERLAY_GROUP = "VXLAN overlay: one LAN across hosts (docs/overlay.md)"
 
-    p.add_argument("--mode", choices=["nat", "host-only", "bridged"],
-                   help="nat (default), host-only, or bridged (with --if: guests on the "
-                   "physical network)")
-    p.add_argument(*o("-i", "--if"), dest="iface", metavar="NIC",
-                   help="bridged: the physical interface to put in the bridge (qemu-vlan's --if)")
-    p.add_argument("--force", action="store_true",
-                   help="bridged: even if the NIC carries the host's default route")
-    p.add_argument("--subnet", metavar="CIDR",
-                   help="IPv4 subnet (default from the name: vnetN -> 172.16.(10+N).0/24)")
-    p.add_argument("--subnet6", metavar="CIDR", help="an IPv6 prefix too, e.g. fd00:12::/64")
-    p.add_argument("--mtu", type=int, help="bridge and tap MTU (default 1500)")
-    p.add_argument("--autostart", action="store_true", help="start whenever vnetd starts")
-    p.add_argument(*o("-n", "--num", "--taps"), dest="taps", type=int, metavar="COUNT",
-                   help="pre-create COUNT persistent taps NAME_0..NAME_{COUNT-1} (qemu-vlan's "
-                   "-n" + (", default $QEMU_VLAN_NUM or 4)" if compat else ")"))
-    p.add_argument(*o("-u", "--user"), metavar="USER",
-                   help="owner of the pre-created taps (default: you)")
-    p.add_argument(*o("-g", "--group"), metavar="GROUP",
-                   help="group of the pre-created taps (default " + (
-                       "$GROUP, else qemu if that group exists, else vnet)" if compat
-                       else "vnet)"))
-    if compat:
-        p.add_argument("-d", "--dhcp", metavar="SERVER",
-                       help="dnsmasq (a nat network), dhcpd (host-only) or none; default "
-                       "$QEMU_VLAN_DHCP, else none, as qemu-vlan ran no server without it")
-    else:
-        p.add_argument("--dhcp", choices=["dnsmasq", "dhcpd", "none"],
-                       help="DHCP server for the network (default dnsmasq)")
-    p.add_argument("--dhcp-start", metavar="IP", help="first dynamic address (default .32)")
-    p.add_argument("--dhcp-end", metavar="IP", help="last dynamic address (default .254)")
-    p.add_argument("--domain", help="DNS domain of the VMs' names (default: the network name)")
-    p.add_argument("--allow-host", action="store_true",
-                   help="host-only: guests may reach the host's services (not only DHCP/DNS)")
-    p.add_argument("--routed-with", action="append", metavar="NET",
-                   help="let this network exchange traffic with NET (repeatable)")
-    p.add_argument("--no-spoof-protection", action="store_true",
-                   help="let guests send from any MAC/IP (default: locked to their own)")
-    p.add_argument(*o("-v", "--vde"), action="store_const", const=True,
-                   default=None if compat else False,
-                   help="run a VDE switch on each tap (qemu-vlan's --vde; needs -n COUNT)"
-                   + ("; default $QEMU_VLAN_VDE" if compat else ""))
-    p.add_argument("--vde-ports", type=int, metavar="N",
-                   help="ports per VDE switch (default 32)")
-    o = p.add_argument_group("VXLAN overlay: one LAN across hosts (docs/overlay.md)")
-    o.add_argument("--vni", type=int, metavar="VNI",
-                   help="VXLAN network identifier, 1-16777215 (turns the overlay on)")
-    o.add_argument("--local", metavar="IP", help="this host's underlay address")
-    o.add_argument("--peer", action="append", metavar="IP",
-                   help="another host's underlay address (repeatable); with --control=evpn "
-                   "its BGP neighbour")
-    o.add_argument("--underlay-dev", metavar="IF", help="the underlay interface (optional)")
-    o.add_argument("--vxlan-port", type=int, metavar="PORT", help="UDP port (default 4789)")
-    o.add_argument("--role", choices=["gateway", "member"],
-                   help="gateway (default): holds the gateway address, DHCP/DNS, NAT; "
-                   "member: only extends the LAN to this host")
-    o.add_argument("--control", choices=["static", "evpn"],
-                   help="static (default): flood to the listed peers; evpn: BGP EVPN "
-                   "through the system's FRR")
-    o.add_argument("--asn", type=int, metavar="AS", help="evpn: the iBGP AS (default 65000)")
-    o.add_argument("--route-reflector", action="store_true",
-                   help="evpn: this host reflects routes to its peers")
+
+def dest(row: dict[str, Any]) -> str:
+    """The argparse attribute of a flag (--if's is `iface`: `if` is a keyword)."""
+    return "iface" if row["key"] == "if" else row["flag"].lstrip("-").replace("-", "_")
+
+
+def define_options(p: argparse.ArgumentParser, compat: bool = False) -> None:
+    """define's network options, one per row of the table that has a flag. compat: the
+    qemu-vlan form's spellings too (-i, -n/--num, -u, -g, -d, -v) and its help; what it was
+    not given is None (its defaults come from its variables and file)."""
+    group = None
+    for r in FLAGS:
+        if r["section"] == "overlay" and group is None:
+            group = p.add_argument_group(OVERLAY_GROUP)
+        names = [*r["compat"], r["flag"]] if compat else [*DEFINE_ALSO.get(r["key"], ()),
+                                                         r["flag"]]
+        kw: dict[str, Any] = {"dest": dest(r), "help": r["help"]}
+        if compat and r["key"] in COMPAT_HELP:
+            kw["help"] = COMPAT_HELP[r["key"]]
+        if r["flag_value"] is not None:
+            if compat and r["key"] == "vde":  # $QEMU_VLAN_VDE or the file may say
+                kw.update(action="store_const", const=True, default=None)
+            else:
+                kw["action"] = "store_true"
+        else:
+            kw["type"] = int if r["type"] == "int" else str
+            if r["repeatable"]:
+                kw["action"] = "append"
+            if r["choices"] and not (compat and r["key"] == "dhcp"):  # -d takes dhcpcd too
+                kw["choices"] = list(r["choices"])
+            else:
+                kw["metavar"] = r["metavar"]
+        (group or p).add_argument(*names, **kw)
 
 
 def define_opts(a: argparse.Namespace) -> dict[str, Any]:
-    opts: dict[str, Any] = {
-        "mode": a.mode, "subnet": a.subnet, "subnet6": a.subnet6, "mtu": a.mtu,
-        "taps": a.taps, "tap-user": uid_of(a.user), "tap-group": a.group, "dhcp": a.dhcp,
-        "dhcp-start": a.dhcp_start, "dhcp-end": a.dhcp_end, "domain": a.domain,
-        "routed-with": a.routed_with,
-    }
-    if a.allow_host:
-        opts["allow-host"] = True
-    if a.no_spoof_protection:
-        opts["spoof-protection"] = False
-    if a.iface:
-        opts["if"] = a.iface
-        if a.mode is None:
-            opts["mode"] = "bridged"  # qemu-vlan: --if means a bridged network
-    if a.force:
-        opts["force"] = True
-    if a.vde:
-        opts["vde"] = True
-    if a.vde_ports is not None:
-        opts["vde-ports"] = a.vde_ports
-    if a.autostart:
-        opts["autostart"] = True
-    overlay = {"vni": a.vni, "local": a.local, "peers": a.peer, "dev": a.underlay_dev,
-               "port": a.vxlan_port, "role": a.role, "control": a.control, "asn": a.asn,
-               "route-reflector": True if a.route_reflector else None}
-    if any(v is not None for v in overlay.values()):
+    """The Define options (the table's keys) of define's flags: every flag with a value
+    (None when not given), a flag without one only when given."""
+    opts: dict[str, Any] = {}
+    overlay: dict[str, Any] = {}
+    for r in FLAGS:
+        v = getattr(a, dest(r))
+        if r["flag_value"] is not None:
+            if not v:
+                continue
+            v = r["flag_value"]
+        elif r["type"] == "uid":
+            v = uid_of(v)
+        if r["section"] == "overlay":
+            if v is not None:
+                overlay[r["key"]] = v
+        else:
+            opts[r["key"]] = v
+    if opts.get("if") and a.mode is None:
+        opts["mode"] = "bridged"  # qemu-vlan: --if means a bridged network
+    if overlay:
         if a.vni is None or a.local is None:
             raise Usage("an overlay needs at least --vni and --local.")
-        opts["overlay"] = {k: v for k, v in overlay.items() if v is not None}
+        opts["overlay"] = overlay
     if a.group is not None and not group_exists(a.group):
         raise Usage(f"There is no group named '{a.group}'.")
     return opts
