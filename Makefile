@@ -20,7 +20,7 @@ LOGDIR      ?= /var/log/qemu-vnet
 
 # What the service needs, and what the tests and the demo need on top.
 DEB_RUNTIME := dbus-daemon dbus-bin polkitd pkexec python3 python3-venv python3-pip netbase \
-               python3-nftables nftables iproute2 dnsmasq-base isc-dhcp-server vde2
+               python3-nftables python3-jeepney nftables iproute2 dnsmasq-base isc-dhcp-server vde2
 DEB_TEST    := qemu-system-x86 linux-image-cloud-amd64 busybox-static expect dnsutils \
                iperf3 systemd procps psmisc frr iputils-ping vdeplug
 PIP_TEST    := pytest pytest-asyncio hypothesis pexpect ruff
@@ -62,7 +62,7 @@ install-test-deps: check-root install-deps
 venv: check-root
 	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall . >/dev/null
-	@$(PY) -c "import dbus_fast, pyroute2" 2>/dev/null || \
+	@$(PY) -c "import dbus_fast, jeepney, pyroute2" 2>/dev/null || \
 	  $(PY) -m pip install -q --disable-pip-version-check ".[daemon]"
 	@chmod -R a+rX $(VENV)
 
