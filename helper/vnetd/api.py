@@ -14,6 +14,7 @@ import sys
 from xml.sax.saxutils import escape
 
 from vnet_common.contract import (  # noqa: F401  (the contract's names, public here too)
+    ACTION_PREFIX,
     ACTIONS,
     ACTIONS_DOC,
     ATTACH,
@@ -42,9 +43,9 @@ def interface_xml(iface: str, indent: str = "  ") -> str:
         if m.iface != iface:
             continue
         lines.append(f'{indent}  <method name="{m.name}">')
-        lines.append(f'{indent}    <annotation name="org.qemuvnet.Vnet1.Doc" '
+        lines.append(f'{indent}    <annotation name="{BUS_NAME}.Doc" '
                      f'value="{escape(m.doc, {chr(34): "&quot;"})}"/>')
-        lines.append(f'{indent}    <annotation name="org.qemuvnet.Vnet1.PolkitAction" '
+        lines.append(f'{indent}    <annotation name="{BUS_NAME}.PolkitAction" '
                      f'value="{m.action}"/>')
         for a in m.args:
             lines.append(f'{indent}    <arg name="{a.name}" type="{a.sig}" direction="in"/>')
@@ -55,7 +56,7 @@ def interface_xml(iface: str, indent: str = "  ") -> str:
         if s.iface != iface:
             continue
         lines.append(f'{indent}  <signal name="{s.name}">')
-        lines.append(f'{indent}    <annotation name="org.qemuvnet.Vnet1.Doc" '
+        lines.append(f'{indent}    <annotation name="{BUS_NAME}.Doc" '
                      f'value="{escape(s.doc, {chr(34): "&quot;"})}"/>')
         for a in s.args:
             lines.append(f'{indent}    <arg name="{a.name}" type="{a.sig}"/>')
@@ -108,7 +109,7 @@ def markdown() -> str:
                 continue
             ins = ", ".join(f"`{a.name}: {a.sig}`" for a in m.args) or "-"
             outs = ", ".join(f"`{a.name}: {a.sig}`" for a in m.returns) or "-"
-            act = m.action[len("org.qemuvnet.Vnet1."):]
+            act = m.action[len(ACTION_PREFIX):]
             out.append(f"| `{m.name}` | {ins} | {outs} | {act} | {m.doc} |")
         sigs = [s for s in SIGNALS if s.iface == iface]
         if sigs:

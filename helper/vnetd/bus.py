@@ -25,7 +25,7 @@ from vnet_common.toml import render_definition
 from . import api, model
 from .authz import POLKIT_NAME, Authorizer, Caller
 from .engine import Engine
-from .errors import InvalidArgument, NotOwner, VnetError
+from .errors import Failed, InvalidArgument, NotOwner, VnetError
 from .model import Network
 
 BUS_DAEMON = "org.freedesktop.DBus"
@@ -318,7 +318,7 @@ class Service:
             reply = self._error(msg, e.dbus_name, e.message)
         except Exception:
             log.exception("internal error in %s.%s", msg.interface, msg.member)
-            reply = self._error(msg, "org.qemuvnet.Vnet1.Error.Failed",
+            reply = self._error(msg, Failed.dbus_name,
                                 "vnetd hit an internal error; the details are in its log.")
         try:
             if msg.flags & MessageFlag.NO_REPLY_EXPECTED:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vnet_common.contract import ATTACH
 from vnet_common.limits import MAX_IFNAME
 from vnet_common.names import IFNAME_RE as _IFNAME_RE
 from vnet_common.toml import comment as _comment
@@ -96,7 +97,7 @@ def render_bridge_acl_rules(acl: BridgeAcl, source: str) -> str:
              "// (qemu-bridge-helper's access list), written by vnet-client import-bridge-conf.",
              "// Install as /etc/polkit-1/rules.d/40-qemu-vnet-bridge-conf.rules.",
              "polkit.addRule(function(action, subject) {",
-             '    if (action.id != "org.qemuvnet.Vnet1.attach") {',
+             f'    if (action.id != "{ATTACH}") {{',
              "        return polkit.Result.NOT_HANDLED;",
              "    }",
              '    var network = action.lookup("network");']

@@ -127,6 +127,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vnet_common.limits import MAX_IFNAME
+
 TABLE = "qemu_vnet"
 FAMILIES = ("inet", "bridge")
 
@@ -138,8 +140,7 @@ PRIO_BRIDGE_FILTER = -200
 MODES = ("nat", "host-only")
 PROTOS = ("tcp", "udp")
 ULA = ipaddress.ip_network("fc00::/7")
-MAX_IFNAME = 15
-_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_IFNAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_IFNAME}}}")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 # (with iface, with ext_addr) for each forward key shape, most specific first.
