@@ -17,6 +17,8 @@ from typing import Any
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from vnet_common.errors import ERROR_PREFIX
+from vnet_common.wire import BUS_NAME, MANAGER, MANAGER_PATH, signature  # noqa: F401  (public)
 
 from . import base
 from .base import (  # noqa: F401  (part of this module's interface)
@@ -31,10 +33,7 @@ from .base import (  # noqa: F401  (part of this module's interface)
     lost_reply,
 )
 
-BUS_NAME = "org.qemuvnet.Vnet1"
-MANAGER_PATH = "/org/qemuvnet/Vnet1"
-MANAGER = "org.qemuvnet.Vnet1.Manager"
-ERR = "org.qemuvnet.Vnet1.Error."
+ERR = ERROR_PREFIX
 
 
 def plain(v: Any) -> Any:
@@ -49,20 +48,13 @@ def plain(v: Any) -> Any:
 
 
 def variant(v: Any) -> Variant:
-    if isinstance(v, bool):
-        return Variant("b", v)
-    if isinstance(v, int):
-        return Variant("i", v) if -(2**31) <= v < 2**31 else Variant("x", v)
-    if isinstance(v, str):
-        return Variant("s", v)
-    if isinstance(v, list | tuple):
-        if all(isinstance(x, str) for x in v):
-            return Variant("as", list(v))
-        if all(isinstance(x, dict) for x in v):
-            return Variant("aa{sv}", [asv(x) for x in v])
-    if isinstance(v, dict):
-        return Variant("a{sv}", asv(v))
-    raise TypeError(f"cannot send {type(v).__name__} over D-Bus")
+    """A plain value as the variant of the type vnet_common.wire.signature names."""
+    sig = signature(v)
+    if sig == "a{sv}":
+        return Variant(sig, asv(v))
+    if sig == "aa{sv}":
+        return Variant(sig, [asv(x) for x in v])
+    return Variant(sig, list(v) if sig[0] == "a" else v)
 
 
 def asv(d: dict[str, Any]) -> dict[str, Variant]:
@@ -87,7 +79,7 @@ class Client:
             await self.bus.connect()
         except (OSError, Exception) as e:
             raise VnetClientError(
-                "org.qemuvnet.Vnet1.Error.NoBus",
+                base.NO_BUS,
                 f"Cannot connect to the system bus ({e}): is dbus-daemon running?",
             ) from None
         return self

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-BUS_NAME = "org.qemuvnet.Vnet1"
-MANAGER_PATH = "/org/qemuvnet/Vnet1"
-MANAGER = "org.qemuvnet.Vnet1.Manager"
+from vnet_common.errors import ERROR_PREFIX
+from vnet_common.wire import BUS_NAME, MANAGER, MANAGER_PATH  # noqa: F401  (the clients' names)
+
 AUTH_ERRORS = (
     "org.freedesktop.DBus.Error.AccessDenied",
     "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
@@ -21,7 +21,7 @@ AUTH_ERRORS = (
 INTERACTION_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
 DISCONNECTED = "org.freedesktop.DBus.Error.Disconnected"
-NO_BUS = "org.qemuvnet.Vnet1.Error.NoBus"
+NO_BUS = ERROR_PREFIX + "NoBus"
 # the call never reached vnetd: safe to send again, whatever it is
 NOT_DELIVERED = (
     "org.freedesktop.DBus.Error.ServiceUnknown",

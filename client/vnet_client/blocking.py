@@ -26,9 +26,10 @@ from jeepney import DBusAddress, MessageFlag, MessageType, new_method_call
 from jeepney.fds import FileDescriptor
 from jeepney.io.blocking import DBusConnection, open_dbus_connection
 from jeepney.low_level import HeaderFields, Message
+from vnet_common.wire import BUS_NAME, MANAGER, MANAGER_PATH, signature
 
 from . import base
-from .base import BUS_NAME, MANAGER, MANAGER_PATH, Attachment, VnetClientError
+from .base import Attachment, VnetClientError
 
 BUS = DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
                   interface="org.freedesktop.DBus")
@@ -70,21 +71,13 @@ def plain(sig: str, v: Any) -> Any:
 
 
 def variant(v: Any) -> tuple[str, Any]:
-    """A Python value as the variant vnetd expects (the types api.variant gives)."""
-    if isinstance(v, bool):
-        return ("b", v)
-    if isinstance(v, int):
-        return ("i", v) if -(2**31) <= v < 2**31 else ("x", v)
-    if isinstance(v, str):
-        return ("s", v)
-    if isinstance(v, list | tuple):
-        if all(isinstance(x, str) for x in v):
-            return ("as", list(v))
-        if all(isinstance(x, dict) for x in v):
-            return ("aa{sv}", [asv(x) for x in v])
-    if isinstance(v, dict):
-        return ("a{sv}", asv(v))
-    raise TypeError(f"cannot send {type(v).__name__} over D-Bus")
+    """A Python value as the variant vnetd expects (vnet_common.wire.signature's type)."""
+    sig = signature(v)
+    if sig == "a{sv}":
+        return (sig, asv(v))
+    if sig == "aa{sv}":
+        return (sig, [asv(x) for x in v])
+    return (sig, list(v) if sig[0] == "a" else v)
 
 
 def asv(d: dict[str, Any]) -> dict[str, tuple[str, Any]]:

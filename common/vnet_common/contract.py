@@ -1,31 +1,18 @@
-"""The D-Bus contract, declared once: the bus name, object paths, interfaces, polkit
-actions, every method with its polkit action, the signals and the error names.
+"""The D-Bus contract, declared once: every method with its polkit action, the signals and
+the error names (the names it is built of, bus name, paths, interfaces and actions, are in
+vnet_common.wire).
 
 vnetd serves it (its Introspect replies, the XML in dbus/ and docs/dbus-api.md are made from
-it by vnetd.api), and the client takes the names it calls from it. A method that names no
-polkit action cannot be declared: the table refuses it (fail closed).
+it by vnetd.api), and tests hold both clients' calls to it. A method that names no polkit
+action cannot be declared: the table refuses it (fail closed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import ERROR_PREFIX
-
-ACTION_PREFIX = "org.qemuvnet.Vnet1."
-INFO = ACTION_PREFIX + "info"
-ATTACH = ACTION_PREFIX + "attach"
-MANAGE = ACTION_PREFIX + "manage"
-FORWARD = ACTION_PREFIX + "forward"
-ACTIONS = (INFO, ATTACH, MANAGE, FORWARD)
-
-BUS_NAME = "org.qemuvnet.Vnet1"
-MANAGER_PATH = "/org/qemuvnet/Vnet1"
-NETWORK_PATH = MANAGER_PATH + "/network"
-PORT_PATH = MANAGER_PATH + "/port"
-MANAGER = "org.qemuvnet.Vnet1.Manager"
-NETWORK = "org.qemuvnet.Vnet1.Network"
+from .wire import ACTIONS, ATTACH, FORWARD, INFO, MANAGE, MANAGER, NETWORK
 
 
 @dataclass(frozen=True)
@@ -230,24 +217,3 @@ ACTIONS_DOC = (
     (FORWARD, "auth_admin_keep", "auth_admin_keep", "administrators (port forwarding)"),
 )
 
-
-def signature(v: Any) -> str:
-    """The D-Bus signature a plain value goes out as, in a variant (both vnetd's replies and
-    the client's options): bool b, int i (x past 32 bits), str s, dict a{sv}, a list of
-    dicts aa{sv}, a list of strings as (the empty list too), a list of ints ax."""
-    if isinstance(v, bool):
-        return "b"
-    if isinstance(v, int):
-        return "i" if -(2**31) <= v < 2**31 else "x"
-    if isinstance(v, str):
-        return "s"
-    if isinstance(v, dict):
-        return "a{sv}"
-    if isinstance(v, list | tuple):
-        if v and all(isinstance(x, dict) for x in v):
-            return "aa{sv}"
-        if all(isinstance(x, str) for x in v):
-            return "as"
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-            return "ax"
-    raise TypeError(f"cannot send {type(v).__name__} over D-Bus")

@@ -1,7 +1,7 @@
 """The D-Bus contract's renderings: the introspection XML and docs/dbus-api.md.
 
-The contract itself (bus name, paths, interfaces, polkit actions, methods, signals, errors)
-is one table, `vnet_common.contract`, shared with the client. From it,
+The contract itself (methods, signals, errors; built of the names in `vnet_common.wire`: bus
+name, paths, interfaces, polkit actions) is one table, `vnet_common.contract`. From it,
 `dbus/org.qemuvnet.Vnet1.xml` is generated (`python -m vnetd.api`), the running service
 answers Introspect, and docs/dbus-api.md is written (`python -m vnetd.api --markdown`); tests
 check that they agree. The table's names are importable from here too (`vnetd.api.MANAGER`,
@@ -14,26 +14,28 @@ import sys
 from xml.sax.saxutils import escape
 
 from vnet_common.contract import (  # noqa: F401  (the contract's names, public here too)
-    ACTION_PREFIX,
-    ACTIONS,
     ACTIONS_DOC,
-    ATTACH,
-    BUS_NAME,
     ERRORS_DOC,
-    FORWARD,
-    INFO,
     INTERFACES,
-    MANAGE,
-    MANAGER,
-    MANAGER_PATH,
     METHODS,
-    NETWORK,
-    NETWORK_PATH,
-    PORT_PATH,
     SIGNALS,
     Arg,
     Method,
     Signal,
+)
+from vnet_common.wire import (  # noqa: F401  (the contract's names, public here too)
+    ACTION_PREFIX,
+    ACTIONS,
+    ATTACH,
+    BUS_NAME,
+    FORWARD,
+    INFO,
+    MANAGE,
+    MANAGER,
+    MANAGER_PATH,
+    NETWORK,
+    NETWORK_PATH,
+    PORT_PATH,
 )
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from vnet_common.contract import ACTION_PREFIX, ACTIONS, ATTACH
+from vnet_common.wire import ACTION_PREFIX, ACTIONS, ATTACH
 
 from .errors import AccessDenied, InteractiveAuthorizationRequired
 

@@ -18,9 +18,9 @@ from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from vnet_common.contract import signature
 from vnet_common.names import validate_ifname, validate_network_name, validate_vm_name
 from vnet_common.toml import render_definition
+from vnet_common.wire import signature
 
 from . import api, model
 from .authz import POLKIT_NAME, Authorizer, Caller

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vnet_common.contract import BUS_NAME
+from vnet_common.wire import BUS_NAME
 
 SYSTEM_BUS_SOCKET = Path("/run/dbus/system_bus_socket")
 POLKITD = "/usr/lib/polkit-1/polkitd"

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from dbus_fast import MessageType
-from vnet_common.contract import ATTACH, MANAGE
+from vnet_common.wire import ATTACH, MANAGE
 from vnetd.authz import Authorizer, Caller
 from vnetd.errors import AccessDenied, InteractiveAuthorizationRequired
 

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from vnet_common import contract, limits, options
+from vnet_common import contract, limits, options, wire
 from vnet_common.errors import InvalidArgument
 from vnet_common.names import validate_network_name
 from vnet_common.toml import render_definition, render_toml
@@ -105,13 +105,14 @@ def test_docs_cli_lists_the_options_table():
         "docs/cli.md's options table is stale: paste vnet_common.options.markdown_table()")
 
 
-def test_contract_names_and_signatures():
-    assert contract.BUS_NAME == "org.qemuvnet.Vnet1"
-    assert contract.MANAGER == contract.BUS_NAME + ".Manager"
-    assert [contract.signature(v) for v in (True, 1, 2**40, "s", {}, [{}], [], ["a"], [1])] \
+def test_wire_names_and_signatures():
+    assert wire.BUS_NAME == "org.qemuvnet.Vnet1"
+    assert wire.MANAGER == wire.BUS_NAME + ".Manager"
+    assert {m.iface for m in contract.METHODS} == {wire.MANAGER, wire.NETWORK}
+    assert [wire.signature(v) for v in (True, 1, 2**40, "s", {}, [{}], [], ["a"], [1])] \
         == ["b", "i", "x", "s", "a{sv}", "aa{sv}", "as", "as", "ax"]
     with pytest.raises(TypeError):
-        contract.signature(1.5)
+        wire.signature(1.5)
 
 
 def test_limits_hold_in_the_validators():

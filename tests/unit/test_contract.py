@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from vnet_common import contract
+from vnet_common import contract, wire
 from vnetd import api, bus
 
 REPO = Path(__file__).parents[2]
@@ -65,7 +65,7 @@ def test_names_are_the_fixed_ones():
     assert api.MANAGER_PATH == "/org/qemuvnet/Vnet1"
     assert api.NETWORK_PATH == "/org/qemuvnet/Vnet1/network"
     assert api.PORT_PATH == "/org/qemuvnet/Vnet1/port"
-    assert set(contract.ACTIONS) == FOUR
+    assert set(wire.ACTIONS) == FOUR
 
 
 def test_every_method_has_one_of_the_four_polkit_actions():
@@ -83,12 +83,12 @@ NETWORK_ADMIN = {"Define", "Undefine", "Start", "Stop", "SetAutostart", "Reload"
 
 def test_reading_methods_need_info_and_changing_methods_need_more():
     for name in ("ListNetworks", "GetNetwork"):
-        assert next(m for m in api.METHODS if m.name == name).action == contract.INFO
+        assert next(m for m in api.METHODS if m.name == name).action == wire.INFO
     for m in api.METHODS:
         if m.name in CHANGING:
-            assert m.action != contract.INFO, f"{m.name} changes state but needs only 'info'"
+            assert m.action != wire.INFO, f"{m.name} changes state but needs only 'info'"
         if m.name in NETWORK_ADMIN:
-            assert m.action == contract.MANAGE, (m.iface, m.name)
+            assert m.action == wire.MANAGE, (m.iface, m.name)
 
 
 def test_polkit_details_name_real_arguments():
@@ -118,7 +118,7 @@ def test_a_method_without_a_valid_action_cannot_be_constructed(action):
 
 
 def test_a_method_with_a_valid_action_can_be_constructed():
-    m = contract.Method(api.MANAGER, "Fine", contract._a("name:s", "n:u"), contract._a("ok:b"), contract.MANAGE,
+    m = contract.Method(api.MANAGER, "Fine", contract._a("name:s", "n:u"), contract._a("ok:b"), wire.MANAGE,
                    "Fine.")
     assert (m.in_sig, m.out_sig) == ("su", "b")
 
@@ -188,7 +188,7 @@ def test_handlers_take_the_contract_arguments():
 
 
 def test_service_refuses_a_contract_method_without_a_handler(monkeypatch):
-    extra = contract.Method(api.MANAGER, "Unhandled", (), (), contract.MANAGE, "No handler.")
+    extra = contract.Method(api.MANAGER, "Unhandled", (), (), wire.MANAGE, "No handler.")
     monkeypatch.setattr(api, "METHODS", (*api.METHODS, extra))
     with pytest.raises(RuntimeError, match="Unhandled"):
         _service()

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vnet_common.contract import ATTACH
 from vnet_common.limits import MAX_IFNAME
 from vnet_common.names import IFNAME_RE as _IFNAME_RE
 from vnet_common.toml import comment as _comment
+from vnet_common.wire import ATTACH
 
 from .records import Finding, MigrationError
 from .text import _read_text, _short
