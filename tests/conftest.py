@@ -23,7 +23,7 @@ def system_services(request):
     if os.geteuid() != 0:
         pytest.fail("the system tests need root: run 'sudo make test'")
     if not hd.PY.exists():
-        pytest.fail("/opt/qemu-vnet is missing: run 'sudo make test' (it installs first)")
+        pytest.fail(f"{hd.PY} is missing: run 'sudo make test' (it installs first)")
     lock = services.exclusive()
     lock.__enter__()
     request.addfinalizer(lambda: lock.__exit__(None, None, None))
