@@ -46,6 +46,8 @@ from .vde import VdeSwitches
 
 log = logging.getLogger("vnetd")
 
+ADOPT_WAIT = 60  # seconds a change waits for the networks a restart found running
+
 
 class View:
     """The firewall's read-only view of the networks (firewall.View)."""
@@ -99,6 +101,8 @@ class Engine:
         self.defs: dict[str, Network] = {}  # as declared: never holds run-time facts
         self.running: dict[str, Running] = {}
         self.lock = asyncio.Lock()
+        # networks found running at start-up that `settle` has not adopted yet
+        self.adopting: dict[str, Link] = {}
         self.problems: list[str] = []
         self.listeners: list[Callable[[str, str], None]] = []
         self.ports = Ports(links, self.macs, store, max_ports_per_user)
@@ -141,6 +145,11 @@ class Engine:
 
     # --- start-up -----------------------------------------------------------------------
     async def startup(self) -> None:
+        """What must be done before vnetd answers: the definitions, the links vnetd made
+        (what a crash cut short goes, held ports are adopted with their records, what no
+        definition wants is removed) and the netlink monitor. Networks found running are
+        adopted by `settle`, which runs once vnetd answers; on a fresh boot there are none,
+        and the autostart networks start here, before vnetd is ready."""
         self.defs, problems = self.store.load_all()
         self.problems[:] = problems
         self._index_forwards()
@@ -148,15 +157,48 @@ class Engine:
             log.error("definition problem: %s", p)
         async with self.lock:
             self.ports.begin_reconcile()
-            await self._reconcile()
+            await self._reconcile_links()
             self.ports.end_reconcile()
         await self.ports.start_monitor()
+        if not self.adopting:
+            await self.settle()
+
+    async def settle(self) -> None:
+        """Adopt the networks found running, one at a time under the lock (calls for a
+        network already adopted go on between them), then start the autostart networks
+        that do not run and load the whole ruleset once. Until then the ruleset the kernel
+        kept across the restart guards every port; a network being adopted shows
+        `adopting`, and calls that change it wait (`_adopted`)."""
+        for name in sorted(self.adopting):
+            async with self.lock:
+                lk = self.adopting[name]
+                try:
+                    net = self.defs[name]
+                    await self._adopt(net, lk)
+                    log.info("reconcile: adopted running network %s", name)
+                except VnetError as e:
+                    log.error("reconcile: could not adopt %s (%s); removing it", name,
+                              e.message)
+                    await self._teardown(self.defs[name])
+                finally:
+                    del self.adopting[name]
+                    self._changed(name, "running" if name in self.running else "stopped")
+        async with self.lock:
+            try:  # once, with every adopted network
+                await self.evpn.sync()
+            except VnetError as e:
+                self.problems.append(f"evpn (reconcile): {e.message}")
+                log.error("evpn (reconcile): %s", e.message)
+            await self._reap_orphan_children()
         for name, net in sorted(self.defs.items()):
             if net.autostart and name not in self.running:
                 try:
                     async with self.lock:
+                        if name in self.running or self.defs.get(name) is not net:
+                            continue  # started or changed meanwhile
                         await self._start(net)
                     log.info("autostart %s: started", name)
+                    self._changed(name, "running")
                 except VnetError as e:
                     log.error("autostart %s failed: %s", name, e.message)
         async with self.lock:
@@ -165,6 +207,17 @@ class Engine:
             except VnetError as e:  # keep serving: show and the log say why
                 log.error("firewall: %s", e.message)
                 self.problems.append(f"firewall: {e.message}")
+
+    async def _adopted(self, name: str | None = None) -> None:
+        """Wait until the network `name` (None: every network) is adopted after a
+        restart; a change that loads the whole ruleset waits for every network, so that no
+        network's guards go while it is still being adopted."""
+        deadline = asyncio.get_running_loop().time() + ADOPT_WAIT
+        while self.adopting if name is None else name in self.adopting:
+            if asyncio.get_running_loop().time() > deadline:
+                raise Busy("vnetd is still adopting the networks it found running after its "
+                           "restart; try again in a moment.")
+            await asyncio.sleep(0.01)
 
     # --- events from ports and leases ---------------------------------------------------
     def _port_event(self, port: Port, state: str) -> None:
@@ -208,7 +261,7 @@ class Engine:
             except VnetError as e:
                 log.error("firewall: %s", e.message)
 
-    async def _reconcile(self) -> None:
+    async def _reconcile_links(self) -> None:
         for name in self.store.intents():  # creations a crash cut short
             lk = await self.links.get(name)
             if lk is not None and not lk.alias:
@@ -234,18 +287,7 @@ class Engine:
             if net is None or lk.ifname != net.bridge:
                 await self._remove_unwanted(lk)
                 continue
-            try:
-                await self._adopt(net, lk)
-                log.info("reconcile: adopted running network %s", net.name)
-            except VnetError as e:
-                log.error("reconcile: could not adopt %s (%s); removing it", net.name, e.message)
-                await self._teardown(net)
-        try:  # once, with every adopted network
-            await self.evpn.sync()
-        except VnetError as e:
-            self.problems.append(f"evpn (reconcile): {e.message}")
-            log.error("evpn (reconcile): %s", e.message)
-        await self._reap_orphan_children()
+            self.adopting[net.name] = lk
 
     async def _adopt(self, net: Network, bridge: Link) -> None:
         """A network found running: its driver makes it match the definition (idempotent),
@@ -288,7 +330,8 @@ class Engine:
         d = net.to_dict()
         d["mtu"] = (self.network(net.name) or net).mtu
         d["owner"] = net.owner
-        d["state"] = "running" if net.name in self.running else "stopped"
+        d["state"] = ("adopting" if net.name in self.adopting else
+                      "running" if net.name in self.running else "stopped")
         d["gateway"] = str(net.gateway)
         if net.gateway6:
             d["gateway6"] = str(net.gateway6)
@@ -431,6 +474,7 @@ class Engine:
                     )
 
     async def undefine(self, name: str) -> None:
+        await self._adopted(name)
         async with self.lock:
             self.get(name)
             if name in self.running:
@@ -451,6 +495,7 @@ class Engine:
 
     async def reload(self) -> list[str]:
         """Re-read the definition files an admin may have edited by hand."""
+        await self._adopted()
         async with self.lock:
             defs, problems = self.store.load_all()
             for name in list(self.defs):
@@ -492,6 +537,7 @@ class Engine:
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self, name: str) -> None:
+        await self._adopted()
         async with self.lock:
             net = self.get(name)
             if name in self.running:
@@ -528,6 +574,7 @@ class Engine:
             self.ports.forget(p)
 
     async def stop(self, name: str) -> None:
+        await self._adopted()
         async with self.lock:
             net = self.get(name)
             if name not in self.running:
@@ -553,6 +600,7 @@ class Engine:
         """Add or remove an overlay peer, live: the flood entry (static) or the BGP
         neighbour (evpn), the VXLAN filter and the stored definition change together, or
         nothing does."""
+        await self._adopted()
         async with self.lock:
             net = self.get(network)
             if net.overlay is None:
@@ -611,6 +659,7 @@ class Engine:
         net = self.get(network)
         model.validate_vm_name(vm)
         opts = parse_attach_options(options)
+        await self._adopted(network)
         async with self.lock:
             bridge = self._running_bridge(net)
             port, fds, vhostfds, info = await self.ports.attach(
@@ -638,6 +687,7 @@ class Engine:
                 "<network>_<n>, e.g. vnet2_1.")
         network = ifname.rsplit("_", 1)[0]
         net = self.get(network)
+        await self._adopted(net.name)
         async with self.lock:
             lk = await self.links.get(ifname)
             if lk is None:
@@ -717,6 +767,7 @@ class Engine:
         unknown = sorted(model._printable(k) for k in options if k not in ("ip", "mac"))
         if unknown:
             raise InvalidArgument(f"Unknown host option(s): {', '.join(unknown)}. Known: ip, mac.")
+        await self._adopted()  # their firewall elements: once the ruleset is whole
         async with self.lock:
             net = self.get(network)
             model.validate_vm_name(vm)
@@ -761,6 +812,7 @@ class Engine:
                               f"{start - 1} on {net.name}: give --ip.")
 
     async def remove_host(self, network: str, vm: str) -> None:
+        await self._adopted()  # their firewall elements: once the ruleset is whole
         async with self.lock:
             net = self.get(network)
             model.validate_vm_name(vm)
@@ -788,6 +840,7 @@ class Engine:
     async def add_forward(self, network: str, spec: dict[str, Any],
                           uid: int = 0) -> model.Forward:
         """Add a forward owned by `uid`, within uid's limit."""
+        await self._adopted()  # their firewall elements: once the ruleset is whole
         async with self.lock:
             net = self.get(network)
             if net.overlay is not None and net.overlay.is_member:
@@ -820,6 +873,7 @@ class Engine:
 
     async def remove_forward(self, network: str, spec: dict[str, Any]) -> model.Forward:
         """Remove the forward of PROTO [EXT_ADDR:]PORT[-PORT] (family from spec)."""
+        await self._adopted()  # their firewall elements: once the ruleset is whole
         async with self.lock:
             net = self.get(network)
             spec = model.expand_forward_words(spec)

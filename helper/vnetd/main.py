@@ -134,8 +134,13 @@ async def run(args: argparse.Namespace) -> int:
         bus.disconnect()
         await links.close()
         return 1
-    log.info("vnetd %s ready on %s: %d network(s) defined, %d running", __version__,
-             args.bus_address or "the system bus", len(engine.defs), len(engine.running))
+    log.info("vnetd %s ready on %s: %d network(s) defined, %d running%s", __version__,
+             args.bus_address or "the system bus", len(engine.defs), len(engine.running),
+             f", {len(engine.adopting)} being adopted" if engine.adopting else "")
+    settling = None
+    if engine.adopting:  # a restart: answer first, adopt the running networks meanwhile
+        settling = asyncio.ensure_future(engine.settle())
+        settling.add_done_callback(_settled)
 
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -166,6 +171,14 @@ PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _settled(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("adopting the running networks failed: %r", task.exception(),
+                  exc_info=task.exception())
+    else:
+        log.info("every network found running is adopted")
 
 
 def _log_tasks() -> None:

@@ -109,7 +109,10 @@ class Daemon:
         sh("ip", "-n", self.netns, "link", "set", "lo", "up")
 
     # --- process --------------------------------------------------------------------------
-    def start(self, extra: list[str] | None = None) -> None:
+    def start(self, extra: list[str] | None = None, settled: bool = True) -> None:
+        """Start vnetd and wait until it owns its bus name; with `settled`, also until it
+        has adopted the networks it found running (after a restart it answers first and
+        adopts them in the background)."""
         assert self.proc is None or self.proc.poll() is not None
         services.wait_for(lambda: not services.has_owner("org.qemuvnet.Vnet1"), 10,
                           "the previous vnetd to release its bus name")
@@ -122,14 +125,27 @@ class Daemon:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
         log.close()
+        mark = len(self.log())
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vnetd exited ({self.proc.returncode}):\n{self.log()}")
             if services.name_owner_pid("org.qemuvnet.Vnet1") == self.proc.pid:
-                return
+                break
             time.sleep(0.05)
-        raise RuntimeError(f"vnetd did not come up:\n{self.log()}")
+        else:
+            raise RuntimeError(f"vnetd did not come up:\n{self.log()}")
+        while settled and time.monotonic() < deadline + 30:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vnetd exited ({self.proc.returncode}):\n{self.log()}")
+            text = self.log()[mark:]
+            if " ready on " in text and ("being adopted" not in text or any(
+                    m in text for m in ("every network found running is adopted",
+                                        "adopting the running networks failed"))):
+                return
+            time.sleep(0.01)
+        if settled:
+            raise RuntimeError(f"vnetd did not finish adopting its networks:\n{self.log()}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

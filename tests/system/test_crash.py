@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 
 from tests.harness import services
-from tests.harness.crash import Driver, Reaper, nft_sets, proc_cmdlines
+from tests.harness.crash import Driver, DriverError, Reaper, nft_sets, proc_cmdlines
 from tests.harness.daemon import ALICE
 
 PROFILES = {"ci": 110, "nightly": 1000}

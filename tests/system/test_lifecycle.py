@@ -185,3 +185,33 @@ def test_sigusr1_and_sigusr2_dump_what_vnetd_waits_on(vnetd, client):
     assert "Current thread" in after or "Thread 0x" in after, dump  # faulthandler's header
     assert vnetd.alive()
     client("list", check=True)
+
+
+def test_a_restart_answers_first_and_adopts_the_running_networks_meanwhile(vnetd, client):
+    names = [f"ad{i}" for i in range(5)]
+    for i, n in enumerate(names):  # each with a DHCP server, which adoption replaces
+        client("define", n, f"--subnet=10.61.{i}.0/24", check=True)
+        client("start", n, check=True)
+    client("define", "ad9", "--subnet=10.61.9.0/24", check=True)
+    vnetd.kill()
+    mark = len(vnetd.log())
+    vnetd.start(settled=False)
+    # it answers at once; a network not adopted yet says so, none looks stopped
+    first = {n["name"]: n["state"] for n in
+             json.loads(client("list", "--json", check=True).stdout)}
+    assert {first[n] for n in names} <= {"adopting", "running"}, first
+    assert first["ad9"] == "stopped"
+    # a change that loads the whole ruleset waits for the adoption, then goes through
+    client("start", "ad9", check=True)
+    nets = {n["name"]: n["state"] for n in
+            json.loads(client("list", "--json", check=True).stdout)}
+    assert all(nets[n] == "running" for n in [*names, "ad9"]), nets
+    log = vnetd.log()[mark:]
+    ready = log.index(" ready on ")
+    assert "5 being adopted" in log[ready:].splitlines()[0]
+    for n in names:  # each adopted after vnetd answered
+        assert log.index(f"adopted running network {n}") > ready
+    assert "every network found running is adopted" in log
+    for n in [*names, "ad9"]:
+        client("stop", n, check=True)
+        client("undefine", n, check=True)
