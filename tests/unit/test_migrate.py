@@ -564,3 +564,38 @@ def test_dnsmasq_command_line_options_are_split_as_dnsmasq_does():
         i += n
     assert out == [("domain", "lab"), ("dhcp-host", "52:54:00:00:00:01,h1"),
                    ("no-hosts", None), ("dhcp-range", "x"), (None, None)]
+
+
+def test_dhcpd_conf_is_read_into_records_in_file_order(tmp_path: Path):
+    from vnet_client.migrate.dhcpd import DhcpdHost, DhcpdOption, DhcpdSubnet, read_dhcpd_conf
+    from vnet_client.migrate.records import RangeRecord
+
+    p = tmp_path / "dhcpd.conf"
+    p.write_text("authoritative;\n"
+                 "subnet 172.16.13.0 netmask 255.255.255.0 {\n"
+                 "  range 172.16.13.32 172.16.13.254;\n"
+                 "  option routers 172.16.13.1;\n"
+                 "  host web1 { hardware ethernet 52:54:00:AA:00:01; fixed-address 172.16.13.5;"
+                 " ddns-hostname x; }\n"
+                 "}\n")
+    items = read_dhcpd_conf(p, "dhcpd.conf")
+    assert [type(i).__name__ for i in items] == [
+        "Finding", "DhcpdSubnet", "RangeRecord", "DhcpdOption", "Finding", "DhcpdHost"]
+    assert items[0].line == 1 and "own choice" in items[0].reason
+    assert items[1] == DhcpdSubnet(ipaddress.IPv4Network("172.16.13.0/24"), "dhcpd.conf", 2,
+                                   "subnet 172.16.13.0 netmask 255.255.255.0 {")
+    assert items[2] == RangeRecord("172.16.13.32", "172.16.13.254", "dhcpd.conf", 3,
+                                   "range 172.16.13.32 172.16.13.254;")
+    assert items[3] == DhcpdOption("routers", ("172.16.13.1",), "dhcpd.conf", 4,
+                                   "option routers 172.16.13.1;")
+    assert "'ddns-hostname' in host web1" in items[4].reason
+    host = items[5]
+    assert isinstance(host, DhcpdHost)
+    assert (host.name, host.mac, host.ips, host.line) == ("web1", "52:54:00:aa:00:01",
+                                                          ("172.16.13.5",), 5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        host.mac = None  # type: ignore[misc]
+    p.write_text("host a {\n  hardware token-ring 1;\n}\n")
+    with pytest.raises(MigrationError) as e:
+        read_dhcpd_conf(p, "dhcpd.conf")
+    assert e.value.line == 2

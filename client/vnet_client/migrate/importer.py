@@ -23,7 +23,7 @@ from vnet_common.names import LABEL_RE as _LABEL_RE
 from vnet_common.names import VM_RE as _VM_RE
 from vnet_common.toml import comment, render_toml
 
-from .dhcpd import _dhcpd_parse, _dhcpd_tokens
+from .dhcpd import DhcpdHost, DhcpdOption, DhcpdSubnet, read_dhcpd_conf
 from .dnsmasq import (
     _DNSMASQ_VNETD,
     parse_dhcp_host,
@@ -37,7 +37,6 @@ from .records import (
     Imported,
     MigrationError,
     RangeRecord,
-    Statement,
 )
 from .shell import _Shell
 from .text import (
@@ -108,7 +107,6 @@ class _Importer:
         self.hostsfiles: set[Path] = set()
         self.dnsmasq_files: set[Path] = set()
         self.dhcpd_present = False
-        self.dhcpd_lines: list[str] = []
         self.ether_index: dict[str, int] = {}
         self.network = ""
         self.subnet = ipaddress.IPv4Network("0.0.0.0/32")
@@ -697,63 +695,21 @@ class _Importer:
         if not path.is_file():
             return
         self.read_files.add(path)
-        file = str(path)
-        self.dhcpd_lines = _read_text(path, file).splitlines()
-        stmts = _dhcpd_parse(_dhcpd_tokens("\n".join(self.dhcpd_lines), file), file)
+        items = read_dhcpd_conf(path, str(path))
         self.dhcpd_present = True
-        self._dhcpd_walk(stmts, file)
-
-    def _dline(self, n: int) -> str:
-        return self.dhcpd_lines[n - 1].strip() if 0 < n <= len(self.dhcpd_lines) else ""
-
-    def _dhcpd_walk(self, stmts: list[Statement], file: str) -> None:
-        for s in stmts:
-            v = s.values
-            if not v:
-                raise MigrationError(file, s.line, "a statement of nothing but ','.")
-            kw = v[0].lower()
-            text = self._dline(s.line)
-            if s.block is not None:
-                if kw == "host":
-                    if len(v) != 2:
-                        raise MigrationError(file, s.line, "a host declaration needs one name: "
-                                             "host NAME { ... }.")
-                    self._dhcpd_host(v[1], s, file)
-                elif kw == "subnet":
-                    try:
-                        if len(v) != 4 or v[2].lower() != "netmask":
-                            raise ValueError
-                        net = ipaddress.IPv4Network(f"{v[1]}/{v[3]}")
-                    except ValueError:
-                        raise MigrationError(file, s.line, "not a 'subnet ADDRESS netmask MASK "
-                                             "{' declaration.") from None
-                    if net != self.subnet:
-                        self.note(file, s.line, text, f"a declaration for {net}, not this "
-                                  f"network's {self.subnet}: its settings may not fit.")
-                    self._dhcpd_walk(s.block, file)
-                elif kw in ("group", "shared-network", "pool"):
-                    self._dhcpd_walk(s.block, file)
-                else:
-                    self.note(file, s.line, text, f"the '{v[0]}' block is not carried over.")
-                continue
-            if kw == "range":
-                rest = [x for x in v[1:] if x.lower() != "dynamic-bootp"]
-                try:
-                    start = ipaddress.IPv4Address(rest[0])
-                    end = ipaddress.IPv4Address(rest[1] if len(rest) > 1 else rest[0])
-                except (ValueError, IndexError):
-                    raise MigrationError(file, s.line, "not a 'range FIRST LAST;' "
-                                         "statement.") from None
-                self.ranges["dhcpd"].append(RangeRecord(str(start), str(end), file, s.line, text))
-            elif kw == "option" and len(v) >= 3:
-                self._dhcpd_option(v[1].lower(), v[2:], file, s.line, text)
-            elif kw in ("authoritative", "not", "ddns-update-style", "default-lease-time",
-                        "max-lease-time", "log-facility", "ddns-updates", "one-lease-per-client"):
-                self.note(file, s.line, text, "vnetd writes its own dhcpd configuration "
-                          f"('{v[0]}' is its own choice): not carried over.")
+        for it in items:
+            if isinstance(it, Finding):
+                self.findings.append(it)
+            elif isinstance(it, DhcpdSubnet):
+                if it.net != self.subnet:
+                    self.note(it.file, it.line, it.text, f"a declaration for {it.net}, not "
+                              f"this network's {self.subnet}: its settings may not fit.")
+            elif isinstance(it, RangeRecord):
+                self.ranges["dhcpd"].append(it)
+            elif isinstance(it, DhcpdOption):
+                self._dhcpd_option(it.name, list(it.args), it.file, it.line, it.text)
             else:
-                self.note(file, s.line, text, f"the dhcpd statement '{v[0]}' is not carried "
-                          "over.")
+                self._dhcpd_host(it)
 
     def _dhcpd_option(self, name: str, args: list[str], file: str, line: int,
                       text: str) -> None:
@@ -769,50 +725,28 @@ class _Importer:
             self.note(file, line, text, f"the DHCP option '{name}' is not carried over (vnetd "
                       "does not take extra DHCP options yet).")
 
-    def _dhcpd_host(self, name: str, s: Statement, file: str) -> None:
-        mac: str | None = None
-        ips: list[str] = []
-        text = self._dline(s.line)
-        for st in s.block or []:
-            v = st.values
-            if not v:
-                raise MigrationError(file, st.line, "a statement of nothing but ','.")
-            kw = v[0].lower()
-            if st.block is not None:
-                self.note(file, st.line, self._dline(st.line), "a block inside a host is not "
-                          "carried over.")
-            elif kw == "hardware" and len(v) == 3 and v[1].lower() == "ethernet":
-                mac = _mac(v[2], file, st.line)
-            elif kw == "hardware":
-                raise MigrationError(file, st.line, "not a 'hardware ethernet MAC;' statement.")
-            elif kw == "fixed-address" and len(v) >= 2:
-                ips = v[1:]
-            elif kw == "option" and len(v) == 3 and v[1].lower() == "host-name":
-                self.note(file, st.line, self._dline(st.line), f"the host is named '{name}' "
-                          f"(its declaration); the host-name option '{v[2]}' is not carried over.")
-            else:
-                self.note(file, st.line, self._dline(st.line), f"'{v[0]}' in host {name} is "
-                          "not carried over.")
-        if mac is None:
-            self.note(file, s.line, text, f"host {name} has no 'hardware ethernet': vnetd's "
+    def _dhcpd_host(self, h: DhcpdHost) -> None:
+        name, file, text = h.name, h.file, h.text
+        if h.mac is None:
+            self.note(file, h.line, text, f"host {name} has no 'hardware ethernet': vnetd's "
                       "static hosts are keyed by MAC: not carried over.")
             return
         addrs: list[ipaddress.IPv4Address] = []
-        for x in ips:
+        for x in h.ips:
             try:
                 addrs.append(ipaddress.IPv4Address(x))
             except ValueError:
-                self.note(file, s.line, text, f"host {name}'s fixed-address '{_short(x, 40)}' "
+                self.note(file, h.line, text, f"host {name}'s fixed-address '{_short(x, 40)}' "
                           "is a name, not an address: not carried over.")
         if not addrs:
-            if not ips:
-                self.note(file, s.line, text, f"host {name} has no fixed-address: not carried "
+            if not h.ips:
+                self.note(file, h.line, text, f"host {name} has no fixed-address: not carried "
                           "over.")
             return
         if len(addrs) > 1:
-            self.note(file, s.line, text, f"host {name} has several addresses: only {addrs[0]} "
+            self.note(file, h.line, text, f"host {name} has several addresses: only {addrs[0]} "
                       "is carried over.")
-        self.hosts.append(HostRecord(mac, addrs[0], name, file, s.line, text))
+        self.hosts.append(HostRecord(h.mac, addrs[0], name, file, h.line, text))
 
     # -- decisions ----------------------------------------------------------------------
     def _dhcp_kind(self) -> str:
