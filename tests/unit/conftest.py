@@ -1,5 +1,5 @@
 """Unit tests: pure code only, no root, no bus. The packages are imported from the working tree
-(`helper/` and `client/` first on sys.path), not from an installed copy."""
+(`helper/`, `client/` and `common/` first on sys.path), not from an installed copy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).parents[2]
 
-for _p in (REPO / "client", REPO / "helper"):
+for _p in (REPO / "common", REPO / "client", REPO / "helper"):
     _s = str(_p)
     if _s in sys.path:
         sys.path.remove(_s)
