@@ -23,7 +23,7 @@ NFT_WORKER = r"""
 import ipaddress, json, sys, time
 sys.path.insert(0, sys.argv[1])
 import nftables
-from vnetd.backends import firewall as fw
+from vnetd.render import nft as fw
 n, runs = int(sys.argv[2]), int(sys.argv[3])
 nft = nftables.Nftables(); nft.set_json_output(True)
 net = fw.FwNetwork(name="benchfw", mode="nat", subnet=ipaddress.IPv4Network("10.204.0.0/16"),

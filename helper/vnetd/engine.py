@@ -21,9 +21,7 @@ from typing import Any
 from . import macs as macs_mod
 from . import model
 from . import overlay as overlay_mod
-from .backends.links import Link, Links
-from .backends.supervisor import reap
-from .dhcp import DhcpServers
+from .children.supervisor import reap
 from .errors import (
     Busy,
     Exists,
@@ -33,16 +31,18 @@ from .errors import (
     QuotaExceeded,
     VnetError,
 )
-from .evpn import Evpn
-from .firewall import Firewall
+from .kernel.links import Link, Links
 from .macs import MacRegistry
 from .model import Network
 from .networks import Context, Rollback, Running, driver_for, vxlan
 from .ports import Port, Ports, parse_attach_options
 from .resolver import Resolver
 from .store import Store
-from .subsystem import Subsystem
-from .vde import VdeSwitches
+from .subsystems import Subsystem
+from .subsystems.dhcp import DhcpServers
+from .subsystems.evpn import Evpn
+from .subsystems.firewall import Firewall
+from .subsystems.vde import VdeSwitches
 
 log = logging.getLogger("vnetd")
 
@@ -303,7 +303,7 @@ class Engine:
         """Servers a crashed vnetd left for networks that are not running (their start was
         cut short, or they were stopped): only the processes that the records next to their
         pid files name, in directories only root writes, never found by command line
-        (backends/supervisor.py); pid files and records go too."""
+        (children/supervisor.py); pid files and records go too."""
         run = self.store.runtime_dir
         for d in run.iterdir():
             if d.is_dir() and not d.is_symlink() and d.name not in self.running:

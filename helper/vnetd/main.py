@@ -18,11 +18,12 @@ from pathlib import Path
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from . import __version__, api, identity
+from . import __version__, api
 from .authz import CACHE_SECONDS, Authorizer
-from .backends.links import Links
 from .bus import Service
+from .children import identity
 from .engine import Engine
+from .kernel.links import Links
 from .store import Store
 
 log = logging.getLogger("vnetd")

@@ -12,7 +12,7 @@
     route-reflector = false     # evpn: this host reflects routes to its peers
 
 Pure validation and naming here; the engine creates the device and the FDB entries, and
-backends/frr.py renders the EVPN configuration.
+render/frr.py renders the EVPN configuration.
 """
 
 from __future__ import annotations

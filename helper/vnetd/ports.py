@@ -28,9 +28,9 @@ from typing import Any
 from vnet_common.names import validate_nic
 
 from . import model
-from .backends import tap as tapdev
-from .backends.links import Links
 from .errors import Busy, Failed, InvalidArgument, NotFound, NotOwner, QuotaExceeded
+from .kernel import tap as tapdev
+from .kernel.links import Links
 from .macs import MacRegistry
 
 log = logging.getLogger("vnetd.ports")

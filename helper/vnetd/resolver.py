@@ -16,10 +16,10 @@ from vnet_common.names import split_key
 from .model import Network
 
 if TYPE_CHECKING:
-    from .backends.dnsmasq import Lease
-    from .dhcp import DhcpServers
     from .macs import MacRegistry
     from .ports import Ports
+    from .render.dnsmasq import Lease
+    from .subsystems.dhcp import DhcpServers
 
 
 class Resolver:

@@ -1,6 +1,6 @@
 """Files and sockets vnetd shares with its children, which it must not trust: lease files in
-dhcpd's directory, pid files, the VDE management socket (helper/vnetd/safefile.py,
-backends/supervisor.py, backends/vde.py, vde.py). No root needed."""
+dhcpd's directory, pid files, the VDE management socket (helper/vnetd/children/safefile.py,
+children/supervisor.py, render/vde_switch.py, vde.py). No root needed."""
 
 from __future__ import annotations
 
@@ -18,12 +18,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from vnetd import identity, safefile
-from vnetd import vde as vde_mod
-from vnetd.backends import supervisor
-from vnetd.backends import vde as vde_be
+from vnetd.children import identity, safefile, supervisor
 from vnetd.errors import Busy, Failed
 from vnetd.model import Network
+from vnetd.render import vde_switch as vde_be
+from vnetd.subsystems import vde as vde_mod
 
 GID = os.getgid()
 
@@ -82,7 +81,7 @@ def test_read_capped_refuses_a_file_beyond_the_cap(tmp_path, caplog):
 
 def test_lease_readers_go_through_read_capped(tmp_path, monkeypatch):
     """DhcpServers.leases reads both servers' files through the safe reader."""
-    from vnetd import dhcp
+    from vnetd.subsystems import dhcp
 
     seen = []
     monkeypatch.setattr(safefile, "read_capped", lambda p, *a: seen.append(Path(p)) or None)

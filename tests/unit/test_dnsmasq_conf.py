@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vnetd.backends import dnsmasq
 from vnetd.model import Network
+from vnetd.render import dnsmasq
 
 RUN = Path("/run/qemu-vnet/lab")
 STATE = Path("/var/lib/qemu-vnet/lab")

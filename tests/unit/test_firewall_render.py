@@ -9,8 +9,8 @@ import ipaddress as ia
 import json
 
 import pytest
-from vnetd.backends import firewall as fw
-from vnetd.backends.firewall import FwForward, FwNetwork, FwPort
+from vnetd.render import nft as fw
+from vnetd.render.nft import FwForward, FwNetwork, FwPort
 
 
 def net(name="vnet2", mode="nat", n=12, v6=None, **kw) -> FwNetwork:

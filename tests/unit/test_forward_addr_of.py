@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from vnetd.firewall import Firewall
 from vnetd.model import Network, expand_forward_words, parse_forward
 from vnetd.resolver import Resolver
+from vnetd.subsystems.firewall import Firewall
 
 
 def forwards(addrs: dict[str, tuple[str, ...]], rule: str, family: int = 4, **kw):

@@ -92,7 +92,7 @@ def test_peer_changes():
 
 # --- the firewall's VXLAN filter ------------------------------------------------------------
 def _fwnet(name, subnet, port=None, peers=(), evpn=False, vni=5007):
-    from vnetd.backends import firewall as fw
+    from vnetd.render import nft as fw
 
     net = ipaddress.ip_network(subnet)
     return fw.FwNetwork(name=name, mode="nat", subnet=net, gateway=net[1], overlay_port=port,
@@ -111,7 +111,7 @@ def _underlay_rules(cmd):
 
 
 def test_each_vni_is_accepted_only_from_its_own_peers():
-    from vnetd.backends import firewall as fw
+    from vnetd.render import nft as fw
 
     cmd = fw.render_ruleset([_fwnet("vnet7", "172.16.17.0/24", 4789, ["10.88.0.2"], vni=7),
                              _fwnet("vnet8", "172.16.18.0/24", 4789, ["10.88.0.3"], vni=8),
@@ -126,7 +126,7 @@ def test_each_vni_is_accepted_only_from_its_own_peers():
 
 
 def test_an_evpn_vni_is_open_but_a_static_one_on_the_same_port_stays_filtered():
-    from vnetd.backends import firewall as fw
+    from vnetd.render import nft as fw
 
     cmd = fw.render_ruleset([_fwnet("vnet7", "172.16.17.0/24", 4789, ["10.88.0.2"], vni=7),
                              _fwnet("vnet8", "172.16.18.0/24", 4789, evpn=True, vni=8)])
@@ -148,7 +148,7 @@ def _evpn_net(local, peers, rr=False, asn=65000, name="vnet7"):
 
 
 def test_frr_fragment_and_commands():
-    from vnetd.backends import frr
+    from vnetd.render import frr
 
     f = frr.fragment([_evpn_net("10.88.0.2", ["10.88.0.1", "10.88.0.3"])])
     assert f == frr.Fragment(65000, "10.88.0.2", ("10.88.0.1", "10.88.0.3"))
@@ -162,7 +162,7 @@ def test_frr_fragment_and_commands():
 
 
 def test_frr_diff_removes_what_went_and_resends_the_whole_fragment():
-    from vnetd.backends import frr
+    from vnetd.render import frr
 
     a = frr.Fragment(65000, "10.88.0.2", ("10.88.0.1", "10.88.0.3"))
     b = frr.Fragment(65000, "10.88.0.2", ("10.88.0.1", "10.88.0.4"))
@@ -178,7 +178,7 @@ def test_frr_diff_removes_what_went_and_resends_the_whole_fragment():
 
 
 def test_frr_fragment_in_an_admins_instance_leaves_the_instance_alone():
-    from vnetd.backends import frr
+    from vnetd.render import frr
 
     f = frr.Fragment(65000, "10.88.0.2", ("10.88.0.1",), owned=False)
     assert not any("router-id" in c or "default ipv4-unicast" in c for c in f.commands())
@@ -194,14 +194,14 @@ def test_frr_fragment_in_an_admins_instance_leaves_the_instance_alone():
 
 
 def test_frr_refuses_addresses_that_could_carry_commands():
-    from vnetd.backends import frr
+    from vnetd.render import frr
 
     with pytest.raises(InvalidArgument):
         frr.Fragment(65000, "10.88.0.2", ("fe80::1%x\nip route 0.0.0.0/0 1.1.1.1",))
 
 
 def test_frr_fragment_refuses_mixed_instances():
-    from vnetd.backends import frr
+    from vnetd.render import frr
 
     with pytest.raises(InvalidArgument, match="AS numbers"):
         frr.fragment([_evpn_net("10.88.0.2", ["10.88.0.1"]),
@@ -212,7 +212,7 @@ def test_frr_fragment_refuses_mixed_instances():
 
 
 def test_frr_summary_parsing():
-    from vnetd.backends import frr
+    from vnetd.render import frr
 
     text = ('{"routerId":"10.88.0.2","as":65000,"peers":{"10.88.0.1":{"state":"Established",'
             '"pfxRcd":2}}}')

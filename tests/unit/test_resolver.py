@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from vnetd.backends.dnsmasq import Lease
 from vnetd.macs import MacRegistry
 from vnetd.model import Network
 from vnetd.ports import Port
+from vnetd.render.dnsmasq import Lease
 from vnetd.resolver import Resolver
 
 NET = Network.from_options("vnet3", {

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import model
-from ..backends import tap as tapdev
 from ..errors import Exists, Failed, InvalidArgument
+from ..kernel import tap as tapdev
 from ..model import Network
 
 if TYPE_CHECKING:
-    from ..backends.links import Link, Links
+    from ..kernel.links import Link, Links
     from ..ports import Ports
     from ..store import Store
 

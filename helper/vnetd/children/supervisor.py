@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..safefile import write_pid_file
+from .safefile import write_pid_file
 
 log = logging.getLogger("vnetd.children")
 

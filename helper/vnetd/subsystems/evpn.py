@@ -2,7 +2,7 @@
 EVPN networks and applies it with FRR's own tool (vtysh). FRR itself (zebra and bgpd) is
 started by the system, not by vnetd; vnetd checks that it is there and says so when not.
 
-The fragment (backends/frr.py) is the iBGP instance with `address-family l2vpn evpn`,
+The fragment (render/frr.py) is the iBGP instance with `address-family l2vpn evpn`,
 `advertise-all-vni` and the networks' peers as neighbours; zebra learns the VNIs from the
 kernel's VXLAN devices on our bridges. The applied fragment is kept in the runtime directory:
 a change removes what is no longer wanted and sends the whole fragment again. vnetd removes
@@ -18,13 +18,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .backends import frr
-from .errors import Busy, Failed, NotRunning
-from .model import Network
-from .store import atomic_write
+from ..errors import Busy, Failed, NotRunning
+from ..model import Network
+from ..render import frr
+from ..store import atomic_write
 
 if TYPE_CHECKING:
-    from .networks import Running
+    from ..networks import Running
 
 log = logging.getLogger("vnetd.evpn")
 
@@ -37,7 +37,7 @@ class Evpn:
         self.lock = asyncio.Lock()
         self.nets: dict[str, Network] = {}  # the running EVPN networks, by name
 
-    # --- the subsystem protocol (subsystem.py) -----------------------------------------
+    # --- the subsystem protocol (subsystems/__init__.py) -----------------------------------------
     name = "evpn"
 
     @staticmethod

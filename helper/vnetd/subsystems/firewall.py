@@ -3,7 +3,7 @@ that puts it there.
 
 The ruleset is rendered from the running networks, their forwards (with VM-name targets
 resolved through static hosts and current leases) and the ports on them, by the pure
-`backends.firewall` renderer, and applied through libnftables in JSON: all or nothing.
+`render.nft` renderer, and applied through libnftables in JSON: all or nothing.
 Starting and stopping a network re-renders our two tables whole; a forward, a port or a lease
 changes only map and set elements, so its cost does not grow with the number of forwards.
 """
@@ -21,15 +21,15 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .backends import firewall as fw
-from .errors import Failed
-from .model import Forward, Network
+from ..errors import Failed
+from ..model import Forward, Network
+from ..render import nft as fw
 
 if TYPE_CHECKING:
-    from .backends.links import Links
-    from .networks import Running
-    from .ports import Port, Ports
-    from .resolver import Resolver
+    from ..kernel.links import Links
+    from ..networks import Running
+    from ..ports import Port, Ports
+    from ..resolver import Resolver
 
 log = logging.getLogger("vnetd.firewall")
 
@@ -109,7 +109,7 @@ class Firewall:
             raise Failed(f"The firewall cannot {what}: {e}") from None
         await asyncio.to_thread(self._apply, cmd, what)
 
-    # --- the subsystem protocol (subsystem.py): networks change the whole ruleset --------
+    # --- the subsystem protocol (subsystems/__init__.py): networks change the whole ruleset --------
     async def apply(self, run: Running) -> None:
         await self.sync_all()
 

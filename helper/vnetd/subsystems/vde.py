@@ -7,7 +7,7 @@ stops the switches and removes their sockets.
 vnet-vde) may create, rename and remove any entry in it. So vnetd keeps nothing of its own
 there: the switches' pid files are in /run/qemu-vnet/_pids (root 0755), and the management
 sockets, which the switches make there, are talked to with a deadline, a byte cap and a check
-of the peer's uid (backends/vde.py active_ports)."""
+of the peer's uid (render/vde_switch.py active_ports)."""
 
 from __future__ import annotations
 
@@ -21,15 +21,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import identity
-from .backends import tap as tap_be
-from .backends import vde as vde_be
-from .backends.supervisor import Child, reap
-from .errors import Busy, Failed
-from .model import Network
+from ..children import identity
+from ..children.supervisor import Child, reap
+from ..errors import Busy, Failed
+from ..kernel import tap as tap_be
+from ..model import Network
+from ..render import vde_switch as vde_be
 
 if TYPE_CHECKING:
-    from .networks import Running
+    from ..networks import Running
 
 log = logging.getLogger("vnetd.vde")
 
@@ -70,7 +70,7 @@ class VdeSwitches:
         self.uid: int | None = None  # the switches' user, once one was started
         self.nets: dict[str, Network] = {}  # the networks whose switches run, as started
 
-    # --- the subsystem protocol (subsystem.py) -----------------------------------------
+    # --- the subsystem protocol (subsystems/__init__.py) -----------------------------------------
     name = "vde"
 
     async def apply(self, run: Running) -> None:

@@ -19,17 +19,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import identity, safefile
-from .backends import dhcpd as dhcpd_be
-from .backends import dnsmasq as dnsmasq_be
-from .backends.dnsmasq import Lease
-from .backends.supervisor import Child
-from .errors import Failed
-from .model import Network
-from .store import atomic_write
+from ..children import identity, safefile
+from ..children.supervisor import Child
+from ..errors import Failed
+from ..model import Network
+from ..render import dhcpd as dhcpd_be
+from ..render import dnsmasq as dnsmasq_be
+from ..render.dnsmasq import Lease
+from ..store import atomic_write
 
 if TYPE_CHECKING:
-    from .networks import Running
+    from ..networks import Running
 
 log = logging.getLogger("vnetd.dhcp")
 
@@ -75,7 +75,7 @@ class DhcpServers:
         atomic_write(p.hosts_dhcp, dnsmasq_be.render_hosts_dhcp(net).encode())
         atomic_write(p.hosts_dns, dnsmasq_be.render_hosts_dns(net).encode())
 
-    # --- the subsystem protocol (subsystem.py) -----------------------------------------
+    # --- the subsystem protocol (subsystems/__init__.py) -----------------------------------------
     name = "dhcp"
 
     async def apply(self, run: Running) -> None:

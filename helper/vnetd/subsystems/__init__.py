@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .networks import Running
+    from ..networks import Running
 
 
 class Subsystem(Protocol):
