@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .limits import DEFAULT_MTU, DEFAULT_VDE_PORTS
+from .limits import DEFAULT_ASN, DEFAULT_MTU, DEFAULT_VDE_PORTS, DEFAULT_VXLAN_PORT, MAX_VNI
 
 MODES = ("nat", "host-only", "bridged")
 ROUTED = ("nat", "host-only")  # the modes with a gateway address of vnetd's own
@@ -149,7 +149,7 @@ OPTIONS: tuple[Option, ...] = (
            "VXLAN across hosts: the keys of section overlay (docs/overlay.md)", modes=ROUTED),
     # [overlay]: one LAN across hosts
     Option("vni", "int", None, "--vni",
-           "VXLAN network identifier, 1-16777215 (turns the overlay on)", modes=ROUTED,
+           f"VXLAN network identifier, 1-{MAX_VNI} (turns the overlay on)", modes=ROUTED,
            section="overlay", metavar="VNI"),
     Option("local", "ip", None, "--local", "this host's underlay address", modes=ROUTED,
            section="overlay", metavar="IP"),
@@ -158,7 +158,8 @@ OPTIONS: tuple[Option, ...] = (
            "neighbour", modes=ROUTED, section="overlay", metavar="IP", repeatable=True),
     Option("dev", "str", None, "--underlay-dev", "the underlay interface (optional)",
            modes=ROUTED, section="overlay", metavar="IF"),
-    Option("port", "int", 4789, "--vxlan-port", "UDP port (default 4789)", modes=ROUTED,
+    Option("port", "int", DEFAULT_VXLAN_PORT, "--vxlan-port",
+           f"UDP port (default {DEFAULT_VXLAN_PORT})", modes=ROUTED,
            section="overlay", metavar="PORT"),
     Option("role", "str", "gateway", "--role",
            "gateway (default): holds the gateway address, DHCP/DNS, NAT; member: only "
@@ -168,7 +169,8 @@ OPTIONS: tuple[Option, ...] = (
            "static (default): flood to the listed peers; evpn: BGP EVPN through the system's "
            "FRR", modes=ROUTED, section="overlay", metavar="CONTROL",
            choices=OVERLAY_CONTROLS),
-    Option("asn", "int", 65000, "--asn", "evpn: the iBGP AS (default 65000)", modes=ROUTED,
+    Option("asn", "int", DEFAULT_ASN, "--asn", f"evpn: the iBGP AS (default {DEFAULT_ASN})",
+           modes=ROUTED,
            section="overlay", metavar="AS"),
     Option("route-reflector", "bool", False, "--route-reflector",
            "evpn: this host reflects routes to its peers", modes=ROUTED, section="overlay",

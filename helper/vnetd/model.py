@@ -17,6 +17,7 @@ from vnet_common.limits import (
     DEFAULT_VDE_PORTS,
     MAX_IFNAME,
     MAX_MTU,
+    MAX_PORT,
     MAX_TAPS,
     MAX_UID,
     MAX_VDE_PORTS,
@@ -605,8 +606,8 @@ def parse_forward(net: Network, spec: dict[str, Any], stored: bool = False) -> F
         raise InvalidArgument("A forward needs a port and a target.")
     lo, hi = parse_port_range(spec["port"])
     tport = _port(spec.get("target-port", lo), "target port")
-    if tport + (hi - lo) > 65535:
-        raise InvalidArgument(f"The target ports {tport}-{tport + hi - lo} go past 65535.")
+    if tport + (hi - lo) > MAX_PORT:
+        raise InvalidArgument(f"The target ports {tport}-{tport + hi - lo} go past {MAX_PORT}.")
     ext = spec.get("ext-addr")
     if ext is not None:
         try:

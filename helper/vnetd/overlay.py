@@ -21,19 +21,22 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vnet_common.limits import (
+    DEFAULT_ASN,
+    DEFAULT_VXLAN_PORT,
+    MAX_ASN,
+    MAX_PEERS,
+    MAX_PORT,
+    MAX_VNI,
+    MIN_PORT,
+)
 from vnet_common.names import boolean as _bool
 from vnet_common.names import int_in as _int_in
 from vnet_common.names import printable, validate_ifname
-from vnet_common.options import OVERLAY_KEYS
+from vnet_common.options import OVERLAY_CONTROLS, OVERLAY_KEYS, OVERLAY_ROLES
 
 from .errors import InvalidArgument
 
-MAX_VNI = 16777215
-MAX_PEERS = 256
-DEFAULT_PORT = 4789
-DEFAULT_ASN = 65000
-ROLES = ("gateway", "member")
-CONTROLS = ("static", "evpn")
 KEYS = OVERLAY_KEYS  # the options table's [overlay] keys (vnet_common.options)
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -74,7 +77,7 @@ class Overlay:
     local: Address
     peers: tuple[Address, ...] = ()
     dev: str | None = None
-    port: int = DEFAULT_PORT
+    port: int = DEFAULT_VXLAN_PORT
     role: str = "gateway"
     control: str = "static"
     asn: int = DEFAULT_ASN
@@ -105,18 +108,18 @@ class Overlay:
         dev = options.get("dev")
         if dev is not None:
             dev = validate_ifname(dev, "underlay interface (dev)")
-        port = _int_in(options.get("port", DEFAULT_PORT), 1, 65535, "VXLAN UDP port")
+        port = _int_in(options.get("port", DEFAULT_VXLAN_PORT), MIN_PORT, MAX_PORT, "VXLAN UDP port")
         role = options.get("role", "gateway")
-        if role not in ROLES:
+        if role not in OVERLAY_ROLES:
             raise InvalidArgument(f"The overlay role must be 'gateway' (holds the gateway "
                                   f"address, DHCP/DNS, NAT) or 'member' (extends the LAN only), "
                                   f"not {_text(role)}.")
         control = options.get("control", "static")
-        if control not in CONTROLS:
+        if control not in OVERLAY_CONTROLS:
             raise InvalidArgument(f"The overlay control must be 'static' (flood to the listed "
                                   f"peers) or 'evpn' (BGP EVPN through FRR), not "
                                   f"{_text(control)}.")
-        asn = _int_in(options.get("asn", DEFAULT_ASN), 1, 4294967295, "BGP AS number")
+        asn = _int_in(options.get("asn", DEFAULT_ASN), 1, MAX_ASN, "BGP AS number")
         rr = _bool(options.get("route-reflector", False), "route-reflector")
         if control == "evpn" and local.version != 4:
             raise InvalidArgument("EVPN needs an IPv4 underlay: FRR's BGP router id is the "
@@ -133,7 +136,7 @@ class Overlay:
                              "peers": [str(p) for p in self.peers]}
         if self.dev is not None:
             d["dev"] = self.dev
-        if self.port != DEFAULT_PORT:
+        if self.port != DEFAULT_VXLAN_PORT:
             d["port"] = self.port
         d["role"] = self.role
         d["control"] = self.control

@@ -12,9 +12,12 @@ from typing import Any
 from vnet_common.limits import (
     DEFAULT_VDE_PORTS,
     MAX_IFNAME,
+    MAX_PORT,
     MAX_TAPS,
+    MAX_UID,
     MAX_VDE_PORTS,
     MAX_VM_NAME,
+    MIN_PORT,
     MIN_VDE_PORTS,
 )
 from vnet_common.names import GROUP_RE as _GROUP_RE
@@ -381,7 +384,7 @@ class _Importer:
         u = self.conf.get("user")
         if u is not None and u.value.strip():
             v = u.value.strip()
-            if v.isdigit() and int(v) <= 2**32 - 2:
+            if v.isdigit() and int(v) <= MAX_UID:
                 definition["tap-user"] = int(v)
             else:
                 self.note(file, u.line, u.text, f"the taps' owner '{_short(v)}' is a user name; "
@@ -1152,13 +1155,15 @@ class _Importer:
         if not m:
             return f"'{_short(port)}' is not a port or port range: not carried over."
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if not (1 <= lo <= hi <= 65535):
-            return f"the ports {port} are not 1 to 65535 (low-high): not carried over."
+        if not (MIN_PORT <= lo <= hi <= MAX_PORT):
+            return (f"the ports {port} are not {MIN_PORT} to {MAX_PORT} (low-high): not "
+                    "carried over.")
         addr, sep, tport = dest.rpartition(":")
-        if not sep or not tport.isdigit() or not 1 <= int(tport) <= 65535:
+        if not sep or not tport.isdigit() or not MIN_PORT <= int(tport) <= MAX_PORT:
             return f"'{_short(dest)}' is not ADDRESS:PORT: not carried over."
-        if int(tport) + (hi - lo) > 65535:
-            return f"the target ports {tport}-{int(tport) + hi - lo} go past 65535: not carried over."
+        if int(tport) + (hi - lo) > MAX_PORT:
+            return (f"the target ports {tport}-{int(tport) + hi - lo} go past {MAX_PORT}: not "
+                    "carried over.")
         try:
             ip = ipaddress.IPv4Address(addr)
         except ValueError:
