@@ -1,6 +1,7 @@
 """vnet-ifup / vnet-ifdown: qemu-ifup/qemu-ifdown replacements that need no root.
 
-    -netdev tap,id=n0,ifname=vnet2_1,script=/usr/local/bin/vnet-ifup,downscript=/usr/local/bin/vnet-ifdown
+    -netdev tap,id=n0,ifname=vnet2_1,script=/usr/local/bin/vnet-ifup,\
+downscript=/usr/local/bin/vnet-ifdown
 
 QEMU opens the tap you own (made by 'vnet-client define vnet2 -n 4 --user you', or by an
 administrator), then runs the script with its name; vnetd puts it on the bridge its name

@@ -173,7 +173,8 @@ class Authorizer:
             ))
         except Exception as e:  # the bus itself failed: deny
             log.error("polkit could not be asked (%s): denying %s to uid %d", e, action, caller.uid)
-            raise AccessDenied("The authorization service (polkit) is not available; refused.") from None
+            raise AccessDenied("The authorization service (polkit) is not available; "
+                               "refused.") from None
         if reply.message_type != MessageType.METHOD_RETURN:
             log.error("polkit error for %s: %s %s", action, reply.error_name, reply.body)
             raise AccessDenied(
@@ -220,7 +221,8 @@ _METHODS = {
     "VdeSocket": "plug into a VDE switch", "Define": "define a network",
     "Undefine": "undefine a network", "Start": "start a network", "Stop": "stop a network",
     "Reload": "reload the network definitions", "SetAutostart": "change a network's autostart",
-    "ImportMacs": "import MACs", "CheckDefinition": "check a network definition", "ForgetMac": "forget a virtual machine's MACs",
+    "ImportMacs": "import MACs", "CheckDefinition": "check a network definition",
+    "ForgetMac": "forget a virtual machine's MACs",
     "TransferVm": "give a virtual machine to another user", "AddHost": "add a static host",
     "RemoveHost": "remove a static host", "AddPeer": "add an overlay peer",
     "RemovePeer": "remove an overlay peer", "AddForward": "add a port forward",

@@ -500,7 +500,8 @@ class Engine:
             defs, problems = self.store.load_all()
             for name in list(self.defs):
                 if name not in defs and name in self.running:
-                    problems.append(f"{name}: its file is gone but it is running: kept until stopped.")
+                    problems.append(f"{name}: its file is gone but it is running: kept until "
+                                    "stopped.")
                     defs[name] = self.defs[name]
             changed = [n for n in defs if self.defs.get(n) != defs[n]]
             for name in changed:

@@ -313,7 +313,8 @@ class Network:
         routed = tuple(validate_network_name(r) for r in routed)
         net = cls(
             name=name, mode=mode, subnet=subnet, subnet6=subnet6, mtu=mtu, autostart=autostart,
-            taps=taps, tap_base=tap_base if taps else 0, tap_user=tap_user, tap_group=tap_group, dhcp=dhcp, dhcp_start=start,
+            taps=taps, tap_base=tap_base if taps else 0, tap_user=tap_user, tap_group=tap_group,
+            dhcp=dhcp, dhcp_start=start,
             dhcp_end=end, domain=domain, hosts=hosts, owner=owner,
             allow_host=_bool(options.get("allow-host", False), "allow-host"),
             routed_with=routed,
@@ -479,7 +480,9 @@ class Forward:
 
     @property
     def ports(self) -> str:
-        return str(self.port_lo) if self.port_lo == self.port_hi else f"{self.port_lo}-{self.port_hi}"
+        if self.port_lo == self.port_hi:
+            return str(self.port_lo)
+        return f"{self.port_lo}-{self.port_hi}"
 
     @property
     def external(self) -> str:

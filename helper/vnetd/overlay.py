@@ -108,7 +108,8 @@ class Overlay:
         dev = options.get("dev")
         if dev is not None:
             dev = validate_ifname(dev, "underlay interface (dev)")
-        port = _int_in(options.get("port", DEFAULT_VXLAN_PORT), MIN_PORT, MAX_PORT, "VXLAN UDP port")
+        port = _int_in(options.get("port", DEFAULT_VXLAN_PORT), MIN_PORT, MAX_PORT,
+                       "VXLAN UDP port")
         role = options.get("role", "gateway")
         if role not in OVERLAY_ROLES:
             raise InvalidArgument(f"The overlay role must be 'gateway' (holds the gateway "

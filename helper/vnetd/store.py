@@ -134,7 +134,8 @@ class Store:
 
     def _sweep_orphans(self) -> None:
         for d in self.networks_dir.glob("*.forwards"):
-            if d.is_dir() and not (self.networks_dir / f"{d.name[:-len('.forwards')]}.toml").exists():
+            toml = self.networks_dir / f"{d.name[:-len('.forwards')]}.toml"
+            if d.is_dir() and not toml.exists():
                 log.info("removing %s: its network was undefined", d)
                 shutil.rmtree(d, ignore_errors=True)
         for g in self.good_dir.glob("*.toml"):

@@ -79,7 +79,8 @@ def grant_rule(user: str, action: str) -> str:
 
 
 def run_client(*args: str, user: str | None = None, timeout: float = 60,
-               env: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess:
+               env: dict[str, str] | None = None,
+               check: bool = False) -> subprocess.CompletedProcess:
     """Run vnet-client as root or as `user` (no terminal: no password prompt)."""
     argv = [str(CLIENT), *args]
     if user:

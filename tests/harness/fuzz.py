@@ -45,7 +45,8 @@ INVALID_ARGUMENT = ERR_PREFIX + "InvalidArgument"
 STANDARD_REFUSALS = frozenset(DBUS_ERR + n for n in (
     "InvalidArgs", "UnknownMethod", "AccessDenied", "InteractiveAuthorizationRequired",
     "LimitsExceeded"))
-AUTH_REFUSALS = frozenset(DBUS_ERR + n for n in ("AccessDenied", "InteractiveAuthorizationRequired"))
+AUTH_REFUSALS = frozenset(DBUS_ERR + n
+                          for n in ("AccessDenied", "InteractiveAuthorizationRequired"))
 # What dbus-fast's standard handlers answer for calls off the contract (unknown object paths,
 # interfaces, the Properties interface of objects without properties).
 ROUTING_REFUSALS = frozenset(DBUS_ERR + n for n in (
@@ -228,7 +229,8 @@ hostile_strings = st.one_of(
     st.text(UNICODE, max_size=24),
     ifname_like,
     overlong,
-    st.builds(lambda a, b: a + b, st.sampled_from(FIXED_NETWORKS + VMS), st.sampled_from(ODD_STRINGS)),
+    st.builds(lambda a, b: a + b, st.sampled_from(FIXED_NETWORKS + VMS),
+              st.sampled_from(ODD_STRINGS)),
 )
 
 
@@ -609,7 +611,8 @@ RAW_IFACES = (None, "org.qemuvnet.Vnet1.Manager", "org.qemuvnet.Vnet1.Network",
               "org.freedesktop.DBus.Properties", "org.freedesktop.DBus.ObjectManager",
               "org.qemuvnet.Vnet1", "org.qemuvnet.Vnet1.Port", "a.b")
 RAW_MEMBERS = ("Introspect", "Ping", "GetMachineId", "Get", "GetAll", "Set", "GetManagedObjects",
-               "Nope", "_", "Start", "Define", "Attach", "ListNetworks", "GetInfo", "Stop", "Detach")
+               "Nope", "_", "Start", "Define", "Attach", "ListNetworks", "GetInfo", "Stop",
+               "Detach")
 
 
 @st.composite

@@ -15,7 +15,8 @@ UDHCPC_SCRIPT = """#!/bin/sh
 # prints what the server gave; configures eth0 when VNET_CONFIGURE=1
 case "$1" in
   bound|renew)
-    echo "LEASE ip=$ip mask=$mask router=$router dns=$dns domain=$domain serverid=$serverid lease=$lease"
+    echo "LEASE ip=$ip mask=$mask router=$router dns=$dns domain=$domain \
+serverid=$serverid lease=$lease"
     if [ "$VNET_CONFIGURE" = 1 ]; then
       /bin/busybox ip addr flush dev "$interface"
       /bin/busybox ip addr add "$ip/$mask" dev "$interface"

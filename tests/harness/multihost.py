@@ -180,7 +180,8 @@ class Frr:
             except (OSError, ValueError):
                 pass
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and (Path("/var/run/frr") / self.ns / "bgpd.vty").exists():
+        vty = Path("/var/run/frr") / self.ns / "bgpd.vty"
+        while time.monotonic() < deadline and vty.exists():
             time.sleep(0.05)
         shutil.rmtree(Path("/var/run/frr") / self.ns, ignore_errors=True)
 

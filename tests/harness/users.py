@@ -18,7 +18,8 @@ import asyncio, fcntl, json, os, struct, sys
 from vnet_client import Client, VnetClientError
 TUNGETIFF, TUNSETPERSIST = 0x800454D2, 0x400454CB
 def tap_name(fd):
-    return struct.unpack("16sH22x", fcntl.ioctl(fd, TUNGETIFF, bytes(40)))[0].rstrip(b"\\0").decode()
+    return struct.unpack("16sH22x", fcntl.ioctl(fd, TUNGETIFF, bytes(40)))[0]\
+.rstrip(b"\\0").decode()
 """
 
 

@@ -26,7 +26,8 @@ def test_start_then_stop_restores_links_exactly(vnetd, client):
     assert br["linkinfo"]["info_data"]["forward_delay"] == 0
     assert br["linkinfo"]["info_data"]["stp_state"] == 0
     assert br["ifalias"] == "qemu-vnet:vnet2"
-    addrs = {(a["local"], a["prefixlen"]) for a in vnetd.ipj("addr", "show", "vnet2")[0]["addr_info"]}
+    addrs = {(a["local"], a["prefixlen"])
+             for a in vnetd.ipj("addr", "show", "vnet2")[0]["addr_info"]}
     assert ("172.16.12.1", 24) in addrs and ("fd00:12::1", 64) in addrs
     for t in ("vnet2_0", "vnet2_1"):  # NAME_0.., as qemu-vlan
         tap = vnetd.ipj("-d", "link", "show", t)[0]

@@ -22,7 +22,8 @@ def admin_identity(vnetd):
 
 def spawn_as_alice(*args: str) -> pexpect.spawn:
     return pexpect.spawn("runuser", ["-u", ALICE, "--", str(CLIENT), *args],
-                         encoding="utf-8", timeout=30, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TERM": "dumb"})
+                         encoding="utf-8", timeout=30,
+                         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TERM": "dumb"})
 
 
 def test_right_password_starts_the_network(vnetd, client, admin_identity):

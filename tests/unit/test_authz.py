@@ -60,7 +60,8 @@ def test_positive_answers_are_cached_per_sender_action_and_details():
 
 
 def test_temporary_authorizations_are_never_cached():
-    for key in ("polkit.temporary_authorization_id", "polkit.retains_authorization_after_challenge"):
+    for key in ("polkit.temporary_authorization_id",
+                "polkit.retains_authorization_after_challenge"):
         bus = StubBus((True, False, {key: "tmpauthz42"}), (True, False, {key: "tmpauthz42"}))
         a = Authorizer(bus)
         check(a, ALICE)

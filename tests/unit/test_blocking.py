@@ -85,7 +85,8 @@ class FakeVnetd:
             r, w = os.pipe()
             self.readers.append(r)
             self.sent.append(w)
-            info = {"ifname": Variant("s", f"{network}-{nic}"), "mac": Variant("s", "52:54:00:00:00:01"),
+            info = {"ifname": Variant("s", f"{network}-{nic}"),
+                    "mac": Variant("s", "52:54:00:00:00:01"),
                     "network": Variant("s", network), "vm": Variant("s", vm),
                     "nic": Variant("u", nic)}
             return Message.new_method_return(msg, "a{sv}ahah", [info, [0], []], [w])

@@ -97,7 +97,8 @@ def test_to_asv_unwrap_round_trip_over_the_wire():
     assert unwrap(wire(encoded)) == NETWORK_INFO
 
 
-TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=20)  # D-Bus strings: no NUL
+# D-Bus strings: no NUL
+TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=20)
 SCALAR = st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), TEXT)
 LEAF = st.one_of(SCALAR, st.lists(TEXT, max_size=4),
                  st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=4))

@@ -118,8 +118,8 @@ def test_a_method_without_a_valid_action_cannot_be_constructed(action):
 
 
 def test_a_method_with_a_valid_action_can_be_constructed():
-    m = contract.Method(api.MANAGER, "Fine", contract._a("name:s", "n:u"), contract._a("ok:b"), wire.MANAGE,
-                   "Fine.")
+    m = contract.Method(api.MANAGER, "Fine", contract._a("name:s", "n:u"), contract._a("ok:b"),
+                        wire.MANAGE, "Fine.")
     assert (m.in_sig, m.out_sig) == ("su", "b")
 
 

@@ -133,7 +133,8 @@ def test_rules_do_not_grow_with_networks_or_forwards_and_ports_cost_their_own_ch
     many_fwds = [FwForward("vnet2", "tcp", 4, None, 10000 + i, 10000 + i, "172.16.12.50", 80)
                  for i in range(500)]
     big = fw.render_ruleset([NETS[0], *many_nets], many_fwds,
-                            [FwPort(f"t{i}", "vnet2", f"52:54:00:00:01:{i:02x}") for i in range(50)])
+                            [FwPort(f"t{i}", "vnet2", f"52:54:00:00:01:{i:02x}")
+                             for i in range(50)])
     assert nrules(small) == nrules(big)
     assert len(elements(big)["fwd4_ip"]) == 500
 

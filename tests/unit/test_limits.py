@@ -174,7 +174,7 @@ def test_vnetd_takes_the_limits_as_options():
         vnetd_main.parse_args(["--max-networks-per-user", "-1"])
 
 
-# --- the MAC registry ------------------------------------------------------------------------------
+# --- the MAC registry ---------------------------------------------------------------------
 class Saved:
     def __init__(self):
         self.writes: list[dict] = []

@@ -1,11 +1,12 @@
-"""vnet_common.names and vnetd.model: validation of everything a caller can send, addressing, and the TOML round trip.
+"""vnet_common.names and vnetd.model: validation of everything a caller can send, addressing,
+and the TOML round trip.
 
-Rules under test (every name, address and count is validated here): network names are Linux interface names of 1-15
-bytes of [A-Za-z0-9_.-] that are not '.'/'..' (and here never look like an option); vnetN gets
-172.16.(10+N).0/24 with gateway .1 unless a subnet is given; '-n COUNT' pre-creates taps
-NAME_1..NAME_COUNT with COUNT 1..64 and tap names that still fit 15 bytes; every refusal is an
-InvalidArgument whose message is a sentence naming the bad value; definitions round-trip
-exactly through TOML.
+Rules under test (every name, address and count is validated here): network names are Linux
+interface names of 1-15 bytes of [A-Za-z0-9_.-] that are not '.'/'..' (and here never look
+like an option); vnetN gets 172.16.(10+N).0/24 with gateway .1 unless a subnet is given;
+'-n COUNT' pre-creates taps NAME_1..NAME_COUNT with COUNT 1..64 and tap names that still fit
+15 bytes; every refusal is an InvalidArgument whose message is a sentence naming the bad
+value; definitions round-trip exactly through TOML.
 """
 
 from __future__ import annotations

@@ -237,7 +237,8 @@ def test_member_rules():
     assert Network.from_options("vnet7", {"mtu": 1400, "overlay": BASE}).to_dict()["mtu"] == 1400
 
 
-@pytest.mark.parametrize("bad", ["fe80::1%eth0", "2001:db8::2%x peer-group\n exit\nip route 0.0.0.0/0 1.1.1.1"])
+@pytest.mark.parametrize("bad", ["fe80::1%eth0",
+                                 "2001:db8::2%x peer-group\n exit\nip route 0.0.0.0/0 1.1.1.1"])
 def test_zoned_addresses_are_refused(bad):
     """A %zone may carry any text, newlines included: it must never reach vtysh or nft."""
     with pytest.raises(InvalidArgument, match="zone|not an IP address"):

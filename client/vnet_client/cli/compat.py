@@ -220,7 +220,8 @@ def compat_differences(req: CompatRequest, definition: dict[str, Any],
         if key == "taps":
             have = have or 0
         if have != want:
-            out.append(f"{_COMPAT_KEYS.get(key, 'tap-user')} is {have if have is not None else 'unset'}, "
+            shown = have if have is not None else "unset"
+            out.append(f"{_COMPAT_KEYS.get(key, 'tap-user')} is {shown}, "
                        f"{where} asks for {want}")
     mode = definition.get("mode")
     if req.source["dhcp"] != "default" and not req.values["iface"] and mode != "bridged":

@@ -1,1 +1,2 @@
-"""The children vnetd runs: the supervisor, their users and groups, files in directories a child may write."""
+"""The children vnetd runs: the supervisor, their users and groups, files in directories a
+child may write."""

@@ -252,7 +252,8 @@ class Links:
             raise _failed(f"delete interface #{index}", e) from None
         return True
 
-    async def addresses(self, index: int) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    async def addresses(
+            self, index: int) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
         out = []
         async for msg in await self.ipr.addr("dump", index=index):
             if msg["index"] != index:
@@ -260,7 +261,8 @@ class Links:
             out.append(ipaddress.ip_interface(f"{msg.get('address')}/{msg['prefixlen']}"))
         return out
 
-    async def all_addresses(self) -> list[tuple[int, ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
+    async def all_addresses(
+            self) -> list[tuple[int, ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
         out = []
         async for msg in await self.ipr.addr("dump"):
             out.append((msg["index"],

@@ -109,7 +109,7 @@ class Firewall:
             raise Failed(f"The firewall cannot {what}: {e}") from None
         await asyncio.to_thread(self._apply, cmd, what)
 
-    # --- the subsystem protocol (subsystems/__init__.py): networks change the whole ruleset --------
+    # --- the subsystem protocol (subsystems/__init__.py): networks change the whole ruleset ----
     async def apply(self, run: Running) -> None:
         await self.sync_all()
 
