@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).parents[2]
-FW_PATH = REPO / "helper" / "vnetd" / "backends" / "firewall.py"
+FW_PATH = REPO / "helper" / "vnetd" / "render" / "nft.py"
 
 
 def _load_fw():
@@ -63,7 +63,9 @@ pytestmark = [
 # --- helper programs run inside the namespaces ------------------------------------------------
 
 AGENT = textwrap.dedent(r'''
-    import importlib.util, json, statistics, sys, time
+    import importlib.util, json, pathlib, statistics, sys, time
+    # the renderer imports the shared vocabulary (vnet_common, standard library only)
+    sys.path.insert(0, str(pathlib.Path(sys.argv[1]).resolve().parents[3] / "common"))
     spec = importlib.util.spec_from_file_location("fw_agent_firewall", sys.argv[1])
     fw = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = fw
