@@ -375,14 +375,21 @@ class Service:
         except VnetError as e:
             log.info("uid=%d sender=%s pid=%s %s%s: refused: %s: %s", caller.uid,
                      caller.sender, caller.pid, spec.name, _fmt_args(args),
-                     e.dbus_name.rsplit(".", 1)[-1], _one_line(e.message))
+                     e.dbus_name.rsplit(".", 1)[-1], _one_line(e.message),
+                     extra={"VNET_METHOD": spec.name, "VNET_UID": caller.uid,
+                            "VNET_PID": caller.pid, "VNET_SENDER": caller.sender,
+                            "VNET_NETWORK": details.get("network"), "VNET_RESULT": "refused",
+                            "VNET_ERROR": e.dbus_name})
             raise
         if not isinstance(result, Reply):
             result = Reply() if result is None else Reply(result)
         if spec.action != api.INFO:
             log.info("uid=%d sender=%s pid=%s %s%s: ok%s", caller.uid, caller.sender,
                      caller.pid, spec.name, _fmt_args(args),
-                     f": {result.audit}" if result.audit else "")
+                     f": {result.audit}" if result.audit else "",
+                     extra={"VNET_METHOD": spec.name, "VNET_UID": caller.uid,
+                            "VNET_PID": caller.pid, "VNET_SENDER": caller.sender,
+                            "VNET_NETWORK": details.get("network"), "VNET_RESULT": "ok"})
         return Message(
             message_type=MessageType.METHOD_RETURN, reply_serial=msg.serial,
             destination=msg.sender, signature=spec.out_sig, body=result.body,
