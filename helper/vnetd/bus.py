@@ -185,7 +185,7 @@ class Service:
     def install(self) -> None:
         self.bus.add_message_handler(self.on_message)
 
-    def on_message(self, msg: Message) -> bool | None:
+    def on_message(self, msg: Message) -> Message | bool | None:
         if msg.message_type in (MessageType.SIGNAL, MessageType.METHOD_CALL):
             for fd in msg.unix_fds:  # nothing vnetd is sent takes fds: never keep them
                 try:
@@ -219,7 +219,7 @@ class Service:
         task = asyncio.get_running_loop().create_task(self._dispatch(msg))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        task.add_done_callback(lambda _t, s=sender: self._done(s))
+        task.add_done_callback(lambda _t: self._done(sender))
         return True
 
     def _done(self, sender: str) -> None:
@@ -291,7 +291,7 @@ class Service:
         return []
 
     def _introspect(self, msg: Message) -> Message:
-        path = msg.path
+        path = msg.path or ""  # a method call always has one
         ifaces = []
         if path == api.MANAGER_PATH:
             ifaces.append(api.interface_xml(api.MANAGER))
@@ -335,7 +335,8 @@ class Service:
                     pass
 
     async def _call(self, msg: Message) -> tuple[Message, list[int]]:
-        path = msg.path
+        path = msg.path or ""  # a method call always has a path and a member
+        member = msg.member or ""
         iface = msg.interface
         target: str | None = None
         if path == api.MANAGER_PATH:
@@ -349,7 +350,7 @@ class Service:
                 return self._unknown(msg), []
         else:
             return self._unknown(msg), []
-        spec = self.methods.get((iface, msg.member))
+        spec = self.methods.get((iface, member))
         if spec is None:
             return self._unknown(msg), []
         if msg.signature != spec.in_sig:
@@ -368,7 +369,7 @@ class Service:
             if check is not None:
                 check(value)
         details = self._details(spec, args, target)
-        handler = self.handlers[(iface, msg.member)]
+        handler = self.handlers[(iface, member)]
         try:
             await self.authz.check(caller, spec.action, details, spec.name)
             result = await handler(caller, *args)

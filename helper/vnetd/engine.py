@@ -10,7 +10,9 @@ its alias that no definition wants. Interfaces it did not make are never touched
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
+import functools
 import logging
 import os
 import pwd
@@ -282,8 +284,8 @@ class Engine:
                 continue
             await self._remove_unwanted(lk)
         for lk in bridges:
-            name = model.network_of_alias(lk.alias)
-            net = self.defs.get(name or "")
+            owner = model.network_of_alias(lk.alias)
+            net = self.defs.get(owner or "")
             if net is None or lk.ifname != net.bridge:
                 await self._remove_unwanted(lk)
                 continue
@@ -493,7 +495,7 @@ class Engine:
             self._put(net)
         return net
 
-    async def reload(self) -> list[str]:
+    async def reload(self) -> builtins.list[str]:
         """Re-read the definition files an admin may have edited by hand."""
         await self._adopted()
         async with self.lock:
@@ -561,7 +563,8 @@ class Engine:
             self.running[net.name] = run
             rb.add(f"forget {net.name}'s ports", lambda: self._forget_ports(net.name))
             for sub in self.services:
-                rb.add(f"remove {net.name} from {sub.name}", lambda s=sub: s.remove(net.name))
+                rb.add(f"remove {net.name} from {sub.name}",
+                       functools.partial(sub.remove, net.name))
                 await sub.apply(run)
             self._guard_taps(run.net)
             await self.firewall.apply(run)  # one transaction: all of it, or none
@@ -656,7 +659,8 @@ class Engine:
             raise NotRunning(f"The bridge of '{net.name}' is gone; restart the network.") from None
 
     async def attach(self, network: str, vm: str, uid: int, pid: int | None,
-                     options: dict[str, Any]) -> tuple[Port, list[int], list[int], dict]:
+                     options: dict[str, Any]
+                     ) -> tuple[Port, builtins.list[int], builtins.list[int], dict]:
         net = self.get(network)
         model.validate_vm_name(vm)
         opts = parse_attach_options(options)
@@ -773,9 +777,11 @@ class Engine:
             net = self.get(network)
             model.validate_vm_name(vm)
             model.validate_hostname(vm)
-            if net.host(vm) is not None:
+            taken = net.host(vm)
+            if taken is not None:
                 raise Exists(f"VM '{vm}' already has a static host on {network} "
-                             f"({net.host(vm).ip}); remove it first.")
+                             f"({taken.ip}); remove it first.")
+            mac: str | None
             if options.get("mac") is not None:
                 mac = model.validate_mac(options["mac"])
             else:
@@ -825,7 +831,7 @@ class Engine:
             await self.dhcp.apply_hosts(new)
             await self.firewall.leases_changed(network)
 
-    def leases(self, network: str) -> list[dict[str, Any]]:
+    def leases(self, network: str) -> builtins.list[dict[str, Any]]:
         net = self.get(network)
         out = [{"mac": le.mac, "ip": le.ip, "hostname": le.hostname, "expiry": le.expiry,
                 **self.resolver.lease_vm(net, le.mac)} for le in self.dhcp.leases(net)]
@@ -893,7 +899,7 @@ class Engine:
             self.fwd_index.remove(network, match)
         return match
 
-    def list_forwards(self, network: str) -> list[dict[str, Any]]:
+    def list_forwards(self, network: str) -> builtins.list[dict[str, Any]]:
         net = self.get(network)
         out = []
         for f in net.forwards:

@@ -144,9 +144,13 @@ async def run(args: argparse.Namespace) -> int:
         settling.add_done_callback(_settled)
 
     stop = asyncio.get_running_loop().create_future()
+
+    def stop_on(sig: int) -> None:
+        if not stop.done():
+            stop.set_result(sig)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(
-            sig, lambda s=sig: stop.done() or stop.set_result(s))
+        asyncio.get_running_loop().add_signal_handler(sig, stop_on, sig)
     # SIGUSR1: log what every pending task waits on (the loop runs, something never ends)
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _log_tasks)
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
@@ -315,13 +319,13 @@ def setup_logging(level: str, log_file: Path = LOG_FILE, dev_log: str = DEV_LOG)
             except OSError as e:
                 problems.append(f"cannot log to {dev_log}: {e.strerror or e}")
         if system is None:
+            on_stderr = False  # stderr is that file already
             try:
                 lst = os.stat(log_file)
-                if st is not None and (lst.st_dev, lst.st_ino) == (st.st_dev, st.st_ino):
-                    log_file = None  # stderr is that file already
+                on_stderr = st is not None and (lst.st_dev, lst.st_ino) == (st.st_dev, st.st_ino)
             except OSError:
                 pass
-            if log_file is not None:
+            if not on_stderr:
                 try:
                     system = _open_log_file(log_file)
                 except OSError as e:

@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -80,7 +81,19 @@ def port_name(network: str, vm: str, nic: int, attempt: int = 0) -> str:
     return f"{network[:8]}-{h}"
 
 
-def parse_attach_options(options: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class AttachOptions:
+    """Attach's options (the D-Bus dictionary), checked."""
+
+    nic: int = 0
+    queues: int = 1
+    vhost: bool = False
+    mac: str | None = None
+    learn: bool = False  # 'learn-mac': the port takes the first source MAC its guest sends
+    holder: int | None = None  # 'holder-pid': the caller's parent (or grandparent) holds it
+
+
+def parse_attach_options(options: dict[str, Any]) -> AttachOptions:
     if not isinstance(options, dict):
         raise InvalidArgument("The attach options must be a dictionary.")
     unknown = sorted(model._printable(k) for k in options if k not in ATTACH_OPTIONS)
@@ -106,8 +119,8 @@ def parse_attach_options(options: dict[str, Any]) -> dict[str, Any]:
     if holder is not None and (isinstance(holder, bool) or not isinstance(holder, int)
                                or not 1 < holder < 2**22):
         raise InvalidArgument("'holder-pid' must be a process id.")
-    return {"nic": nic, "queues": queues, "vhost": vhost, "mac": mac, "learn": learn,
-            "holder": holder}
+    return AttachOptions(nic=nic, queues=queues, vhost=vhost, mac=mac, learn=learn,
+                         holder=holder)
 
 
 def ancestors(pid: int, depth: int = 2) -> list[int]:
@@ -175,7 +188,7 @@ class Ports:
         self.learning: dict[int, Port] = {}
         self.listeners: list = []
         # who else holds an identity: a learned MAC must not be one (set by the engine)
-        self.identity_owner = lambda network, mac: None
+        self.identity_owner: Callable[[str, str], str | None] = lambda network, mac: None
 
     DIR = "ports"
 
@@ -228,9 +241,11 @@ class Ports:
                 log.error("ignoring an unreadable port record %s", path)
                 continue
             try:
-                p = Port(**{k.replace("-", "_"): v for k, v in d.items()
-                            if k.replace("-", "_") in Port.__dataclass_fields__},
-                         **({} if "holder-pid" in d else {"holder_pid": None}))
+                fields = {k.replace("-", "_"): v for k, v in d.items()
+                          if k.replace("-", "_") in Port.__dataclass_fields__}
+                if "holder-pid" not in d:
+                    fields["holder_pid"] = None
+                p = Port(**fields)
                 if p.kind not in KINDS:
                     raise TypeError(p.kind)
                 out[p.ifname] = p
@@ -440,9 +455,9 @@ class Ports:
 
     # --- attach / detach ----------------------------------------------------------------
     async def attach(self, net: model.Network, bridge_index: int, vm: str, uid: int,
-                     caller_pid: int | None, opts: dict[str, Any]) -> tuple[Port, list[int],
+                     caller_pid: int | None, opts: AttachOptions) -> tuple[Port, list[int],
                                                                           list[int], dict]:
-        nic, queues = opts["nic"], opts["queues"]
+        nic, queues = opts.nic, opts.queues
         self.macs.check_owner(net.name, vm, uid)  # before anything says who holds it
         for p in self.by_name.values():
             if p.network == net.name and p.vm == vm and p.nic == nic:
@@ -452,13 +467,13 @@ class Ports:
             raise QuotaExceeded(f"You already hold {self.max_per_user} ports, the most one user "
                                 "may; detach some first.")
         holder = caller_pid
-        if opts["holder"] is not None:
-            if caller_pid is None or opts["holder"] not in ancestors(caller_pid):
+        if opts.holder is not None:
+            if caller_pid is None or opts.holder not in ancestors(caller_pid):
                 raise InvalidArgument("'holder-pid' must be the calling process's parent "
                                       "(or its grandparent).")
-            holder = opts["holder"]
-        mac_known = not opts["learn"]
-        mac = opts["mac"]
+            holder = opts.holder
+        mac_known = not opts.learn
+        mac = opts.mac
         host = net.host(vm) if nic == 0 else None
         if mac is None and host is not None:
             mac = host.mac  # the static host says which MAC this VM has on this network
@@ -486,7 +501,7 @@ class Ports:
             self.links.fast.set(index, alias=model.alias_for(net.name), master=bridge_index,
                                 mtu=net.mtu)
             info: dict[str, Any] = {"vhost": False}
-            if opts["vhost"]:
+            if opts.vhost:
                 if os.path.exists(VHOST_PATH):
                     for _ in range(queues):
                         vhostfds.append(os.open(VHOST_PATH, os.O_RDWR | os.O_CLOEXEC))

@@ -62,6 +62,7 @@ class Resolver:
         addresses."""
         leases = [le for le in self.leases(net) if le.mac == mac]
         static = next((h for h in net.hosts if h.mac == mac), None)
+        ipv4: str | None
         if static is not None:
             ipv4 = str(static.ip)
         else:

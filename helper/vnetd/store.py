@@ -231,9 +231,9 @@ class Store:
                 nets[name] = net
                 self.save(net)
                 continue
-            text = render_toml(net.to_dict(forwards=False), HEADER).encode()
-            if not good.exists() or good.read_bytes() != text:
-                atomic_write(good, text, 0o600)
+            data = render_toml(net.to_dict(forwards=False), HEADER).encode()
+            if not good.exists() or good.read_bytes() != data:
+                atomic_write(good, data, 0o600)
         return nets, problems
 
     # --- small JSON state files (MAC registry, ports, ...) ------------------------------

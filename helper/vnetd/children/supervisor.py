@@ -237,7 +237,12 @@ async def wait_pidfd(pidfd: int, timeout: float) -> bool:
     """Wait for the process of a pidfd to end (it becomes readable)."""
     loop = asyncio.get_running_loop()
     gone = loop.create_future()
-    loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(pidfd, readable)
     try:
         await asyncio.wait_for(gone, timeout)
         return True
@@ -305,20 +310,22 @@ class Child:
 
     async def _spawn(self) -> None:
         self._close_pidfd()
-        stdin, keep = asyncio.subprocess.DEVNULL, ()
+        stdin: int = asyncio.subprocess.DEVNULL
+        keep: tuple[int, ...] = ()
         if self.hold_stdin:
             stdin, w = os.pipe()
             keep = (w,)
         gate_r, gate_w = os.pipe()
-        as_user = ({"user": self.user[0], "group": self.user[1], "extra_groups": self.extra_groups}
-                   if self.user is not None else {})
+        # None (the defaults): as vnetd
+        uid, gid = self.user if self.user is not None else (None, None)
+        extra_groups = self.extra_groups if self.user is not None else None
         try:
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-I", "-S", "-c", GATE, str(gate_r), *self.argv,
                     stdin=stdin, stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT, start_new_session=True, close_fds=True,
-                    pass_fds=(*keep, gate_r), **as_user,
+                    pass_fds=(*keep, gate_r), user=uid, group=gid, extra_groups=extra_groups,
                 )
             finally:
                 os.close(gate_r)

@@ -133,12 +133,26 @@ class Links:
             self.ipr.close()
             self.ipr = None
 
+    @property
+    def nl(self) -> AsyncIPRoute:
+        """The netlink socket, once open()."""
+        if self.ipr is None:
+            raise RuntimeError("the netlink socket is used before Links.open()")
+        return self.ipr
+
+    async def _made(self, name: str) -> Link:
+        """A link just created (gone again only if something removed it at once)."""
+        link = await self.get(name)
+        if link is None:
+            raise Failed(f"The interface {name} was gone right after it was created.")
+        return link
+
     async def get(self, ifname: str | None = None, index: int | None = None) -> Link | None:
         try:
             if index is not None:
-                msgs = await self.ipr.link("get", index=index)
+                msgs = await self.nl.link("get", index=index)
             else:
-                msgs = await self.ipr.link("get", ifname=ifname)
+                msgs = await self.nl.link("get", ifname=ifname)
         except NetlinkError as e:
             if e.code in (errno.ENODEV, errno.EINVAL):
                 return None
@@ -148,7 +162,7 @@ class Links:
     async def dump_ours(self) -> list[Link]:
         """Every link whose alias says vnetd made it (start-up reconcile only)."""
         out = []
-        async for msg in await self.ipr.link("dump"):
+        async for msg in await self.nl.link("dump"):
             alias = msg.get("ifalias")
             if alias and alias.startswith(ALIAS_PREFIX):
                 out.append(_to_link(msg))
@@ -156,28 +170,28 @@ class Links:
 
     async def create_bridge(self, name: str, mac: str, mtu: int, alias: str) -> Link:
         try:
-            await self.ipr.link(
+            await self.nl.link(
                 "add", ifname=name, kind="bridge", br_forward_delay=0, br_stp_state=0,
                 address=mac, mtu=mtu,
             )
         except NetlinkError as e:
             raise _failed(f"create bridge {name}", e) from None
-        link = await self.get(name)
+        link = await self._made(name)
         await self.set(link.index, ifalias=alias)
         return link
 
     # --- VXLAN overlay ------------------------------------------------------------------
     async def create_vxlan(self, name: str, vni: int, local: str, port: int, dev: int | None,
                            learning: bool, mtu: int, alias: str) -> Link:
-        kw = {"vxlan_local6" if ":" in local else "vxlan_local": local}
+        kw: dict[str, str | int] = {"vxlan_local6" if ":" in local else "vxlan_local": local}
         if dev is not None:
             kw["vxlan_link"] = dev
         try:
-            await self.ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni,
+            await self.nl.link("add", ifname=name, kind="vxlan", vxlan_id=vni,
                                 vxlan_port=port, vxlan_learning=int(learning), mtu=mtu, **kw)
         except NetlinkError as e:
             raise _failed(f"create VXLAN device {name} (VNI {vni})", e) from None
-        link = await self.get(name)
+        link = await self._made(name)
         try:
             await self.set(link.index, ifalias=alias)
         except BaseException:  # without its alias no reconcile would ever recognise it
@@ -189,7 +203,7 @@ class Links:
         """EVPN: the bridge learns nothing on the VXLAN port (bgpd installs remote MACs) and
         answers ARP/ND for remote hosts itself (neigh_suppress)."""
         try:
-            await self.ipr.brport("set", index=index, learning=0 if evpn else 1,
+            await self.nl.brport("set", index=index, learning=0 if evpn else 1,
                                   neigh_suppress=1 if evpn else 0)
         except NetlinkError as e:
             raise _failed(f"set bridge port flags of interface #{index}", e) from None
@@ -198,7 +212,7 @@ class Links:
         """Head-end replication: BUM frames on the VXLAN device go to `peer` too (`bridge fdb
         append 00:00:00:00:00:00 dev VX dst PEER`). Idempotent both ways."""
         try:
-            await self.ipr.fdb("append" if add else "del", ifindex=index,
+            await self.nl.fdb("append" if add else "del", ifindex=index,
                                lladdr="00:00:00:00:00:00", dst=peer)
         except NetlinkError as e:
             if not add and e.code in (errno.ENOENT, errno.ENODEV):
@@ -210,7 +224,7 @@ class Links:
         for e in await self.fdb(index):
             if e["dst"] == peer and e["mac"] != "00:00:00:00:00:00":
                 try:
-                    await self.ipr.fdb("del", ifindex=index, lladdr=e["mac"], dst=peer)
+                    await self.nl.fdb("del", ifindex=index, lladdr=e["mac"], dst=peer)
                 except NetlinkError as err:
                     if err.code not in (errno.ENOENT, errno.ENODEV):
                         raise _failed(f"forget {e['mac']} behind {peer}", err) from None
@@ -219,7 +233,7 @@ class Links:
         """The VXLAN device's forwarding entries: MAC, remote address, and how it was
         learned ('static' by vnetd, 'extern' from BGP EVPN, 'learned' from traffic)."""
         out = []
-        async for m in await self.ipr.fdb("dump", ifindex=index):
+        async for m in await self.nl.fdb("dump", ifindex=index):
             if m["ifindex"] != index or not m.get("dst"):
                 continue
             flags = m["flags"]
@@ -236,7 +250,7 @@ class Links:
 
     async def set(self, index: int, **kw) -> None:
         try:
-            await self.ipr.link("set", index=index, **kw)
+            await self.nl.link("set", index=index, **kw)
         except NetlinkError as e:
             raise _failed(f"change interface #{index} ({', '.join(kw)})", e) from None
 
@@ -245,7 +259,7 @@ class Links:
 
     async def delete(self, index: int) -> bool:
         try:
-            await self.ipr.link("del", index=index)
+            await self.nl.link("del", index=index)
         except NetlinkError as e:
             if e.code == errno.ENODEV:
                 return False
@@ -255,7 +269,7 @@ class Links:
     async def addresses(
             self, index: int) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
         out = []
-        async for msg in await self.ipr.addr("dump", index=index):
+        async for msg in await self.nl.addr("dump", index=index):
             if msg["index"] != index:
                 continue
             out.append(ipaddress.ip_interface(f"{msg.get('address')}/{msg['prefixlen']}"))
@@ -264,7 +278,7 @@ class Links:
     async def all_addresses(
             self) -> list[tuple[int, ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
         out = []
-        async for msg in await self.ipr.addr("dump"):
+        async for msg in await self.nl.addr("dump"):
             out.append((msg["index"],
                         ipaddress.ip_interface(f"{msg.get('address')}/{msg['prefixlen']}")))
         return out
@@ -274,7 +288,7 @@ class Links:
         if iface.version == 6:
             kw["flags"] = 0x80  # IFA_F_NODAD: the gateway owns its address, no DAD wait
         try:
-            await self.ipr.addr("add", index=index, address=str(iface.ip),
+            await self.nl.addr("add", index=index, address=str(iface.ip),
                                 prefixlen=iface.network.prefixlen, **kw)
         except NetlinkError as e:
             if e.code == errno.EEXIST:
@@ -297,7 +311,7 @@ class Links:
     async def address_records(self, index: int) -> list[dict]:
         """The link's addresses as re-addable records (link-local ones excepted)."""
         out = []
-        async for msg in await self.ipr.addr("dump", index=index):
+        async for msg in await self.nl.addr("dump", index=index):
             if msg["index"] != index:
                 continue
             addr = msg.get("address")
@@ -312,7 +326,7 @@ class Links:
         """Routes of the main table that leave through the link and that the kernel does
         not make by itself from an address (so they must be moved by hand)."""
         out = []
-        async for r in await self.ipr.route("dump", oif=index):
+        async for r in await self.nl.route("dump", oif=index):
             if r.get("oif") != index or r.get("table") != 254 or r["proto"] == 2:
                 continue
             out.append({"family": r["family"], "dst": r.get("dst"), "dst_len": r["dst_len"],
@@ -324,13 +338,13 @@ class Links:
         for a in records:
             if src is not None:
                 try:
-                    await self.ipr.addr("del", index=src, address=a["address"],
+                    await self.nl.addr("del", index=src, address=a["address"],
                                         prefixlen=a["prefixlen"])
                 except NetlinkError as e:
                     if e.code not in (errno.EADDRNOTAVAIL, errno.ENODEV):
                         raise _failed(f"remove address {a['address']}", e) from None
             try:
-                await self.ipr.addr("add", index=dst, address=a["address"],
+                await self.nl.addr("add", index=dst, address=a["address"],
                                     prefixlen=a["prefixlen"], flags=a["flags"])
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
@@ -341,7 +355,7 @@ class Links:
             kw = {k: v for k, v in r.items() if v is not None}
             kw.setdefault("dst_len", 0)
             try:
-                await self.ipr.route("add", oif=oif, table=254, **kw)
+                await self.nl.route("add", oif=oif, table=254, **kw)
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise _failed(f"add route {r.get('dst') or 'default'}", e) from None

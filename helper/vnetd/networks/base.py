@@ -12,6 +12,7 @@ applied by the engine around them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import grp
 import ipaddress
 import logging
@@ -93,7 +94,7 @@ class Context:
             except OSError as e:
                 raise Failed(f"Could not create tap '{tname}': {e.strerror}.") from None
             index = socket.if_nametoindex(tname)
-            rb.add(f"delete tap {tname}", lambda idx=index: self.links.delete(idx))
+            rb.add(f"delete tap {tname}", functools.partial(self.links.delete, index))
             self.links.fast.set(index, alias=model.alias_for(net.name), master=master,
                                 mtu=net.mtu)
 

@@ -9,12 +9,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import model
 from ..errors import Busy, Failed, InvalidArgument, NotFound
 from ..model import Network
 from .base import Context, Rollback, Running
+
+if TYPE_CHECKING:
+    from ..kernel.links import Link
 
 log = logging.getLogger("vnetd")
 
@@ -35,9 +38,9 @@ def _refuse_default(net: Network) -> None:
 
 
 class BridgedDriver:
-    modes = ("bridged",)
+    modes: tuple[str, ...] = ("bridged",)
 
-    async def _nic(self, ctx: Context, net: Network):
+    async def _nic(self, ctx: Context, net: Network) -> Link:
         """The NIC to bridge, if it can be: present, free, physical, wired."""
         nic = await ctx.links.get(net.uplink)
         if nic is None:
@@ -50,7 +53,7 @@ class BridgedDriver:
         return nic
 
     @staticmethod
-    def _bridgeable(net: Network, nic) -> None:
+    def _bridgeable(net: Network, nic: Link) -> None:
         if nic.kind in ("bridge", "tun") or model.network_of_alias(nic.alias):
             raise InvalidArgument(f"'{net.uplink}' is not a physical NIC (it is a "
                                   f"{nic.kind or 'virtual'} interface).")
@@ -73,6 +76,8 @@ class BridgedDriver:
 
     async def start(self, ctx: Context, net: Network, rb: Rollback) -> Running:
         nic = await self._nic(ctx, net)
+        if nic.address is None:  # the bridge takes the NIC's MAC
+            raise InvalidArgument(f"'{net.uplink}' has no MAC address: it cannot be bridged.")
         addrs = await ctx.links.address_records(nic.index)
         routes = await ctx.links.route_records(nic.index)
         if _carries_default(routes) and not net.force:
@@ -100,7 +105,7 @@ class BridgedDriver:
                  net.name, net.uplink, len(addrs), len(routes))
         return Running(net, br.index)
 
-    async def adopt(self, ctx: Context, net: Network, bridge) -> Running:
+    async def adopt(self, ctx: Context, net: Network, bridge: Link) -> Running:
         """Finish a move a crash may have cut short."""
         try:
             record = json.loads(record_path(ctx, net).read_text())

@@ -4,29 +4,33 @@ it, and an overlay's VXLAN device joins it."""
 
 from __future__ import annotations
 
-from typing import Any
+import ipaddress
+from typing import TYPE_CHECKING, Any
 
 from .. import model
 from ..model import Network
 from . import vxlan
 from .base import Context, Rollback, Running, gateway_ifaces
 
+if TYPE_CHECKING:
+    from ..kernel.links import Link
 
-def _gateways(net: Network) -> list:
+
+def _gateways(net: Network) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
     if net.overlay is not None and net.overlay.is_member:
         return []  # the gateway host holds the gateway address
     return gateway_ifaces(net)
 
 
 class RoutedDriver:
-    modes = ("nat", "host-only")
+    modes: tuple[str, ...] = ("nat", "host-only")
 
     async def verify(self, ctx: Context, net: Network) -> None:
         """Nothing of the host to check beyond what the engine checks for every network
         (its subnets against the others and against this host's addresses)."""
 
     async def start(self, ctx: Context, net: Network, rb: Rollback) -> Running:
-        dev = None
+        dev: Link | None = None
         if net.overlay is not None:
             dev, net = await vxlan.underlay(ctx, net)
         with ctx.store.intent(net.bridge):
@@ -39,12 +43,12 @@ class RoutedDriver:
         for iface in _gateways(net):
             await ctx.links.add_address(br.index, iface)
         await ctx.make_taps(net, br.index, rb)
-        if net.overlay is not None:
+        if dev is not None:  # the overlay's underlay
             await vxlan.start(ctx, net, br.index, dev, rb)
         await ctx.links.up(br.index)
         return Running(net, br.index, dev.ifname if dev is not None else None)
 
-    async def adopt(self, ctx: Context, net: Network, bridge) -> Running:
+    async def adopt(self, ctx: Context, net: Network, bridge: Link) -> Running:
         under = None
         if net.overlay is not None:
             net, under = await vxlan.ensure(ctx, net, bridge)

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import model
 from ..errors import Exists, InvalidArgument, NotFound, VnetError
 from ..model import Network
+from ..overlay import Overlay
 from .base import Context, Rollback
+
+if TYPE_CHECKING:
+    from ..kernel.links import Link
 
 log = logging.getLogger("vnetd")
 
@@ -25,10 +29,17 @@ def moved(old: Network, new: Network) -> bool:
     return dataclasses.replace(a, peers=()) != dataclasses.replace(b, peers=())
 
 
-async def underlay(ctx: Context, net: Network):
+def _overlay(net: Network) -> Overlay:
+    """The overlay of a network that has one: the functions below are called for those only."""
+    ov = net.overlay
+    assert ov is not None, f"network {net.name} has no overlay"
+    return ov
+
+
+async def underlay(ctx: Context, net: Network) -> tuple[Link, Network]:
     """The interface the overlay leaves through (it must hold `local`), and the network with
     its MTU in force: the underlay's minus VXLAN's overhead unless the definition says."""
-    ov = net.overlay
+    ov = _overlay(net)
     holder = await ctx.links.link_of_address(str(ov.local))
     if holder is None:
         raise InvalidArgument(
@@ -36,10 +47,11 @@ async def underlay(ctx: Context, net: Network):
             "give this host's own underlay address.")
     dev = holder
     if ov.dev is not None:
-        dev = await ctx.links.get(ov.dev)
-        if dev is None:
+        named = await ctx.links.get(ov.dev)
+        if named is None:
             raise NotFound(f"The underlay interface '{ov.dev}' (overlay dev) does not "
                            "exist on this host.")
+        dev = named
         if dev.index != holder.index:
             raise InvalidArgument(f"The local address {ov.local} is on '{holder.ifname}', "
                                   f"not on the underlay interface '{ov.dev}'.")
@@ -55,14 +67,14 @@ async def underlay(ctx: Context, net: Network):
     return dev, net
 
 
-async def start(ctx: Context, net: Network, bridge: int, dev, rb: Rollback) -> None:
+async def start(ctx: Context, net: Network, bridge: int, dev: Link, rb: Rollback) -> None:
     vx = await _create(ctx, net, dev)
-    rb.add(f"delete {net.overlay.ifname}", lambda: ctx.links.delete(vx.index))
+    rb.add(f"delete {_overlay(net).ifname}", lambda: ctx.links.delete(vx.index))
     await plumb(ctx, net, bridge, vx)
 
 
-async def _create(ctx: Context, net: Network, dev):
-    ov = net.overlay
+async def _create(ctx: Context, net: Network, dev: Link) -> Link:
+    ov = _overlay(net)
     taken = await ctx.links.get(ov.ifname)
     if taken is not None:
         owner = model.network_of_alias(taken.alias)
@@ -76,11 +88,12 @@ async def _create(ctx: Context, net: Network, dev):
             mtu=net.mtu, alias=model.alias_for(net.name))
 
 
-async def ensure(ctx: Context, net: Network, bridge) -> tuple[Network, str | None]:
+async def ensure(ctx: Context, net: Network, bridge: Link) -> tuple[Network, str | None]:
     """An adopted overlay network (vnetd restart, reload): kept running through passing
     trouble (underlay not up yet, FRR restarting), which is reported, not punished by tearing
     the guests' LAN down. A missing VXLAN device is made again. The network in force (its
     MTU) and the underlay's name come back."""
+    dev: Link | None
     try:
         dev, net = await underlay(ctx, net)
     except VnetError as e:
@@ -89,20 +102,20 @@ async def ensure(ctx: Context, net: Network, bridge) -> tuple[Network, str | Non
         log.error("overlay %s: %s", net.name, e.message)
         if net.mtu_auto:
             net = net.with_changes(mtu=bridge.mtu)
-    vx = await ctx.links.get(net.overlay.ifname)
+    vx = await ctx.links.get(_overlay(net).ifname)
     if vx is None:
         if dev is None:
-            raise NotFound(f"The VXLAN device {net.overlay.ifname} is gone and cannot be "
+            raise NotFound(f"The VXLAN device {_overlay(net).ifname} is gone and cannot be "
                            "made again without its underlay.")
         vx = await _create(ctx, net, dev)
     await plumb(ctx, net, bridge.index, vx)
     return net, dev.ifname if dev is not None else None
 
 
-async def plumb(ctx: Context, net: Network, bridge: int, vx) -> None:
+async def plumb(ctx: Context, net: Network, bridge: int, vx: Link) -> None:
     """Idempotent: the VXLAN port on the bridge, its flags, and (static) the flood list,
     exactly the peers: entries for hosts no longer listed are removed."""
-    ov = net.overlay
+    ov = _overlay(net)
     await ctx.links.set(vx.index, master=bridge, mtu=net.mtu, state="up")
     await ctx.links.vxlan_port_flags(vx.index, evpn=ov.control == "evpn")
     if ov.control == "static":
@@ -117,20 +130,20 @@ async def plumb(ctx: Context, net: Network, bridge: int, vx) -> None:
 
 async def flood(ctx: Context, net: Network, peer: str, add: bool) -> None:
     """A static overlay's flood entry for one peer, live (no-op while not running)."""
-    vx = await ctx.links.get(net.overlay.ifname)
+    vx = await ctx.links.get(_overlay(net).ifname)
     if vx is not None:
         await ctx.links.flood_to(vx.index, peer, add=add)
 
 
 async def forget(ctx: Context, net: Network, peer: str) -> None:
     """Tidying after a static peer went: the MACs learned behind it."""
-    vx = await ctx.links.get(net.overlay.ifname)
+    vx = await ctx.links.get(_overlay(net).ifname)
     if vx is not None:
         await ctx.links.forget_remote(vx.index, peer)
 
 
 async def state(ctx: Context, net: Network) -> dict[str, Any]:
-    ov = net.overlay
+    ov = _overlay(net)
     d: dict[str, Any] = {"device": ov.ifname, "mtu": net.mtu,
                          "mtu-source": "underlay minus VXLAN overhead" if net.mtu_auto
                          else "definition"}

@@ -139,7 +139,7 @@ PRIO_BRIDGE_FILTER = -200
 
 MODES = ("nat", "host-only")
 PROTOS = ("tcp", "udp")
-ULA = ipaddress.ip_network("fc00::/7")
+ULA = ipaddress.IPv6Network("fc00::/7")
 _IFNAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_IFNAME}}}")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
@@ -1058,18 +1058,19 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
     port_cmds: list[dict] = []
     for p in prts:
         validate_port(p)
+        pnet: FwNetwork | None
         if p.bridged:  # a bridged network is not among ours; the engine says if it protects
-            net = None
+            pnet = None
         else:
-            net = _among(by_name, p.network, f"The port {p.ifname} is on")
-            if not net.spoof_protection:
+            pnet = _among(by_name, p.network, f"The port {p.ifname} is on")
+            if not pnet.spoof_protection:
                 continue
         if p.ifname in guarded:
             raise ValueError(f"The port {p.ifname} is listed twice.")
         guarded.append(p.ifname)
         for name, e in _port_elems(p):
             bput(name, e)
-        port_cmds += _port_chain_cmds(p, gateway_addresses(net) if net else (), flush=False)
+        port_cmds += _port_chain_cmds(p, gateway_addresses(pnet) if pnet else (), flush=False)
 
     cmds: list[dict] = []
     cmds += _table_head("inet", fresh)

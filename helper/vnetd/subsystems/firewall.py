@@ -172,6 +172,7 @@ class Firewall:
         target = self.resolve(net, f)
         if target is None:
             return ()
+        addrs: list[str | None]
         if f.addr_of is not None:
             addrs = [a for a in self.iface_addrs.get(f.addr_of, ())
                      if ipaddress.ip_address(a).version == f.family]
@@ -258,7 +259,8 @@ class Firewall:
                             spoof_protection=net.spoof_protection,
                             overlay_port=ov.port if ov is not None else None,
                             overlay_vni=ov.vni if ov is not None else None,
-                            overlay_peers=tuple(str(p) for p in ov.peers) if static else (),
+                            overlay_peers=(tuple(str(p) for p in ov.peers)
+                                           if ov is not None and static else ()),
                             overlay_evpn=ov is not None and not static,
                             mac=net.mac)
 
@@ -285,7 +287,8 @@ class Firewall:
         return fw.FwPort(ifname=port.ifname, network=port.network,
                          mac=port.mac if port.mac_known else None, ipv4=ipv4,
                          ipv6=tuple(sorted(set(ipv6))),
-                         unbound_in=str(net.subnet) if member and ipv4 is None else None)
+                         unbound_in=(str(net.subnet) if net is not None and member
+                                     and ipv4 is None else None))
 
     def _gateways(self, network: str) -> tuple[str, ...]:
         net = self.view.network(network)
