@@ -95,6 +95,13 @@ class Client:
             self.bus.disconnect()
             self.bus = None
 
+    @property
+    def _bus(self) -> MessageBus:
+        if self.bus is None:
+            raise RuntimeError("the client is not connected: connect() first, or use "
+                               "'async with Client()'")
+        return self.bus
+
     async def call(self, member: str, signature: str = "", body: list[Any] | None = None,
                    path: str = MANAGER_PATH, interface: str = MANAGER,
                    interactive: bool | None = None) -> Message:
@@ -107,7 +114,7 @@ class Client:
 
         reply = await self._send(message(), member)
         if (reply.message_type == MessageType.ERROR
-                and base.send_again(reply.error_name, member)):
+                and base.send_again(reply.error_name or "", member)):
             # vnetd may be restarting (systemd's Restart=, or D-Bus activation): once more
             import asyncio
 
@@ -118,15 +125,16 @@ class Client:
         if reply.message_type == MessageType.ERROR:
             for fd in reply.unix_fds:
                 os.close(fd)
-            text = reply.body[0] if reply.body else reply.error_name
-            raise base.error_for(reply.error_name, text, member)
+            error_name = reply.error_name or ""  # an error always has a name
+            text = reply.body[0] if reply.body else error_name
+            raise base.error_for(error_name, text, member)
         return reply
 
     async def _send(self, msg: Message, member: str = "") -> Message:
         import asyncio
 
         try:
-            return await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT)
+            return await asyncio.wait_for(self._bus.call(msg), CALL_TIMEOUT)
         except TimeoutError:
             raise base.timed_out(member) from None
         except (OSError, EOFError) as e:
@@ -240,7 +248,7 @@ class Client:
                 if network is None or ev.get("network") == network:
                     queue.put_nowait((msg.member, ev))
 
-        self.bus.add_message_handler(on)
+        self._bus.add_message_handler(on)
         await self._send(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                                  interface="org.freedesktop.DBus", member="AddMatch",
                                  signature="s", body=[f"type='signal',sender='{BUS_NAME}',"
@@ -249,7 +257,7 @@ class Client:
             while True:
                 yield await queue.get()
         finally:
-            self.bus.remove_message_handler(on)
+            self._bus.remove_message_handler(on)
 
     async def enslave(self, ifname: str) -> str:
         return await self.value("Enslave", "s", [ifname])

@@ -116,7 +116,7 @@ def is_compat(argv: list[str]) -> bool:
 
 def subcommands() -> list[str]:
     sub = next(a for a in build_parser()._actions if a.dest == "cmd")
-    return list(sub.choices)
+    return list(sub.choices or ())
 
 
 GLOBAL_FLAGS = ("--json", "--no-ask-password")

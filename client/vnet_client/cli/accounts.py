@@ -5,11 +5,15 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from typing import Any
+from typing import Any, overload
 
 from .parser import Usage
 
 
+@overload
+def uid_of(user: str) -> int: ...
+@overload
+def uid_of(user: None) -> None: ...
 def uid_of(user: str | None) -> int | None:
     if user is None:
         return None

@@ -9,11 +9,15 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..base import Attachment
 from .output import table
 from .parser import EXIT_OK, Failure, Usage
 from .session import Session
+
+if TYPE_CHECKING:
+    from ..blocking import BlockingClient
 
 Command = Callable[[str, str], argparse.ArgumentParser]
 
@@ -99,8 +103,8 @@ def parse_attach(argv: list[str]) -> tuple[list[Group], list[str], argparse.Name
             raise Usage(f"{flag} takes a whole number, not '{text}'.") from None
 
     for tok in it:
-        flag, _, inline = tok.partition("=")
-        inline = inline if "=" in tok else None
+        flag, _, rest = tok.partition("=")
+        inline = rest if "=" in tok else None
         if flag == "--br":
             groups.append(Group(network=value(flag, inline)))
             continue
@@ -140,7 +144,7 @@ def parse_attach(argv: list[str]) -> tuple[list[Group], list[str], argparse.Name
     return groups, command, common
 
 
-def substitute(command: list[str], atts: list[Attachment]) -> list[str]:
+def substitute(command: list[str], atts: list[Attachment | VdePlug]) -> list[str]:
     def one(m: re.Match) -> str:
         what, idx = m.group(1), m.group(2)
         if idx == "":
@@ -168,20 +172,29 @@ def substitute(command: list[str], atts: list[Attachment]) -> list[str]:
     return [PLACEHOLDER.sub(one, arg) for arg in command]
 
 
+def _vde_socket(g: Group, vm: str) -> Callable[[BlockingClient], tuple[str, str]]:
+    return lambda c: c.vde_socket(g.network, vm, g.nic)
+
+
+def _attach(g: Group, vm: str) -> Callable[[BlockingClient], Attachment]:
+    return lambda c: c.attach(g.network, vm, nic=g.nic, queues=g.queues, vhost=g.vhost,
+                              mac=g.mac)
+
+
 def run_attach(groups: list[Group], command: list[str], common: argparse.Namespace) -> int:
     exe = shutil.which(command[0])
     if exe is None:
         raise Failure(f"command not found: {command[0]} (nothing was attached).")
-    atts: list[Attachment] = []
+    atts: list[Attachment | VdePlug] = []
     try:
         with Session(common) as s:
             for g in groups:
+                assert g.vm is not None  # parse_attach gave every group its VM
                 if g.vde:
-                    sock, mac = s.run(lambda c, g=g: c.vde_socket(g.network, g.vm, g.nic))
+                    sock, mac = s.run(_vde_socket(g, g.vm))
                     atts.append(VdePlug(g.network, g.vm, g.nic, sock, g.mac or mac))
                     continue
-                atts.append(s.run(lambda c, g=g: c.attach(
-                    g.network, g.vm, nic=g.nic, queues=g.queues, vhost=g.vhost, mac=g.mac)))
+                atts.append(s.run(_attach(g, g.vm)))
         argv = substitute(command, atts)
     except BaseException:
         for a in atts:

@@ -7,13 +7,16 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..base import VnetClientError
 from .accounts import group_exists, uid_of
 from .network import define_options, define_opts
 from .parser import EXIT_OK, Failure, Parser, Usage, add_common
 from .session import Session
+
+if TYPE_CHECKING:
+    from ..blocking import BlockingClient
 
 COMPAT_EPILOG = """\
 This is the qemu-vlan compatible form: qemu-vlan 1.0.0's options, short and long, its
@@ -276,6 +279,10 @@ def run_compat(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _mac_of(network: str, vm: str) -> Callable[[BlockingClient], str]:
+    return lambda c: c.get_mac(network, vm, 0)
+
+
 def run_compat_macaddr(s: Session, req: CompatRequest, args: argparse.Namespace) -> int:
     """qemu-vlan's --macaddr: ether_<i>=MAC for i in 0..COUNT-1, COUNT = taps x 8 (x 32 with
     VDE). The MACs are the ones vnetd gives VM BRIDGE_<i> (asking registers them), so the
@@ -285,7 +292,7 @@ def run_compat_macaddr(s: Session, req: CompatRequest, args: argparse.Namespace)
     count = compat_macaddr_count(req)
     macs = []
     for i in range(count):
-        macs.append(s.run(lambda c, i=i: c.get_mac(name, f"{name}_{i}", 0)))
+        macs.append(s.run(_mac_of(name, f"{name}_{i}")))
     text = ("##### Hardware MAC Address #####\n# to be used with qemu -device "
             "virtio-net,mac=MAC (qemu-vnet gives VM " + f"{name}_<i> this MAC)\n"
             + "".join(f"ether_{i}={m}\n" for i, m in enumerate(macs)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import Any, NoReturn
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 4
 
@@ -20,7 +21,7 @@ class Failure(Exception):
 def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
     """The options every command takes. On subcommands their defaults are suppressed, so that
     `vnet-client --json list` and `vnet-client list --json` mean the same."""
-    d = {} if top else {"default": argparse.SUPPRESS}
+    d: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
     p.add_argument("--json", action="store_true", help="print machine-readable JSON", **d)
     p.add_argument("--no-ask-password", action="store_true",
                    help="never prompt for a password; fail with exit code 4 instead", **d)
@@ -33,7 +34,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with short mistakes: the error, a suggestion for a near miss, and where help
     is, instead of the whole usage."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         hint = ""
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:
