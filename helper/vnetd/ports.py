@@ -180,6 +180,13 @@ class Ports:
         self.max_per_user = max_per_user
         self.by_name: dict[str, Port] = {}
         self.by_index: dict[int, Port] = {}
+        # keyed views of by_name, so that no attach, quota check or holder exit scans every
+        # port on the host: {network: {ifname: port}}, {uid: ...}, {holder pid: ...}, and
+        # (network, vm, nic) -> port
+        self._on_network: dict[str, dict[str, Port]] = {}
+        self._of_uid: dict[int, dict[str, Port]] = {}
+        self._of_holder: dict[int, dict[str, Port]] = {}
+        self._by_nic: dict[tuple[str, str, int], Port] = {}
         self._pidfds: dict[int, int] = {}  # holder pid -> pidfd (one per holder process)
         self._monitor: asyncio.Task | None = None
         self._records: dict[str, Port] = {}
@@ -196,6 +203,11 @@ class Ports:
     def _add(self, port: Port) -> None:
         self.by_name[port.ifname] = port
         self.by_index[port.ifindex] = port
+        self._on_network.setdefault(port.network, {})[port.ifname] = port
+        self._of_uid.setdefault(port.uid, {})[port.ifname] = port
+        if port.holder_pid:
+            self._of_holder.setdefault(port.holder_pid, {})[port.ifname] = port
+        self._by_nic[(port.network, port.vm, port.nic)] = port
         if not port.mac_known:
             self.learning[port.ifindex] = port
 
@@ -207,11 +219,19 @@ class Ports:
         del self.by_name[port.ifname]
         if self.by_index.get(port.ifindex) is port:
             del self.by_index[port.ifindex]
+        for index, key in ((self._on_network, port.network), (self._of_uid, port.uid),
+                           (self._of_holder, port.holder_pid)):
+            group = index.get(key)  # type: ignore[attr-defined]
+            if group is not None:
+                group.pop(port.ifname, None)
+                if not group:
+                    del index[key]  # type: ignore[attr-defined]
+        if self._by_nic.get((port.network, port.vm, port.nic)) is port:
+            del self._by_nic[(port.network, port.vm, port.nic)]
         self.learning.pop(port.ifindex, None)
         self._forget(port.ifname)
         pid = port.holder_pid
-        if pid and pid in self._pidfds and not any(p.holder_pid == pid
-                                                   for p in self.by_name.values()):
+        if pid and pid in self._pidfds and pid not in self._of_holder:
             self._unwatch(pid)
         return True
 
@@ -409,7 +429,7 @@ class Ports:
 
     def _holder_exited(self, pid: int) -> None:
         self._unwatch(pid)
-        left = [p for p in self.by_name.values() if p.holder_pid == pid]
+        left = list(self._of_holder.get(pid, {}).values())
         if left:
             asyncio.get_running_loop().create_task(self._reap(left))
 
@@ -429,10 +449,10 @@ class Ports:
 
     # --- queries ------------------------------------------------------------------------
     def of_uid(self, uid: int) -> list[Port]:
-        return [p for p in self.by_name.values() if p.uid == uid]
+        return list(self._of_uid.get(uid, {}).values())
 
     def on_network(self, network: str) -> list[Port]:
-        return [p for p in self.by_name.values() if p.network == network]
+        return list(self._on_network.get(network, {}).values())
 
     def get(self, ifname: str) -> Port:
         model.validate_ifname(ifname, "port name")
@@ -459,10 +479,10 @@ class Ports:
                                                                           list[int], dict]:
         nic, queues = opts.nic, opts.queues
         self.macs.check_owner(net.name, vm, uid)  # before anything says who holds it
-        for p in self.by_name.values():
-            if p.network == net.name and p.vm == vm and p.nic == nic:
-                raise Busy(f"VM '{vm}' NIC {nic} is already attached to {net.name} as {p.ifname} "
-                           f"(uid {p.uid}); detach it or use another --nic.")
+        p = self._by_nic.get((net.name, vm, nic))
+        if p is not None:
+            raise Busy(f"VM '{vm}' NIC {nic} is already attached to {net.name} as {p.ifname} "
+                       f"(uid {p.uid}); detach it or use another --nic.")
         if len(self.of_uid(uid)) >= self.max_per_user and uid != 0:
             raise QuotaExceeded(f"You already hold {self.max_per_user} ports, the most one user "
                                 "may; detach some first.")

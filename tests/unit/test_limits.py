@@ -17,6 +17,7 @@ from vnetd.engine import Engine
 from vnetd.errors import Busy, Exists, InvalidArgument, NotFound, QuotaExceeded
 from vnetd.macs import MacRegistry, derive_mac, parse_key
 from vnetd.model import Network, parse_forward
+from vnetd.ports import Port
 from vnetd.store import Store
 
 ALICE, BOB = 4001, 4002  # uids without a passwd entry: sentences name them 'uid N'
@@ -275,13 +276,13 @@ async def test_forget_mac_is_refused_while_the_vm_is_attached(engine):
     await engine.define(net("n1"), 0)
     engine.get_mac("n1", "web", 0)
 
-    class Port:
-        ifname, network, vm = "n1-abcdef", "n1", "web"
-
-    engine.ports.by_name["n1-abcdef"] = Port()
+    port = Port(ifname="n1-abcdef", ifindex=77, network="n1", vm="web", nic=0, uid=0,
+                mac=engine.get_mac("n1", "web", 0), mac_known=True, holder_pid=None, queues=1,
+                created=0.0)
+    engine.ports._add(port)
     with pytest.raises(Busy, match="n1-abcdef"):
         await engine.forget_mac("n1", "web")
-    del engine.ports.by_name["n1-abcdef"]
+    engine.ports._drop(port)
     assert await engine.forget_mac("n1", "web") == 1
     await engine.undefine("n1")
     engine.macs.get("n1", "old", 0)  # the MACs of an undefined network can still be forgotten

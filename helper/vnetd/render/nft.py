@@ -980,6 +980,68 @@ def network_elems(n: FwNetwork) -> list[tuple[str, str]]:
     return out
 
 
+def _network_inet_elems(n: FwNetwork) -> dict[str, list]:
+    """The inet elements a network brings by itself (its pairs with the networks it is routed
+    with come from :func:`_pairs`)."""
+    el: dict[str, list] = {"bridges": [n.name], "pass": [_cat(n.name, n.name)],
+                           "gw4": [_cat(n.name, str(n.gateway))],
+                           "intra4": [_cat(_prefix(n.subnet), _prefix(n.subnet))]}
+    if n.mode == "nat":
+        el["nat_out"] = [n.name]
+        el["masq4"] = [_prefix(n.subnet)]
+    if n.mode == "nat" or n.allow_host:
+        el["host_ok"] = [n.name]
+    if n.subnet6 is not None:
+        el["gw6"] = [_cat(n.name, str(n.gateway6))]
+        el["intra6"] = [_cat(_prefix(n.subnet6), _prefix(n.subnet6))]
+        if n.mode == "nat" and n.subnet6.subnet_of(ULA):
+            el["masq6"] = [_prefix(n.subnet6)]
+    return el
+
+
+def _pairs(n: FwNetwork, others: Iterable[FwNetwork]) -> list:
+    """The `pass` pairs between `n` and the running networks it is routed with, whichever
+    of the two names the other."""
+    out: list = []
+    for o in sorted(others, key=lambda o: o.name):
+        if o.name != n.name and (o.name in n.routed_with or n.name in o.routed_with):
+            for pair in (_cat(n.name, o.name), _cat(o.name, n.name)):
+                if pair not in out:
+                    out.append(pair)
+    return out
+
+
+def incremental(n: FwNetwork) -> bool:
+    """Whether a network can join or leave the running ruleset as elements only: an overlay
+    brings rules of its own (from_underlay), so it takes the whole ruleset."""
+    return n.overlay_port is None
+
+
+def render_network_change(n: FwNetwork, others: Iterable[FwNetwork], *, add: bool) -> dict:
+    """ONE transaction that adds (or deletes) the inet elements of one network joining (or
+    leaving) the running ones (`others`): its own, and its pairs with the networks it is
+    routed with. Only its elements move, so its cost does not grow with the number of
+    networks, forwards or ports; the result is what :func:`render_ruleset` makes for the
+    networks with (or without) it. Its forwards, ports and gateway identity are separate
+    element changes (:func:`render_forward_add`, :func:`render_port_update`,
+    :func:`network_elems`)."""
+    validate_network(n)
+    if not incremental(n):
+        raise ValueError(f"The network {n.name} has an overlay: load the whole ruleset.")
+    el = _network_inet_elems(n)
+    pairs = _pairs(n, others)
+    if pairs:
+        el["pass"] = el["pass"] + pairs
+    op = "add" if add else "delete"
+    return {"nftables": [_elements(op, "inet", name, _sorted(elems))
+                         for name, elems in sorted(el.items())]}
+
+
+def render_elements(op: str, pairs: Iterable[tuple[str, Any]]) -> dict:
+    """Add or delete bridge-table elements (a gateway's identity: :func:`network_elems`)."""
+    return {"nftables": _group(pairs, op)}
+
+
 def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] = (),
                    ports: Iterable[FwPort] = (), *, fresh: bool = False,
                    counters: dict[str, dict[str, int]] | None = None) -> dict:
@@ -1005,20 +1067,9 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
         el.setdefault(name, []).append(elem)
 
     for n in nets:
-        put("bridges", n.name)
-        put("pass", _cat(n.name, n.name))
-        put("gw4", _cat(n.name, str(n.gateway)))
-        put("intra4", _cat(_prefix(n.subnet), _prefix(n.subnet)))
-        if n.mode == "nat":
-            put("nat_out", n.name)
-            put("masq4", _prefix(n.subnet))
-        if n.mode == "nat" or n.allow_host:
-            put("host_ok", n.name)
-        if n.subnet6 is not None:
-            put("gw6", _cat(n.name, str(n.gateway6)))
-            put("intra6", _cat(_prefix(n.subnet6), _prefix(n.subnet6)))
-            if n.mode == "nat" and n.subnet6.subnet_of(ULA):
-                put("masq6", _prefix(n.subnet6))
+        for name, elems in _network_inet_elems(n).items():
+            for e in elems:
+                put(name, e)
         for r in n.routed_with:
             if r in by_name and r != n.name:
                 put("pass", _cat(n.name, r))

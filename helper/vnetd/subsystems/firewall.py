@@ -70,6 +70,7 @@ class Firewall:
         self._addr_sock: socket.socket | None = None
         self._addr_pending = False
         self.applied_ports: dict[str, fw.FwPort] = {}
+        self.applied_nets: dict[str, fw.FwNetwork] = {}  # the routed networks in the ruleset
         # how many applied ports and gateways hold each host-wide identity element (the
         # taken/claimed sets): one is deleted only when nothing holds it any more
         self._held: Counter = Counter()
@@ -109,12 +110,103 @@ class Firewall:
             raise Failed(f"The firewall cannot {what}: {e}") from None
         await asyncio.to_thread(self._apply, cmd, what)
 
-    # --- the subsystem protocol (subsystems/__init__.py): networks change the whole ruleset ----
+    # --- the subsystem protocol (subsystems/__init__.py) ---------------------------------
     async def apply(self, run: Running) -> None:
-        await self.sync_all()
+        """A network joins: its elements, its forwards', its gateway's identity and its
+        taps' guards, in one transaction whose cost does not grow with the host. The first
+        network, an overlay (rules of its own) and a bridged network load the whole ruleset;
+        so does any trouble with the elements (the whole ruleset is always right)."""
+        net = run.net
+        if (net.mode == "bridged" or not self.applied_nets or net.name in self.applied_nets
+                or not fw.incremental(self._fw_network(net))):
+            return await self.sync_all()
+        try:
+            await self._join(net)
+        except Failed as e:
+            log.warning("%s; loading the whole ruleset instead", e.message)
+            await self.sync_all()
 
     async def remove(self, name: str) -> None:
-        await self.sync_all()
+        """A network leaves (its links are gone): the same elements out, in one transaction;
+        the last network, an overlay and a bridged network reload the whole ruleset."""
+        old = self.applied_nets.get(name)
+        if old is None or len(self.applied_nets) == 1 or not fw.incremental(old):
+            return await self.sync_all()
+        try:
+            await self._leave(name, old)
+        except Failed as e:
+            log.warning("%s; loading the whole ruleset instead", e.message)
+            await self.sync_all()
+
+    async def _join(self, net: Network) -> None:
+        fwn = self._fw_network(net)
+        cmds = fw.render_network_change(fwn, self.applied_nets.values(), add=True)["nftables"]
+        if any(f.addr_of for f in net.forwards):
+            self._watch_addresses()
+            await self._read_iface_addrs(self._addr_of_ifaces())
+        forwards = {}
+        for f in net.forwards:
+            ff = self._fw_forward(net, f)
+            if ff:
+                forwards[(net.name, f)] = ff
+                for x in ff:
+                    cmds += fw.render_forward_add(x)["nftables"]
+        gateway = fw.network_elems(fwn) if fwn.spoof_protection else []
+        cmds += fw.render_elements("add", gateway)["nftables"]
+        ports = {p.ifname: self._fw_port(p) for p in self.view.ports.on_network(net.name)}
+        if fwn.spoof_protection:
+            for fp in ports.values():
+                cmds += fw.render_port_update(fp, None, gateways=fw.gateway_addresses(fwn))[
+                    "nftables"]
+        await asyncio.to_thread(self._apply, {"nftables": cmds}, f"let {net.name} in")
+        log.debug("%s joined the ruleset: %d command(s)", net.name, len(cmds))
+        self.applied_nets[net.name] = fwn
+        self.applied_forwards.update(forwards)
+        self._held.update(fw._keyed(e) for e in gateway)
+        for fp in ports.values():
+            self.applied_ports[fp.ifname] = fp
+            if fwn.spoof_protection:
+                self._hold(fp, 1)
+        await self._host_settings()
+
+    async def _leave(self, name: str, old: fw.FwNetwork) -> None:
+        others = [n for k, n in self.applied_nets.items() if k != name]
+        cmds = fw.render_network_change(old, others, add=False)["nftables"]
+        forwards = [k for k in self.applied_forwards if k[0] == name]
+        for k in forwards:
+            for x in self.applied_forwards[k]:
+                cmds += fw.render_forward_remove(x)["nftables"]
+        held = Counter(self._held)  # a copy: counted down as elements go
+        gateway = []
+        if old.spoof_protection:
+            for e in fw.network_elems(old):
+                held[fw._keyed(e)] -= 1
+                if held[fw._keyed(e)] <= 0:
+                    gateway.append(e)
+        cmds += fw.render_elements("delete", gateway)["nftables"]
+        ports = [fp for fp in self.applied_ports.values() if fp.network == name]
+        for fp in ports:
+            keep = frozenset(e for e in fw.shared_elems(fp) if held[e] > 1)
+            cmds += fw.render_port_remove(fp, spoof_protection=old.spoof_protection,
+                                          keep=keep)["nftables"]
+            if old.spoof_protection:
+                held.subtract(fw.shared_elems(fp))
+        await asyncio.to_thread(self._apply, {"nftables": cmds}, f"let {name} out")
+        log.debug("%s left the ruleset: %d command(s)", name, len(cmds))
+        del self.applied_nets[name]
+        for k in forwards:
+            del self.applied_forwards[k]
+        for fp in ports:
+            del self.applied_ports[fp.ifname]
+        self._held = Counter({k: v for k, v in held.items() if v > 0})
+        await self._host_settings()
+
+    async def _host_settings(self) -> None:
+        """IP forwarding while a nat network runs; Docker's DOCKER-USER accepts our bridges."""
+        nets = list(self.applied_nets.values())
+        self._forwarding(any(n.mode == "nat" for n in nets),
+                         any(n.mode == "nat" and n.subnet6 for n in nets))
+        await asyncio.to_thread(self._docker_user, sorted(self.applied_nets))
 
     async def adopt(self, run: Running) -> None:
         pass  # one sync_all after every network is adopted
@@ -335,6 +427,7 @@ class Firewall:
                                [x for ff in forwards.values() for x in ff],
                                list(ports.values()), counters=counters)
         self.applied_forwards, self.applied_ports = forwards, ports
+        self.applied_nets = {n.name: n for n in fw_nets}
         self._held = Counter()
         for n in fw_nets:
             if n.spoof_protection:

@@ -1,0 +1,37 @@
+"""The ports' keyed views (by network, by uid, by holder, by VM NIC) follow every port that
+comes and goes, so attach, quota checks and holder exits never scan the host's ports."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from vnetd.ports import Port, Ports
+
+
+def port(ifname: str, network: str, uid: int, holder: int | None, vm: str = "vm", nic: int = 0):
+    return Port(ifname=ifname, ifindex=hash(ifname) & 0xFFFF, network=network, vm=vm, nic=nic,
+                uid=uid, mac="52:54:00:00:00:01", mac_known=True, holder_pid=holder, queues=1,
+                created=0.0)
+
+
+def test_keyed_views_follow_add_and_drop(tmp_path):
+    ports = Ports(links=None, macs=None, store=SimpleNamespace(runtime_dir=tmp_path))
+    a = port("n1-a", "n1", 1000, 11, vm="web")
+    b = port("n1-b", "n1", 1001, 12, vm="db")
+    c = port("n2-c", "n2", 1000, 11, vm="web")
+    for p in (a, b, c):
+        ports._add(p)
+    assert {p.ifname for p in ports.on_network("n1")} == {"n1-a", "n1-b"}
+    assert {p.ifname for p in ports.of_uid(1000)} == {"n1-a", "n2-c"}
+    assert ports._by_nic[("n1", "web", 0)] is a and ("n1", "web", 1) not in ports._by_nic
+    assert set(ports._of_holder[11]) == {"n1-a", "n2-c"}
+    ports._drop(a)
+    assert [p.ifname for p in ports.on_network("n1")] == ["n1-b"]
+    assert [p.ifname for p in ports.of_uid(1000)] == ["n2-c"]
+    assert ("n1", "web", 0) not in ports._by_nic
+    assert set(ports._of_holder[11]) == {"n2-c"}
+    ports._drop(c)
+    ports._drop(b)
+    assert ports.on_network("n1") == [] and ports.of_uid(1000) == []
+    assert ports._on_network == {} and ports._of_uid == {} and ports._of_holder == {}
+    assert not ports._drop(b)  # a port dropped twice is no error and changes nothing
