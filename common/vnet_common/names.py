@@ -29,6 +29,7 @@ VM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
 LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_NIC_RE = re.compile(r"0|[1-9][0-9]?")
 GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # a group name vnetd accepts (tap-group)
 
 # A network's name is also a directory under vnetd's runtime and state directories, so it may
@@ -254,6 +255,22 @@ def validate_nic(nic: object) -> int:
 def key(vm: str, nic: int) -> str:
     """The MAC registry's key of a VM's NIC: 'web1/0'. ExportMacs and ImportMacs carry it."""
     return f"{vm}/{nic}"
+
+
+def parse_key(text: object) -> tuple[str, int]:
+    """A key as an import gives it, checked: 'VM' (NIC 0, as an ether.conf import has it) or
+    'VM/NIC'; InvalidArgument for anything else."""
+    if not isinstance(text, str):
+        raise InvalidArgument(f"A MAC registry key must be 'VM' or 'VM/NIC', not "
+                              f"{printable(text)}.")
+    vm, sep, nic = text.partition("/")
+    validate_vm_name(vm)
+    if not sep:
+        return vm, 0
+    if not _NIC_RE.fullmatch(nic) or int(nic) > MAX_NIC:
+        raise InvalidArgument(f"The key '{printable(text)}' does not end in a NIC index: "
+                              f"write VM/NIC with NIC from 0 to {MAX_NIC}, e.g. web1/0.")
+    return vm, int(nic)
 
 
 def split_key(k: str) -> tuple[str, int]:

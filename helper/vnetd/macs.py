@@ -20,19 +20,17 @@ until an administrator forgets it (ForgetMac).
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import Any
 
-from vnet_common.limits import MAX_NIC
 from vnet_common.names import (
     key,
+    parse_key,
     split_key,
     validate_mac,
     validate_network_name,
     validate_nic,
     validate_vm_name,
 )
-from vnet_common.names import printable as _printable
 
 from .errors import Exists, InvalidArgument, NotFound, NotOwner, QuotaExceeded
 
@@ -40,28 +38,12 @@ QEMU_OUI = "52:54:00"
 DEFAULT_LIMIT = 4096  # entries per network
 DEFAULT_TOTAL = 65536  # entries in all
 DEFAULT_PER_USER = 1024  # entries one user (not root) brings into one network
-_NIC_RE = re.compile(r"0|[1-9][0-9]?")
 
 
 def derive_mac(network: str, vm: str, nic: int, attempt: int = 0) -> str:
     seed = f"{network}/{vm}/{nic}" + (f"/{attempt}" if attempt else "")
     d = hashlib.sha256(seed.encode()).digest()
     return f"{QEMU_OUI}:{d[0]:02x}:{d[1]:02x}:{d[2]:02x}"
-
-
-def parse_key(text: object) -> tuple[str, int]:
-    """An import's key: 'vm' (NIC 0, as an ether.conf import has it) or 'vm/nic'."""
-    if not isinstance(text, str):
-        raise InvalidArgument(f"A MAC registry key must be 'VM' or 'VM/NIC', not "
-                              f"{_printable(text)}.")
-    vm, sep, nic = text.partition("/")
-    validate_vm_name(vm)
-    if not sep:
-        return vm, 0
-    if not _NIC_RE.fullmatch(nic) or int(nic) > MAX_NIC:
-        raise InvalidArgument(f"The key '{_printable(text)}' does not end in a NIC index: "
-                              f"write VM/NIC with NIC from 0 to {MAX_NIC}, e.g. web1/0.")
-    return vm, int(nic)
 
 
 class MacRegistry:
