@@ -356,13 +356,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("started with more privileges than its unit gives (D-Bus activation or by "
                  "hand?): %s", "; ".join(changed))
     os.umask(0o022)
+    # SIGUSR2: every thread's Python stack on stderr, even with the event loop stuck
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:
         return 0
 
-    # SIGUSR2: every thread's Python stack on stderr, even with the event loop stuck
-    faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 if __name__ == "__main__":
     sys.exit(main())
