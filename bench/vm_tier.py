@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """The systemd tier's costs, as JSON: image build time (a fresh build into a temporary cache),
-boot to the job (QEMU start to vnet-test.service running under systemd), the tier's total
-time per image, and vnetd's start-up to ready under systemd with 20 autostart networks
-(`systemctl start` of a Type=dbus unit returns once vnetd owns its bus name).
+boot to the job (QEMU start to vnet-test.service running under systemd), boot to vnetd's
+'ready' (kernel start to the line, after the reboot, with one autostart network), the tier's
+total time per image and for all, vnetd's start-up to ready under systemd with 20 autostart
+networks (`systemctl start` of a Type=dbus unit returns once vnetd owns its bus name), the
+SIGKILL restart and its breakdown, and how much slower the guest's CPU is than this host's
+(the same pure-Python loop timed in both: what a QEMU nested in the guest would start from).
 
     sudo python3 bench/vm_tier.py [--cached] [bookworm|trixie ...]
 
@@ -38,8 +41,14 @@ def main(argv: list[str]) -> int:
             return 1
         deb = sorted((REPO / "build").glob("qemu-vnet_*_all.deb"),
                      key=lambda p: p.stat().st_mtime)[-1]
+        from tests.vm.guest_checks import CPU_LOOP
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-I", "-c", CPU_LOOP], check=True)
+        host_loop = time.monotonic() - t0
         out = {"bench": "vm_tier", "cores": os.cpu_count(), "accel": "tcg",
-               "qemu": "-cpu qemu64 -smp 2 -m 1024", "suites": {}}
+               "qemu": "-cpu qemu64 -smp 2 -m 1024", "host_cpu_loop_s": round(host_loop, 2),
+               "suites": {}}
+        t_all = time.monotonic()
         for suite in suites or images.SUITES:
             t0 = time.monotonic()
             img = images.build(suite, log=lambda m: None)
@@ -54,6 +63,10 @@ def main(argv: list[str]) -> int:
                 "checks": len(run.results), "failed": failed,
                 **{k: v for k, v in run.figures.items() if not k.startswith("phase")},
             }
+            loop = run.figures.get("cpu_loop_s")
+            if loop:
+                out["suites"][suite]["guest_cpu_slowdown"] = round(loop / host_loop, 1)
+        out["total_s"] = round(time.monotonic() - t_all, 1)
         print(json.dumps(out, indent=1))
     return 0
 

@@ -59,15 +59,16 @@ def host_mirror() -> str:
 MIRROR = os.environ.get("VNET_VM_MIRROR") or host_mirror()
 SUITES = ("bookworm", "trixie")
 
-# What every image holds. The first line is what the tier is about; the second is what the
-# package depends on (installed offline in the guest); the third the checks' own tools; the
-# last a host service vnetd must coexist with.
+# What every image holds. The first line is what the tier is about (polkitd brings pkcheck
+# and pkttyagent); the second is what the package depends on (installed offline in the
+# guest); the third the checks' own tools (login and util-linux's agetty and setpriv: VT
+# sessions and a user without one); the last the host services vnetd must coexist with.
 PACKAGES = (
     "systemd systemd-sysv dbus polkitd libpam-systemd udev iproute2 nftables dnsmasq-base "
     "linux-image-cloud-amd64 initramfs-tools "
-    "python3 python3-nftables dbus-bin netbase "
+    "python3 python3-nftables python3-jeepney dbus-bin netbase "
     "procps kmod passwd login util-linux "
-    "network-manager"
+    "network-manager firewalld"
 )
 
 GUEST_RUNNER = r"""#!/bin/sh

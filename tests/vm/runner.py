@@ -13,6 +13,7 @@ markers, timestamped here as they arrive.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -132,9 +133,16 @@ def boot(suite: str, deb: Path, timeout: float = 900, log=print) -> Run:
 
 
 def main(argv: list[str]) -> int:
+    """VNET_VM_KEEP=DIR keeps what each job left (journals, figures) in DIR/<suite>/."""
     deb = Path(argv[0])
+    keep = os.environ.get("VNET_VM_KEEP")
     for suite in argv[1:] or images.SUITES:
         run = boot(suite, deb)
+        if keep:
+            for name, data in run.files.items():
+                dest = Path(keep) / suite / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(data)
         print(run.console_text())
         print(json.dumps({"suite": suite, "seconds": round(run.seconds, 1),
                           "marks": run.marks, "figures": run.figures}, indent=1))
