@@ -18,7 +18,7 @@ from pathlib import Path
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from . import __version__, api
+from . import __version__, api, journal
 from .authz import CACHE_SECONDS, Authorizer
 from .bus import Service
 from .children import identity
@@ -304,7 +304,12 @@ def setup_logging(level: str, log_file: Path = LOG_FILE, dev_log: str = DEV_LOG)
     root.setLevel(getattr(logging, level.upper()))
     problems: list[str] = []
     st = _fd_stat(2)
-    if _stderr_is_useful(st):
+    if _stderr_is_journal(st) and journal.available():
+        # journald's native protocol: the audit lines' VNET_* fields become journal fields
+        h: logging.Handler = journal.JournalHandler(fallback=sys.stderr)
+        h.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.addHandler(h)
+    elif _stderr_is_useful(st):
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter(
             f"%(asctime)s {FORMAT}" if sys.stderr.isatty() else FORMAT))
