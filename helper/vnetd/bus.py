@@ -595,7 +595,12 @@ class Service:
     async def add_host(self, caller: Caller, network: str, vm: str,
                        options: dict[str, Any]) -> Any:
         self.owns_network(caller, network)
-        return to_asv((await self.engine.add_host(network, vm, options)).to_dict())
+        host = await self.engine.add_host(network, vm, options)
+        d = host.to_dict()
+        kept = self.engine.resolver.kept_lease(self.engine.get(network), vm)
+        if kept is not None:  # the guest keeps its lease until it renews (the port allows both)
+            d["keeps"] = kept
+        return to_asv(d)
 
     async def remove_host(self, caller: Caller, network: str, vm: str) -> None:
         self.owns_network(caller, network)

@@ -8,6 +8,7 @@ where it lets a forward wait for a VM by name)."""
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,11 @@ if TYPE_CHECKING:
     from .ports import Ports
     from .render.dnsmasq import Lease
     from .subsystems.dhcp import DhcpServers
+
+
+def _live(le: Lease) -> bool:
+    """A lease not expired (0: one that never expires)."""
+    return le.expiry == 0 or le.expiry > time.time()
 
 
 class Resolver:
@@ -41,33 +47,47 @@ class Resolver:
         return macs
 
     def address(self, net: Network, target: str, family: int) -> str | None:
-        """The address `target` (an address, or a VM name) is now: itself, the VM's static
-        host (IPv4), or a lease of one of its MACs."""
+        """The address `target` (an address, or a VM name) is now: itself, the lease one of
+        the VM's MACs holds, or the VM's static host (IPv4). A lease comes first: a VM given
+        a static address keeps the address it leased until it renews, and so do forwards to
+        it."""
         try:
             return str(ipaddress.ip_address(target))
         except ValueError:
             pass  # a VM name
         host = net.host(target)
+        macs = self.vm_macs(net.name, target) | ({host.mac} if host is not None else set())
+        for le in self.leases(net):
+            if le.mac in macs and (":" in le.ip) == (family == 6) and _live(le):
+                return le.ip
         if host is not None and family == 4:
             return str(host.ip)
-        macs = self.vm_macs(net.name, target)
-        for le in self.leases(net):
-            if le.mac in macs and (":" in le.ip) == (family == 6):
-                return le.ip
         return None
 
-    def port_addresses(self, net: Network, mac: str) -> tuple[str | None, list[str]]:
+    def port_addresses(self, net: Network, mac: str
+                       ) -> tuple[str | None, tuple[str, ...], list[str]]:
         """What a port with `mac` is bound to: its IPv4 address (a static host, else its
-        lease: DHCP gives a lease only to that client hardware address) and its leased IPv6
-        addresses."""
-        leases = [le for le in self.leases(net) if le.mac == mac]
+        lease: DHCP gives a lease only to that client hardware address), the leased IPv4
+        address it keeps beside a static one given since (until the guest renews and gets
+        the static one), and its leased IPv6 addresses."""
+        leases = [le for le in self.leases(net) if le.mac == mac and _live(le)]
+        leased4 = next((le.ip for le in leases if ":" not in le.ip), None)
+        leased6 = [le.ip for le in leases if ":" in le.ip]
         static = next((h for h in net.hosts if h.mac == mac), None)
-        ipv4: str | None
-        if static is not None:
-            ipv4 = str(static.ip)
-        else:
-            ipv4 = next((le.ip for le in leases if ":" not in le.ip), None)
-        return ipv4, [le.ip for le in leases if ":" in le.ip]
+        if static is None:
+            return leased4, (), leased6
+        also = (leased4,) if leased4 is not None and leased4 != str(static.ip) else ()
+        return str(static.ip), also, leased6
+
+    def kept_lease(self, net: Network, vm: str) -> str | None:
+        """The IPv4 lease the VM holds now, if it differs from its static host's address."""
+        host = net.host(vm)
+        if host is None:
+            return None
+        for le in self.leases(net):
+            if le.mac == host.mac and ":" not in le.ip and le.ip != str(host.ip) and _live(le):
+                return le.ip
+        return None
 
     def owner_of_mac(self, network: str, mac: str) -> str | None:
         """The VM (or the gateway) a MAC belongs to on a network, if any."""

@@ -181,8 +181,14 @@ class Daemon:
             self.proc.send_signal(sig)
         time.sleep(1)
         log = self.log()
+        # does it answer a new caller? (a deaf connection, or one call lost on the way)
+        try:
+            probe = run_client("list", timeout=10)
+            answers = f"a new caller's 'list': exit {probe.returncode} {probe.stderr[-300:]}"
+        except subprocess.TimeoutExpired:
+            answers = "a new caller's 'list' got no answer in 10 s either"
         return f"vnetd's log before the dump:\n{log[max(0, mark - 6000):mark]}\n" \
-               f"the dump:\n{log[mark:][:12000]}"
+               f"the dump:\n{log[mark:][:12000]}\n{answers}"
 
     def log(self) -> str:
         try:

@@ -30,14 +30,24 @@ def resolver(ports=(), leases=()) -> Resolver:
     return Resolver(lambda n: NET if n == "vnet3" else None, macs, fake_ports, fake_dhcp)
 
 
-def lease(mac: str, ip: str, hostname: str = "") -> Lease:
-    return Lease(mac=mac, ip=ip, hostname=hostname, expiry=0)
+def lease(mac: str, ip: str, hostname: str = "", expiry: int = 0) -> Lease:
+    return Lease(mac=mac, ip=ip, hostname=hostname, expiry=expiry)
 
 
-def test_an_address_is_itself_and_a_static_host_wins_for_ipv4():
-    r = resolver(leases=[lease("52:54:00:00:00:0d", "172.16.13.99")])
+def test_an_address_is_itself_and_a_vm_keeps_its_lease_until_it_renews():
+    r = resolver()
     assert r.address(NET, "172.16.13.7", 4) == "172.16.13.7"
+    assert r.address(NET, "db", 4) == "172.16.13.20"  # no lease: its static host
+    # db leased .99 before its static host was given: forwards keep going there until the
+    # guest renews (and gets .20); an expired lease counts no more
+    r = resolver(leases=[lease("52:54:00:00:00:0d", "172.16.13.99")])
+    assert r.address(NET, "db", 4) == "172.16.13.99"
+    assert r.kept_lease(NET, "db") == "172.16.13.99"
+    r = resolver(leases=[lease("52:54:00:00:00:0d", "172.16.13.99", expiry=1)])
     assert r.address(NET, "db", 4) == "172.16.13.20"
+    assert r.kept_lease(NET, "db") is None
+    r = resolver(leases=[lease("52:54:00:00:00:0d", "172.16.13.20")])
+    assert r.kept_lease(NET, "db") is None  # renewed: the lease is the static address
 
 
 def test_a_vm_resolves_through_the_leases_of_its_own_macs_only():
@@ -58,11 +68,16 @@ def test_a_vm_resolves_through_the_leases_of_its_own_macs_only():
     assert r.address(NET, "app", 4) == "172.16.13.61"
 
 
-def test_port_addresses_prefer_the_static_host():
+def test_port_addresses_bind_the_static_host_and_keep_an_older_lease():
     r = resolver(leases=[lease("52:54:00:00:00:0d", "172.16.13.99"),
-                         lease("52:54:00:00:00:0d", "fd00:13::d")])
-    assert r.port_addresses(NET, "52:54:00:00:00:0d") == ("172.16.13.20", ["fd00:13::d"])
-    assert r.port_addresses(NET, "52:54:00:00:00:77") == (None, [])
+                         lease("52:54:00:00:00:0d", "fd00:13::d"),
+                         lease("52:54:00:00:00:77", "172.16.13.77")])
+    assert r.port_addresses(NET, "52:54:00:00:00:0d") == (
+        "172.16.13.20", ("172.16.13.99",), ["fd00:13::d"])
+    assert r.port_addresses(NET, "52:54:00:00:00:77") == ("172.16.13.77", (), [])
+    assert r.port_addresses(NET, "52:54:00:00:00:78") == (None, (), [])
+    r = resolver(leases=[lease("52:54:00:00:00:0d", "172.16.13.20")])
+    assert r.port_addresses(NET, "52:54:00:00:00:0d") == ("172.16.13.20", (), [])
 
 
 def test_whose_mac():

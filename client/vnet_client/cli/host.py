@@ -52,8 +52,10 @@ def add_leases(cmd: Command) -> None:
 def run_host_add(args: argparse.Namespace) -> int:
     with Session(args) as s:
         h = s.run(lambda c: c.add_host(args.network, args.vm, ip=args.ip, mac=args.mac))
+    keeps = (f" It keeps its current lease, {h['keeps']}, until it renews the lease and gets "
+             f"{h['ip']}." if h.get("keeps") else "")
     print(json.dumps(h) if args.json else
-          f"{h['vm']} on {args.network}: {h['ip']} for {h['mac']}.")
+          f"{h['vm']} on {args.network}: {h['ip']} for {h['mac']}.{keeps}")
     return EXIT_OK
 
 

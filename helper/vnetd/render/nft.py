@@ -201,6 +201,9 @@ class FwPort:
     mac: str | None  # None: learning; locks to its first unicast source that is not taken
     ipv4: str | None = None  # once bound: IPv4 and ARP from the port must carry it (until
     # then only DHCP client traffic and ARP probes leave it)
+    # addresses the port keeps beside `ipv4` for a while: the lease its guest holds from
+    # before a static address was given (until the guest renews, and gets the static one)
+    ipv4_also: tuple[str, ...] = ()
     ipv6: tuple[str, ...] = ()  # bound IPv6 addresses beyond the MAC's link-local address
     segment: bool = False  # many guests behind it (a VDE switch): none may take a port's or
     # the gateway's identity, but their own MACs and addresses are not known
@@ -296,6 +299,10 @@ def validate_port(p: FwPort) -> None:
         _mac(p.mac)
     if p.ipv4 is not None:
         _addr(p.ipv4, 4, "Port address")
+    for a in p.ipv4_also:
+        _addr(a, 4, "Port address")
+    if p.ipv4_also and p.ipv4 is None:
+        raise ValueError(f"The port {p.ifname} keeps an address but has none bound.")
     if p.unbound_in is not None:
         ipaddress.IPv4Network(p.unbound_in)
     for a in p.ipv6:
@@ -489,7 +496,8 @@ def _port_elems(p: FwPort) -> list[tuple[str, Any]]:
     if p.mac is None and not p.segment:
         out.append(("unlocked", p.ifname))
     if p.ipv4 is not None and not p.segment:
-        out.append(("claimed4", str(ipaddress.ip_address(p.ipv4))))
+        for a in (p.ipv4, *p.ipv4_also):
+            out.append(("claimed4", str(ipaddress.ip_address(a))))
     if not p.segment:
         out += [("claimed6", a) for a in port_allowed6(p)]
     return out
@@ -587,7 +595,8 @@ def _port_rules(p: FwPort, gateways: tuple[str, ...] = ()) -> list[dict]:
     # IPv4 and ARP: until an address is bound only DHCP client traffic and ARP probes
     arp_ip = _pl("arp", "saddr ip")
     if p.ipv4 is not None:
-        rules.append(r(*_none_of(arp_ip, ["0.0.0.0", p.ipv4]), comment="ARP sender IP"))
+        rules.append(r(*_none_of(arp_ip, ["0.0.0.0", p.ipv4, *p.ipv4_also]),
+                       comment="ARP sender IP"))
     elif p.unbound_in is not None:
         sub = _prefix(ipaddress.IPv4Network(p.unbound_in))
         rules += [r(*_none_of(arp_ip, ["0.0.0.0", sub]),
@@ -603,7 +612,8 @@ def _port_rules(p: FwPort, gateways: tuple[str, ...] = ()) -> list[dict]:
                        _match(_pl("udp", "sport"), 68), _match(_pl("udp", "dport"), 67),
                        RETURN, comment="DHCP client without an address"))
     if p.ipv4 is not None:
-        rules.append(r(_match(_pl("ip", "saddr"), p.ipv4, "!="), comment="source IPv4"))
+        rules.append(r(*_none_of(_pl("ip", "saddr"), [p.ipv4, *p.ipv4_also]),
+                       comment="source IPv4"))
     elif p.unbound_in is None:
         rules.append(r(_match(_pl("ether", "type"), "ip"), comment="IPv4 before an address"))
     # IPv6: the port's link-local and bound addresses; '::' only for DAD and MLD

@@ -368,9 +368,9 @@ class Firewall:
         if bridged:
             return fw.FwPort(ifname=port.ifname, network=port.network,
                              mac=port.mac if port.mac_known else None, bridged=True)
-        ipv4, ipv6 = None, []
+        ipv4, ipv4_also, ipv6 = None, (), []
         if net is not None and port.mac_known:
-            ipv4, leased6 = self.view.resolver.port_addresses(net, port.mac)
+            ipv4, ipv4_also, leased6 = self.view.resolver.port_addresses(net, port.mac)
             if net.subnet6 is not None:
                 if net.subnet6.prefixlen == 64:
                     ipv6.append(fw.eui64_in(net.subnet6, port.mac))
@@ -378,7 +378,7 @@ class Firewall:
         member = net is not None and net.overlay is not None and net.overlay.is_member
         return fw.FwPort(ifname=port.ifname, network=port.network,
                          mac=port.mac if port.mac_known else None, ipv4=ipv4,
-                         ipv6=tuple(sorted(set(ipv6))),
+                         ipv4_also=ipv4_also, ipv6=tuple(sorted(set(ipv6))),
                          unbound_in=(str(net.subnet) if net is not None and member
                                      and ipv4 is None else None))
 
