@@ -219,13 +219,15 @@ class Ports:
         del self.by_name[port.ifname]
         if self.by_index.get(port.ifindex) is port:
             del self.by_index[port.ifindex]
-        for index, key in ((self._on_network, port.network), (self._of_uid, port.uid),
-                           (self._of_holder, port.holder_pid)):
-            group = index.get(key)  # type: ignore[attr-defined]
+        indexes: tuple[tuple[dict[Any, dict[str, Port]], Any], ...] = (
+            (self._on_network, port.network), (self._of_uid, port.uid),
+            (self._of_holder, port.holder_pid))
+        for index, key in indexes:
+            group = index.get(key)
             if group is not None:
                 group.pop(port.ifname, None)
                 if not group:
-                    del index[key]  # type: ignore[attr-defined]
+                    del index[key]
         if self._by_nic.get((port.network, port.vm, port.nic)) is port:
             del self._by_nic[(port.network, port.vm, port.nic)]
         self.learning.pop(port.ifindex, None)

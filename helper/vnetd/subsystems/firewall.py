@@ -368,7 +368,9 @@ class Firewall:
         if bridged:
             return fw.FwPort(ifname=port.ifname, network=port.network,
                              mac=port.mac if port.mac_known else None, bridged=True)
-        ipv4, ipv4_also, ipv6 = None, (), []
+        ipv4: str | None = None
+        ipv4_also: tuple[str, ...] = ()
+        ipv6: list[str] = []
         if net is not None and port.mac_known:
             ipv4, ipv4_also, leased6 = self.view.resolver.port_addresses(net, port.mac)
             if net.subnet6 is not None:
