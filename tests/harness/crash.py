@@ -101,7 +101,7 @@ held = {}  # ifname -> tap fds: this process is the holder of the ports it attac
 async def main():
     c = await Client().connect()
     loop = asyncio.get_running_loop()
-    print(json.dumps({"ready": os.getpid()}), flush=True)
+    print(json.dumps({"ready": os.getpid(), "name": c.bus.unique_name}), flush=True)
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)
         if not line:
@@ -153,6 +153,13 @@ class DriverError(AssertionError):
     pass
 
 
+class CallLost(DriverError):
+    """A call got no answer at all (neither a reply nor an error from the bus) in time."""
+
+
+ANSWER_TIMEOUT = 20  # seconds; vnetd answers every call here in well under one
+
+
 class Driver:
     """One client connection to the system bus, in its own process, as `user`."""
 
@@ -163,13 +170,14 @@ class Driver:
         if "ready" not in first:
             raise DriverError(f"driver did not start: {first}")
         self.pid = first["ready"]
+        self.name = first.get("name", "")
 
     def _read(self, timeout: float = 60) -> dict[str, Any]:
         import select
 
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
-            raise DriverError(f"driver ({self.user or 'root'}) gave no answer in {timeout} s")
+            raise CallLost(f"driver ({self.user or 'root'}) gave no answer in {timeout} s")
         line = self.proc.stdout.readline()
         if not line:
             raise DriverError(f"driver ({self.user or 'root'}) ended: {self.proc.stderr.read()}")
@@ -179,7 +187,8 @@ class Driver:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
 
-    def call(self, member: str, sig: str, *args: Any, timeout: float = 60) -> dict[str, Any]:
+    def call(self, member: str, sig: str, *args: Any,
+             timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
         """{'ok': [out args]} or {'error': name, 'message': sentence}."""
         self._send({"op": "call", "member": member, "sig": sig, "args": list(args)})
         return self._read(timeout)
@@ -199,7 +208,7 @@ class Driver:
         if "sent" not in r:
             raise DriverError(f"expected the sent mark, got {r}")
 
-    def finish(self, timeout: float = 60) -> dict[str, Any]:
+    def finish(self, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
         return self._read(timeout)
 
     def close_port(self, ifname: str) -> None:
