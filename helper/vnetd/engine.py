@@ -49,6 +49,7 @@ from .subsystems.vde import VdeSwitches
 log = logging.getLogger("vnetd")
 
 ADOPT_WAIT = 60  # seconds a change waits for the networks a restart found running
+ADOPT_PARALLEL = 8  # DHCP servers replaced at once after a restart
 
 
 class View:
@@ -170,21 +171,32 @@ class Engine:
         network already adopted go on between them), then start the autostart networks
         that do not run and load the whole ruleset once. Until then the ruleset the kernel
         kept across the restart guards every port; a network being adopted shows
-        `adopting`, and calls that change it wait (`_adopted`)."""
+        `adopting`, and calls that change it wait (`_adopted`). The DHCP servers, the slow
+        part (each is replaced and answers before its network counts as adopted), are
+        replaced several networks at a time."""
+        links_done = []
         for name in sorted(self.adopting):
             async with self.lock:
-                lk = self.adopting[name]
                 try:
-                    net = self.defs[name]
-                    await self._adopt(net, lk)
-                    log.info("reconcile: adopted running network %s", name)
+                    await self._adopt(self.defs[name], self.adopting[name])
+                    links_done.append(name)
                 except VnetError as e:
-                    log.error("reconcile: could not adopt %s (%s); removing it", name,
-                              e.message)
-                    await self._teardown(self.defs[name])
-                finally:
-                    del self.adopting[name]
-                    self._changed(name, "running" if name in self.running else "stopped")
+                    await self._adopt_failed(name, e)
+        sem = asyncio.Semaphore(ADOPT_PARALLEL)
+
+        async def servers(name: str) -> None:
+            async with sem:
+                try:
+                    run = self.running.get(name)
+                    if run is not None:
+                        await self.dhcp.adopt(run)
+                    log.info("reconcile: adopted running network %s", name)
+                    self._adopt_done(name)
+                except VnetError as e:
+                    async with self.lock:
+                        await self._adopt_failed(name, e)
+
+        await asyncio.gather(*(servers(n) for n in links_done))
         async with self.lock:
             try:  # once, with every adopted network
                 await self.evpn.sync()
@@ -293,13 +305,25 @@ class Engine:
 
     async def _adopt(self, net: Network, bridge: Link) -> None:
         """A network found running: its driver makes it match the definition (idempotent),
-        then each subsystem takes it over."""
+        then each subsystem takes it over; the DHCP servers are `settle`'s to replace."""
         run = await driver_for(net).adopt(self.ctx, net, bridge)
         self.running[net.name] = run
         for sub in self.services:
-            await sub.adopt(run)
+            if sub is not self.dhcp:
+                await sub.adopt(run)
         self._guard_taps(run.net)
         await self.firewall.adopt(run)
+
+    def _adopt_done(self, name: str) -> None:
+        self.adopting.pop(name, None)
+        self._changed(name, "running" if name in self.running else "stopped")
+
+    async def _adopt_failed(self, name: str, e: VnetError) -> None:
+        log.error("reconcile: could not adopt %s (%s); removing it", name, e.message)
+        try:
+            await self._teardown(self.defs[name])
+        finally:
+            self._adopt_done(name)
 
     async def _reap_orphan_children(self) -> None:
         """Servers a crashed vnetd left for networks that are not running (their start was
@@ -746,6 +770,11 @@ class Engine:
         model.validate_vm_name(vm)
         async with self.lock:  # attach gives out MACs under it
             self._refuse_attached(network, vm)
+            net = self.defs.get(network)
+            host = net.host(vm) if net is not None else None
+            if host is not None:
+                raise Busy(f"VM '{vm}' has a static host on {network} with the MAC {host.mac}: "
+                           f"remove it first (vnet-client host remove {network} --vm {vm}).")
             return self.macs.forget(network, vm)
 
     def _refuse_attached(self, network: str, vm: str) -> None:

@@ -329,3 +329,14 @@ def test_every_subcommand_has_a_description():
                     yield from walk(sp, [*path, name])
     missing = [name for name, sp in walk(cli.build_parser(), []) if not sp.description]
     assert not missing, missing
+
+
+def test_show_labels_the_values_of_its_lists_and_names_users(capsys):
+    from vnet_client.cli.network import print_network
+
+    print_network({"name": "ux1", "state": "running", "owner": 0,
+                   "servers": [{"name": "dnsmasq[ux1]", "state": "running", "restarts": 0,
+                                "pid": 12281}]})
+    out = capsys.readouterr().out
+    assert "name=dnsmasq[ux1] state=running restarts=0 pid=12281" in out
+    assert "root (0)" in out

@@ -289,6 +289,17 @@ async def test_forget_mac_is_refused_while_the_vm_is_attached(engine):
     assert await engine.forget_mac("n1", "old") == 1
 
 
+async def test_forget_mac_is_refused_while_a_static_host_uses_it(engine):
+    await engine.define(net("n1"), 0)
+    mac = engine.get_mac("n1", "db", 0)
+    await engine.add_host("n1", "db", {"ip": "10.1.0.5"})
+    with pytest.raises(Busy, match="static host.*host remove n1 --vm db"):
+        await engine.forget_mac("n1", "db")
+    assert engine.macs.lookup("n1", "db", 0) == mac  # nothing forgotten
+    await engine.remove_host("n1", "db")
+    assert await engine.forget_mac("n1", "db") == 1
+
+
 async def test_the_engine_bounds_the_registry_for_getmac(engine):
     await engine.define(net("n1"), 0)
     for i in range(3):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..base import Attachment
-from .output import table
+from .output import table, user_name
 from .parser import EXIT_OK, Failure, Usage
 from .session import Session
 
@@ -223,7 +223,7 @@ def run_ports(args: argparse.Namespace) -> int:
         print("No ports.")
     else:
         print(table([[p["ifname"], p["network"], p["vm"], str(p["nic"]), p["mac"],
-                      str(p["uid"]), str(p.get("holder-pid", "-"))] for p in ports],
+                      user_name(p["uid"]), str(p.get("holder-pid", "-"))] for p in ports],
                     ["PORT", "NETWORK", "VM", "NIC", "MAC", "UID", "HOLDER"]))
     return EXIT_OK
 

@@ -121,7 +121,7 @@ def print_network(n: dict[str, Any]) -> None:
         elif k == "owner":
             v = user_name(v)
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            v = "; ".join(" ".join(str(x) for x in d.values()) for d in v)
+            v = "; ".join(" ".join(f"{kk}={vv}" for kk, vv in d.items()) for d in v)
         elif isinstance(v, list):
             v = ", ".join(str(x) for x in v) or "-"
         elif isinstance(v, bool):
@@ -181,7 +181,7 @@ def run_show(args: argparse.Namespace) -> int:
         n = s.run(lambda c: c.get_network(args.name))
     if args.ports and not args.json:
         ports = n.get("ports", [])
-        print(table([[p["ifname"], p["vm"], str(p["nic"]), p["mac"], str(p["uid"]),
+        print(table([[p["ifname"], p["vm"], str(p["nic"]), p["mac"], user_name(p["uid"]),
                       str(p["spoof-drops"])] for p in ports],
                     ["PORT", "VM", "NIC", "MAC", "UID", "SPOOF-DROPS"])
               if ports else f"No ports of yours on {args.name}."
