@@ -177,9 +177,7 @@ class Service:
         self.in_flight: dict[str, int] = {}
         self.polkit_owner: str | None = None  # polkitd's unique name on the bus, when it runs
         self._ignored_logged = 0.0
-        engine.listeners.append(self.emit_network_changed)
-        engine.ports.listeners.append(self.emit_port_changed)
-        engine.dhcp.listeners.append(self.emit_lease_changed)
+        engine.listeners.append(self.emit_event)
 
     # --- wiring -------------------------------------------------------------------------
     def install(self) -> None:
@@ -428,6 +426,11 @@ class Service:
     def _unknown(self, msg: Message) -> Message:
         return self._error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
                            f"No method {msg.interface}.{msg.member} at {msg.path}.")
+
+    def emit_event(self, kind: str, *args: Any) -> None:
+        """The engine's one event stream, as signals."""
+        {"network": self.emit_network_changed, "port": self.emit_port_changed,
+         "lease": self.emit_lease_changed}[kind](*args)
 
     def emit_port_changed(self, port, state: str) -> None:
         self.bus.send(Message.new_signal(api.MANAGER_PATH, api.MANAGER, "PortChanged", "sss",

@@ -107,7 +107,9 @@ class Engine:
         # networks found running at start-up that `settle` has not adopted yet
         self.adopting: dict[str, Link] = {}
         self.problems: list[str] = []
-        self.listeners: list[Callable[[str, str], None]] = []
+        # the one event stream (the bus's signals): ("network", name, state),
+        # ("port", port, state), ("lease", network, lease, event)
+        self.listeners: list[Callable[..., None]] = []
         self.ports = Ports(links, self.macs, store, max_ports_per_user)
         self.dhcp = DhcpServers(store.runtime_dir, store.state_dir, self.network)
         self.resolver = Resolver(self.network, self.macs, self.ports, self.dhcp)
@@ -142,9 +144,12 @@ class Engine:
             run.net = net.with_changes(mtu=run.net.mtu) if net.mtu_auto else net
 
     # --- events -------------------------------------------------------------------------
-    def _changed(self, name: str, state: str) -> None:
+    def _emit(self, *event: Any) -> None:
         for fn in self.listeners:
-            fn(name, state)
+            fn(*event)
+
+    def _changed(self, name: str, state: str) -> None:
+        self._emit("network", name, state)
 
     # --- start-up -----------------------------------------------------------------------
     async def startup(self) -> None:
@@ -235,6 +240,7 @@ class Engine:
 
     # --- events from ports and leases ---------------------------------------------------
     def _port_event(self, port: Port, state: str) -> None:
+        self._emit("port", port, state)
         if state == "detached":
             self.schedule(self.firewall.port_gone(port))
         elif state == "cut":
@@ -243,6 +249,7 @@ class Engine:
             self.schedule(self.firewall.port_attached(port))
 
     def _lease_event(self, network: str, lease, event: str) -> None:
+        self._emit("lease", network, lease, event)
         self.schedule(self.firewall.leases_changed(network))
 
     async def _cut_off(self, port: Port) -> None:

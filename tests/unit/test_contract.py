@@ -162,16 +162,23 @@ def test_service_handlers_cover_exactly_the_contract():
         assert spec.action in FOUR, key
 
 
-def test_service_registers_for_network_changes():
+def test_service_subscribes_to_the_engines_one_event_stream():
     eng = StubEngine()
     svc = bus.Service(object(), eng, object())
-    assert eng.listeners == [svc.emit_network_changed]
-    if hasattr(svc, "emit_port_changed"):
-        assert eng.ports.listeners == [svc.emit_port_changed]
-    # Every callback the service registered is one of its own signal emitters.
-    for part in [eng, *(v for v in vars(eng).values() if isinstance(v, StubListeners))]:
-        for cb in part.listeners:
-            assert getattr(cb, "__self__", None) is svc and cb.__name__.startswith("emit_")
+    assert eng.listeners == [svc.emit_event]
+    # nothing else: not the engine's parts (ports, DHCP servers) behind its back
+    for part in (v for v in vars(eng).values() if isinstance(v, StubListeners)):
+        assert part.listeners == []
+    sent = []
+    svc.bus = type("Bus", (), {"send": lambda self, m: sent.append(m)})()
+    port = type("Port", (), {"ifname": "vnet2-a", "network": "vnet2"})()
+    svc.emit_event("network", "vnet2", "running")
+    svc.emit_event("port", port, "attached")
+    svc.emit_event("lease", "vnet2", object(), "added")
+    assert [(m.member, m.body) for m in sent] == [
+        ("NetworkChanged", ["vnet2", "running"]),
+        ("PortChanged", ["vnet2-a", "vnet2", "attached"]),
+        ("LeaseChanged", ["vnet2", "added"])]
 
 
 def test_handlers_take_the_contract_arguments():
