@@ -35,6 +35,23 @@ def p50_ms(samples: list[float]) -> float:
     return round(pct([s * 1000 for s in samples], 50), 3)
 
 
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def children_rss_kib(pid: int) -> int:
+    """The RSS of vnetd's servers (dnsmasq, dhcpd, vde_switch: its children)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            for kid in f.read().split():
+                try:
+                    total += rss_kib(int(kid))
+                except OSError:
+                    pass
+    return total
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -165,10 +182,13 @@ def main() -> None:
         d.start(["--max-ports-per-user", str(10 * a.ports), "--max-networks-per-user",
                  str(10 * a.networks), "--max-macs-per-user", str(10 * a.ports)])
         empty = {"list": cli_ms("list"), "ports": cli_ms("ports")}
-        rss0 = rss_kib(d.proc.pid)
+        rss0, fd0, kids0 = rss_kib(d.proc.pid), fds(d.proc.pid), children_rss_kib(d.proc.pid)
         built, held = asyncio.run(build(a.networks, a.ports))
         result.update(built)
-        rss1 = rss_kib(d.proc.pid)
+        rss1, fd1, kids1 = rss_kib(d.proc.pid), fds(d.proc.pid), children_rss_kib(d.proc.pid)
+        result["vnetd_fds"] = {"empty": fd0, "loaded": fd1}
+        result["servers_rss_kib"] = {"empty": kids0, "loaded": kids1,
+                                     "per_network": round((kids1 - kids0) / a.networks, 1)}
         result["vnetd_rss_kib"] = {"empty": rss0, "loaded": rss1,
                                    "per_network_and_port": round((rss1 - rss0) /
                                                                  (a.networks + a.ports), 1)}
