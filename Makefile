@@ -91,6 +91,7 @@ NM_CONF     := /etc/NetworkManager/conf.d/90-qemu-vnet.conf
 DHCPCD_CONF := /etc/dhcpcd.conf
 SYSCTL_CONF := /etc/sysctl.d/60-qemu-vnet.conf
 MARK        := \# qemu-vnet: vnetd's bridges and taps are not the host's
+UDEV_LINK   := /etc/systemd/network/70-qemu-vnet-tap.link
 
 host-coexistence: check-root
 	@# the package's snippet: a [device-*] section of its own, which an admin's
@@ -104,9 +105,13 @@ host-coexistence: check-root
 	  'net.bridge.bridge-nf-call-iptables = 0' 'net.bridge.bridge-nf-call-ip6tables = 0' \
 	  'net.bridge.bridge-nf-call-arptables = 0' > $(SYSCTL_CONF)
 	@if [ -d /proc/sys/net/bridge ]; then sysctl -q -p $(SYSCTL_CONF) || true; fi
+	@# udev's MACAddressPolicy=persistent would re-MAC every tap vnetd makes for an attach,
+	@# and vnetd cuts off a port whose address changes (the package ships the same file)
+	@if [ -d /etc/systemd ]; then install -D -m 644 debian/udev.link $(UDEV_LINK); \
+	  echo "Wrote $(UDEV_LINK)."; fi
 
 host-coexistence-remove: check-root
-	@rm -f $(NM_CONF) $(SYSCTL_CONF)
+	@rm -f $(NM_CONF) $(SYSCTL_CONF) $(UDEV_LINK)
 	@if [ -f $(DHCPCD_CONF) ]; then sed -i "/^$(MARK)/,+1d" $(DHCPCD_CONF); fi
 
 # Start the bus, polkitd and vnetd: through systemd where it is PID 1, by hand otherwise.
