@@ -114,7 +114,7 @@ def test_dbus_service(unit):
     assert last(unit, "Service", "BusName") == BUS_NAME
     assert last(unit, "Service", "ExecStart") == "/opt/qemu-vnet/bin/vnetd"
     assert last(unit, "Service", "Restart") == "on-failure"
-    assert last(unit, "Service", "RestartSec") == "1"
+    assert last(unit, "Service", "RestartSec") == "100ms"
 
 
 def test_install_and_activation_names_the_unit_itself(unit):

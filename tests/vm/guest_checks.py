@@ -984,9 +984,9 @@ def check_activation_when_enabled():
     return "enabled: started by the call in " + _activation(True)
 
 
-# Restart= starts the new process within BACK_WITHIN_S of the kill (RestartSec=1). Owning the
-# name again, networks and ports reconciled, cannot be done within 2 s under TCG: after the
-# 1 s of RestartSec=, the interpreter and vnetd's imports alone take 1.5-2.5 s there (check
+# Restart= starts the new process within BACK_WITHIN_S of the kill (RestartSec=100ms). Owning
+# the name again, networks and ports reconciled, cannot be done within 2 s under TCG: after
+# RestartSec=, the interpreter and vnetd's imports alone take 1.5-2.5 s there (check
 # startup_breakdown; pyroute2 is half of it), and they vary with the host's load. The bound
 # is therefore this machine's own: RestartSec= and the new process (1.5 s), start-up at most
 # 4 times the imports as timed just before the kill (measured: 2.5-3.1 times, with the
