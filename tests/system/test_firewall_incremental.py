@@ -9,31 +9,16 @@ import subprocess
 import time
 
 from tests.harness.daemon import CLIENT, run_client
+from tests.harness.nftlist import normalized
 
 
 def listing(vnetd) -> list:
-    """Our two tables, without handles, with set elements and objects in a stable order."""
-    out = json.loads(vnetd.exec("nft", "-j", "list", "ruleset").stdout)["nftables"]
-
-    def strip(o):
-        if isinstance(o, dict):
-            return {k: strip(v) for k, v in o.items() if k != "handle"}
-        if isinstance(o, list):
-            return [strip(v) for v in o]
-        return o
-
-    objs = []
-    for o in out:
-        kind = next(iter(o))
-        if kind == "metainfo" or o[kind].get("table") not in (None, "qemu_vnet") or (
-                kind == "table" and o[kind]["name"] != "qemu_vnet"):
-            continue
-        o = strip(o)
-        for k in ("set", "map"):
-            if k in o and "elem" in o[k]:
-                o[k]["elem"] = sorted(o[k]["elem"], key=json.dumps)
-        objs.append(json.dumps(o, sort_keys=True))
-    return sorted(objs)
+    """Our two tables, normalized, their objects in a stable order (a chain made later is
+    listed later, wherever the whole ruleset would put it)."""
+    out = normalized(json.loads(vnetd.exec("nft", "-j", "list", "ruleset").stdout))
+    ours = [o for o in out if o[next(iter(o))].get("table", o[next(iter(o))].get("name"))
+            == "qemu_vnet"]
+    return sorted(json.dumps(o, sort_keys=True) for o in ours)
 
 
 def same_as_whole(vnetd, what: str) -> None:

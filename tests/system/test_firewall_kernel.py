@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.nftlist import normalized
+
 REPO = Path(__file__).parents[2]
 FW_PATH = REPO / "helper" / "vnetd" / "render" / "nft.py"
 
@@ -312,28 +314,6 @@ def table_query(family: str, name: str) -> dict:
 
 
 RULESET = {"nftables": [{"list": {"ruleset": None}}]}
-
-
-def normalized(listing: dict) -> list:
-    """A listing without handles and with set elements sorted (hash order is not stable)."""
-
-    def strip(o):
-        if isinstance(o, dict):
-            return {k: strip(v) for k, v in o.items() if k != "handle"}
-        if isinstance(o, list):
-            return [strip(v) for v in o]
-        return o
-
-    out = []
-    for o in listing["nftables"]:
-        if "metainfo" in o:
-            continue
-        o = strip(o)
-        for kind in ("set", "map"):
-            if kind in o and "elem" in o[kind]:
-                o[kind]["elem"] = sorted(o[kind]["elem"], key=json.dumps)
-        out.append(o)
-    return out
 
 
 # --- the networks under test ------------------------------------------------------------------
