@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -999,8 +1000,9 @@ class _Importer:
             if h.mac in by_mac:
                 o = by_mac[h.mac]
                 if o.ip == h.ip:
-                    if o.name is None and h.name:
-                        o.name = h.name
+                    if o.name is None and h.name:  # the record is frozen: a named copy
+                        named = replace(o, name=h.name)
+                        accepted[accepted.index(o)] = by_mac[h.mac] = by_ip[h.ip] = named
                     self.note(h.file, h.line, h.text, f"{h.mac} -> {h.ip} is already listed "
                               f"({o.file}:{o.line}): kept once.")
                 else:
