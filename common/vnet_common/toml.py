@@ -71,8 +71,8 @@ def render_toml(data: dict[str, Any], header: str = "", gap: bool = False) -> st
             tables.append((k, v))
         else:
             lines.append(f"{toml_key(k)} = {toml_value(v)}")
-    for k, rows in tables:
-        for row in rows:
+    for k, entries in tables:
+        for row in entries:
             lines.append("")
             lines.append(f"[[{toml_key(k)}]]")
             lines.extend(f"{toml_key(str(rk))} = {toml_value(rv)}" for rk, rv in row.items())

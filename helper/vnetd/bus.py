@@ -429,8 +429,10 @@ class Service:
 
     def emit_event(self, kind: str, *args: Any) -> None:
         """The engine's one event stream, as signals."""
-        {"network": self.emit_network_changed, "port": self.emit_port_changed,
-         "lease": self.emit_lease_changed}[kind](*args)
+        emit: dict[str, Callable[..., None]] = {
+            "network": self.emit_network_changed, "port": self.emit_port_changed,
+            "lease": self.emit_lease_changed}
+        emit[kind](*args)
 
     def emit_port_changed(self, port, state: str) -> None:
         self.bus.send(Message.new_signal(api.MANAGER_PATH, api.MANAGER, "PortChanged", "sss",
