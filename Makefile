@@ -1,7 +1,8 @@
 # qemu-vnet: install, demo and test on Debian 12.
 #   sudo make demo   installs everything and runs a VM on the default NAT network vnet2
-#   sudo make test   the whole test suite (real bus, polkitd, kernel, QEMU guests, and the
-#                    systemd tier: the package on Debian 12 and 13 images, tests/vm/)
+#   sudo make test   make lint (ruff, mypy), then the whole test suite (real bus, polkitd,
+#                    kernel, QEMU guests, and the systemd tier: the package on Debian 12 and
+#                    13 images, tests/vm/)
 #   make deb         build/qemu-vnet_<version>_all.deb (debhelper; docs/packaging.md)
 # Other targets: install, uninstall, install-files, start, stop, lint, unit, bench.
 
@@ -23,7 +24,7 @@ DEB_RUNTIME := dbus-daemon dbus-bin polkitd pkexec python3 python3-venv python3-
                python3-nftables python3-jeepney nftables iproute2 dnsmasq-base isc-dhcp-server vde2
 DEB_TEST    := qemu-system-x86 linux-image-cloud-amd64 busybox-static expect dnsutils \
                iperf3 systemd procps psmisc frr iputils-ping vdeplug
-PIP_TEST    := pytest pytest-asyncio hypothesis pexpect ruff
+PIP_TEST    := pytest pytest-asyncio hypothesis pexpect ruff mypy
 # Building the Debian package, and the systemd tier's Debian 12/13 images (tests/vm/).
 DEB_BUILD   := debhelper dpkg-dev lintian python3-pip
 DEB_VMTEST  := mmdebstrap e2fsprogs
@@ -183,21 +184,26 @@ demo: check-root install install-test-deps
 	@$(PY) -m vnetd.devhost demo --client $(BINDIR)/vnet-client --source $(CURDIR)
 
 test-env: check-root install-deps install-test-deps install-files
-	@$(PY) -c "import pytest, pytest_asyncio, hypothesis, pexpect" 2>/dev/null || \
+	@$(PY) -c "import pytest, pytest_asyncio, hypothesis, pexpect, ruff, mypy" 2>/dev/null || \
 	  $(PY) -m pip install -q --disable-pip-version-check $(PIP_TEST)
 
+# the lint first: a style or type error fails the run in seconds, before the long tiers
 test: test-env
+	@$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 unit:
 	python3 -m pytest -q -p no:cacheprovider tests/unit
 
+# ruff, and mypy on vnetd, vnet_client and vnet_common ([tool.mypy] in pyproject.toml), from
+# the virtualenv (make test-env installs both)
 lint:
-	ruff check .
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bench: test-env
 	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf build *.egg-info .pytest_cache
+	rm -rf build *.egg-info .pytest_cache .mypy_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
