@@ -68,7 +68,8 @@ METHODS: tuple[Method, ...] = (
            "dhcp, dhcp-start, dhcp-end, domain, hosts, forwards, allow-host, routed-with, "
            "spoof-protection, vde, vde-ports, vde-switch-args, vde-macs, if and "
            "force (bridged mode), overlay (a{sv}: vni, local, peers, dev, port, role, control, "
-           "asn, route-reflector; docs/overlay.md). The caller owns the network and its forwards (not an option: 'owner' is refused); "
+           "asn, route-reflector; docs/overlay.md). The caller owns the network and its forwards "
+           "(not an option: 'owner' is refused); "
            "other than root, one user owns at most vnetd's --max-networks-per-user networks."),
     Method(MANAGER, "CheckDefinition", _a("name:s", "options:a{sv}"), _a("network:a{sv}"),
            MANAGE,

@@ -24,8 +24,8 @@ that cannot be understood at all raises `MigrationError` naming the line. The re
 
 The package: `records` (what the readers return: frozen records with their line, `Finding`,
 `MigrationError`), `text` (file names, value patterns, reading a file), `shell` (the shell
-files' assignments), `dhcpd` (dhcpd.conf's declarations: subnets, ranges, options, hosts), `dnsmasq` (dnsmasq's files, options
-and dhcp-host values), `bridge_conf` (bridge.conf) and
+files' assignments), `dhcpd` (dhcpd.conf's declarations: subnets, ranges, options, hosts),
+`dnsmasq` (dnsmasq's files, options and dhcp-host values), `bridge_conf` (bridge.conf) and
 `importer` (records -> one definition, with vnet_common's limits, names and TOML writer).
 
 This package must not import the daemon package (`vnetd`): the client is installed without it.

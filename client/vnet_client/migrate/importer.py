@@ -691,7 +691,8 @@ class _Importer:
         if dropped:
             self.note(file, line, text, f"'{','.join(dropped)}' (client ids, tags, IPv6 "
                       "addresses, lease times) is not carried over.")
-        self.hosts.append(HostRecord(macs[0], ips[0], names[0] if names else None, file, line, text))
+        self.hosts.append(HostRecord(macs[0], ips[0], names[0] if names else None, file, line,
+                                     text))
 
     # -- dhcpd --------------------------------------------------------------------------
     def _dhcpd(self) -> None:
@@ -1170,7 +1171,8 @@ class _Importer:
             ip = ipaddress.IPv4Address(addr)
         except ValueError:
             if not _VM_RE.fullmatch(addr) or len(addr) > MAX_VM_NAME:
-                return f"'{_short(addr)}' is neither an IPv4 address nor a VM name: not carried over."
+                return (f"'{_short(addr)}' is neither an IPv4 address nor a VM name: not carried "
+                        "over.")
         else:
             if not self._host_ip_ok(ip):
                 return (f"the target {ip} is not a guest address of {self.subnet}: not carried "
@@ -1211,7 +1213,8 @@ def read_qemu_vlan_dir(path: str | Path, iface: str | None = None,
                        num: int | None = None) -> Imported:
     """Read a qemu-vlan directory (`/etc/qemu/vnet3`, or its `vnet3.conf`) into a definition,
     the MACs to import and the findings. `iface`: the NIC of a bridged network, `num`: the
-    tap count (the original took both from its command line and saved neither). Raises MigrationError for a file it cannot read."""
+    tap count (the original took both from its command line and saved neither). Raises
+    MigrationError for a file it cannot read."""
     p = Path(path)
     if p.is_file():
         return _Importer(p.parent, p, iface, num).run()
