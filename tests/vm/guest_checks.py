@@ -44,7 +44,8 @@ class Failed(Exception):
 def sh(*argv: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:
-        raise Failed(f"{' '.join(argv)} -> rc {r.returncode}: {(r.stderr or r.stdout).strip()[-600:]}")
+        out = (r.stderr or r.stdout).strip()[-600:]
+        raise Failed(f"{' '.join(argv)} -> rc {r.returncode}: {out}")
     return r
 
 
@@ -475,7 +476,8 @@ def check_session_agent_password_prompt():
             ("wrong", "vtactive", ["not-the-password"] * 3, 4),
             ("dismissed", "vtactive", ["\x03"], 4),
             ("inactive-right", "vtinactive", [PASSWORD], 0)):
-        before = (sorted(vnet_links()), len(json.loads(sh("vnet-client", "--json", "ports").stdout)))
+        held = json.loads(sh("vnet-client", "--json", "ports").stdout)
+        before = (sorted(vnet_links()), len(held))
         r = _prompted_attach(user, f"pw-{label}", answers)
         after = (sorted(vnet_links()), len(json.loads(sh("vnet-client", "--json", "ports").stdout)))
         notes.append(f"{label}: rc {r['rc']}, {r['prompts']} prompt(s)")
@@ -669,7 +671,8 @@ class SessionAgent:
             elif line.startswith(("PAM_ERROR_MSG", "PAM_TEXT_INFO")):
                 self.transcript.append(line.split(" ", 1)[-1])
             elif line in ("SUCCESS", "FAILURE"):
-                self.transcript.append(f"==== AUTHENTICATION {'COMPLETE' if line == 'SUCCESS' else 'FAILED'} ====")
+                outcome = "COMPLETE" if line == "SUCCESS" else "FAILED"
+                self.transcript.append(f"==== AUTHENTICATION {outcome} ====")
                 result = line == "SUCCESS"
                 break
         if proc is not None:
@@ -781,7 +784,8 @@ def dns(server: str, name: str) -> int:
     # answers: after the question, each (name ptr 2, type 2, class 2, ttl 4, len 2, data)
     i = len(q)
     for _ in range(ancount):
-        typ, ln = struct.unpack(">H", data[i + 2:i + 4])[0], struct.unpack(">H", data[i + 10:i + 12])[0]
+        typ = struct.unpack(">H", data[i + 2:i + 4])[0]
+        ln = struct.unpack(">H", data[i + 10:i + 12])[0]
         if typ == 1 and ln == 4:
             found.append(socket.inet_ntoa(data[i + 12:i + 16]))
         i += 12 + ln
@@ -946,7 +950,8 @@ def check_journal_holds_audit_lines():
                    f"VNET_UID={uid}")
     elif not refused[-1].get("VNET_ERROR", "").startswith("org.") or \
             refused[-1].get("VNET_NETWORK") != NET:
-        bad.append(f"refused entry: {dict((k, v) for k, v in refused[-1].items() if k.startswith('VNET'))}")
+        fields = {k: v for k, v in refused[-1].items() if k.startswith("VNET")}
+        bad.append(f"refused entry: {fields}")
     if bad:
         raise Failed("audit fields: " + "; ".join(bad))
     vnet = {k: v for k, v in e.items() if k.startswith("VNET_")}
@@ -1068,7 +1073,8 @@ def check_back_after_sigkill():
                 if p.get("ifname") == ifname]
         if not kept or not link_exists(ifname) or holder.poll() is not None:
             raise Failed(f"the held port {ifname} was not re-adopted: ports {kept}, link "
-                         f"{link_exists(ifname)}, holder {'running' if holder.poll() is None else 'gone'}")
+                         f"{link_exists(ifname)}, holder "
+                         f"{'running' if holder.poll() is None else 'gone'}")
         note = (f"new vnetd {respawn:.2f} s after SIGKILL, owning the name after {ready:.2f} s "
                 f"({', '.join(f'{k} {v:.2f}' for k, v in split.items() if v is not None)}); "
                 f"dnsmasq {dns_before} -> {children('dnsmasq')}; {NET} running, bridge, tap "
@@ -1234,7 +1240,8 @@ def check_apt_purge():
         raise Failed(f"apt-get purge -> rc {r.returncode}: {(r.stdout + r.stderr)[-800:]}")
     left = _leftovers()
     for p in ("/etc/qemu-vnet", "/var/lib/qemu-vnet", "/run/qemu-vnet", "/var/log/qemu-vnet",
-              "/usr/lib/qemu-vnet", "/usr/sbin/vnetd", "/etc/systemd/system/multi-user.target.wants/vnetd.service"):
+              "/usr/lib/qemu-vnet", "/usr/sbin/vnetd",
+              "/etc/systemd/system/multi-user.target.wants/vnetd.service"):
         if os.path.lexists(p):
             left.append(p)
     for u in ("vnet-dhcp", "vnet-vde"):
@@ -1261,7 +1268,8 @@ def check_dpkg_install_without_systemd():
            "mount -t tmpfs none /run/systemd && exec dpkg -i " + str(JOB / "qemu-vnet.deb"),
            check=False, timeout=600, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     if r.returncode != 0:
-        raise Failed(f"dpkg -i without systemd -> rc {r.returncode}: {(r.stdout + r.stderr)[-800:]}")
+        out = (r.stdout + r.stderr)[-800:]
+        raise Failed(f"dpkg -i without systemd -> rc {r.returncode}: {out}")
     if active() or children("vnetd"):
         raise Failed("vnetd was started although systemd looked absent")
     if not Path("/etc/systemd/system/multi-user.target.wants/vnetd.service").is_symlink():
