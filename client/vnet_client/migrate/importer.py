@@ -25,6 +25,7 @@ from vnet_common.names import GROUP_RE as _GROUP_RE
 from vnet_common.names import IFNAME_RE as _IFNAME_RE
 from vnet_common.names import LABEL_RE as _LABEL_RE
 from vnet_common.names import VM_RE as _VM_RE
+from vnet_common.names import network_number
 from vnet_common.toml import comment, render_toml
 
 from .dhcpd import DhcpdHost, DhcpdOption, DhcpdSubnet, read_dhcpd_conf
@@ -47,7 +48,6 @@ from .text import (
     _ETHER_KEY,
     _LEASE_FIELD,
     _MAC_RE,
-    _TRAILING_DIGITS,
     _VDE_ETHER_KEY,
     DHCPD_FILE,
     DNSMASQ_FILES,
@@ -255,8 +255,7 @@ class _Importer:
     def _subnet(self, network: str) -> ipaddress.IPv4Network:
         file = self._conf_file()
         gw_a, nm_a = self.conf.get("gateway"), self.conf.get("netmask")
-        m = _TRAILING_DIGITS.search(network)
-        number = int(m.group(1)) if m else None
+        number = network_number(network)
         prefix: int | None = None
         if gw_a is not None and gw_a.value.strip():
             text = gw_a.value.strip()
@@ -795,8 +794,8 @@ class _Importer:
         gw = self.conf.get("gateway")
         if gw is None or self.dnsmasq_used or self.dhcpd_present:
             return False
-        m = _TRAILING_DIGITS.search(network)
-        nat_gw = f"172.16.1{m.group(1)[-1]}.1" if m else None
+        number = network_number(network)
+        nat_gw = f"172.16.1{str(number)[-1]}.1" if number is not None else None
         return gw.value.strip() != nat_gw and gw.value.strip().startswith("192.168.")
 
     def _mode(self, dhcp: str, network: str) -> str:

@@ -17,7 +17,6 @@ _WILD_MAC_RE = re.compile(r"([0-9A-Fa-f]{2}|\*)(:([0-9A-Fa-f]{2}|\*)){5}")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ETHER_KEY = re.compile(r"ether_(\d{1,4})")
 _VDE_ETHER_KEY = re.compile(r"vde_switch_ether_(\d{1,4})")
-_TRAILING_DIGITS = re.compile(r"(\d+)$")
 _HOSTNAME_FIELD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _LEASE_FIELD = re.compile(r"(\d+[smhdw]?|infinite)", re.IGNORECASE)
 
