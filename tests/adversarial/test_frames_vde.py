@@ -99,6 +99,8 @@ def attack(vnetd, network: str, victim, vip: str, gw: str, brmac: str, attacker,
         F.udp4_frame(amac, F.BROADCAST, "0.0.0.0", "255.255.255.255", 68, 67, tag="vlan",
                      vlan=5),
         F.router_advert(amac, F.eui64_ll(amac), "fd00:99::/64", tag="ra"),
+        # answering for the victim's link-local address (a port's, not only the gateway's)
+        F.neighbor_advert(amac, F.eui64_ll(amac), F.eui64_ll(victim.mac), tag="na-victim"),
     ]
     before_leases = leases(network)
     victim.clear()

@@ -779,9 +779,9 @@ class World:
                                 f", missing {sorted((want_ip - fwd_ip).elements())}; ports extra "
                                 f"{sorted((fwd_port - want_port).elements())}, missing "
                                 f"{sorted((want_port - fwd_port).elements())}")
-            guarded = sorted(k for k, _ in sets.get(("bridge", "guard_in"), []))
+            guarded = sorted(sets.get(("bridge", "guarded"), []))
             if guarded != sorted(live_ports | tap_ports):
-                problems.append(f"nft map guard_in holds {guarded}, ports: "
+                problems.append(f"nft set guarded holds {guarded}, ports: "
                                 f"{sorted(live_ports | tap_ports)}")
 
         # 5. definitions, forwards and static hosts: nothing lost, nothing extra or doubled

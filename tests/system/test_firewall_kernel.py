@@ -87,6 +87,7 @@ AGENT = textwrap.dedent(r'''
         fwds = [fw.FwForward(net.name, "tcp", 4, None, p, p, "172.16.12.50", 80)
                 for p in range(10000, 10000 + req["n"])]
         t0 = time.perf_counter()
+        fw.prepare_bridge(nft)
         fw.apply(fw.render_ruleset([net], fwds), nft)
         full = time.perf_counter() - t0
         adds, rems = [], []
@@ -108,6 +109,9 @@ AGENT = textwrap.dedent(r'''
         op = req["op"]
         try:
             if op == "apply":
+                if {"add": {"table": {"family": "bridge", "name": fw.TABLE}}} in req["cmd"][
+                        "nftables"]:  # a ruleset: its text-made sets first, as vnetd does
+                    fw.prepare_bridge(nft)
                 fw.apply(req["cmd"], nft)
                 say({"ok": True})
             elif op == "query":

@@ -69,18 +69,30 @@ shift a range by an offset), so a forward costs its own size and nothing else. I
 maps were measured and rejected: libnftables dumps every element of an interval set before
 deleting one (33 ms with 10,000 elements against 0.2 ms for a hash map).
 
-``table bridge qemu_vnet``: chain ``prerouting`` (filter prerouting, -200) sends frames from
-``@guarded`` ports (the guest taps of networks with ``spoof_protection``) to chain ``guard``,
-which drops, counting into the port's named counter ``spoof_<ifname>`` (looked up through the
-map ``port_ctr``): frames whose source MAC is not the port's (``@mac_known``,
-``iifname . ether saddr != @port_mac``); VLAN-tagged frames from a port with a known MAC or
-IPv4 (``@strict``; tags would hide the L3 header from the checks); DHCP and DHCPv6 server
-replies (udp sport 67 / 547) and router advertisements from any guarded port; ARP whose
-sender MAC or IPv4 is not the port's; IPv4 whose source is not the port's (``@ip_known``,
-``iifname . ip saddr != @port_ip4``) except a DHCP client's 0.0.0.0.
+``table bridge qemu_vnet``: the guest ports' guard, default-deny in both directions. No port
+has a chain or a named object of its own: fixed chains look a port up in sets keyed by its
+interface name, so a port's guard is set elements only (see the ports section below).
+Chain ``prerouting`` (filter prerouting, -200) sends frames from ``@guarded`` ports (the guest
+taps of networks with ``spoof_protection``) to ``guard_in``; ``forward`` and ``output`` send
+frames to them to ``guard_out``. ``guard_in`` first jumps to ``from_any_port`` (what no guest
+may send: multicast source MACs, anything but IPv4/ARP/IPv6 (VLAN tags, STP), DHCP and DHCPv6
+server replies, router advertisements and redirects, ARP for other hardware), sends VDE
+segments (``@seg``) to ``seg_in`` (no identity a port or gateway holds: ``@taken``,
+``@claimed4``, ``@claimed6``, ND targets in ``@claimed6_raw``), then drops: from a
+``@locked`` port, a source MAC, ARP sender MAC or DHCP client hardware address that is not its
+own (``port_mac``, ``port_mac_raw``); from an ``@unlocked`` (learning) port, a MAC that is
+``@taken``; ARP and IPv4 from an address that is not the port's (``@v4_bound``:
+``port_ip4``; an overlay member's ``@v4_sub``: inside ``port_sub4`` and not ``@claimed4``;
+neither: only DHCP from 0.0.0.0 and ARP probes); IPv6 from an address that is not the port's
+(``port_ip6``: its MAC's link-local and bound addresses), ``::`` beyond DAD and MLD, NA and
+DAD for a target that is not its own (``port_t6``), and (``nd_options``) ND messages with more
+than one option or a link-layer option that is not its MAC. A bridged network's ports
+(``@bridged``) are held to their MAC only. ``guard_out`` drops unicast to a ``@locked`` port
+for any other MAC, and to other ports unicast for an identity that is ``@taken``. Every drop
+first counts into the port's element of ``spoof`` (a dynamic set with a counter).
 
 Reading the counters: apply :func:`render_counters_query` with :func:`query` and give the
-result to :func:`parse_spoof_counters` (``list counters table bridge qemu_vnet``).
+result to :func:`parse_spoof_counters` (``list set bridge qemu_vnet spoof``).
 
 What the engine must do
 -----------------------
@@ -112,9 +124,12 @@ What the engine must do
   ``model.py`` should refuse them first. ``render_forward_remove`` / ``render_port_update``
   / ``render_port_remove`` must be given exactly what was applied (deleting a missing element
   fails the transaction).
+* Before every :func:`render_ruleset`, :func:`prepare_bridge` (it makes the sets libnftables
+  declares only in text, and returns the drop counts to render with).
 * After an upgrade that changes a set's type or a chain's hook, ``render_ruleset`` with the
-  default in-place rebuild fails: rebuild with ``fresh=True`` (delete and recreate both tables
-  in the same transaction; resets the counters).
+  default in-place rebuild fails: rebuild with ``fresh=True`` (the inet table is deleted and
+  made again in the same transaction; ``prepare_bridge(fresh=True)`` does the same to the
+  bridge table, in a transaction before, which resets the drop counts).
 """
 
 from __future__ import annotations
@@ -442,11 +457,21 @@ def render_forward_remove(f: FwForward) -> dict:
 
 
 # --- ports (bridge table) ---------------------------------------------------------------------
-# Every guarded port has two chains of its own, in_<ifname> (frames from it) and out_<ifname>
-# (frames to it), reached through the verdict maps guard_in / guard_out: what a port may send
-# is a handful of constants in its own chain, so adding, changing or removing one port is one
-# small transaction whatever the number of ports, and no concatenation of a raw payload with
-# a typed set is needed (nftables cannot type those).
+# No port has a chain, a rule or a named object of its own: the guard is one fixed set of
+# chains whose rules look a port's identity up in sets keyed by its interface name. Adding,
+# changing or removing a port changes set elements only, and libnftables reads every chain
+# and every named object of every table before each transaction (about 0.6 and 1 us each)
+# but not the elements of a hash set, so a port's change costs the same with 1 or 10,000
+# ports (and the kernel never re-validates jumps, which it does for every chain a verdict map
+# element names).
+#
+# Four sets compare raw header fields with a port's MAC or addresses (the DHCP client
+# hardware address, an ND target, an ND link-layer option): their keys are declared with
+# ``typeof`` over a raw payload, which libnftables 1.0.6 reads only in its text syntax, so
+# they are made by :data:`BRIDGE_TEXT_SETS` (text) before the JSON ruleset; so is ``spoof``,
+# the dynamic set whose elements count each port's drops.
+
+RAW_SETS = ("port_mac_raw", "port_t6", "claimed6_raw", "spoof")
 
 
 def eui64_ll(mac: str) -> str:
@@ -462,18 +487,6 @@ def eui64_in(prefix: ipaddress.IPv6Network, mac: str) -> str:
     return str(ipaddress.IPv6Address(int(prefix.network_address) | (ll & ((1 << 64) - 1))))
 
 
-def counter_name(ifname: str) -> str:
-    return f"spoof_{ifname}"
-
-
-def _in_chain(ifname: str) -> str:
-    return f"in_{ifname}"
-
-
-def _out_chain(ifname: str) -> str:
-    return f"out_{ifname}"
-
-
 def port_allowed6(p: FwPort) -> list[str]:
     """The IPv6 sources a strict port may use: its MAC's link-local address and its bound
     addresses (none while its MAC is unknown)."""
@@ -483,36 +496,47 @@ def port_allowed6(p: FwPort) -> list[str]:
                   key=lambda a: int(ipaddress.IPv6Address(a)))
 
 
-def _port_elems(p: FwPort) -> list[tuple[str, Any]]:
-    """(set or map name, element) pairs of one guarded port (its chains aside)."""
-    validate_port(p)
-    out: list[tuple[str, Any]] = [
-        ("guard_in", [p.ifname, _jump(_in_chain(p.ifname))]),
-        ("guard_out", [p.ifname, _jump(_out_chain(p.ifname))]),
-        ("port_ctr", [p.ifname, counter_name(p.ifname)]),
-    ]
-    if p.mac is not None and not p.segment:
-        out.append(("taken", _mac(p.mac)))
-    if p.mac is None and not p.segment:
-        out.append(("unlocked", p.ifname))
-    if p.ipv4 is not None and not p.segment:
-        for a in (p.ipv4, *p.ipv4_also):
-            out.append(("claimed4", str(ipaddress.ip_address(a))))
-    if not p.segment:
-        out += [("claimed6", a) for a in port_allowed6(p)]
-    return out
-
-
 def _int128(addr: str) -> str:
-    return hex(int(ipaddress.IPv6Address(addr)))
-
-
-def _th(offset_bytes: int, len_bytes: int) -> dict:
-    return {"payload": {"base": "th", "offset": offset_bytes * 8, "len": len_bytes * 8}}
+    return f"0x{int(ipaddress.IPv6Address(addr)):032x}"
 
 
 def _mac_int(mac: str) -> str:
     return "0x" + _mac(mac).replace(":", "")
+
+
+def claimed6(addr: str) -> list[tuple[str, Any]]:
+    """An IPv6 address no segment may take: as a source (``claimed6``) and as the target of
+    an ND message (``claimed6_raw``)."""
+    return [("claimed6", addr), ("claimed6_raw", _int128(addr))]
+
+
+def _port_elems(p: FwPort) -> list[tuple[str, Any]]:
+    """(set name, element) pairs of one guarded port: all of its guard."""
+    validate_port(p)
+    i = p.ifname
+    out: list[tuple[str, Any]] = [("guarded", i), ("spoof", i)]
+    if p.segment:
+        return out + [("seg", i)]
+    if p.bridged:
+        out.append(("bridged", i))
+    if p.mac is None:
+        out.append(("unlocked", i))
+    else:
+        mac = _mac(p.mac)
+        out += [("locked", i), ("taken", mac), ("port_mac", _cat(i, mac)),
+                ("port_mac_raw", _cat(i, _mac_int(mac)))]
+    if p.bridged:  # its addresses are the LAN's; its link-local is still its own
+        return out + [x for a in port_allowed6(p) for x in claimed6(a)]
+    if p.ipv4 is not None:
+        out.append(("v4_bound", i))
+        for a in (p.ipv4, *p.ipv4_also):
+            a = str(ipaddress.ip_address(a))
+            out += [("port_ip4", _cat(i, a)), ("claimed4", a)]
+    elif p.unbound_in is not None:
+        out += [("v4_sub", i), ("port_sub4", _cat(i, _prefix(ipaddress.IPv4Network(p.unbound_in))))]
+    for a in port_allowed6(p):
+        out += [("port_ip6", _cat(i, a)), ("port_t6", _cat(i, _int128(a))), *claimed6(a)]
+    return out
 
 
 ICMP6 = _pl("icmpv6", "type")
@@ -522,153 +546,151 @@ UNSPEC6 = "::"
 NS_NA = {"range": [NS, NA]}  # types 135 and 136
 
 
+def _th(offset_bytes: int, len_bytes: int) -> dict:
+    return {"payload": {"base": "th", "offset": offset_bytes * 8, "len": len_bytes * 8}}
+
+
 def _none_of(left: Any, values: Iterable[Any]) -> list[dict]:
-    """``left`` is none of ``values``, as one inequality each (ANDed in a rule). A port's
-    chains use no anonymous sets: libnftables reads every set of the table before each
-    transaction, so sets per port would make every port's change cost more with every port
-    (12 ms at 1,000 ports, against about 1 ms without)."""
+    """``left`` is none of ``values``, as one inequality each (ANDed in a rule)."""
     return [_match(left, v, "!=") for v in values]
 
 
-def _port_rules(p: FwPort, gateways: tuple[str, ...] = ()) -> list[dict]:
-    """The rules of one port's two chains (see the module text for what they hold).
-    `gateways` are the addresses of the network's gateway (IPv4, IPv6 and the bridge's
-    link-local), which a VDE segment must never claim."""
+def _is(key: dict, set_: str) -> dict:
+    return _match(key, f"@{set_}")
+
+
+def _is_not(key: dict, set_: str) -> dict:
+    return _match(key, f"@{set_}", "!=")
+
+
+COUNT_DROP_IN = [{"set": {"op": "update", "elem": IIF, "set": "@spoof"}}, DROP]
+COUNT_DROP_OUT = [{"set": {"op": "update", "elem": OIF, "set": "@spoof"}}, DROP]
+DHCP_CHADDR = _th(8 + 28, 6)  # a BOOTP message's client hardware address
+ND_TARGET = _th(8, 16)
+ND_OPTION_MAC = _th(26, 6)  # the link-layer address of an ND message's first option
+UNICAST_DST = _match({"&": [_pl("ether", "daddr"), "01:00:00:00:00:00"]}, "00:00:00:00:00:00")
+
+# the sets that hold a port's guard, by interface name (JSON; the raw ones are text, below)
+PORT_SETS: tuple[tuple[str, str | list[str], tuple[str, ...]], ...] = (
+    ("guarded", "ifname", ()),  # every guarded port
+    ("seg", "ifname", ()),  # many guests behind one port (a VDE switch)
+    ("locked", "ifname", ()),  # its MAC is known
+    ("unlocked", "ifname", ()),  # learning: its first unicast source locks it
+    ("bridged", "ifname", ()),  # on a bridged network: its MAC only
+    ("v4_bound", "ifname", ()),  # an IPv4 address is bound
+    ("v4_sub", "ifname", ()),  # any free address of a subnet (an overlay member)
+    ("port_mac", ["ifname", "ether_addr"], ()),
+    ("port_ip4", ["ifname", "ipv4_addr"], ()),
+    ("port_sub4", ["ifname", "ipv4_addr"], ("interval",)),
+    ("port_ip6", ["ifname", "ipv6_addr"], ()),
+    # host-wide: the identities ports and gateways hold, which nobody else may take
+    ("taken", "ether_addr", ()),
+    ("claimed4", "ipv4_addr", ()),
+    ("claimed6", "ipv6_addr", ()),
+)
+
+# made in text (see above); ``add`` of a set that exists as declared changes nothing
+BRIDGE_TEXT_SETS = f"""\
+add table bridge {TABLE}
+add set bridge {TABLE} port_mac_raw {{ typeof iifname . @th,288,48; }}
+add set bridge {TABLE} port_t6 {{ typeof iifname . @th,64,128; }}
+add set bridge {TABLE} claimed6_raw {{ typeof @th,64,128; }}
+add set bridge {TABLE} spoof {{ type ifname; size 1048576; flags dynamic; counter; }}
+"""
+
+
+def _guard_rules() -> list[dict]:
+    """The chains every guarded port goes through, in order (see the module text)."""
     b = "bridge"
-    ci, co = _in_chain(p.ifname), _out_chain(p.ifname)
-    count_drop = [{"counter": {"map": {"key": IIF, "data": "@port_ctr"}}}, DROP]
-    count_drop_out = [{"counter": {"map": {"key": OIF, "data": "@port_ctr"}}}, DROP]
 
-    def r(*expr: dict, comment: str) -> dict:
-        return _rule(b, ci, *expr, *count_drop, comment=comment)
+    def r(chain: str, *expr: dict, comment: str) -> dict:
+        return _rule(b, chain, *expr, *COUNT_DROP_IN, comment=comment)
 
-    unicast_dst = _match({"&": [_pl("ether", "daddr"), "01:00:00:00:00:00"]},
-                         "00:00:00:00:00:00")
-    rules = [_rule(b, ci, _jump("from_any_port"))]
-    if p.segment:
-        # many guests behind one port (a VDE switch): none may take an identity vnetd gave
-        # to a port, or the gateway's
-        rules += [
-            r(_match(_pl("ether", "saddr"), "@taken"), comment="MAC of a port or the gateway"),
-            r(_match(_pl("arp", "saddr ether"), "@taken"),
-              comment="ARP sender MAC of a port or the gateway"),
-            r(_match(_pl("arp", "saddr ip"), "@claimed4"),
-              comment="ARP for an address of a port or the gateway"),
-            r(_match(_pl("ip", "saddr"), "@claimed4"),
-              comment="IPv4 source of a port or the gateway"),
-            r(_match(_pl("ip6", "saddr"), "@claimed6"),
-              comment="IPv6 source of a port or the gateway"),
-        ]
-        # asking for the gateway is fine; answering for it or DAD of it is not
-        for g in (g for g in gateways if ":" in g):
-            rules += [r(_match(ICMP6, NA), _match(_th(8, 16), _int128(g)),
-                        comment="NA for the gateway"),
-                      r(_match(_pl("ip6", "saddr"), UNSPEC6), _match(ICMP6, NS),
-                        _match(_th(8, 16), _int128(g)), comment="DAD for the gateway")]
-        rules.append(_rule(b, co, unicast_dst, _match(_pl("ether", "daddr"), "@taken"),
-                           *count_drop_out, comment="unicast for another port"))
-        return rules
-    mac = _mac(p.mac) if p.mac is not None else None
-    if mac is not None:
-        rules += [
-            r(_match(_pl("ether", "saddr"), mac, "!="), comment="source MAC"),
-            r(_match(_pl("arp", "saddr ether"), mac, "!="), comment="ARP sender MAC"),
-            r(_match(_pl("udp", "dport"), 67), _match(_th(8 + 28, 6), _mac_int(mac), "!="),
-              comment="DHCP client hardware address"),
-        ]
-        rules.append(_rule(b, co, unicast_dst, _match(_pl("ether", "daddr"), mac, "!="),
-                           *count_drop_out, comment="unicast for another MAC"))
-    else:
-        # learning: the first unicast source locks the port, but never an identity that is
-        # already taken (a port's MAC, the bridge's)
-        rules += [
-            r(_match(_pl("ether", "saddr"), "@taken"), comment="MAC of a port or the gateway"),
-            r(_match(_pl("arp", "saddr ether"), "@taken"),
-              comment="ARP sender MAC of a port or the gateway"),
-        ]
-        rules.append(_rule(b, co, unicast_dst, _match(_pl("ether", "daddr"), "@taken"),
-                           *count_drop_out, comment="unicast for another port"))
-    if p.bridged:
-        if mac is not None:
-            rules += _nd_option_rules(r, mac)
-        return rules
-    # IPv4 and ARP: until an address is bound only DHCP client traffic and ARP probes
-    arp_ip = _pl("arp", "saddr ip")
-    if p.ipv4 is not None:
-        rules.append(r(*_none_of(arp_ip, ["0.0.0.0", p.ipv4, *p.ipv4_also]),
-                       comment="ARP sender IP"))
-    elif p.unbound_in is not None:
-        sub = _prefix(ipaddress.IPv4Network(p.unbound_in))
-        rules += [r(*_none_of(arp_ip, ["0.0.0.0", sub]),
-                    comment="ARP sender IP outside the subnet"),
-                  r(_match(arp_ip, "@claimed4"), comment="ARP for an address held here"),
-                  r(*_none_of(_pl("ip", "saddr"), ["0.0.0.0", sub]),
-                    comment="source IPv4 outside the subnet"),
-                  r(_match(_pl("ip", "saddr"), "@claimed4"),
-                    comment="source IPv4 held here")]
-    else:
-        rules.append(r(_match(arp_ip, "0.0.0.0", "!="), comment="ARP before an address"))
-    rules.append(_rule(b, ci, _match(_pl("ip", "saddr"), "0.0.0.0"),
-                       _match(_pl("udp", "sport"), 68), _match(_pl("udp", "dport"), 67),
-                       RETURN, comment="DHCP client without an address"))
-    if p.ipv4 is not None:
-        rules.append(r(*_none_of(_pl("ip", "saddr"), [p.ipv4, *p.ipv4_also]),
-                       comment="source IPv4"))
-    elif p.unbound_in is None:
-        rules.append(r(_match(_pl("ether", "type"), "ip"), comment="IPv4 before an address"))
-    # IPv6: the port's link-local and bound addresses; '::' only for DAD and MLD
-    allowed = port_allowed6(p)
-    rules += [
-        r(*_none_of(_pl("ip6", "saddr"), [UNSPEC6, *allowed]), comment="source IPv6"),
-        r(_match(_pl("ip6", "saddr"), UNSPEC6), _match(L4, "ipv6-icmp", "!="),
+    g, seg, nd = "guard_in", "seg_in", "nd_options"
+    arp_ip, ip_src, ip6_src = _pl("arp", "saddr ip"), _pl("ip", "saddr"), _pl("ip6", "saddr")
+    locked, unlocked = _is(IIF, "locked"), _is(IIF, "unlocked")
+    no_v4 = [_is_not(IIF, "v4_bound"), _is_not(IIF, "v4_sub")]
+    return [
+        _rule(b, g, _jump("from_any_port")),
+        _rule(b, g, _is(IIF, "seg"), {"goto": {"target": seg}}),
+        # the MAC: a locked port's own, a learning port's any that is not taken
+        r(g, locked, _is_not(_cat(IIF, _pl("ether", "saddr")), "port_mac"),
+          comment="source MAC"),
+        r(g, locked, _is_not(_cat(IIF, _pl("arp", "saddr ether")), "port_mac"),
+          comment="ARP sender MAC"),
+        r(g, locked, _match(_pl("udp", "dport"), 67),
+          _is_not(_cat(IIF, DHCP_CHADDR), "port_mac_raw"), comment="DHCP client hardware address"),
+        r(g, unlocked, _is(_pl("ether", "saddr"), "taken"), comment="MAC of a port or the gateway"),
+        r(g, unlocked, _is(_pl("arp", "saddr ether"), "taken"),
+          comment="ARP sender MAC of a port or the gateway"),
+        # a bridged network's port: its MAC only (its addresses come from the LAN)
+        _rule(b, g, _is(IIF, "bridged"), locked, _jump(nd)),
+        _rule(b, g, _is(IIF, "bridged"), RETURN),
+        # IPv4 and ARP: until an address is bound only DHCP client traffic and ARP probes
+        r(g, _is(IIF, "v4_bound"), _match(arp_ip, "0.0.0.0", "!="),
+          _is_not(_cat(IIF, arp_ip), "port_ip4"), comment="ARP sender IP"),
+        r(g, _is(IIF, "v4_sub"), _match(arp_ip, "0.0.0.0", "!="),
+          _is_not(_cat(IIF, arp_ip), "port_sub4"), comment="ARP sender IP outside the subnet"),
+        r(g, _is(IIF, "v4_sub"), _is(arp_ip, "claimed4"), comment="ARP for an address held here"),
+        r(g, *no_v4, _match(arp_ip, "0.0.0.0", "!="), comment="ARP before an address"),
+        _rule(b, g, _match(ip_src, "0.0.0.0"), _match(_pl("udp", "sport"), 68),
+              _match(_pl("udp", "dport"), 67), RETURN, comment="DHCP client without an address"),
+        r(g, _is(IIF, "v4_bound"), _is_not(_cat(IIF, ip_src), "port_ip4"),
+          comment="source IPv4"),
+        r(g, _is(IIF, "v4_sub"), _match(ip_src, "0.0.0.0", "!="),
+          _is_not(_cat(IIF, ip_src), "port_sub4"), comment="source IPv4 outside the subnet"),
+        r(g, _is(IIF, "v4_sub"), _is(ip_src, "claimed4"), comment="source IPv4 held here"),
+        r(g, *no_v4, _match(_pl("ether", "type"), "ip"), comment="IPv4 before an address"),
+        # IPv6: the port's link-local and bound addresses (none while its MAC is unknown);
+        # '::' only for DAD and MLD; ND only for its own addresses
+        r(g, _match(ip6_src, UNSPEC6, "!="), _is_not(_cat(IIF, ip6_src), "port_ip6"),
+          comment="source IPv6"),
+        r(g, _match(ip6_src, UNSPEC6), _match(L4, "ipv6-icmp", "!="),
           comment="unspecified source beyond ICMPv6"),
-        r(_match(_pl("ip6", "saddr"), UNSPEC6),
+        r(g, _match(ip6_src, UNSPEC6),
           *_none_of(ICMP6, [NS, "mld-listener-report", "mld2-listener-report"]),
           comment="unspecified source beyond DAD and MLD"),
-    ]
-    if mac is None:
-        rules.append(r(_match(ICMP6, NS_NA), *_none_of(IP6_LEN, [24, 32]),
-                       comment="neighbour discovery with unexpected options"))
-    targets = [_int128(a) for a in allowed]
-    if not targets:
-        rules.append(r(_match(ICMP6, NA), comment="NA before an address"))
-        rules.append(r(_match(_pl("ip6", "saddr"), UNSPEC6), _match(ICMP6, NS),
-                       comment="DAD before an address"))
-    else:
-        rules += [
-            r(_match(ICMP6, NA), *_none_of(_th(8, 16), targets), comment="NA target"),
-            r(_match(_pl("ip6", "saddr"), UNSPEC6), _match(ICMP6, NS),
-              *_none_of(_th(8, 16), targets), comment="DAD target"),
-        ]
-    if mac is not None:
-        rules += _nd_option_rules(r, mac)
-    return rules
-
-
-def _nd_option_rules(r, mac: str) -> list[dict]:
-    """Neighbour solicitations and advertisements carry at most one option, and a link-layer
-    address option carries the port's MAC."""
-    return [
-        r(_match(ICMP6, NS_NA), *_none_of(IP6_LEN, [24, 32]),
+        r(g, unlocked, _match(ICMP6, NS_NA), *_none_of(IP6_LEN, [24, 32]),
           comment="neighbour discovery with unexpected options"),
-        r(_match(ICMP6, NA), _match(IP6_LEN, 32), _match(_th(24, 2), "0x0201", "!="),
+        r(g, _match(ICMP6, NA), _is_not(_cat(IIF, ND_TARGET), "port_t6"), comment="NA target"),
+        r(g, _match(ip6_src, UNSPEC6), _match(ICMP6, NS),
+          _is_not(_cat(IIF, ND_TARGET), "port_t6"), comment="DAD target"),
+        _rule(b, g, locked, _jump(nd)),
+        # neighbour solicitations and advertisements of a locked port carry at most one
+        # option, and a link-layer address option carries the port's MAC
+        r(nd, _match(ICMP6, NS_NA), *_none_of(IP6_LEN, [24, 32]),
+          comment="neighbour discovery with unexpected options"),
+        r(nd, _match(ICMP6, NA), _match(IP6_LEN, 32), _match(_th(24, 2), "0x0201", "!="),
           comment="NA option"),
-        r(_match(ICMP6, NA), _match(IP6_LEN, 32), _match(_th(26, 6), _mac_int(mac), "!="),
+        r(nd, _match(ICMP6, NA), _match(IP6_LEN, 32),
+          _is_not(_cat(IIF, ND_OPTION_MAC), "port_mac_raw"),
           comment="NA target link-layer address"),
-        r(_match(ICMP6, NS), _match(IP6_LEN, 32), *_none_of(_th(24, 1), [1, 14]),
+        r(nd, _match(ICMP6, NS), _match(IP6_LEN, 32), *_none_of(_th(24, 1), [1, 14]),
           comment="NS option"),
-        r(_match(ICMP6, NS), _match(IP6_LEN, 32), _match(_th(24, 2), "0x0101"),
-          _match(_th(26, 6), _mac_int(mac), "!="), comment="NS source link-layer address"),
+        r(nd, _match(ICMP6, NS), _match(IP6_LEN, 32), _match(_th(24, 2), "0x0101"),
+          _is_not(_cat(IIF, ND_OPTION_MAC), "port_mac_raw"),
+          comment="NS source link-layer address"),
+        # many guests behind one port (a VDE switch): none may take an identity vnetd gave to
+        # a port or a gateway, nor answer for one (asking is fine)
+        r(seg, _is(_pl("ether", "saddr"), "taken"), comment="MAC of a port or the gateway"),
+        r(seg, _is(_pl("arp", "saddr ether"), "taken"),
+          comment="ARP sender MAC of a port or the gateway"),
+        r(seg, _is(arp_ip, "claimed4"), comment="ARP for an address of a port or the gateway"),
+        r(seg, _is(ip_src, "claimed4"), comment="IPv4 source of a port or the gateway"),
+        r(seg, _is(ip6_src, "claimed6"), comment="IPv6 source of a port or the gateway"),
+        r(seg, _match(ICMP6, NA), _is(ND_TARGET, "claimed6_raw"),
+          comment="NA for an address of a port or the gateway"),
+        r(seg, _match(ip6_src, UNSPEC6), _match(ICMP6, NS), _is(ND_TARGET, "claimed6_raw"),
+          comment="DAD for an address of a port or the gateway"),
+        # frames to a port: unicast only for its own MAC (or, while it has none, for no
+        # identity another port or the gateway holds)
+        _rule(b, "guard_out", _is(OIF, "locked"), UNICAST_DST,
+              _is_not(_cat(OIF, _pl("ether", "daddr")), "port_mac"), *COUNT_DROP_OUT,
+              comment="unicast for another MAC"),
+        _rule(b, "guard_out", _is_not(OIF, "locked"), UNICAST_DST,
+              _is(_pl("ether", "daddr"), "taken"), *COUNT_DROP_OUT,
+              comment="unicast for another port"),
     ]
-
-
-def _port_chain_cmds(p: FwPort, gateways: tuple[str, ...], *, flush: bool) -> list[dict]:
-    cmds: list[dict] = []
-    for name in (_in_chain(p.ifname), _out_chain(p.ifname)):
-        cmds.append(_chain("bridge", name))
-        if flush:
-            cmds.append({"flush": {"chain": _obj("bridge", name=name)}})
-    return cmds + _port_rules(p, gateways)
 
 
 def _group(pairs: Iterable[tuple[str, Any]], op: str) -> list[dict]:
@@ -679,22 +701,13 @@ def _group(pairs: Iterable[tuple[str, Any]], op: str) -> list[dict]:
     return [_elements(op, "bridge", name, elems) for name, elems in by_set.items()]
 
 
-def _counter_obj(ifname: str, packets: int = 0, bytes_: int = 0) -> dict:
-    c = _obj("bridge", name=counter_name(ifname))
-    if packets or bytes_:
-        c.update(packets=packets, bytes=bytes_)
-    return c
-
-
 def render_port_update(port: FwPort, old: FwPort | None, *, spoof_protection: bool = True,
-                       gateways: tuple[str, ...] = (),
                        keep: frozenset[tuple[str, Any]] = frozenset()) -> dict:
-    """Add or replace one port's guard in one transaction: its two chains are (re)written,
-    the elements of ``old`` (what was applied before; None: nothing) that ``port`` no longer
-    has are deleted and those of ``port`` added; the named counter ``spoof_<ifname>`` keeps its
-    value. ``spoof_protection`` is the port's network's setting; ``gateways`` the gateway's
-    addresses (for VDE segments). Elements in ``keep`` (the identities other ports or
-    gateways still hold: the sets are host-wide) are never deleted."""
+    """Add or replace one port's guard in one transaction of set elements: those of ``old``
+    (what was applied before; None: nothing) that ``port`` no longer has are deleted, those of
+    ``port`` added; its drop count stays. ``spoof_protection`` is the port's network's
+    setting. Elements in ``keep`` (the identities other ports or gateways still hold: those
+    sets are host-wide) are never deleted."""
     if not spoof_protection:
         return render_port_remove(old, keep=keep) if old is not None else {"nftables": []}
     if old is not None and old.ifname != port.ifname:
@@ -704,8 +717,6 @@ def render_port_update(port: FwPort, old: FwPort | None, *, spoof_protection: bo
     if old is not None:
         cmds += _group([pe for pe in _port_elems(old) if pe not in new and _keyed(pe) not in keep],
                        "delete")
-    cmds.append({"add": {"counter": _counter_obj(port.ifname)}})
-    cmds += _port_chain_cmds(port, gateways, flush=old is not None)
     cmds += _group(new, "add")  # adding an element that is there changes nothing
     return {"nftables": cmds}
 
@@ -714,40 +725,43 @@ def _keyed(pe: tuple[str, Any]) -> tuple[str, Any]:
     return pe[0], json.dumps(pe[1], sort_keys=True) if not isinstance(pe[1], str) else pe[1]
 
 
+SHARED = ("taken", "claimed4", "claimed6", "claimed6_raw")
+
+
 def shared_elems(p: FwPort) -> set[tuple[str, Any]]:
     """The host-wide identity elements of a port (what ``keep`` is made of)."""
-    return {_keyed(pe) for pe in _port_elems(p) if pe[0] in ("taken", "claimed4", "claimed6")}
+    return {_keyed(pe) for pe in _port_elems(p) if pe[0] in SHARED}
 
 
 def render_port_remove(port: FwPort, *, spoof_protection: bool = True,
                        keep: frozenset[tuple[str, Any]] = frozenset()) -> dict:
-    """Delete one port's guard (as it was applied): its elements (but those in ``keep``),
-    chains and counter."""
+    """Delete one port's guard (as it was applied): its elements, but those in ``keep``."""
     if not spoof_protection:
         return {"nftables": []}
-    cmds = _group([pe for pe in _port_elems(port) if _keyed(pe) not in keep], "delete")
-    for name in (_in_chain(port.ifname), _out_chain(port.ifname)):
-        cmds.append({"flush": {"chain": _obj("bridge", name=name)}})
-        cmds.append({"delete": {"chain": _obj("bridge", name=name)}})
-    cmds.append({"delete": {"counter": _counter_obj(port.ifname)}})
-    return {"nftables": cmds}
+    return {"nftables": _group([pe for pe in _port_elems(port) if _keyed(pe) not in keep],
+                               "delete")}
 
 
 def render_counters_query() -> dict:
-    """``list counters table bridge qemu_vnet``: feed :func:`query`'s result to
+    """``list set bridge qemu_vnet spoof``: feed :func:`query`'s result to
     :func:`parse_spoof_counters`."""
-    return {"nftables": [{"list": {"counters": {"family": "bridge", "table": TABLE}}}]}
+    return {"nftables": [{"list": {"set": _obj("bridge", name="spoof")}}]}
 
 
 def parse_spoof_counters(listing: dict) -> dict[str, dict[str, int]]:
-    """{ifname: {"packets": n, "bytes": n}} from a listing of the bridge table's counters."""
+    """{ifname: {"packets": n, "bytes": n}} from a listing of the ``spoof`` set."""
     out: dict[str, dict[str, int]] = {}
     for o in (listing or {}).get("nftables", []):
-        c = o.get("counter")
-        if (c and c.get("family") == "bridge" and c.get("table") == TABLE
-                and c.get("name", "").startswith("spoof_")):
-            out[c["name"][len("spoof_"):]] = {"packets": c.get("packets", 0),
-                                              "bytes": c.get("bytes", 0)}
+        s = o.get("set")
+        if not (s and s.get("family") == "bridge" and s.get("table") == TABLE
+                and s.get("name") == "spoof"):
+            continue
+        for e in s.get("elem", []):
+            inner = e.get("elem", {}) if isinstance(e, dict) else {}
+            name = inner.get("val") if inner else e
+            c = inner.get("counter") or {}
+            if isinstance(name, str):
+                out[name] = {"packets": c.get("packets", 0), "bytes": c.get("bytes", 0)}
     return out
 
 
@@ -889,23 +903,13 @@ def _inet_chains_and_rules() -> list[dict]:
 
 
 def _bridge_sets() -> list[dict]:
-    b = "bridge"
-    return [
-        _set_cmd(b, "guard_in", "ifname", map_="verdict"),
-        _set_cmd(b, "guard_out", "ifname", map_="verdict"),
-        _set_cmd(b, "taken", "ether_addr"),
-        _set_cmd(b, "unlocked", "ifname"),
-        _set_cmd(b, "claimed4", "ipv4_addr"),
-        _set_cmd(b, "claimed6", "ipv6_addr"),
-        _set_cmd(b, "port_ctr", "ifname", map_="counter"),
-    ]
+    return [_set_cmd("bridge", name, type_, flags=flags) for name, type_, flags in PORT_SETS]
 
 
 def _bridge_chains_and_rules() -> list[dict]:
-    """The hooks and the checks every guarded port shares (from_any_port): default-deny on
-    what no guest may send whoever it is."""
+    """The hooks, the checks every guarded port shares (from_any_port: default-deny on what
+    no guest may send whoever it is) and the guard itself."""
     b = "bridge"
-    count_drop = [{"counter": {"map": {"key": IIF, "data": "@port_ctr"}}}, DROP]
     c = "from_any_port"
     return copy.deepcopy([
         _chain(b, "prerouting", "prerouting", "filter", PRIO_BRIDGE_FILTER),
@@ -913,7 +917,11 @@ def _bridge_chains_and_rules() -> list[dict]:
         _chain(b, "input", "input", "filter", PRIO_FILTER),
         _chain(b, "output", "output", "filter", PRIO_FILTER),
         _chain(b, c),
-        _rule(b, "prerouting", {"vmap": {"key": IIF, "data": "@guard_in"}}),
+        _chain(b, "guard_in"),
+        _chain(b, "guard_out"),
+        _chain(b, "seg_in"),
+        _chain(b, "nd_options"),
+        _rule(b, "prerouting", _is(IIF, "guarded"), _jump("guard_in")),
         # a learning port's DHCP before its MAC is locked: the bridge learns the source MAC
         # from it (prerouting let it pass) but nobody gets it, so its client hardware address
         # is checked from the retransmission on. Not counted as spoofing: every learning
@@ -921,20 +929,21 @@ def _bridge_chains_and_rules() -> list[dict]:
         *[_rule(b, hook, _match(IIF, "@unlocked"), _match(_pl("udp", "dport"), 67),
                 DROP, comment="DHCP before the MAC is locked")
           for hook in ("forward", "input")],
-        _rule(b, "forward", {"vmap": {"key": OIF, "data": "@guard_out"}}),
-        _rule(b, "output", {"vmap": {"key": OIF, "data": "@guard_out"}}),
+        _rule(b, "forward", _is(OIF, "guarded"), _jump("guard_out")),
+        _rule(b, "output", _is(OIF, "guarded"), _jump("guard_out")),
         _rule(b, c, _match({"&": [_pl("ether", "saddr"), "01:00:00:00:00:00"]},
-                           "01:00:00:00:00:00"), *count_drop, comment="multicast source MAC"),
+                           "01:00:00:00:00:00"), *COUNT_DROP_IN, comment="multicast source MAC"),
         _rule(b, c, _match(_pl("ether", "type"), {"set": ["ip", "arp", "ip6"]}, "!="),
-              *count_drop, comment="not IPv4, ARP or IPv6 (VLAN tags, STP, ...)"),
-        _rule(b, c, _match(_pl("udp", "sport"), {"set": [67, 547]}), *count_drop,
+              *COUNT_DROP_IN, comment="not IPv4, ARP or IPv6 (VLAN tags, STP, ...)"),
+        _rule(b, c, _match(_pl("udp", "sport"), {"set": [67, 547]}), *COUNT_DROP_IN,
               comment="rogue DHCP server"),
-        _rule(b, c, _match(ICMP6, {"set": ["nd-router-advert", "nd-redirect"]}), *count_drop,
-              comment="rogue router"),
-        _rule(b, c, _match(_pl("icmp", "type"), "redirect"), *count_drop,
+        _rule(b, c, _match(ICMP6, {"set": ["nd-router-advert", "nd-redirect"]}),
+              *COUNT_DROP_IN, comment="rogue router"),
+        _rule(b, c, _match(_pl("icmp", "type"), "redirect"), *COUNT_DROP_IN,
               comment="ICMP redirect"),
-        _rule(b, c, _match(_pl("arp", "htype"), 1, "!="), *count_drop,
+        _rule(b, c, _match(_pl("arp", "htype"), 1, "!="), *COUNT_DROP_IN,
               comment="ARP for other hardware"),
+        *_guard_rules(),
     ])
 
 
@@ -984,7 +993,9 @@ def gateway_addresses(n: FwNetwork) -> tuple[str, ...]:
 
 def network_elems(n: FwNetwork) -> list[tuple[str, str]]:
     """The gateway's identity on a guarded network, which no port may take."""
-    out = [("claimed6" if ":" in a else "claimed4", a) for a in gateway_addresses(n)]
+    out: list[tuple[str, str]] = []
+    for a in gateway_addresses(n):
+        out += claimed6(a) if ":" in a else [("claimed4", a)]
     if n.mac is not None:
         out.append(("taken", _mac(n.mac)))
     return out
@@ -1056,11 +1067,12 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
                    ports: Iterable[FwPort] = (), *, fresh: bool = False,
                    counters: dict[str, dict[str, int]] | None = None) -> dict:
     """ONE transaction that (re)creates both tables completely: add table, flush table (or,
-    with ``fresh``, delete and add it again), then sets and maps (each flushed), chains, rules
-    and elements. The bridge table (the port guards, with one pair of chains per port) is
-    always made anew, so no chain of a port that is gone survives; ``counters`` (what
-    :func:`parse_spoof_counters` read before) carries the ports' drop counts over. Applying it
-    twice gives the same ruleset; other tables are never named."""
+    with ``fresh``, delete and add the inet table again), then sets and maps (each flushed),
+    chains, rules and elements. The bridge table must have its text-made sets first
+    (:func:`bridge_text`, applied just before); ``spoof`` is not flushed, so the ports' drop
+    counts stay: ``counters`` (what :func:`parse_spoof_counters` read before) names its
+    elements, and those of ports that are gone are deleted. Applying it twice gives the same
+    ruleset; other tables are never named."""
     nets = sorted(networks, key=lambda n: n.name)
     by_name: dict[str, FwNetwork] = {}
     for n in nets:
@@ -1116,7 +1128,6 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
             for name, e in network_elems(n):
                 bput(name, e)
     guarded: list[str] = []
-    port_cmds: list[dict] = []
     for p in prts:
         validate_port(p)
         pnet: FwNetwork | None
@@ -1131,7 +1142,6 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
         guarded.append(p.ifname)
         for name, e in _port_elems(p):
             bput(name, e)
-        port_cmds += _port_chain_cmds(p, gateway_addresses(pnet) if pnet else (), flush=False)
 
     cmds: list[dict] = []
     cmds += _table_head("inet", fresh)
@@ -1141,18 +1151,66 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
     cmds += _overlay_rules(nets)
     for name in sorted(el):
         cmds.append(_elements("add", "inet", name, _sorted(el[name])))
-    cmds += _table_head("bridge", True)
-    cmds += _bridge_sets()
-    counts = counters or {}
-    for ifname in guarded:
-        c = counts.get(ifname, {})
-        cmds.append({"add": {"counter": _counter_obj(ifname, c.get("packets", 0),
-                                                     c.get("bytes", 0))}})
+    cmds += _table_head("bridge", False)
+    for s in _bridge_sets():
+        cmds += _with_flush("bridge", s, False)
+    cmds += [{"flush": {"set": _obj("bridge", name=name)}} for name in RAW_SETS
+             if name != "spoof"]
+    gone = sorted(set(counters or {}) - set(guarded))
+    if gone:
+        cmds.append(_elements("delete", "bridge", "spoof", gone))
     cmds += _bridge_chains_and_rules()
-    cmds += port_cmds
     for name in sorted(bridge_el):
         cmds.append(_elements("add", "bridge", name, _sorted(bridge_el[name])))
     return {"nftables": cmds}
+
+
+BRIDGE_RECREATE = f"add table bridge {TABLE}\ndelete table bridge {TABLE}\n"
+
+
+def bridge_text(existing: Iterable[str] | None, *, fresh: bool = False) -> str:
+    """The text transaction that makes the bridge table's ``typeof`` sets and ``spoof``
+    (:data:`BRIDGE_TEXT_SETS`), to apply before :func:`render_ruleset`. ``existing``: the
+    names of the sets and maps the bridge table has (None: there is no table). A table
+    without ``guarded`` (made by an older vnetd, with chains of its own for each port) and
+    ``fresh`` are deleted first: the guard is down from this transaction to the next."""
+    if existing is not None and (fresh or "guarded" not in set(existing)):
+        return BRIDGE_RECREATE + BRIDGE_TEXT_SETS
+    return BRIDGE_TEXT_SETS
+
+
+def render_bridge_sets_query() -> dict:
+    """``list sets table bridge qemu_vnet`` (names for :func:`bridge_text`)."""
+    return {"nftables": [{"list": {"sets": {"family": "bridge", "table": TABLE}}}]}
+
+
+def set_names(listing: dict) -> list[str]:
+    """The names of the sets and maps in a listing of :func:`render_bridge_sets_query`."""
+    return [o[k]["name"] for o in (listing or {}).get("nftables", []) for k in ("set", "map")
+            if k in o and isinstance(o[k], dict) and "name" in o[k]]
+
+
+def apply_text(text: str, nft=None) -> None:
+    """Apply one of the texts :func:`bridge_text` makes (nothing else is accepted)."""
+    if text not in (BRIDGE_TEXT_SETS, BRIDGE_RECREATE + BRIDGE_TEXT_SETS):
+        raise ValueError("Only the bridge table's own text is applied as text.")
+    nft = nft or _context()
+    rc, _out, err = nft.cmd(text)
+    if rc != 0:
+        raise RuntimeError((err or "").strip() or f"libnftables failed ({rc}).")
+
+
+def prepare_bridge(nft=None, *, fresh: bool = False) -> dict[str, dict[str, int]]:
+    """Before :func:`render_ruleset`: make the bridge table's text-made sets where they are
+    missing (a first start, a table an older vnetd made, ``fresh``) and return the drop
+    counts its ``spoof`` set holds (the ``counters`` to render with)."""
+    nft = nft or _context()
+    try:
+        existing: list[str] | None = set_names(query(render_bridge_sets_query(), nft))
+    except RuntimeError:
+        existing = None  # no bridge table yet
+    apply_text(bridge_text(existing, fresh=fresh), nft)
+    return parse_spoof_counters(query(render_counters_query(), nft))
 
 
 def render_delete_all() -> dict:

@@ -156,8 +156,7 @@ class Firewall:
         ports = {p.ifname: self._fw_port(p) for p in self.view.ports.on_network(net.name)}
         if fwn.spoof_protection:
             for fp in ports.values():
-                cmds += fw.render_port_update(fp, None, gateways=fw.gateway_addresses(fwn))[
-                    "nftables"]
+                cmds += fw.render_port_update(fp, None)["nftables"]
         await asyncio.to_thread(self._apply, {"nftables": cmds}, f"let {net.name} in")
         log.debug("%s joined the ruleset: %d command(s)", net.name, len(cmds))
         self.applied_nets[net.name] = fwn
@@ -384,12 +383,6 @@ class Firewall:
                          unbound_in=(str(net.subnet) if net is not None and member
                                      and ipv4 is None else None))
 
-    def _gateways(self, network: str) -> tuple[str, ...]:
-        net = self.view.network(network)
-        if net is None or net.mode == "bridged":
-            return ()  # the physical LAN's gateway is not ours to know
-        return fw.gateway_addresses(self._fw_network(net))
-
     def _hold(self, port: fw.FwPort | None, n: int) -> None:
         if port is not None:
             for e in fw.shared_elems(port):
@@ -424,7 +417,7 @@ class Firewall:
         if not ours and not ports:  # nothing runs: leave no table of ours behind
             await self._change("remove its tables", fw.render_delete_all)
         else:
-            counters = await self.spoof_counters() if self.applied_ports else {}
+            counters = await asyncio.to_thread(self._bridge_sets_made)
             await self._change("load the ruleset", fw.render_ruleset, fw_nets,
                                [x for ff in forwards.values() for x in ff],
                                list(ports.values()), counters=counters)
@@ -440,6 +433,14 @@ class Firewall:
         self._forwarding(any(n.mode == "nat" for n in running),
                          any(n.mode == "nat" and n.subnet6 for n in running))
         await asyncio.to_thread(self._docker_user, [n.bridge for n in running])
+
+    def _bridge_sets_made(self) -> dict[str, dict[str, int]]:
+        """The bridge table's text-made sets (made where missing), and the drop counts."""
+        try:
+            with self._nft_lock:
+                return fw.prepare_bridge(self.nft)
+        except RuntimeError as e:
+            raise Failed(f"The firewall refused to make its bridge sets ({e}).") from None
 
     def _docker_user(self, bridges: list[str]) -> None:
         """Where Docker's DOCKER-USER chain exists, accept our bridges' traffic there (its
@@ -514,7 +515,7 @@ class Firewall:
         self._hold(new, 1)
         try:
             await self._change("protect the port", fw.render_port_update, new, old,
-                               spoof_protection=protects, gateways=self._gateways(network),
+                               spoof_protection=protects,
                                keep=self._keep(old))
         except BaseException:
             self._hold(new, -1)
