@@ -528,7 +528,8 @@ class Service:
                      options: dict[str, Any]) -> Reply:
         port, fds, vhostfds, info = await self.engine.attach(network, vm, caller.uid, caller.pid,
                                                              options)
-        self.emit_port_changed(port, "attached")
+        # the signal follows the reply (which _dispatch sends before the loop turns)
+        asyncio.get_running_loop().call_soon(self.emit_port_changed, port, "attached")
         n = len(fds)
         return Reply(to_asv(info), list(range(n)), list(range(n, n + len(vhostfds))),
                      fds=fds + vhostfds,

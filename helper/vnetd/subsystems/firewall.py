@@ -514,9 +514,14 @@ class Firewall:
         protects = self._protects(network)
         self._hold(new, 1)
         try:
-            await self._change("protect the port", fw.render_port_update, new, old,
-                               spoof_protection=protects,
-                               keep=self._keep(old))
+            # a port's change is a few set elements (well under a millisecond, the same with
+            # any number of ports): applied here, a thread's hand-off would cost as much again
+            try:
+                cmd = fw.render_port_update(new, old, spoof_protection=protects,
+                                            keep=self._keep(old))
+            except ValueError as e:
+                raise Failed(f"The firewall cannot protect the port: {e}") from None
+            self._apply(cmd, "protect the port")
         except BaseException:
             self._hold(new, -1)
             raise
