@@ -104,6 +104,7 @@ class Engine:
         self.defs: dict[str, Network] = {}  # as declared: never holds run-time facts
         self.running: dict[str, Running] = {}
         self.lock = asyncio.Lock()
+        self._macs_writer: asyncio.Task | None = None
         # networks found running at start-up that `settle` has not adopted yet
         self.adopting: dict[str, Link] = {}
         self.problems: list[str] = []
@@ -493,18 +494,19 @@ class Engine:
                         f"The subnet {a} overlaps {b} of network '{other.name}'."
                     )
         ours = {n for n in self.running}
-        for index, iface in await self.links.all_addresses():
-            for mine in (net.subnet, net.subnet6):
-                if mine is None or iface.version != mine.version or iface.is_loopback:
+        for mine in (net.subnet, net.subnet6):
+            if mine is None:
+                continue
+            for index, iface in await self.links.overlapping(mine):
+                if iface.is_loopback:
                     continue
-                if iface.network.overlaps(mine) and not iface.ip.is_link_local:
-                    lk = await self.links.get(index=index)
-                    if lk is not None and model.network_of_alias(lk.alias) in ours:
-                        continue
-                    raise InvalidArgument(
-                        f"The subnet {mine} overlaps {iface} already on interface "
-                        f"'{lk.ifname if lk else index}' of this host."
-                    )
+                lk = await self.links.get(index=index)
+                if lk is not None and model.network_of_alias(lk.alias) in ours:
+                    continue
+                raise InvalidArgument(
+                    f"The subnet {mine} overlaps {iface} already on interface "
+                    f"'{lk.ifname if lk else index}' of this host."
+                )
 
     async def undefine(self, name: str) -> None:
         await self._adopted(name)
@@ -698,8 +700,16 @@ class Engine:
         await self._adopted(network)
         async with self.lock:
             bridge = self._running_bridge(net)
-            port, fds, vhostfds, info = await self.ports.attach(
-                self.running[network].net, bridge, vm, uid, pid, opts)
+            # a new VM's MAC and owner are written right after the answer, not before it
+            # (its port's runtime record holds them meanwhile: see Ports.adopt)
+            self.macs.defer = True
+            try:
+                port, fds, vhostfds, info = await self.ports.attach(
+                    self.running[network].net, bridge, vm, uid, pid, opts)
+            finally:
+                self.macs.defer = False
+                if self.macs.dirty:
+                    self._write_macs_soon()
             if net.spoof_protection:
                 try:
                     await self.firewall.port_attached(port)
@@ -709,6 +719,33 @@ class Engine:
                     await self.ports.detach(port)
                     raise
             return port, fds, vhostfds, info
+
+    def _write_macs_soon(self) -> None:
+        if self._macs_writer is None or self._macs_writer.done():
+            self._macs_writer = asyncio.get_running_loop().create_task(self.write_macs())
+
+    async def write_macs(self) -> None:
+        """Write what the attach path left for later, off the event loop (fsync and all),
+        until nothing is left: one writer at a time, so a later state never loses to an
+        earlier one."""
+        while True:
+            jobs = self.macs.take_dirty()
+            if not jobs:
+                return
+            try:
+                for job in jobs:
+                    await asyncio.to_thread(job)
+            except OSError as e:
+                log.error("could not write the MAC registry (will try again with the next "
+                          "change): %s", e)
+                self.macs.dirty.update((MacRegistry.FILE, MacRegistry.CREATORS))
+                return
+
+    async def flush(self) -> None:
+        """Before vnetd exits: whatever is still to be written."""
+        if self._macs_writer is not None:
+            await asyncio.shield(self._macs_writer)
+        await self.write_macs()
 
     async def detach(self, port: Port) -> None:
         async with self.lock:

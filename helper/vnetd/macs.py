@@ -19,7 +19,10 @@ until an administrator forgets it (ForgetMac).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from vnet_common.names import (
@@ -63,6 +66,59 @@ class MacRegistry:
         # {network: {vm: uid}}: who first asked for a VM's MAC (its entries count for them)
         self.creators = {n: dict(m) for n, m in (creators or {}).items() if isinstance(m, dict)}
         self._save_creators = save_creators or (lambda data: None)
+        # while `defer` is set, a new entry or owner is only marked here (the attach path,
+        # which answers first: vnetd writes the files right after, see `take_dirty`)
+        self.defer = False
+        self.dirty: set[str] = set()
+        # every write carries the number of the state it saves; one lock orders the writes of
+        # the event loop and of the deferred writer's thread, and an older state is never
+        # written over a newer one
+        self._version = 0
+        self._written = {self.FILE: 0, self.CREATORS: 0}
+        self._io = threading.Lock()
+
+    def _write(self, which: str, data: Any, version: int | None = None) -> None:
+        if version is None:
+            self._version += 1
+            version = self._version
+        with self._io:
+            if version <= self._written[which]:
+                return  # a newer state is on disk already
+            (self._save if which == self.FILE else self._save_creators)(data)
+            self._written[which] = version
+
+    def _store(self, which: str) -> None:
+        if self.defer:
+            self.dirty.add(which)
+        else:
+            self._write(which, self.data if which == self.FILE else self.creators)
+
+    def take_dirty(self) -> list[Callable[[], None]]:
+        """The deferred writes, each a function that saves a copy of the state as it is now,
+        and clear the marks: the caller runs them (off the event loop: the copies are their
+        own, and a state written meanwhile by a later change is not overwritten)."""
+        jobs: list[Callable[[], None]] = []
+        for which in sorted(self.dirty):
+            self._version += 1
+            src = self.data if which == self.FILE else self.creators
+            copy = {n: dict(m) for n, m in src.items()}
+            jobs.append(functools.partial(self._write, which, copy, self._version))
+        self.dirty.clear()
+        return jobs
+
+    def remember(self, network: str, vm: str, uid: int, nic: int = 0,
+                 mac: str | None = None) -> None:
+        """An adopted port's VM, holder and (if it came from here) registry MAC, from its
+        runtime record: put back what a crash right after its attach kept from being
+        written. Nothing that is there is changed."""
+        if mac is not None:
+            macs = self.data.get(network, {})
+            k = key(vm, nic)
+            if k not in macs and mac not in macs.values():
+                self.data.setdefault(network, {})[k] = mac
+                self._store(self.FILE)
+        if vm not in self.creators.get(network, {}):
+            self._note_creator(network, vm, uid)
 
     def total(self) -> int:
         return sum(len(m) for m in self.data.values())
@@ -92,7 +148,7 @@ class MacRegistry:
         by_vm = self.creators.setdefault(network, {})
         if vm not in by_vm:
             by_vm[vm] = uid
-            self._save_creators(self.creators)
+            self._store(self.CREATORS)
 
     def owner_uid(self, network: str, vm: str) -> int | None:
         return self.creators.get(network, {}).get(vm)
@@ -155,7 +211,7 @@ class MacRegistry:
             attempt += 1
             mac = derive_mac(network, vm, nic, attempt)
         macs[k] = mac
-        self._save(self.data)
+        self._store(self.FILE)
         return mac
 
     def owner_of(self, network: str, mac: str) -> str | None:
@@ -191,7 +247,7 @@ class MacRegistry:
             self._check_room(network, 0, "", new)  # raises: the whole registry is full
         macs.update(rows)
         self.data[network] = macs
-        self._save(self.data)
+        self._write(self.FILE, self.data)
         return len(rows)
 
     def export(self, network: str) -> dict[str, str]:
@@ -210,12 +266,12 @@ class MacRegistry:
         data = {n: m for n, m in self.data.items() if n != network}
         if kept:
             data[network] = kept
-        self._save(data)  # first: a failed write changes nothing
+        self._write(self.FILE, data)  # first: a failed write changes nothing
         self.data = data
         if self.creators.get(network, {}).pop(vm, None) is not None:
             if not self.creators[network]:
                 del self.creators[network]
-            self._save_creators(self.creators)
+            self._write(self.CREATORS, self.creators)
         return len(gone)
 
     def transfer(self, network: str, vm: str, uid: int) -> int | None:
@@ -230,7 +286,7 @@ class MacRegistry:
                            "owner nor a MAC in the registry.")
         creators = {n: dict(m) for n, m in self.creators.items()}
         creators.setdefault(network, {})[vm] = uid
-        self._save_creators(creators)  # first: a failed write changes nothing
+        self._write(self.CREATORS, creators)  # first: a failed write changes nothing
         self.creators = creators
         return before
 

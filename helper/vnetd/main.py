@@ -157,10 +157,12 @@ async def run(args: argparse.Namespace) -> int:
     done, _ = await asyncio.wait([stop, disconnected], return_when=asyncio.FIRST_COMPLETED)
     if disconnected in done:
         log.error("lost the bus connection; exiting (networks keep running)")
+        await engine.flush()
         await links.close()
         return 1
     log.info("stopping on signal %s; networks keep running", stop.result())
     bus.disconnect()
+    await engine.flush()
     await links.close()
     return 0
 

@@ -64,6 +64,9 @@ class Port:
     created: float
     kind: str = "attach"
     tap_mac: str | None = None  # the tap's own address when vnetd took it: a change is cut off
+    # its MAC came from the registry (not --mac or a static host): in its runtime record
+    # only, so that adopting it puts back an entry a crash kept from being written
+    registry_mac: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -72,6 +75,7 @@ class Port:
             del d["holder_pid"]
         if d["tap_mac"] is None:
             del d["tap_mac"]
+        del d["registry_mac"]
         return {k.replace("_", "-"): v for k, v in d.items()}
 
 
@@ -245,8 +249,10 @@ class Ports:
         return self.store.runtime_dir / self.DIR / f"{ifname}.json"
 
     def _write(self, port: Port) -> None:
-        self.store.write_runtime_file(self._record(port.ifname),
-                                      json.dumps(port.to_dict()).encode())
+        d = port.to_dict()
+        if port.registry_mac:
+            d["registry-mac"] = True
+        self.store.write_runtime_file(self._record(port.ifname), json.dumps(d).encode())
 
     def _forget(self, ifname: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -294,6 +300,9 @@ class Ports:
             return True
         log.info("reconcile: adopted port %s (%s/%s nic %d, uid %d)", rec.ifname, rec.network,
                  rec.vm, rec.nic, rec.uid)
+        if rec.kind == "attach":
+            self.macs.remember(rec.network, rec.vm, rec.uid, rec.nic,
+                               rec.mac if rec.registry_mac else None)
         return True
 
     def begin_reconcile(self) -> None:
@@ -502,6 +511,7 @@ class Ports:
         if mac is not None:
             self.check_mac(net, vm, mac)
         self.macs.claim(net.name, vm, uid)
+        registry_mac = mac is None
         if mac is None:
             # the stable MAC; with learn-mac the guest's own MAC is unknown (the firewall
             # locks the port to the first source MAC it sees), but the VM still has one given
@@ -537,7 +547,7 @@ class Ports:
             raise
         port = Port(ifname=ifname, ifindex=index, network=net.name, vm=vm, nic=nic, uid=uid,
                     mac=mac, mac_known=mac_known, holder_pid=holder, queues=queues,
-                    created=time.time(), tap_mac=tap_mac)
+                    created=time.time(), tap_mac=tap_mac, registry_mac=registry_mac)
         self._add(port)
         if holder:
             self._watch(holder)

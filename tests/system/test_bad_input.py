@@ -19,6 +19,9 @@ def base_network(vnetd):
     # an interface vnetd did not make, and an address it must not overlap
     vnetd.ip("link", "add", "hostnic0", "type", "veth", "peer", "name", "hostnic0p")
     vnetd.ip("addr", "add", "10.99.0.1/16", "dev", "hostnic0")
+    vnetd.ip("addr", "add", "fd99:77::1/64", "dev", "hostnic0")
+    # point to point: the interface's own address is 10.97.0.1 (its peer's is not this host's)
+    vnetd.ip("addr", "add", "10.97.0.1", "peer", "10.96.0.2/32", "dev", "hostnic0")
     yield
 
 
@@ -38,6 +41,9 @@ def base_network(vnetd):
     (["define", "vnet2"], EXISTS, "already defined"),
     (["define", "other2"], INVALID, "overlaps"),  # 172.16.12.0/24 like vnet2
     (["define", "net1", "--subnet=10.99.5.0/24"], INVALID, "hostnic0"),
+    (["define", "net1", "--subnet=10.98.0.0/24", "--subnet6=fd99:77::/64"], INVALID,
+     "fd99:77::1/64 already on interface 'hostnic0'"),
+    (["define", "net1", "--subnet=10.97.0.0/24"], INVALID, "10.97.0.1/32 already on interface"),
     (["define", "net1", "--subnet=172.16.300.0/24"], INVALID, "not an IPv4 subnet"),
     (["define", "net1", "--subnet=172.16.40.1/24"], INVALID, "host bits"),
     (["define", "net1", "--subnet=172.16.40.0"], INVALID, "prefix"),

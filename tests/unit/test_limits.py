@@ -87,6 +87,9 @@ class NoLinks:
     async def all_addresses(self):
         return []
 
+    async def overlapping(self, subnet):
+        return []
+
 
 @pytest.fixture
 def engine(tmp_path):
@@ -457,3 +460,51 @@ def test_vnetd_takes_the_mac_bounds():
 
     a = parse_args(["--max-macs", "10", "--max-macs-per-user", "2"])
     assert (a.max_macs, a.max_macs_per_user) == (10, 2)
+
+
+# --- the attach path's deferred writes --------------------------------------------------------
+def test_a_deferred_new_vm_is_written_later_and_never_over_a_newer_state():
+    writes: list[tuple[str, dict]] = []
+    reg = MacRegistry({}, lambda d: writes.append(("macs", json.loads(json.dumps(d)))),
+                      creators={}, save_creators=lambda d: writes.append(
+                          ("creators", json.loads(json.dumps(d)))))
+    reg.defer = True
+    mac = reg.get("vnet2", "web1", 0, uid=1000)
+    reg.defer = False
+    assert writes == [] and reg.dirty == {"macs.json", "mac-creators.json"}
+    jobs = reg.take_dirty()
+    assert reg.dirty == set() and len(jobs) == 2
+    reg.get("vnet2", "web2", 0, uid=1001)  # a later change, written at once
+    assert [w[0] for w in writes] == ["creators", "macs"]
+    for job in jobs:  # the deferred jobs, run after: their older copies are not written
+        job()
+    assert len(writes) == 2
+    assert writes[-1] == ("macs", {"vnet2": {"web1/0": mac, "web2/0": reg.lookup(
+        "vnet2", "web2", 0)}})
+    reg.defer = True
+    reg.get("vnet2", "web3", 0, uid=1000)
+    reg.defer = False
+    jobs = reg.take_dirty()
+    reg.data["vnet2"]["later/0"] = "52:54:00:00:00:99"  # the copy is the job's own
+    for job in jobs:
+        job()
+    assert writes[-2] == ("creators", {"vnet2": {"web1": 1000, "web2": 1001, "web3": 1000}})
+    assert writes[-1][0] == "macs" and "web3/0" in writes[-1][1]["vnet2"]
+    assert "later/0" not in json.dumps(writes)
+
+
+def test_an_adopted_port_gives_back_an_owner_but_never_takes_one():
+    saved: dict = {}
+    reg = MacRegistry({}, lambda d: saved.update(macs=d), creators={"vnet2": {"db": 1001}},
+                      save_creators=lambda d: saved.update(creators=d))
+    reg.remember("vnet2", "web1", 1000)
+    assert reg.owner_uid("vnet2", "web1") == 1000 and saved["creators"]["vnet2"]["web1"] == 1000
+    reg.remember("vnet2", "db", 1000)  # owned by another: unchanged
+    assert reg.owner_uid("vnet2", "db") == 1001
+    assert reg.data == {}  # a port whose MAC is not the registry's brings no entry
+    reg.remember("vnet2", "web1", 1000, 1, "52:54:00:00:00:07")
+    assert reg.lookup("vnet2", "web1", 1) == "52:54:00:00:00:07" == saved["macs"]["vnet2"]["web1/1"]
+    reg.remember("vnet2", "web2", 1000, 0, "52:54:00:00:00:07")  # held by another entry
+    assert reg.lookup("vnet2", "web2", 0) is None
+    reg.remember("vnet2", "web1", 1000, 1, "52:54:00:00:00:08")  # an entry is never changed
+    assert reg.lookup("vnet2", "web1", 1) == "52:54:00:00:00:07"
