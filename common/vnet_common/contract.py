@@ -84,7 +84,8 @@ METHODS: tuple[Method, ...] = (
     Method(MANAGER, "Start", _a("name:s"), (), MANAGE,
            "Create the bridge, its addresses and the pre-created taps."),
     Method(MANAGER, "Stop", _a("name:s"), (), MANAGE,
-           "Remove everything the network's start made."),
+           "Remove everything the network's start made; attached VMs' ports wait, down and "
+           "off any bridge, and come back guarded with the next Start."),
     Method(MANAGER, "SetAutostart", _a("name:s", "enabled:b"), (), MANAGE,
            "Start the network whenever vnetd starts."),
     Method(MANAGER, "Reload", (), _a("problems:as"), MANAGE,

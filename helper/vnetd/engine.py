@@ -227,6 +227,11 @@ class Engine:
             except VnetError as e:  # keep serving: show and the log say why
                 log.error("firewall: %s", e.message)
                 self.problems.append(f"firewall: {e.message}")
+            # ports a stop had parked when a crash cut it short, their network still up
+            for name in sorted({p.network for p in self.ports.by_name.values() if p.parked}):
+                run = self.running.get(name)
+                if run is not None:
+                    self.ports.unpark(run.net, run.bridge, marked_only=True)
 
     async def _adopted(self, name: str | None = None) -> None:
         """Wait until the network `name` (None: every network) is adopted after a
@@ -391,7 +396,7 @@ class Engine:
             if vde is not None:
                 d["vde"] = vde
             counters = await self.firewall.status(name)
-            d["ports"] = [{"ifname": p.ifname, "vm": p.vm, "nic": p.nic,
+            d["ports"] = [{"ifname": p.ifname, "vm": p.vm, "nic": p.nic, "kind": p.kind,
                            "mac": p.mac if p.mac_known else "(learning)", "uid": p.uid,
                            "spoof-drops": counters.get(p.ifname, {}).get("packets", 0)}
                           for p in sorted(self.ports.on_network(net.name),
@@ -403,6 +408,13 @@ class Engine:
             warnings = await asyncio.to_thread(self.firewall.warnings)
             if warnings:
                 d["firewall-warnings"] = warnings
+        elif self.ports.parked(name):  # stopped with VMs attached: they wait for its start
+            d["ports"] = [{"ifname": p.ifname, "vm": p.vm, "nic": p.nic, "uid": p.uid,
+                           "kind": p.kind, "mac": p.mac if p.mac_known else "(learning)",
+                           "waiting": True}
+                          for p in sorted(self.ports.parked(name), key=lambda p: p.ifname)]
+        # VMs attached (or waiting for a start): what `stop` names; a count anyone may see
+        d["attached"] = sum(1 for p in self.ports.on_network(name) if p.kind == "attach")
         d["dhcp-range"] = [str(a) for a in net.dhcp_range]
         d["domain"] = net.dns_domain
         return d
@@ -514,6 +526,7 @@ class Engine:
             self.get(name)
             if name in self.running:
                 raise Busy(f"The network '{name}' is running: stop it first.")
+            await self.ports.remove_network_ports(name)  # ports that waited for it
             self.store.delete(name)
             for f in self.defs[name].forwards:
                 self.fwd_index.remove(name, f)
@@ -604,11 +617,14 @@ class Engine:
         except BaseException:
             await rb.run()
             raise
+        # the ports that waited for it (a stop with VMs attached), guarded by now
+        self.ports.unpark(run.net, run.bridge)
 
     async def _forget_ports(self, name: str) -> None:
         self.running.pop(name, None)
         for p in self.ports.on_network(name):
-            self.ports.forget(p)
+            if p.kind != "attach":  # attached VMs' ports go on waiting for the network
+                self.ports.forget(p)
 
     async def stop(self, name: str) -> None:
         await self._adopted()

@@ -29,7 +29,7 @@ from typing import Any
 from vnet_common.names import validate_nic
 
 from . import model
-from .errors import Busy, Failed, InvalidArgument, NotFound, NotOwner, QuotaExceeded
+from .errors import Busy, Failed, InvalidArgument, NotFound, NotOwner, QuotaExceeded, VnetError
 from .kernel import tap as tapdev
 from .kernel.links import Links
 from .macs import MacRegistry
@@ -67,6 +67,9 @@ class Port:
     # its MAC came from the registry (not --mac or a static host): in its runtime record
     # only, so that adopting it puts back an entry a crash kept from being written
     registry_mac: bool = False
+    # its network's stop parked it (record only too): after a crash in that stop, the
+    # restart puts it back on the bridge if the network still runs
+    parked: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -75,7 +78,7 @@ class Port:
             del d["holder_pid"]
         if d["tap_mac"] is None:
             del d["tap_mac"]
-        del d["registry_mac"]
+        del d["registry_mac"], d["parked"]
         return {k.replace("_", "-"): v for k, v in d.items()}
 
 
@@ -197,6 +200,8 @@ class Ports:
         # ports whose guest MAC is still to be learned, by ifindex: the FDB events of every
         # bridge on the host are checked against this, so it must cost O(1)
         self.learning: dict[int, Port] = {}
+        # ifindexes of the ports a stop parked (their leaving the bridge does not end them)
+        self._parked: set[int] = set()
         self.listeners: list = []
         # who else holds an identity: a learned MAC must not be one (set by the engine)
         self.identity_owner: Callable[[str, str], str | None] = lambda network, mac: None
@@ -223,6 +228,7 @@ class Ports:
         del self.by_name[port.ifname]
         if self.by_index.get(port.ifindex) is port:
             del self.by_index[port.ifindex]
+        self._parked.discard(port.ifindex)
         indexes: tuple[tuple[dict[Any, dict[str, Port]], Any], ...] = (
             (self._on_network, port.network), (self._of_uid, port.uid),
             (self._of_holder, port.holder_pid))
@@ -252,6 +258,8 @@ class Ports:
         d = port.to_dict()
         if port.registry_mac:
             d["registry-mac"] = True
+        if port.parked:
+            d["parked"] = True
         self.store.write_runtime_file(self._record(port.ifname), json.dumps(d).encode())
 
     def _forget(self, ifname: str) -> None:
@@ -350,8 +358,11 @@ class Ports:
                 if length < 16:
                     break
                 if kind == RTM_DELLINK and off + 24 <= len(data):
-                    (index,) = struct.unpack_from("=i", data, off + 20)  # ifinfomsg.ifi_index
-                    self._gone(index)
+                    # ifinfomsg: family, index; AF_BRIDGE: the tap left its bridge, which
+                    # ends a port too, but for one parked by its network's stop
+                    family, index = struct.unpack_from("=B3xi", data, off + 16)
+                    if family != AF_BRIDGE or index not in self._parked:
+                        self._gone(index)
                 elif kind == RTM_NEWLINK and off + 32 <= len(data):
                     (index,) = struct.unpack_from("=i", data, off + 20)
                     port = self.by_index.get(index)
@@ -604,6 +615,52 @@ class Ports:
                 await self.links.set(port.ifindex, master=0)
         self._drop(port)
 
-    async def remove_network_ports(self, network: str) -> None:
+    async def remove_network_ports(self, network: str, *, park: bool = False) -> None:
+        """The network's ports go; with `park`, the taps vnetd handed out (their fds are
+        still held) stay, down and off any bridge, until the network starts again
+        (`unpark`) or their holders close them. Down, a tap neither forwards nor reaches
+        the host: no address, no ARP answer, nothing queued for its guest."""
         for p in self.on_network(network):
+            if park and p.kind == "attach":
+                try:
+                    self._parked.add(p.ifindex)
+                    p.parked = True
+                    self._write(p)  # first: a crash from here on finds it parked
+                    await self.links.set(p.ifindex, master=0, state="down")
+                    log.info("port %s (%s/%s, uid %d) waits for %s to start again",
+                             p.ifname, p.network, p.vm, p.uid, network)
+                    continue
+                except VnetError as e:  # gone meanwhile, or stuck: it goes
+                    self._parked.discard(p.ifindex)
+                    log.warning("could not park port %s: %s", p.ifname, e.message)
             await self.detach(p)
+
+    def parked(self, network: str) -> list[Port]:
+        """The ports that wait for a stopped network (see remove_network_ports)."""
+        return [p for p in self.on_network(network) if p.kind == "attach"]
+
+    def unpark(self, net: model.Network, bridge_index: int, *,
+               marked_only: bool = False) -> list[Port]:
+        """Put the ports that waited for `net` back on its (new) bridge, up: their guards
+        must be in place already. `marked_only`: only those a stop marked parked (after a
+        restart, of a network that still runs: a crash cut its stop short). A port whose tap
+        is gone is dropped; returns those back."""
+        back = []
+        for p in self.parked(net.name):
+            if marked_only and not p.parked:
+                continue
+            self._parked.discard(p.ifindex)
+            try:
+                self.links.fast.set(p.ifindex, alias=model.alias_for(net.name),
+                                    master=bridge_index, mtu=net.mtu)
+            except VnetError as e:
+                log.warning("port %s could not come back on %s: %s", p.ifname, net.name,
+                            e.message)
+                self._drop(p)
+                continue
+            back.append(p)
+            p.parked = False
+            self._write(p)
+            log.info("port %s (%s/%s, uid %d) is back on %s", p.ifname, p.network, p.vm,
+                     p.uid, net.name)
+        return back

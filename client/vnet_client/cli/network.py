@@ -131,7 +131,10 @@ def print_network(n: dict[str, Any]) -> None:
 
 def add_commands(cmd: Command) -> None:
     """list, show, define, export."""
-    cmd("list", "list networks and their state").set_defaults(func=run_list)
+    sp = cmd("list", "list networks and their state")
+    sp.add_argument("--names", action="store_true",
+                    help="only the names, one a line (for scripts and shell completion)")
+    sp.set_defaults(func=run_list)
     sp = cmd("show", "show one network: definition, state, addresses")
     sp.add_argument("name")
     sp.add_argument("--ports", action="store_true",
@@ -155,11 +158,17 @@ def add_commands(cmd: Command) -> None:
 
 def add_lifecycle(cmd: Command) -> None:
     """start, stop, undefine, autostart, reload."""
-    for name, help in (("start", "start a network: bridge, addresses, taps"),
+    for name, help in (("start", "start a network: bridge, addresses, taps (and the ports "
+                                 "of VMs that waited for it)"),
                        ("stop", "stop a network and remove what start made"),
                        ("undefine", "remove a stopped network's definition")):
         sp = cmd(name, help)
         sp.add_argument("name")
+        if name == "stop":
+            sp.add_argument("--force", action="store_true",
+                            help="stop it even with VMs attached: their ports leave the network "
+                                 "and come back, guarded, when it starts again (their QEMU "
+                                 "keeps running; the guests see their link go and return)")
         sp.set_defaults(func=run_lifecycle)
     sp = cmd("autostart", "start a network whenever vnetd starts (or not)")
     sp.add_argument("name")
@@ -172,7 +181,12 @@ def add_lifecycle(cmd: Command) -> None:
 def run_list(args: argparse.Namespace) -> int:
     with Session(args) as s:
         nets = s.run(lambda c: c.list_networks())
-    print(json.dumps(nets, indent=2)) if args.json else print_networks(nets)
+    if args.names:
+        print("\n".join(n["name"] for n in nets))
+    elif args.json:
+        print(json.dumps(nets, indent=2))
+    else:
+        print_networks(nets)
     return EXIT_OK
 
 
@@ -182,7 +196,7 @@ def run_show(args: argparse.Namespace) -> int:
     if args.ports and not args.json:
         ports = n.get("ports", [])
         print(table([[p["ifname"], p["vm"], str(p["nic"]), p["mac"], user_name(p["uid"]),
-                      str(p["spoof-drops"])] for p in ports],
+                      str(p.get("spoof-drops", "(waiting for start)"))] for p in ports],
                     ["PORT", "VM", "NIC", "MAC", "UID", "SPOOF-DROPS"])
               if ports else f"No ports of yours on {args.name}."
               if n.get("other-ports") else f"No ports on {args.name}.")
@@ -262,6 +276,8 @@ def run_lifecycle(args: argparse.Namespace) -> int:
     """start, stop, undefine."""
     cmd = args.cmd
     with Session(args) as s:
+        if cmd == "stop" and not args.force:
+            attached(s, args.name)
         s.run(lambda c: getattr(c, cmd)(args.name))
     if args.json:
         print(json.dumps({"name": args.name, "done": cmd}))
@@ -269,6 +285,23 @@ def run_lifecycle(args: argparse.Namespace) -> int:
         past = {"start": "Started", "stop": "Stopped", "undefine": "Undefined"}[cmd]
         print(f"{past} network {args.name}.")
     return EXIT_OK
+
+
+def attached(s: Session, name: str) -> None:
+    """Refuse to stop a network VMs are attached to, naming them (Busy)."""
+    n = s.run(lambda c: c.get_network(name))
+    count = n.get("attached", 0)
+    if n.get("state") != "running" or not count:
+        return
+    mine = [p for p in n.get("ports", []) if p.get("kind", "attach") == "attach"]
+    names = [f"{p['vm']} ({p['ifname']}, {user_name(p['uid'])})" for p in mine]
+    if count > len(mine):
+        names.append(f"{count - len(mine)} of other users")
+    raise VnetClientError(
+        "org.qemuvnet.Vnet1.Error.Busy",
+        f"{count} VM(s) are attached to {name}: {', '.join(names)}. "
+        f"'vnet-client stop {name} --force' stops it anyway: their ports leave the network "
+        "and come back, with their guards, when it starts again.")
 
 
 def run_autostart(args: argparse.Namespace) -> int:

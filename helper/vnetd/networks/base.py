@@ -117,8 +117,9 @@ class Context:
 
     async def remove_links(self, net: Network, extra: tuple[str, ...] = ()) -> None:
         """The network's ports, pre-created taps, `extra` devices and bridge: only those
-        carrying its alias."""
-        await self.ports.remove_network_ports(net.name)
+        carrying its alias. The ports of attached VMs wait, off the network, for it to start
+        again (Ports.remove_network_ports)."""
+        await self.ports.remove_network_ports(net.name, park=True)
         for name in [*net.tap_names, *extra, net.bridge]:
             lk = await self.links.get(name)
             if lk is not None and model.network_of_alias(lk.alias) == net.name:
