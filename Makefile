@@ -18,22 +18,26 @@ POLKIT_ACT  ?= /usr/share/polkit-1/actions
 POLKIT_RUL  ?= /usr/share/polkit-1/rules.d
 UNITDIR     ?= /etc/systemd/system
 LOGDIR      ?= /var/log/qemu-vnet
+BASHCOMPDIR ?= /usr/share/bash-completion/completions
+ZSHCOMPDIR  ?= /usr/share/zsh/vendor-completions
+MAN1DIR     ?= /usr/share/man/man1
 
 # What the service needs, and what the tests and the demo need on top.
 DEB_RUNTIME := dbus-daemon dbus-bin polkitd pkexec python3 python3-venv python3-pip netbase \
-               python3-nftables python3-jeepney nftables iproute2 dnsmasq-base isc-dhcp-server vde2
+               python3-nftables python3-jeepney nftables iproute2 dnsmasq-base isc-dhcp-server vde2 \
+               python3-shtab python3-argparse-manpage
 DEB_TEST    := qemu-system-x86 linux-image-cloud-amd64 busybox-static expect dnsutils \
-               iperf3 systemd procps psmisc frr iputils-ping vdeplug
+               iperf3 systemd procps psmisc frr iputils-ping vdeplug man-db
 PIP_TEST    := pytest pytest-asyncio hypothesis pexpect ruff mypy
 # Building the Debian package, and the systemd tier's Debian 12/13 images (tests/vm/).
-DEB_BUILD   := debhelper dpkg-dev lintian python3-pip
+DEB_BUILD   := debhelper dpkg-dev lintian python3-pip python3-shtab python3-argparse-manpage
 DEB_VMTEST  := mmdebstrap e2fsprogs
 
 SYSTEMD_PID1 := $(shell [ "$$(cat /proc/1/comm 2>/dev/null)" = systemd ] && echo yes)
 
 .PHONY: all install install-deps install-test-deps install-files venv start stop uninstall \
         demo test test-env unit lint bench clean check-root host-coexistence host-coexistence-remove \
-        deb install-build-deps
+        deb install-build-deps shell-files
 
 all:
 	@echo "Try: sudo make demo    (install and boot a VM on network vnet2)"
@@ -83,6 +87,10 @@ install-files: check-root venv
 	@install -m 644 polkit/org.qemuvnet.Vnet1.policy $(POLKIT_ACT)/
 	@install -m 644 polkit/rules.d/50-qemu-vnet.rules $(POLKIT_RUL)/
 	@install -m 644 systemd/vnetd.service $(UNITDIR)/vnetd.service
+	@$(MAKE) -s shell-files
+	@install -D -m 644 build/shell/vnet-client.bash $(BASHCOMPDIR)/vnet-client
+	@install -D -m 644 build/shell/_vnet-client $(ZSHCOMPDIR)/_vnet-client
+	@install -D -m 644 build/shell/vnet-client.1 $(MAN1DIR)/vnet-client.1
 	@$(MAKE) -s host-coexistence
 	@echo "Installed files under $(VENV), $(BINDIR), $(DBUS_SYSD), $(POLKIT_ACT), $(UNITDIR)."
 
@@ -137,6 +145,7 @@ ifeq ($(SYSTEMD_PID1),yes)
 	-systemctl disable vnetd.service
 endif
 	rm -f $(BINDIR)/vnet-client $(BINDIR)/vnet-ifup $(BINDIR)/vnet-ifdown $(SBINDIR)/vnetd
+	rm -f $(BASHCOMPDIR)/vnet-client $(ZSHCOMPDIR)/_vnet-client $(MAN1DIR)/vnet-client.1
 	rm -rf $(LIBEXECDIR)
 	rm -f $(DBUS_SYSD)/org.qemuvnet.Vnet1.conf $(DBUS_SVCD)/org.qemuvnet.Vnet1.service \
 	  $(DBUS_IFACES)/org.qemuvnet.Vnet1.xml $(POLKIT_ACT)/org.qemuvnet.Vnet1.policy \
@@ -157,6 +166,20 @@ install-build-deps: check-root
 	  echo "Installing Debian packages for building the package:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+
+# Shell completion (bash, zsh) and the manual page, generated from vnet-client's parser by
+# shtab and argparse-manpage (Debian: python3-shtab, python3-argparse-manpage).
+shell-files:
+	@for m in shtab build_manpages; do /usr/bin/python3 -c "import $$m" 2>/dev/null || { \
+	  echo "make shell-files: python module $$m is missing (Debian packages python3-shtab python3-argparse-manpage)" >&2; exit 1; }; done
+	@mkdir -p build/shell
+	@PYTHONPATH=client:common /usr/bin/python3 -m vnet_client.cli.completion bash > build/shell/vnet-client.bash
+	@PYTHONPATH=client:common /usr/bin/python3 -m vnet_client.cli.completion zsh > build/shell/_vnet-client
+	@PYTHONPATH=client:common /usr/bin/argparse-manpage --module vnet_client.cli --function build_parser \
+	  --project-name qemu-vnet --output build/shell/vnet-client.1
+	@# its NAME line with the one-line summary whatis and apropos read
+	@sed -i '/^\.SH NAME$$/{n;s/.*/vnet-client \\- manage qemu-vnet networks and attach QEMU VMs to them/}' \
+	  build/shell/vnet-client.1
 
 deb:
 	@for p in dpkg-buildpackage dh lintian; do command -v $$p >/dev/null || { \

@@ -45,7 +45,10 @@ def add_commands(cmd: Command) -> None:
                 "[--mac=MAC] [--vde] [--br=NET2 ...] -- COMMAND [ARGS...]")
     sp.description = ATTACH_HELP
     sp.formatter_class = argparse.RawDescriptionHelpFormatter
-    cmd("ports", "list your ports (administrators: everyone's)").set_defaults(func=run_ports)
+    sp = cmd("ports", "list your ports (administrators: everyone's)")
+    sp.add_argument("--names", action="store_true",
+                    help="only their VMs' names, one a line (for scripts and shell completion)")
+    sp.set_defaults(func=run_ports)
     sp = cmd("detach", "remove a port now (its owner or an administrator)")
     sp.add_argument("ifname")
     sp.set_defaults(func=run_detach)
@@ -217,7 +220,9 @@ def run_attach(groups: list[Group], command: list[str], common: argparse.Namespa
 def run_ports(args: argparse.Namespace) -> int:
     with Session(args) as s:
         ports = s.run(lambda c: c.list_ports())
-    if args.json:
+    if args.names:
+        print("\n".join(sorted({p["vm"] for p in ports})))
+    elif args.json:
         print(json.dumps(ports, indent=2))
     elif not ports:
         print("No ports.")
