@@ -335,12 +335,8 @@ class Links:
 
     async def addresses(
             self, index: int) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
-        out = []
-        async for msg in await self.nl.addr("dump", index=index):
-            if msg["index"] != index:
-                continue
-            out.append(ipaddress.ip_interface(f"{msg.get('address')}/{msg['prefixlen']}"))
-        return out
+        return [ipaddress.ip_interface((ipaddress.ip_address(raw), plen))
+                for i, _fam, raw, plen in dump_addresses() if i == index]
 
     async def all_addresses(
             self) -> list[tuple[int, ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:

@@ -748,6 +748,25 @@ def render_counters_query() -> dict:
     return {"nftables": [{"list": {"set": _obj("bridge", name="spoof")}}]}
 
 
+_COUNTER_TEXT = re.compile(r'"([^"]+)" counter packets (\d+) bytes (\d+)')
+
+
+def get_spoof_counters(ifnames: Iterable[str], nft=None) -> dict[str, dict[str, int]]:
+    """The drop counts of these ports only (``get element``, in text: libnftables 1.0.6
+    has no JSON form of it, and answers in text), so that one network's `show` does not read
+    every port's; RuntimeError if any of them has no element."""
+    names = [_ifname(n, "Port") for n in ifnames]
+    if not names:
+        return {}
+    nft = nft or _context()
+    quoted = ", ".join(f'"{n}"' for n in names)
+    rc, out, err = nft.cmd(f"get element bridge {TABLE} spoof {{ {quoted} }}")
+    if rc != 0:
+        raise RuntimeError((err or "").strip() or f"libnftables failed ({rc}).")
+    return {m[1]: {"packets": int(m[2]), "bytes": int(m[3])}
+            for m in _COUNTER_TEXT.finditer(out or "")}
+
+
 def parse_spoof_counters(listing: dict) -> dict[str, dict[str, int]]:
     """{ifname: {"packets": n, "bytes": n}} from a listing of the ``spoof`` set."""
     out: dict[str, dict[str, int]] = {}
