@@ -200,8 +200,6 @@ class Ports:
         # ports whose guest MAC is still to be learned, by ifindex: the FDB events of every
         # bridge on the host are checked against this, so it must cost O(1)
         self.learning: dict[int, Port] = {}
-        # ifindexes of the ports a stop parked (their leaving the bridge does not end them)
-        self._parked: set[int] = set()
         self.listeners: list = []
         # who else holds an identity: a learned MAC must not be one (set by the engine)
         self.identity_owner: Callable[[str, str], str | None] = lambda network, mac: None
@@ -228,7 +226,6 @@ class Ports:
         del self.by_name[port.ifname]
         if self.by_index.get(port.ifindex) is port:
             del self.by_index[port.ifindex]
-        self._parked.discard(port.ifindex)
         indexes: tuple[tuple[dict[Any, dict[str, Port]], Any], ...] = (
             (self._on_network, port.network), (self._of_uid, port.uid),
             (self._of_holder, port.holder_pid))
@@ -359,9 +356,10 @@ class Ports:
                     break
                 if kind == RTM_DELLINK and off + 24 <= len(data):
                     # ifinfomsg: family, index; AF_BRIDGE: the tap left its bridge, which
-                    # ends a port too, but for one parked by its network's stop
+                    # ends a port too, but for one its network's stop parked (or one back
+                    # on a bridge by the time the event is read)
                     family, index = struct.unpack_from("=B3xi", data, off + 16)
-                    if family != AF_BRIDGE or index not in self._parked:
+                    if family != AF_BRIDGE or not self._still_bridged(index):
                         self._gone(index)
                 elif kind == RTM_NEWLINK and off + 32 <= len(data):
                     (index,) = struct.unpack_from("=i", data, off + 20)
@@ -371,6 +369,11 @@ class Ports:
                 elif kind == RTM_NEWNEIGH and self.learning:
                     self._fdb_entry(data[off + 16:off + length])
                 off += (length + 3) & ~3
+
+    def _still_bridged(self, index: int) -> bool:
+        port = self.by_index.get(index)
+        return port is not None and (
+            port.parked or os.path.exists(f"/sys/class/net/{port.ifname}/master"))
 
     def _link_changed(self, port: Port, attrs: bytes) -> None:
         """A link event of one of our ports: its own address must stay what it was (a holder
@@ -623,7 +626,6 @@ class Ports:
         for p in self.on_network(network):
             if park and p.kind == "attach":
                 try:
-                    self._parked.add(p.ifindex)
                     p.parked = True
                     self._write(p)  # first: a crash from here on finds it parked
                     await self.links.set(p.ifindex, master=0, state="down")
@@ -631,7 +633,7 @@ class Ports:
                              p.ifname, p.network, p.vm, p.uid, network)
                     continue
                 except VnetError as e:  # gone meanwhile, or stuck: it goes
-                    self._parked.discard(p.ifindex)
+                    p.parked = False
                     log.warning("could not park port %s: %s", p.ifname, e.message)
             await self.detach(p)
 
@@ -649,7 +651,6 @@ class Ports:
         for p in self.parked(net.name):
             if marked_only and not p.parked:
                 continue
-            self._parked.discard(p.ifindex)
             try:
                 self.links.fast.set(p.ifindex, alias=model.alias_for(net.name),
                                     master=bridge_index, mtu=net.mtu)

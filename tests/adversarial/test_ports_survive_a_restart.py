@@ -87,3 +87,17 @@ def test_a_port_whose_holder_leaves_while_it_waits_is_gone_at_start(vnetd, agent
     run_client("start", NET, check=True)
     assert not show(NET).get("ports")
     assert vm.ifname not in vnetd.link_names()
+
+
+def test_a_stop_and_start_back_to_back_keep_the_port(vnetd, agents):
+    """The events of a parked tap leaving its bridge may be read after the start put it back:
+    they must not end the port then."""
+    vm = agents(ALICE, NET, "quick")
+    assert vm.error is None, vm.hello
+    for _ in range(3):
+        run_client("stop", NET, "--force", check=True)
+        run_client("start", NET, check=True)
+    lk = link(vnetd, vm.ifname)
+    assert lk.get("master") == NET and "UP" in lk["flags"], lk
+    assert [p["vm"] for p in show(NET)["ports"]] == ["quick"]
+    vm.close()
