@@ -110,14 +110,19 @@ def network_number(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+_QEMU_VLAN_NAME = re.compile(r"(?:vnet|vmnet)(\d+)")
+
+
 def default_subnet(name: str) -> ipaddress.IPv4Network:
-    """vnetN -> 172.16.(10+N).0/24, as qemu-vlan did."""
-    n = network_number(name)
-    if n is None:
+    """vnetN and vmnetN -> 172.16.(10+N).0/24, as qemu-vlan did; other names get no subnet
+    from their digits (a network 'lab3' would otherwise take 172.16.13.0/24 unasked)."""
+    m = _QEMU_VLAN_NAME.fullmatch(name)
+    if m is None:
         raise InvalidArgument(
-            f"The network name '{name}' has no trailing number to derive a subnet from "
-            "(vnetN -> 172.16.(10+N).0/24): give a subnet, e.g. --subnet=172.16.50.0/24."
+            f"A subnet comes from the name only for qemu-vlan's vnetN and vmnetN (vnet3 -> "
+            f"172.16.13.0/24); '{name}' needs one: e.g. --subnet=172.16.50.0/24."
         )
+    n = int(m.group(1))
     if n > 245:
         raise InvalidArgument(
             f"The network number {n} of '{name}' is too large for 172.16.(10+N).0/24 "

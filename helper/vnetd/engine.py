@@ -371,7 +371,10 @@ class Engine:
         d["owner"] = net.owner
         d["state"] = ("adopting" if net.name in self.adopting else
                       "running" if net.name in self.running else "stopped")
-        d["gateway"] = str(net.gateway)
+        if net.mode == "bridged":  # the LAN's addresses, not ours: no subnet, gateway, range
+            d.pop("subnet", None)
+        else:
+            d["gateway"] = str(net.gateway)
         if net.gateway6:
             d["gateway6"] = str(net.gateway6)
         d["bridge"] = net.bridge
@@ -415,7 +418,8 @@ class Engine:
                           for p in sorted(self.ports.parked(name), key=lambda p: p.ifname)]
         # VMs attached (or waiting for a start): what `stop` names; a count anyone may see
         d["attached"] = sum(1 for p in self.ports.on_network(name) if p.kind == "attach")
-        d["dhcp-range"] = [str(a) for a in net.dhcp_range]
+        if net.mode != "bridged":
+            d["dhcp-range"] = [str(a) for a in net.dhcp_range]
         d["domain"] = net.dns_domain
         return d
 
@@ -497,8 +501,10 @@ class Engine:
                 "--max-forwards-per-user.")
 
     async def _check_subnets(self, net: Network, ignore: str | None = None) -> None:
+        if net.mode == "bridged":
+            return  # no subnet of its own
         for other in self.defs.values():
-            if other.name in (net.name, ignore):
+            if other.name in (net.name, ignore) or other.mode == "bridged":
                 continue
             for a, b in ((net.subnet, other.subnet), (net.subnet6, other.subnet6)):
                 if a is not None and b is not None and model.overlapping(a, b):

@@ -151,6 +151,10 @@ def check_host_ip(net_subnet: ipaddress.IPv4Network, ip: ipaddress.IPv4Address,
         raise InvalidArgument(f"The {what} {ip} is the gateway's address.")
 
 
+# a bridged network's: it has no subnet of its own (never shown, stored or checked)
+NO_SUBNET = ipaddress.IPv4Network("0.0.0.0/32")
+
+
 def default_dhcp_range(subnet: ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Address,
                                                                 ipaddress.IPv4Address]:
     """qemu-vlan's .32-.254 on a /24 (.2-.31 left for static hosts), scaled to the subnet."""
@@ -259,6 +263,8 @@ class Network:
             )
         if "subnet" in options:
             subnet = parse_subnet4(options["subnet"])
+        elif mode == "bridged":
+            subnet = NO_SUBNET  # its addresses are the physical LAN's
         else:
             subnet = default_subnet(name)
         subnet6 = parse_subnet6(options["subnet6"]) if options.get("subnet6") else None
@@ -295,14 +301,18 @@ class Network:
                 f"Unknown DHCP server '{_printable(dhcp)}': use one of {', '.join(DHCP_KINDS)}."
             )
         start = end = None
+        if mode == "bridged" and (options.get("dhcp-start") is not None
+                                  or options.get("dhcp-end") is not None):
+            raise InvalidArgument("A bridged network gets DHCP from the physical network: it "
+                                  "has no DHCP range (leave --dhcp-start/--dhcp-end out).")
         if options.get("dhcp-start") is not None:
             start = parse_ip4(options["dhcp-start"], "DHCP range start")
             check_host_ip(subnet, start, "DHCP range start")
         if options.get("dhcp-end") is not None:
             end = parse_ip4(options["dhcp-end"], "DHCP range end")
             check_host_ip(subnet, end, "DHCP range end")
-        d_start, d_end = default_dhcp_range(subnet)
-        if (start or d_start) > (end or d_end):
+        d_start, d_end = default_dhcp_range(subnet) if subnet != NO_SUBNET else (None, None)
+        if d_start is not None and d_end is not None and (start or d_start) > (end or d_end):
             raise InvalidArgument(
                 f"The DHCP range {start or d_start}-{end or d_end} is reversed.")
         domain = validate_domain(options["domain"]) if options.get("domain") else None
@@ -369,7 +379,8 @@ class Network:
         if owner and self.owner:
             d["owner"] = self.owner
         d["mode"] = self.mode
-        d["subnet"] = str(self.subnet)
+        if self.subnet != NO_SUBNET:
+            d["subnet"] = str(self.subnet)
         if self.subnet6:
             d["subnet6"] = str(self.subnet6)
         if not self.mtu_auto:

@@ -39,7 +39,8 @@ def base_network(vnetd):
     (["define", "lo"], EXISTS, "already exists"),
     (["define", "hostnic0", "--subnet=10.50.0.0/24"], EXISTS, "already exists"),
     (["define", "vnet2"], EXISTS, "already defined"),
-    (["define", "other2"], INVALID, "overlaps"),  # 172.16.12.0/24 like vnet2
+    (["define", "vmnet2"], INVALID, "overlaps"),  # 172.16.12.0/24 like vnet2
+    (["define", "other2"], INVALID, "needs one"),  # a subnet from vnetN/vmnetN names only
     (["define", "net1", "--subnet=10.99.5.0/24"], INVALID, "hostnic0"),
     (["define", "net1", "--subnet=10.98.0.0/24", "--subnet6=fd99:77::/64"], INVALID,
      "fd99:77::1/64 already on interface 'hostnic0'"),
@@ -50,11 +51,11 @@ def base_network(vnetd):
     (["define", "net1", "--subnet=127.0.0.0/8"], INVALID, "special-purpose"),
     (["define", "net1", "--subnet=172.16.40.0/24", "--subnet6=fe80::/64"], INVALID, "special"),
     (["define", "net1", "--subnet=172.16.40.0/24", "--subnet6=fd00::1/64"], INVALID, "host bits"),
-    (["define", "noNumber"], INVALID, "no trailing number"),
+    (["define", "noNumber"], INVALID, "'noNumber' needs one"),
     (["define", "vnet999"], INVALID, "too large"),
     (["define", "vnet5", "-n", "0"], INVALID, "out of range"),
     (["define", "vnet5", "-n", "100000"], INVALID, "out of range"),
-    (["define", "vnetlongname5", "-n", "64"], INVALID, "exceed"),
+    (["define", "vnetlongname5", "--subnet=10.55.0.0/24", "-n", "64"], INVALID, "exceed"),
     (["define", "vnet5", "--mtu", "100"], INVALID, "MTU"),
     (["start", "nosuchnet"], NOT_FOUND, "no network named"),
     (["stop", "nosuchnet"], NOT_FOUND, "no network named"),

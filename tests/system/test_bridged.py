@@ -108,3 +108,25 @@ def test_a_daemon_restart_in_between_still_restores(vnetd, upstream):
     run_client("stop", "vnet2", check=True)
     assert (addrs(vnetd), routes(vnetd)) == (before_addrs, before_routes)
     run_client("undefine", "vnet2", check=True)
+
+
+def test_a_bridged_network_has_no_subnet_to_block_others_with(vnetd, upstream):
+    """Its addresses are the LAN's: no subnet from its name's digits, none shown, and none
+    that makes a routed network with the derived one overlap."""
+    vnetd.ip("link", "add", "eth6", "type", "veth", "peer", "name", "eth6p")
+    try:
+        run_client("define", "ux3", "--mode=bridged", "--if=eth6", check=True)
+        shown = json.loads(run_client("show", "ux3", "--json", check=True).stdout)
+        assert not {"subnet", "gateway", "dhcp-range"} & set(shown), shown
+        listed = run_client("list", check=True).stdout
+        row = next(ln for ln in listed.splitlines() if ln.startswith("ux3 "))
+        assert "172.16.13" not in row and " - " in row, listed
+        assert "subnet" not in run_client("export", "ux3", check=True).stdout
+        # vnet3 derives 172.16.13.0/24 from its name; ux3 took none of it
+        run_client("define", "vnet3", "--mode=host-only", check=True)
+        run_client("undefine", "vnet3", check=True)
+        r = run_client("define", "lab3")  # a routed network needs qemu-vlan's naming or one
+        assert r.returncode == 1 and "'lab3' needs one" in r.stderr and "--subnet=" in r.stderr
+        run_client("undefine", "ux3", check=True)
+    finally:
+        vnetd.ip("link", "del", "eth6")

@@ -286,10 +286,10 @@ def test_subnet6_is_optional_and_absent_means_none():
 # --- addressing from the name --------------------------------------------------------------
 @pytest.mark.parametrize("name,subnet", [
     ("vnet0", "172.16.10.0/24"), ("vnet2", "172.16.12.0/24"), ("vnet3", "172.16.13.0/24"),
-    ("br5", "172.16.15.0/24"), ("vmnet12", "172.16.22.0/24"), ("vnet007", "172.16.17.0/24"),
-    ("10", "172.16.20.0/24"), ("a1b2", "172.16.12.0/24"), ("vnet245", "172.16.255.0/24"),
+    ("vmnet12", "172.16.22.0/24"), ("vnet007", "172.16.17.0/24"),
+    ("vnet245", "172.16.255.0/24"),
 ])
-def test_default_subnet_from_trailing_digits(name, subnet):
+def test_default_subnet_from_qemu_vlan_names(name, subnet):
     assert default_subnet(name) == ipaddress.IPv4Network(subnet)
     n = Network.from_options(name, {})
     assert str(n.subnet) == subnet
@@ -357,6 +357,23 @@ def test_tap_count_must_be_a_whole_number(value):
     refused(Network.from_options, "vnet3", {"taps": value})
 
 
+@pytest.mark.parametrize("name", ["br5", "10", "a1b2", "lab3", "vnet", "myvnet2", "vnet2x",
+                                  "vnet2_1"])
+def test_other_names_get_no_subnet_from_their_digits(name):
+    """Only qemu-vlan's vnetN/vmnetN derive a subnet: 'lab3' taking 172.16.13.0/24 unasked
+    would block vnet3; a bridged network needs none."""
+    msg = refused(Network.from_options, name, {})
+    assert_sentence(msg, f"'{name}' needs one")
+    assert "--subnet=" in msg
+    assert str(Network.from_options(name, {"subnet": "10.9.0.0/24"}).subnet) == "10.9.0.0/24"
+    br = Network.from_options(name, {"mode": "bridged", "if": "eth0"})
+    assert "subnet" not in br.to_dict() and "dhcp-start" not in br.to_dict()
+    assert Network.from_options(name, br.to_dict(), stored=True) == br
+    msg = refused(Network.from_options, name, {"mode": "bridged", "if": "eth0",
+                                               "dhcp-start": "10.0.0.5"})
+    assert_sentence(msg, "no DHCP range")
+
+
 def test_tap_names_must_fit_15_bytes():
     name13 = "abcdefghijklm"
     assert Network.from_options(name13, {"subnet": "10.0.0.0/24", "taps": 10}).tap_names[-1] \
@@ -368,7 +385,8 @@ def test_tap_names_must_fit_15_bytes():
                                                  "tap-base": 1})
     assert_sentence(msg, "abcdefghijklm_10")
     name12 = "abcdefghijk1"
-    assert Network.from_options(name12, {"taps": 64}).tap_names[-1] == "abcdefghijk1_63"
+    assert Network.from_options(name12, {"subnet": "10.0.0.0/24", "taps": 64}).tap_names[
+        -1] == "abcdefghijk1_63"
     assert "a" * 15 == validate_ifname("a" * 15)
     refused(Network.from_options, "a" * 15, {"subnet": "10.0.0.0/24", "taps": 1})
     refused(Network.from_options, "a" * 14, {"subnet": "10.0.0.0/24", "taps": 1})
@@ -506,8 +524,8 @@ NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}", fullmatch=True)
 def valid_options(draw):
     name = draw(NAMES)
     opts: dict = {}
-    n = network_number(name)
-    if n is None or n > 245 or draw(st.booleans()):
+    m = re.fullmatch(r"(?:vnet|vmnet)(\d+)", name)
+    if m is None or int(m.group(1)) > 245 or draw(st.booleans()):
         plen = draw(st.integers(8, 30))
         addr = draw(st.integers(0, 2**24 - 1)) + (10 << 24)
         opts["subnet"] = str(ipaddress.IPv4Network((addr, plen), strict=False))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..base import VnetClientError
 from .accounts import group_exists, uid_of
-from .network import define_options, define_opts
+from .network import addressing, define_options, define_opts
 from .parser import EXIT_OK, Failure, Parser, Usage, add_common
 from .session import Session
 
@@ -274,7 +274,7 @@ def run_compat(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(n, indent=2))
         else:
-            print(f"Started network {name}: {n['subnet']} gateway {n['gateway']}"
+            print(f"Started network {name}: {addressing(n)}"
                   + (f", taps {', '.join(n['tap-names'])}" if n.get("tap-names") else "") + ".")
     return EXIT_OK
 

@@ -7,7 +7,7 @@ from typing import Any
 
 FLAGS: tuple[dict[str, Any], ...] = (
     {'key': 'mode', 'section': None, 'flag': '--mode', 'type': 'str', 'metavar': 'MODE', 'choices': ('nat', 'host-only', 'bridged'), 'compat': (), 'flag_value': None, 'repeatable': False, 'help': 'nat (default), host-only, or bridged (with --if: guests on the physical network)'},
-    {'key': 'subnet', 'section': None, 'flag': '--subnet', 'type': 'cidr4', 'metavar': 'CIDR', 'choices': (), 'compat': (), 'flag_value': None, 'repeatable': False, 'help': 'IPv4 subnet (default from the name: vnetN -> 172.16.(10+N).0/24)'},
+    {'key': 'subnet', 'section': None, 'flag': '--subnet', 'type': 'cidr4', 'metavar': 'CIDR', 'choices': (), 'compat': (), 'flag_value': None, 'repeatable': False, 'help': 'IPv4 subnet (default only for the names vnetN and vmnetN: 172.16.(10+N).0/24)'},
     {'key': 'subnet6', 'section': None, 'flag': '--subnet6', 'type': 'cidr6', 'metavar': 'CIDR', 'choices': (), 'compat': (), 'flag_value': None, 'repeatable': False, 'help': 'an IPv6 prefix too, e.g. fd00:12::/64'},
     {'key': 'mtu', 'section': None, 'flag': '--mtu', 'type': 'int', 'metavar': 'N', 'choices': (), 'compat': (), 'flag_value': None, 'repeatable': False, 'help': 'bridge and tap MTU (default 1500)'},
     {'key': 'autostart', 'section': None, 'flag': '--autostart', 'type': 'bool', 'metavar': None, 'choices': (), 'compat': (), 'flag_value': True, 'repeatable': False, 'help': 'start whenever vnetd starts'},

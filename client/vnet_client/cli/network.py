@@ -100,11 +100,18 @@ def define_opts(a: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def addressing(n: dict[str, Any]) -> str:
+    """'nat, 172.16.12.0/24, gateway 172.16.12.1'; a bridged network: its NIC."""
+    if "subnet" not in n:
+        return f"{n['mode']} on {n.get('if', 'its NIC')}"
+    return f"{n['mode']}, {n['subnet']}, gateway {n['gateway']}"
+
+
 def print_networks(nets: list[dict[str, Any]]) -> None:
     if not nets:
         print("No networks defined. Try: vnet-client define vnet2 --mode=nat")
         return
-    rows = [[n["name"], n["mode"], n["state"], n["subnet"], n["gateway"],
+    rows = [[n["name"], n["mode"], n["state"], n.get("subnet", "-"), n.get("gateway", "-"),
              "yes" if n.get("autostart") else "no"] for n in nets]
     print(table(rows, ["NAME", "MODE", "STATE", "SUBNET", "GATEWAY", "AUTOSTART"]))
 
@@ -222,8 +229,8 @@ def run_define(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(n, indent=2))
             else:
-                print(f"Would define network {n['name']} ({n['mode']}, {n['subnet']}, gateway "
-                      f"{n['gateway']}): every check passed; nothing was defined.")
+                print(f"Would define network {n['name']} ({addressing(n)}): every check "
+                      "passed; nothing was defined.")
             return EXIT_OK
         s.run(lambda c: c.define(args.name, **opts))
         if args.start:
@@ -232,8 +239,8 @@ def run_define(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(n, indent=2))
     else:
-        print(f"Defined network {n['name']} ({n['mode']}, {n['subnet']}, gateway "
-              f"{n['gateway']}){' and started it' if args.start else ''}.")
+        print(f"Defined network {n['name']} ({addressing(n)})"
+              f"{' and started it' if args.start else ''}.")
     return EXIT_OK
 
 
