@@ -340,3 +340,28 @@ def test_show_labels_the_values_of_its_lists_and_names_users(capsys):
     out = capsys.readouterr().out
     assert "name=dnsmasq[ux1] state=running restarts=0 pid=12281" in out
     assert "root (0)" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["forward", "add", "vnet2", "-6", "tcp", "8080", "[fd00:12::5]:80"],
+    ["forward", "add", "-6", "vnet2", "tcp", "8080", "[fd00:12::5]:80"],
+    ["forward", "add", "vnet2", "tcp", "-6", "8080", "[fd00:12::5]:80"],
+    ["forward", "add", "vnet2", "tcp", "8080", "[fd00:12::5]:80", "-6"],
+    ["--json", "forward", "add", "vnet2", "--if", "eth0", "-6", "tcp", "8080", "[fd00:12::5]:80"],
+])
+def test_forward_add_takes_its_options_anywhere(argv):
+    from vnet_client.cli import build_parser, forward_add_options_last
+
+    a = build_parser().parse_args(forward_add_options_last(argv))
+    assert (a.network, a.proto, a.external, a.to, a.ipv6) == (
+        "vnet2", "tcp", "8080", "[fd00:12::5]:80", True)
+    assert a.iface == ("eth0" if "--if" in argv else None)
+
+
+def test_only_forward_add_is_reordered():
+    from vnet_client.cli import forward_add_options_last
+
+    for argv in (["attach", "--br=vnet2", "--vm", "x", "--", "qemu", "-6"],
+                 ["attach", "--br=vnet2", "--", "sh", "-c", "x", "forward", "add", "-6", "y"],
+                 ["forward", "remove", "vnet2", "tcp", "8080"], ["list", "--json"]):
+        assert forward_add_options_last(argv) == argv

@@ -138,8 +138,39 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return argv
 
 
+# forward add's options that take a value (the next word, unless written --opt=value)
+FORWARD_ADD_VALUES = ("--if", "--addr-of", "--rule", "--rule-means", "--bus-address")
+
+
+def forward_add_options_last(argv: list[str]) -> list[str]:
+    """`forward add NET -6 tcp 8080 [fd00::5]:80` as `forward add NET tcp 8080 [fd00::5]:80
+    -6`: argparse gives its optional positionals (PROTO PORT TARGET may be left out for
+    --rule) nothing once an option comes between them, so the options move behind them."""
+    at = 0  # past the options every command takes
+    while at < len(argv) and (argv[at] in GLOBAL_FLAGS or argv[at].startswith("--bus-address")):
+        at += 2 if argv[at] == "--bus-address" else 1
+    if argv[at:at + 2] != ["forward", "add"]:
+        return argv
+    head, tail = argv[:at + 2], argv[at + 2:]
+    words: list[str] = []
+    options: list[str] = []
+    i = 0
+    while i < len(tail):
+        t = tail[i]
+        if t.startswith("-") and len(t) > 1:
+            options.append(t)
+            if t in FORWARD_ADD_VALUES and i + 1 < len(tail):
+                options.append(tail[i + 1])
+                i += 1
+        else:
+            words.append(t)
+        i += 1
+    return head + words + options
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = hoist_global_options(sys.argv[1:] if argv is None else argv)
+    argv = forward_add_options_last(argv)
     try:
         if argv[:1] == ["attach"] and not {"-h", "--help"} & set(argv[1:argv.index("--")]
                                                                 if "--" in argv else argv[1:]):
