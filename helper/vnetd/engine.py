@@ -82,6 +82,12 @@ def _who(uid: int) -> str:
         return f"uid {uid}"
 
 
+def _port_row(p: Port) -> dict[str, Any]:
+    """A port as `show` lists it."""
+    return {"ifname": p.ifname, "vm": p.vm, "nic": p.nic, "kind": p.kind,
+            "mac": p.mac if p.mac_known else "(learning)", "uid": p.uid}
+
+
 class Engine:
     def __init__(self, store: Store, links: Links, max_ports_per_user: int = 64,
                  max_networks_per_user: int = 8, max_forwards_per_user: int = 64,
@@ -399,11 +405,9 @@ class Engine:
             if vde is not None:
                 d["vde"] = vde
             counters = await self.firewall.status(name)
-            d["ports"] = [{"ifname": p.ifname, "vm": p.vm, "nic": p.nic, "kind": p.kind,
-                           "mac": p.mac if p.mac_known else "(learning)", "uid": p.uid,
-                           "spoof-drops": counters.get(p.ifname, {}).get("packets", 0)}
-                          for p in sorted(self.ports.on_network(net.name),
-                                          key=lambda p: p.ifname)]
+            d["ports"] = [_port_row(p) | {"spoof-drops": counters.get(p.ifname, {}).get(
+                "packets", 0)} for p in sorted(self.ports.on_network(net.name),
+                                               key=lambda p: p.ifname)]
             d.update(await driver_for(net).status(self.ctx, run))
             evpn = await self.evpn.status(name)
             if evpn is not None and "overlay-state" in d:
@@ -412,9 +416,7 @@ class Engine:
             if warnings:
                 d["firewall-warnings"] = warnings
         elif self.ports.parked(name):  # stopped with VMs attached: they wait for its start
-            d["ports"] = [{"ifname": p.ifname, "vm": p.vm, "nic": p.nic, "uid": p.uid,
-                           "kind": p.kind, "mac": p.mac if p.mac_known else "(learning)",
-                           "waiting": True}
+            d["ports"] = [_port_row(p) | {"waiting": True}
                           for p in sorted(self.ports.parked(name), key=lambda p: p.ifname)]
         # VMs attached (or waiting for a start): what `stop` names; a count anyone may see
         d["attached"] = sum(1 for p in self.ports.on_network(name) if p.kind == "attach")

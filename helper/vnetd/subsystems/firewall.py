@@ -101,14 +101,19 @@ class Firewall:
         except RuntimeError as e:
             raise Failed(f"The firewall refused to {what}; nothing was changed ({e}).") from None
 
-    async def _change(self, what: str, render, *args, **kw) -> None:
+    async def _change(self, what: str, render, *args, in_loop: bool = False, **kw) -> None:
         """Render (pure; a ValueError means vnetd asked for something impossible) and apply
-        as one transaction, off the event loop."""
+        as one transaction, off the event loop; `in_loop` for a change of a few set elements
+        (well under a millisecond whatever the host holds), where a thread's hand-off would
+        cost as much again."""
         try:
             cmd = render(*args, **kw)
         except ValueError as e:
             raise Failed(f"The firewall cannot {what}: {e}") from None
-        await asyncio.to_thread(self._apply, cmd, what)
+        if in_loop:
+            self._apply(cmd, what)
+        else:
+            await asyncio.to_thread(self._apply, cmd, what)
 
     # --- the subsystem protocol (subsystems/__init__.py) ---------------------------------
     async def apply(self, run: Running) -> None:
@@ -527,14 +532,8 @@ class Firewall:
         protects = self._protects(network)
         self._hold(new, 1)
         try:
-            # a port's change is a few set elements (well under a millisecond, the same with
-            # any number of ports): applied here, a thread's hand-off would cost as much again
-            try:
-                cmd = fw.render_port_update(new, old, spoof_protection=protects,
-                                            keep=self._keep(old))
-            except ValueError as e:
-                raise Failed(f"The firewall cannot protect the port: {e}") from None
-            self._apply(cmd, "protect the port")
+            await self._change("protect the port", fw.render_port_update, new, old,
+                               spoof_protection=protects, keep=self._keep(old), in_loop=True)
         except BaseException:
             self._hold(new, -1)
             raise
