@@ -9,7 +9,6 @@ pre-created tap or a VDE switch, through what that user may open); root only wat
 from __future__ import annotations
 
 import json
-import select
 import shutil
 import subprocess
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from tests.harness import frames as F
 from tests.harness.daemon import PY, as_user, run_client
+from tests.harness.users import read_line
 
 FRAMES_PATH = Path(F.__file__).resolve()
 
@@ -63,10 +63,9 @@ class Agent:
         return self.hello.get("error")
 
     def _read(self, timeout: float) -> dict:
-        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not r:
+        line = read_line(self.proc, timeout)
+        if line is None:
             raise AgentError(f"agent of {self.user} did not answer in {timeout} s")
-        line = self.proc.stdout.readline()
         if not line:
             raise AgentError(f"agent of {self.user} ended: {self.proc.stderr.read()}")
         return json.loads(line)

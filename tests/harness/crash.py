@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .users import spawn_as
+from .users import read_line, spawn_as
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -173,12 +173,9 @@ class Driver:
         self.name = first.get("name", "")
 
     def _read(self, timeout: float = 60) -> dict[str, Any]:
-        import select
-
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
+        line = read_line(self.proc, timeout)
+        if line is None:
             raise CallLost(f"driver ({self.user or 'root'}) gave no answer in {timeout} s")
-        line = self.proc.stdout.readline()
         if not line:
             raise DriverError(f"driver ({self.user or 'root'}) ended: {self.proc.stderr.read()}")
         return json.loads(line)

@@ -17,7 +17,6 @@ import inspect
 import json
 import os
 import re
-import select
 import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
@@ -29,7 +28,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from .daemon import ALICE, BOB, PY, as_user
-from .users import script
+from .users import read_line, script
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = ROOT / "dbus/org.qemuvnet.Vnet1.xml"
@@ -875,10 +874,9 @@ class Worker:
     def _ask(self, req: dict, wait: float) -> dict:
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], wait)
-        if not ready:
+        line = read_line(self.proc, wait)
+        if line is None:
             raise AssertionError(f"the {self.who} worker did not answer within {wait:.0f} s")
-        line = self.proc.stdout.readline()
         if not line:
             raise AssertionError(f"the {self.who} worker ended: {self.errors()}")
         return json.loads(line)

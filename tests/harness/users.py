@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import tempfile
 import textwrap
+import time
 
 from .daemon import PY, as_user
 
@@ -48,8 +50,53 @@ def spawn_as(user: str | None, code: str, *args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, bufsize=1)
 
 
-def read_json(proc: subprocess.Popen) -> dict:
-    line = proc.stdout.readline()
+class _Lines:
+    """A child's stdout split into lines, read from its raw descriptor.
+
+    select() on the pipe and then readline() on the buffered file loses lines: when two lines
+    arrive in one read, readline() returns the first and keeps the second in its buffer, and
+    the next select() waits for bytes that already came (a reply that came right behind its
+    'sent' mark looked lost). This keeps its own buffer, so a line read early is never waited
+    for again."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = b""
+        self.eof = False
+
+    def line(self, timeout: float | None) -> str | None:
+        """The next line (with its newline), '' once the child closed its end, None if none
+        came in `timeout` seconds (None: wait as long as it takes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buf and not self.eof:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if chunk:
+                self.buf += chunk
+            else:
+                self.eof = True
+        if b"\n" in self.buf:
+            line, _, self.buf = self.buf.partition(b"\n")
+            return line.decode(errors="replace") + "\n"
+        line, self.buf = self.buf, b""
+        return line.decode(errors="replace")
+
+
+def read_line(proc: subprocess.Popen, timeout: float | None = None) -> str | None:
+    """The next line `proc` printed: '' once it closed stdout, None after `timeout` seconds
+    with none. Read every line of one process through this (never proc.stdout.readline())."""
+    lines = proc.__dict__.get("_vnet_lines")
+    if lines is None:
+        lines = proc.__dict__["_vnet_lines"] = _Lines(proc.stdout.fileno())
+    return lines.line(timeout)
+
+
+def read_json(proc: subprocess.Popen, timeout: float | None = None) -> dict:
+    line = read_line(proc, timeout)
+    if line is None:
+        raise AssertionError(f"process {proc.pid} printed nothing in {timeout} s")
     if not line:
         raise AssertionError(f"process ended: {proc.stderr.read()}")
     return json.loads(line)

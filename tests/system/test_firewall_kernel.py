@@ -16,7 +16,6 @@ import ipaddress as ia
 import json
 import os
 import re
-import select
 import shutil
 import socket
 import struct
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.nftlist import normalized
+from tests.harness.users import read_line
 
 REPO = Path(__file__).parents[2]
 FW_PATH = REPO / "helper" / "vnetd" / "render" / "nft.py"
@@ -307,10 +307,10 @@ class Lab:
 
 
 def readline(p: subprocess.Popen, timeout: float) -> str:
-    r, _, _ = select.select([p.stdout], [], [], timeout)
-    if not r:
+    line = read_line(p, timeout)
+    if line is None:
         raise TimeoutError("no answer from a helper process")
-    return p.stdout.readline().strip()
+    return line.strip()
 
 
 def table_query(family: str, name: str) -> dict:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import time
 
 import pytest
 
 from tests.harness.daemon import ALICE, BOB, VENV, as_user, run_client, uid_of
-from tests.harness.users import HOLDER, read_json, run_as, spawn_as
+from tests.harness.users import HOLDER, read_json, read_line, run_as, spawn_as
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -398,10 +397,9 @@ for c in children:
 """
     holder = spawn_as(ALICE, code)
     try:
-        ready, _, _ = select.select([holder.stdout], [], [], 60)
-        assert ready, "the holders did not report in 60 s"
-        line = holder.stdout.readline().strip()
-        assert line == "ready", line
+        line = read_line(holder, 60)
+        assert line is not None, "the holders did not report in 60 s"
+        assert line.strip() == "ready", line
         deadline = time.monotonic() + 5  # the taps' deletion reaches vnetd as link events
         while pidfds_of(pid) > before and time.monotonic() < deadline:
             time.sleep(0.1)
