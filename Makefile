@@ -20,6 +20,7 @@ UNITDIR     ?= /etc/systemd/system
 LOGDIR      ?= /var/log/qemu-vnet
 BASHCOMPDIR ?= /usr/share/bash-completion/completions
 ZSHCOMPDIR  ?= /usr/share/zsh/vendor-completions
+FISHCOMPDIR ?= /usr/share/fish/vendor_completions.d
 MAN1DIR     ?= /usr/share/man/man1
 
 # What the service needs, and what the tests and the demo need on top.
@@ -27,7 +28,7 @@ DEB_RUNTIME := dbus-daemon dbus-bin polkitd pkexec python3 python3-venv python3-
                python3-nftables python3-jeepney nftables iproute2 dnsmasq-base isc-dhcp-server vde2 \
                python3-shtab python3-argparse-manpage
 DEB_TEST    := qemu-system-x86 linux-image-cloud-amd64 busybox-static expect dnsutils \
-               iperf3 systemd procps psmisc frr iputils-ping vdeplug man-db
+               iperf3 systemd procps psmisc frr iputils-ping vdeplug man-db fish
 PIP_TEST    := pytest pytest-asyncio hypothesis pexpect ruff mypy
 # Building the Debian package, and the systemd tier's Debian 12/13 images (tests/vm/).
 DEB_BUILD   := debhelper dpkg-dev lintian python3-pip python3-shtab python3-argparse-manpage
@@ -90,6 +91,7 @@ install-files: check-root venv
 	@$(MAKE) -s shell-files
 	@install -D -m 644 build/shell/vnet-client.bash $(BASHCOMPDIR)/vnet-client
 	@install -D -m 644 build/shell/_vnet-client $(ZSHCOMPDIR)/_vnet-client
+	@install -D -m 644 build/shell/vnet-client.fish $(FISHCOMPDIR)/vnet-client.fish
 	@install -D -m 644 build/shell/vnet-client.1 $(MAN1DIR)/vnet-client.1
 	@$(MAKE) -s host-coexistence
 	@echo "Installed files under $(VENV), $(BINDIR), $(DBUS_SYSD), $(POLKIT_ACT), $(UNITDIR)."
@@ -145,7 +147,8 @@ ifeq ($(SYSTEMD_PID1),yes)
 	-systemctl disable vnetd.service
 endif
 	rm -f $(BINDIR)/vnet-client $(BINDIR)/vnet-ifup $(BINDIR)/vnet-ifdown $(SBINDIR)/vnetd
-	rm -f $(BASHCOMPDIR)/vnet-client $(ZSHCOMPDIR)/_vnet-client $(MAN1DIR)/vnet-client.1
+	rm -f $(BASHCOMPDIR)/vnet-client $(ZSHCOMPDIR)/_vnet-client $(FISHCOMPDIR)/vnet-client.fish \
+	  $(MAN1DIR)/vnet-client.1
 	rm -rf $(LIBEXECDIR)
 	rm -f $(DBUS_SYSD)/org.qemuvnet.Vnet1.conf $(DBUS_SVCD)/org.qemuvnet.Vnet1.service \
 	  $(DBUS_IFACES)/org.qemuvnet.Vnet1.xml $(POLKIT_ACT)/org.qemuvnet.Vnet1.policy \
@@ -167,14 +170,16 @@ install-build-deps: check-root
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-# Shell completion (bash, zsh) and the manual page, generated from vnet-client's parser by
-# shtab and argparse-manpage (Debian: python3-shtab, python3-argparse-manpage).
+# Shell completion (bash, zsh, fish) and the manual page, generated from vnet-client's parser
+# by shtab (fish: by vnet_client.cli.completion itself) and argparse-manpage (Debian:
+# python3-shtab, python3-argparse-manpage).
 shell-files:
 	@for m in shtab build_manpages; do /usr/bin/python3 -c "import $$m" 2>/dev/null || { \
 	  echo "make shell-files: python module $$m is missing (Debian packages python3-shtab python3-argparse-manpage)" >&2; exit 1; }; done
 	@mkdir -p build/shell
 	@PYTHONPATH=client:common /usr/bin/python3 -m vnet_client.cli.completion bash > build/shell/vnet-client.bash
 	@PYTHONPATH=client:common /usr/bin/python3 -m vnet_client.cli.completion zsh > build/shell/_vnet-client
+	@PYTHONPATH=client:common /usr/bin/python3 -m vnet_client.cli.completion fish > build/shell/vnet-client.fish
 	@PYTHONPATH=client:common /usr/bin/argparse-manpage --module vnet_client.cli --function build_parser \
 	  --project-name qemu-vnet --output build/shell/vnet-client.1
 	@# its NAME line with the one-line summary whatis and apropos read
