@@ -171,6 +171,13 @@ class Client:
     async def define_from(self, name: str, options: dict[str, Any]) -> str:
         return await self.value("Define", "sa{sv}", [name, asv(options)])
 
+    async def redefine(self, name: str, options: dict[str, Any], dry_run: bool = False
+                       ) -> tuple[dict[str, Any], list[str]]:
+        """Replace the definition (TOML keys; what is left out takes its default): the
+        network as it now is, and what that means for it, a sentence each."""
+        network, notes = await self.value("Redefine", "sa{sv}b", [name, asv(options), dry_run])
+        return network, notes
+
     async def undefine(self, name: str) -> None:
         await self.call("Undefine", "s", [name])
 

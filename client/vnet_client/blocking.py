@@ -210,6 +210,13 @@ class BlockingClient:
     def define_from(self, name: str, options: dict[str, Any]) -> str:
         return self.value("Define", "sa{sv}", [name, asv(options)])
 
+    def redefine(self, name: str, options: dict[str, Any], dry_run: bool = False
+                 ) -> tuple[dict[str, Any], list[str]]:
+        """Replace the definition (TOML keys; what is left out takes its default): the
+        network as it now is, and what that means for it, a sentence each."""
+        network, notes = self.value("Redefine", "sa{sv}b", [name, asv(options), dry_run])
+        return network, notes
+
     def undefine(self, name: str) -> None:
         self.value("Undefine", "s", [name])
 

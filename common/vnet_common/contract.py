@@ -76,6 +76,16 @@ METHODS: tuple[Method, ...] = (
            "Everything Define checks (the options, the name, the caller's limits, the "
            "interfaces, subnets, VNI and forwards the host has), without defining: the network "
            "as Define would make it (state 'not defined'), or Define's error."),
+    Method(MANAGER, "Redefine", _a("name:s", "options:a{sv}", "dry_run:b"),
+           _a("network:a{sv}", "notes:as"), MANAGE,
+           "Replace a defined network's definition (the options of Define, all of them: what "
+           "is left out takes its default), checked as Define checks one. A running network "
+           "takes the live settings at once (DHCP and DNS, static hosts, forwards, firewall "
+           "settings, overlay peers, autostart), all or none, and keeps the ones that make its "
+           "links (mode, subnets, MTU, taps, VDE, uplink, the overlay's device) until it is "
+           "stopped and started; the notes say which. Its owner and the owners of the "
+           "forwards it keeps stay; forwards it adds are the caller's. With dry_run, only "
+           "check and tell."),
     Method(MANAGER, "ExportDefinition", _a("name:s"), _a("toml:s"), INFO,
            "The network's definition as TOML (forwards inline, owners left out): 'define "
            "--from' takes it back."),

@@ -9,6 +9,7 @@ and only then are the service's copies closed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import pwd
@@ -154,6 +155,7 @@ class Service:
             (api.MANAGER, "ExportMacs"): self.export_macs,
             (api.MANAGER, "ForgetMac"): self.forget_mac,
             (api.MANAGER, "CheckDefinition"): self.check_definition,
+            (api.MANAGER, "Redefine"): self.redefine,
             (api.MANAGER, "TransferVm"): self.transfer_vm,
             (api.MANAGER, "Enslave"): self.enslave,
             (api.MANAGER, "Release"): self.release,
@@ -479,6 +481,23 @@ class Service:
         if dry_run:
             return to_asv(self.engine.summary(net) | {"state": "not defined"})
         return network_path(net.name)
+
+    async def redefine(self, caller: Caller, name: str, options: dict[str, Any],
+                       dry_run: bool) -> Any:
+        """Its owner (or root) gives a network a new definition; a forward the new one
+        leaves out must be the caller's to remove, as 'forward remove' would require."""
+        old = self.owns_network(caller, name)
+        opts = dict(options)
+        if opts.get("taps") and "tap-user" not in opts:
+            opts["tap-user"] = old.tap_user if old.tap_user is not None else caller.uid
+        new = Network.from_options(name, opts)
+        kept = {dataclasses.replace(f, owner=0) for f in new.forwards}
+        for f in old.forwards:
+            if dataclasses.replace(f, owner=0) not in kept:
+                self._owns(caller, f.owner, f"The forward of {f.proto} {f.external}")
+        net, notes = await self.engine.redefine(new, caller.uid, dry_run=dry_run)
+        d = self.engine.summary(self.engine.get(name) if not dry_run else net)
+        return Reply(to_asv(d), notes)
 
     async def export_definition(self, caller: Caller, name: str) -> Any:
         d = self.engine.get(name).to_dict(owner=False)  # portable: the definer owns it

@@ -21,12 +21,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import macs as macs_mod
-from . import model
+from . import model, revise
 from . import overlay as overlay_mod
 from .children.supervisor import reap
 from .errors import (
     Busy,
     Exists,
+    Failed,
     InvalidArgument,
     NotFound,
     NotRunning,
@@ -72,6 +73,19 @@ class View:
 
     def schedule(self, coro: Coroutine[Any, Any, None]) -> None:
         self._engine.schedule(coro)
+
+
+def _bare(f: model.Forward) -> model.Forward:
+    """A forward without its owner: the same forward whoever wrote it down."""
+    return dataclasses.replace(f, owner=0)
+
+
+def _owned_as_before(old: Network, new: Network, uid: int) -> Network:
+    """A new definition keeps its network's owner and the owners of the forwards it keeps;
+    the forwards it adds belong to `uid`, who wrote them."""
+    owners = {_bare(f): f.owner for f in old.forwards}
+    return new.with_changes(owner=old.owner, forwards=tuple(
+        dataclasses.replace(f, owner=owners.get(_bare(f), uid)) for f in new.forwards))
 
 
 def _who(uid: int) -> str:
@@ -143,12 +157,13 @@ class Engine:
         asyncio.get_running_loop().create_task(self._locked(coro))
 
     def _put(self, net: Network) -> None:
-        """Record a definition; a running network's record follows (keeping its MTU from
-        the underlay when the definition leaves the MTU to it)."""
+        """Record a definition; a running network's record takes its live settings and keeps
+        those it was started with that only a restart changes (revise.in_force: its MTU from
+        the underlay too, when the definition leaves the MTU to it)."""
         self.defs[net.name] = net
         run = self.running.get(net.name)
         if run is not None:
-            run.net = net.with_changes(mtu=run.net.mtu) if net.mtu_auto else net
+            run.net = revise.in_force(run.net, net)
 
     # --- events -------------------------------------------------------------------------
     def _emit(self, *event: Any) -> None:
@@ -372,7 +387,16 @@ class Engine:
         return net
 
     def summary(self, net: Network) -> dict[str, Any]:
+        """A network's row: for a running one, the settings in force, and the settings its
+        definition changed that wait for a stop and a start ('restart-needed')."""
+        run = self.running.get(net.name)
+        later = []
+        if run is not None and self.defs.get(net.name) is net:
+            later = revise.waits(run.net, net)
+            net = run.net
         d = net.to_dict()
+        if later:
+            d["restart-needed"] = later
         d["mtu"] = (self.network(net.name) or net).mtu
         d["owner"] = net.owner
         d["state"] = ("adopting" if net.name in self.adopting else
@@ -444,19 +468,7 @@ class Engine:
         async with self.lock:
             await self.check_new_name(net.name)
             self._check_network_quota(uid)
-            self._check_forward_quota(uid, len(net.forwards))
-            for tname in net.tap_names:
-                if await self.links.get(tname) is not None:
-                    raise Exists(f"An interface named '{tname}' already exists on this host.")
-            await self._check_subnets(net)
-            self._check_vni(net)
-            await driver_for(net).verify(self.ctx, net)
-            for f in net.forwards:
-                clash = self.fwd_index.clash(f)
-                if clash is not None:
-                    raise Exists(f"{f.proto} {f.external} is already forwarded to "
-                                 f"'{clash[1].target}' ({clash[1].describe()}) on network "
-                                 f"'{clash[0]}'.")
+            await self._verify(net, uid)
             if dry_run:
                 return net
             self.store.save(net)
@@ -471,6 +483,28 @@ class Engine:
                 self.fwd_index.add(net.name, f)
         self._changed(net.name, "defined")
         return net
+
+    async def _verify(self, net: Network, uid: int, old: Network | None = None) -> None:
+        """Everything a definition must meet on this host beside its own options, for a new
+        network or (`old`) a new definition of one: the caller's forward limit, its taps'
+        names, its subnets and VNI against the other networks and the host, its driver's
+        checks (the uplink of a bridged network), and its forwards against every other."""
+        mine = {_bare(f) for f in old.forwards} if old is not None else set()
+        self._check_forward_quota(uid, sum(1 for f in net.forwards
+                                           if f.owner == uid and _bare(f) not in mine))
+        known = set(old.tap_names) if old is not None else set()
+        for tname in net.tap_names:
+            if tname not in known and await self.links.get(tname) is not None:
+                raise Exists(f"An interface named '{tname}' already exists on this host.")
+        await self._check_subnets(net)
+        self._check_vni(net)
+        await driver_for(net).verify(self.ctx, net)
+        for f in net.forwards:
+            clash = self.fwd_index.clash(f)
+            if clash is not None and clash[0] != net.name:
+                raise Exists(f"{f.proto} {f.external} is already forwarded to "
+                             f"'{clash[1].target}' ({clash[1].describe()}) on network "
+                             f"'{clash[0]}'.")
 
     def _check_vni(self, net: Network) -> None:
         if net.overlay is None:
@@ -549,8 +583,99 @@ class Engine:
             self._put(net)
         return net
 
+    async def redefine(self, net: Network, uid: int = 0, dry_run: bool = False
+                       ) -> tuple[Network, builtins.list[str]]:
+        """A new definition of a defined network (vnet-client edit), checked as define
+        checks one. A running network takes its live settings at once, all of them or none
+        (a failure puts back what ran), and keeps the rest until it is stopped and started
+        (revise.py). Returns the definition and what it means, a sentence each."""
+        await self._adopted(net.name)
+        async with self.lock:
+            old = self.get(net.name)
+            net = _owned_as_before(old, net, uid)
+            await self._verify(net, uid, old)
+            run = self.running.get(net.name)
+            said = revise.notes(net.name, run.net if run else None, old, net)
+            if dry_run or not revise.changed(old, net):
+                return net, said
+            await self._revise(old, net, save=True)
+        self._changed(net.name, "redefined")
+        return net, said
+
+    async def _revise(self, old: Network, net: Network, save: bool) -> None:
+        """Put `net` in the place of `old`: live on the running network first, then in its
+        files (`save`; a reload read them), then in memory; any failure undoes the rest."""
+        run = self.running.get(net.name)
+        before = run.net if run is not None else None
+        if run is not None and before is not None:
+            try:
+                await self._apply_live(run, revise.Plan(before, revise.in_force(before, net)))
+            except BaseException:
+                await self._undo_live(run, before)
+                raise
+        if save:
+            try:
+                self._save_revision(old, net)
+            except OSError as e:
+                self._save_revision(net, old, quiet=True)
+                if run is not None and before is not None:
+                    await self._undo_live(run, before)
+                raise Failed(f"Cannot write the definition of '{net.name}': "
+                             f"{e.strerror or e}; the previous one stays in force.") from None
+        self._put(net)
+        self._index_forwards()
+
+    async def _apply_live(self, run: Running, plan: revise.Plan) -> None:
+        """Each subsystem that a changed live setting concerns takes the new record."""
+        run.net = plan.new
+        if plan.dhcp:
+            await self.dhcp.apply(run)  # replaced; its leases stay in their file
+        elif plan.hosts:
+            await self.dhcp.apply_hosts(plan.new)
+        added, removed = plan.peers
+        ov = plan.new.overlay
+        if ov is not None and (added or removed):
+            if ov.control == "static":
+                for peer in sorted(added):
+                    await vxlan.flood(self.ctx, plan.new, peer, True)
+                for peer in sorted(removed):
+                    await vxlan.flood(self.ctx, plan.new, peer, False)
+            else:
+                await self.evpn.apply(run)
+        if plan.firewall:
+            await self.firewall.sync()  # one transaction: all of it, or none
+            if plan.fields & revise.HOSTS:
+                await self.firewall.leases_changed(run.name)
+
+    async def _undo_live(self, run: Running, before: Network) -> None:
+        """Back to the record that ran (best effort: the log says what could not be)."""
+        try:
+            await self._apply_live(run, revise.Plan(run.net, before))
+        except VnetError as e:
+            log.error("%s: putting back its previous definition: %s", run.name, e.message)
+        run.net = before
+
+    def _save_revision(self, old: Network, net: Network, quiet: bool = False) -> None:
+        """The definition file and the forwards' files, from `old`'s to `net`'s."""
+        try:
+            self.store.save(net)
+            kept = {_bare(f) for f in net.forwards}
+            had = {_bare(f) for f in old.forwards}
+            for f in old.forwards:
+                if _bare(f) not in kept:
+                    self.store.delete_forward(net.name, f)
+            for f in net.forwards:
+                if _bare(f) not in had:
+                    self.store.save_forward(net.name, f)
+        except OSError:
+            if not quiet:
+                raise
+            log.error("%s: cannot put its previous definition files back", net.name)
+
     async def reload(self) -> builtins.list[str]:
-        """Re-read the definition files an admin may have edited by hand."""
+        """Re-read the definition files an admin may have edited by hand. Each changed file
+        is checked as define checks one and applied as `redefine` applies one; a file that
+        fails keeps the previous definition in force, and says why."""
         await self._adopted()
         async with self.lock:
             defs, problems = self.store.load_all()
@@ -559,29 +684,33 @@ class Engine:
                     problems.append(f"{name}: its file is gone but it is running: kept until "
                                     "stopped.")
                     defs[name] = self.defs[name]
-            changed = [n for n in defs if self.defs.get(n) != defs[n]]
-            for name in changed:
-                old = self.defs.get(name)
-                if name in self.running and old is not None and vxlan.moved(old, defs[name]):
-                    problems.append(f"{name}: its overlay settings (other than peers) changed "
-                                    "while it runs: stop and start it to apply them.")
-                    defs[name] = defs[name].with_changes(overlay=old.overlay)
-            self.defs = {}
-            for net in defs.values():
-                self._put(net)
-            self.problems[:] = problems
+            changed = []
+            for name in [n for n in self.defs if n not in defs]:
+                del self.defs[name]
+                changed.append(name)
             self._index_forwards()
-            for name in changed:
-                if name in self.running:
-                    lk = await self.links.get(name)
-                    if lk is not None:
-                        try:
-                            run = await driver_for(defs[name]).adopt(self.ctx, defs[name], lk)
-                        except VnetError as e:
-                            problems.append(f"{name}: {e.message}")
-                            continue
-                        self.running[name] = run
-                        await self.dhcp.apply(run)
+            for name, new in sorted(defs.items()):
+                old = self.defs.get(name)
+                if old == new:
+                    continue
+                try:
+                    await self._verify(new, new.owner, old)
+                    if old is None:
+                        self._put(new)
+                    else:
+                        run = self.running.get(name)
+                        if run is not None and revise.waits(run.net, new):
+                            problems += revise.notes(name, run.net, old, new)
+                        await self._revise(old, new, save=False)
+                except VnetError as e:
+                    problems.append(f"{name}: {e.message} "
+                                    + ("The previous definition stays in force; fix the file "
+                                       "and reload." if old is not None else
+                                       "Not defined; fix the file and reload."))
+                    continue
+                self._index_forwards()
+                changed.append(name)
+            self.problems[:] = problems
             try:  # also gives back what an FRR restart lost
                 await self.evpn.sync()
             except VnetError as e:
@@ -589,7 +718,7 @@ class Engine:
                 log.error("evpn (reload): %s", e.message)
             await self.firewall.sync()  # also re-checks a DOCKER-USER chain
         for name in changed:
-            self._changed(name, "reloaded")
+            self._changed(name, "reloaded" if name in self.defs else "undefined")
         return problems
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -900,7 +1029,7 @@ class Engine:
             new = net.with_changes(hosts=(*net.hosts, host))
             self.store.save(new)
             self._put(new)
-            await self.dhcp.apply_hosts(new)
+            await self.dhcp.apply_hosts(self.network(network) or new)
             await self.firewall.leases_changed(network)
         return host
 
@@ -925,7 +1054,7 @@ class Engine:
             new = net.with_changes(hosts=tuple(h for h in net.hosts if h.vm != vm))
             self.store.save(new)
             self._put(new)
-            await self.dhcp.apply_hosts(new)
+            await self.dhcp.apply_hosts(self.network(network) or new)
             await self.firewall.leases_changed(network)
 
     def leases(self, network: str) -> builtins.list[dict[str, Any]]:

@@ -38,6 +38,7 @@ MATRIX = {
     ("Manager", "ForgetMac"): ("manage", "ss", ["vnet2", "nosuch"]),
     ("Manager", "TransferVm"): ("manage", "ssu", ["vnet2", "nosuch", 0]),
     ("Manager", "CheckDefinition"): ("manage", "sa{sv}", ["mx9", {}]),
+    ("Manager", "Redefine"): ("manage", "sa{sv}b", ["nosuch", {}, True]),
     ("Manager", "Enslave"): ("attach", "s", ["nosuch_1"]),
     ("Manager", "Release"): ("attach", "s", ["nosuch_1"]),
     ("Manager", "AddHost"): ("manage", "ssa{sv}", ["vnet2", "mx", {"ip": "1.2.3.4"}]),

@@ -35,6 +35,11 @@ def test_every_command_prints_json(vnetd, tmp_path):
     assert j("autostart", NET, "on") == {"name": NET, "autostart": True}
     assert j("autostart", NET, "off") == {"name": NET, "autostart": False}
     assert j("start", NET) == {"name": NET, "done": "start"}
+    edited = tmp_path / "edited.toml"
+    edited.write_text(run_client("export", NET, check=True).stdout + "allow-host = true\n")
+    out = j("edit", NET, "--from", str(edited))
+    assert out["notes"] == [f"{NET}: changed while it runs: allow-host."], out
+    assert out["network"]["allow-host"] is True and "+allow-host = true" in out["diff"]
     assert j("show", NET)["state"] == "running"
     assert isinstance(j("ports"), list)
     assert isinstance(j("leases", NET), list)

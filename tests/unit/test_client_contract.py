@@ -32,6 +32,8 @@ CALLS: dict[str, list[tuple[tuple, dict]]] = {
     "define_from": [(("vnet2", {"mode": "nat", "hosts": [{"vm": "web1", "ip": "10.0.0.5"}]}),
                      {})],
     "export_definition": [(("vnet2",), {})],
+    "redefine": [(("vnet2", {"mode": "nat", "autostart": True}), {}),
+                 (("vnet2", {"mode": "host-only"}), {"dry_run": True})],
     "undefine": [(("vnet2",), {})],
     "start": [(("vnet2",), {})],
     "stop": [(("vnet2",), {})],

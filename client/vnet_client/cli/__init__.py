@@ -6,7 +6,7 @@ Two forms:
 
 Exit codes: 0 ok, 1 failure, 2 usage, 4 not authorized.
 
-One module per noun (network, attach, mac, host, forward, overlay, monitor, imports, compat:
+One module per noun (network, edit, attach, mac, host, forward, overlay, monitor, imports, compat:
 the qemu-vlan form), each adding its subcommands to the parser with `set_defaults(func=...)`;
 parser (exit codes, usage errors), output, accounts and session (the connection) are shared.
 Every command talks to vnetd through the synchronous client (vnet_client.blocking).
@@ -19,7 +19,7 @@ import sys
 
 from .. import __version__
 from ..base import VnetClientError
-from . import attach, forward, host, imports, mac, monitor, network, overlay
+from . import attach, edit, forward, host, imports, mac, monitor, network, overlay
 from .accounts import uid_of
 from .attach import parse_attach, run_attach
 from .compat import (
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_commands(cmd)  # list, show, define, export
     imports.add_commands(cmd)  # import-qemu-vlan, import-bridge-conf
     network.add_lifecycle(cmd)  # start, stop, undefine, autostart, reload
+    edit.add_commands(cmd)
     attach.add_commands(cmd)  # attach, ports, detach
     mac.add_mac(cmd)
     host.add_host(cmd)

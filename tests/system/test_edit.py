@@ -1,0 +1,206 @@
+"""Changing a running network's definition: `vnet-client edit` and `reload` (a file edited by
+hand) check the new definition as `define` checks one, apply the live settings at once, say
+what waits for a restart, and leave the previous state running when anything is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tempfile
+import textwrap
+
+import pytest
+
+from tests.harness.daemon import ALICE, BOB, PolkitRule, grant_rule
+
+MANAGE = "org.qemuvnet.Vnet1.manage"
+
+
+def show(client, name: str) -> dict:
+    return json.loads(client("show", name, "--json", check=True).stdout)
+
+
+def v4_addrs(vnetd, ifname: str) -> set[str]:
+    return {f'{a["local"]}/{a["prefixlen"]}' for a in vnetd.ipj("addr", "show", ifname)[0]
+            ["addr_info"] if a["family"] == "inet"}
+
+
+def dnsmasq_conf(vnetd, name: str) -> str:
+    return (vnetd.runtime_dir / name / "dnsmasq.conf").read_text()
+
+
+def server_pids(client, name: str) -> list[int]:
+    return [s["pid"] for s in show(client, name).get("servers", []) if s.get("pid")]
+
+
+@pytest.fixture
+def two_running(vnetd, client):
+    """vnet2 (172.16.12.0/24) and lab (10.77.0.0/24, dnsmasq), both running."""
+    client("define", "vnet2", "--dhcp=none", "--start", check=True)
+    client("define", "lab", "--subnet=10.77.0.0/24", "--dhcp=dnsmasq", "--start", check=True)
+    yield vnetd.config_dir / "networks" / "lab.toml"
+    for n in ("lab", "vnet2"):
+        client("stop", n, "--force")
+        client("undefine", n)
+
+
+def test_reload_refuses_an_overlapping_subnet_and_the_running_network_goes_on(
+        vnetd, client, two_running):
+    path = two_running
+    good = path.read_text()
+    assert 'subnet = "10.77.0.0/24"' in good
+    path.write_text(good.replace("10.77.0.0/24", "172.16.12.0/24"))
+    r = client("reload")
+    assert r.returncode == 1
+    assert "lab: The subnet 172.16.12.0/24 overlaps 172.16.12.0/24 of network 'vnet2'" \
+        in r.stderr, r.stderr
+    assert "The previous definition stays in force" in r.stderr
+    # nothing of it reached the kernel, the running network or its server
+    assert v4_addrs(vnetd, "lab") == {"10.77.0.1/24"}
+    assert v4_addrs(vnetd, "vnet2") == {"172.16.12.1/24"}
+    assert show(client, "lab")["subnet"] == "10.77.0.0/24"
+    pids = server_pids(client, "lab")
+    assert pids
+    # the file put back: the next reload is clean, and the server was never touched
+    path.write_text(good)
+    r = client("reload", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["problems"] == [], r.stdout + r.stderr
+    assert server_pids(client, "lab") == pids
+    # a live setting by hand: the server takes the new range at once
+    path.write_text(good.replace('dhcp-end = "10.77.0.254"', 'dhcp-end = "10.77.0.150"')
+                    if 'dhcp-end' in good else good + 'dhcp-end = "10.77.0.150"\n')
+    client("reload", check=True)
+    assert "dhcp-range=10.77.0.10,10.77.0.150," in dnsmasq_conf(vnetd, "lab") or \
+        ",10.77.0.150," in dnsmasq_conf(vnetd, "lab"), dnsmasq_conf(vnetd, "lab")
+    assert show(client, "lab")["state"] == "running"
+
+
+def edited(tmp_path, text: str) -> str:
+    """A file any test user can read (pytest's own directory is root's alone)."""
+    d = tempfile.mkdtemp(prefix="vnet-edit-")
+    os.chmod(d, 0o755)
+    p = os.path.join(d, "new.toml")
+    with open(p, "w") as f:
+        f.write(text)
+    os.chmod(p, 0o644)
+    return p
+
+
+def test_edit_applies_live_settings_at_once(vnetd, client, two_running, tmp_path):
+    old = client("export", "lab", check=True).stdout
+    new = old + textwrap.dedent("""\
+        allow-host = true
+
+        [[forwards]]
+        proto = "tcp"
+        port = "8080"
+        target = "10.77.0.5"
+        target-port = 80
+        """).replace("allow-host = false\n", "")
+    r = client("edit", "lab", "--from", edited(tmp_path, new), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["notes"] == ["lab: changed while it runs: allow-host, forwards."], out
+    assert "+allow-host = true" in out["diff"]
+    rules = vnetd.exec("nft", "list", "ruleset").stdout
+    assert "8080" in rules and "10.77.0.5" in rules  # the forward, live
+    n = show(client, "lab")
+    assert n["allow-host"] is True and "restart-needed" not in n
+    assert json.loads(client("forward", "list", "lab", "--json", check=True).stdout)
+    # the file holds it too: a restart of vnetd keeps it
+    vnetd.restart()
+    assert show(client, "lab")["allow-host"] is True
+
+
+def test_edit_of_a_setting_only_a_restart_applies_says_so_and_keeps_the_guests_network(
+        vnetd, client, two_running, tmp_path):
+    old = client("export", "lab", check=True).stdout
+    new = old.replace("10.77.0.0/24", "10.78.0.0/24")
+    r = client("edit", "lab", "--from", edited(tmp_path, new))
+    assert r.returncode == 0, r.stderr
+    assert "-subnet = \"10.77.0.0/24\"" in r.stdout and "+subnet = \"10.78.0.0/24\"" in r.stdout
+    assert "lab: subnet changed, which only a restart applies" in r.stdout
+    assert "vnet-client stop lab && vnet-client start lab" in r.stdout
+    assert v4_addrs(vnetd, "lab") == {"10.77.0.1/24"}  # the guests' network goes on
+    n = show(client, "lab")
+    assert n["subnet"] == "10.77.0.0/24" and n["restart-needed"] == ["subnet"]
+    assert 'subnet = "10.78.0.0/24"' in client("export", "lab", check=True).stdout
+    client("stop", "lab", check=True)
+    client("start", "lab", check=True)
+    assert v4_addrs(vnetd, "lab") == {"10.78.0.1/24"}
+    assert "restart-needed" not in show(client, "lab")
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (("10.77.0.0/24", "172.16.12.0/24"), "InvalidArgument", "overlaps 172.16.12.0/24 of "
+                                                           "network 'vnet2'"),
+    (('mode = "nat"', 'mode = "natt"'), "InvalidArgument", "natt"),
+    (('mode = "nat"', 'name = "other"\nmode = "nat"'), None, "cannot rename 'lab'"),
+    (('mode = "nat"', 'mode = '), None, "is not valid TOML"),
+])
+def test_a_bad_edit_is_refused_by_name_and_changes_nothing(
+        vnetd, client, two_running, tmp_path, change, error, words):
+    before = (two_running.read_text(), show(client, "lab"), v4_addrs(vnetd, "lab"))
+    old = client("export", "lab", check=True).stdout
+    assert change[0] in old
+    r = client("edit", "lab", "--from", edited(tmp_path, old.replace(change[0], change[1])),
+               "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    err = json.loads(r.stderr)
+    assert words in err["message"], err
+    if error:
+        assert err["error"].endswith(error), err
+    assert (two_running.read_text(), show(client, "lab"), v4_addrs(vnetd, "lab")) == before
+
+
+def test_dry_run_checks_and_tells_but_changes_nothing(vnetd, client, two_running, tmp_path):
+    old = client("export", "lab", check=True).stdout
+    text = two_running.read_text()
+    assert "autostart = false" in old
+    r = client("edit", "lab", "--dry-run", "--from",
+               edited(tmp_path, old.replace("autostart = false", "autostart = true")))
+    assert r.returncode == 0, r.stderr
+    assert "lab: changed while it runs: autostart." in r.stdout
+    assert "nothing was changed (--dry-run)" in r.stdout
+    assert two_running.read_text() == text and show(client, "lab")["autostart"] is False
+
+
+EDITOR = """#!/bin/sh
+# an editor that sets allow-host, as a person would in vi
+sed -i 's/^allow-host = false$/allow-host = true/' "$1"
+grep -q '^allow-host = true$' "$1" || echo 'allow-host = true' >> "$1"
+"""
+
+
+def test_edit_opens_the_editor_on_the_definition(vnetd, client, two_running, tmp_path):
+    ed = tmp_path / "editor.sh"
+    ed.write_text(EDITOR)
+    ed.chmod(ed.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    r = client("edit", "lab", env={"EDITOR": str(ed), "VISUAL": ""})
+    assert r.returncode == 0, r.stderr
+    assert "+allow-host = true" in r.stdout and "Changed the definition of lab." in r.stdout
+    assert show(client, "lab")["allow-host"] is True
+    # an editor that changes nothing: nothing is done
+    r = client("edit", "lab", env={"EDITOR": "true", "VISUAL": ""})
+    assert r.returncode == 0 and "No change to lab" in r.stdout, r.stdout + r.stderr
+    # an editor that fails: nothing is done, and the text is kept
+    r = client("edit", "lab", env={"EDITOR": "false", "VISUAL": ""})
+    assert r.returncode == 1 and "exited with code 1: nothing was changed" in r.stderr
+
+
+def test_only_the_owner_or_root_edits_a_network(vnetd, client, tmp_path):
+    rules = grant_rule(ALICE, MANAGE) + grant_rule(BOB, MANAGE)
+    with PolkitRule("60-vnet-edit-delegated", rules):
+        try:
+            client("define", "alices", "--subnet=10.79.0.0/24", user=ALICE, check=True)
+            text = client("export", "alices", check=True).stdout.replace(
+                "autostart = false", "autostart = true")
+            r = client("edit", "alices", "--from", edited(tmp_path, text), user=BOB)
+            assert r.returncode == 1 and "belongs to" in r.stderr and ALICE in r.stderr, r.stderr
+            r = client("edit", "alices", "--from", edited(tmp_path, text), user=ALICE)
+            assert r.returncode == 0, r.stderr
+            assert show(client, "alices")["autostart"] is True
+            assert show(client, "alices")["owner"] != 0  # still alice's
+        finally:
+            client("undefine", "alices")
