@@ -500,6 +500,11 @@ class Engine:
         self._check_vni(net)
         await driver_for(net).verify(self.ctx, net)
         for f in net.forwards:
+            if old is not None and _bare(f) not in mine and not self.resolver.knows_vm(
+                    net, f.target):  # as 'forward add' checks a new forward
+                raise InvalidArgument(
+                    f"'{f.target}' is neither an address nor a known VM on {net.name} (an "
+                    "unknown VM name): give it a static host or attach it once first.")
             clash = self.fwd_index.clash(f)
             if clash is not None and clash[0] != net.name:
                 raise Exists(f"{f.proto} {f.external} is already forwarded to "

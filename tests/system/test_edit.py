@@ -204,3 +204,66 @@ def test_only_the_owner_or_root_edits_a_network(vnetd, client, tmp_path):
             assert show(client, "alices")["owner"] != 0  # still alice's
         finally:
             client("undefine", "alices")
+
+
+SQUAT = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_live_change_that_fails_puts_back_what_ran(vnetd, client, tmp_path):
+    """The DNS port of the gateway is taken, so the DHCP/DNS server a live edit asks for
+    cannot start: the edit fails by name, and the network, its file and its firewall are as
+    they were; once the port is free the same edit goes through."""
+    import subprocess
+    import sys
+
+    from tests.harness.users import read_line
+
+    client("define", "lab2", "--subnet=10.81.0.0/24", "--dhcp=none", "--start", check=True)
+    try:
+        old = client("export", "lab2", check=True).stdout
+        before = (client("export", "lab2", check=True).stdout, show(client, "lab2"),
+                  vnetd.exec("nft", "list", "ruleset").stdout)
+        new = old.replace('dhcp = "none"', 'dhcp = "dnsmasq"') + "allow-host = true\n"
+        squatter = subprocess.Popen(["ip", "netns", "exec", vnetd.netns, sys.executable, "-c",
+                                     SQUAT, "10.81.0.1"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+        try:
+            assert read_line(squatter, 10) == "ready\n"
+            r = client("edit", "lab2", "--from", edited(tmp_path, new), "--json")
+            assert r.returncode == 1, r.stdout + r.stderr
+            err = json.loads(r.stderr)
+            assert err["error"].endswith("Failed") and "dnsmasq" in err["message"], err
+            after = (client("export", "lab2", check=True).stdout, show(client, "lab2"),
+                     vnetd.exec("nft", "list", "ruleset").stdout)
+            assert after == before
+        finally:
+            squatter.kill()
+            squatter.wait()
+        r = client("edit", "lab2", "--from", edited(tmp_path, new), "--json")
+        assert r.returncode == 0, r.stderr
+        n = show(client, "lab2")
+        assert n["dhcp"] == "dnsmasq" and n["allow-host"] is True
+        assert server_pids(client, "lab2")
+    finally:
+        client("stop", "lab2", "--force")
+        client("undefine", "lab2")
+
+
+def test_an_edit_may_not_forward_to_a_vm_nobody_knows(vnetd, client, two_running, tmp_path):
+    old = client("export", "lab", check=True).stdout
+    new = old + textwrap.dedent("""\
+
+        [[forwards]]
+        proto = "tcp"
+        port = "8081"
+        target = "ghost9"
+        target-port = 80
+        """)
+    r = client("edit", "lab", "--from", edited(tmp_path, new))
+    assert r.returncode == 1 and "'ghost9' is neither an address nor a known VM" in r.stderr
