@@ -625,6 +625,10 @@ class Service:
         kept = self.engine.resolver.kept_lease(self.engine.get(network), vm)
         if kept is not None:  # the guest keeps its lease until it renews (the port allows both)
             d["keeps"] = kept
+        net = self.engine.get(network)
+        start, end = net.dhcp_range
+        if net.dhcp != "none" and start <= host.ip <= end:
+            d["in-dhcp-range"] = f"{start}-{end}"
         return to_asv(d)
 
     async def remove_host(self, caller: Caller, network: str, vm: str) -> None:

@@ -1023,6 +1023,7 @@ class Engine:
             if options.get("ip") is not None:
                 ip = model.parse_ip4(options["ip"], "address")
                 model.check_host_ip(net.subnet, ip)
+                self._check_not_leased(net, ip, mac)
             else:
                 ip = self._free_static_ip(net)
             for h in net.hosts:
@@ -1037,6 +1038,20 @@ class Engine:
             await self.dhcp.apply_hosts(self.network(network) or new)
             await self.firewall.leases_changed(network)
         return host
+
+    def _check_not_leased(self, net: Network, ip, mac: str) -> None:
+        """An address inside the DHCP range may be given to a VM only while no other MAC
+        holds a lease on it (the server would otherwise hand one address to two guests)."""
+        start, end = net.dhcp_range
+        if net.dhcp == "none" or not start <= ip <= end:
+            return
+        for le in self.dhcp.leases(net):
+            if le.ip == str(ip) and le.mac != mac:
+                who = f" ({le.hostname})" if le.hostname else ""
+                raise Exists(f"The address {ip} is leased to {le.mac}{who} on {net.name}: "
+                             f"choose another, best one below the DHCP range {start}-{end} "
+                             "(never handed out dynamically), or leave --ip out for the first "
+                             "free one there.")
 
     def _free_static_ip(self, net: Network):
         used = {h.ip for h in net.hosts} | {net.gateway}

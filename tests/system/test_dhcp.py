@@ -93,6 +93,27 @@ def test_static_host_added_live_without_dropping_leases(guests):
     assert "db1" not in run_client("host", "list", "vnet2").stdout
 
 
+def test_a_static_address_inside_the_range_is_refused_while_another_mac_leases_it(guests):
+    g = guests("vnet2")
+    leased = g.dhcp()["ip"]
+    r = run_client("host", "add", "vnet2", "--vm=thief", f"--ip={leased}",
+                   "--mac=52:54:00:00:12:09", "--json")
+    assert r.returncode == 1, r.stdout
+    err = json.loads(r.stderr)
+    assert err["error"].endswith("Exists") and f"{leased} is leased to {g.mac}" in \
+        err["message"] and "below the DHCP range" in err["message"], err
+    assert "thief" not in run_client("host", "list", "vnet2").stdout
+    # a free address inside the range is given, and the answer says where it lies
+    start, end = show("vnet2")["dhcp-range"]
+    free = str(ipaddress.ip_address(end))
+    assert free != leased
+    r = run_client("host", "add", "vnet2", "--vm=inrange", f"--ip={free}",
+                   "--mac=52:54:00:00:12:0a")
+    assert r.returncode == 0, r.stderr
+    assert f"Note: {free} is inside the DHCP range {start}-{end}" in r.stdout, r.stdout
+    run_client("host", "remove", "vnet2", "--vm=inrange", check=True)
+
+
 def test_dhcpd_network(guests):
     g = guests("vnet5")
     lease = g.dhcp()

@@ -54,8 +54,11 @@ def run_host_add(args: argparse.Namespace) -> int:
         h = s.run(lambda c: c.add_host(args.network, args.vm, ip=args.ip, mac=args.mac))
     keeps = (f" It keeps its current lease, {h['keeps']}, until it renews the lease and gets "
              f"{h['ip']}." if h.get("keeps") else "")
+    inside = (f" Note: {h['ip']} is inside the DHCP range {h['in-dhcp-range']}: the server "
+              "keeps it for this VM from now on; addresses below the range are never handed "
+              "out dynamically." if h.get("in-dhcp-range") else "")
     print(json.dumps(h) if args.json else
-          f"{h['vm']} on {args.network}: {h['ip']} for {h['mac']}.{keeps}")
+          f"{h['vm']} on {args.network}: {h['ip']} for {h['mac']}.{keeps}{inside}")
     return EXIT_OK
 
 
