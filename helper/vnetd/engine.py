@@ -198,9 +198,11 @@ class Engine:
         network already adopted go on between them), then start the autostart networks
         that do not run and load the whole ruleset once. Until then the ruleset the kernel
         kept across the restart guards every port; a network being adopted shows
-        `adopting`, and calls that change it wait (`_adopted`). The DHCP servers, the slow
-        part (each is replaced and answers before its network counts as adopted), are
-        replaced several networks at a time."""
+        `adopting`, and calls that change it wait (`_adopted`). A network whose DHCP/DNS
+        servers still run (the previous vnetd's, found by their records) is adopted with
+        them serving, and they are replaced afterwards in the background, one network at a
+        time under the lock (`_replace_inherited`); a network without them gets new ones
+        before it counts as adopted, several networks at a time."""
         links_done = []
         for name in sorted(self.adopting):
             async with self.lock:
@@ -212,9 +214,13 @@ class Engine:
         sem = asyncio.Semaphore(ADOPT_PARALLEL)
 
         async def servers(name: str) -> None:
+            run = self.running.get(name)
+            if run is not None and self.dhcp.inherit(run.net):
+                log.info("reconcile: adopted running network %s (its servers go on)", name)
+                self._adopt_done(name)
+                return
             async with sem:
                 try:
-                    run = self.running.get(name)
                     if run is not None:
                         await self.dhcp.adopt(run)
                     log.info("reconcile: adopted running network %s", name)
@@ -253,6 +259,22 @@ class Engine:
                 run = self.running.get(name)
                 if run is not None:
                     self.ports.unpark(run.net, run.bridge, marked_only=True)
+        await self._replace_inherited()
+
+    async def _replace_inherited(self) -> None:
+        """The servers a previous vnetd left serving, replaced by this vnetd's own (whose
+        output it logs and whose exit it sees), one network at a time under the lock, so
+        that calls go on between them and none of them meets a half-replaced network."""
+        for name in sorted(self.dhcp.inherited):
+            async with self.lock:
+                run = self.running.get(name)
+                if run is None or name not in self.dhcp.inherited:
+                    continue  # stopped, changed or replaced meanwhile
+                try:
+                    await self.dhcp.replace_inherited(run.net)
+                except VnetError as e:  # show says so; a start or change tries again
+                    log.error("%s: replacing its DHCP/DNS servers: %s", name, e.message)
+                    self.problems.append(f"{name}: its DHCP/DNS servers: {e.message}")
 
     async def _adopted(self, name: str | None = None) -> None:
         """Wait until the network `name` (None: every network) is adopted after a

@@ -303,8 +303,8 @@ class Ports:
         if rec.tap_mac and now and now != rec.tap_mac:
             self._cut(rec, now)
             return True
-        log.info("reconcile: adopted port %s (%s/%s nic %d, uid %d)", rec.ifname, rec.network,
-                 rec.vm, rec.nic, rec.uid)
+        log.debug("reconcile: adopted port %s (%s/%s nic %d, uid %d)", rec.ifname, rec.network,
+                  rec.vm, rec.nic, rec.uid)
         if rec.kind == "attach":
             self.macs.remember(rec.network, rec.vm, rec.uid, rec.nic,
                                rec.mac if rec.registry_mac else None)
@@ -314,6 +314,7 @@ class Ports:
         self._records = self.load_records()
 
     def end_reconcile(self) -> None:
+        log.info("reconcile: adopted %d port(s)", len(self.by_name))
         for name in self._records:
             if name not in self.by_name:
                 self._forget(name)

@@ -43,7 +43,12 @@ HEADER = (
 FORWARD_HEADER = "qemu-vnet port forward (one per file; 'vnet-client forward' manages them)."
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Replace `path` with `data` at once (readers see the old file or the new one, never
+    a part). `durable`: also flushed to the disk, file and directory, so a power cut keeps
+    it; files in the runtime directory (a tmpfs, /run, made again by every start) skip that,
+    since nothing there outlives a power cut anyway, and a process killed mid-way leaves the
+    page cache whole."""
     path = Path(path)
     # a fresh name, created exclusively and never through a link: safe even in a directory
     # someone else could write into
@@ -53,7 +58,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         try:
             _write_all(fd, data)
             os.fchmod(fd, mode)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -61,6 +67,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # nothing half-made is left behind
         raise
+    if not durable:
+        return
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
@@ -325,4 +333,5 @@ class Store:
         os.replace(tmp, path)
 
     def save_runtime_json(self, name: str, data: Any) -> None:
-        atomic_write(self.runtime_dir / name, json.dumps(data, sort_keys=True).encode(), 0o600)
+        atomic_write(self.runtime_dir / name, json.dumps(data, sort_keys=True).encode(), 0o600,
+                     durable=False)

@@ -697,8 +697,9 @@ class World:
         # pid file names it (or the next restart would start a second)
         servers: dict[str, list[int]] = {}
         for pid, cmd in proc_cmdlines(str(v.runtime_dir)).items():
-            exe = cmd.split()[0]
-            if exe.endswith(("dnsmasq", "dhcpd")):
+            # the program, or the gate it is spawned behind (same pid, about to exec it)
+            if any(w.startswith("/") and w.endswith(("/dnsmasq", "/dhcpd"))
+                   for w in cmd.split()):
                 conf = next((w.split("=", 1)[-1] for w in cmd.split()
                              if w.endswith(("dnsmasq.conf", "dhcpd.conf"))), cmd)
                 servers.setdefault(conf, []).append(pid)

@@ -55,6 +55,7 @@ GATE = ("import os, sys\n"
         "os.execv(sys.argv[2], sys.argv[2:])\n")
 GATE_NAMES = (os.path.basename(sys.executable), os.path.basename(os.path.realpath(
     sys.executable)))
+EXEC_WAIT = 5.0  # seconds a start waits for the gate to run the program
 
 # Signals a child that runs as its own user (vnetd has no CAP_KILL) through the pidfd it was
 # handed: run as that same user, it can reach nothing that user does not own.
@@ -360,6 +361,20 @@ class Child:
                         e.strerror or e)
         self.state = "running"
         asyncio.get_running_loop().create_task(self._log_output(self.proc))
+        await self._until_exec(self.proc.pid)
+
+    async def _until_exec(self, pid: int) -> None:
+        """Return once the gate has run the program (the process's name is no longer the
+        gate's) or it ended: a started child is the program, never still the gate."""
+        deadline = time.monotonic() + EXEC_WAIT
+        while time.monotonic() < deadline:
+            st = proc_stat(pid)
+            if st is None or st[0] not in {n[:15] for n in GATE_NAMES} or (
+                    self.proc is not None and self.proc.returncode is not None):
+                return
+            await asyncio.sleep(0.001)
+        log.warning("%s: still not running its program %.0f s after its start", self.name,
+                    EXEC_WAIT)
 
     async def _log_output(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None

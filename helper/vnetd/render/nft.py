@@ -1137,16 +1137,20 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
                 put(name, e)
 
     bridge_el: dict[str, list] = {}
+    bridge_seen: set[tuple[str, Any]] = set()  # an element once, found by key (not a scan)
 
     def bput(name: str, elem: Any) -> None:
-        if elem not in bridge_el.setdefault(name, []):
-            bridge_el[name].append(elem)
+        k = _keyed((name, elem))
+        if k not in bridge_seen:
+            bridge_seen.add(k)
+            bridge_el.setdefault(name, []).append(elem)
 
     for n in nets:  # the gateway's identity is taken on every guarded network
         if n.spoof_protection:
             for name, e in network_elems(n):
                 bput(name, e)
     guarded: list[str] = []
+    guarded_set: set[str] = set()
     for p in prts:
         validate_port(p)
         pnet: FwNetwork | None
@@ -1156,9 +1160,10 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
             pnet = _among(by_name, p.network, f"The port {p.ifname} is on")
             if not pnet.spoof_protection:
                 continue
-        if p.ifname in guarded:
+        if p.ifname in guarded_set:
             raise ValueError(f"The port {p.ifname} is listed twice.")
         guarded.append(p.ifname)
+        guarded_set.add(p.ifname)
         for name, e in _port_elems(p):
             bput(name, e)
 
@@ -1175,7 +1180,7 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
         cmds += _with_flush("bridge", s, False)
     cmds += [{"flush": {"set": _obj("bridge", name=name)}} for name in RAW_SETS
              if name != "spoof"]
-    gone = sorted(set(counters or {}) - set(guarded))
+    gone = sorted(set(counters or {}) - guarded_set)
     if gone:
         cmds.append(_elements("delete", "bridge", "spoof", gone))
     cmds += _bridge_chains_and_rules()

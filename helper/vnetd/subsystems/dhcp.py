@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..children import identity, safefile
-from ..children.supervisor import Child
+from ..children.supervisor import Child, open_recorded, reap
 from ..errors import Failed
 from ..model import Network
 from ..render import dhcpd as dhcpd_be
@@ -56,6 +56,9 @@ class DhcpServers:
         self.lease_mtimes: dict[str, float] = {}
         self.listeners: list[Callable[[str, Lease, str], None]] = []
         self._poller: asyncio.Task | None = None
+        # servers a previous vnetd started that still serve a running network, by network:
+        # their pid files, until `replace_inherited` (or a change, a stop) takes them over
+        self.inherited: dict[str, list[Path]] = {}
 
     # --- files --------------------------------------------------------------------------
     def paths(self, net: Network) -> dnsmasq_be.Paths:
@@ -72,8 +75,8 @@ class DhcpServers:
 
     def _write_hosts(self, net: Network) -> None:
         p = self.paths(net)
-        atomic_write(p.hosts_dhcp, dnsmasq_be.render_hosts_dhcp(net).encode())
-        atomic_write(p.hosts_dns, dnsmasq_be.render_hosts_dns(net).encode())
+        atomic_write(p.hosts_dhcp, dnsmasq_be.render_hosts_dhcp(net).encode(), durable=False)
+        atomic_write(p.hosts_dns, dnsmasq_be.render_hosts_dns(net).encode(), durable=False)
 
     # --- the subsystem protocol (subsystems/__init__.py) -----------------------------------------
     name = "dhcp"
@@ -81,7 +84,7 @@ class DhcpServers:
     async def apply(self, run: Running) -> None:
         """Serve the network as defined now: a server that runs for an older definition
         is replaced."""
-        if run.name in self.children:
+        if run.name in self.children or run.name in self.inherited:
             await self.stop(run.name)
         await self.start(run.net)
 
@@ -97,7 +100,48 @@ class DhcpServers:
         pass
 
     async def status(self, name: str) -> list[dict]:
-        return [c.status() for c in self.children.get(name, [])]
+        inherited = []
+        for pf in self.inherited.get(name, []):
+            found = open_recorded(pf)
+            if found is not None:
+                os.close(found[0])
+            inherited.append({"name": f"{pf.name.split('.')[0]}[{name}]",
+                              "state": "inherited" if found else "gone",
+                              "pid": found[1] if found else 0, "restarts": 0})
+        return [c.status() for c in self.children.get(name, [])] + inherited
+
+    # --- after a restart ---------------------------------------------------------------
+    def pidfiles(self, net: Network) -> list[Path]:
+        """The pid files of the servers `net` runs with (dnsmasq; and dhcpd beside it)."""
+        if net.dhcp == "none":
+            return []
+        run = self.runtime_dir / net.name
+        return [run / "dnsmasq.pid"] + ([run / "dhcpd.pid"] if net.dhcp == "dhcpd" else [])
+
+    def inherit(self, net: Network) -> bool:
+        """Whether every server a previous vnetd started for `net` still runs (each found
+        by the record beside its pid file, checked against /proc: never by command line):
+        then they go on serving, known as inherited, until `replace_inherited` replaces
+        them with servers of this vnetd's (whose output it reads and whose exit it sees)."""
+        files = self.pidfiles(net)
+        for pf in files:
+            found = open_recorded(pf)
+            if found is None:
+                return False
+            os.close(found[0])
+        if files:
+            self.inherited[net.name] = files
+            self.kinds[net.name] = net.dhcp
+            self.leases_seen[net.name] = {le.mac: le for le in self.leases(net)}
+            self._ensure_poller()
+        return True
+
+    async def replace_inherited(self, net: Network) -> None:
+        """This vnetd's servers in the place of the inherited ones (each start stops the
+        one its pid file names first)."""
+        if self.inherited.pop(net.name, None) is not None:
+            self.kinds.pop(net.name, None)
+            await self.start(net)
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self, net: Network) -> None:
@@ -113,11 +157,13 @@ class DhcpServers:
         if net.dhcp == "dnsmasq":
             if not p.leases.exists():
                 p.leases.touch(mode=0o644)
-            atomic_write(p.conf, dnsmasq_be.render_conf(net, p, user=user).encode())
+            atomic_write(p.conf, dnsmasq_be.render_conf(net, p, user=user).encode(),
+                         durable=False)
             children.append(Child(f"dnsmasq[{net.name}]", dnsmasq_be.argv(p), p.pid,
                                   str(p.conf)))
         else:  # dhcpd + a DNS-only dnsmasq
-            atomic_write(p.conf, dnsmasq_be.render_conf(net, p, dhcp=False, user=user).encode())
+            atomic_write(p.conf, dnsmasq_be.render_conf(net, p, dhcp=False, user=user).encode(),
+                         durable=False)
             children.append(Child(f"dnsmasq-dns[{net.name}]", dnsmasq_be.argv(p), p.pid,
                                   str(p.conf)))
             children.append(self._dhcpd_child(net))
@@ -152,7 +198,7 @@ class DhcpServers:
         except OSError as e:
             raise Failed(f"Cannot prepare the DHCP lease file {leases}: "
                          f"{e.strerror or e}.") from e
-        atomic_write(conf, dhcpd_be.render_conf(net).encode())
+        atomic_write(conf, dhcpd_be.render_conf(net).encode(), durable=False)
         pidfile = self.runtime_dir / net.name / "dhcpd.pid"
         return Child(f"dhcpd[{net.name}]", dhcpd_be.argv(net, conf, leases, uid, gid),
                      pidfile, str(conf))
@@ -187,17 +233,22 @@ class DhcpServers:
     async def stop(self, net_name: str) -> None:
         for c in self.children.pop(net_name, []):
             await c.stop()
+        for pf in self.inherited.pop(net_name, []):
+            await reap(pf)
         self.kinds.pop(net_name, None)
         self.leases_seen.pop(net_name, None)
 
     async def apply_hosts(self, net: Network) -> None:
-        """Static hosts changed: dnsmasq re-reads its hosts files on SIGHUP; dhcpd restarts."""
+        """Static hosts changed: dnsmasq re-reads its hosts files on SIGHUP; dhcpd restarts
+        (an inherited server is replaced: it is started with them)."""
+        if net.name in self.inherited:
+            return await self.replace_inherited(net)
         if net.name not in self.children:
             return
         self._write_hosts(net)
         for c in self.children[net.name]:
             if c.name.startswith("dhcpd"):
-                atomic_write(Path(c.marker), dhcpd_be.render_conf(net).encode())
+                atomic_write(Path(c.marker), dhcpd_be.render_conf(net).encode(), durable=False)
                 await c.stop()
                 await c.start()
             else:
@@ -207,7 +258,7 @@ class DhcpServers:
         """An undefined network: its runtime directory (configs, pid files) and its state
         directory (leases) go, so a network defined later under that name starts clean.
         rmtree never follows a symbolic link, also not one a child left in dhcpd's directory."""
-        if net_name in self.children:
+        if net_name in self.children or net_name in self.inherited:
             log.error("%s: its servers still run; its directories are kept", net_name)
             return
         for d in (self.runtime_dir / net_name, self.state_dir / net_name):
@@ -236,7 +287,7 @@ class DhcpServers:
         """Watch the lease files; announce each lease that appears, changes or goes."""
         while True:
             await asyncio.sleep(LEASE_POLL)
-            for name in list(self.children):
+            for name in [*self.children, *self.inherited]:
                 net = self.lookup(name)
                 if net is None:
                     continue
