@@ -30,7 +30,6 @@ from vnet_client import Client, VnetClientError
 
 from tests.harness.daemon import CLIENT
 
-
 # as the packaged service logs (the test harness's default is debug: a line per port and call)
 LOG = ["--log-level", "info"]
 

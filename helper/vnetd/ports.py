@@ -546,7 +546,7 @@ class Ports:
                 raise Failed(f"Could not set up tap '{ifname}': {e.strerror}.") from None
             tap_mac = read_tap_mac(fd=first, ifname=ifname)
             self.links.fast.set(index, alias=model.alias_for(net.name), master=bridge_index,
-                                mtu=net.mtu)
+                                mtu=net.mtu, port=ifname)
             info: dict[str, Any] = {"vhost": False}
             if opts.vhost:
                 if os.path.exists(VHOST_PATH):
@@ -654,7 +654,7 @@ class Ports:
                 continue
             try:
                 self.links.fast.set(p.ifindex, alias=model.alias_for(net.name),
-                                    master=bridge_index, mtu=net.mtu)
+                                    master=bridge_index, mtu=net.mtu, port=p.ifname)
             except VnetError as e:
                 log.warning("port %s could not come back on %s: %s", p.ifname, net.name,
                             e.message)

@@ -243,7 +243,20 @@ class FastLinkSetter:
         self.seq = 0
 
     def set(self, index: int, *, master: int | None = None, mtu: int | None = None,
-            alias: str | None = None, up: bool = True) -> None:
+            alias: str | None = None, up: bool = True, port: str | None = None) -> None:
+        """`port`: the interface's name, when it is a port (a tap) for guests' frames: it
+        gets no IPv6 of the host's own before it comes up (no link-local address, no routes
+        to announce to every rtnetlink listener, nothing sent into the guest: DAD, MLD). The
+        bridge forwards the guests' IPv6 all the same."""
+        if port is not None:
+            try:
+                with open(f"/proc/sys/net/ipv6/conf/{port}/disable_ipv6", "w") as f:
+                    f.write("1\n")
+            except FileNotFoundError:
+                pass  # IPv6 is off on this host (ipv6.disable=1)
+            except OSError as e:
+                raise Failed(f"Cannot turn the host's IPv6 off on port {port}: "
+                             f"{e.strerror or e}.") from None
         self.seq += 1
         attrs = b""
         if mtu is not None:

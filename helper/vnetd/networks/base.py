@@ -96,7 +96,7 @@ class Context:
             index = socket.if_nametoindex(tname)
             rb.add(f"delete tap {tname}", functools.partial(self.links.delete, index))
             self.links.fast.set(index, alias=model.alias_for(net.name), master=master,
-                                mtu=net.mtu)
+                                mtu=net.mtu, port=tname)
 
     async def make_taps(self, net: Network, master: int, rb: Rollback) -> None:
         gid = self.tap_gid(net) if net.taps else None
