@@ -216,3 +216,35 @@ def test_a_restart_answers_first_and_adopts_the_running_networks_meanwhile(vnetd
     for n in [*names, "ad9"]:
         client("stop", n, check=True)
         client("undefine", n, check=True)
+
+
+def test_the_host_has_no_ipv6_on_an_ipv4_network_nor_on_any_port(vnetd, client):
+    """An IPv4 network's bridge and every port carry no IPv6 address of the host's (no
+    link-local for guests to reach, no routes announced per tap); an IPv6 network's bridge
+    has its gateway and link-local addresses, its ports none."""
+    from tests.harness.users import HOLDER, read_json, spawn_as
+
+    client("define", "vnet11", "-n", "1", "--start", check=True)
+    client("define", "vnet12", "--subnet6=fd00:1c::/64", "--start", check=True)
+    holders = [spawn_as(ALICE, HOLDER, net, "v6probe") for net in ("vnet11", "vnet12")]
+    try:
+        ports = [read_json(h)["ifname"] for h in holders]
+        vnetd.exec("sleep", "2.5")  # past duplicate address detection, were it to run
+
+        def v6(dev: str) -> list[str]:
+            shown = vnetd.ipj("-6", "addr", "show", "dev", dev)
+            return [a["local"] for a in (shown[0]["addr_info"] if shown else [])]
+
+        assert v6("vnet11") == [] and v6("vnet11_0") == []
+        assert all(v6(p) == [] for p in ports), {p: v6(p) for p in ports}
+        have = v6("vnet12")
+        assert "fd00:1c::1" in have and any(a.startswith("fe80:") for a in have), have
+        routes = vnetd.exec("ip", "-6", "route", "show", "table", "all").stdout
+        assert not any(f"dev {p} " in routes for p in ["vnet11", "vnet11_0", *ports]), routes
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
+        for net in ("vnet11", "vnet12"):
+            client("stop", net, "--force")
+            client("undefine", net)

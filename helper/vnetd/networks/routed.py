@@ -40,6 +40,11 @@ class RoutedDriver:
         if net.subnet6 is not None:
             # the gateway owns its prefix: no SLAAC from its own router advertisements
             ctx.links.sysctl_ipv6(net.bridge, accept_ra=0, autoconf=0)
+        else:
+            # an IPv4 network: the host has no IPv6 on it (no link-local address for guests
+            # to reach, no routes announced to every rtnetlink listener when it comes up);
+            # the guests' own IPv6 is bridged all the same
+            ctx.links.sysctl_ipv6(net.bridge, disable_ipv6=1)
         for iface in _gateways(net):
             await ctx.links.add_address(br.index, iface)
         await ctx.make_taps(net, br.index, rb)
