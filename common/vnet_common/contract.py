@@ -81,9 +81,9 @@ METHODS: tuple[Method, ...] = (
            "Replace a defined network's definition (the options of Define, all of them: what "
            "is left out takes its default), checked as Define checks one. A running network "
            "takes the live settings at once (DHCP and DNS, static hosts, forwards, firewall "
-           "settings, overlay peers, autostart), all or none, and keeps the ones that make its "
-           "links (mode, subnets, MTU, taps, VDE, uplink, the overlay's device) until it is "
-           "stopped and started; the notes say which. Its owner and the owners of the "
+           "settings, overlay peers, autostart), all or none; the ones that make its links "
+           "(mode, subnets, MTU, taps, VDE, uplink, the overlay's device) change only while "
+           "it is stopped (Busy otherwise). Its owner and the owners of the "
            "forwards it keeps stay; forwards it adds are the caller's. With dry_run, only "
            "check and tell."),
     Method(MANAGER, "ExportDefinition", _a("name:s"), _a("toml:s"), INFO,

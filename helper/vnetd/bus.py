@@ -9,7 +9,6 @@ and only then are the service's copies closed.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import pwd
@@ -491,11 +490,12 @@ class Service:
         if opts.get("taps") and "tap-user" not in opts:
             opts["tap-user"] = old.tap_user if old.tap_user is not None else caller.uid
         new = Network.from_options(name, opts)
-        kept = {dataclasses.replace(f, owner=0) for f in new.forwards}
-        for f in old.forwards:
-            if dataclasses.replace(f, owner=0) not in kept:
-                self._owns(caller, f.owner, f"The forward of {f.proto} {f.external}")
-        net, notes = await self.engine.redefine(new, caller.uid, dry_run=dry_run)
+
+        def may_drop(f: model.Forward) -> None:  # checked under the engine's lock
+            self._owns(caller, f.owner, f"The forward of {f.proto} {f.external}")
+
+        net, notes = await self.engine.redefine(new, caller.uid, dry_run=dry_run,
+                                                may_drop=may_drop)
         d = self.engine.summary(self.engine.get(name) if not dry_run else net)
         return Reply(to_asv(d), notes)
 

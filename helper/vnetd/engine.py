@@ -80,6 +80,16 @@ def _bare(f: model.Forward) -> model.Forward:
     return dataclasses.replace(f, owner=0)
 
 
+def _refuse_restart_only(name: str, keys: builtins.list[str]) -> None:
+    """A running network's links are what its mode, subnets, MTU, taps, VDE switches, uplink
+    and overlay device make them, and its live settings are checked against them: those
+    change only while it is stopped, never under running guests."""
+    if keys:
+        raise Busy(f"The network '{name}' is running, and {', '.join(keys)} can change only "
+                   f"while it is stopped: stop it (vnet-client stop {name}), make the change, "
+                   "and start it again; or leave that as it is.")
+
+
 def _owned_as_before(old: Network, new: Network, uid: int) -> Network:
     """A new definition keeps its network's owner and the owners of the forwards it keeps;
     the forwards it adds belong to `uid`, who wrote them."""
@@ -527,8 +537,8 @@ class Engine:
                 raise InvalidArgument(
                     f"'{f.target}' is neither an address nor a known VM on {net.name} (an "
                     "unknown VM name): give it a static host or attach it once first.")
-            clash = self.fwd_index.clash(f)
-            if clash is not None and clash[0] != net.name:
+            clash = self.fwd_index.clash(f, skip=net.name)
+            if clash is not None:
                 raise Exists(f"{f.proto} {f.external} is already forwarded to "
                              f"'{clash[1].target}' ({clash[1].describe()}) on network "
                              f"'{clash[0]}'.")
@@ -610,18 +620,26 @@ class Engine:
             self._put(net)
         return net
 
-    async def redefine(self, net: Network, uid: int = 0, dry_run: bool = False
+    async def redefine(self, net: Network, uid: int = 0, dry_run: bool = False,
+                       may_drop: Callable[[model.Forward], None] | None = None
                        ) -> tuple[Network, builtins.list[str]]:
         """A new definition of a defined network (vnet-client edit), checked as define
         checks one. A running network takes its live settings at once, all of them or none
-        (a failure puts back what ran), and keeps the rest until it is stopped and started
-        (revise.py). Returns the definition and what it means, a sentence each."""
-        await self._adopted(net.name)
+        (a failure puts back what ran); a setting only a restart applies is refused while it
+        runs (revise.py). `may_drop` raises for a forward the caller may not remove. Returns
+        the definition and what it means, a sentence each."""
+        await self._adopted()  # its live change loads the whole ruleset
         async with self.lock:
             old = self.get(net.name)
             net = _owned_as_before(old, net, uid)
+            kept = {_bare(f) for f in net.forwards}
+            for f in old.forwards:
+                if may_drop is not None and _bare(f) not in kept:
+                    may_drop(f)
             await self._verify(net, uid, old)
             run = self.running.get(net.name)
+            if run is not None:
+                _refuse_restart_only(net.name, revise.waits(run.net, net))
             said = revise.notes(net.name, run.net if run else None, old, net)
             if dry_run or not revise.changed(old, net):
                 return net, said
@@ -678,9 +696,11 @@ class Engine:
         """Back to the record that ran (best effort: the log says what could not be)."""
         try:
             await self._apply_live(run, revise.Plan(run.net, before))
-        except VnetError as e:
-            log.error("%s: putting back its previous definition: %s", run.name, e.message)
-        run.net = before
+        except Exception as e:  # the first failure is the one the caller hears of
+            log.error("%s: putting back its previous definition: %s", run.name,
+                      e.message if isinstance(e, VnetError) else e)
+        finally:
+            run.net = before
 
     def _save_revision(self, old: Network, net: Network, quiet: bool = False) -> None:
         """The definition file and the forwards' files, from `old`'s to `net`'s."""
@@ -726,8 +746,8 @@ class Engine:
                         self._put(new)
                     else:
                         run = self.running.get(name)
-                        if run is not None and revise.waits(run.net, new):
-                            problems += revise.notes(name, run.net, old, new)
+                        if run is not None:
+                            _refuse_restart_only(name, revise.waits(run.net, new))
                         await self._revise(old, new, save=False)
                 except VnetError as e:
                     problems.append(f"{name}: {e.message} "

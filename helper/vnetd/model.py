@@ -566,10 +566,11 @@ class ForwardIndex:
         """How many forwards `uid` added, on all networks."""
         return self._owned.get(uid, 0)
 
-    def clash(self, f: Forward) -> tuple[str, Forward] | None:
+    def clash(self, f: Forward, skip: str | None = None) -> tuple[str, Forward] | None:
+        """The first forward `f` clashes with (of any network but `skip`)."""
         for port in range(f.port_lo, f.port_hi + 1):
             for network, other in self._by_port.get((f.proto, f.family, port), ()):
-                if other.clashes(f):
+                if network != skip and other.clashes(f):
                     return network, other
         return None
 

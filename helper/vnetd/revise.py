@@ -6,12 +6,14 @@ DHCP and DNS (the server is replaced; leases are kept), static hosts (re-read), 
 the firewall's settings (one transaction), overlay peers, autostart. The others make the
 network's links what they are (mode, subnets, MTU, taps, VDE switches, the uplink, the
 overlay's device), and the live ones are checked against them (a DHCP range, a host's
-address, a forward's target lie in the subnet): a definition that changes any of those is
-saved, and the running network goes on as it was, all of it, until it is stopped and
-started; the caller is told so.
+address, a forward's target lie in the subnet): those change only while the network is
+stopped, and a new definition that changes one of them while it runs is refused (`waits`
+names them).
 
-`in_force(running, declared)` is that rule: what a running network's record becomes under
-a new declaration.
+`in_force(running, declared)`: what a running network's record becomes under a declaration
+(its MTU stays the one it runs with, which an overlay may take from its underlay; a
+declaration that changes a restart-only setting, as a file edited by hand and read at a
+vnetd start may, leaves the record as it is: `show` lists those as restart-needed).
 """
 
 from __future__ import annotations
@@ -101,17 +103,12 @@ class Plan:
 
 
 def notes(name: str, running: Network | None, old: Network, new: Network) -> list[str]:
-    """Sentences for the caller: what changes now, or what waits for a restart."""
+    """Sentences for the caller: what changes now (a change only a restart applies is
+    refused before: `waits`)."""
     if not changed(old, new):
         return [f"{name}: nothing changed."]
     if running is None:
         return [f"{name}: saved; it is not running, so all of it takes effect when it starts."]
-    later = waits(running, new)
-    if later:
-        return [f"{name}: {', '.join(later)} changed, which only a restart applies: the new "
-                "definition is saved, and the running network keeps all of its current one "
-                f"until you stop and start it (vnet-client stop {name} && vnet-client start "
-                f"{name})."]
     applied = sorted({key(f) for f in changed(running, in_force(running, new))})
     return [f"{name}: changed while it runs: {', '.join(applied)}." if applied else
             f"{name}: nothing changed for the running network."]

@@ -113,23 +113,35 @@ def test_edit_applies_live_settings_at_once(vnetd, client, two_running, tmp_path
     assert show(client, "lab")["allow-host"] is True
 
 
-def test_edit_of_a_setting_only_a_restart_applies_says_so_and_keeps_the_guests_network(
+def test_a_setting_only_a_restart_applies_is_refused_while_it_runs(
         vnetd, client, two_running, tmp_path):
+    """The subnet makes the bridge's address and every guest's: changed under running
+    guests it would cut them off, so it changes only while the network is stopped."""
     old = client("export", "lab", check=True).stdout
+    text = two_running.read_text()
     new = old.replace("10.77.0.0/24", "10.78.0.0/24")
+    r = client("edit", "lab", "--from", edited(tmp_path, new), "--json")
+    assert r.returncode == 1, r.stdout
+    err = json.loads(r.stderr)
+    assert err["error"].endswith("Busy") and "subnet can change only while it is stopped" \
+        in err["message"] and "vnet-client stop lab" in err["message"], err
+    assert v4_addrs(vnetd, "lab") == {"10.77.0.1/24"}  # the guests' network goes on
+    assert two_running.read_text() == text and "restart-needed" not in show(client, "lab")
+    # the same by hand: reload refuses it, and the previous definition stays in force
+    two_running.write_text(text.replace("10.77.0.0/24", "10.78.0.0/24"))
+    r = client("reload")
+    assert r.returncode == 1 and "lab: The network 'lab' is running, and subnet" in r.stderr
+    assert v4_addrs(vnetd, "lab") == {"10.77.0.1/24"}
+    assert show(client, "lab")["subnet"] == "10.77.0.0/24"
+    two_running.write_text(text)
+    client("reload", check=True)
+    # stopped, it changes; started, it is in force
+    client("stop", "lab", check=True)
     r = client("edit", "lab", "--from", edited(tmp_path, new))
     assert r.returncode == 0, r.stderr
-    assert "-subnet = \"10.77.0.0/24\"" in r.stdout and "+subnet = \"10.78.0.0/24\"" in r.stdout
-    assert "lab: subnet changed, which only a restart applies" in r.stdout
-    assert "vnet-client stop lab && vnet-client start lab" in r.stdout
-    assert v4_addrs(vnetd, "lab") == {"10.77.0.1/24"}  # the guests' network goes on
-    n = show(client, "lab")
-    assert n["subnet"] == "10.77.0.0/24" and n["restart-needed"] == ["subnet"]
-    assert 'subnet = "10.78.0.0/24"' in client("export", "lab", check=True).stdout
-    client("stop", "lab", check=True)
+    assert "lab: saved; it is not running" in r.stdout
     client("start", "lab", check=True)
     assert v4_addrs(vnetd, "lab") == {"10.78.0.1/24"}
-    assert "restart-needed" not in show(client, "lab")
 
 
 @pytest.mark.parametrize("change, error, words", [
@@ -267,3 +279,16 @@ def test_an_edit_may_not_forward_to_a_vm_nobody_knows(vnetd, client, two_running
         """)
     r = client("edit", "lab", "--from", edited(tmp_path, new))
     assert r.returncode == 1 and "'ghost9' is neither an address nor a known VM" in r.stderr
+
+
+def test_a_wider_forward_may_not_take_a_port_another_network_forwards(
+        vnetd, client, two_running, tmp_path):
+    client("forward", "add", "lab", "tcp", "18080", "10.77.0.5:80", check=True)
+    client("forward", "add", "vnet2", "tcp", "18081", "172.16.12.5:80", check=True)
+    old = client("export", "lab", check=True).stdout
+    assert 'port = "18080"' in old
+    r = client("edit", "lab", "--from",
+               edited(tmp_path, old.replace('port = "18080"', 'port = "18080-18081"')))
+    assert r.returncode == 1, r.stdout
+    assert "tcp 18080-18081 is already forwarded" in r.stderr and "'vnet2'" in r.stderr, \
+        r.stderr

@@ -2,10 +2,9 @@
 
 The definition comes from vnetd as TOML (what `export` prints), the user edits it, and vnetd
 checks it as `define` checks one (options, subnets against the other networks and the host,
-forwards, the caller's limits). A running network takes the live settings at once and keeps
-the ones that make its links until it is stopped and started; vnetd says which. Nothing is
-changed until the new definition passes every check, and a file that fails is kept for the
-next try.
+forwards, the caller's limits). A running network takes the live settings at once and
+changes the ones that make its links only while it is stopped. Nothing is changed until the
+new definition passes every check, and a file that fails is kept for the next try.
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ examples:
 
 Live while it runs: dhcp, dhcp-start, dhcp-end, domain, hosts, forwards, allow-host,
 routed-with, spoof-protection, overlay peers, autostart. The rest (mode, subnet, subnet6,
-mtu, taps, tap-*, vde*, if, force, other overlay settings) waits for a stop and a start.
+mtu, taps, tap-*, vde*, if, force, other overlay settings) changes only while the network is
+stopped: vnet-client stop NET, edit, vnet-client start NET.
 """
 
 
@@ -105,10 +105,10 @@ def run_edit(args: argparse.Namespace) -> int:
             except (OSError, UnicodeDecodeError) as e:
                 raise Failure(f"cannot read {args.from_file}: {e}") from None
             return apply(s, args, old, new, args.from_file)
+        argv = editor()  # before the file: no editor, no file left behind
         fd, path = tempfile.mkstemp(prefix=f"vnet-{args.name}-", suffix=".toml")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(old)
-        argv = editor()
         while True:
             try:
                 code = subprocess.call([*argv, path])
@@ -122,16 +122,24 @@ def run_edit(args: argparse.Namespace) -> int:
                 new = f.read()
             if new == old:
                 os.unlink(path)
-                print(json.dumps({"name": args.name, "changed": False}) if args.json else
-                      f"No change to {args.name}: nothing was done.")
+                if args.json:
+                    print(json.dumps({"name": args.name, "dry-run": args.dry_run,
+                                      "notes": [f"{args.name}: nothing changed."], "diff": "",
+                                      "network": None}, indent=2))
+                else:
+                    print(f"No change to {args.name}: nothing was done.")
                 return EXIT_OK
             try:
                 rc = apply(s, args, old, new, path)
             except (Failure, VnetClientError) as e:
-                if ask_again(f"vnet-client: {e}"):
+                if not getattr(e, "is_auth", False) and ask_again(f"vnet-client: {e}"):
                     continue
                 raise
-            os.unlink(path)
+            if args.dry_run:  # the edit is kept for the real run: edit --from it
+                print(f"Your text is kept in {path} (vnet-client edit {args.name} --from "
+                      f"{path}).", file=sys.stderr)
+            else:
+                os.unlink(path)
             return rc
 
 

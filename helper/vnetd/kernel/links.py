@@ -121,11 +121,24 @@ def parse_link(data: bytes, off: int, length: int) -> Link:
                 tun_owner=owner, tun_persist=persist)
 
 
+NLM_F_DUMP_INTR = 0x10  # the dump saw the links change: it may miss some
+
+
 def dump_links(alias_prefix: str) -> list[Link]:
     """Every link whose alias starts with `alias_prefix`: one RTM_GETLINK dump read by hand
     (a host with thousands of links: pyroute2 decodes each message whole, about 0.6 ms a
-    link; this looks at the alias first and reads the rest only of the links it keeps)."""
+    link; this looks at the alias first and reads the rest only of the links it keeps). A
+    dump the kernel marks interrupted (links changed meanwhile) is taken again."""
+    for _ in range(9):
+        out, whole = _dump_links(alias_prefix)
+        if whole:
+            return out
+    return out
+
+
+def _dump_links(alias_prefix: str) -> tuple[list[Link], bool]:
     out: list[Link] = []
+    whole = True
     want = alias_prefix.encode()
     unpack_hdr = struct.Struct("=IHHII").unpack_from
     unpack_rta = struct.Struct("=HH").unpack_from
@@ -140,9 +153,13 @@ def dump_links(alias_prefix: str) -> list[Link]:
             data = sock.recv(1 << 20)
             off = 0
             while off + 16 <= len(data):
-                length, kind, _flags, _seq, _pid = unpack_hdr(data, off)
-                if length < 16 or kind == NLMSG_DONE:
-                    return out
+                length, kind, flags, _seq, _pid = unpack_hdr(data, off)
+                if flags & NLM_F_DUMP_INTR:
+                    whole = False
+                if kind == NLMSG_DONE:
+                    return out, whole
+                if length < 16:
+                    raise Failed("The kernel's list of interfaces was malformed.")
                 if kind == NLMSG_ERROR:
                     (err,) = struct.unpack_from("=i", data, off + 16)
                     raise Failed(f"The kernel refused to list interfaces: "

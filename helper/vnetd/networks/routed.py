@@ -59,6 +59,8 @@ class RoutedDriver:
             net, under = await vxlan.ensure(ctx, net, bridge)
         if bridge.mtu != net.mtu:
             await ctx.links.set(bridge.index, mtu=net.mtu)
+        if net.subnet6 is None:  # as start leaves it (a bridge an older vnetd made, too)
+            ctx.links.sysctl_ipv6(net.bridge, disable_ipv6=1)
         for want in _gateways(net):  # one that is there already is no error: no dump of
             await ctx.links.add_address(bridge.index, want)  # every address first
         await ctx.ensure_taps(net, bridge.index)

@@ -139,9 +139,15 @@ class DhcpServers:
     async def replace_inherited(self, net: Network) -> None:
         """This vnetd's servers in the place of the inherited ones (each start stops the
         one its pid file names first)."""
-        if self.inherited.pop(net.name, None) is not None:
+        files = self.inherited.pop(net.name, None)
+        if files is not None:
             self.kinds.pop(net.name, None)
-            await self.start(net)
+            try:
+                await self.start(net)
+            except BaseException:  # none of them left serving unowned: stopped, all
+                for pf in files:
+                    await reap(pf)
+                raise
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self, net: Network) -> None:
