@@ -419,16 +419,7 @@ class Engine:
         return net
 
     def summary(self, net: Network) -> dict[str, Any]:
-        """A network's row: for a running one, the settings in force, and the settings its
-        definition changed that wait for a stop and a start ('restart-needed')."""
-        run = self.running.get(net.name)
-        later = []
-        if run is not None and self.defs.get(net.name) is net:
-            later = revise.waits(run.net, net)
-            net = run.net
         d = net.to_dict()
-        if later:
-            d["restart-needed"] = later
         d["mtu"] = (self.network(net.name) or net).mtu
         d["owner"] = net.owner
         d["state"] = ("adopting" if net.name in self.adopting else

@@ -185,7 +185,7 @@ def _settled(task: asyncio.Future) -> None:
         log.error("adopting the running networks failed: %r", task.exception(),
                   exc_info=task.exception())
     else:
-        log.info("every network found running is adopted")
+        log.info("every network found running is adopted, its servers replaced by ours")
 
 
 def _log_tasks() -> None:

@@ -12,8 +12,8 @@ names them).
 
 `in_force(running, declared)`: what a running network's record becomes under a declaration
 (its MTU stays the one it runs with, which an overlay may take from its underlay; a
-declaration that changes a restart-only setting, as a file edited by hand and read at a
-vnetd start may, leaves the record as it is: `show` lists those as restart-needed).
+declaration that would change a restart-only setting leaves the record as it is, though the
+callers refuse such a declaration before).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import time
 
 from tests.harness.daemon import ALICE, uid_of
 
@@ -207,6 +208,12 @@ def test_a_restart_answers_first_and_adopts_the_running_networks_meanwhile(vnetd
     nets = {n["name"]: n["state"] for n in
             json.loads(client("list", "--json", check=True).stdout)}
     assert all(nets[n] == "running" for n in [*names, "ad9"]), nets
+    # settling ends once the servers it found serving are replaced by its own, in the
+    # background after every network is adopted
+    deadline = time.monotonic() + 20
+    while ("every network found running is adopted" not in vnetd.log()[mark:]
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
     log = vnetd.log()[mark:]
     ready = log.index(" ready on ")
     assert "5 being adopted" in log[ready:].splitlines()[0]
