@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from tests.harness.daemon import ALICE, BOB, PolkitRule, grant_rule
+from tests.harness.daemon import ALICE, BOB, PolkitRule, grant_rule, uid_of
 
 MANAGE = "org.qemuvnet.Vnet1.manage"
 
@@ -292,3 +292,30 @@ def test_a_wider_forward_may_not_take_a_port_another_network_forwards(
     assert r.returncode == 1, r.stdout
     assert "tcp 18080-18081 is already forwarded" in r.stderr and "'vnet2'" in r.stderr, \
         r.stderr
+
+
+def test_an_edit_may_not_drop_another_users_forward(vnetd, client, tmp_path):
+    """Delegated managers may change what root owns, never what another of them owns: on
+    root's network, alice's edit may not drop bob's forward, and one that keeps it keeps it
+    bob's."""
+    forward = "org.qemuvnet.Vnet1.forward"
+    rules = "".join(grant_rule(u, a) for u in (ALICE, BOB) for a in (MANAGE, forward))
+    with PolkitRule("60-vnet-edit-forwards", rules):
+        try:
+            client("define", "rootnet", "--subnet=10.82.0.0/24", check=True)
+            r = client("forward", "add", "rootnet", "tcp", "18090", "10.82.0.9:80", user=BOB)
+            assert r.returncode == 0, r.stderr
+            old = client("export", "rootnet", check=True).stdout
+            assert 'port = "18090"' in old
+            without = old[:old.index("[[forwards]]")]
+            r = client("edit", "rootnet", "--from", edited(tmp_path, without), user=ALICE)
+            assert r.returncode == 1 and "belongs to" in r.stderr and BOB in r.stderr, r.stderr
+            fwds = json.loads(client("forward", "list", "rootnet", "--json", check=True).stdout)
+            assert [str(f["port"]) for f in fwds] == ["18090"], fwds
+            kept = old.replace("autostart = false", "autostart = true")
+            r = client("edit", "rootnet", "--from", edited(tmp_path, kept), user=ALICE)
+            assert r.returncode == 0, r.stderr
+            fwds = json.loads(client("forward", "list", "rootnet", "--json", check=True).stdout)
+            assert len(fwds) == 1 and fwds[0]["owner"] == uid_of(BOB), fwds
+        finally:
+            client("undefine", "rootnet")
