@@ -42,7 +42,7 @@ from .ports import Port, Ports, parse_attach_options
 from .resolver import Resolver
 from .store import Store
 from .subsystems import Subsystem
-from .subsystems.dhcp import DhcpServers
+from .subsystems.dhcp import DHCPD_PID, DNSMASQ_PID, DhcpServers
 from .subsystems.evpn import Evpn
 from .subsystems.firewall import Firewall
 from .subsystems.vde import VdeSwitches
@@ -399,7 +399,7 @@ class Engine:
         run = self.store.runtime_dir
         for d in run.iterdir():
             if d.is_dir() and not d.is_symlink() and d.name not in self.running:
-                for pidfile in ("dnsmasq.pid", "dhcpd.pid"):  # dnsmasq, dhcpd
+                for pidfile in (DNSMASQ_PID, DHCPD_PID):
                     await reap(d / pidfile)
         for net in self.defs.values():
             if net.name not in self.running:

@@ -121,33 +121,19 @@ def parse_link(data: bytes, off: int, length: int) -> Link:
                 tun_owner=owner, tun_persist=persist)
 
 
-NLM_F_DUMP_INTR = 0x10  # the dump saw the links change: it may miss some
+NLM_F_DUMP_INTR = 0x10  # the dump saw its objects change: it may miss some
 
 
-def dump_links(alias_prefix: str) -> list[Link]:
-    """Every link whose alias starts with `alias_prefix`: one RTM_GETLINK dump read by hand
-    (a host with thousands of links: pyroute2 decodes each message whole, about 0.6 ms a
-    link; this looks at the alias first and reads the rest only of the links it keeps). A
-    dump the kernel marks interrupted (links changed meanwhile) is taken again."""
-    for _ in range(9):
-        out, whole = _dump_links(alias_prefix)
-        if whole:
-            return out
-    return out
-
-
-def _dump_links(alias_prefix: str) -> tuple[list[Link], bool]:
-    out: list[Link] = []
-    whole = True
-    want = alias_prefix.encode()
+def _dump(request: int, body: bytes, what: str, answer: int):
+    """The messages of type `answer` of one rtnetlink dump, read by hand: (data, offset,
+    length) each, and last a bool: whether the kernel marked the dump interrupted."""
     unpack_hdr = struct.Struct("=IHHII").unpack_from
-    unpack_rta = struct.Struct("=HH").unpack_from
+    whole = True
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        socket.NETLINK_ROUTE) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.bind((0, 0))
-        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
-        sock.send(struct.pack("=IHHII", 16 + len(body), RTM_GETLINK,
+        sock.send(struct.pack("=IHHII", 16 + len(body), request,
                               NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
         while True:
             data = sock.recv(1 << 20)
@@ -157,25 +143,46 @@ def _dump_links(alias_prefix: str) -> tuple[list[Link], bool]:
                 if flags & NLM_F_DUMP_INTR:
                     whole = False
                 if kind == NLMSG_DONE:
-                    return out, whole
+                    yield not whole
+                    return
                 if length < 16:
-                    raise Failed("The kernel's list of interfaces was malformed.")
+                    raise Failed(f"The kernel's list of {what} was malformed.")
                 if kind == NLMSG_ERROR:
                     (err,) = struct.unpack_from("=i", data, off + 16)
-                    raise Failed(f"The kernel refused to list interfaces: "
-                                 f"{os.strerror(-err)}.")
-                if kind == RTM_NEWLINK:
-                    a, end = off + 32, off + length
-                    while a + 4 <= end:  # the alias first: most links are not ours
-                        alen, akind = unpack_rta(data, a)
-                        if alen < 4:
-                            break
-                        if akind == IFLA_IFALIAS:
-                            if data[a + 4:a + alen].startswith(want):
-                                out.append(parse_link(data, off, length))
-                            break
-                        a += (alen + 3) & ~3
+                    raise Failed(f"The kernel refused to list {what}: {os.strerror(-err)}.")
+                if kind == answer:
+                    yield data, off, length
                 off += (length + 3) & ~3
+
+
+def dump_links(alias_prefix: str) -> list[Link]:
+    """Every link whose alias starts with `alias_prefix`: one RTM_GETLINK dump read by hand
+    (a host with thousands of links: pyroute2 decodes each message whole, about 0.6 ms a
+    link; this looks at the alias first and reads the rest only of the links it keeps). A
+    dump the kernel marks interrupted (links changed meanwhile) is taken again."""
+    want = alias_prefix.encode()
+    unpack_rta = struct.Struct("=HH").unpack_from
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+    out: list[Link] = []
+    for _ in range(9):
+        out = []
+        for item in _dump(RTM_GETLINK, body, "interfaces", RTM_NEWLINK):
+            if isinstance(item, bool):
+                if not item:  # not interrupted
+                    return out
+                break
+            data, off, length = item
+            a, end = off + 32, off + length
+            while a + 4 <= end:  # the alias first: most links are not ours
+                alen, akind = unpack_rta(data, a)
+                if alen < 4:
+                    break
+                if akind == IFLA_IFALIAS:
+                    if data[a + 4:a + alen].startswith(want):
+                        out.append(parse_link(data, off, length))
+                    break
+                a += (alen + 3) & ~3
+    return out
 
 
 def dump_addresses(family: int = socket.AF_UNSPEC) -> list[tuple[int, int, bytes, int]]:
@@ -183,43 +190,18 @@ def dump_addresses(family: int = socket.AF_UNSPEC) -> list[tuple[int, int, bytes
     family, if given): one RTM_GETADDR dump read by hand, IFA_LOCAL (the interface's own
     address, also on point-to-point links) else IFA_ADDRESS."""
     out: list[tuple[int, int, bytes, int]] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       socket.NETLINK_ROUTE) as sock:
-        sock.bind((0, 0))
-        body = struct.pack("=BBBBI", family, 0, 0, 0, 0)
-        sock.send(struct.pack("=IHHII", 16 + len(body), RTM_GETADDR,
-                              NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
-        unpack_hdr, unpack_ifa, unpack_rta = (struct.Struct("=IHHII").unpack_from,
-                                              struct.Struct("=BBBBI").unpack_from,
-                                              struct.Struct("=HH").unpack_from)
-        while True:
-            data = sock.recv(1 << 16)
-            off = 0
-            while off + 16 <= len(data):
-                length, kind, _flags, _seq, _pid = unpack_hdr(data, off)
-                if length < 16 or kind == NLMSG_DONE:
-                    return out
-                if kind == NLMSG_ERROR:
-                    (err,) = struct.unpack_from("=i", data, off + 16)
-                    raise Failed(f"The kernel refused to list addresses: "
-                                 f"{os.strerror(-err)}.")
-                if kind == RTM_NEWADDR:
-                    fam, plen, _f, _scope, index = unpack_ifa(data, off + 16)
-                    local = address = None
-                    a, end = off + 24, off + length
-                    while a + 4 <= end:
-                        alen, akind = unpack_rta(data, a)
-                        if alen < 4:
-                            break
-                        if akind == IFA_LOCAL:
-                            local = data[a + 4:a + alen]
-                        elif akind == IFA_ADDRESS:
-                            address = data[a + 4:a + alen]
-                        a += (alen + 3) & ~3
-                    raw = local or address
-                    if raw is not None and fam in (socket.AF_INET, socket.AF_INET6):
-                        out.append((index, fam, raw, plen))
-                off += (length + 3) & ~3
+    unpack_ifa = struct.Struct("=BBBBI").unpack_from
+    for item in _dump(RTM_GETADDR, struct.pack("=BBBBI", family, 0, 0, 0, 0), "addresses",
+                      RTM_NEWADDR):
+        if isinstance(item, bool):
+            break
+        data, off, length = item
+        fam, plen, _f, _scope, index = unpack_ifa(data, off + 16)
+        at = _attrs(data, off + 24, off + length)
+        raw = at.get(IFA_LOCAL) or at.get(IFA_ADDRESS)
+        if raw is not None and fam in (socket.AF_INET, socket.AF_INET6):
+            out.append((index, fam, raw, plen))
+    return out
 
 
 def overlapping_addresses(
@@ -241,6 +223,17 @@ def overlapping_addresses(
             if not iface.ip.is_link_local:
                 out.append((index, iface))
     return out
+
+
+def ipv6_conf(ifname: str, key: str, value: int) -> None:
+    """/proc/sys/net/ipv6/conf/IF/KEY of this namespace; nothing where the host runs without
+    IPv6 (ipv6.disable=1: no such directory)."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/{key}", "w") as f:
+            f.write(f"{value}\n")
+    except FileNotFoundError:
+        if os.path.isdir("/proc/sys/net/ipv6"):
+            raise
 
 
 def _rtattr(kind: int, payload: bytes) -> bytes:
@@ -267,10 +260,7 @@ class FastLinkSetter:
         bridge forwards the guests' IPv6 all the same."""
         if port is not None:
             try:
-                with open(f"/proc/sys/net/ipv6/conf/{port}/disable_ipv6", "w") as f:
-                    f.write("1\n")
-            except FileNotFoundError:
-                pass  # IPv6 is off on this host (ipv6.disable=1)
+                ipv6_conf(port, "disable_ipv6", 1)
             except OSError as e:
                 raise Failed(f"Cannot turn the host's IPv6 off on port {port}: "
                              f"{e.strerror or e}.") from None
@@ -478,14 +468,12 @@ class Links:
 
     @staticmethod
     def sysctl_ipv6(ifname: str, **values: int) -> None:
-        """Per-interface IPv6 settings (/proc/sys/net/ipv6/conf/IF/KEY) of this namespace."""
+        """Per-interface IPv6 settings of this namespace (a failure is logged)."""
         for key, value in values.items():
-            path = f"/proc/sys/net/ipv6/conf/{ifname}/{key}"
             try:
-                with open(path, "w") as f:
-                    f.write(f"{value}\n")
+                ipv6_conf(ifname, key, value)
             except OSError as e:
-                log.warning("could not set %s: %s", path, e)
+                log.warning("could not set IPv6 %s of %s: %s", key, ifname, e)
 
     # --- bridged mode: moving a NIC's addresses and routes to its bridge and back ---------
     async def address_records(self, index: int) -> list[dict]:

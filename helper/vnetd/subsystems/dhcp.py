@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vnetd.dhcp")
 
 READY_TIMEOUT = 3.0
+# a network's servers' pid files, in its runtime directory
+DNSMASQ_PID, DHCPD_PID = "dnsmasq.pid", "dhcpd.pid"
 LEASE_POLL = 0.5
 
 
@@ -66,7 +68,7 @@ class DhcpServers:
         lib = self.state_dir / net.name
         return dnsmasq_be.Paths(conf=run / "dnsmasq.conf", hosts_dhcp=run / "hosts.dhcp",
                                 hosts_dns=run / "hosts.dns", leases=lib / "dnsmasq.leases",
-                                pid=run / "dnsmasq.pid")
+                                pid=run / DNSMASQ_PID)
 
     def lease_file(self, net: Network) -> Path:
         if self.kinds.get(net.name, net.dhcp) == "dhcpd":
@@ -116,7 +118,7 @@ class DhcpServers:
         if net.dhcp == "none":
             return []
         run = self.runtime_dir / net.name
-        return [run / "dnsmasq.pid"] + ([run / "dhcpd.pid"] if net.dhcp == "dhcpd" else [])
+        return [run / DNSMASQ_PID] + ([run / DHCPD_PID] if net.dhcp == "dhcpd" else [])
 
     def inherit(self, net: Network) -> bool:
         """Whether every server a previous vnetd started for `net` still runs (each found
@@ -205,7 +207,7 @@ class DhcpServers:
             raise Failed(f"Cannot prepare the DHCP lease file {leases}: "
                          f"{e.strerror or e}.") from e
         atomic_write(conf, dhcpd_be.render_conf(net).encode(), durable=False)
-        pidfile = self.runtime_dir / net.name / "dhcpd.pid"
+        pidfile = self.runtime_dir / net.name / DHCPD_PID
         return Child(f"dhcpd[{net.name}]", dhcpd_be.argv(net, conf, leases, uid, gid),
                      pidfile, str(conf))
 
