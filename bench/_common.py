@@ -38,7 +38,7 @@ def bench_daemon(label: str):
         host = services.stop_vnetd()
         with services.activation_parked():
             hd.ensure_users()
-            d = hd.Daemon(label)
+            d = hd.Daemon(label, runtime_tmpfs=True)  # /run is a tmpfs where vnetd runs
             try:
                 d.start()
                 yield d

@@ -196,6 +196,7 @@ class Ports:
         self._by_nic: dict[tuple[str, str, int], Port] = {}
         self._pidfds: dict[int, int] = {}  # holder pid -> pidfd (one per holder process)
         self._monitor: asyncio.Task | None = None
+        self._monitor_sock: socket.socket | None = None
         self._records: dict[str, Port] = {}
         # ports whose guest MAC is still to be learned, by ifindex: the FDB events of every
         # bridge on the host are checked against this, so it must cost O(1)
@@ -335,7 +336,7 @@ class Ports:
     def _on_netlink(self) -> None:
         while True:
             try:
-                data = self._monitor_sock.recv(1 << 16)
+                data = self._monitor_sock.recv(1 << 16)  # type: ignore[union-attr]
             except BlockingIOError:
                 return
             except OSError as e:  # ENOBUFS: events were lost; re-check every port
@@ -506,6 +507,11 @@ class Ports:
         nic, queues = opts.nic, opts.queues
         self.macs.check_owner(net.name, vm, uid)  # before anything says who holds it
         p = self._by_nic.get((net.name, vm, nic))
+        if p is not None and self._monitor_sock is not None:
+            # its holder may have closed it a moment ago (the same VM restarting): the
+            # kernel's events already say so, if only they were read first
+            self._on_netlink()
+            p = self._by_nic.get((net.name, vm, nic))
         if p is not None:
             raise Busy(f"VM '{vm}' NIC {nic} is already attached to {net.name} as {p.ifname} "
                        f"(uid {p.uid}); detach it or use another --nic.")

@@ -97,13 +97,21 @@ def run_client(*args: str, user: str | None = None, timeout: float = 60,
 
 
 class Daemon:
-    def __init__(self, label: str = "t"):
+    def __init__(self, label: str = "t", runtime_tmpfs: bool = False):
+        """`runtime_tmpfs`: the runtime directory on a tmpfs (/dev/shm), as /run is on a
+        host vnetd runs on (for the benches: a file written there costs 20 us, not the
+        0.3 ms of this disk)."""
         self.netns = f"vnt-{label[:8]}-{uuid.uuid4().hex[:6]}"
         self.dir = Path(tempfile.mkdtemp(prefix="vnetd-test-"))
         os.chmod(self.dir, 0o755)  # as /run and /var/lib are: dnsmasq reads its files as itself
         self.config_dir = self.dir / "etc"
         self.state_dir = self.dir / "lib"
         self.runtime_dir = self.dir / "run"
+        self._tmpfs_dir: Path | None = None
+        if runtime_tmpfs and Path("/dev/shm").is_dir():
+            self._tmpfs_dir = Path(tempfile.mkdtemp(prefix="vnetd-run-", dir="/dev/shm"))
+            os.chmod(self._tmpfs_dir, 0o755)
+            self.runtime_dir = self._tmpfs_dir / "run"
         self.log_path = self.dir / "vnetd.log"
         self.proc: subprocess.Popen | None = None
         sh("ip", "netns", "add", self.netns)
@@ -223,6 +231,8 @@ class Daemon:
             shutil.copy(self.log_path, keep / f"{self.netns}.log")
         sh("ip", "netns", "del", self.netns, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._tmpfs_dir is not None:
+            shutil.rmtree(self._tmpfs_dir, ignore_errors=True)
 
     # --- looking at the namespace ---------------------------------------------------------
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -232,6 +232,53 @@ def test_forged_frames_from_a_users_tap_are_dropped_and_counted(world):
         run_client("host", "remove", "vnet2", "--vm=spoofer")
 
 
+REATTACH = """
+async def main():
+    async with Client() as c:
+        a = None
+        for i in range(int(sys.argv[1])):  # the same VM again the moment its tap went
+            if a is not None:
+                a.close()
+            while True:
+                try:
+                    a = await c.attach("vnet2", "again")
+                    break
+                except VnetClientError as e:
+                    if not e.name.endswith("Busy"):
+                        raise
+        print(json.dumps({"ifname": a.ifname, "mac": a.mac}), flush=True)
+        for line in sys.stdin:
+            if line.startswith("write "):
+                os.write(a.fds[0], bytes(10) + bytes.fromhex(line.strip()[6:]))
+                print(json.dumps({"written": True}), flush=True)
+asyncio.run(main())
+"""
+
+
+def test_the_same_vm_attaching_again_at_once_keeps_its_guard(world):
+    """The old port's removal, handled after the new port of the same name was guarded,
+    must not take the new port's guard with it (its frames would then pass unchecked)."""
+    import time
+
+    from tests.harness.daemon import ALICE
+    from tests.harness.users import read_json, spawn_as
+
+    holder = spawn_as(ALICE, REATTACH, "30")
+    try:
+        got = read_json(holder, timeout=60)
+        port, mac = got["ifname"], got["mac"]
+        time.sleep(0.5)  # whatever vnetd still had to do for the old ports is done
+        n = drops(port)
+        send(holder, frame("52:54:00:66:66:67", 0x0800,
+                           ipv4_udp("0.0.0.0", "255.255.255.255", 68, 67)))
+        assert drops(port) == n + 1  # a forged source MAC is still dropped
+        send(holder, frame(mac, 0x0800, ipv4_udp("0.0.0.0", "255.255.255.255", 68, 67)))
+        assert drops(port) == n + 1  # its own passes
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_unknown_mac_is_learned_then_locked(world):
     from tests.harness.daemon import ALICE
     from tests.harness.users import HOLDER, read_json, spawn_as

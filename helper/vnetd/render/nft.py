@@ -599,6 +599,19 @@ add set bridge {TABLE} spoof {{ type ifname; size 1048576; flags dynamic; counte
 """
 
 
+# each element set's key fields, for writing its elements without libnftables
+# (kernel/nftnl.py): the JSON-made sets as declared (but the interval one), the text-made
+# ones as their ``typeof`` reads (@th,288,48: 48 raw bits; @th,64,128: 128)
+SET_FIELDS: dict[str, tuple[str, ...]] = {
+    **{name: tuple([type_] if isinstance(type_, str) else type_)
+       for name, type_, flags in PORT_SETS if "interval" not in flags},
+    "port_mac_raw": ("ifname", "raw48"),
+    "port_t6": ("ifname", "raw128"),
+    "claimed6_raw": ("raw128",),
+    "spoof": ("ifname",),
+}
+
+
 def _guard_rules() -> list[dict]:
     """The chains every guarded port goes through, in order (see the module text)."""
     b = "bridge"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import Failed
+from ..kernel import nftnl
 from ..model import Forward, Network
 from ..render import nft as fw
 
@@ -78,6 +79,7 @@ class Firewall:
         # one libnftables context, used from worker threads: one at a time (libnftables is
         # not thread-safe, and its netlink errors can end the whole process)
         self._nft_lock = threading.Lock()
+        self._elements = nftnl.Elements()
         self._forwarding_before: dict[Path, str] = {}
         self.flowtables = False
 
@@ -97,6 +99,14 @@ class Firewall:
     def _apply(self, cmd: dict, what: str) -> None:
         try:
             with self._nft_lock:
+                # set elements of the bridge table (a port's guard) go straight to the
+                # kernel; anything else, or a kernel that refuses the batch, through
+                # libnftables (whose error text is the one users see)
+                try:
+                    if self._elements.apply(cmd, fw.SET_FIELDS, fw.TABLE):
+                        return
+                except RuntimeError as e:
+                    log.debug("element batch refused (%s); trying libnftables", e)
                 fw.apply(cmd, self.nft)
         except RuntimeError as e:
             raise Failed(f"The firewall refused to {what}; nothing was changed ({e}).") from None
@@ -541,6 +551,11 @@ class Firewall:
         self.applied_ports[new.ifname] = new
 
     async def port_gone(self, port: Port) -> None:
+        now = self.view.ports.by_name.get(port.ifname)
+        if now is not None and now is not port:
+            # a new port took the name first (the same VM again): its update replaced this
+            # one's elements already, and they are its own now
+            return
         old = self.applied_ports.pop(port.ifname, None)
         if old is not None:
             try:
