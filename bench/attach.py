@@ -144,7 +144,9 @@ def main() -> None:
     a = ap.parse_args()
     with bench_daemon("bench") as d:
         d.stop()
-        d.start(["--max-ports-per-user", "5000", "--max-macs-per-user", "10000"])
+        # as a host runs it: its log at info (the audit line of each call, no debug lines)
+        d.start(["--max-ports-per-user", "5000", "--max-macs-per-user", "10000",
+                 "--log-level", "info"])
         run_client("define", "bench1", "--subnet=10.202.0.0/16", "--dhcp=none", check=True)
         run_client("start", "bench1", check=True)
         out = {}

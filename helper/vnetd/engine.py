@@ -42,9 +42,11 @@ from .ports import Port, Ports, parse_attach_options
 from .resolver import Resolver
 from .store import Store
 from .subsystems import Subsystem
+from .subsystems import spares as spares_mod
 from .subsystems.dhcp import DHCPD_PID, DNSMASQ_PID, DhcpServers
 from .subsystems.evpn import Evpn
 from .subsystems.firewall import Firewall
+from .subsystems.spares import Spares
 from .subsystems.vde import VdeSwitches
 
 log = logging.getLogger("vnetd")
@@ -118,7 +120,7 @@ class Engine:
                  max_macs_per_network: int = macs_mod.DEFAULT_LIMIT,
                  max_macs: int = macs_mod.DEFAULT_TOTAL,
                  max_macs_per_user: int = macs_mod.DEFAULT_PER_USER,
-                 frr_pathspace: str | None = None):
+                 frr_pathspace: str | None = None, spare_taps: int = spares_mod.DEFAULT):
         self.store = store
         self.links = links
         self.max_networks_per_user = max_networks_per_user
@@ -151,9 +153,12 @@ class Engine:
         # applied in this order after a network's driver made its links, removed in the
         # reverse order before the driver removes them; the firewall (its ports' guards) is
         # applied last and removed last, after the links are gone
-        self.services: list[Subsystem] = [self.vde, self.dhcp, self.evpn]
+        # taps made ahead of attaches (stocked after the rest, in the background)
+        self.spares = Spares(links, self.firewall, self.schedule, spare_taps)
+        self.services: list[Subsystem] = [self.vde, self.dhcp, self.evpn, self.spares]
         self.ctx = Context(links, store, self.ports, self.problems)
         self.ports.listeners.append(self._port_event)
+        self.ports.spares = self.spares
         self.ports.identity_owner = self.resolver.owner_of_mac
         self.dhcp.listeners.append(self._lease_event)
 
@@ -901,7 +906,11 @@ class Engine:
                 self.macs.defer = False
                 if self.macs.dirty:
                     self._write_macs_soon()
-            if net.spoof_protection:
+            if net.spoof_protection and self.firewall.is_pending(port.ifname):
+                # a spare tap: nothing passes to or from it until its guard replaces that,
+                # right after the reply
+                self.schedule(self._guard_spare(port))
+            elif net.spoof_protection:
                 try:
                     await self.firewall.port_attached(port)
                 except BaseException:
@@ -910,6 +919,17 @@ class Engine:
                     await self.ports.detach(port)
                     raise
             return port, fds, vhostfds, info
+
+    async def _guard_spare(self, port: Port) -> None:
+        if self.ports.by_name.get(port.ifname) is not port:
+            return  # closed already (port_gone let its pending element go)
+        try:
+            await self.firewall.port_attached(port)
+        except VnetError as e:  # it stays cut off from everything: take it away
+            log.error("port %s: its guard could not be put in, so it goes: %s", port.ifname,
+                      e.message)
+            if self.ports.forget(port):
+                self._port_event(port, "cut")
 
     def _write_macs_soon(self) -> None:
         if self._macs_writer is None or self._macs_writer.done():

@@ -25,6 +25,7 @@ from .children import identity
 from .engine import Engine
 from .kernel.links import Links
 from .store import Store
+from .subsystems import spares as spares_mod
 
 log = logging.getLogger("vnetd")
 
@@ -56,6 +57,14 @@ LIMITS = (
     ("--max-macs-per-user", 1024, "MAC registry entries one user other than root brings into "
      "one network"),
 )
+
+
+def _spares(text: str) -> int:
+    n = _count(text)
+    if n > spares_mod.MOST:
+        raise argparse.ArgumentTypeError(f"{n} spare taps a network is more than the "
+                                         f"{spares_mod.MOST} vnetd keeps at most")
+    return n
 
 
 def _seconds(text: str) -> float:
@@ -93,6 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "action and details before polkit is asked again; a user taken out of "
                    "group vnet loses an open connection's rights within this time; 0: never "
                    "reused (default: %(default)s)")
+    p.add_argument("--spare-taps", type=_spares, default=spares_mod.DEFAULT, metavar="N",
+                   help="taps each running network with spoof protection keeps made ahead of "
+                   "attaches, so that an attach hands one out instead of making it; each costs "
+                   "vnetd one fd and the kernel one network device; 0: none "
+                   "(default: %(default)s)")
     p.add_argument("--frr-pathspace", metavar="NAME",
                    help="EVPN: talk to the FRR instance started with -N NAME (vtysh -N NAME); "
                    "default: the system's FRR")
@@ -111,7 +125,8 @@ async def run(args: argparse.Namespace) -> int:
     await links.open()
     limits = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
               for flag, _, _ in LIMITS}
-    engine = Engine(store, links, frr_pathspace=args.frr_pathspace, **limits)
+    engine = Engine(store, links, frr_pathspace=args.frr_pathspace,
+                    spare_taps=args.spare_taps, **limits)
     await engine.startup()
 
     if args.bus_address:

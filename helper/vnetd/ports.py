@@ -24,7 +24,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vnet_common.names import validate_nic
 
@@ -33,6 +33,9 @@ from .errors import Busy, Failed, InvalidArgument, NotFound, NotOwner, QuotaExce
 from .kernel import tap as tapdev
 from .kernel.links import Links
 from .macs import MacRegistry
+
+if TYPE_CHECKING:
+    from .subsystems.spares import Spares
 
 log = logging.getLogger("vnetd.ports")
 
@@ -197,6 +200,7 @@ class Ports:
         self._pidfds: dict[int, int] = {}  # holder pid -> pidfd (one per holder process)
         self._monitor: asyncio.Task | None = None
         self._monitor_sock: socket.socket | None = None
+        self.spares: Spares | None = None  # taps made ahead of attaches (set by the engine)
         self._records: dict[str, Port] = {}
         # ports whose guest MAC is still to be learned, by ifindex: the FDB events of every
         # bridge on the host are checked against this, so it must cost O(1)
@@ -540,19 +544,30 @@ class Ports:
         flags = tapdev.HANDOFF_FLAGS | (tapdev.IFF_MULTI_QUEUE if queues > 1 else 0)
         fds: list[int] = []
         vhostfds: list[int] = []
+        spare = self.spares.take(net.name) if self.spares is not None and queues == 1 else None
         try:
-            ifname, first = self._open_free(net.name, vm, nic, flags)
-            fds.append(first)
-            try:
-                fcntl.ioctl(first, tapdev.TUNSETOWNER, uid)
-                for _ in range(queues - 1):
-                    fds.append(tapdev.open_tap(ifname, flags & ~tapdev.IFF_TUN_EXCL))
-                index = socket.if_nametoindex(ifname)
-            except OSError as e:
-                raise Failed(f"Could not set up tap '{ifname}': {e.strerror}.") from None
-            tap_mac = read_tap_mac(fd=first, ifname=ifname)
-            self.links.fast.set(index, alias=model.alias_for(net.name), master=bridge_index,
-                                mtu=net.mtu, port=ifname)
+            if spare is not None:
+                # made ahead, already on the bridge: only its owner is the holder's now
+                ifname, first, index, tap_mac = spare.ifname, spare.fd, spare.index, \
+                    spare.tap_mac
+                try:
+                    fcntl.ioctl(first, tapdev.TUNSETOWNER, uid)
+                except OSError as e:
+                    raise Failed(f"Could not set up tap '{ifname}': {e.strerror}.") from None
+                fds.append(first)
+            else:
+                ifname, first = self._open_free(net.name, vm, nic, flags)
+                fds.append(first)
+                try:
+                    fcntl.ioctl(first, tapdev.TUNSETOWNER, uid)
+                    for _ in range(queues - 1):
+                        fds.append(tapdev.open_tap(ifname, flags & ~tapdev.IFF_TUN_EXCL))
+                    index = socket.if_nametoindex(ifname)
+                except OSError as e:
+                    raise Failed(f"Could not set up tap '{ifname}': {e.strerror}.") from None
+                tap_mac = read_tap_mac(fd=first, ifname=ifname)
+                self.links.fast.set(index, alias=model.alias_for(net.name),
+                                    master=bridge_index, mtu=net.mtu, port=ifname)
             info: dict[str, Any] = {"vhost": False}
             if opts.vhost:
                 if os.path.exists(VHOST_PATH):
@@ -562,6 +577,9 @@ class Ports:
                 else:
                     info["vhost-reason"] = f"{VHOST_PATH} is not available on this host"
         except BaseException:
+            if spare is not None and self.spares is not None:
+                self.spares.discard(spare)  # its fd and its firewall element
+                fds = [fd for fd in fds if fd != spare.fd]
             for fd in fds + vhostfds:
                 with contextlib.suppress(OSError):
                     os.close(fd)

@@ -244,16 +244,33 @@ class Daemon:
     def links(self) -> list[dict]:
         return self.ipj("-d", "link", "show")
 
+    def spare_taps(self) -> set[str]:
+        """The taps vnetd made ahead of attaches (the firewall's ``pending`` set: a spare is
+        in it before its tap exists and until it is handed out)."""
+        r = self.exec("nft", "-j", "list", "set", "bridge", "qemu_vnet", "pending",
+                      check=False)
+        if r.returncode != 0:
+            return set()  # no table: no spares
+        return {e for o in json.loads(r.stdout)["nftables"] if "set" in o
+                for e in o["set"].get("elem", []) if isinstance(e, str)}
+
+    def links_but_spares(self) -> list[dict]:
+        """`ip -j link`, less the spare taps (they come and go by themselves, under names
+        of their own): read after the links, so a spare made meanwhile is left out too."""
+        links = self.ipj("link", "show")
+        spares = self.spare_taps()
+        return [lk for lk in links if lk["ifname"] not in spares]
+
     def link_names(self) -> set[str]:
-        return {lk["ifname"] for lk in self.ipj("link", "show")}
+        return {lk["ifname"] for lk in self.links_but_spares()}
 
     def snapshot(self) -> tuple[list, list]:
         """What `ip -j link` and `ip -j addr` say, less what moves by itself (operstate,
-        carrier, lifetimes), for 'unchanged' checks."""
+        carrier, lifetimes, spare taps), for 'unchanged' checks."""
         links = sorted(
             (lk["ifname"], lk.get("master"), lk["mtu"], lk.get("address"), lk.get("ifalias"),
              "UP" in lk["flags"])
-            for lk in self.ipj("link", "show"))
+            for lk in self.links_but_spares())
         addrs = sorted(
             (a["ifname"], ai["local"], ai["prefixlen"])
             for a in self.ipj("addr", "show") for ai in a.get("addr_info", [])

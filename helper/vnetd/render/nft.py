@@ -72,9 +72,11 @@ deleting one (33 ms with 10,000 elements against 0.2 ms for a hash map).
 ``table bridge qemu_vnet``: the guest ports' guard, default-deny in both directions. No port
 has a chain or a named object of its own: fixed chains look a port up in sets keyed by its
 interface name, so a port's guard is set elements only (see the ports section below).
-Chain ``prerouting`` (filter prerouting, -200) sends frames from ``@guarded`` ports (the guest
-taps of networks with ``spoof_protection``) to ``guard_in``; ``forward`` and ``output`` send
-frames to them to ``guard_out``. ``guard_in`` first jumps to ``from_any_port`` (what no guest
+Chain ``prerouting`` (filter prerouting, -200) drops every frame from a ``@pending`` tap (a
+spare made ahead of an attach, until the port's guard replaces that) and sends frames from
+``@guarded`` ports (the guest taps of networks with ``spoof_protection``) to ``guard_in``;
+``forward`` and ``output`` drop frames to a ``@pending`` tap and send frames to guarded ports
+to ``guard_out``. ``guard_in`` first jumps to ``from_any_port`` (what no guest
 may send: multicast source MACs, anything but IPv4/ARP/IPv6 (VLAN tags, STP), DHCP and DHCPv6
 server replies, router advertisements and redirects, ARP for other hardware), sends VDE
 segments (``@seg``) to ``seg_in`` (no identity a port or gateway holds: ``@taken``,
@@ -573,6 +575,7 @@ UNICAST_DST = _match({"&": [_pl("ether", "daddr"), "01:00:00:00:00:00"]}, "00:00
 # the sets that hold a port's guard, by interface name (JSON; the raw ones are text, below)
 PORT_SETS: tuple[tuple[str, str | list[str], tuple[str, ...]], ...] = (
     ("guarded", "ifname", ()),  # every guarded port
+    ("pending", "ifname", ()),  # a spare tap made ahead of an attach: nothing in or out
     ("seg", "ifname", ()),  # many guests behind one port (a VDE switch)
     ("locked", "ifname", ()),  # its MAC is known
     ("unlocked", "ifname", ()),  # learning: its first unicast source locks it
@@ -715,7 +718,8 @@ def _group(pairs: Iterable[tuple[str, Any]], op: str) -> list[dict]:
 
 
 def render_port_update(port: FwPort, old: FwPort | None, *, spoof_protection: bool = True,
-                       keep: frozenset[tuple[str, Any]] = frozenset()) -> dict:
+                       keep: frozenset[tuple[str, Any]] = frozenset(),
+                       pending: bool = False) -> dict:
     """Add or replace one port's guard in one transaction of set elements: those of ``old``
     (what was applied before; None: nothing) that ``port`` no longer has are deleted, those of
     ``port`` added; its drop count stays. ``spoof_protection`` is the port's network's
@@ -731,7 +735,18 @@ def render_port_update(port: FwPort, old: FwPort | None, *, spoof_protection: bo
         cmds += _group([pe for pe in _port_elems(old) if pe not in new and _keyed(pe) not in keep],
                        "delete")
     cmds += _group(new, "add")  # adding an element that is there changes nothing
+    if pending:  # a spare tap becomes this port: its guard and its release at once
+        cmds += render_pending("delete", [port.ifname])["nftables"]
     return {"nftables": cmds}
+
+
+def render_pending(op: str, names: Iterable[str]) -> dict:
+    """Spare taps in (``add``) or out (``delete``) of ``pending``: nothing passes to or from
+    a tap made ahead of an attach until its port's guard replaces this."""
+    if op not in ("add", "delete"):
+        raise ValueError(f"Spare taps are added or deleted, not {op!r}.")
+    elems = sorted({_ifname(n, "Spare tap") for n in names})
+    return {"nftables": [_elements(op, "bridge", "pending", elems)] if elems else []}
 
 
 def _keyed(pe: tuple[str, Any]) -> tuple[str, Any]:
@@ -953,6 +968,9 @@ def _bridge_chains_and_rules() -> list[dict]:
         _chain(b, "guard_out"),
         _chain(b, "seg_in"),
         _chain(b, "nd_options"),
+        # a spare tap (made ahead of an attach, until its holder's guard is in): nothing
+        *[_rule(b, hook, _is(key, "pending"), DROP, comment="a spare tap")
+          for hook, key in (("prerouting", IIF), ("forward", OIF), ("output", OIF))],
         _rule(b, "prerouting", _is(IIF, "guarded"), _jump("guard_in")),
         # a learning port's DHCP before its MAC is locked: the bridge learns the source MAC
         # from it (prerouting let it pass) but nobody gets it, so its client hardware address
@@ -1097,14 +1115,16 @@ def render_elements(op: str, pairs: Iterable[tuple[str, Any]]) -> dict:
 
 def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] = (),
                    ports: Iterable[FwPort] = (), *, fresh: bool = False,
-                   counters: dict[str, dict[str, int]] | None = None) -> dict:
+                   counters: dict[str, dict[str, int]] | None = None,
+                   pending: Iterable[str] = ()) -> dict:
     """ONE transaction that (re)creates both tables completely: add table, flush table (or,
     with ``fresh``, delete and add the inet table again), then sets and maps (each flushed),
     chains, rules and elements. The bridge table must have its text-made sets first
     (:func:`bridge_text`, applied just before); ``spoof`` is not flushed, so the ports' drop
     counts stay: ``counters`` (what :func:`parse_spoof_counters` read before) names its
     elements, and those of ports that are gone are deleted. Applying it twice gives the same
-    ruleset; other tables are never named."""
+    ruleset; other tables are never named. ``pending``: the spare taps (nothing passes to or
+    from them)."""
     nets = sorted(networks, key=lambda n: n.name)
     by_name: dict[str, FwNetwork] = {}
     for n in nets:
@@ -1179,6 +1199,8 @@ def render_ruleset(networks: Iterable[FwNetwork], forwards: Iterable[FwForward] 
         guarded_set.add(p.ifname)
         for name, e in _port_elems(p):
             bput(name, e)
+    for name in sorted(set(pending)):
+        bput("pending", _ifname(name, "Spare tap"))
 
     cmds: list[dict] = []
     cmds += _table_head("inet", fresh)

@@ -71,6 +71,9 @@ class Firewall:
         self._addr_sock: socket.socket | None = None
         self._addr_pending = False
         self.applied_ports: dict[str, fw.FwPort] = {}
+        # spare taps made ahead of attaches (subsystems/spares.py): nothing passes to or
+        # from them until a port's guard replaces this
+        self.pending: set[str] = set()
         self.applied_nets: dict[str, fw.FwNetwork] = {}  # the routed networks in the ruleset
         # how many applied ports and gateways hold each host-wide identity element (the
         # taken/claimed sets): one is deleted only when nothing holds it any more
@@ -448,7 +451,8 @@ class Firewall:
             counters = await asyncio.to_thread(self._bridge_sets_made)
             await self._change("load the ruleset", fw.render_ruleset, fw_nets,
                                [x for ff in forwards.values() for x in ff],
-                               list(ports.values()), counters=counters)
+                               list(ports.values()), counters=counters,
+                               pending=self.pending)
         self.applied_forwards, self.applied_ports = forwards, ports
         self.applied_nets = {n.name: n for n in fw_nets}
         self._held = Counter()
@@ -540,15 +544,40 @@ class Firewall:
     async def _update(self, network: str, new: fw.FwPort) -> None:
         old = self.applied_ports.get(new.ifname)
         protects = self._protects(network)
+        spare = new.ifname in self.pending
         self._hold(new, 1)
         try:
             await self._change("protect the port", fw.render_port_update, new, old,
-                               spoof_protection=protects, keep=self._keep(old), in_loop=True)
+                               spoof_protection=protects, keep=self._keep(old),
+                               pending=spare, in_loop=True)
         except BaseException:
             self._hold(new, -1)
             raise
         self._hold(old, -1)
+        self.pending.discard(new.ifname)
         self.applied_ports[new.ifname] = new
+
+    def is_pending(self, ifname: str) -> bool:
+        """A spare tap, nothing passing to or from it yet."""
+        return ifname in self.pending
+
+    async def spares_added(self, names: list[str]) -> None:
+        """Taps made ahead of attaches: nothing to or from them (before they go up)."""
+        await self._change("hold the spare taps", fw.render_pending, "add", names,
+                           in_loop=True)
+        self.pending.update(names)
+
+    async def spares_gone(self, names: list[str]) -> None:
+        """Spare taps closed (their elements go; a tap that is gone may keep one)."""
+        names = [n for n in names if n in self.pending]
+        if not names:
+            return
+        try:
+            await self._change("let the spare taps go", fw.render_pending, "delete", names,
+                               in_loop=True)
+        except Failed as e:  # a stale element of a tap that is gone blocks nothing
+            log.warning("%s", e.message)
+        self.pending.difference_update(names)
 
     async def port_gone(self, port: Port) -> None:
         now = self.view.ports.by_name.get(port.ifname)
@@ -556,6 +585,8 @@ class Firewall:
             # a new port took the name first (the same VM again): its update replaced this
             # one's elements already, and they are its own now
             return
+        if port.ifname in self.pending:  # its holder closed it before its guard came
+            await self.spares_gone([port.ifname])
         old = self.applied_ports.pop(port.ifname, None)
         if old is not None:
             try:

@@ -1,0 +1,179 @@
+"""Spare taps: a few taps per running network made ahead of attaches, so that an attach
+hands one out instead of making it.
+
+Making a tap and putting it on its bridge is most of an attach's own time (the kernel
+registers a network device, the bridge takes a port: about half a millisecond, more the more
+ports the bridge has). A spare is made while nobody waits: created with the flags an attach
+uses, held as ``pending`` by the firewall (nothing passes to or from it), then put on the
+bridge with the network's alias and MTU, its host IPv6 off, and up. vnetd holds its only
+fd, so a crash takes it with it (the kernel removes a tap whose last fd closes).
+
+An attach takes one (`take`): the tap is given to its holder (TUNSETOWNER) and its fd
+handed out at once; the port's guard then replaces ``pending`` in one transaction, after
+the reply, and until then the firewall lets nothing through, so the guard is never less
+than complete. The network is stocked again in the background, one tap at a time under the
+engine's lock, so attaches are never kept waiting by more than one tap's making.
+
+Only networks whose ports are guarded (``spoof_protection``) have spares: on another, a tap
+up on the bridge would queue the LAN's frames for its future holder. Each spare costs one
+fd and one network device (a few kilobytes of kernel memory); ``--spare-taps`` sets how
+many a network keeps (0: none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .. import model
+from ..errors import VnetError
+from ..kernel import tap as tapdev
+from ..ports import read_tap_mac
+
+if TYPE_CHECKING:
+    from ..kernel.links import Links
+    from ..networks import Running
+    from .firewall import Firewall
+
+log = logging.getLogger("vnetd.spares")
+
+DEFAULT = 2
+MOST = 16  # a network's spares at most (--spare-taps)
+
+
+@dataclass(frozen=True)
+class Spare:
+    ifname: str
+    fd: int
+    index: int
+    tap_mac: str | None
+
+
+class Spares:
+    name = "spare taps"
+
+    def __init__(self, links: Links, firewall: Firewall,
+                 schedule: Callable[[Coroutine[Any, Any, None]], None], size: int = DEFAULT):
+        self.links = links
+        self.firewall = firewall
+        self.schedule = schedule  # runs a coroutine soon, under the engine's lock
+        self.size = size
+        self.spares: dict[str, list[Spare]] = {}
+        self._stocked: dict[str, Running] = {}  # the networks kept stocked
+        self._filling: set[str] = set()
+
+    # --- the subsystem protocol ----------------------------------------------------------
+    async def apply(self, run: Running) -> None:
+        if self.size <= 0 or not run.net.spoof_protection:
+            await self.remove(run.name)
+            return
+        self._stocked[run.name] = run
+        self._soon(run.name)
+
+    async def adopt(self, run: Running) -> None:
+        await self.apply(run)
+
+    async def sync(self) -> None:
+        pass
+
+    async def remove(self, name: str) -> None:
+        self._stocked.pop(name, None)
+        gone = self.spares.pop(name, [])
+        for s in gone:
+            with contextlib.suppress(OSError):
+                os.close(s.fd)  # the kernel removes the tap with its last fd
+        if gone:
+            await self.firewall.spares_gone([s.ifname for s in gone])
+
+    async def status(self, name: str) -> Any:
+        return None
+
+    # --- attaches ------------------------------------------------------------------------
+    def take(self, network: str) -> Spare | None:
+        """A spare tap of the network (its fd is the caller's from now on), if one is ready;
+        the network is stocked again soon."""
+        stock = self.spares.get(network)
+        if not stock:
+            if network in self._stocked:
+                self._soon(network)
+            return None
+        spare = stock.pop()
+        self._soon(network)
+        return spare
+
+    def discard(self, spare: Spare) -> None:
+        """A spare taken for an attach that failed: it goes (its tap with its fd)."""
+        with contextlib.suppress(OSError):
+            os.close(spare.fd)
+        self.schedule(self.firewall.spares_gone([spare.ifname]))
+
+    def count(self, network: str) -> int:
+        return len(self.spares.get(network, ()))
+
+    def close(self) -> None:
+        """vnetd exits: every spare goes with its fd."""
+        for stock in self.spares.values():
+            for s in stock:
+                with contextlib.suppress(OSError):
+                    os.close(s.fd)
+        self.spares.clear()
+        self._stocked.clear()
+
+    # --- stocking ------------------------------------------------------------------------
+    def _soon(self, name: str) -> None:
+        if name not in self._filling and self.count(name) < self.size:
+            self._filling.add(name)
+            self.schedule(self._fill_one(name))
+
+    async def _fill_one(self, name: str) -> None:
+        """One spare for the network (under the engine's lock), then the next in another turn
+        of the loop: an attach waits for one tap's making at most."""
+        self._filling.discard(name)
+        run = self._stocked.get(name)
+        if run is None or self.count(name) >= self.size:
+            return
+        try:
+            spare = await self._make(run)
+        except (OSError, VnetError) as e:
+            msg = e.message if isinstance(e, VnetError) else (e.strerror or str(e))
+            log.warning("%s: no spare tap (attaches make their own): %s", name, msg)
+            return
+        if self._stocked.get(name) is not run:  # stopped meanwhile (cannot happen: locked)
+            os.close(spare.fd)
+            await self.firewall.spares_gone([spare.ifname])
+            return
+        self.spares.setdefault(name, []).append(spare)
+        self._soon(name)
+
+    async def _make(self, run: Running) -> Spare:
+        """Held as pending by the firewall before the tap exists (so that every spare tap
+        there is, is pending), made, then put on the bridge and up."""
+        net = run.net
+        for _ in range(16):
+            ifname = f"{net.name[:8]}-{secrets.token_hex(3)}"  # the shape of a port's name
+            await self.firewall.spares_added([ifname])
+            try:
+                fd = tapdev.open_tap(ifname, tapdev.HANDOFF_FLAGS)
+            except OSError as e:
+                await self.firewall.spares_gone([ifname])
+                if e.errno in (errno.EBUSY, errno.EEXIST, errno.EINVAL):
+                    continue  # the name is taken
+                raise
+            try:
+                index = socket.if_nametoindex(ifname)
+                tap_mac = read_tap_mac(fd=fd, ifname=ifname)
+                self.links.fast.set(index, alias=model.alias_for(net.name), master=run.bridge,
+                                    mtu=net.mtu, port=ifname)
+            except BaseException:
+                os.close(fd)
+                await self.firewall.spares_gone([ifname])
+                raise
+            return Spare(ifname, fd, index, tap_mac)
+        raise OSError(errno.EBUSY, "no free interface name")
