@@ -650,8 +650,8 @@ class Service:
     # --- port forwarding ----------------------------------------------------------------
     async def add_forward(self, caller: Caller, network: str, spec: dict[str, Any]) -> Any:
         self.owns_network(caller, network)  # a forward into a network changes it
-        fwd = await self.engine.add_forward(network, spec, caller.uid)
-        return to_asv(self.engine.forward_info(fwd))
+        fwd = await self.engine.forwards.add(network, spec, caller.uid)
+        return to_asv(self.engine.forwards.info(fwd))
 
     async def remove_forward(self, caller: Caller, network: str, spec: dict[str, Any]) -> None:
         net = self.owns_network(caller, network)
@@ -659,12 +659,13 @@ class Service:
             words = model.expand_forward_words(spec)  # the engine's own lookup, to see whose
             probe = model.parse_forward(net, {**words, "target": words.get("target") or "x",
                                               "target-port": words.get("target-port", 1)})
-            match = self.engine.fwd_index.find(network, probe.proto, probe.family,
-                                               probe.port_lo, probe.port_hi, probe.ext_addr)
+            match = self.engine.forwards.index.find(
+                network, probe.proto, probe.family, probe.port_lo, probe.port_hi,
+                probe.ext_addr)
             if match is not None:
                 self._owns(caller, match.owner,
                            f"The forward of {match.proto} {match.external} on {network}")
-        await self.engine.remove_forward(network, spec)
+        await self.engine.forwards.remove(network, spec)
 
     # --- VXLAN overlay ------------------------------------------------------------------
     async def add_peer(self, caller: Caller, network: str, address: str) -> None:
@@ -676,7 +677,7 @@ class Service:
         await self.engine.set_peer(network, address, add=False)
 
     async def list_forwards(self, caller: Caller, network: str) -> Any:
-        return [to_asv(d) for d in self.engine.list_forwards(network)]
+        return [to_asv(d) for d in self.engine.forwards.list(network)]
 
 
 def _who(uid: int) -> str:

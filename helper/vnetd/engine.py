@@ -34,6 +34,7 @@ from .errors import (
     QuotaExceeded,
     VnetError,
 )
+from .forwards import Forwards
 from .kernel.links import Link, Links
 from .macs import MacRegistry
 from .model import Network
@@ -145,7 +146,7 @@ class Engine:
         self.dhcp = DhcpServers(store.runtime_dir, store.state_dir, self.network)
         self.resolver = Resolver(self.network, self.macs, self.ports, self.dhcp)
         self.firewall = Firewall(View(self))
-        self.fwd_index = model.ForwardIndex()
+        self.forwards = Forwards(self)
         self.vde = VdeSwitches(store.runtime_dir)
         self.evpn = Evpn(store.runtime_dir, frr_pathspace)
         # applied in this order after a network's driver made its links, removed in the
@@ -192,7 +193,7 @@ class Engine:
         and the autostart networks start here, before vnetd is ready."""
         self.defs, problems = self.store.load_all()
         self.problems[:] = problems
-        self._index_forwards()
+        self.forwards.reindex()
         for p in self.problems:
             log.error("definition problem: %s", p)
         async with self.lock:
@@ -503,7 +504,7 @@ class Engine:
                 raise
             self._put(net)
             for f in net.forwards:
-                self.fwd_index.add(net.name, f)
+                self.forwards.index.add(net.name, f)
         self._changed(net.name, "defined")
         return net
 
@@ -513,8 +514,8 @@ class Engine:
         names, its subnets and VNI against the other networks and the host, its driver's
         checks (the uplink of a bridged network), and its forwards against every other."""
         mine = {_bare(f) for f in old.forwards} if old is not None else set()
-        self._check_forward_quota(uid, sum(1 for f in net.forwards
-                                           if f.owner == uid and _bare(f) not in mine))
+        self.check_forward_quota(uid, sum(1 for f in net.forwards
+                                          if f.owner == uid and _bare(f) not in mine))
         known = set(old.tap_names) if old is not None else set()
         for tname in net.tap_names:
             if tname not in known and await self.links.get(tname) is not None:
@@ -528,7 +529,7 @@ class Engine:
                 raise InvalidArgument(
                     f"'{f.target}' is neither an address nor a known VM on {net.name} (an "
                     "unknown VM name): give it a static host or attach it once first.")
-            clash = self.fwd_index.clash(f, skip=net.name)
+            clash = self.forwards.index.clash(f, skip=net.name)
             if clash is not None:
                 raise Exists(f"{f.proto} {f.external} is already forwarded to "
                              f"'{clash[1].target}' ({clash[1].describe()}) on network "
@@ -552,10 +553,10 @@ class Engine:
                 f"{self.max_networks_per_user} per user: undefine one first, or ask the "
                 "administrator to raise vnetd's --max-networks-per-user.")
 
-    def _check_forward_quota(self, uid: int, adding: int = 1) -> None:
+    def check_forward_quota(self, uid: int, adding: int = 1) -> None:
         if uid == 0 or not adding:
             return
-        owned = self.fwd_index.owned_by(uid)
+        owned = self.forwards.index.owned_by(uid)
         if owned + adding > self.max_forwards_per_user:
             more = f" and would add {adding}" if adding > 1 else ""
             raise QuotaExceeded(
@@ -599,7 +600,7 @@ class Engine:
             await self.ports.remove_network_ports(name)  # ports that waited for it
             self.store.delete(name)
             for f in self.defs[name].forwards:
-                self.fwd_index.remove(name, f)
+                self.forwards.index.remove(name, f)
             del self.defs[name]
             self.dhcp.forget(name)  # its runtime and state directories, old leases too
         self._changed(name, "undefined")
@@ -659,7 +660,7 @@ class Engine:
                 raise Failed(f"Cannot write the definition of '{net.name}': "
                              f"{e.strerror or e}; the previous one stays in force.") from None
         self._put(net)
-        self._index_forwards()
+        self.forwards.reindex()
 
     async def _apply_live(self, run: Running, plan: revise.Plan) -> None:
         """Each subsystem that a changed live setting concerns takes the new record."""
@@ -726,7 +727,7 @@ class Engine:
             for name in [n for n in self.defs if n not in defs]:
                 del self.defs[name]
                 changed.append(name)
-            self._index_forwards()
+            self.forwards.reindex()
             for name, new in sorted(defs.items()):
                 old = self.defs.get(name)
                 if old == new:
@@ -746,7 +747,7 @@ class Engine:
                                        "and reload." if old is not None else
                                        "Not defined; fix the file and reload."))
                     continue
-                self._index_forwards()
+                self.forwards.reindex()
                 changed.append(name)
             self.problems[:] = problems
             try:  # also gives back what an FRR restart lost
@@ -1115,82 +1116,6 @@ class Engine:
         out = [{"mac": le.mac, "ip": le.ip, "hostname": le.hostname, "expiry": le.expiry,
                 **self.resolver.lease_vm(net, le.mac)} for le in self.dhcp.leases(net)]
         return sorted(out, key=lambda d: tuple(int(x) for x in d["ip"].split(".")))
-
-    # --- port forwarding ----------------------------------------------------------------
-    def _index_forwards(self) -> None:
-        self.fwd_index = model.ForwardIndex()
-        for net in self.defs.values():
-            for f in net.forwards:
-                self.fwd_index.add(net.name, f)
-
-    async def add_forward(self, network: str, spec: dict[str, Any],
-                          uid: int = 0) -> model.Forward:
-        """Add a forward owned by `uid`, within uid's limit."""
-        await self._adopted()  # their firewall elements: once the ruleset is whole
-        async with self.lock:
-            net = self.get(network)
-            if net.overlay is not None and net.overlay.is_member:
-                raise InvalidArgument(f"'{network}' is a member of an overlay here: port "
-                                      "forwards live on the overlay's gateway host.")
-            fwd = dataclasses.replace(
-                model.parse_forward(net, model.expand_forward_words(spec)), owner=uid)
-            self._check_forward_quota(uid)
-            if not self.resolver.knows_vm(net, fwd.target):
-                raise InvalidArgument(
-                    f"'{fwd.target}' is neither an address nor a known VM on {network} (an "
-                    "unknown VM name): give it a static host or attach it once first.")
-            clash = self.fwd_index.clash(fwd)
-            if clash is not None:
-                owner, other = clash
-                raise Exists(f"{fwd.proto} {fwd.external} is already forwarded to "
-                             f"'{other.target}' ({other.describe()}) on network '{owner}'.")
-            new = net.with_changes(forwards=(*net.forwards, fwd))
-            if net.name in self.running:
-                await self.firewall.forward_added(new, fwd)
-            try:
-                self.store.save_forward(network, fwd)
-            except OSError:
-                if net.name in self.running:
-                    await self.firewall.forward_removed(new, fwd)
-                raise
-            self._put(new)
-            self.fwd_index.add(network, fwd)
-        return fwd
-
-    async def remove_forward(self, network: str, spec: dict[str, Any]) -> model.Forward:
-        """Remove the forward of PROTO [EXT_ADDR:]PORT[-PORT] (family from spec)."""
-        await self._adopted()  # their firewall elements: once the ruleset is whole
-        async with self.lock:
-            net = self.get(network)
-            spec = model.expand_forward_words(spec)
-            probe = model.parse_forward(net, {**spec, "target": spec.get("target") or "x",
-                                              "target-port": spec.get("target-port", 1)})
-            match = self.fwd_index.find(network, probe.proto, probe.family, probe.port_lo,
-                                        probe.port_hi, probe.ext_addr)
-            if match is None:
-                raise NotFound(f"There is no forward of {probe.proto} {probe.external} on "
-                               f"{network}. 'vnet-client forward list {network}' shows them.")
-            if net.name in self.running:
-                await self.firewall.forward_removed(net, match)
-            self.store.delete_forward(network, match)
-            self._put(net.with_changes(
-                forwards=tuple(f for f in net.forwards if f is not match)))
-            self.fwd_index.remove(network, match)
-        return match
-
-    def list_forwards(self, network: str) -> builtins.list[dict[str, Any]]:
-        net = self.get(network)
-        out = []
-        for f in net.forwards:
-            d = self.forward_info(f)
-            d["resolved"] = self.firewall.resolve(net, f) or ""
-            out.append(d)
-        return out
-
-    @staticmethod
-    def forward_info(f: model.Forward) -> dict[str, Any]:
-        """A forward as callers see it: its table, with its owner even when that is root."""
-        return {**f.to_dict(), "owner": f.owner}
 
     def vde_socket(self, network: str, vm: str, nic: int, uid: int = 0) -> tuple[str, str]:
         """A VDE switch socket with a free port, and the VM's stable MAC."""

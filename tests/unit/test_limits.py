@@ -126,23 +126,23 @@ async def test_forwards_count_per_owner_across_networks(engine):
     await engine.define(net("n1"), 0)
     await engine.define(net("n2"), 0)
     for i, network in enumerate(("n1", "n2", "n1")):
-        f = await engine.add_forward(network, {**FWD, "port": str(8000 + i),
+        f = await engine.forwards.add(network, {**FWD, "port": str(8000 + i),
                                                "target": f"10.{network[-1]}.0.5"}, ALICE)
         assert f.owner == ALICE
     with pytest.raises(QuotaExceeded) as e:
-        await engine.add_forward("n2", {**FWD, "target": "10.2.0.5"}, ALICE)
+        await engine.forwards.add("n2", {**FWD, "target": "10.2.0.5"}, ALICE)
     msg = e.value.message
     assert "owns 3 port forwards" in msg and "limit is 3" in msg
     assert "--max-forwards-per-user" in msg and msg.endswith(".")
     assert len(list(engine.store.forwards_dir("n2").glob("*.toml"))) == 1  # nothing new
     assert [f.owner for f in engine.defs["n2"].forwards] == [ALICE]
-    await engine.add_forward("n2", {**FWD, "target": "10.2.0.5"}, BOB)
+    await engine.forwards.add("n2", {**FWD, "target": "10.2.0.5"}, BOB)
     for port in range(9000, 9005):
-        await engine.add_forward("n2", {**FWD, "port": str(port), "target": "10.2.0.5"}, 0)
-    listed = engine.list_forwards("n2")
+        await engine.forwards.add("n2", {**FWD, "port": str(port), "target": "10.2.0.5"}, 0)
+    listed = engine.forwards.list("n2")
     assert sorted({d["owner"] for d in listed}) == [0, ALICE, BOB]
-    await engine.remove_forward("n1", {"proto": "tcp", "port": "8000"})
-    await engine.add_forward("n2", {**FWD, "port": "7000", "target": "10.2.0.5"}, ALICE)
+    await engine.forwards.remove("n1", {"proto": "tcp", "port": "8000"})
+    await engine.forwards.add("n2", {**FWD, "port": "7000", "target": "10.2.0.5"}, ALICE)
 
 
 async def test_define_counts_inline_forwards_and_keeps_them_one_file_each(engine):
