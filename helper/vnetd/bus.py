@@ -579,7 +579,7 @@ class Service:
         return [to_asv(p.to_dict()) for p in sorted(ports, key=lambda p: p.ifname)]
 
     async def get_mac(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
-        return self.engine.get_mac(network, vm, nic, caller.uid)
+        return self.engine.vms.get_mac(network, vm, nic, caller.uid)
 
     async def vde_socket(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
         sock, mac = await asyncio.to_thread(self.engine.vde_socket, network, vm, nic, caller.uid)
@@ -591,22 +591,22 @@ class Service:
 
     async def import_macs(self, caller: Caller, network: str, macs: dict[str, str]) -> Any:
         self.owns_network(caller, network)
-        return Reply(self.engine.import_macs(network, macs),
+        return Reply(self.engine.vms.import_macs(network, macs),
                      audit=f"{len(macs)} entr{'y' if len(macs) == 1 else 'ies'}")
 
     async def export_macs(self, caller: Caller, network: str) -> Any:
-        return self.engine.export_macs(network)
+        return self.engine.vms.export_macs(network)
 
     async def forget_mac(self, caller: Caller, network: str, vm: str) -> Any:
         if network in self.engine.defs:  # the network need not be defined any more
             self.owns_network(caller, network)
-        n = await self.engine.forget_mac(network, vm)
+        n = await self.engine.vms.forget_mac(network, vm)
         return Reply(n, audit=f"forgot {n} MAC(s)")
 
     async def transfer_vm(self, caller: Caller, network: str, vm: str, uid: int) -> Any:
         if network in self.engine.defs:  # the network need not be defined any more
             self.owns_network(caller, network)
-        before = await self.engine.transfer_vm(network, vm, uid)
+        before = await self.engine.vms.transfer(network, vm, uid)
         return Reply(uid, audit=f"VM {vm} from uid {'none' if before is None else before} "
                                 f"to uid {uid}")
 
@@ -620,7 +620,7 @@ class Service:
     async def add_host(self, caller: Caller, network: str, vm: str,
                        options: dict[str, Any]) -> Any:
         self.owns_network(caller, network)
-        host = await self.engine.add_host(network, vm, options)
+        host = await self.engine.hosts.add(network, vm, options)
         d = host.to_dict()
         kept = self.engine.resolver.kept_lease(self.engine.get(network), vm)
         if kept is not None:  # the guest keeps its lease until it renews (the port allows both)
@@ -633,7 +633,7 @@ class Service:
 
     async def remove_host(self, caller: Caller, network: str, vm: str) -> None:
         self.owns_network(caller, network)
-        await self.engine.remove_host(network, vm)
+        await self.engine.hosts.remove(network, vm)
 
     async def list_hosts(self, caller: Caller, network: str) -> Any:
         return [to_asv(h.to_dict()) for h in self.engine.get(network).hosts]
@@ -641,7 +641,7 @@ class Service:
     async def leases(self, caller: Caller, network: str) -> Any:
         """Administrators (manage) see every lease; others the leases of their own VMs (who
         has which address and MAC is what an attack on another guest starts from)."""
-        leases = self.engine.leases(network)
+        leases = self.engine.hosts.leases(network)
         if not await self.is_admin(caller, network):
             owner = self.engine.macs.owner_uid
             leases = [d for d in leases if "vm" in d and owner(network, d["vm"]) == caller.uid]

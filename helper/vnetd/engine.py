@@ -35,6 +35,7 @@ from .errors import (
     VnetError,
 )
 from .forwards import Forwards
+from .hosts import Hosts
 from .kernel.links import Link, Links
 from .macs import MacRegistry
 from .model import Network
@@ -47,6 +48,7 @@ from .subsystems.dhcp import DHCPD_PID, DNSMASQ_PID, DhcpServers
 from .subsystems.evpn import Evpn
 from .subsystems.firewall import Firewall
 from .subsystems.vde import VdeSwitches
+from .vms import Vms
 
 log = logging.getLogger("vnetd")
 
@@ -147,6 +149,8 @@ class Engine:
         self.resolver = Resolver(self.network, self.macs, self.ports, self.dhcp)
         self.firewall = Firewall(View(self))
         self.forwards = Forwards(self)
+        self.hosts = Hosts(self)
+        self.vms = Vms(self)
         self.vde = VdeSwitches(store.runtime_dir)
         self.evpn = Evpn(store.runtime_dir, frr_pathspace)
         # applied in this order after a network's driver made its links, removed in the
@@ -987,136 +991,6 @@ class Engine:
                 raise
             return net.name
 
-    def get_mac(self, network: str, vm: str, nic: int, uid: int = 0) -> str:
-        self.get(network)
-        return self.macs.get(network, vm, nic, uid)
-
-    def export_macs(self, network: str) -> dict[str, str]:
-        self.get(network)
-        return self.macs.export(network)
-
-    def import_macs(self, network: str, entries: dict[str, str]) -> int:
-        self.get(network)
-        return self.macs.import_macs(network, entries)
-
-    async def forget_mac(self, network: str, vm: str) -> int:
-        """Drop a VM's MACs on a network (defined or not: an undefined network's MACs stay
-        remembered until forgotten), unless one of its NICs is attached there now."""
-        model.validate_network_name(network)
-        model.validate_vm_name(vm)
-        async with self.lock:  # attach gives out MACs under it
-            self._refuse_attached(network, vm)
-            net = self.defs.get(network)
-            host = net.host(vm) if net is not None else None
-            if host is not None:
-                raise Busy(f"VM '{vm}' has a static host on {network} with the MAC {host.mac}: "
-                           f"remove it first (vnet-client host remove {network} --vm {vm}).")
-            return self.macs.forget(network, vm)
-
-    def _refuse_attached(self, network: str, vm: str) -> None:
-        held = sorted(p.ifname for p in self.ports.on_network(network) if p.vm == vm)
-        if held:
-            raise Busy(f"VM '{vm}' is attached to {network} now (port "
-                       f"{', '.join(held)}): detach it (or stop the VM) first.")
-
-    async def transfer_vm(self, network: str, vm: str, uid: int) -> int | None:
-        """Give a VM name on a network (and its MACs) to another uid; the uid that had it.
-        Refused while a NIC of the VM is attached there (the port belongs to its holder)."""
-        model.validate_network_name(network)
-        model.validate_vm_name(vm)
-        try:
-            pwd.getpwuid(uid)
-        except KeyError:
-            raise InvalidArgument(f"There is no user with uid {uid} on this host.") from None
-        async with self.lock:  # attach checks owners under it
-            self._refuse_attached(network, vm)
-            return self.macs.transfer(network, vm, uid)
-
-    # --- static hosts and leases --------------------------------------------------------
-    async def add_host(self, network: str, vm: str, options: dict[str, Any]) -> model.StaticHost:
-        unknown = sorted(model._printable(k) for k in options if k not in ("ip", "mac"))
-        if unknown:
-            raise InvalidArgument(f"Unknown host option(s): {', '.join(unknown)}. Known: ip, mac.")
-        await self._adopted()  # their firewall elements: once the ruleset is whole
-        async with self.lock:
-            net = self.get(network)
-            model.validate_vm_name(vm)
-            model.validate_hostname(vm)
-            taken = net.host(vm)
-            if taken is not None:
-                raise Exists(f"VM '{vm}' already has a static host on {network} "
-                             f"({taken.ip}); remove it first.")
-            mac: str | None
-            if options.get("mac") is not None:
-                mac = model.validate_mac(options["mac"])
-            else:
-                mac = self.macs.lookup(network, vm, 0)
-                if mac is None:
-                    raise InvalidArgument(f"VM '{vm}' has no MAC on {network} yet: give --mac "
-                                          "(or attach it once, or 'vnet-client mac').")
-            if options.get("ip") is not None:
-                ip = model.parse_ip4(options["ip"], "address")
-                model.check_host_ip(net.subnet, ip)
-                self._check_not_leased(net, ip, mac)
-            else:
-                ip = self._free_static_ip(net)
-            for h in net.hosts:
-                if h.ip == ip:
-                    raise Exists(f"The address {ip} is already given to '{h.vm}' on {network}.")
-                if h.mac == mac:
-                    raise Exists(f"The MAC {mac} is already given to '{h.vm}' on {network}.")
-            host = model.StaticHost(vm=vm, mac=mac, ip=ip)
-            new = net.with_changes(hosts=(*net.hosts, host))
-            self.store.save(new)
-            self._put(new)
-            await self.dhcp.apply_hosts(self.network(network) or new)
-            await self.firewall.leases_changed(network)
-        return host
-
-    def _check_not_leased(self, net: Network, ip, mac: str) -> None:
-        """An address inside the DHCP range may be given to a VM only while no other MAC
-        holds a lease on it (the server would otherwise hand one address to two guests)."""
-        start, end = net.dhcp_range
-        if net.dhcp == "none" or not start <= ip <= end:
-            return
-        for le in self.dhcp.leases(net):
-            if le.ip == str(ip) and le.mac != mac:
-                who = f" ({le.hostname})" if le.hostname else ""
-                raise Exists(f"The address {ip} is leased to {le.mac}{who} on {net.name}: "
-                             f"choose another, best one below the DHCP range {start}-{end} "
-                             "(never handed out dynamically), or leave --ip out for the first "
-                             "free one there.")
-
-    def _free_static_ip(self, net: Network):
-        used = {h.ip for h in net.hosts} | {net.gateway}
-        start, _ = net.dhcp_range
-        ip = net.subnet.network_address + 2
-        while ip < start and ip < net.subnet.broadcast_address:
-            if ip not in used:
-                return ip
-            ip += 1
-        raise InvalidArgument(f"No free static address left in {net.subnet.network_address + 2}-"
-                              f"{start - 1} on {net.name}: give --ip.")
-
-    async def remove_host(self, network: str, vm: str) -> None:
-        await self._adopted()  # their firewall elements: once the ruleset is whole
-        async with self.lock:
-            net = self.get(network)
-            model.validate_vm_name(vm)
-            if net.host(vm) is None:
-                raise NotFound(f"VM '{vm}' has no static host on {network}.")
-            new = net.with_changes(hosts=tuple(h for h in net.hosts if h.vm != vm))
-            self.store.save(new)
-            self._put(new)
-            await self.dhcp.apply_hosts(self.network(network) or new)
-            await self.firewall.leases_changed(network)
-
-    def leases(self, network: str) -> builtins.list[dict[str, Any]]:
-        net = self.get(network)
-        out = [{"mac": le.mac, "ip": le.ip, "hostname": le.hostname, "expiry": le.expiry,
-                **self.resolver.lease_vm(net, le.mac)} for le in self.dhcp.leases(net)]
-        return sorted(out, key=lambda d: tuple(int(x) for x in d["ip"].split(".")))
-
     def vde_socket(self, network: str, vm: str, nic: int, uid: int = 0) -> tuple[str, str]:
         """A VDE switch socket with a free port, and the VM's stable MAC."""
         net = self.get(network)
@@ -1125,4 +999,4 @@ class Engine:
                                   "with --vde).")
         if network not in self.running:
             raise NotRunning(f"The network '{network}' is not running: start it first.")
-        return self.vde.free_socket(net), self.get_mac(network, vm, nic, uid)
+        return self.vde.free_socket(net), self.vms.get_mac(network, vm, nic, uid)

@@ -277,42 +277,42 @@ def test_import_is_all_or_nothing_and_bounded():
 
 async def test_forget_mac_is_refused_while_the_vm_is_attached(engine):
     await engine.define(net("n1"), 0)
-    engine.get_mac("n1", "web", 0)
+    engine.vms.get_mac("n1", "web", 0)
 
     port = Port(ifname="n1-abcdef", ifindex=77, network="n1", vm="web", nic=0, uid=0,
-                mac=engine.get_mac("n1", "web", 0), mac_known=True, holder_pid=None, queues=1,
+                mac=engine.vms.get_mac("n1", "web", 0), mac_known=True, holder_pid=None, queues=1,
                 created=0.0)
     engine.ports._add(port)
     with pytest.raises(Busy, match="n1-abcdef"):
-        await engine.forget_mac("n1", "web")
+        await engine.vms.forget_mac("n1", "web")
     engine.ports._drop(port)
-    assert await engine.forget_mac("n1", "web") == 1
+    assert await engine.vms.forget_mac("n1", "web") == 1
     await engine.undefine("n1")
     engine.macs.get("n1", "old", 0)  # the MACs of an undefined network can still be forgotten
-    assert await engine.forget_mac("n1", "old") == 1
+    assert await engine.vms.forget_mac("n1", "old") == 1
 
 
 async def test_forget_mac_is_refused_while_a_static_host_uses_it(engine):
     await engine.define(net("n1"), 0)
-    mac = engine.get_mac("n1", "db", 0)
-    await engine.add_host("n1", "db", {"ip": "10.1.0.5"})
+    mac = engine.vms.get_mac("n1", "db", 0)
+    await engine.hosts.add("n1", "db", {"ip": "10.1.0.5"})
     with pytest.raises(Busy, match="static host.*host remove n1 --vm db"):
-        await engine.forget_mac("n1", "db")
+        await engine.vms.forget_mac("n1", "db")
     assert engine.macs.lookup("n1", "db", 0) == mac  # nothing forgotten
-    await engine.remove_host("n1", "db")
-    assert await engine.forget_mac("n1", "db") == 1
+    await engine.hosts.remove("n1", "db")
+    assert await engine.vms.forget_mac("n1", "db") == 1
 
 
 async def test_the_engine_bounds_the_registry_for_getmac(engine):
     await engine.define(net("n1"), 0)
     for i in range(3):
-        engine.get_mac("n1", f"vm{i}", 0)
+        engine.vms.get_mac("n1", f"vm{i}", 0)
     with pytest.raises(QuotaExceeded):
-        engine.get_mac("n1", "vm3", 0)
-    assert engine.get_mac("n1", "vm0", 0) == derive_mac("n1", "vm0", 0)
-    assert sorted(engine.export_macs("n1")) == ["vm0/0", "vm1/0", "vm2/0"]
+        engine.vms.get_mac("n1", "vm3", 0)
+    assert engine.vms.get_mac("n1", "vm0", 0) == derive_mac("n1", "vm0", 0)
+    assert sorted(engine.vms.export_macs("n1")) == ["vm0/0", "vm1/0", "vm2/0"]
     with pytest.raises(NotFound):
-        engine.export_macs("nosuch")
+        engine.vms.export_macs("nosuch")
 
 
 # --- the command line --------------------------------------------------------------------------
