@@ -471,12 +471,12 @@ class Service:
 
     async def _define(self, caller: Caller, name: str, options: dict[str, Any],
                       dry_run: bool) -> Any:
-        await self.engine.check_new_name(validate_network_name(name))
+        await self.engine.definitions.check_new_name(validate_network_name(name))
         opts = dict(options)
         if opts.get("taps") and "tap-user" not in opts:
             opts["tap-user"] = caller.uid  # the original's default: the caller owns the taps
         net = Network.from_options(name, opts)
-        net = await self.engine.define(net, caller.uid, dry_run=dry_run)
+        net = await self.engine.definitions.define(net, caller.uid, dry_run=dry_run)
         if dry_run:
             return to_asv(self.engine.summary(net) | {"state": "not defined"})
         return network_path(net.name)
@@ -494,8 +494,8 @@ class Service:
         def may_drop(f: model.Forward) -> None:  # checked under the engine's lock
             self._owns(caller, f.owner, f"The forward of {f.proto} {f.external}")
 
-        net, notes = await self.engine.redefine(new, caller.uid, dry_run=dry_run,
-                                                may_drop=may_drop)
+        net, notes = await self.engine.definitions.redefine(new, caller.uid, dry_run=dry_run,
+                                                            may_drop=may_drop)
         d = self.engine.summary(self.engine.get(name) if not dry_run else net)
         return Reply(to_asv(d), notes)
 
@@ -507,7 +507,7 @@ class Service:
 
     async def undefine(self, caller: Caller, name: str) -> None:
         self.owns_network(caller, name)
-        await self.engine.undefine(name)
+        await self.engine.definitions.undefine(name)
 
     async def start(self, caller: Caller, name: str) -> None:
         self.owns_network(caller, name)
@@ -519,7 +519,7 @@ class Service:
 
     async def set_autostart(self, caller: Caller, name: str, enabled: bool) -> None:
         self.owns_network(caller, name)
-        await self.engine.set_autostart(name, enabled)
+        await self.engine.definitions.set_autostart(name, enabled)
 
     # --- owners -------------------------------------------------------------------------
     # polkit says who may manage networks or change forwards at all; a network and a forward
@@ -539,7 +539,7 @@ class Service:
         return net
 
     async def reload(self, caller: Caller) -> Any:
-        return await self.engine.reload()
+        return await self.engine.definitions.reload()
 
 
     # --- ports ------------------------------------------------------------------------
