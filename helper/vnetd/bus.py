@@ -670,11 +670,11 @@ class Service:
     # --- VXLAN overlay ------------------------------------------------------------------
     async def add_peer(self, caller: Caller, network: str, address: str) -> None:
         self.owns_network(caller, network)
-        await self.engine.set_peer(network, address, add=True)
+        await self.engine.peers.set(network, address, add=True)
 
     async def remove_peer(self, caller: Caller, network: str, address: str) -> None:
         self.owns_network(caller, network)
-        await self.engine.set_peer(network, address, add=False)
+        await self.engine.peers.set(network, address, add=False)
 
     async def list_forwards(self, caller: Caller, network: str) -> Any:
         return [to_asv(d) for d in self.engine.forwards.list(network)]

@@ -21,7 +21,6 @@ from typing import Any
 
 from . import macs as macs_mod
 from . import model, revise
-from . import overlay as overlay_mod
 from .children.supervisor import reap
 from .definitions import Definitions
 from .errors import (
@@ -38,7 +37,8 @@ from .hosts import Hosts
 from .kernel.links import Link, Links
 from .macs import MacRegistry
 from .model import Network
-from .networks import Context, Rollback, Running, driver_for, vxlan
+from .networks import Context, Rollback, Running, driver_for
+from .peers import Peers
 from .ports import Port, Ports, parse_attach_options
 from .resolver import Resolver
 from .store import Store
@@ -135,6 +135,7 @@ class Engine:
         self.services: list[Subsystem] = [self.vde, self.dhcp, self.evpn]
         self.ctx = Context(links, store, self.ports, self.problems)
         self.definitions = Definitions(self)
+        self.peers = Peers(self)
         self.ports.listeners.append(self._port_event)
         self.ports.identity_owner = self.resolver.owner_of_mac
         self.dhcp.listeners.append(self._lease_event)
@@ -540,54 +541,6 @@ class Engine:
         await driver_for(net).stop(self.ctx, run)
         if self.running.pop(net.name, None) is not None:
             await self.firewall.remove(net.name)
-
-    # --- VXLAN overlay ------------------------------------------------------------------
-    async def set_peer(self, network: str, address: str, add: bool) -> Network:
-        """Add or remove an overlay peer, live: the flood entry (static) or the BGP
-        neighbour (evpn), the VXLAN filter and the stored definition change together, or
-        nothing does."""
-        await self._adopted()
-        async with self.lock:
-            net = self.get(network)
-            if net.overlay is None:
-                raise InvalidArgument(f"The network '{network}' has no overlay: define it with "
-                                      "--vni, --local and --peer.")
-            peer = overlay_mod.parse_address(address, "peer address")
-            ov = net.overlay.with_peer(peer) if add else net.overlay.without_peer(peer)
-            new = net.with_changes(overlay=ov)
-            running = network in self.running
-
-            async def kernel(n: Network, adding: bool) -> None:
-                if not running:
-                    return
-                if ov.control == "static":
-                    await vxlan.flood(self.ctx, n, str(peer), adding)
-                else:
-                    await self.evpn.apply(self.running[network])
-
-            self._put(new)
-            try:
-                await kernel(new, add)
-            except BaseException:
-                self._put(net)
-                raise
-            try:
-                if running:
-                    await self.firewall.sync()  # the VNI takes only the peers
-                self.store.save(new)
-            except BaseException:
-                self._put(net)
-                await kernel(net, not add)
-                if running:
-                    await self.firewall.sync()
-                raise
-            if running and ov.control == "static" and not add:
-                try:  # tidying: the MACs learned behind the removed host
-                    await vxlan.forget(self.ctx, new, str(peer))
-                except VnetError as e:
-                    log.warning("overlay %s: %s", network, e.message)
-        self._changed(network, "peers")
-        return new
 
     # --- ports --------------------------------------------------------------------------
     def _running_bridge(self, net: Network) -> int:
