@@ -450,12 +450,12 @@ class Service:
 
     # --- handlers -----------------------------------------------------------------------
     async def list_networks(self, caller: Caller) -> Any:
-        return [to_asv(d) for d in self.engine.list()]
+        return [to_asv(d) for d in self.engine.queries.list()]
 
     async def get_network(self, caller: Caller, name: str) -> Any:
         """Everyone may look at a network; its ports (VM, MAC, uid) are shown whole only to
         their holders and to administrators (manage), the rest as a count (other-ports)."""
-        d = await self.engine.show(name)
+        d = await self.engine.queries.show(name)
         ports = d.get("ports")
         if ports and not caller.is_root and any(p["uid"] != caller.uid for p in ports):
             if not await self.is_admin(caller, name):
@@ -478,7 +478,7 @@ class Service:
         net = Network.from_options(name, opts)
         net = await self.engine.definitions.define(net, caller.uid, dry_run=dry_run)
         if dry_run:
-            return to_asv(self.engine.summary(net) | {"state": "not defined"})
+            return to_asv(self.engine.queries.summary(net) | {"state": "not defined"})
         return network_path(net.name)
 
     async def redefine(self, caller: Caller, name: str, options: dict[str, Any],
@@ -496,7 +496,7 @@ class Service:
 
         net, notes = await self.engine.definitions.redefine(new, caller.uid, dry_run=dry_run,
                                                             may_drop=may_drop)
-        d = self.engine.summary(self.engine.get(name) if not dry_run else net)
+        d = self.engine.queries.summary(self.engine.get(name) if not dry_run else net)
         return Reply(to_asv(d), notes)
 
     async def export_definition(self, caller: Caller, name: str) -> Any:

@@ -40,6 +40,7 @@ from .model import Network
 from .networks import Context, Rollback, Running, driver_for
 from .peers import Peers
 from .ports import Port, Ports, parse_attach_options
+from .queries import Queries
 from .resolver import Resolver
 from .store import Store
 from .subsystems import Subsystem
@@ -83,12 +84,6 @@ def _who(uid: int) -> str:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except KeyError:
         return f"uid {uid}"
-
-
-def _port_row(p: Port) -> dict[str, Any]:
-    """A port as `show` lists it."""
-    return {"ifname": p.ifname, "vm": p.vm, "nic": p.nic, "kind": p.kind,
-            "mac": p.mac if p.mac_known else "(learning)", "uid": p.uid}
 
 
 class Engine:
@@ -136,6 +131,7 @@ class Engine:
         self.ctx = Context(links, store, self.ports, self.problems)
         self.definitions = Definitions(self)
         self.peers = Peers(self)
+        self.queries = Queries(self)
         self.ports.listeners.append(self._port_event)
         self.ports.identity_owner = self.resolver.owner_of_mac
         self.dhcp.listeners.append(self._lease_event)
@@ -400,60 +396,6 @@ class Engine:
         if net is None:
             raise NotFound(f"There is no network named '{name}'. 'vnet-client list' shows them.")
         return net
-
-    def summary(self, net: Network) -> dict[str, Any]:
-        d = net.to_dict()
-        d["mtu"] = (self.network(net.name) or net).mtu
-        d["owner"] = net.owner
-        d["state"] = ("adopting" if net.name in self.adopting else
-                      "running" if net.name in self.running else "stopped")
-        if net.mode == "bridged":  # the LAN's addresses, not ours: no subnet, gateway, range
-            d.pop("subnet", None)
-        else:
-            d["gateway"] = str(net.gateway)
-        if net.gateway6:
-            d["gateway6"] = str(net.gateway6)
-        d["bridge"] = net.bridge
-        d["tap-names"] = net.tap_names
-        return d
-
-    def list(self) -> list[dict[str, Any]]:
-        return [self.summary(n) for _, n in sorted(self.defs.items())]
-
-    async def show(self, name: str) -> dict[str, Any]:
-        net = self.get(name)
-        d = self.summary(net)
-        run = self.running.get(name)
-        if run is not None:
-            lk = await self.links.get(net.bridge)
-            if lk is not None:
-                d["ifindex"] = lk.index
-                d["mac"] = lk.address
-                d["addresses"] = [str(a) for a in await self.links.addresses(lk.index)]
-            d["servers"] = await self.dhcp.status(name)
-            vde = await self.vde.status(name)
-            if vde is not None:
-                d["vde"] = vde
-            counters = await self.firewall.status(name)
-            d["ports"] = [_port_row(p) | {"spoof-drops": counters.get(p.ifname, {}).get(
-                "packets", 0)} for p in sorted(self.ports.on_network(net.name),
-                                               key=lambda p: p.ifname)]
-            d.update(await driver_for(net).status(self.ctx, run))
-            evpn = await self.evpn.status(name)
-            if evpn is not None and "overlay-state" in d:
-                d["overlay-state"]["evpn"] = evpn
-            warnings = await asyncio.to_thread(self.firewall.warnings)
-            if warnings:
-                d["firewall-warnings"] = warnings
-        elif self.ports.parked(name):  # stopped with VMs attached: they wait for its start
-            d["ports"] = [_port_row(p) | {"waiting": True}
-                          for p in sorted(self.ports.parked(name), key=lambda p: p.ifname)]
-        # VMs attached (or waiting for a start): what `stop` names; a count anyone may see
-        d["attached"] = sum(1 for p in self.ports.on_network(name) if p.kind == "attach")
-        if net.mode != "bridged":
-            d["dhcp-range"] = [str(a) for a in net.dhcp_range]
-        d["domain"] = net.dns_domain
-        return d
 
     # --- quotas -------------------------------------------------------------------------
     def check_network_quota(self, uid: int) -> None:

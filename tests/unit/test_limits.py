@@ -163,7 +163,7 @@ async def test_define_counts_inline_forwards_and_keeps_them_one_file_each(engine
 
 async def test_summary_and_forward_lists_show_the_owner_and_export_does_not(engine):
     await engine.definitions.define(net("n1"), ALICE)
-    assert engine.summary(engine.defs["n1"])["owner"] == ALICE
+    assert engine.queries.summary(engine.defs["n1"])["owner"] == ALICE
     assert "owner" not in engine.defs["n1"].to_dict(owner=False)
 
 
