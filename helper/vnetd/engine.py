@@ -87,6 +87,12 @@ def _who(uid: int) -> str:
 
 
 class Engine:
+    """The lock, the definitions in force and what runs, the quotas, reconcile and adoption
+    after a restart, starting and stopping networks, attaching ports, and the one event
+    stream. Defining and changing networks (`definitions`), port forwards (`forwards`),
+    static hosts and leases (`hosts`), VMs' MACs (`vms`), overlay peers (`peers`) and what
+    `list` and `show` say (`queries`) are classes of their own, each given this engine."""
+
     def __init__(self, store: Store, links: Links, max_ports_per_user: int = 64,
                  max_networks_per_user: int = 8, max_forwards_per_user: int = 64,
                  max_macs_per_network: int = macs_mod.DEFAULT_LIMIT,
@@ -119,9 +125,6 @@ class Engine:
         self.dhcp = DhcpServers(store.runtime_dir, store.state_dir, self.network)
         self.resolver = Resolver(self.network, self.macs, self.ports, self.dhcp)
         self.firewall = Firewall(View(self))
-        self.forwards = Forwards(self)
-        self.hosts = Hosts(self)
-        self.vms = Vms(self)
         self.vde = VdeSwitches(store.runtime_dir)
         self.evpn = Evpn(store.runtime_dir, frr_pathspace)
         # applied in this order after a network's driver made its links, removed in the
@@ -129,7 +132,12 @@ class Engine:
         # applied last and removed last, after the links are gone
         self.services: list[Subsystem] = [self.vde, self.dhcp, self.evpn]
         self.ctx = Context(links, store, self.ports, self.problems)
+        # what callers ask for beside attaching and starting, a class each over the engine's
+        # lock, definitions and quotas (the bus calls them as engine.<part>.<method>)
         self.definitions = Definitions(self)
+        self.forwards = Forwards(self)
+        self.hosts = Hosts(self)
+        self.vms = Vms(self)
         self.peers = Peers(self)
         self.queries = Queries(self)
         self.ports.listeners.append(self._port_event)
