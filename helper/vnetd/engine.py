@@ -328,6 +328,7 @@ class Engine:
             except VnetError as e:
                 log.error("firewall: %s", e.message)
 
+    # --- reconcile ----------------------------------------------------------------------
     async def _reconcile_links(self) -> None:
         for name in self.store.intents():  # creations a crash cut short
             lk = await self.links.get(name)
