@@ -450,12 +450,12 @@ class Service:
 
     # --- handlers -----------------------------------------------------------------------
     async def list_networks(self, caller: Caller) -> Any:
-        return [to_asv(d) for d in self.engine.list()]
+        return [to_asv(d) for d in self.engine.queries.list()]
 
     async def get_network(self, caller: Caller, name: str) -> Any:
         """Everyone may look at a network; its ports (VM, MAC, uid) are shown whole only to
         their holders and to administrators (manage), the rest as a count (other-ports)."""
-        d = await self.engine.show(name)
+        d = await self.engine.queries.show(name)
         ports = d.get("ports")
         if ports and not caller.is_root and any(p["uid"] != caller.uid for p in ports):
             if not await self.is_admin(caller, name):
@@ -471,14 +471,14 @@ class Service:
 
     async def _define(self, caller: Caller, name: str, options: dict[str, Any],
                       dry_run: bool) -> Any:
-        await self.engine.check_new_name(validate_network_name(name))
+        await self.engine.definitions.check_new_name(validate_network_name(name))
         opts = dict(options)
         if opts.get("taps") and "tap-user" not in opts:
             opts["tap-user"] = caller.uid  # the original's default: the caller owns the taps
         net = Network.from_options(name, opts)
-        net = await self.engine.define(net, caller.uid, dry_run=dry_run)
+        net = await self.engine.definitions.define(net, caller.uid, dry_run=dry_run)
         if dry_run:
-            return to_asv(self.engine.summary(net) | {"state": "not defined"})
+            return to_asv(self.engine.queries.summary(net) | {"state": "not defined"})
         return network_path(net.name)
 
     async def redefine(self, caller: Caller, name: str, options: dict[str, Any],
@@ -494,9 +494,9 @@ class Service:
         def may_drop(f: model.Forward) -> None:  # checked under the engine's lock
             self._owns(caller, f.owner, f"The forward of {f.proto} {f.external}")
 
-        net, notes = await self.engine.redefine(new, caller.uid, dry_run=dry_run,
-                                                may_drop=may_drop)
-        d = self.engine.summary(self.engine.get(name) if not dry_run else net)
+        net, notes = await self.engine.definitions.redefine(new, caller.uid, dry_run=dry_run,
+                                                            may_drop=may_drop)
+        d = self.engine.queries.summary(self.engine.get(name) if not dry_run else net)
         return Reply(to_asv(d), notes)
 
     async def export_definition(self, caller: Caller, name: str) -> Any:
@@ -507,7 +507,7 @@ class Service:
 
     async def undefine(self, caller: Caller, name: str) -> None:
         self.owns_network(caller, name)
-        await self.engine.undefine(name)
+        await self.engine.definitions.undefine(name)
 
     async def start(self, caller: Caller, name: str) -> None:
         self.owns_network(caller, name)
@@ -519,7 +519,7 @@ class Service:
 
     async def set_autostart(self, caller: Caller, name: str, enabled: bool) -> None:
         self.owns_network(caller, name)
-        await self.engine.set_autostart(name, enabled)
+        await self.engine.definitions.set_autostart(name, enabled)
 
     # --- owners -------------------------------------------------------------------------
     # polkit says who may manage networks or change forwards at all; a network and a forward
@@ -539,7 +539,7 @@ class Service:
         return net
 
     async def reload(self, caller: Caller) -> Any:
-        return await self.engine.reload()
+        return await self.engine.definitions.reload()
 
 
     # --- ports ------------------------------------------------------------------------
@@ -579,7 +579,7 @@ class Service:
         return [to_asv(p.to_dict()) for p in sorted(ports, key=lambda p: p.ifname)]
 
     async def get_mac(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
-        return self.engine.get_mac(network, vm, nic, caller.uid)
+        return self.engine.vms.get_mac(network, vm, nic, caller.uid)
 
     async def vde_socket(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
         sock, mac = await asyncio.to_thread(self.engine.vde_socket, network, vm, nic, caller.uid)
@@ -591,22 +591,22 @@ class Service:
 
     async def import_macs(self, caller: Caller, network: str, macs: dict[str, str]) -> Any:
         self.owns_network(caller, network)
-        return Reply(self.engine.import_macs(network, macs),
+        return Reply(self.engine.vms.import_macs(network, macs),
                      audit=f"{len(macs)} entr{'y' if len(macs) == 1 else 'ies'}")
 
     async def export_macs(self, caller: Caller, network: str) -> Any:
-        return self.engine.export_macs(network)
+        return self.engine.vms.export_macs(network)
 
     async def forget_mac(self, caller: Caller, network: str, vm: str) -> Any:
         if network in self.engine.defs:  # the network need not be defined any more
             self.owns_network(caller, network)
-        n = await self.engine.forget_mac(network, vm)
+        n = await self.engine.vms.forget_mac(network, vm)
         return Reply(n, audit=f"forgot {n} MAC(s)")
 
     async def transfer_vm(self, caller: Caller, network: str, vm: str, uid: int) -> Any:
         if network in self.engine.defs:  # the network need not be defined any more
             self.owns_network(caller, network)
-        before = await self.engine.transfer_vm(network, vm, uid)
+        before = await self.engine.vms.transfer(network, vm, uid)
         return Reply(uid, audit=f"VM {vm} from uid {'none' if before is None else before} "
                                 f"to uid {uid}")
 
@@ -620,7 +620,7 @@ class Service:
     async def add_host(self, caller: Caller, network: str, vm: str,
                        options: dict[str, Any]) -> Any:
         self.owns_network(caller, network)
-        host = await self.engine.add_host(network, vm, options)
+        host = await self.engine.hosts.add(network, vm, options)
         d = host.to_dict()
         kept = self.engine.resolver.kept_lease(self.engine.get(network), vm)
         if kept is not None:  # the guest keeps its lease until it renews (the port allows both)
@@ -633,7 +633,7 @@ class Service:
 
     async def remove_host(self, caller: Caller, network: str, vm: str) -> None:
         self.owns_network(caller, network)
-        await self.engine.remove_host(network, vm)
+        await self.engine.hosts.remove(network, vm)
 
     async def list_hosts(self, caller: Caller, network: str) -> Any:
         return [to_asv(h.to_dict()) for h in self.engine.get(network).hosts]
@@ -641,7 +641,7 @@ class Service:
     async def leases(self, caller: Caller, network: str) -> Any:
         """Administrators (manage) see every lease; others the leases of their own VMs (who
         has which address and MAC is what an attack on another guest starts from)."""
-        leases = self.engine.leases(network)
+        leases = self.engine.hosts.leases(network)
         if not await self.is_admin(caller, network):
             owner = self.engine.macs.owner_uid
             leases = [d for d in leases if "vm" in d and owner(network, d["vm"]) == caller.uid]
@@ -650,8 +650,8 @@ class Service:
     # --- port forwarding ----------------------------------------------------------------
     async def add_forward(self, caller: Caller, network: str, spec: dict[str, Any]) -> Any:
         self.owns_network(caller, network)  # a forward into a network changes it
-        fwd = await self.engine.add_forward(network, spec, caller.uid)
-        return to_asv(self.engine.forward_info(fwd))
+        fwd = await self.engine.forwards.add(network, spec, caller.uid)
+        return to_asv(self.engine.forwards.info(fwd))
 
     async def remove_forward(self, caller: Caller, network: str, spec: dict[str, Any]) -> None:
         net = self.owns_network(caller, network)
@@ -659,24 +659,25 @@ class Service:
             words = model.expand_forward_words(spec)  # the engine's own lookup, to see whose
             probe = model.parse_forward(net, {**words, "target": words.get("target") or "x",
                                               "target-port": words.get("target-port", 1)})
-            match = self.engine.fwd_index.find(network, probe.proto, probe.family,
-                                               probe.port_lo, probe.port_hi, probe.ext_addr)
+            match = self.engine.forwards.index.find(
+                network, probe.proto, probe.family, probe.port_lo, probe.port_hi,
+                probe.ext_addr)
             if match is not None:
                 self._owns(caller, match.owner,
                            f"The forward of {match.proto} {match.external} on {network}")
-        await self.engine.remove_forward(network, spec)
+        await self.engine.forwards.remove(network, spec)
 
     # --- VXLAN overlay ------------------------------------------------------------------
     async def add_peer(self, caller: Caller, network: str, address: str) -> None:
         self.owns_network(caller, network)
-        await self.engine.set_peer(network, address, add=True)
+        await self.engine.peers.set(network, address, add=True)
 
     async def remove_peer(self, caller: Caller, network: str, address: str) -> None:
         self.owns_network(caller, network)
-        await self.engine.set_peer(network, address, add=False)
+        await self.engine.peers.set(network, address, add=False)
 
     async def list_forwards(self, caller: Caller, network: str) -> Any:
-        return [to_asv(d) for d in self.engine.list_forwards(network)]
+        return [to_asv(d) for d in self.engine.forwards.list(network)]
 
 
 def _who(uid: int) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import dataclasses
 import functools
 import logging
 import os
@@ -22,23 +21,26 @@ from typing import Any
 
 from . import macs as macs_mod
 from . import model, revise
-from . import overlay as overlay_mod
 from .children.supervisor import reap
+from .definitions import Definitions
 from .errors import (
     Busy,
     Exists,
-    Failed,
     InvalidArgument,
     NotFound,
     NotRunning,
     QuotaExceeded,
     VnetError,
 )
+from .forwards import Forwards
+from .hosts import Hosts
 from .kernel.links import Link, Links
 from .macs import MacRegistry
 from .model import Network
-from .networks import Context, Rollback, Running, driver_for, vxlan
+from .networks import Context, Rollback, Running, driver_for
+from .peers import Peers
 from .ports import Port, Ports, parse_attach_options
+from .queries import Queries
 from .resolver import Resolver
 from .store import Store
 from .subsystems import Subsystem
@@ -48,6 +50,7 @@ from .subsystems.evpn import Evpn
 from .subsystems.firewall import Firewall
 from .subsystems.spares import Spares
 from .subsystems.vde import VdeSwitches
+from .vms import Vms
 
 log = logging.getLogger("vnetd")
 
@@ -77,29 +80,6 @@ class View:
         self._engine.schedule(coro)
 
 
-def _bare(f: model.Forward) -> model.Forward:
-    """A forward without its owner: the same forward whoever wrote it down."""
-    return dataclasses.replace(f, owner=0)
-
-
-def _refuse_restart_only(name: str, keys: builtins.list[str]) -> None:
-    """A running network's links are what its mode, subnets, MTU, taps, VDE switches, uplink
-    and overlay device make them, and its live settings are checked against them: those
-    change only while it is stopped, never under running guests."""
-    if keys:
-        raise Busy(f"The network '{name}' is running, and {', '.join(keys)} can change only "
-                   f"while it is stopped: stop it (vnet-client stop {name}), make the change, "
-                   "and start it again; or leave that as it is.")
-
-
-def _owned_as_before(old: Network, new: Network, uid: int) -> Network:
-    """A new definition keeps its network's owner and the owners of the forwards it keeps;
-    the forwards it adds belong to `uid`, who wrote them."""
-    owners = {_bare(f): f.owner for f in old.forwards}
-    return new.with_changes(owner=old.owner, forwards=tuple(
-        dataclasses.replace(f, owner=owners.get(_bare(f), uid)) for f in new.forwards))
-
-
 def _who(uid: int) -> str:
     """A user as a sentence names them: 'alice (uid 1000)', or 'uid 1000'."""
     try:
@@ -108,13 +88,13 @@ def _who(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _port_row(p: Port) -> dict[str, Any]:
-    """A port as `show` lists it."""
-    return {"ifname": p.ifname, "vm": p.vm, "nic": p.nic, "kind": p.kind,
-            "mac": p.mac if p.mac_known else "(learning)", "uid": p.uid}
-
-
 class Engine:
+    """The lock, the definitions in force and what runs, the quotas, reconcile and adoption
+    after a restart, starting and stopping networks, attaching ports, and the one event
+    stream. Defining and changing networks (`definitions`), port forwards (`forwards`),
+    static hosts and leases (`hosts`), VMs' MACs (`vms`), overlay peers (`peers`) and what
+    `list` and `show` say (`queries`) are classes of their own, each given this engine."""
+
     def __init__(self, store: Store, links: Links, max_ports_per_user: int = 64,
                  max_networks_per_user: int = 8, max_forwards_per_user: int = 64,
                  max_macs_per_network: int = macs_mod.DEFAULT_LIMIT,
@@ -147,7 +127,6 @@ class Engine:
         self.dhcp = DhcpServers(store.runtime_dir, store.state_dir, self.network)
         self.resolver = Resolver(self.network, self.macs, self.ports, self.dhcp)
         self.firewall = Firewall(View(self))
-        self.fwd_index = model.ForwardIndex()
         self.vde = VdeSwitches(store.runtime_dir)
         self.evpn = Evpn(store.runtime_dir, frr_pathspace)
         # applied in this order after a network's driver made its links, removed in the
@@ -157,6 +136,14 @@ class Engine:
         self.spares = Spares(links, self.firewall, self.schedule, spare_taps)
         self.services: list[Subsystem] = [self.vde, self.dhcp, self.evpn, self.spares]
         self.ctx = Context(links, store, self.ports, self.problems)
+        # what callers ask for beside attaching and starting, a class each over the engine's
+        # lock, definitions and quotas (the bus calls them as engine.<part>.<method>)
+        self.definitions = Definitions(self)
+        self.forwards = Forwards(self)
+        self.hosts = Hosts(self)
+        self.vms = Vms(self)
+        self.peers = Peers(self)
+        self.queries = Queries(self)
         self.ports.listeners.append(self._port_event)
         self.ports.spares = self.spares
         self.ports.identity_owner = self.resolver.owner_of_mac
@@ -197,7 +184,7 @@ class Engine:
         and the autostart networks start here, before vnetd is ready."""
         self.defs, problems = self.store.load_all()
         self.problems[:] = problems
-        self._index_forwards()
+        self.forwards.reindex()
         for p in self.problems:
             log.error("definition problem: %s", p)
         async with self.lock:
@@ -346,6 +333,7 @@ class Engine:
             except VnetError as e:
                 log.error("firewall: %s", e.message)
 
+    # --- reconcile ----------------------------------------------------------------------
     async def _reconcile_links(self) -> None:
         for name in self.store.intents():  # creations a crash cut short
             lk = await self.links.get(name)
@@ -423,131 +411,8 @@ class Engine:
             raise NotFound(f"There is no network named '{name}'. 'vnet-client list' shows them.")
         return net
 
-    def summary(self, net: Network) -> dict[str, Any]:
-        d = net.to_dict()
-        d["mtu"] = (self.network(net.name) or net).mtu
-        d["owner"] = net.owner
-        d["state"] = ("adopting" if net.name in self.adopting else
-                      "running" if net.name in self.running else "stopped")
-        if net.mode == "bridged":  # the LAN's addresses, not ours: no subnet, gateway, range
-            d.pop("subnet", None)
-        else:
-            d["gateway"] = str(net.gateway)
-        if net.gateway6:
-            d["gateway6"] = str(net.gateway6)
-        d["bridge"] = net.bridge
-        d["tap-names"] = net.tap_names
-        return d
-
-    def list(self) -> list[dict[str, Any]]:
-        return [self.summary(n) for _, n in sorted(self.defs.items())]
-
-    async def show(self, name: str) -> dict[str, Any]:
-        net = self.get(name)
-        d = self.summary(net)
-        run = self.running.get(name)
-        if run is not None:
-            lk = await self.links.get(net.bridge)
-            if lk is not None:
-                d["ifindex"] = lk.index
-                d["mac"] = lk.address
-                d["addresses"] = [str(a) for a in await self.links.addresses(lk.index)]
-            d["servers"] = await self.dhcp.status(name)
-            vde = await self.vde.status(name)
-            if vde is not None:
-                d["vde"] = vde
-            counters = await self.firewall.status(name)
-            d["ports"] = [_port_row(p) | {"spoof-drops": counters.get(p.ifname, {}).get(
-                "packets", 0)} for p in sorted(self.ports.on_network(net.name),
-                                               key=lambda p: p.ifname)]
-            d.update(await driver_for(net).status(self.ctx, run))
-            evpn = await self.evpn.status(name)
-            if evpn is not None and "overlay-state" in d:
-                d["overlay-state"]["evpn"] = evpn
-            warnings = await asyncio.to_thread(self.firewall.warnings)
-            if warnings:
-                d["firewall-warnings"] = warnings
-        elif self.ports.parked(name):  # stopped with VMs attached: they wait for its start
-            d["ports"] = [_port_row(p) | {"waiting": True}
-                          for p in sorted(self.ports.parked(name), key=lambda p: p.ifname)]
-        # VMs attached (or waiting for a start): what `stop` names; a count anyone may see
-        d["attached"] = sum(1 for p in self.ports.on_network(name) if p.kind == "attach")
-        if net.mode != "bridged":
-            d["dhcp-range"] = [str(a) for a in net.dhcp_range]
-        d["domain"] = net.dns_domain
-        return d
-
-    # --- definitions --------------------------------------------------------------------
-    async def check_new_name(self, name: str) -> None:
-        """Refuse a name already defined or taken by an interface vnetd did not make."""
-        if name in self.defs:
-            raise Exists(f"A network named '{name}' is already defined.")
-        if await self.links.get(name) is not None:
-            raise Exists(
-                f"An interface named '{name}' already exists on this host and was not "
-                "made by qemu-vnet; choose another network name."
-            )
-
-    async def define(self, net: Network, uid: int = 0, dry_run: bool = False) -> Network:
-        """Define a network owned by `uid` (its inline forwards too), within uid's limits;
-        with `dry_run`, only check all that and change nothing."""
-        net = net.with_changes(owner=uid, forwards=tuple(
-            dataclasses.replace(f, owner=uid) for f in net.forwards))
-        async with self.lock:
-            await self.check_new_name(net.name)
-            self._check_network_quota(uid)
-            await self._verify(net, uid)
-            if dry_run:
-                return net
-            self.store.save(net)
-            try:
-                for f in net.forwards:  # kept one per file, as AddForward keeps them
-                    self.store.save_forward(net.name, f)
-            except OSError:
-                self.store.delete(net.name)
-                raise
-            self._put(net)
-            for f in net.forwards:
-                self.fwd_index.add(net.name, f)
-        self._changed(net.name, "defined")
-        return net
-
-    async def _verify(self, net: Network, uid: int, old: Network | None = None) -> None:
-        """Everything a definition must meet on this host beside its own options, for a new
-        network or (`old`) a new definition of one: the caller's forward limit, its taps'
-        names, its subnets and VNI against the other networks and the host, its driver's
-        checks (the uplink of a bridged network), and its forwards against every other."""
-        mine = {_bare(f) for f in old.forwards} if old is not None else set()
-        self._check_forward_quota(uid, sum(1 for f in net.forwards
-                                           if f.owner == uid and _bare(f) not in mine))
-        known = set(old.tap_names) if old is not None else set()
-        for tname in net.tap_names:
-            if tname not in known and await self.links.get(tname) is not None:
-                raise Exists(f"An interface named '{tname}' already exists on this host.")
-        await self._check_subnets(net)
-        self._check_vni(net)
-        await driver_for(net).verify(self.ctx, net)
-        for f in net.forwards:
-            if old is not None and _bare(f) not in mine and not self.resolver.knows_vm(
-                    net, f.target):  # as 'forward add' checks a new forward
-                raise InvalidArgument(
-                    f"'{f.target}' is neither an address nor a known VM on {net.name} (an "
-                    "unknown VM name): give it a static host or attach it once first.")
-            clash = self.fwd_index.clash(f, skip=net.name)
-            if clash is not None:
-                raise Exists(f"{f.proto} {f.external} is already forwarded to "
-                             f"'{clash[1].target}' ({clash[1].describe()}) on network "
-                             f"'{clash[0]}'.")
-
-    def _check_vni(self, net: Network) -> None:
-        if net.overlay is None:
-            return
-        for other in self.defs.values():
-            if other.name != net.name and other.overlay and other.overlay.vni == net.overlay.vni:
-                raise Exists(f"The VNI {net.overlay.vni} already belongs to network "
-                             f"'{other.name}' on this host: one network per VNI.")
-
-    def _check_network_quota(self, uid: int) -> None:
+    # --- quotas -------------------------------------------------------------------------
+    def check_network_quota(self, uid: int) -> None:
         if uid == 0:
             return
         owned = sum(1 for n in self.defs.values() if n.owner == uid)
@@ -557,10 +422,10 @@ class Engine:
                 f"{self.max_networks_per_user} per user: undefine one first, or ask the "
                 "administrator to raise vnetd's --max-networks-per-user.")
 
-    def _check_forward_quota(self, uid: int, adding: int = 1) -> None:
+    def check_forward_quota(self, uid: int, adding: int = 1) -> None:
         if uid == 0 or not adding:
             return
-        owned = self.fwd_index.owned_by(uid)
+        owned = self.forwards.index.owned_by(uid)
         if owned + adding > self.max_forwards_per_user:
             more = f" and would add {adding}" if adding > 1 else ""
             raise QuotaExceeded(
@@ -568,201 +433,6 @@ class Engine:
                 f"{self.max_forwards_per_user} per user: remove one first (vnet-client "
                 "forward remove), or ask the administrator to raise vnetd's "
                 "--max-forwards-per-user.")
-
-    async def _check_subnets(self, net: Network, ignore: str | None = None) -> None:
-        if net.mode == "bridged":
-            return  # no subnet of its own
-        for other in self.defs.values():
-            if other.name in (net.name, ignore) or other.mode == "bridged":
-                continue
-            for a, b in ((net.subnet, other.subnet), (net.subnet6, other.subnet6)):
-                if a is not None and b is not None and model.overlapping(a, b):
-                    raise InvalidArgument(
-                        f"The subnet {a} overlaps {b} of network '{other.name}'."
-                    )
-        ours = {n for n in self.running}
-        for mine in (net.subnet, net.subnet6):
-            if mine is None:
-                continue
-            for index, iface in await self.links.overlapping(mine):
-                if iface.is_loopback:
-                    continue
-                lk = await self.links.get(index=index)
-                if lk is not None and model.network_of_alias(lk.alias) in ours:
-                    continue
-                raise InvalidArgument(
-                    f"The subnet {mine} overlaps {iface} already on interface "
-                    f"'{lk.ifname if lk else index}' of this host."
-                )
-
-    async def undefine(self, name: str) -> None:
-        await self._adopted(name)
-        async with self.lock:
-            self.get(name)
-            if name in self.running:
-                raise Busy(f"The network '{name}' is running: stop it first.")
-            await self.ports.remove_network_ports(name)  # ports that waited for it
-            self.store.delete(name)
-            for f in self.defs[name].forwards:
-                self.fwd_index.remove(name, f)
-            del self.defs[name]
-            self.dhcp.forget(name)  # its runtime and state directories, old leases too
-        self._changed(name, "undefined")
-
-    async def set_autostart(self, name: str, enabled: bool) -> Network:
-        async with self.lock:
-            net = self.get(name).with_changes(autostart=bool(enabled))
-            self.store.save(net)
-            self._put(net)
-        return net
-
-    async def redefine(self, net: Network, uid: int = 0, dry_run: bool = False,
-                       may_drop: Callable[[model.Forward], None] | None = None
-                       ) -> tuple[Network, builtins.list[str]]:
-        """A new definition of a defined network (vnet-client edit), checked as define
-        checks one. A running network takes its live settings at once, all of them or none
-        (a failure puts back what ran); a setting only a restart applies is refused while it
-        runs (revise.py). `may_drop` raises for a forward the caller may not remove. Returns
-        the definition and what it means, a sentence each."""
-        await self._adopted()  # its live change loads the whole ruleset
-        async with self.lock:
-            old = self.get(net.name)
-            net = _owned_as_before(old, net, uid)
-            kept = {_bare(f) for f in net.forwards}
-            for f in old.forwards:
-                if may_drop is not None and _bare(f) not in kept:
-                    may_drop(f)
-            await self._verify(net, uid, old)
-            run = self.running.get(net.name)
-            if run is not None:
-                _refuse_restart_only(net.name, revise.waits(run.net, net))
-            said = revise.notes(net.name, run.net if run else None, old, net)
-            if dry_run or not revise.changed(old, net):
-                return net, said
-            await self._revise(old, net, save=True)
-        self._changed(net.name, "redefined")
-        return net, said
-
-    async def _revise(self, old: Network, net: Network, save: bool) -> None:
-        """Put `net` in the place of `old`: live on the running network first, then in its
-        files (`save`; a reload read them), then in memory; any failure undoes the rest."""
-        run = self.running.get(net.name)
-        before = run.net if run is not None else None
-        if run is not None and before is not None:
-            try:
-                await self._apply_live(run, revise.Plan(before, revise.in_force(before, net)))
-            except BaseException:
-                await self._undo_live(run, before)
-                raise
-        if save:
-            try:
-                self._save_revision(old, net)
-            except OSError as e:
-                self._save_revision(net, old, quiet=True)
-                if run is not None and before is not None:
-                    await self._undo_live(run, before)
-                raise Failed(f"Cannot write the definition of '{net.name}': "
-                             f"{e.strerror or e}; the previous one stays in force.") from None
-        self._put(net)
-        self._index_forwards()
-
-    async def _apply_live(self, run: Running, plan: revise.Plan) -> None:
-        """Each subsystem that a changed live setting concerns takes the new record."""
-        run.net = plan.new
-        if plan.dhcp:
-            await self.dhcp.apply(run)  # replaced; its leases stay in their file
-        elif plan.hosts:
-            await self.dhcp.apply_hosts(plan.new)
-        added, removed = plan.peers
-        ov = plan.new.overlay
-        if ov is not None and (added or removed):
-            if ov.control == "static":
-                for peer in sorted(added):
-                    await vxlan.flood(self.ctx, plan.new, peer, True)
-                for peer in sorted(removed):
-                    await vxlan.flood(self.ctx, plan.new, peer, False)
-            else:
-                await self.evpn.apply(run)
-        if plan.firewall:
-            await self.firewall.sync()  # one transaction: all of it, or none
-            if plan.fields & revise.HOSTS:
-                await self.firewall.leases_changed(run.name)
-
-    async def _undo_live(self, run: Running, before: Network) -> None:
-        """Back to the record that ran (best effort: the log says what could not be)."""
-        try:
-            await self._apply_live(run, revise.Plan(run.net, before))
-        except Exception as e:  # the first failure is the one the caller hears of
-            log.error("%s: putting back its previous definition: %s", run.name,
-                      e.message if isinstance(e, VnetError) else e)
-        finally:
-            run.net = before
-
-    def _save_revision(self, old: Network, net: Network, quiet: bool = False) -> None:
-        """The definition file and the forwards' files, from `old`'s to `net`'s."""
-        try:
-            self.store.save(net)
-            kept = {_bare(f) for f in net.forwards}
-            had = {_bare(f) for f in old.forwards}
-            for f in old.forwards:
-                if _bare(f) not in kept:
-                    self.store.delete_forward(net.name, f)
-            for f in net.forwards:
-                if _bare(f) not in had:
-                    self.store.save_forward(net.name, f)
-        except OSError:
-            if not quiet:
-                raise
-            log.error("%s: cannot put its previous definition files back", net.name)
-
-    async def reload(self) -> builtins.list[str]:
-        """Re-read the definition files an admin may have edited by hand. Each changed file
-        is checked as define checks one and applied as `redefine` applies one; a file that
-        fails keeps the previous definition in force, and says why."""
-        await self._adopted()
-        async with self.lock:
-            defs, problems = self.store.load_all()
-            for name in list(self.defs):
-                if name not in defs and name in self.running:
-                    problems.append(f"{name}: its file is gone but it is running: kept until "
-                                    "stopped.")
-                    defs[name] = self.defs[name]
-            changed = []
-            for name in [n for n in self.defs if n not in defs]:
-                del self.defs[name]
-                changed.append(name)
-            self._index_forwards()
-            for name, new in sorted(defs.items()):
-                old = self.defs.get(name)
-                if old == new:
-                    continue
-                try:
-                    await self._verify(new, new.owner, old)
-                    if old is None:
-                        self._put(new)
-                    else:
-                        run = self.running.get(name)
-                        if run is not None:
-                            _refuse_restart_only(name, revise.waits(run.net, new))
-                        await self._revise(old, new, save=False)
-                except VnetError as e:
-                    problems.append(f"{name}: {e.message} "
-                                    + ("The previous definition stays in force; fix the file "
-                                       "and reload." if old is not None else
-                                       "Not defined; fix the file and reload."))
-                    continue
-                self._index_forwards()
-                changed.append(name)
-            self.problems[:] = problems
-            try:  # also gives back what an FRR restart lost
-                await self.evpn.sync()
-            except VnetError as e:
-                problems.append(f"evpn (reload): {e.message}")
-                log.error("evpn (reload): %s", e.message)
-            await self.firewall.sync()  # also re-checks a DOCKER-USER chain
-        for name in changed:
-            self._changed(name, "reloaded" if name in self.defs else "undefined")
-        return problems
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self, name: str) -> None:
@@ -782,7 +452,7 @@ class Engine:
             raise Exists(f"An interface named '{net.bridge}' already exists and was not made "
                          "by qemu-vnet for this network.")
         if net.mode != "bridged":
-            await self._check_subnets(net)
+            await self.definitions.check_subnets(net)
         rb = Rollback()
         try:
             run = await driver_for(net).start(self.ctx, net, rb)
@@ -827,54 +497,6 @@ class Engine:
         await driver_for(net).stop(self.ctx, run)
         if self.running.pop(net.name, None) is not None:
             await self.firewall.remove(net.name)
-
-    # --- VXLAN overlay ------------------------------------------------------------------
-    async def set_peer(self, network: str, address: str, add: bool) -> Network:
-        """Add or remove an overlay peer, live: the flood entry (static) or the BGP
-        neighbour (evpn), the VXLAN filter and the stored definition change together, or
-        nothing does."""
-        await self._adopted()
-        async with self.lock:
-            net = self.get(network)
-            if net.overlay is None:
-                raise InvalidArgument(f"The network '{network}' has no overlay: define it with "
-                                      "--vni, --local and --peer.")
-            peer = overlay_mod.parse_address(address, "peer address")
-            ov = net.overlay.with_peer(peer) if add else net.overlay.without_peer(peer)
-            new = net.with_changes(overlay=ov)
-            running = network in self.running
-
-            async def kernel(n: Network, adding: bool) -> None:
-                if not running:
-                    return
-                if ov.control == "static":
-                    await vxlan.flood(self.ctx, n, str(peer), adding)
-                else:
-                    await self.evpn.apply(self.running[network])
-
-            self._put(new)
-            try:
-                await kernel(new, add)
-            except BaseException:
-                self._put(net)
-                raise
-            try:
-                if running:
-                    await self.firewall.sync()  # the VNI takes only the peers
-                self.store.save(new)
-            except BaseException:
-                self._put(net)
-                await kernel(net, not add)
-                if running:
-                    await self.firewall.sync()
-                raise
-            if running and ov.control == "static" and not add:
-                try:  # tidying: the MACs learned behind the removed host
-                    await vxlan.forget(self.ctx, new, str(peer))
-                except VnetError as e:
-                    log.warning("overlay %s: %s", network, e.message)
-        self._changed(network, "peers")
-        return new
 
     # --- ports --------------------------------------------------------------------------
     def _running_bridge(self, net: Network) -> int:
@@ -1006,212 +628,6 @@ class Engine:
                 raise
             return net.name
 
-    def get_mac(self, network: str, vm: str, nic: int, uid: int = 0) -> str:
-        self.get(network)
-        return self.macs.get(network, vm, nic, uid)
-
-    def export_macs(self, network: str) -> dict[str, str]:
-        self.get(network)
-        return self.macs.export(network)
-
-    def import_macs(self, network: str, entries: dict[str, str]) -> int:
-        self.get(network)
-        return self.macs.import_macs(network, entries)
-
-    async def forget_mac(self, network: str, vm: str) -> int:
-        """Drop a VM's MACs on a network (defined or not: an undefined network's MACs stay
-        remembered until forgotten), unless one of its NICs is attached there now."""
-        model.validate_network_name(network)
-        model.validate_vm_name(vm)
-        async with self.lock:  # attach gives out MACs under it
-            self._refuse_attached(network, vm)
-            net = self.defs.get(network)
-            host = net.host(vm) if net is not None else None
-            if host is not None:
-                raise Busy(f"VM '{vm}' has a static host on {network} with the MAC {host.mac}: "
-                           f"remove it first (vnet-client host remove {network} --vm {vm}).")
-            return self.macs.forget(network, vm)
-
-    def _refuse_attached(self, network: str, vm: str) -> None:
-        held = sorted(p.ifname for p in self.ports.on_network(network) if p.vm == vm)
-        if held:
-            raise Busy(f"VM '{vm}' is attached to {network} now (port "
-                       f"{', '.join(held)}): detach it (or stop the VM) first.")
-
-    async def transfer_vm(self, network: str, vm: str, uid: int) -> int | None:
-        """Give a VM name on a network (and its MACs) to another uid; the uid that had it.
-        Refused while a NIC of the VM is attached there (the port belongs to its holder)."""
-        model.validate_network_name(network)
-        model.validate_vm_name(vm)
-        try:
-            pwd.getpwuid(uid)
-        except KeyError:
-            raise InvalidArgument(f"There is no user with uid {uid} on this host.") from None
-        async with self.lock:  # attach checks owners under it
-            self._refuse_attached(network, vm)
-            return self.macs.transfer(network, vm, uid)
-
-    # --- static hosts and leases --------------------------------------------------------
-    async def add_host(self, network: str, vm: str, options: dict[str, Any]) -> model.StaticHost:
-        unknown = sorted(model._printable(k) for k in options if k not in ("ip", "mac"))
-        if unknown:
-            raise InvalidArgument(f"Unknown host option(s): {', '.join(unknown)}. Known: ip, mac.")
-        await self._adopted()  # their firewall elements: once the ruleset is whole
-        async with self.lock:
-            net = self.get(network)
-            model.validate_vm_name(vm)
-            model.validate_hostname(vm)
-            taken = net.host(vm)
-            if taken is not None:
-                raise Exists(f"VM '{vm}' already has a static host on {network} "
-                             f"({taken.ip}); remove it first.")
-            mac: str | None
-            if options.get("mac") is not None:
-                mac = model.validate_mac(options["mac"])
-            else:
-                mac = self.macs.lookup(network, vm, 0)
-                if mac is None:
-                    raise InvalidArgument(f"VM '{vm}' has no MAC on {network} yet: give --mac "
-                                          "(or attach it once, or 'vnet-client mac').")
-            if options.get("ip") is not None:
-                ip = model.parse_ip4(options["ip"], "address")
-                model.check_host_ip(net.subnet, ip)
-                self._check_not_leased(net, ip, mac)
-            else:
-                ip = self._free_static_ip(net)
-            for h in net.hosts:
-                if h.ip == ip:
-                    raise Exists(f"The address {ip} is already given to '{h.vm}' on {network}.")
-                if h.mac == mac:
-                    raise Exists(f"The MAC {mac} is already given to '{h.vm}' on {network}.")
-            host = model.StaticHost(vm=vm, mac=mac, ip=ip)
-            new = net.with_changes(hosts=(*net.hosts, host))
-            self.store.save(new)
-            self._put(new)
-            await self.dhcp.apply_hosts(self.network(network) or new)
-            await self.firewall.leases_changed(network)
-        return host
-
-    def _check_not_leased(self, net: Network, ip, mac: str) -> None:
-        """An address inside the DHCP range may be given to a VM only while no other MAC
-        holds a lease on it (the server would otherwise hand one address to two guests)."""
-        start, end = net.dhcp_range
-        if net.dhcp == "none" or not start <= ip <= end:
-            return
-        for le in self.dhcp.leases(net):
-            if le.ip == str(ip) and le.mac != mac:
-                who = f" ({le.hostname})" if le.hostname else ""
-                raise Exists(f"The address {ip} is leased to {le.mac}{who} on {net.name}: "
-                             f"choose another, best one below the DHCP range {start}-{end} "
-                             "(never handed out dynamically), or leave --ip out for the first "
-                             "free one there.")
-
-    def _free_static_ip(self, net: Network):
-        used = {h.ip for h in net.hosts} | {net.gateway}
-        start, _ = net.dhcp_range
-        ip = net.subnet.network_address + 2
-        while ip < start and ip < net.subnet.broadcast_address:
-            if ip not in used:
-                return ip
-            ip += 1
-        raise InvalidArgument(f"No free static address left in {net.subnet.network_address + 2}-"
-                              f"{start - 1} on {net.name}: give --ip.")
-
-    async def remove_host(self, network: str, vm: str) -> None:
-        await self._adopted()  # their firewall elements: once the ruleset is whole
-        async with self.lock:
-            net = self.get(network)
-            model.validate_vm_name(vm)
-            if net.host(vm) is None:
-                raise NotFound(f"VM '{vm}' has no static host on {network}.")
-            new = net.with_changes(hosts=tuple(h for h in net.hosts if h.vm != vm))
-            self.store.save(new)
-            self._put(new)
-            await self.dhcp.apply_hosts(self.network(network) or new)
-            await self.firewall.leases_changed(network)
-
-    def leases(self, network: str) -> builtins.list[dict[str, Any]]:
-        net = self.get(network)
-        out = [{"mac": le.mac, "ip": le.ip, "hostname": le.hostname, "expiry": le.expiry,
-                **self.resolver.lease_vm(net, le.mac)} for le in self.dhcp.leases(net)]
-        return sorted(out, key=lambda d: tuple(int(x) for x in d["ip"].split(".")))
-
-    # --- port forwarding ----------------------------------------------------------------
-    def _index_forwards(self) -> None:
-        self.fwd_index = model.ForwardIndex()
-        for net in self.defs.values():
-            for f in net.forwards:
-                self.fwd_index.add(net.name, f)
-
-    async def add_forward(self, network: str, spec: dict[str, Any],
-                          uid: int = 0) -> model.Forward:
-        """Add a forward owned by `uid`, within uid's limit."""
-        await self._adopted()  # their firewall elements: once the ruleset is whole
-        async with self.lock:
-            net = self.get(network)
-            if net.overlay is not None and net.overlay.is_member:
-                raise InvalidArgument(f"'{network}' is a member of an overlay here: port "
-                                      "forwards live on the overlay's gateway host.")
-            fwd = dataclasses.replace(
-                model.parse_forward(net, model.expand_forward_words(spec)), owner=uid)
-            self._check_forward_quota(uid)
-            if not self.resolver.knows_vm(net, fwd.target):
-                raise InvalidArgument(
-                    f"'{fwd.target}' is neither an address nor a known VM on {network} (an "
-                    "unknown VM name): give it a static host or attach it once first.")
-            clash = self.fwd_index.clash(fwd)
-            if clash is not None:
-                owner, other = clash
-                raise Exists(f"{fwd.proto} {fwd.external} is already forwarded to "
-                             f"'{other.target}' ({other.describe()}) on network '{owner}'.")
-            new = net.with_changes(forwards=(*net.forwards, fwd))
-            if net.name in self.running:
-                await self.firewall.forward_added(new, fwd)
-            try:
-                self.store.save_forward(network, fwd)
-            except OSError:
-                if net.name in self.running:
-                    await self.firewall.forward_removed(new, fwd)
-                raise
-            self._put(new)
-            self.fwd_index.add(network, fwd)
-        return fwd
-
-    async def remove_forward(self, network: str, spec: dict[str, Any]) -> model.Forward:
-        """Remove the forward of PROTO [EXT_ADDR:]PORT[-PORT] (family from spec)."""
-        await self._adopted()  # their firewall elements: once the ruleset is whole
-        async with self.lock:
-            net = self.get(network)
-            spec = model.expand_forward_words(spec)
-            probe = model.parse_forward(net, {**spec, "target": spec.get("target") or "x",
-                                              "target-port": spec.get("target-port", 1)})
-            match = self.fwd_index.find(network, probe.proto, probe.family, probe.port_lo,
-                                        probe.port_hi, probe.ext_addr)
-            if match is None:
-                raise NotFound(f"There is no forward of {probe.proto} {probe.external} on "
-                               f"{network}. 'vnet-client forward list {network}' shows them.")
-            if net.name in self.running:
-                await self.firewall.forward_removed(net, match)
-            self.store.delete_forward(network, match)
-            self._put(net.with_changes(
-                forwards=tuple(f for f in net.forwards if f is not match)))
-            self.fwd_index.remove(network, match)
-        return match
-
-    def list_forwards(self, network: str) -> builtins.list[dict[str, Any]]:
-        net = self.get(network)
-        out = []
-        for f in net.forwards:
-            d = self.forward_info(f)
-            d["resolved"] = self.firewall.resolve(net, f) or ""
-            out.append(d)
-        return out
-
-    @staticmethod
-    def forward_info(f: model.Forward) -> dict[str, Any]:
-        """A forward as callers see it: its table, with its owner even when that is root."""
-        return {**f.to_dict(), "owner": f.owner}
-
     def vde_socket(self, network: str, vm: str, nic: int, uid: int = 0) -> tuple[str, str]:
         """A VDE switch socket with a free port, and the VM's stable MAC."""
         net = self.get(network)
@@ -1220,4 +636,4 @@ class Engine:
                                   "with --vde).")
         if network not in self.running:
             raise NotRunning(f"The network '{network}' is not running: start it first.")
-        return self.vde.free_socket(net), self.get_mac(network, vm, nic, uid)
+        return self.vde.free_socket(net), self.vms.get_mac(network, vm, nic, uid)

@@ -104,65 +104,66 @@ def net(name: str, **opts) -> Network:
 
 
 async def test_a_user_may_own_max_networks_then_is_refused_with_nothing_made(engine):
-    await engine.define(net("n1"), ALICE)
-    await engine.define(net("n2"), ALICE)
+    await engine.definitions.define(net("n1"), ALICE)
+    await engine.definitions.define(net("n2"), ALICE)
     with pytest.raises(QuotaExceeded) as e:
-        await engine.define(net("n3"), ALICE)
+        await engine.definitions.define(net("n3"), ALICE)
     msg = e.value.message
     assert f"uid {ALICE}" in msg and "owns 2 networks" in msg and "limit is 2" in msg
     assert "--max-networks-per-user" in msg and "undefine" in msg and msg.endswith(".")
     assert "n3" not in engine.defs and not engine.store.path_of("n3").exists()
-    await engine.define(net("n4"), BOB)  # another user is not affected
-    await engine.define(net("n5"), 0)  # nor is root
-    await engine.define(net("n6"), 0)
-    await engine.define(net("n7"), 0)
+    await engine.definitions.define(net("n4"), BOB)  # another user is not affected
+    await engine.definitions.define(net("n5"), 0)  # nor is root
+    await engine.definitions.define(net("n6"), 0)
+    await engine.definitions.define(net("n7"), 0)
     assert {n: d.owner for n, d in engine.defs.items()} == {
         "n1": ALICE, "n2": ALICE, "n4": BOB, "n5": 0, "n6": 0, "n7": 0}
-    await engine.undefine("n1")  # undefining one makes room
-    await engine.define(net("n3"), ALICE)
+    await engine.definitions.undefine("n1")  # undefining one makes room
+    await engine.definitions.define(net("n3"), ALICE)
 
 
 async def test_forwards_count_per_owner_across_networks(engine):
-    await engine.define(net("n1"), 0)
-    await engine.define(net("n2"), 0)
+    await engine.definitions.define(net("n1"), 0)
+    await engine.definitions.define(net("n2"), 0)
     for i, network in enumerate(("n1", "n2", "n1")):
-        f = await engine.add_forward(network, {**FWD, "port": str(8000 + i),
+        f = await engine.forwards.add(network, {**FWD, "port": str(8000 + i),
                                                "target": f"10.{network[-1]}.0.5"}, ALICE)
         assert f.owner == ALICE
     with pytest.raises(QuotaExceeded) as e:
-        await engine.add_forward("n2", {**FWD, "target": "10.2.0.5"}, ALICE)
+        await engine.forwards.add("n2", {**FWD, "target": "10.2.0.5"}, ALICE)
     msg = e.value.message
     assert "owns 3 port forwards" in msg and "limit is 3" in msg
     assert "--max-forwards-per-user" in msg and msg.endswith(".")
     assert len(list(engine.store.forwards_dir("n2").glob("*.toml"))) == 1  # nothing new
     assert [f.owner for f in engine.defs["n2"].forwards] == [ALICE]
-    await engine.add_forward("n2", {**FWD, "target": "10.2.0.5"}, BOB)
+    await engine.forwards.add("n2", {**FWD, "target": "10.2.0.5"}, BOB)
     for port in range(9000, 9005):
-        await engine.add_forward("n2", {**FWD, "port": str(port), "target": "10.2.0.5"}, 0)
-    listed = engine.list_forwards("n2")
+        await engine.forwards.add("n2", {**FWD, "port": str(port), "target": "10.2.0.5"}, 0)
+    listed = engine.forwards.list("n2")
     assert sorted({d["owner"] for d in listed}) == [0, ALICE, BOB]
-    await engine.remove_forward("n1", {"proto": "tcp", "port": "8000"})
-    await engine.add_forward("n2", {**FWD, "port": "7000", "target": "10.2.0.5"}, ALICE)
+    await engine.forwards.remove("n1", {"proto": "tcp", "port": "8000"})
+    await engine.forwards.add("n2", {**FWD, "port": "7000", "target": "10.2.0.5"}, ALICE)
 
 
 async def test_define_counts_inline_forwards_and_keeps_them_one_file_each(engine):
     rows = [{**FWD, "port": str(8000 + i), "target": "10.1.0.5"} for i in range(4)]
     with pytest.raises(QuotaExceeded, match="would add 4"):
-        await engine.define(net("n1", forwards=rows), ALICE)
+        await engine.definitions.define(net("n1", forwards=rows), ALICE)
     assert not engine.store.path_of("n1").exists()
-    n = await engine.define(net("n1", forwards=rows[:3]), ALICE)
+    n = await engine.definitions.define(net("n1", forwards=rows[:3]), ALICE)
     assert n.owner == ALICE and {f.owner for f in n.forwards} == {ALICE}
     assert len(list(engine.store.forwards_dir("n1").glob("*.toml"))) == 3
     nets, _ = engine.store.load_all()  # a restart keeps them, and who owns them
     assert [f.owner for f in nets["n1"].forwards] == [ALICE] * 3
     with pytest.raises(Exists, match="already forwarded"):
-        await engine.define(net("n2", forwards=[{**FWD, "port": "8000", "target": "10.2.0.5"}]))
+        await engine.definitions.define(
+            net("n2", forwards=[{**FWD, "port": "8000", "target": "10.2.0.5"}]))
     assert not engine.store.path_of("n2").exists()
 
 
 async def test_summary_and_forward_lists_show_the_owner_and_export_does_not(engine):
-    await engine.define(net("n1"), ALICE)
-    assert engine.summary(engine.defs["n1"])["owner"] == ALICE
+    await engine.definitions.define(net("n1"), ALICE)
+    assert engine.queries.summary(engine.defs["n1"])["owner"] == ALICE
     assert "owner" not in engine.defs["n1"].to_dict(owner=False)
 
 
@@ -276,43 +277,43 @@ def test_import_is_all_or_nothing_and_bounded():
 
 
 async def test_forget_mac_is_refused_while_the_vm_is_attached(engine):
-    await engine.define(net("n1"), 0)
-    engine.get_mac("n1", "web", 0)
+    await engine.definitions.define(net("n1"), 0)
+    engine.vms.get_mac("n1", "web", 0)
 
     port = Port(ifname="n1-abcdef", ifindex=77, network="n1", vm="web", nic=0, uid=0,
-                mac=engine.get_mac("n1", "web", 0), mac_known=True, holder_pid=None, queues=1,
+                mac=engine.vms.get_mac("n1", "web", 0), mac_known=True, holder_pid=None, queues=1,
                 created=0.0)
     engine.ports._add(port)
     with pytest.raises(Busy, match="n1-abcdef"):
-        await engine.forget_mac("n1", "web")
+        await engine.vms.forget_mac("n1", "web")
     engine.ports._drop(port)
-    assert await engine.forget_mac("n1", "web") == 1
-    await engine.undefine("n1")
+    assert await engine.vms.forget_mac("n1", "web") == 1
+    await engine.definitions.undefine("n1")
     engine.macs.get("n1", "old", 0)  # the MACs of an undefined network can still be forgotten
-    assert await engine.forget_mac("n1", "old") == 1
+    assert await engine.vms.forget_mac("n1", "old") == 1
 
 
 async def test_forget_mac_is_refused_while_a_static_host_uses_it(engine):
-    await engine.define(net("n1"), 0)
-    mac = engine.get_mac("n1", "db", 0)
-    await engine.add_host("n1", "db", {"ip": "10.1.0.5"})
+    await engine.definitions.define(net("n1"), 0)
+    mac = engine.vms.get_mac("n1", "db", 0)
+    await engine.hosts.add("n1", "db", {"ip": "10.1.0.5"})
     with pytest.raises(Busy, match="static host.*host remove n1 --vm db"):
-        await engine.forget_mac("n1", "db")
+        await engine.vms.forget_mac("n1", "db")
     assert engine.macs.lookup("n1", "db", 0) == mac  # nothing forgotten
-    await engine.remove_host("n1", "db")
-    assert await engine.forget_mac("n1", "db") == 1
+    await engine.hosts.remove("n1", "db")
+    assert await engine.vms.forget_mac("n1", "db") == 1
 
 
 async def test_the_engine_bounds_the_registry_for_getmac(engine):
-    await engine.define(net("n1"), 0)
+    await engine.definitions.define(net("n1"), 0)
     for i in range(3):
-        engine.get_mac("n1", f"vm{i}", 0)
+        engine.vms.get_mac("n1", f"vm{i}", 0)
     with pytest.raises(QuotaExceeded):
-        engine.get_mac("n1", "vm3", 0)
-    assert engine.get_mac("n1", "vm0", 0) == derive_mac("n1", "vm0", 0)
-    assert sorted(engine.export_macs("n1")) == ["vm0/0", "vm1/0", "vm2/0"]
+        engine.vms.get_mac("n1", "vm3", 0)
+    assert engine.vms.get_mac("n1", "vm0", 0) == derive_mac("n1", "vm0", 0)
+    assert sorted(engine.vms.export_macs("n1")) == ["vm0/0", "vm1/0", "vm2/0"]
     with pytest.raises(NotFound):
-        engine.export_macs("nosuch")
+        engine.vms.export_macs("nosuch")
 
 
 # --- the command line --------------------------------------------------------------------------

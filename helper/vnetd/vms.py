@@ -1,0 +1,72 @@
+"""A VM's MACs on a network: asking for one, exporting and importing them, forgetting them
+and giving the VM name to another user.
+
+The MAC registry (macs.py) keeps them; this is what the bus asks of it, under the engine's
+lock where attach gives out MACs or checks owners too, and never while a NIC of the VM is
+attached (its port belongs to its holder).
+"""
+
+from __future__ import annotations
+
+import pwd
+from typing import TYPE_CHECKING
+
+from . import model
+from .errors import Busy, InvalidArgument
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class Vms:
+    """The VMs' MACs on every network (`engine.vms`)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.macs = engine.macs
+        self.ports = engine.ports
+
+    def get_mac(self, network: str, vm: str, nic: int, uid: int = 0) -> str:
+        self.engine.get(network)
+        return self.macs.get(network, vm, nic, uid)
+
+    def export_macs(self, network: str) -> dict[str, str]:
+        self.engine.get(network)
+        return self.macs.export(network)
+
+    def import_macs(self, network: str, entries: dict[str, str]) -> int:
+        self.engine.get(network)
+        return self.macs.import_macs(network, entries)
+
+    async def forget_mac(self, network: str, vm: str) -> int:
+        """Drop a VM's MACs on a network (defined or not: an undefined network's MACs stay
+        remembered until forgotten), unless one of its NICs is attached there now."""
+        model.validate_network_name(network)
+        model.validate_vm_name(vm)
+        async with self.engine.lock:  # attach gives out MACs under it
+            self._refuse_attached(network, vm)
+            net = self.engine.defs.get(network)
+            host = net.host(vm) if net is not None else None
+            if host is not None:
+                raise Busy(f"VM '{vm}' has a static host on {network} with the MAC {host.mac}: "
+                           f"remove it first (vnet-client host remove {network} --vm {vm}).")
+            return self.macs.forget(network, vm)
+
+    def _refuse_attached(self, network: str, vm: str) -> None:
+        held = sorted(p.ifname for p in self.ports.on_network(network) if p.vm == vm)
+        if held:
+            raise Busy(f"VM '{vm}' is attached to {network} now (port "
+                       f"{', '.join(held)}): detach it (or stop the VM) first.")
+
+    async def transfer(self, network: str, vm: str, uid: int) -> int | None:
+        """Give a VM name on a network (and its MACs) to another uid; the uid that had it.
+        Refused while a NIC of the VM is attached there (the port belongs to its holder)."""
+        model.validate_network_name(network)
+        model.validate_vm_name(vm)
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            raise InvalidArgument(f"There is no user with uid {uid} on this host.") from None
+        async with self.engine.lock:  # attach checks owners under it
+            self._refuse_attached(network, vm)
+            return self.macs.transfer(network, vm, uid)
