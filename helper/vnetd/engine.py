@@ -528,30 +528,17 @@ class Engine:
                 self.macs.defer = False
                 if self.macs.dirty:
                     self._write_macs_soon()
-            if net.spoof_protection and self.firewall.is_pending(port.ifname):
-                # a spare tap: nothing passes to or from it until its guard replaces that,
-                # right after the reply
-                self.schedule(self._guard_spare(port))
-            elif net.spoof_protection:
+            if net.spoof_protection:
+                # one transaction: the port's guard (a spare's replaces its pending hold)
                 try:
                     await self.firewall.port_attached(port)
                 except BaseException:
                     for fd in fds + vhostfds:
                         os.close(fd)
                     await self.ports.detach(port)
+                    await self.firewall.spares_gone([port.ifname])  # a spare's hold, if any
                     raise
             return port, fds, vhostfds, info
-
-    async def _guard_spare(self, port: Port) -> None:
-        if self.ports.by_name.get(port.ifname) is not port:
-            return  # closed already (port_gone let its pending element go)
-        try:
-            await self.firewall.port_attached(port)
-        except VnetError as e:  # it stays cut off from everything: take it away
-            log.error("port %s: its guard could not be put in, so it goes: %s", port.ifname,
-                      e.message)
-            if self.ports.forget(port):
-                self._port_event(port, "cut")
 
     def _write_macs_soon(self) -> None:
         if self._macs_writer is None or self._macs_writer.done():

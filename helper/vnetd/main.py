@@ -360,6 +360,27 @@ def setup_logging(level: str, log_file: Path = LOG_FILE, dev_log: str = DEV_LOG)
     return problems
 
 
+FD_LIMIT = 1 << 16
+
+
+def raise_fd_limit() -> int | None:
+    """The soft limit of open files up to the hard one (at most 65,536): a host with hundreds
+    of networks holds two descriptors per server and one per spare tap, past the 1,024 a
+    service starts with (vnetd waits with epoll, never select); None if it could not."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FD_LIMIT if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT)
+    if soft >= want:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError) as e:
+        log.warning("cannot raise the limit of open files from %d: %s", soft, e)
+        return None
+    return want
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     problems = setup_logging(args.log_level)
@@ -378,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("started with more privileges than its unit gives (D-Bus activation or by "
                  "hand?): %s", "; ".join(changed))
     os.umask(0o022)
+    fds = raise_fd_limit()
+    if fds is not None:
+        log.debug("open files: up to %d", fds)
     # SIGUSR2: every thread's Python stack on stderr, even with the event loop stuck
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     try:

@@ -648,6 +648,18 @@ class World:
         addrs = {a["ifname"]: {(ai["local"], ai["prefixlen"]) for ai in a.get("addr_info", [])
                                if not ai["local"].startswith("fe80:")}
                  for a in v.ipj("addr", "show")}
+        # spare taps (made ahead of attaches): at most two per running network, on its bridge,
+        # held pending by the firewall; never any of a network that is not running
+        spares = v.spare_taps() & set(links)
+        per_net: dict[str, int] = {}
+        for x in sorted(spares):
+            alias = links[x].get("ifalias") or ""
+            owner = alias.removeprefix("qemu-vnet:")
+            per_net[owner] = per_net.get(owner, 0) + 1
+            if owner not in running or links[x].get("master") != owner:
+                problems.append(f"spare tap {x} ({alias}, on {links[x].get('master')}) is not "
+                                "on a running network's bridge")
+        problems += [f"{n} has {k} spare taps" for n, k in per_net.items() if k > 2]
         want_links = {"lo"}
         for name, net in running.items():
             want_links |= {name, *net.tap_names}
@@ -655,9 +667,9 @@ class World:
         # a network's -n taps are guarded ports of root's too
         tap_ports = {t for net in running.values() for t in net.tap_names}
         want_links |= live_ports
-        if set(links) != want_links:
+        if set(links) - spares != want_links - spares or want_links - set(links):
             extra = [(x, links[x].get("linkinfo", {}).get("info_kind"), links[x].get("ifalias"),
-                      sorted(addrs.get(x, ()))) for x in sorted(set(links) - want_links)]
+                      sorted(addrs.get(x, ()))) for x in sorted(set(links) - want_links - spares)]
             problems.append(f"links: extra (name, kind, alias, addresses) {extra}, missing "
                             f"{sorted(want_links - set(links))}")
         for name, net in running.items():

@@ -463,6 +463,19 @@ def test_vnetd_takes_the_mac_bounds():
     assert (a.max_macs, a.max_macs_per_user) == (10, 2)
 
 
+@pytest.mark.parametrize("value, words", [
+    ("-1", "negative"), ("17", "more than the 16"), ("two", "not a whole number")])
+def test_vnetd_refuses_a_bad_number_of_spare_taps(value, words, capsys):
+    from vnetd.main import parse_args
+
+    assert parse_args(["--spare-taps", "0"]).spare_taps == 0
+    assert parse_args([]).spare_taps == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--spare-taps", value])
+    err = capsys.readouterr().err
+    assert "--spare-taps" in err and words in err
+
+
 # --- the attach path's deferred writes --------------------------------------------------------
 def test_a_deferred_new_vm_is_written_later_and_never_over_a_newer_state():
     writes: list[tuple[str, dict]] = []
@@ -509,3 +522,22 @@ def test_an_adopted_port_gives_back_an_owner_but_never_takes_one():
     assert reg.lookup("vnet2", "web2", 0) is None
     reg.remember("vnet2", "web1", 1000, 1, "52:54:00:00:00:08")  # an entry is never changed
     assert reg.lookup("vnet2", "web1", 1) == "52:54:00:00:00:07"
+
+
+def test_vnetd_raises_its_limit_of_open_files_to_the_hard_one():
+    """A host with hundreds of networks holds more descriptors than the 1,024 a service
+    starts with: vnetd raises its soft limit (up to 65,536), never past the hard one."""
+    import subprocess
+    import sys
+
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, int(sys.argv[1])))\n"
+            "from vnetd.main import raise_fd_limit\n"
+            "print(raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n")
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = min(hard, 1 << 16) if hard != resource.RLIM_INFINITY else 1 << 16
+    r = subprocess.run([sys.executable, "-c", code, str(hard)], capture_output=True,
+                       text=True, check=True)
+    assert want > 256 and r.stdout.split() == [str(want), str(want)]

@@ -557,10 +557,6 @@ class Firewall:
         self.pending.discard(new.ifname)
         self.applied_ports[new.ifname] = new
 
-    def is_pending(self, ifname: str) -> bool:
-        """A spare tap, nothing passing to or from it yet."""
-        return ifname in self.pending
-
     async def spares_added(self, names: list[str]) -> None:
         """Taps made ahead of attaches: nothing to or from them (before they go up)."""
         await self._change("hold the spare taps", fw.render_pending, "add", names,

@@ -8,11 +8,11 @@ uses, held as ``pending`` by the firewall (nothing passes to or from it), then p
 bridge with the network's alias and MTU, its host IPv6 off, and up. vnetd holds its only
 fd, so a crash takes it with it (the kernel removes a tap whose last fd closes).
 
-An attach takes one (`take`): the tap is given to its holder (TUNSETOWNER) and its fd
-handed out at once; the port's guard then replaces ``pending`` in one transaction, after
-the reply, and until then the firewall lets nothing through, so the guard is never less
-than complete. The network is stocked again in the background, one tap at a time under the
-engine's lock, so attaches are never kept waiting by more than one tap's making.
+An attach takes one (`take`): the tap is given to its holder (TUNSETOWNER) and the port's
+guard replaces ``pending`` in one transaction before the fd is handed out, so the guard is
+never less than complete and a spare's queue holds nothing from before. The network is
+stocked again in the background, one tap at a time under the engine's lock, so attaches are
+never kept waiting by more than one tap's making.
 
 Only networks whose ports are guarded (``spoof_protection``) have spares: on another, a tap
 up on the bridge would queue the LAN's frames for its future holder. Each spare costs one
