@@ -22,6 +22,7 @@ many a network keeps (0: none).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -46,6 +47,11 @@ log = logging.getLogger("vnetd.spares")
 
 DEFAULT = 2
 MOST = 16  # a network's spares at most (--spare-taps)
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -86,9 +92,9 @@ class Spares:
     async def remove(self, name: str) -> None:
         self._stocked.pop(name, None)
         gone = self.spares.pop(name, [])
-        for s in gone:
-            with contextlib.suppress(OSError):
-                os.close(s.fd)  # the kernel removes the tap with its last fd
+        # the kernel removes a tap with its last fd, waiting for its references to go (some
+        # 20 ms): each in a thread of its own, so those waits overlap and the loop runs on
+        await asyncio.gather(*(asyncio.to_thread(_close, s.fd) for s in gone))
         if gone:
             await self.firewall.spares_gone([s.ifname for s in gone])
 
