@@ -2,9 +2,9 @@
 
 The engine holds the declared state (definitions from the store) and makes the kernel match
 it. Every operation that makes kernel objects records how to undo each step and unwinds on any
-failure, so nothing half-made is left behind. At start-up it reconciles: it adopts what carries
-its alias and is still wanted, restarts autostart networks, and removes only objects carrying
-its alias that no definition wants. Interfaces it did not make are never touched.
+failure, so nothing half-made is left behind. At start-up it reconciles (reconcile.py): it
+adopts what carries its alias and is still wanted, restarts autostart networks, and removes only
+objects carrying its alias that no definition wants. Interfaces it did not make are never touched.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 
 from . import macs as macs_mod
 from . import model, revise
-from .children.supervisor import reap
 from .definitions import Definitions
 from .errors import (
     Busy,
@@ -41,11 +40,12 @@ from .networks import Context, Rollback, Running, driver_for
 from .peers import Peers
 from .ports import Port, Ports, parse_attach_options
 from .queries import Queries
+from .reconcile import Reconciler
 from .resolver import Resolver
 from .store import Store
 from .subsystems import Subsystem
 from .subsystems import spares as spares_mod
-from .subsystems.dhcp import DHCPD_PID, DNSMASQ_PID, DhcpServers
+from .subsystems.dhcp import DhcpServers
 from .subsystems.evpn import Evpn
 from .subsystems.firewall import Firewall
 from .subsystems.spares import Spares
@@ -55,7 +55,6 @@ from .vms import Vms
 log = logging.getLogger("vnetd")
 
 ADOPT_WAIT = 60  # seconds a change waits for the networks a restart found running
-ADOPT_PARALLEL = 8  # DHCP servers replaced at once after a restart
 
 
 class View:
@@ -89,11 +88,12 @@ def _who(uid: int) -> str:
 
 
 class Engine:
-    """The lock, the definitions in force and what runs, the quotas, reconcile and adoption
-    after a restart, starting and stopping networks, attaching ports, and the one event
-    stream. Defining and changing networks (`definitions`), port forwards (`forwards`),
-    static hosts and leases (`hosts`), VMs' MACs (`vms`), overlay peers (`peers`) and what
-    `list` and `show` say (`queries`) are classes of their own, each given this engine."""
+    """The lock, the definitions in force and what runs, the quotas, the wait for the
+    networks a restart found running, starting and stopping networks, attaching ports, and
+    the one event stream. Reconcile and adoption at start-up (`reconcile`), defining and
+    changing networks (`definitions`), port forwards (`forwards`), static hosts and leases
+    (`hosts`), VMs' MACs (`vms`), overlay peers (`peers`) and what `list` and `show` say
+    (`queries`) are classes of their own, each given this engine."""
 
     def __init__(self, store: Store, links: Links, max_ports_per_user: int = 64,
                  max_networks_per_user: int = 8, max_forwards_per_user: int = 64,
@@ -144,6 +144,7 @@ class Engine:
         self.vms = Vms(self)
         self.peers = Peers(self)
         self.queries = Queries(self)
+        self.reconcile = Reconciler(self)
         self.ports.listeners.append(self._port_event)
         self.ports.spares = self.spares
         self.ports.identity_owner = self.resolver.owner_of_mac
@@ -175,109 +176,7 @@ class Engine:
     def _changed(self, name: str, state: str) -> None:
         self._emit("network", name, state)
 
-    # --- start-up -----------------------------------------------------------------------
-    async def startup(self) -> None:
-        """What must be done before vnetd answers: the definitions, the links vnetd made
-        (what a crash cut short goes, held ports are adopted with their records, what no
-        definition wants is removed) and the netlink monitor. Networks found running are
-        adopted by `settle`, which runs once vnetd answers; on a fresh boot there are none,
-        and the autostart networks start here, before vnetd is ready."""
-        self.defs, problems = self.store.load_all()
-        self.problems[:] = problems
-        self.forwards.reindex()
-        for p in self.problems:
-            log.error("definition problem: %s", p)
-        async with self.lock:
-            self.ports.begin_reconcile()
-            await self._reconcile_links()
-            self.ports.end_reconcile()
-        await self.ports.start_monitor()
-        if not self.adopting:
-            await self.settle()
-
-    async def settle(self) -> None:
-        """Adopt the networks found running, one at a time under the lock (calls for a
-        network already adopted go on between them), then start the autostart networks
-        that do not run and load the whole ruleset once. Until then the ruleset the kernel
-        kept across the restart guards every port; a network being adopted shows
-        `adopting`, and calls that change it wait (`_adopted`). A network whose DHCP/DNS
-        servers still run (the previous vnetd's, found by their records) is adopted with
-        them serving, and they are replaced afterwards in the background, one network at a
-        time under the lock (`_replace_inherited`); a network without them gets new ones
-        before it counts as adopted, several networks at a time."""
-        links_done = []
-        for name in sorted(self.adopting):
-            async with self.lock:
-                try:
-                    await self._adopt(self.defs[name], self.adopting[name])
-                    links_done.append(name)
-                except VnetError as e:
-                    await self._adopt_failed(name, e)
-        sem = asyncio.Semaphore(ADOPT_PARALLEL)
-
-        async def servers(name: str) -> None:
-            run = self.running.get(name)
-            if run is not None and self.dhcp.inherit(run.net):
-                log.info("reconcile: adopted running network %s (its servers go on)", name)
-                self._adopt_done(name)
-                return
-            async with sem:
-                try:
-                    if run is not None:
-                        await self.dhcp.adopt(run)
-                    log.info("reconcile: adopted running network %s", name)
-                    self._adopt_done(name)
-                except VnetError as e:
-                    async with self.lock:
-                        await self._adopt_failed(name, e)
-
-        await asyncio.gather(*(servers(n) for n in links_done))
-        async with self.lock:
-            try:  # once, with every adopted network
-                await self.evpn.sync()
-            except VnetError as e:
-                self.problems.append(f"evpn (reconcile): {e.message}")
-                log.error("evpn (reconcile): %s", e.message)
-            await self._reap_orphan_children()
-        for name, net in sorted(self.defs.items()):
-            if net.autostart and name not in self.running:
-                try:
-                    async with self.lock:
-                        if name in self.running or self.defs.get(name) is not net:
-                            continue  # started or changed meanwhile
-                        await self._start(net)
-                    log.info("autostart %s: started", name)
-                    self._changed(name, "running")
-                except VnetError as e:
-                    log.error("autostart %s failed: %s", name, e.message)
-        async with self.lock:
-            try:
-                await self.firewall.sync()
-            except VnetError as e:  # keep serving: show and the log say why
-                log.error("firewall: %s", e.message)
-                self.problems.append(f"firewall: {e.message}")
-            # ports a stop had parked when a crash cut it short, their network still up
-            for name in sorted({p.network for p in self.ports.by_name.values() if p.parked}):
-                run = self.running.get(name)
-                if run is not None:
-                    self.ports.unpark(run.net, run.bridge, marked_only=True)
-        await self._replace_inherited()
-
-    async def _replace_inherited(self) -> None:
-        """The servers a previous vnetd left serving, replaced by this vnetd's own (whose
-        output it logs and whose exit it sees), one network at a time under the lock, so
-        that calls go on between them and none of them meets a half-replaced network."""
-        for name in sorted(self.dhcp.inherited):
-            async with self.lock:
-                run = self.running.get(name)
-                if run is None or name not in self.dhcp.inherited:
-                    continue  # stopped, changed or replaced meanwhile
-                try:
-                    await self.dhcp.replace_inherited(run.net)
-                except VnetError as e:  # show says so; a start or change tries again
-                    log.error("%s: replacing its DHCP/DNS servers: %s", name, e.message)
-                    self.problems.append(f"{name}: its DHCP/DNS servers: {e.message}")
-
+    # --- adoption after a restart (reconcile.py) ----------------------------------------
     async def _adopted(self, name: str | None = None) -> None:
         """Wait until the network `name` (None: every network) is adopted after a
         restart; a change that loads the whole ruleset waits for every network, so that no
@@ -332,76 +231,6 @@ class Engine:
                 await coro
             except VnetError as e:
                 log.error("firewall: %s", e.message)
-
-    # --- reconcile ----------------------------------------------------------------------
-    async def _reconcile_links(self) -> None:
-        for name in self.store.intents():  # creations a crash cut short
-            lk = await self.links.get(name)
-            if lk is not None and not lk.alias:
-                log.info("reconcile: removing %s: its creation was cut short", name)
-                await self.links.delete(lk.index)
-            self.store.clear_intent(name)
-        ours = await self.links.dump_ours()
-        bridges = [lk for lk in ours if lk.kind == "bridge"]
-        others = [lk for lk in ours if lk.kind != "bridge"]
-        for lk in others:
-            net = self.defs.get(model.network_of_alias(lk.alias) or "")
-            if net is not None and lk.ifname in net.tap_names:
-                await self.ports.adopt(lk)
-                continue
-            if net is not None and net.overlay is not None and lk.ifname == net.overlay.ifname:
-                continue
-            if net is not None and await self.ports.adopt(lk):
-                continue
-            await self._remove_unwanted(lk)
-        for lk in bridges:
-            owner = model.network_of_alias(lk.alias)
-            net = self.defs.get(owner or "")
-            if net is None or lk.ifname != net.bridge:
-                await self._remove_unwanted(lk)
-                continue
-            self.adopting[net.name] = lk
-
-    async def _adopt(self, net: Network, bridge: Link) -> None:
-        """A network found running: its driver makes it match the definition (idempotent),
-        then each subsystem takes it over; the DHCP servers are `settle`'s to replace."""
-        run = await driver_for(net).adopt(self.ctx, net, bridge)
-        self.running[net.name] = run
-        for sub in self.services:
-            if sub is not self.dhcp:
-                await sub.adopt(run)
-        self._guard_taps(run.net)
-        await self.firewall.adopt(run)
-
-    def _adopt_done(self, name: str) -> None:
-        self.adopting.pop(name, None)
-        self._changed(name, "running" if name in self.running else "stopped")
-
-    async def _adopt_failed(self, name: str, e: VnetError) -> None:
-        log.error("reconcile: could not adopt %s (%s); removing it", name, e.message)
-        try:
-            await self._teardown(self.defs[name])
-        finally:
-            self._adopt_done(name)
-
-    async def _reap_orphan_children(self) -> None:
-        """Servers a crashed vnetd left for networks that are not running (their start was
-        cut short, or they were stopped): only the processes that the records next to their
-        pid files name, in directories only root writes, never found by command line
-        (children/supervisor.py); pid files and records go too."""
-        run = self.store.runtime_dir
-        for d in run.iterdir():
-            if d.is_dir() and not d.is_symlink() and d.name not in self.running:
-                for pidfile in (DNSMASQ_PID, DHCPD_PID):
-                    await reap(d / pidfile)
-        for net in self.defs.values():
-            if net.name not in self.running:
-                for tap in net.tap_names:
-                    await reap(self.vde.pidfile(tap))
-
-    async def _remove_unwanted(self, lk: Link) -> None:
-        log.info("reconcile: removing %s (alias %s): no definition wants it", lk.ifname, lk.alias)
-        await self.links.delete(lk.index)
 
     # --- queries ------------------------------------------------------------------------
     def get(self, name: str) -> Network:

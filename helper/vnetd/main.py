@@ -127,7 +127,7 @@ async def run(args: argparse.Namespace) -> int:
               for flag, _, _ in LIMITS}
     engine = Engine(store, links, frr_pathspace=args.frr_pathspace,
                     spare_taps=args.spare_taps, **limits)
-    await engine.startup()
+    await engine.reconcile.startup()
 
     if args.bus_address:
         bus = MessageBus(bus_address=args.bus_address, negotiate_unix_fd=True)
@@ -155,7 +155,7 @@ async def run(args: argparse.Namespace) -> int:
              f", {len(engine.adopting)} being adopted" if engine.adopting else "")
     settling = None
     if engine.adopting:  # a restart: answer first, adopt the running networks meanwhile
-        settling = asyncio.ensure_future(engine.settle())
+        settling = asyncio.ensure_future(engine.reconcile.settle())
         settling.add_done_callback(_settled)
 
     stop = asyncio.get_running_loop().create_future()
