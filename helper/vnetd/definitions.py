@@ -21,9 +21,10 @@ from . import model, revise
 from .errors import Busy, Exists, Failed, InvalidArgument, VnetError
 from .model import Network
 from .networks import Running, driver_for, vxlan
+from .operations import Operations
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    pass
 
 log = logging.getLogger("vnetd")
 
@@ -51,19 +52,8 @@ def _owned_as_before(old: Network, new: Network, uid: int) -> Network:
         dataclasses.replace(f, owner=owners.get(_bare(f), uid)) for f in new.forwards))
 
 
-class Definitions:
+class Definitions(Operations):
     """Every network's definition as callers change it (`engine.definitions`)."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.store = engine.store
-        self.links = engine.links
-        self.ctx = engine.ctx
-        self.ports = engine.ports
-        self.resolver = engine.resolver
-        self.dhcp = engine.dhcp
-        self.evpn = engine.evpn
-        self.firewall = engine.firewall
 
     async def check_new_name(self, name: str) -> None:
         """Refuse a name already defined or taken by an interface vnetd did not make."""

@@ -14,19 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 from . import model
 from .errors import Exists, InvalidArgument, NotFound
+from .operations import Operations
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 
-class Forwards:
+class Forwards(Operations):
     """Every network's port forwards (`engine.forwards`)."""
 
     def __init__(self, engine: Engine):
-        self.engine = engine
-        self.store = engine.store
-        self.firewall = engine.firewall
-        self.resolver = engine.resolver
+        super().__init__(engine)
         # (network, forward) of every definition: lookups and clashes across networks
         self.index = model.ForwardIndex()
 

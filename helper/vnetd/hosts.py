@@ -13,21 +13,14 @@ from typing import TYPE_CHECKING, Any
 from . import model
 from .errors import Exists, InvalidArgument, NotFound
 from .model import Network
+from .operations import Operations
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    pass
 
 
-class Hosts:
+class Hosts(Operations):
     """Every network's static hosts and leases (`engine.hosts`)."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.store = engine.store
-        self.macs = engine.macs
-        self.dhcp = engine.dhcp
-        self.firewall = engine.firewall
-        self.resolver = engine.resolver
 
     async def add(self, network: str, vm: str, options: dict[str, Any]) -> model.StaticHost:
         unknown = sorted(model._printable(k) for k in options if k not in ("ip", "mac"))

@@ -15,22 +15,16 @@ from . import overlay as overlay_mod
 from .errors import InvalidArgument, VnetError
 from .model import Network
 from .networks import vxlan
+from .operations import Operations
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    pass
 
 log = logging.getLogger("vnetd")
 
 
-class Peers:
+class Peers(Operations):
     """Every overlay network's peers (`engine.peers`)."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.store = engine.store
-        self.ctx = engine.ctx
-        self.evpn = engine.evpn
-        self.firewall = engine.firewall
 
     async def set(self, network: str, address: str, add: bool) -> Network:
         """Add or remove an overlay peer, live: the flood entry (static) or the BGP

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from .model import Network
 from .networks import driver_for
+from .operations import Operations
 from .ports import Port
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    pass
 
 
 def _port_row(p: Port) -> dict[str, Any]:
@@ -24,18 +25,8 @@ def _port_row(p: Port) -> dict[str, Any]:
             "mac": p.mac if p.mac_known else "(learning)", "uid": p.uid}
 
 
-class Queries:
+class Queries(Operations):
     """The networks as callers read them (`engine.queries`)."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.links = engine.links
-        self.ctx = engine.ctx
-        self.ports = engine.ports
-        self.dhcp = engine.dhcp
-        self.vde = engine.vde
-        self.evpn = engine.evpn
-        self.firewall = engine.firewall
 
     def summary(self, net: Network) -> dict[str, Any]:
         d = net.to_dict()

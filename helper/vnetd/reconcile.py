@@ -24,29 +24,19 @@ from .errors import VnetError
 from .kernel.links import Link
 from .model import Network
 from .networks import driver_for
+from .operations import Operations
 from .subsystems.dhcp import DHCPD_PID, DNSMASQ_PID
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    pass
 
 log = logging.getLogger("vnetd")
 
 ADOPT_PARALLEL = 8  # DHCP servers replaced at once after a restart
 
 
-class Reconciler:
+class Reconciler(Operations):
     """What vnetd finds at start-up, reconciled and adopted (`engine.reconcile`)."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.store = engine.store
-        self.links = engine.links
-        self.ctx = engine.ctx
-        self.ports = engine.ports
-        self.dhcp = engine.dhcp
-        self.vde = engine.vde
-        self.evpn = engine.evpn
-        self.firewall = engine.firewall
 
     async def startup(self) -> None:
         """What must be done before vnetd answers: the definitions, the links vnetd made

@@ -13,18 +13,14 @@ from typing import TYPE_CHECKING
 
 from . import model
 from .errors import Busy, InvalidArgument
+from .operations import Operations
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    pass
 
 
-class Vms:
+class Vms(Operations):
     """The VMs' MACs on every network (`engine.vms`)."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.macs = engine.macs
-        self.ports = engine.ports
 
     def get_mac(self, network: str, vm: str, nic: int, uid: int = 0) -> str:
         self.engine.get(network)
