@@ -104,9 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "reused (default: %(default)s)")
     p.add_argument("--spare-taps", type=_spares, default=spares_mod.DEFAULT, metavar="N",
                    help="taps each running network with spoof protection keeps made ahead of "
-                   "attaches, so that an attach hands one out instead of making it; each costs "
-                   "vnetd one fd and the kernel one network device; 0: none "
-                   "(default: %(default)s)")
+                   "attaches once a VM attached to it, so that an attach hands one out instead "
+                   "of making it; each costs vnetd one fd and the kernel one network device; "
+                   "0: none (default: %(default)s)")
     p.add_argument("--frr-pathspace", metavar="NAME",
                    help="EVPN: talk to the FRR instance started with -N NAME (vtysh -N NAME); "
                    "default: the system's FRR")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.harness.daemon import ALICE, run_client
-from tests.harness.users import read_json, spawn_as
+from tests.harness.users import read_json, run_as, spawn_as
 from tests.system.test_firewall import frame
 
 SPARES = 2  # vnetd's default
@@ -95,9 +95,28 @@ def arp_probe(mac: str, target: str = "172.16.12.77") -> bytes:
     return bytes.fromhex("0001080006040001") + m + bytes(4) + bytes(6) + socket.inet_aton(target)
 
 
-def test_a_guarded_network_keeps_spares_held_as_pending(vnetd):
-    spares = wait_for("two spares on vnet2", lambda: len(spares_of(vnetd, "vnet2")) == SPARES
-                      and spares_of(vnetd, "vnet2"))
+ONCE = """
+async def main():
+    async with Client() as c:
+        (await c.attach(sys.argv[1], "first-vm")).close()
+asyncio.run(main())
+"""
+
+
+def stocked(vnetd, network: str = "vnet2") -> set[str]:
+    """The network's spares, after an attach if none was made yet (a network keeps spares
+    from its first attach on)."""
+    if not spares_of(vnetd, network):
+        r = run_as(ALICE, ONCE, network)
+        assert r.returncode == 0, r.stderr
+    return wait_for(f"two spares on {network}", lambda: len(spares_of(vnetd, network))
+                    == SPARES and spares_of(vnetd, network))
+
+
+def test_a_network_keeps_spares_from_its_first_attach_on_held_as_pending(vnetd):
+    time.sleep(0.3)
+    assert not spares_of(vnetd, "vnet2")  # started, but nobody attached yet: no tap made
+    spares = stocked(vnetd)
     links = on_bridge(vnetd, "vnet2")
     bridge = vnetd.ipj("link", "show", "vnet2")[0]
     for name in spares:
@@ -113,8 +132,7 @@ def test_a_guarded_network_keeps_spares_held_as_pending(vnetd):
 
 
 def test_an_attach_hands_out_a_spare_and_its_guard_follows(vnetd):
-    before = wait_for("two spares", lambda: len(spares_of(vnetd, "vnet2")) == SPARES
-                      and spares_of(vnetd, "vnet2"))
+    before = stocked(vnetd)
     holder = spawn_as(ALICE, READER, "vnet2", "spare-vm")
     try:
         got = read_json(holder, timeout=20)
@@ -139,7 +157,7 @@ def test_a_spare_gives_its_holder_nothing_the_lan_sent_before(vnetd):
     """The attack: a guest floods the LAN; a spare tap up on the bridge would queue those
     frames for whoever is handed it next, who would read another VM's traffic from before
     its own attach."""
-    wait_for("two spares", lambda: len(spares_of(vnetd, "vnet2")) == SPARES)
+    stocked(vnetd)
     talker = spawn_as(ALICE, READER, "vnet2", "talker")
     listener = None
     try:
@@ -165,21 +183,28 @@ def test_a_spare_gives_its_holder_nothing_the_lan_sent_before(vnetd):
 
 
 def test_spares_go_with_their_network_and_with_vnetd_and_come_back(vnetd):
-    old = wait_for("two spares", lambda: len(spares_of(vnetd, "vnet2")) == SPARES
-                   and spares_of(vnetd, "vnet2"))
+    old = stocked(vnetd)
     run_client("stop", "vnet2", check=True)
     assert not old & {lk["ifname"] for lk in vnetd.ipj("link", "show")}
     assert not vnetd.spare_taps()  # nothing left held
     run_client("start", "vnet2", check=True)
-    started = wait_for("two spares", lambda: len(spares_of(vnetd, "vnet2")) == SPARES
-                       and spares_of(vnetd, "vnet2"))
-    vnetd.kill()  # its fds close: the kernel removes the spares
-    assert not started & {lk["ifname"] for lk in vnetd.ipj("link", "show")}
-    vnetd.start()
-    again = wait_for("two spares", lambda: len(spares_of(vnetd, "vnet2")) == SPARES
-                     and spares_of(vnetd, "vnet2"))
-    assert not again & started
-    assert vnetd.spare_taps() == again  # the restart's full ruleset holds only the new ones
+    started = stocked(vnetd)  # again from the first attach on
+    holder = spawn_as(ALICE, READER, "vnet2", "stays")  # a VM attached across the restart
+    try:
+        port = read_json(holder, timeout=20)["ifname"]
+        started = wait_for("two spares", lambda: len(spares_of(vnetd, "vnet2")) == SPARES
+                           and spares_of(vnetd, "vnet2"))
+        vnetd.kill()  # its fds close: the kernel removes the spares
+        assert not started & {lk["ifname"] for lk in vnetd.ipj("link", "show")}
+        vnetd.start()
+        # adopted with a VM attached: stocked again at once
+        again = wait_for("two spares", lambda: len(spares_of(vnetd, "vnet2")) == SPARES
+                         and spares_of(vnetd, "vnet2"))
+        assert not again & started and port not in again
+        assert vnetd.spare_taps() == again  # the restart's full ruleset holds only the new ones
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_no_spares_with_spare_taps_0_and_attaches_make_their_own(vnetd):

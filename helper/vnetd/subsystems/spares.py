@@ -14,8 +14,11 @@ never less than complete and a spare's queue holds nothing from before. The netw
 stocked again in the background, one tap at a time under the engine's lock, so attaches are
 never kept waiting by more than one tap's making.
 
-Only networks whose ports are guarded (``spoof_protection``) have spares: on another, a tap
-up on the bridge would queue the LAN's frames for its future holder. Each spare costs one
+A network keeps spares from its first attach on (or, after a restart, when VMs are attached
+to it): one nobody attaches to costs no tap, nor their making while networks start, nor their
+removal (some 20 ms each: the kernel waits for a tap's references) when it stops. Only networks
+whose ports are guarded (``spoof_protection``) have spares: on another, a tap up on the bridge
+would queue the LAN's frames for its future holder. Each spare costs one
 fd and one network device (a few kilobytes of kernel memory); ``--spare-taps`` sets how
 many a network keeps (0: none).
 """
@@ -66,31 +69,42 @@ class Spares:
     name = "spare taps"
 
     def __init__(self, links: Links, firewall: Firewall,
-                 schedule: Callable[[Coroutine[Any, Any, None]], None], size: int = DEFAULT):
+                 schedule: Callable[[Coroutine[Any, Any, None]], None], size: int = DEFAULT,
+                 has_ports: Callable[[str], bool] = lambda network: False):
         self.links = links
         self.firewall = firewall
         self.schedule = schedule  # runs a coroutine soon, under the engine's lock
         self.size = size
+        self.has_ports = has_ports
         self.spares: dict[str, list[Spare]] = {}
-        self._stocked: dict[str, Running] = {}  # the networks kept stocked
+        self._runs: dict[str, Running] = {}  # the running networks that may have spares
+        self._stocked: set[str] = set()  # those that keep them: a VM attached since start
         self._filling: set[str] = set()
 
     # --- the subsystem protocol ----------------------------------------------------------
     async def apply(self, run: Running) -> None:
+        """A network may keep spares once a VM attaches to it: one nobody uses costs no tap
+        (nor their making while networks start, nor their removal when it stops)."""
         if self.size <= 0 or not run.net.spoof_protection:
             await self.remove(run.name)
             return
-        self._stocked[run.name] = run
-        self._soon(run.name)
+        self._runs[run.name] = run
+        if run.name in self._stocked:
+            self._soon(run.name)
 
     async def adopt(self, run: Running) -> None:
+        """A network found running: stocked if VMs are attached to it."""
         await self.apply(run)
+        if run.name in self._runs and self.has_ports(run.name):
+            self._stocked.add(run.name)
+            self._soon(run.name)
 
     async def sync(self) -> None:
         pass
 
     async def remove(self, name: str) -> None:
-        self._stocked.pop(name, None)
+        self._runs.pop(name, None)
+        self._stocked.discard(name)
         gone = self.spares.pop(name, [])
         # the kernel removes a tap with its last fd, waiting for its references to go (some
         # 20 ms): each in a thread of its own, so those waits overlap and the loop runs on
@@ -107,7 +121,8 @@ class Spares:
         the network is stocked again soon."""
         stock = self.spares.get(network)
         if not stock:
-            if network in self._stocked:
+            if network in self._runs:  # the first attach (or more than spares were ready)
+                self._stocked.add(network)
                 self._soon(network)
             return None
         spare = stock.pop()
@@ -130,6 +145,7 @@ class Spares:
                 with contextlib.suppress(OSError):
                     os.close(s.fd)
         self.spares.clear()
+        self._runs.clear()
         self._stocked.clear()
 
     # --- stocking ------------------------------------------------------------------------
@@ -142,8 +158,8 @@ class Spares:
         """One spare for the network (under the engine's lock), then the next in another turn
         of the loop: an attach waits for one tap's making at most."""
         self._filling.discard(name)
-        run = self._stocked.get(name)
-        if run is None or self.count(name) >= self.size:
+        run = self._runs.get(name)
+        if run is None or name not in self._stocked or self.count(name) >= self.size:
             return
         try:
             spare = await self._make(run)
@@ -151,7 +167,7 @@ class Spares:
             msg = e.message if isinstance(e, VnetError) else (e.strerror or str(e))
             log.warning("%s: no spare tap (attaches make their own): %s", name, msg)
             return
-        if self._stocked.get(name) is not run:  # stopped meanwhile (cannot happen: locked)
+        if self._runs.get(name) is not run:  # stopped meanwhile (cannot happen: locked)
             os.close(spare.fd)
             await self.firewall.spares_gone([spare.ifname])
             return
