@@ -546,25 +546,21 @@ class Ports:
         vhostfds: list[int] = []
         spare = self.spares.take(net.name) if self.spares is not None and queues == 1 else None
         try:
-            if spare is not None:
-                # made ahead, already on the bridge: only its owner is the holder's now
+            if spare is not None:  # made ahead, already on the bridge: only its owner is left
                 ifname, first, index, tap_mac = spare.ifname, spare.fd, spare.index, \
                     spare.tap_mac
-                try:
-                    fcntl.ioctl(first, tapdev.TUNSETOWNER, uid)
-                except OSError as e:
-                    raise Failed(f"Could not set up tap '{ifname}': {e.strerror}.") from None
-                fds.append(first)
             else:
                 ifname, first = self._open_free(net.name, vm, nic, flags)
-                fds.append(first)
-                try:
-                    fcntl.ioctl(first, tapdev.TUNSETOWNER, uid)
+            fds.append(first)
+            try:
+                fcntl.ioctl(first, tapdev.TUNSETOWNER, uid)
+                if spare is None:
                     for _ in range(queues - 1):
                         fds.append(tapdev.open_tap(ifname, flags & ~tapdev.IFF_TUN_EXCL))
                     index = socket.if_nametoindex(ifname)
-                except OSError as e:
-                    raise Failed(f"Could not set up tap '{ifname}': {e.strerror}.") from None
+            except OSError as e:
+                raise Failed(f"Could not set up tap '{ifname}': {e.strerror}.") from None
+            if spare is None:
                 tap_mac = read_tap_mac(fd=first, ifname=ifname)
                 self.links.fast.set(index, alias=model.alias_for(net.name),
                                     master=bridge_index, mtu=net.mtu, port=ifname)

@@ -191,7 +191,6 @@ class Elements:
         want = set(names)
         s = self._socket()
         try:
-            self._drain(s)  # what an earlier, failed batch may have left
             s.send(batch)
             got: dict[int, int] = {}
             while not want <= got.keys():
@@ -206,21 +205,11 @@ class Elements:
             raise RuntimeError(f"nf_tables netlink: {e.strerror or e}") from None
         errs = [(q, err) for q, err in sorted(got.items()) if err]
         if errs:
+            self.close()  # what else the kernel answers to it is not read from a next one
             q, err = errs[0]
             what = names.get(q, "the batch")
             raise RuntimeError(f"{what}: {os.strerror(err)} ({errno.errorcode.get(err, err)})")
         return True
-
-    @staticmethod
-    def _drain(s: socket.socket) -> None:
-        s.setblocking(False)
-        try:
-            while True:
-                s.recv(65536)
-        except BlockingIOError:
-            pass
-        finally:
-            s.settimeout(5)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -581,8 +581,6 @@ class Firewall:
             # a new port took the name first (the same VM again): its update replaced this
             # one's elements already, and they are its own now
             return
-        if port.ifname in self.pending:  # its holder closed it before its guard came
-            await self.spares_gone([port.ifname])
         old = self.applied_ports.pop(port.ifname, None)
         if old is not None:
             try:

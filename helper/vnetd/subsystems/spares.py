@@ -138,16 +138,6 @@ class Spares:
     def count(self, network: str) -> int:
         return len(self.spares.get(network, ()))
 
-    def close(self) -> None:
-        """vnetd exits: every spare goes with its fd."""
-        for stock in self.spares.values():
-            for s in stock:
-                with contextlib.suppress(OSError):
-                    os.close(s.fd)
-        self.spares.clear()
-        self._runs.clear()
-        self._stocked.clear()
-
     # --- stocking ------------------------------------------------------------------------
     def _soon(self, name: str) -> None:
         if name not in self._filling and self.count(name) < self.size:
