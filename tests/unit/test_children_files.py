@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import signal
 import socket
@@ -355,13 +356,50 @@ def test_records_others_could_write_are_ignored(tmp_path):
         p.wait()
 
 
+def _gate(r: int, *argv: str) -> subprocess.Popen:
+    return subprocess.Popen([supervisor.GATE_SHELL, "-p", "-c", supervisor.GATE, str(r), *argv],
+                            pass_fds=(r,))
+
+
+def _high_pipe() -> tuple[int, int]:
+    """A pipe whose read end is above fd 9, as in vnetd (dash refuses such fd numbers)."""
+    r, w = os.pipe()
+    high = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, 40)
+    os.close(r)
+    return high, w
+
+
 def test_the_gate_runs_nothing_when_vnetd_dies_before_it_says_go(tmp_path):
     flag = tmp_path / "ran"
-    r, w = os.pipe()
-    p = subprocess.Popen([sys.executable, "-I", "-S", "-c", supervisor.GATE, str(r),
-                          "/usr/bin/touch", str(flag)], pass_fds=(r,))
+    r, w = _high_pipe()
+    p = _gate(r, "/usr/bin/touch", str(flag))
     os.close(r)
     os.close(w)  # as a killed vnetd's end closes
+    assert p.wait(10) == 0
+    assert not flag.exists()
+
+
+def test_the_gate_runs_the_program_on_go_without_the_pipe(tmp_path):
+    r, w = _high_pipe()
+    out = tmp_path / "fds"
+    args = tmp_path / "args"
+    p = _gate(r, "/bin/bash", "-c", f'ls /proc/$$/fd > {out}; echo "$0|$1" > {args}',
+              "two words", "x")
+    os.close(r)
+    os.write(w, b"1\n")
+    os.close(w)
+    assert p.wait(10) == 0
+    assert str(r) not in out.read_text().split()  # the gate's pipe is not the program's
+    assert args.read_text() == "two words|x\n"  # its arguments as given, word for word
+
+
+def test_the_gate_runs_nothing_on_anything_but_go(tmp_path):
+    flag = tmp_path / "ran"
+    r, w = _high_pipe()
+    p = _gate(r, "/usr/bin/touch", str(flag))
+    os.close(r)
+    os.write(w, b"11\n")
+    os.close(w)
     assert p.wait(10) == 0
     assert not flag.exists()
 

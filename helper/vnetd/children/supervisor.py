@@ -15,7 +15,7 @@ and only a process whose start time and executable still match is taken for the 
 files and records anywhere else, or of another owner, are ignored.
 
 A crash between the spawn and the record would leave a child no record names, so a child is
-spawned behind a gate: a small interpreter that waits on a pipe and runs the real program only
+spawned behind a gate: a one-line shell script that waits on a pipe and runs the real program only
 once vnetd has written the record and says so. If vnetd dies first, the gate sees the pipe
 close and exits without running it. The pid file itself holds the pid alone, for people and
 scripts (written with O_NOFOLLOW, safefile.write_pid_file).
@@ -31,9 +31,11 @@ import logging
 import os
 import signal
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .safefile import write_pid_file
 
@@ -44,17 +46,15 @@ MAX_BACKOFF = 30.0
 TERM_TIMEOUT = 3.0  # seconds a child of ours gets to exit on SIGTERM before SIGKILL
 RECORD_MAX = 4096
 
-# The gate: reads one byte from fd argv[1]; b"1" runs argv[2:], anything else (vnetd died, EOF)
-# exits. No site, no environment: nothing but the standard os module.
-GATE = ("import os, sys\n"
-        "r = int(sys.argv[1])\n"
-        "go = os.read(r, 1)\n"
-        "os.close(r)\n"
-        "if go != b'1':\n"
-        "    os._exit(0)\n"
-        "os.execv(sys.argv[2], sys.argv[2:])\n")
-GATE_NAMES = (os.path.basename(sys.executable), os.path.basename(os.path.realpath(
-    sys.executable)))
+# The gate: bash (it starts in about 1 ms, where an interpreter takes 10; dash refuses fd
+# numbers above 9) reads a line from the pipe whose fd is its $0; "1" runs the program ("$@",
+# an absolute path), anything else (vnetd died: end of file) exits. The pipe is closed before
+# the exec; the fd number comes from vnetd (an int), never from anyone else. -p: no
+# $BASH_ENV, $ENV or functions from the environment.
+GATE_SHELL = "/bin/bash"
+GATE = ('IFS= read -r go <&"$0"; eval "exec $0<&-"; '
+        '[ "$go" = 1 ] && exec "$@"; exit 0')
+GATE_NAMES = (os.path.basename(GATE_SHELL), os.path.basename(os.path.realpath(GATE_SHELL)))
 EXEC_WAIT = 5.0  # seconds a start waits for the gate to run the program
 
 # Signals a child that runs as its own user (vnetd has no CAP_KILL) through the pidfd it was
@@ -277,6 +277,40 @@ async def reap(pidfile: Path) -> None:
     remove_files(Path(pidfile))
 
 
+class Process:
+    """A spawned child, waited for through a pidfd on the event loop. asyncio's own
+    subprocesses are not used for children: before Python 3.12 each keeps a thread blocked in
+    waitpid (a thread per network), and their transports kill a child still running when
+    they are collected, where vnetd's children outlive it by design."""
+
+    def __init__(self, argv: list[str], **popen: Any):
+        self._loop = asyncio.get_running_loop()
+        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      **popen)
+        self.pid = self.popen.pid
+        self.returncode: int | None = None
+        self._exit: asyncio.Future[int] = self._loop.create_future()
+        # our own child, not yet waited for: its pid cannot have been reused
+        self._waitfd = os.pidfd_open(self.pid)
+        self._loop.add_reader(self._waitfd, self._exited)
+        self.stdout = asyncio.StreamReader()
+
+    async def connect_output(self) -> None:
+        assert self.popen.stdout is not None
+        await self._loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(self.stdout), self.popen.stdout)
+
+    def _exited(self) -> None:
+        self._loop.remove_reader(self._waitfd)
+        os.close(self._waitfd)
+        self.returncode = self.popen.wait()  # dead already: reaps it at once
+        if not self._exit.done():
+            self._exit.set_result(self.returncode)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)
+
+
 class Child:
     def __init__(self, name: str, argv: list[str], pidfile: Path, marker: str = "",
                  hold_stdin: bool = False, user: tuple[int, int] | None = None,
@@ -292,7 +326,7 @@ class Child:
         # (a child that drops root by itself, like dnsmasq, or one started through setpriv)
         self.user = user
         self.extra_groups = extra_groups or []
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: Process | None = None
         self.pidfd: int | None = None
         self.wanted = False
         self.restarts = 0
@@ -311,7 +345,7 @@ class Child:
 
     async def _spawn(self) -> None:
         self._close_pidfd()
-        stdin: int = asyncio.subprocess.DEVNULL
+        stdin: int = subprocess.DEVNULL
         keep: tuple[int, ...] = ()
         if self.hold_stdin:
             stdin, w = os.pipe()
@@ -322,10 +356,9 @@ class Child:
         extra_groups = self.extra_groups if self.user is not None else None
         try:
             try:
-                self.proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-I", "-S", "-c", GATE, str(gate_r), *self.argv,
-                    stdin=stdin, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT, start_new_session=True, close_fds=True,
+                self.proc = Process(
+                    [GATE_SHELL, "-p", "-c", GATE, str(gate_r), *self.argv],
+                    stdin=stdin, start_new_session=True, close_fds=True,
                     pass_fds=(*keep, gate_r), user=uid, group=gid, extra_groups=extra_groups,
                 )
             finally:
@@ -347,7 +380,7 @@ class Child:
                 await self.proc.wait()
                 raise OSError(e.errno, f"cannot record {self.name} in "
                               f"{record_path(self.pidfile)}: {e.strerror or e}") from None
-            os.write(gate_w, b"1")
+            os.write(gate_w, b"1\n")
         finally:
             if gate_w >= 0:
                 os.close(gate_w)
@@ -360,6 +393,7 @@ class Child:
             log.warning("%s: cannot write the pid file %s: %s", self.name, self.pidfile,
                         e.strerror or e)
         self.state = "running"
+        await self.proc.connect_output()
         asyncio.get_running_loop().create_task(self._log_output(self.proc))
         await self._until_exec(self.proc.pid)
 
@@ -376,8 +410,7 @@ class Child:
         log.warning("%s: still not running its program %.0f s after its start", self.name,
                     EXEC_WAIT)
 
-    async def _log_output(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
+    async def _log_output(self, proc: Process) -> None:
         with contextlib.suppress(Exception):
             async for line in proc.stdout:
                 log.info("%s: %s", self.name, line.decode(errors="replace").rstrip())
