@@ -134,7 +134,8 @@ class Engine:
         # applied last and removed last, after the links are gone
         # taps made ahead of attaches (stocked after the rest, in the background)
         self.spares = Spares(links, self.firewall, self.schedule, spare_taps,
-                             has_ports=lambda name: bool(self.ports.on_network(name)))
+                             has_ports=lambda name: bool(self.ports.on_network(name)),
+                             lock=self.lock)
         self.services: list[Subsystem] = [self.vde, self.dhcp, self.evpn, self.spares]
         self.ctx = Context(links, store, self.ports, self.problems)
         # what callers ask for beside attaching and starting, a class each over the engine's

@@ -11,8 +11,9 @@ fd, so a crash takes it with it (the kernel removes a tap whose last fd closes).
 An attach takes one (`take`): the tap is given to its holder (TUNSETOWNER) and the port's
 guard replaces ``pending`` in one transaction before the fd is handed out, so the guard is
 never less than complete and a spare's queue holds nothing from before. The network is
-stocked again in the background, one tap at a time under the engine's lock, so attaches are
-never kept waiting by more than one tap's making.
+stocked again in the background, one tap at a time: the engine's lock is held only to hold
+the new name as pending and to add the tap to the stock, while the tap is made and put on the
+bridge in a worker thread, so attaches go on meanwhile.
 
 A network keeps spares from its first attach on (or, after a restart, when VMs are attached
 to it): one nobody attaches to costs no tap, nor their making while networks start, nor their
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from .. import model
 from ..errors import VnetError
 from ..kernel import tap as tapdev
+from ..kernel.links import FastLinkSetter
 from ..ports import read_tap_mac
 
 if TYPE_CHECKING:
@@ -70,7 +72,8 @@ class Spares:
 
     def __init__(self, links: Links, firewall: Firewall,
                  schedule: Callable[[Coroutine[Any, Any, None]], None], size: int = DEFAULT,
-                 has_ports: Callable[[str], bool] = lambda network: False):
+                 has_ports: Callable[[str], bool] = lambda network: False,
+                 lock: asyncio.Lock | None = None):
         self.links = links
         self.firewall = firewall
         self.schedule = schedule  # runs a coroutine soon, under the engine's lock
@@ -79,7 +82,10 @@ class Spares:
         self.spares: dict[str, list[Spare]] = {}
         self._runs: dict[str, Running] = {}  # the running networks that may have spares
         self._stocked: set[str] = set()  # those that keep them: a VM attached since start
-        self._filling: set[str] = set()
+        self.lock = lock or asyncio.Lock()  # the engine's
+        self.setter = FastLinkSetter()  # its own socket: used in the filler's thread
+        self._wanted: dict[str, None] = {}  # networks to stock, in turn
+        self._filler: asyncio.Task | None = None
 
     # --- the subsystem protocol ----------------------------------------------------------
     async def apply(self, run: Running) -> None:
@@ -140,52 +146,69 @@ class Spares:
 
     # --- stocking ------------------------------------------------------------------------
     def _soon(self, name: str) -> None:
-        if name not in self._filling and self.count(name) < self.size:
-            self._filling.add(name)
-            self.schedule(self._fill_one(name))
+        if self.count(name) < self.size:
+            self._wanted[name] = None
+            if self._filler is None or self._filler.done():
+                self._filler = asyncio.get_running_loop().create_task(self._fill())
+
+    async def _fill(self) -> None:
+        """Stock the networks that want spares, one tap at a time, in turn."""
+        while self._wanted:
+            name = next(iter(self._wanted))
+            del self._wanted[name]
+            try:
+                await self._fill_one(name)
+            except Exception:  # never seen; the stock must not stop for good
+                log.exception("%s: making a spare tap failed", name)
 
     async def _fill_one(self, name: str) -> None:
-        """One spare for the network (under the engine's lock), then the next in another turn
-        of the loop: an attach waits for one tap's making at most."""
-        self._filling.discard(name)
-        run = self._runs.get(name)
-        if run is None or name not in self._stocked or self.count(name) >= self.size:
-            return
+        """One spare for the network. The engine's lock is held to hold its name as pending
+        (before the tap exists, so that every spare tap there is, is pending) and to add it
+        to the stock; the tap is made and put on the bridge in a thread, without the lock,
+        so that attaches go on meanwhile (the kernel's work runs on another core)."""
+        async with self.lock:
+            run = self._runs.get(name)
+            if run is None or name not in self._stocked or self.count(name) >= self.size:
+                return
+            ifname = f"{run.net.name[:8]}-{secrets.token_hex(3)}"  # the shape of a port's name
+            try:
+                await self.firewall.spares_added([ifname])
+            except VnetError as e:
+                log.warning("%s: no spare tap (attaches make their own): %s", name, e.message)
+                return
         try:
-            spare = await self._make(run)
+            spare = await asyncio.to_thread(self._make, run, ifname)
         except (OSError, VnetError) as e:
+            async with self.lock:
+                await self.firewall.spares_gone([ifname])
+            if isinstance(e, OSError) and e.errno in (errno.EBUSY, errno.EEXIST, errno.EINVAL):
+                self._soon(name)  # the name is taken: another next time
+                return
             msg = e.message if isinstance(e, VnetError) else (e.strerror or str(e))
             log.warning("%s: no spare tap (attaches make their own): %s", name, msg)
             return
-        if self._runs.get(name) is not run:  # stopped meanwhile (cannot happen: locked)
-            os.close(spare.fd)
-            await self.firewall.spares_gone([spare.ifname])
+        async with self.lock:
+            kept = self._runs.get(name) is run and name in self._stocked
+            if kept:
+                self.spares.setdefault(name, []).append(spare)
+        if not kept:  # stopped meanwhile: the tap goes, then its hold
+            await asyncio.to_thread(_close, spare.fd)
+            async with self.lock:
+                await self.firewall.spares_gone([ifname])
             return
-        self.spares.setdefault(name, []).append(spare)
         self._soon(name)
 
-    async def _make(self, run: Running) -> Spare:
-        """Held as pending by the firewall before the tap exists (so that every spare tap
-        there is, is pending), made, then put on the bridge and up."""
+    def _make(self, run: Running, ifname: str) -> Spare:
+        """The tap, on its bridge with the network's alias and MTU, its host IPv6 off, up (in
+        a worker thread: only this thread uses `setter`, one tap at a time)."""
         net = run.net
-        for _ in range(16):
-            ifname = f"{net.name[:8]}-{secrets.token_hex(3)}"  # the shape of a port's name
-            await self.firewall.spares_added([ifname])
-            try:
-                fd = tapdev.open_tap(ifname, tapdev.HANDOFF_FLAGS)
-            except OSError as e:
-                await self.firewall.spares_gone([ifname])
-                if e.errno in (errno.EBUSY, errno.EEXIST, errno.EINVAL):
-                    continue  # the name is taken
-                raise
-            try:
-                index = socket.if_nametoindex(ifname)
-                tap_mac = read_tap_mac(fd=fd, ifname=ifname)
-                self.links.fast.set(index, alias=model.alias_for(net.name), master=run.bridge,
-                                    mtu=net.mtu, port=ifname)
-            except BaseException:
-                os.close(fd)
-                await self.firewall.spares_gone([ifname])
-                raise
-            return Spare(ifname, fd, index, tap_mac)
-        raise OSError(errno.EBUSY, "no free interface name")
+        fd = tapdev.open_tap(ifname, tapdev.HANDOFF_FLAGS)
+        try:
+            index = socket.if_nametoindex(ifname)
+            tap_mac = read_tap_mac(fd=fd, ifname=ifname)
+            self.setter.set(index, alias=model.alias_for(net.name), master=run.bridge,
+                            mtu=net.mtu, port=ifname)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Spare(ifname, fd, index, tap_mac)
