@@ -17,6 +17,7 @@ descriptors are plain ints, not inheritable, and the caller's to close.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -36,8 +37,10 @@ BUS = DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
 AUTH_TIMEOUT = 5.0  # seconds for the connection's handshake
 
 
-def _complete_types(sig: str) -> list[str]:
-    """The complete types of a signature ('sa{sv}' -> ['s', 'a{sv}'])."""
+@functools.lru_cache(maxsize=256)
+def _complete_types(sig: str) -> tuple[str, ...]:
+    """The complete types of a signature ('sa{sv}' -> ('s', 'a{sv}')); remembered, as a
+    reply of hundreds of dicts asks for the same few."""
     out, i = [], 0
     while i < len(sig):
         j = i
@@ -52,11 +55,16 @@ def _complete_types(sig: str) -> list[str]:
             j += 1
         out.append(sig[i:j])
         i = j
-    return out
+    return tuple(out)
+
+
+_BASIC = frozenset("ybnqiuxtdsog")
 
 
 def plain(sig: str, v: Any) -> Any:
     """A received value of complete type `sig` with its variants unwrapped."""
+    if sig in _BASIC:
+        return v
     c = sig[0]
     if c == "v":
         return plain(*v)
@@ -186,7 +194,8 @@ class BlockingClient:
         """The reply's values as plain Python values: None, the one value, or a list."""
         reply = self.reply(member, signature, body, **kw)
         types = _complete_types(reply.header.fields.get(HeaderFields.signature, ""))
-        values = [plain(t, v) for t, v in zip(types, _fd_ints(reply.body), strict=True)]
+        body = _fd_ints(reply.body) if any("h" in t for t in types) else reply.body
+        values = [plain(t, v) for t, v in zip(types, body, strict=True)]
         return None if not values else values[0] if len(values) == 1 else values
 
     # --- networks -----------------------------------------------------------------------

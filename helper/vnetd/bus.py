@@ -59,6 +59,11 @@ ARG_VALIDATORS: dict[str, Callable[[Any], Any]] = {
 # --- value conversion -------------------------------------------------------------------
 def to_variant(v: Any) -> Variant:
     """A plain value as the variant the contract's signature() names (see vnet_common)."""
+    t = type(v)
+    if t is str:  # most of what goes out: no need to ask signature()
+        return Variant("s", v)
+    if t is bool:
+        return Variant("b", v)
     if isinstance(v, Variant):
         return v
     sig = signature(v)

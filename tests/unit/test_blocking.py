@@ -256,7 +256,7 @@ def test_plain_and_variant_round_trip():
     sent = blocking.asv(value)
     assert sent["big"] == ("x", 2**40) and sent["on"] == ("b", True)
     assert blocking.plain("a{sv}", sent) == value
-    assert blocking._complete_types("sa{sv}(ias)ahv") == ["s", "a{sv}", "(ias)", "ah", "v"]
+    assert blocking._complete_types("sa{sv}(ias)ahv") == ("s", "a{sv}", "(ias)", "ah", "v")
     with pytest.raises(TypeError):
         blocking.variant(1.5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pwd
@@ -15,6 +16,7 @@ def table(rows: list[list[str]], head: list[str]) -> str:
                      for r in [head, *rows])
 
 
+@functools.lru_cache(maxsize=1024)
 def user_name(uid: int) -> str:
     """A uid as people read it: 'alice (1000)', or the number alone."""
     try:

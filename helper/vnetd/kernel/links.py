@@ -122,16 +122,20 @@ def parse_link(data: bytes, off: int, length: int) -> Link:
 
 
 NLM_F_DUMP_INTR = 0x10  # the dump saw its objects change: it may miss some
+SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 
 
-def _dump(request: int, body: bytes, what: str, answer: int):
+def _dump(request: int, body: bytes, what: str, answer: int, strict: bool = False):
     """The messages of type `answer` of one rtnetlink dump, read by hand: (data, offset,
-    length) each, and last a bool: whether the kernel marked the dump interrupted."""
+    length) each, and last a bool: whether the kernel marked the dump interrupted.
+    `strict`: the kernel filters by the request's header (NETLINK_GET_STRICT_CHK)."""
     unpack_hdr = struct.Struct("=IHHII").unpack_from
     whole = True
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        socket.NETLINK_ROUTE) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        if strict:
+            sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
         sock.bind((0, 0))
         sock.send(struct.pack("=IHHII", 16 + len(body), request,
                               NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
@@ -185,14 +189,16 @@ def dump_links(alias_prefix: str) -> list[Link]:
     return out
 
 
-def dump_addresses(family: int = socket.AF_UNSPEC) -> list[tuple[int, int, bytes, int]]:
+def dump_addresses(family: int = socket.AF_UNSPEC, index: int = 0
+                   ) -> list[tuple[int, int, bytes, int]]:
     """(ifindex, family, address bytes, prefix length) of every address of the host (of one
-    family, if given): one RTM_GETADDR dump read by hand, IFA_LOCAL (the interface's own
-    address, also on point-to-point links) else IFA_ADDRESS."""
+    family, if given; of one interface, if given, which the kernel picks out itself): one
+    RTM_GETADDR dump read by hand, IFA_LOCAL (the interface's own address, also on
+    point-to-point links) else IFA_ADDRESS."""
     out: list[tuple[int, int, bytes, int]] = []
     unpack_ifa = struct.Struct("=BBBBI").unpack_from
-    for item in _dump(RTM_GETADDR, struct.pack("=BBBBI", family, 0, 0, 0, 0), "addresses",
-                      RTM_NEWADDR):
+    for item in _dump(RTM_GETADDR, struct.pack("=BBBBI", family, 0, 0, 0, index), "addresses",
+                      RTM_NEWADDR, strict=bool(index)):
         if isinstance(item, bool):
             break
         data, off, length = item
@@ -438,7 +444,7 @@ class Links:
     async def addresses(
             self, index: int) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
         return [ipaddress.ip_interface((ipaddress.ip_address(raw), plen))
-                for i, _fam, raw, plen in dump_addresses() if i == index]
+                for i, _fam, raw, plen in dump_addresses(index=index) if i == index]
 
     async def all_addresses(
             self) -> list[tuple[int, ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:

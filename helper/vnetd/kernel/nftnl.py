@@ -27,14 +27,17 @@ from typing import Any
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
 NLMSG_ERROR = 2
 NLA_F_NESTED = 0x8000
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_EXPR, NFTA_SET_ELEM_EXPRESSIONS = 7, 10
 NFTA_DATA_VALUE = 1
+NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
+NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
 FAMILIES = {"bridge": 7, "inet": 1, "ip": 2, "ip6": 10}
 IFNAMSIZ = 16
 
@@ -157,6 +160,86 @@ def parse_acks(data: Iterable[bytes]) -> dict[int, int]:
     return out
 
 
+def _attrs(data: bytes) -> dict[int, bytes]:
+    """The attributes of one level, by type (the nested flag masked off); the last wins."""
+    out: dict[int, bytes] = {}
+    off = 0
+    while off + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, off)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = data[off + 4:off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def _attr_list(data: bytes) -> list[bytes]:
+    """The payloads of a nested list (NFTA_LIST_ELEM, ...), in order."""
+    out = []
+    off = 0
+    while off + 4 <= len(data):
+        length, _kind = struct.unpack_from("=HH", data, off)
+        if length < 4:
+            break
+        out.append(data[off + 4:off + length])
+        off += (length + 3) & ~3
+    return out
+
+
+def encode_get_elements(table: str, set_name: str, keys: Iterable[bytes], seq: int,
+                        family: str = "bridge") -> bytes:
+    """NFT_MSG_GETSETELEM for these keys only (a read: no batch, no transaction)."""
+    elems = b"".join(_attr(NFTA_LIST_ELEM | NLA_F_NESTED,
+                           _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, k)))
+                     for k in keys)
+    attrs = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+             + _attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
+             + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, elems))
+    return _msg((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_ACK,
+                seq, FAMILIES[family], 0, attrs)
+
+
+def _counter(expr: bytes) -> tuple[int, int] | None:
+    a = _attrs(expr)
+    if a.get(NFTA_EXPR_NAME, b"").rstrip(b"\0") != b"counter":
+        return None
+    d = _attrs(a.get(NFTA_EXPR_DATA, b""))
+    if NFTA_COUNTER_PACKETS not in d or NFTA_COUNTER_BYTES not in d:
+        return None
+    return (int.from_bytes(d[NFTA_COUNTER_PACKETS][:8], "big"),
+            int.from_bytes(d[NFTA_COUNTER_BYTES][:8], "big"))
+
+
+def parse_element_counters(data: Iterable[bytes], seq: int
+                           ) -> tuple[dict[bytes, tuple[int, int]], int | None]:
+    """({key: (packets, bytes)} of the elements in the replies to request `seq`, and its
+    errno once acknowledged (0: done; None: not yet)."""
+    found: dict[bytes, tuple[int, int]] = {}
+    done: int | None = None
+    for chunk in data:
+        off = 0
+        while off + 16 <= len(chunk):
+            length, kind, _flags, mseq, _pid = struct.unpack_from("=IHHII", chunk, off)
+            if length < 16:
+                break
+            if mseq == seq and kind == NLMSG_ERROR and length >= 20:
+                (err,) = struct.unpack_from("=i", chunk, off + 16)
+                done = -err
+            elif mseq == seq and kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
+                top = _attrs(chunk[off + 20:off + length])  # after the nfgenmsg
+                for elem in _attr_list(top.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
+                    e = _attrs(elem)
+                    key = _attrs(e.get(NFTA_SET_ELEM_KEY, b"")).get(NFTA_DATA_VALUE)
+                    exprs = ([e[NFTA_SET_ELEM_EXPR]] if NFTA_SET_ELEM_EXPR in e else
+                             _attr_list(e.get(NFTA_SET_ELEM_EXPRESSIONS, b"")))
+                    for x in exprs:
+                        c = _counter(x)
+                        if key is not None and c is not None:
+                            found[key] = c
+            off += (length + 3) & ~3
+    return found, done
+
+
 class Elements:
     """One nf_tables netlink socket for element batches (not thread-safe: the caller holds
     the firewall's lock). :meth:`apply` raises RuntimeError with the kernel's errno text
@@ -210,6 +293,31 @@ class Elements:
             what = names.get(q, "the batch")
             raise RuntimeError(f"{what}: {os.strerror(err)} ({errno.errorcode.get(err, err)})")
         return True
+
+    def counters(self, table: str, set_name: str, keys: list[bytes],
+                 family: str = "bridge") -> dict[bytes, tuple[int, int]]:
+        """{key: (packets, bytes)} of these elements of a set with counters, read from the
+        kernel for them alone (libnftables would read every element of every set first);
+        RuntimeError if one of them is not in the set."""
+        if not keys:
+            return {}
+        self._seq = (self._seq + 1000) & 0x7FFFFFFF
+        seq = self._seq
+        s = self._socket()
+        found: dict[bytes, tuple[int, int]] = {}
+        try:
+            s.send(encode_get_elements(table, set_name, keys, seq, family))
+            while True:
+                got, err = parse_element_counters([s.recv(1 << 16)], seq)
+                found.update(got)
+                if err is not None:
+                    break
+        except OSError as e:
+            self.close()
+            raise RuntimeError(f"nf_tables netlink: {e.strerror or e}") from None
+        if err:
+            raise RuntimeError(f"get element {family} {table} {set_name}: {os.strerror(err)}")
+        return found
 
     def close(self) -> None:
         if self._sock is not None:

@@ -56,6 +56,9 @@ class DhcpServers:
         self.kinds: dict[str, str] = {}
         self.leases_seen: dict[str, dict[str, Lease]] = {}
         self.lease_mtimes: dict[str, float] = {}
+        # each network's lease file, as its kind of server names it: the poller looks at
+        # every one twice a second, without building paths each time
+        self._lease_paths: dict[str, tuple[str, str]] = {}
         self.listeners: list[Callable[[str, Lease, str], None]] = []
         self._poller: asyncio.Task | None = None
         # servers a previous vnetd started that still serve a running network, by network:
@@ -244,6 +247,7 @@ class DhcpServers:
         for pf in self.inherited.pop(net_name, []):
             await reap(pf)
         self.kinds.pop(net_name, None)
+        self._lease_paths.pop(net_name, None)
         self.leases_seen.pop(net_name, None)
 
     async def apply_hosts(self, net: Network) -> None:
@@ -299,8 +303,12 @@ class DhcpServers:
                 net = self.lookup(name)
                 if net is None:
                     continue
+                kind = self.kinds.get(name, net.dhcp)
+                path = self._lease_paths.get(name)
+                if path is None or path[0] != kind:
+                    path = self._lease_paths[name] = (kind, str(self.lease_file(net)))
                 try:
-                    mtime = os.lstat(self.lease_file(net)).st_mtime
+                    mtime = os.lstat(path[1]).st_mtime
                 except OSError:
                     continue
                 if self.lease_mtimes.get(name) == mtime:

@@ -240,6 +240,13 @@ class Firewall:
 
         def read() -> dict[str, dict[str, int]]:
             with self._nft_lock:
+                try:  # straight from the kernel, these elements alone
+                    got = self._elements.counters(fw.TABLE, "spoof", [nftnl.encode_key(
+                        fw.SET_FIELDS["spoof"], n) for n in mine])
+                    return {k.rstrip(b"\0").decode(): {"packets": p, "bytes": b}
+                            for k, (p, b) in got.items()}
+                except RuntimeError as e:
+                    log.debug("counters by netlink failed (%s); asking libnftables", e)
                 return fw.get_spoof_counters(mine, self.nft)
 
         try:  # these ports' elements only: the cost of one network, not of the host
