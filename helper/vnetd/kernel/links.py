@@ -6,6 +6,7 @@ dump is the one reconcile makes once at start-up to find what carries our alias.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -134,8 +135,9 @@ def _dump(request: int, body: bytes, what: str, answer: int, strict: bool = Fals
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        socket.NETLINK_ROUTE) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        if strict:
-            sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+        if strict:  # a kernel without it (before 4.20) dumps everything: callers filter too
+            with contextlib.suppress(OSError):
+                sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
         sock.bind((0, 0))
         sock.send(struct.pack("=IHHII", 16 + len(body), request,
                               NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
