@@ -404,6 +404,31 @@ def test_the_gate_runs_nothing_on_anything_but_go(tmp_path):
     assert not flag.exists()
 
 
+def test_a_process_is_waited_for_on_the_loop_without_a_thread():
+    """Children are waited for through a pidfd on the event loop: the exit status (also of
+    a signal) and the output arrive, and no thread is started per child."""
+    async def main():
+        threads = threading.active_count()
+        procs = [supervisor.Process(["/bin/sh", "-c", f"echo line{i}; exit {i}"])
+                 for i in range(5)]
+        killed = supervisor.Process(["/bin/sleep", "30"])
+        for p in [*procs, killed]:
+            await p.connect_output()
+        assert threading.active_count() == threads  # none per child
+        os.kill(killed.pid, signal.SIGTERM)
+        codes = [await asyncio.wait_for(p.wait(), 10) for p in procs]
+        assert codes == [0, 1, 2, 3, 4] and [p.returncode for p in procs] == codes
+        assert await asyncio.wait_for(killed.wait(), 10) == -signal.SIGTERM
+        assert [await p.stdout.readline() for p in procs] == [
+            f"line{i}\n".encode() for i in range(5)]
+        # a wait cancelled (a timeout) leaves the exit to be seen by the next one
+        slow = supervisor.Process(["/bin/sleep", "0.3"])
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(slow.wait(), 0.01)
+        assert await asyncio.wait_for(slow.wait(), 10) == 0
+    asyncio.run(main())
+
+
 # --- VDE ----------------------------------------------------------------------------------
 
 def test_vde_argv_without_a_management_group_name():
