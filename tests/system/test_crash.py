@@ -619,6 +619,22 @@ class World:
         raise AssertionError(kind)
 
     # --- the checks -------------------------------------------------------------------------
+    def _settled_spare(self, ifname: str) -> dict | None:
+        """A spare tap once its making is surely over: on a bridge, or gone (vnetd holds its
+        only fd), within two seconds; as it is then if neither (stranded off its bridge for
+        good: a leak)."""
+        deadline = time.monotonic() + 2.0
+        lk: dict | None = None
+        while time.monotonic() < deadline:
+            r = self.vnetd.exec("ip", "-j", "-d", "link", "show", "dev", ifname, check=False)
+            if r.returncode != 0:
+                return {"ifalias": "", "master": None, "gone": True}
+            lk = json.loads(r.stdout)[0]
+            if lk.get("master"):
+                return lk
+            time.sleep(0.05)
+        return lk
+
     def check(self) -> list[str]:
         """Everything that is wrong now, as sentences (empty: consistent)."""
         problems: list[str] = []
@@ -653,11 +669,19 @@ class World:
         spares = v.spare_taps() & set(links)
         per_net: dict[str, int] = {}
         for x in sorted(spares):
-            alias = links[x].get("ifalias") or ""
+            lk = links[x]
+            if (lk.get("ifalias") or "").removeprefix("qemu-vnet:") not in running \
+                    or lk.get("master") != (lk.get("ifalias") or "").removeprefix("qemu-vnet:"):
+                # one being made right now (a worker thread makes the tap, then puts it on
+                # its bridge, all the while held pending): look again once it had time
+                lk = self._settled_spare(x) or lk
+            if lk.get("gone"):
+                continue  # it went with vnetd's fd (or a stop), as a spare must
+            alias = lk.get("ifalias") or ""
             owner = alias.removeprefix("qemu-vnet:")
             per_net[owner] = per_net.get(owner, 0) + 1
-            if owner not in running or links[x].get("master") != owner:
-                problems.append(f"spare tap {x} ({alias}, on {links[x].get('master')}) is not "
+            if owner not in running or lk.get("master") != owner:
+                problems.append(f"spare tap {x} ({alias}, on {lk.get('master')}) is not "
                                 "on a running network's bridge")
         problems += [f"{n} has {k} spare taps" for n, k in per_net.items() if k > 2]
         want_links = {"lo"}

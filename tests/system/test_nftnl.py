@@ -145,6 +145,16 @@ COUNTERS = textwrap.dedent(r'''
                            for k, v in fw.get_spoof_counters(names, n).items()},
            "one": {k.rstrip(b"\0").decode(): list(v) for k, v in el.counters(
                fw.TABLE, "spoof", [nftnl.encode_key(("ifname",), "t1-aaaaaa")]).items()}}
+    # more than one request's worth (and more than the socket's buffer would hold at once)
+    many = [f"t2-{i:06x}" for i in range(1000)]
+    for at in range(0, len(many), 200):
+        rc, _, err = n.cmd("add element bridge qemu_vnet spoof { " + ", ".join(
+            f'"{x}" counter packets {i} bytes {2 * i}' for i, x in enumerate(many[at:at + 200],
+                                                                             at)) + " }")
+        assert rc == 0, err
+    got = el.counters(fw.TABLE, "spoof", [nftnl.encode_key(("ifname",), x) for x in many])
+    out["many"] = sorted(v[0] for v in got.values()) == list(range(1000)) and all(
+        v[1] == 2 * v[0] for v in got.values())
     try:
         el.counters(fw.TABLE, "spoof", [nftnl.encode_key(("ifname",), x)
                                         for x in ("t1-aaaaaa", "t1-nonono")])
@@ -166,4 +176,5 @@ def test_drop_counters_read_for_some_ports_alone_match_libnftables(netns):
     assert res["raw"] == res["libnftables"] == {
         "t1-aaaaaa": [7, 420], "t1-bbbbbb": [2**33 + 5, 2**40 + 1], "t1-cccccc": [0, 0]}
     assert res["one"] == {"t1-aaaaaa": [7, 420]}
+    assert res["many"] is True
     assert res["missing"] and "No such file or directory" in res["missing"]

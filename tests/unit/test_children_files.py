@@ -356,9 +356,9 @@ def test_records_others_could_write_are_ignored(tmp_path):
         p.wait()
 
 
-def _gate(r: int, *argv: str) -> subprocess.Popen:
+def _gate(r: int, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([supervisor.GATE_SHELL, "-p", "-c", supervisor.GATE, str(r), *argv],
-                            pass_fds=(r,))
+                            pass_fds=(r,), env=env)
 
 
 def _high_pipe() -> tuple[int, int]:
@@ -391,6 +391,23 @@ def test_the_gate_runs_the_program_on_go_without_the_pipe(tmp_path):
     assert p.wait(10) == 0
     assert str(r) not in out.read_text().split()  # the gate's pipe is not the program's
     assert args.read_text() == "two words|x\n"  # its arguments as given, word for word
+
+
+def test_the_gate_waits_for_go_whatever_its_environment_says(tmp_path):
+    """vnetd's environment is the gate's: a TMOUT there (a shell profile's) must not cut its
+    wait short, nor a BASH_ENV or an exported function run anything first."""
+    flag, early = tmp_path / "ran", tmp_path / "early"
+    r, w = _high_pipe()
+    env = {**os.environ, "TMOUT": "0.01", "BASH_ENV": str(tmp_path / "env.sh"),
+           "BASH_FUNC_read%%": "() { touch " + str(early) + "; }"}
+    (tmp_path / "env.sh").write_text(f"touch {early}\n")
+    p = _gate(r, "/usr/bin/touch", str(flag), env=env)
+    os.close(r)
+    time.sleep(0.2)  # well past the TMOUT
+    os.write(w, b"1\n")
+    os.close(w)
+    assert p.wait(10) == 0
+    assert flag.exists() and not early.exists()
 
 
 def test_the_gate_runs_nothing_on_anything_but_go(tmp_path):

@@ -1,4 +1,5 @@
-"""Supervised children: argv lists (never a shell), foreground, restarted when they die.
+"""Supervised children: argv lists, foreground, restarted when they die. (The gate they
+start behind is a fixed line of bash that runs the argv as "$@": no shell parses it.)
 
 A child that dies is started again at once (well within a second); one that keeps dying soon
 after each start is backed off exponentially (up to 30 s) and reported as a crash loop.
@@ -50,9 +51,10 @@ RECORD_MAX = 4096
 # numbers above 9) reads a line from the pipe whose fd is its $0; "1" runs the program ("$@",
 # an absolute path), anything else (vnetd died: end of file) exits. The pipe is closed before
 # the exec; the fd number comes from vnetd (an int), never from anyone else. -p: no
-# $BASH_ENV, $ENV or functions from the environment.
+# $BASH_ENV, $ENV or functions from the environment; TMOUT= so that no timeout from it
+# applies to the read.
 GATE_SHELL = "/bin/bash"
-GATE = ('IFS= read -r go <&"$0"; eval "exec $0<&-"; '
+GATE = ('TMOUT= IFS= read -r go <&"$0"; eval "exec $0<&-"; '
         '[ "$go" = 1 ] && exec "$@"; exit 0')
 GATE_NAMES = (os.path.basename(GATE_SHELL), os.path.basename(os.path.realpath(GATE_SHELL)))
 EXEC_WAIT = 5.0  # seconds a start waits for the gate to run the program
@@ -378,6 +380,8 @@ class Child:
                 os.close(gate_w)
                 gate_w = -1
                 await self.proc.wait()
+                if self.proc.popen.stdout is not None:
+                    self.proc.popen.stdout.close()  # never connected: nobody else closes it
                 raise OSError(e.errno, f"cannot record {self.name} in "
                               f"{record_path(self.pidfile)}: {e.strerror or e}") from None
             os.write(gate_w, b"1\n")

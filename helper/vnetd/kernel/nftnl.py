@@ -40,6 +40,7 @@ NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
 NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
 FAMILIES = {"bridge": 7, "inet": 1, "ip": 2, "ip6": 10}
 IFNAMSIZ = 16
+COUNTERS_PER_REQUEST = 128  # elements asked for at once (each answer some 100 bytes)
 
 # field kind -> (bytes in the kernel's key, encoder of the JSON value)
 
@@ -299,24 +300,27 @@ class Elements:
         """{key: (packets, bytes)} of these elements of a set with counters, read from the
         kernel for them alone (libnftables would read every element of every set first);
         RuntimeError if one of them is not in the set."""
-        if not keys:
-            return {}
-        self._seq = (self._seq + 1000) & 0x7FFFFFFF
-        seq = self._seq
-        s = self._socket()
         found: dict[bytes, tuple[int, int]] = {}
-        try:
-            s.send(encode_get_elements(table, set_name, keys, seq, family))
-            while True:
-                got, err = parse_element_counters([s.recv(1 << 16)], seq)
-                found.update(got)
-                if err is not None:
-                    break
-        except OSError as e:
-            self.close()
-            raise RuntimeError(f"nf_tables netlink: {e.strerror or e}") from None
-        if err:
-            raise RuntimeError(f"get element {family} {table} {set_name}: {os.strerror(err)}")
+        s = self._socket()
+        # the kernel answers each element at once, before the first recv: a request at a
+        # time of so many that their answers fit the socket's buffer
+        for at in range(0, len(keys), COUNTERS_PER_REQUEST):
+            self._seq = (self._seq + 1000) & 0x7FFFFFFF
+            seq = self._seq
+            try:
+                s.send(encode_get_elements(table, set_name, keys[at:at + COUNTERS_PER_REQUEST],
+                                           seq, family))
+                while True:
+                    got, err = parse_element_counters([s.recv(1 << 16)], seq)
+                    found.update(got)
+                    if err is not None:
+                        break
+            except OSError as e:
+                self.close()
+                raise RuntimeError(f"nf_tables netlink: {e.strerror or e}") from None
+            if err:
+                raise RuntimeError(f"get element {family} {table} {set_name}: "
+                                   f"{os.strerror(err)}")
         return found
 
     def close(self) -> None:

@@ -59,6 +59,21 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
+NAME_TRIES = 16  # names in a row found taken before a network's stocking gives up
+
+
+class _NameTaken(Exception):
+    """The random name of a spare is another interface's."""
+
+
+@dataclass
+class _Making:
+    """A spare a worker thread is making now: its name and the thread's future."""
+    ifname: str
+    future: asyncio.Future
+    taken: bool = False  # the network stopped meanwhile: remove() deals with it
+
+
 @dataclass(frozen=True)
 class Spare:
     ifname: str
@@ -85,6 +100,8 @@ class Spares:
         self.lock = lock or asyncio.Lock()  # the engine's
         self.setter = FastLinkSetter()  # its own socket: used in the filler's thread
         self._wanted: dict[str, None] = {}  # networks to stock, in turn
+        self._making: dict[str, _Making] = {}  # network -> the spare being made for it
+        self._collisions: dict[str, int] = {}  # network -> names found taken in a row
         self._filler: asyncio.Task | None = None
 
     # --- the subsystem protocol ----------------------------------------------------------
@@ -109,14 +126,27 @@ class Spares:
         pass
 
     async def remove(self, name: str) -> None:
+        """The network's spares go, also one being made right now (the stop waits for its
+        thread): when the network is gone, so is every tap of its."""
         self._runs.pop(name, None)
         self._stocked.discard(name)
+        self._wanted.pop(name, None)
+        self._collisions.pop(name, None)
         gone = self.spares.pop(name, [])
+        names = [s.ifname for s in gone]
+        making = self._making.pop(name, None)
+        if making is not None:
+            making.taken = True  # its filler leaves the rest to this
+            names.append(making.ifname)  # its pending hold, made or not
+            try:
+                gone.append(await asyncio.shield(making.future))
+            except (OSError, VnetError, _NameTaken):
+                pass
         # the kernel removes a tap with its last fd, waiting for its references to go (some
         # 20 ms): each in a thread of its own, so those waits overlap and the loop runs on
         await asyncio.gather(*(asyncio.to_thread(_close, s.fd) for s in gone))
-        if gone:
-            await self.firewall.spares_gone([s.ifname for s in gone])
+        if names:
+            await self.firewall.spares_gone(names)
 
     async def status(self, name: str) -> Any:
         return None
@@ -165,7 +195,8 @@ class Spares:
         """One spare for the network. The engine's lock is held to hold its name as pending
         (before the tap exists, so that every spare tap there is, is pending) and to add it
         to the stock; the tap is made and put on the bridge in a thread, without the lock,
-        so that attaches go on meanwhile (the kernel's work runs on another core)."""
+        so that attaches go on meanwhile (the kernel's work runs on another core). A stop
+        meanwhile (`remove`) waits for that thread and lets the tap go itself."""
         async with self.lock:
             run = self._runs.get(name)
             if run is None or name not in self._stocked or self.count(name) >= self.size:
@@ -176,22 +207,38 @@ class Spares:
             except VnetError as e:
                 log.warning("%s: no spare tap (attaches make their own): %s", name, e.message)
                 return
+            making = _Making(ifname, asyncio.ensure_future(
+                asyncio.to_thread(self._make, run, ifname)))
+            self._making[name] = making
         try:
-            spare = await asyncio.to_thread(self._make, run, ifname)
-        except (OSError, VnetError) as e:
+            spare = await asyncio.shield(making.future)
+        except (OSError, VnetError, _NameTaken) as e:
             async with self.lock:
+                if making.taken:  # the network stopped: remove() let its hold go
+                    return
+                self._making.pop(name, None)
                 await self.firewall.spares_gone([ifname])
-            if isinstance(e, OSError) and e.errno in (errno.EBUSY, errno.EEXIST, errno.EINVAL):
-                self._soon(name)  # the name is taken: another next time
+            if isinstance(e, _NameTaken):
+                tries = self._collisions[name] = self._collisions.get(name, 0) + 1
+                if tries < NAME_TRIES:
+                    self._soon(name)  # another name next time
+                    return
+                self._collisions.pop(name, None)
+                log.warning("%s: no spare tap (attaches make their own): %d names in a row "
+                            "were taken", name, NAME_TRIES)
                 return
             msg = e.message if isinstance(e, VnetError) else (e.strerror or str(e))
             log.warning("%s: no spare tap (attaches make their own): %s", name, msg)
             return
         async with self.lock:
+            if making.taken:  # the network stopped: remove() closed it
+                return
+            self._making.pop(name, None)
+            self._collisions.pop(name, None)
             kept = self._runs.get(name) is run and name in self._stocked
             if kept:
                 self.spares.setdefault(name, []).append(spare)
-        if not kept:  # stopped meanwhile: the tap goes, then its hold
+        if not kept:  # cannot happen (a stop takes it in remove()); the tap, then its hold
             await asyncio.to_thread(_close, spare.fd)
             async with self.lock:
                 await self.firewall.spares_gone([ifname])
@@ -202,7 +249,12 @@ class Spares:
         """The tap, on its bridge with the network's alias and MTU, its host IPv6 off, up (in
         a worker thread: only this thread uses `setter`, one tap at a time)."""
         net = run.net
-        fd = tapdev.open_tap(ifname, tapdev.HANDOFF_FLAGS)
+        try:
+            fd = tapdev.open_tap(ifname, tapdev.HANDOFF_FLAGS)
+        except OSError as e:
+            if e.errno in (errno.EBUSY, errno.EEXIST, errno.EINVAL):
+                raise _NameTaken(ifname) from None  # another interface has the name
+            raise
         try:
             index = socket.if_nametoindex(ifname)
             tap_mac = read_tap_mac(fd=fd, ifname=ifname)
