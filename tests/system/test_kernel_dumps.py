@@ -8,14 +8,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
-import uuid
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).parents[2]
+from tests.harness.scratch import run_in, scratch_netns
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -37,12 +34,8 @@ SCRIPT = textwrap.dedent(r'''
 
 @pytest.fixture
 def netns():
-    name = f"vnet-dumps-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with scratch_netns("vnet-dumps") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_an_address_dump_for_one_interface_holds_its_addresses_alone(netns):
@@ -54,8 +47,7 @@ def test_an_address_dump_for_one_interface_holds_its_addresses_alone(netns):
     ip("addr", "add", "fd61::1/64", "dev", "va", "nodad")
     ip("addr", "add", "10.62.0.1/24", "dev", "vb")
     ip("link", "set", "lo", "up")
-    r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", SCRIPT, str(REPO)],
-                       capture_output=True, text=True, timeout=60)
+    r = run_in(netns, SCRIPT)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert len(res["va"]["one"]) == 3 and len(res["vb"]["one"]) == 1

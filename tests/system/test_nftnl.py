@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
-import uuid
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).parents[2]
+from tests.harness.scratch import run_in, scratch_netns
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -95,17 +91,12 @@ SCRIPT = textwrap.dedent(r'''
 
 @pytest.fixture
 def netns():
-    name = f"vnet-nftnl-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with scratch_netns("vnet-nftnl") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_raw_element_batches_match_libnftables_and_refusals_change_nothing(netns):
-    r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", SCRIPT, str(REPO)],
-                       capture_output=True, text=True, timeout=120)
+    r = run_in(netns, SCRIPT)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     for stage in ("added", "moved", "removed"):
@@ -169,8 +160,7 @@ def test_drop_counters_read_for_some_ports_alone_match_libnftables(netns):
     """`show` reads its network's ports' drop counters straight from the kernel, for those
     elements alone: the same figures libnftables reads (also past 32 bits), only the ports
     asked for, and a port with no element is an error (the caller then reads the set)."""
-    r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", COUNTERS, str(REPO)],
-                       capture_output=True, text=True, timeout=120)
+    r = run_in(netns, COUNTERS)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["raw"] == res["libnftables"] == {

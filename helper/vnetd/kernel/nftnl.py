@@ -21,7 +21,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 NETLINK_NETFILTER = 12
@@ -145,19 +145,31 @@ def encode_batch(cmd: Mapping[str, Any], fields: Mapping[str, tuple[str, ...]],
     return b"".join(parts), acked
 
 
-def parse_acks(data: Iterable[bytes]) -> dict[int, int]:
-    """{sequence number: errno (0: done)} from the NLMSG_ERROR messages of the replies."""
-    out: dict[int, int] = {}
+def _messages(data: Iterable[bytes]) -> Iterator[tuple[int, int, bytes, int, int]]:
+    """(type, sequence number, the chunk, the message's offset and length) of each netlink
+    message in the chunks read."""
     for chunk in data:
         off = 0
         while off + 16 <= len(chunk):
             length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", chunk, off)
             if length < 16:
                 break
-            if kind == NLMSG_ERROR and length >= 20:
-                (err,) = struct.unpack_from("=i", chunk, off + 16)
-                out[seq] = -err
+            yield kind, seq, chunk, off, length
             off += (length + 3) & ~3
+
+
+def _error(chunk: bytes, off: int, length: int) -> int | None:
+    """An NLMSG_ERROR's errno (0: an acknowledgement)."""
+    return -struct.unpack_from("=i", chunk, off + 16)[0] if length >= 20 else None
+
+
+def parse_acks(data: Iterable[bytes]) -> dict[int, int]:
+    """{sequence number: errno (0: done)} from the NLMSG_ERROR messages of the replies."""
+    out: dict[int, int] = {}
+    for kind, seq, chunk, off, length in _messages(data):
+        err = _error(chunk, off, length) if kind == NLMSG_ERROR else None
+        if err is not None:
+            out[seq] = err
     return out
 
 
@@ -217,27 +229,22 @@ def parse_element_counters(data: Iterable[bytes], seq: int
     errno once acknowledged (0: done; None: not yet)."""
     found: dict[bytes, tuple[int, int]] = {}
     done: int | None = None
-    for chunk in data:
-        off = 0
-        while off + 16 <= len(chunk):
-            length, kind, _flags, mseq, _pid = struct.unpack_from("=IHHII", chunk, off)
-            if length < 16:
-                break
-            if mseq == seq and kind == NLMSG_ERROR and length >= 20:
-                (err,) = struct.unpack_from("=i", chunk, off + 16)
-                done = -err
-            elif mseq == seq and kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
-                top = _attrs(chunk[off + 20:off + length])  # after the nfgenmsg
-                for elem in _attr_list(top.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
-                    e = _attrs(elem)
-                    key = _attrs(e.get(NFTA_SET_ELEM_KEY, b"")).get(NFTA_DATA_VALUE)
-                    exprs = ([e[NFTA_SET_ELEM_EXPR]] if NFTA_SET_ELEM_EXPR in e else
-                             _attr_list(e.get(NFTA_SET_ELEM_EXPRESSIONS, b"")))
-                    for x in exprs:
-                        c = _counter(x)
-                        if key is not None and c is not None:
-                            found[key] = c
-            off += (length + 3) & ~3
+    for kind, mseq, chunk, off, length in _messages(data):
+        if mseq != seq:
+            continue
+        if kind == NLMSG_ERROR:
+            done = _error(chunk, off, length)
+        elif kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
+            top = _attrs(chunk[off + 20:off + length])  # after the nfgenmsg
+            for elem in _attr_list(top.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
+                e = _attrs(elem)
+                key = _attrs(e.get(NFTA_SET_ELEM_KEY, b"")).get(NFTA_DATA_VALUE)
+                exprs = ([e[NFTA_SET_ELEM_EXPR]] if NFTA_SET_ELEM_EXPR in e else
+                         _attr_list(e.get(NFTA_SET_ELEM_EXPRESSIONS, b"")))
+                for x in exprs:
+                    c = _counter(x)
+                    if key is not None and c is not None:
+                        found[key] = c
     return found, done
 
 
