@@ -133,7 +133,7 @@ class Engine:
         # reverse order before the driver removes them; the firewall (its ports' guards) is
         # applied last and removed last, after the links are gone
         # taps made ahead of attaches (stocked after the rest, in the background)
-        self.spares = Spares(links, self.firewall, self.schedule, spare_taps,
+        self.spares = Spares(self.firewall, self.schedule, spare_taps,
                              has_ports=lambda name: bool(self.ports.on_network(name)),
                              lock=self.lock)
         self.services: list[Subsystem] = [self.vde, self.dhcp, self.evpn, self.spares]

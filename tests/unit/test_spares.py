@@ -55,7 +55,7 @@ def test_a_stop_while_a_spare_is_made_waits_for_it_and_leaves_nothing(monkeypatc
 
     async def main():
         fw = Firewall()
-        sp = Spares(None, fw, lambda coro: None, size=2, lock=asyncio.Lock())
+        sp = Spares(fw, lambda coro: None, size=2, lock=asyncio.Lock())
         await sp.apply(_run())
         assert sp.take("sp1") is None  # the first attach: stocking starts
         await asyncio.sleep(0.05)
@@ -85,7 +85,7 @@ def test_names_taken_again_and_again_end_the_stocking_with_a_warning(monkeypatch
 
     async def main():
         fw = Firewall()
-        sp = Spares(None, fw, lambda coro: None, size=2, lock=asyncio.Lock())
+        sp = Spares(fw, lambda coro: None, size=2, lock=asyncio.Lock())
         await sp.apply(_run())
         sp.take("sp1")
         await _settle()

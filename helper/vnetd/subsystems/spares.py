@@ -44,7 +44,6 @@ from ..kernel.links import FastLinkSetter
 from ..ports import read_tap_mac
 
 if TYPE_CHECKING:
-    from ..kernel.links import Links
     from ..networks import Running
     from .firewall import Firewall
 
@@ -85,11 +84,10 @@ class Spare:
 class Spares:
     name = "spare taps"
 
-    def __init__(self, links: Links, firewall: Firewall,
+    def __init__(self, firewall: Firewall,
                  schedule: Callable[[Coroutine[Any, Any, None]], None], size: int = DEFAULT,
                  has_ports: Callable[[str], bool] = lambda network: False,
                  lock: asyncio.Lock | None = None):
-        self.links = links
         self.firewall = firewall
         self.schedule = schedule  # runs a coroutine soon, under the engine's lock
         self.size = size
