@@ -365,7 +365,7 @@ FD_LIMIT = 1 << 16
 
 def raise_fd_limit() -> int | None:
     """The soft limit of open files up to the hard one (at most 65,536): a host with hundreds
-    of networks holds two descriptors per server and one per spare tap, past the 1,024 a
+    of networks holds three descriptors per server and one per spare tap, past the 1,024 a
     service starts with (vnetd waits with epoll, never select); None if it could not."""
     import resource
 

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .model import Network
 from .networks import driver_for
 from .operations import Operations
 from .ports import Port
-
-if TYPE_CHECKING:
-    pass
 
 
 def _port_row(p: Port) -> dict[str, Any]:

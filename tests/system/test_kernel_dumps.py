@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from tests.harness.scratch import run_in, scratch_netns
+from tests.harness.scratch import run_in
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -31,11 +31,6 @@ SCRIPT = textwrap.dedent(r'''
     print(json.dumps(out))
 ''')
 
-
-@pytest.fixture
-def netns():
-    with scratch_netns("vnet-dumps") as name:
-        yield name
 
 
 def test_an_address_dump_for_one_interface_holds_its_addresses_alone(netns):

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from tests.harness.scratch import run_in, scratch_netns
+from tests.harness.scratch import run_in
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -88,11 +88,6 @@ SCRIPT = textwrap.dedent(r'''
     print(json.dumps(result))
 ''')
 
-
-@pytest.fixture
-def netns():
-    with scratch_netns("vnet-nftnl") as name:
-        yield name
 
 
 def test_raw_element_batches_match_libnftables_and_refusals_change_nothing(netns):

@@ -103,6 +103,16 @@ def _msg(kind: int, flags: int, seq: int, family: int, res_id: int, attrs: bytes
     return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
 
 
+def _element_list(table: str, set_name: str, keys: Iterable[bytes]) -> bytes:
+    """The attributes naming a set's elements by their keys (a batch's commands, a read)."""
+    elems = b"".join(_attr(NFTA_LIST_ELEM | NLA_F_NESTED,
+                           _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, k)))
+                     for k in keys)
+    return (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+            + _attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
+            + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, elems))
+
+
 def encode_batch(cmd: Mapping[str, Any], fields: Mapping[str, tuple[str, ...]],
                  table: str, seq: int = 1, family: str = "bridge"
                  ) -> tuple[bytes, dict[int, str]] | None:
@@ -124,16 +134,9 @@ def encode_batch(cmd: Mapping[str, Any], fields: Mapping[str, tuple[str, ...]],
         if kinds is None or e.get("table") != table or e.get("family") != family:
             return None
         try:
-            elems = b"".join(
-                _attr(NFTA_LIST_ELEM | NLA_F_NESTED,
-                      _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED,
-                            _attr(NFTA_DATA_VALUE, encode_key(kinds, v))))
-                for v in e["elem"])
+            attrs = _element_list(table, e["name"], [encode_key(kinds, v) for v in e["elem"]])
         except (ValueError, TypeError, KeyError):
             return None
-        attrs = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-                 + _attr(NFTA_SET_ELEM_LIST_SET, e["name"].encode() + b"\0")
-                 + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, elems))
         seq += 1
         kind = NFT_MSG_NEWSETELEM if op == "add" else NFT_MSG_DELSETELEM
         flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if op == "add" else 0)
@@ -173,43 +176,32 @@ def parse_acks(data: Iterable[bytes]) -> dict[int, int]:
     return out
 
 
-def _attrs(data: bytes) -> dict[int, bytes]:
-    """The attributes of one level, by type (the nested flag masked off); the last wins."""
-    out: dict[int, bytes] = {}
+def _attr_items(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, the nested flag masked off; payload) of each attribute of one level."""
     off = 0
     while off + 4 <= len(data):
         length, kind = struct.unpack_from("=HH", data, off)
         if length < 4:
             break
-        out[kind & 0x3FFF] = data[off + 4:off + length]
+        yield kind & 0x3FFF, data[off + 4:off + length]
         off += (length + 3) & ~3
-    return out
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    """The attributes of one level, by type; the last wins."""
+    return dict(_attr_items(data))
 
 
 def _attr_list(data: bytes) -> list[bytes]:
     """The payloads of a nested list (NFTA_LIST_ELEM, ...), in order."""
-    out = []
-    off = 0
-    while off + 4 <= len(data):
-        length, _kind = struct.unpack_from("=HH", data, off)
-        if length < 4:
-            break
-        out.append(data[off + 4:off + length])
-        off += (length + 3) & ~3
-    return out
+    return [payload for _kind, payload in _attr_items(data)]
 
 
 def encode_get_elements(table: str, set_name: str, keys: Iterable[bytes], seq: int,
                         family: str = "bridge") -> bytes:
     """NFT_MSG_GETSETELEM for these keys only (a read: no batch, no transaction)."""
-    elems = b"".join(_attr(NFTA_LIST_ELEM | NLA_F_NESTED,
-                           _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, k)))
-                     for k in keys)
-    attrs = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-             + _attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
-             + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, elems))
     return _msg((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_ACK,
-                seq, FAMILIES[family], 0, attrs)
+                seq, FAMILIES[family], 0, _element_list(table, set_name, keys))
 
 
 def _counter(expr: bytes) -> tuple[int, int] | None:

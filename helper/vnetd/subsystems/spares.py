@@ -236,7 +236,8 @@ class Spares:
             kept = self._runs.get(name) is run and name in self._stocked
             if kept:
                 self.spares.setdefault(name, []).append(spare)
-        if not kept:  # cannot happen (a stop takes it in remove()); the tap, then its hold
+        if not kept:  # its network was applied anew meanwhile (a live change): the tap, then
+            # its hold (a stop takes it in remove())
             await asyncio.to_thread(_close, spare.fd)
             async with self.lock:
                 await self.firewall.spares_gone([ifname])
