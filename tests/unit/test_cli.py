@@ -243,7 +243,8 @@ def test_unknown_options_and_commands_exit_2(argv, capsys):
 def test_main_help_mentions_exit_codes_and_examples(capsys):
     assert exit_code(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized." in out
+    assert ("Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized, 141 the reader of "
+            "the output\nwent away (as for SIGPIPE).") in out
     assert "examples:" in out
     assert "vnet-client define vnet2" in out
     assert "vnet-client --br=vnet3 -n4 --start" in out
@@ -365,3 +366,21 @@ def test_only_forward_add_is_reordered():
                  ["attach", "--br=vnet2", "--", "sh", "-c", "x", "forward", "add", "-6", "y"],
                  ["forward", "remove", "vnet2", "tcp", "8080"], ["list", "--json"]):
         assert forward_add_options_last(argv) == argv
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["define", "--help"], ["attach", "--help"]])
+def test_a_closed_output_pipe_ends_quietly(argv):
+    """`vnet-client ... | head -1`: the reader goes before the output is written. No
+    traceback, and the status a shell shows for SIGPIPE (128 + 13)."""
+    import subprocess
+    import sys
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "vnet_client.cli", *argv], stdout=w,
+                           stderr=subprocess.PIPE, text=True, timeout=60,
+                           env=os.environ | {"VNET_BUS_ADDRESS": NO_BUS})
+    finally:
+        os.close(w)
+    assert p.stderr == ""
+    assert p.returncode == 141

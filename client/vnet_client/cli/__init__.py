@@ -4,7 +4,7 @@ Two forms:
   vnet-client SUBCOMMAND ...             (list, show, define, start, stop, undefine, ...)
   vnet-client --br=vnet3 -n4 --start     (the original qemu-vlan's flags)
 
-Exit codes: 0 ok, 1 failure, 2 usage, 4 not authorized.
+Exit codes: 0 ok, 1 failure, 2 usage, 4 not authorized, 141 output pipe closed.
 
 One module per noun (network, edit, attach, mac, host, forward, overlay, monitor, imports, compat:
 the qemu-vlan form), each adding its subcommands to the parser with `set_defaults(func=...)`;
@@ -15,6 +15,7 @@ Every command talks to vnetd through the synchronous client (vnet_client.blockin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import __version__
@@ -33,7 +34,17 @@ from .compat import (
 from .mac import read_mac_table, render_mac_table
 from .network import define_opts, print_network
 from .output import say_error
-from .parser import EXIT_AUTH, EXIT_FAIL, EXIT_OK, EXIT_USAGE, Failure, Parser, Usage, add_common
+from .parser import (
+    EXIT_AUTH,
+    EXIT_FAIL,
+    EXIT_OK,
+    EXIT_PIPE,
+    EXIT_USAGE,
+    Failure,
+    Parser,
+    Usage,
+    add_common,
+)
 
 # What tests and other code use (and the names this module had before it was a package).
 _define_opts, _uid_of = define_opts, uid_of
@@ -56,7 +67,8 @@ examples:
 Authorization: listing is open to everyone; defining, starting and stopping networks needs
 the 'manage' right (an administrator's password by default). On a terminal a password prompt
 appears when polkit asks for one; --no-ask-password turns that off.
-Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized.
+Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized, 141 the reader of the output
+went away (as for SIGPIPE).
 """
 
 
@@ -193,4 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         return say_error(argv, e.name, e.message, EXIT_AUTH if e.is_auth else EXIT_FAIL)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return output_closed()
+
+
+def output_closed() -> int:
+    """The reader of our output went away (`vnet-client list | head -1`): no traceback, and
+    the status a shell reports for a command that SIGPIPE ended. What is still buffered goes
+    nowhere, so the interpreter's last flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE
 

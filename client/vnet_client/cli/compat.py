@@ -33,7 +33,8 @@ qemu-vlan sourced it), with its defaults: -n 4, no DHCP server, group qemu when 
                                            stdout, or appended to the ether.conf beside -c FILE
 --start on a network that exists starts it as defined; an option, variable or configuration
 line that asks for something else is refused, naming each difference.
-Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized.
+Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized, 141 the reader of the output
+went away (as for SIGPIPE).
 """
 
 

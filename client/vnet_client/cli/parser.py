@@ -8,6 +8,7 @@ import re
 from typing import Any, NoReturn
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 4
+EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of our output went away
 
 
 class Usage(Exception):
