@@ -420,8 +420,16 @@ class Engine:
                 raise InvalidArgument(f"'{ifname}' is not a tap device.")
             if uid != 0 and lk.tun_owner != uid:
                 raise InvalidArgument(f"The tap '{ifname}' does not belong to you (uid {uid}).")
+            port = self.ports.by_name.get(ifname)
+            if port is not None and (port.kind not in ("ifup", "tap")
+                                     or port.network != net.name):
+                # a port handed out by Attach (or a VDE switch's tap) stays where vnetd put
+                # it: `lab_x-1a2b3c` of network lab_x reads as a tap of network lab
+                raise InvalidArgument(
+                    f"'{ifname}' is a port vnetd handed out on network '{port.network}'; "
+                    "vnet-ifup and vnet-ifdown move only your own <network>_<n> taps (close "
+                    "the port's descriptor or detach it instead).")
             if release:
-                port = self.ports.by_name.get(ifname)
                 if lk.master is not None:
                     await self.links.set(lk.index, master=0)
                 if port is not None and port.kind == "ifup":
