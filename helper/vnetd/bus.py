@@ -13,6 +13,7 @@ import logging
 import os
 import pwd
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from vnet_common.wire import signature
 from . import api, model
 from .authz import POLKIT_NAME, Authorizer, Caller
 from .engine import Engine
-from .errors import Failed, InvalidArgument, NotOwner, VnetError
+from .errors import Failed, InvalidArgument, NotFound, NotOwner, VnetError
 from .model import Network
 
 BUS_DAEMON = "org.freedesktop.DBus"
@@ -133,12 +134,52 @@ class Reply:
 Handler = Callable[..., Awaitable[Any]]
 
 
+class CallLog:
+    """How many per-call log lines a uid may have: BURST at once, then RATE a second (root
+    is not limited). A local user calling in a loop would otherwise fill the log, and push
+    everyone's lines past journald's rate limit (10,000 a service in 30 s by default), the
+    audit lines of other users' calls with them. Lines held back are counted and said in that
+    uid's next line. Bounded: MAX_UIDS buckets, the least recently used go first."""
+
+    BURST = 200
+    RATE = 20.0
+    MAX_UIDS = 4096
+
+    def __init__(self, burst: float = BURST, rate: float = RATE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.rate, self.clock = burst, rate, clock
+        self._buckets: OrderedDict[int, list[float]] = OrderedDict()  # [tokens, at, held]
+
+    def take(self, uid: int) -> int | None:
+        """None: hold this line back. Otherwise log it, with the count of lines held back
+        since the last one of this uid."""
+        if uid == 0:
+            return 0
+        now = self.clock()
+        b = self._buckets.get(uid)
+        if b is None:
+            b = self._buckets[uid] = [self.burst, now, 0]
+            while len(self._buckets) > self.MAX_UIDS:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(uid)
+            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+            b[1] = now
+        if b[0] < 1:
+            b[2] += 1
+            return None
+        b[0] -= 1
+        held, b[2] = int(b[2]), 0
+        return held
+
+
 class Service:
     def __init__(self, bus: MessageBus, engine: Engine, authz: Authorizer):
         self.bus = bus
         self.engine = engine
         self.authz = authz
         self.methods = {(m.iface, m.name): m for m in api.METHODS}
+        self.call_log = CallLog()
         self.handlers: dict[tuple[str, str], Handler] = {
             (api.MANAGER, "ListNetworks"): self.list_networks,
             (api.MANAGER, "GetNetwork"): self.get_network,
@@ -378,20 +419,24 @@ class Service:
             await self.authz.check(caller, spec.action, details, spec.name)
             result = await handler(caller, *args)
         except VnetError as e:
-            log.info("uid=%d sender=%s pid=%s %s%s: refused: %s: %s", caller.uid,
-                     caller.sender, caller.pid, spec.name, _fmt_args(args),
-                     e.dbus_name.rsplit(".", 1)[-1], _one_line(e.message),
-                     extra={"VNET_METHOD": spec.name, "VNET_UID": caller.uid,
-                            "VNET_PID": caller.pid, "VNET_SENDER": caller.sender,
-                            "VNET_NETWORK": details.get("network"), "VNET_RESULT": "refused",
-                            "VNET_ERROR": e.dbus_name})
+            # a read of something that is not there says nothing about anyone: debug only
+            level = (logging.DEBUG if spec.action == api.INFO
+                     and isinstance(e, NotFound | InvalidArgument) else logging.INFO)
+            if log.isEnabledFor(level) and (held := self.call_log.take(caller.uid)) is not None:
+                log.log(level, "uid=%d sender=%s pid=%s %s%s: refused: %s: %s%s", caller.uid,
+                        caller.sender, caller.pid, spec.name, _fmt_args(args),
+                        e.dbus_name.rsplit(".", 1)[-1], _one_line(e.message), _held(held),
+                        extra={"VNET_METHOD": spec.name, "VNET_UID": caller.uid,
+                               "VNET_PID": caller.pid, "VNET_SENDER": caller.sender,
+                               "VNET_NETWORK": details.get("network"),
+                               "VNET_RESULT": "refused", "VNET_ERROR": e.dbus_name})
             raise
         if not isinstance(result, Reply):
             result = Reply() if result is None else Reply(result)
-        if spec.action != api.INFO:
-            log.info("uid=%d sender=%s pid=%s %s%s: ok%s", caller.uid, caller.sender,
+        if spec.action != api.INFO and (held := self.call_log.take(caller.uid)) is not None:
+            log.info("uid=%d sender=%s pid=%s %s%s: ok%s%s", caller.uid, caller.sender,
                      caller.pid, spec.name, _fmt_args(args),
-                     f": {result.audit}" if result.audit else "",
+                     f": {result.audit}" if result.audit else "", _held(held),
                      extra={"VNET_METHOD": spec.name, "VNET_UID": caller.uid,
                             "VNET_PID": caller.pid, "VNET_SENDER": caller.sender,
                             "VNET_NETWORK": details.get("network"), "VNET_RESULT": "ok"})
@@ -691,6 +736,10 @@ def _who(uid: int) -> str:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except KeyError:
         return f"uid {uid}"
+
+
+def _held(n: int) -> str:
+    return f" ({n} earlier line(s) of this uid held back: too many calls)" if n else ""
 
 
 def _one_line(text: str) -> str:

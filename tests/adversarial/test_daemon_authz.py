@@ -412,3 +412,45 @@ def test_leases_show_a_user_only_its_own_vms(daemon):
             g.close()
         run_client("stop", "vnet3")
         run_client("undefine", "vnet3")
+
+
+# --- 6. the log: one user calling in a loop cannot fill it ------------------------------------
+
+FLOOD = """
+async def main():
+    async with Client() as c:
+        refused = 0
+        for i in range(int(sys.argv[1])):
+            try:
+                await c.get_network("no-such-network")
+            except VnetClientError:
+                refused += 1
+            try:  # a change refused for want of a right: an INFO line each, before the fix
+                await c.call("SetAutostart", "sb", ["vnet2", True])
+            except VnetClientError:
+                refused += 1
+        print(json.dumps({"refused": refused}))
+asyncio.run(main())
+"""
+
+
+def test_a_user_calling_in_a_loop_cannot_fill_the_log(daemon):
+    from vnetd.bus import CallLog
+    uid = uid_of(BOB)
+    start = len(daemon.log())
+    t = time.monotonic()
+    r = run_as(BOB, FLOOD, "1500", timeout=600)
+    took = time.monotonic() - t
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["refused"] == 3000
+    run_client("autostart", "vnet2", "off", check=True)  # root's line is never held back
+    new = daemon.log()[start:].splitlines()
+    bobs = [line for line in new if f"uid={uid} " in line]
+    assert len(bobs) <= CallLog.BURST + CallLog.RATE * took + 1, (len(bobs), took)
+    assert any("SetAutostart" in line and "uid=0 " in line for line in new)
+    # what was held back is said, in the next line of that uid
+    time.sleep(1.5)
+    r = run_as(BOB, FLOOD, "1", timeout=60)
+    assert r.returncode == 0, r.stderr
+    last = [line for line in daemon.log()[start:].splitlines() if f"uid={uid} " in line][-2:]
+    assert any("held back" in line for line in last), last
