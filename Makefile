@@ -220,8 +220,10 @@ test: test-env
 	@$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# the virtualenv's Python (the system's python3 lacks its packages); make test-env makes it
 unit:
-	python3 -m pytest -q -p no:cacheprovider tests/unit
+	@[ -x $(PY) ] || { echo "make unit: no $(PY): run 'sudo make test-env' first" >&2; exit 1; }
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 # ruff, and mypy on vnetd, vnet_client and vnet_common ([tool.mypy] in pyproject.toml), from
 # the virtualenv (make test-env installs both)

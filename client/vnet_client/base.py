@@ -22,6 +22,7 @@ INTERACTION_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequi
 NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
 DISCONNECTED = "org.freedesktop.DBus.Error.Disconnected"
 NO_BUS = ERROR_PREFIX + "NoBus"
+INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"  # a value the client cannot send
 # the call never reached vnetd: safe to send again, whatever it is
 NOT_DELIVERED = (
     "org.freedesktop.DBus.Error.ServiceUnknown",
@@ -85,6 +86,57 @@ class VnetClientError(Exception):
     @property
     def needs_interaction(self) -> bool:
         return self.name == INTERACTION_REQUIRED
+
+
+class Unsendable(VnetClientError):
+    """A value D-Bus cannot carry (a fraction, a date, a list of mixed kinds, a whole number
+    past 64 bits or past its type's range, text that is not UTF-8). Found while the call is
+    put together, before anything is sent: the caller's mistake, never vnetd's answer."""
+
+    def __init__(self, message: str):
+        super().__init__(INVALID_ARGS, message)
+
+
+class BusUnreachable(VnetClientError):
+    """NoBus: the connection to the bus could not be made. `address` is the one given (an
+    argument or $VNET_BUS_ADDRESS; None: the system bus), `reason` what failed."""
+
+    def __init__(self, address: str | None, reason: str):
+        super().__init__(NO_BUS, f"Cannot connect to the system bus ({reason}): is dbus-daemon "
+                         "running?")
+        self.address, self.reason = address, reason
+
+    def sentence(self) -> str:
+        """What the commands print: a given address is named, and the system bus is not
+        blamed for it."""
+        if self.address is None:
+            return self.message
+        return (f"Cannot connect to the bus at '{self.address}' ({self.reason}): it is not a "
+                "valid D-Bus address or cannot be reached.")
+
+
+def shown_text(text: str) -> str:
+    """Text as given, for a message: bytes that are not UTF-8 (which Python keeps as lone
+    surrogates) as \\xNN escapes."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def not_utf8(text: str) -> str:
+    """The sentence for an argument D-Bus cannot carry because it is not UTF-8."""
+    return (f"The argument '{shown_text(text)}' is not valid UTF-8, and D-Bus carries only "
+            "UTF-8 text.")
 
 
 class Attachment:

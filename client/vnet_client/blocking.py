@@ -12,13 +12,17 @@ dbus-fast), which long-lived VM managers use. Both have the same methods, errors
 
 Values: jeepney gives a received variant as a (signature, value) pair; replies are turned
 into plain Python values by their signature, as api.plain does for dbus-fast. Received file
-descriptors are plain ints, not inheritable, and the caller's to close.
+descriptors are plain ints, not inheritable, and the caller's to close. A call is put together
+before it is sent: a value D-Bus cannot carry (a fraction, a date, a whole number past its
+type's range, text that is not UTF-8) raises base.Unsendable, naming it, and nothing is sent.
+Without connect() (or `with`), the first call connects, after that check.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -78,18 +82,65 @@ def plain(sig: str, v: Any) -> Any:
     return v
 
 
-def variant(v: Any) -> tuple[str, Any]:
-    """A Python value as the variant vnetd expects (vnet_common.wire.signature's type)."""
+INT64 = range(-(2**63), 2**63)  # what D-Bus's widest whole number (x) carries
+
+
+def variant(v: Any, key: str = "") -> tuple[str, Any]:
+    """A Python value as the variant vnetd expects (vnet_common.wire.signature's type).
+    TypeError for a value of no such type, OverflowError for a whole number past 64 bits."""
     sig = signature(v)
     if sig == "a{sv}":
-        return (sig, asv(v))
+        return (sig, asv(v, f"{key}."))
     if sig == "aa{sv}":
-        return (sig, [asv(x) for x in v])
+        return (sig, [asv(x, f"{key}[{i}].") for i, x in enumerate(v)])
+    if sig in ("x", "ax") and not all(x in INT64 for x in (v if sig == "ax" else [v])):
+        raise OverflowError("D-Bus carries whole numbers of at most 64 bits")
     return (sig, list(v) if sig[0] == "a" else v)
 
 
-def asv(d: dict[str, Any]) -> dict[str, tuple[str, Any]]:
-    return {k: variant(v) for k, v in d.items() if v is not None}
+def asv(d: dict[str, Any], prefix: str = "") -> dict[str, tuple[str, Any]]:
+    """Options as an a{sv}; a value D-Bus cannot carry is base.Unsendable, naming its key
+    (`prefix` is the path of a nested table: 'overlay.')."""
+    out = {}
+    for k, v in d.items():
+        if v is None:
+            continue
+        try:
+            out[k] = variant(v, f"{prefix}{k}")
+        except OverflowError as e:
+            raise base.Unsendable(f"{prefix}{k} = {_shown(v)} cannot be sent: {e}.") from None
+        except TypeError:
+            raise base.Unsendable(
+                f"{prefix}{k} = {_shown(v)} cannot be sent: D-Bus carries text, whole numbers, "
+                f"true/false, tables and lists of one of these, not {_kind(v)}.") from None
+    return out
+
+
+def _shown(v: Any) -> str:
+    text = str(v) if hasattr(v, "isoformat") else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, float):
+        return "a fraction"
+    if hasattr(v, "isoformat"):
+        return "a date or time"
+    if isinstance(v, list | tuple):
+        odd = [x for x in v if not isinstance(x, str | int | dict)]
+        return f"a list holding {_kind(odd[0])}" if odd else "a list mixing kinds of values"
+    return f"a {type(v).__name__}"
+
+
+def _check_sendable(msg: Message, member: str) -> None:
+    """Put the message together as sending it would, so that a value D-Bus cannot carry
+    is found before anything is sent (base.Unsendable), not taken for a broken connection."""
+    try:
+        msg.serialise(serial=1)
+    except UnicodeEncodeError as e:
+        raise base.Unsendable(base.not_utf8(e.object)) from None
+    except (struct.error, TypeError, OverflowError, ValueError) as e:
+        raise base.Unsendable(f"The arguments of {member} cannot be sent: {e}.") from None
 
 
 def _fd_ints(body: Any) -> Any:
@@ -125,17 +176,25 @@ class BlockingClient:
         self.bus_address = bus_address or os.environ.get("VNET_BUS_ADDRESS") or None
         self.interactive = interactive
         self.conn: DBusConnection | None = None
+        self.opened = False  # a connection was made (after close(), calls fail: Disconnected)
 
     def connect(self) -> BlockingClient:
+        """Connect now. Without it the first call connects, after its values were checked
+        (so a value D-Bus cannot carry is base.Unsendable even where no bus is)."""
         try:
             self.conn = open_dbus_connection(self.bus_address or "SYSTEM", enable_fds=True,
                                              auth_timeout=AUTH_TIMEOUT)
         except (OSError, ValueError, RuntimeError, StopIteration) as e:
-            raise VnetClientError(
-                base.NO_BUS,
-                f"Cannot connect to the system bus ({e}): is dbus-daemon running?",
-            ) from None
+            raise base.BusUnreachable(self.bus_address, str(e) or type(e).__name__) from None
+        self.opened = True
         return self
+
+    def _connection(self) -> DBusConnection:
+        if self.conn is None and not self.opened:
+            self.connect()
+        if self.conn is None:
+            raise VnetClientError(base.DISCONNECTED, "Not connected to the system bus.")
+        return self.conn
 
     def __enter__(self) -> BlockingClient:
         return self.connect()
@@ -163,6 +222,7 @@ class BlockingClient:
                               member, signature or None, tuple(body))
         if interactive:
             msg.header.flags |= MessageFlag.allow_interactive_authorization
+        _check_sendable(msg, member)
         reply = self._send(msg, member)
         if (reply.header.message_type == MessageType.error
                 and base.send_again(_error_name(reply), member)):
@@ -178,10 +238,9 @@ class BlockingClient:
         return reply
 
     def _send(self, msg: Message, member: str) -> Message:
-        if self.conn is None:
-            raise VnetClientError(base.DISCONNECTED, "Not connected to the system bus.")
+        conn = self._connection()
         try:
-            return self.conn.send_and_get_reply(msg, timeout=base.CALL_TIMEOUT)
+            return conn.send_and_get_reply(msg, timeout=base.CALL_TIMEOUT)
         except TimeoutError:
             raise base.timed_out(member) from None
         except (OSError, RuntimeError, ValueError) as e:
@@ -293,9 +352,7 @@ class BlockingClient:
     def events(self, network: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         """vnetd's signals as they come: (member, {field: value}) for NetworkChanged,
         PortChanged and LeaseChanged (of `network` only, if given)."""
-        conn = self.conn
-        if conn is None:
-            raise VnetClientError(base.DISCONNECTED, "Not connected to the system bus.")
+        conn = self._connection()
         try:
             reply = conn.send_and_get_reply(
                 new_method_call(BUS, "AddMatch", "s", (base.EVENT_MATCH,)),

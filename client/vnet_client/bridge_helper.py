@@ -14,6 +14,8 @@ import os
 import socket
 import sys
 
+from .base import is_utf8, not_utf8
+
 SHELLS = {"sh", "dash", "bash"}
 DEFAULT_BRIDGE = "br0"  # QEMU's DEFAULT_BRIDGE_INTERFACE
 
@@ -91,26 +93,39 @@ def guess(argv: list[str], bridge: str) -> tuple[str | None, list[str | None]]:
     return name, macs + nic_macs
 
 
+USAGE = "usage: vnet-bridge-helper [--use-vnet] --br=BRIDGE --fd=UNIX_FD"
+
+
 def parse_args(argv: list[str]) -> tuple[str, int]:
+    """(bridge, socket fd) of QEMU's command line for us; ValueError for anything else."""
     bridge, fd = None, None
     for a in argv:
+        if not is_utf8(a):
+            raise ValueError(not_utf8(a))
         if a.startswith("--br="):
             bridge = a[5:]
         elif a.startswith("--fd="):
-            fd = int(a[5:]) if a[5:].isdigit() else None
-        elif a in ("-h", "--help"):
-            raise SystemExit(__doc__)
+            fd = int(a[5:]) if a[5:].isascii() and a[5:].isdigit() else None
+            fd = fd if fd is not None and fd < 2**31 else None
         elif a == "--use-vnet":
             pass
         else:
             raise ValueError(f"unknown argument {a!r}")
     if bridge is None or fd is None:
-        raise ValueError("usage: vnet-bridge-helper [--use-vnet] --br=BRIDGE --fd=UNIX_FD")
+        raise ValueError(USAGE)
     return bridge, fd
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(f"{USAGE}\n\n{__doc__}", end="")
+        return 0
+    if "--version" in argv:
+        from . import __version__
+
+        print(f"vnet-bridge-helper (qemu-vnet) {__version__}")
+        return 0
     try:
         bridge, sock_fd = parse_args(argv)
     except ValueError as e:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from .base import NO_BUS, VnetClientError
+from .base import NO_BUS, BusUnreachable, VnetClientError
 from .blocking import BlockingClient
 
 MAX_NICS = 8
@@ -23,8 +23,9 @@ def attach_for_helper(bridge: str, vm: str, macs: list[str | None], holder: int)
     client = BlockingClient(interactive=True)
     try:
         client.connect()
-    except VnetClientError as e:
-        raise HelperError(f"cannot reach the system bus: {e.message}") from None
+    except BusUnreachable as e:
+        raise HelperError(e.sentence() if e.address else f"cannot reach the system bus: "
+                          f"{e.message}") from None
     with client:
         for nic in range(max(len(macs), 1) + MAX_NICS):
             mac = macs[nic] if nic < len(macs) else None

@@ -14,6 +14,7 @@ MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid"
 MIN_VDE_PORTS, MAX_VDE_PORTS = 2, 1024
 DEFAULT_VDE_PORTS = 32
 MAX_NIC = 31  # NIC indexes 0..31 per VM and network
+MAX_QUEUES = 8  # queues of a multi-queue tap
 MIN_PORT, MAX_PORT = 1, 65535  # TCP/UDP ports
 MAX_DOMAIN = 253  # characters in a DNS domain
 MAX_LABEL = 63  # characters in one DNS label (a host name)

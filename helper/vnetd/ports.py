@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from vnet_common.limits import MAX_QUEUES
 from vnet_common.names import validate_nic
 
 from . import model
@@ -47,7 +48,6 @@ SIOCGIFHWADDR = 0x8927
 # the tap of a VDE switch (a shared segment), or a user's own tap enslaved by vnet-ifup.
 KINDS = ("attach", "tap", "vde", "ifup")
 AF_BRIDGE, NDA_LLADDR, NUD_PERMANENT = 7, 2, 0x80
-MAX_QUEUES = 8
 VHOST_PATH = "/dev/vhost-net"
 ATTACH_OPTIONS = ("nic", "queues", "vhost", "mac", "learn-mac", "holder-pid")
 

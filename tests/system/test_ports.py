@@ -231,9 +231,6 @@ def test_ether_conf_import_and_export(vnetd, tmp_path):
     (["--br=vnet2", "--vm=a b"], "InvalidArgument"),
     (["--br=vnet2", "--vm=../x"], "InvalidArgument"),
     (["--br=vnet2", "--vm=" + "x" * 65], "InvalidArgument"),
-    (["--br=vnet2", "--vm=a", "--queues=0"], "InvalidArgument"),
-    (["--br=vnet2", "--vm=a", "--queues=9"], "InvalidArgument"),
-    (["--br=vnet2", "--vm=a", "--nic=99"], "InvalidArgument"),
     (["--br=vnet2", "--vm=a", "--mac=01:00:5e:00:00:01"], "InvalidArgument"),
 ])
 def test_attach_bad_input(vnetd, argv, error):
@@ -244,10 +241,25 @@ def test_attach_bad_input(vnetd, argv, error):
     assert vnetd.snapshot() == before
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--br=vnet2", "--vm=a", "--queues=0"], "--queues must be between 1 and 8"),
+    (["--br=vnet2", "--vm=a", "--queues=9"], "--queues must be between 1 and 8"),
+    (["--br=vnet2", "--vm=a", "--nic=99"], "--nic must be between 0 and 31"),
+])
+def test_attach_numbers_out_of_range_are_usage_errors(vnetd, argv, says):
+    """The command line knows the ranges (vnet_common.limits, vnetd's own): a usage error,
+    and nothing asked of vnetd."""
+    before = vnetd.snapshot()
+    r = run_client("attach", *argv, "--", "true", user=ALICE)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert vnetd.snapshot() == before
+
+
 def test_attach_command_not_found_makes_no_tap(vnetd):
+    """As a shell says a command was not found: exit 127."""
     before = vnetd.snapshot()
     r = run_client("attach", "--br=vnet2", "--vm=a", "--", "/no/such/qemu", user=ALICE)
-    assert r.returncode == 1 and "command not found" in r.stderr
+    assert r.returncode == 127 and "command not found" in r.stderr
     assert vnetd.snapshot() == before
 
 

@@ -15,14 +15,15 @@ Every command talks to vnetd through the synchronous client (vnet_client.blockin
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
 from .. import __version__
-from ..base import VnetClientError
+from ..base import BusUnreachable, Unsendable, VnetClientError
 from . import attach, edit, forward, host, imports, mac, monitor, network, overlay
 from .accounts import uid_of
-from .attach import parse_attach, run_attach
+from .attach import CannotRun, parse_attach, run_attach
 from .compat import (
     build_compat_parser,
     compat_define_opts,
@@ -44,6 +45,7 @@ from .parser import (
     Parser,
     Usage,
     add_common,
+    wants_json,
 )
 
 # What tests and other code use (and the names this module had before it was a package).
@@ -184,6 +186,28 @@ def forward_add_options_last(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = hoist_global_options(sys.argv[1:] if argv is None else argv)
     argv = forward_add_options_last(argv)
+    Parser.json_errors = wants_json(argv)  # argparse's usage errors as JSON too
+    try:
+        try:
+            code = run(argv)
+        finally:  # the output is written here, not at the interpreter's exit: its errors too
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        return output_closed()
+    except OSError as e:
+        if not is_write_error(e):  # an OSError no command caught: still one sentence
+            where = f"{e.filename}: " if e.filename else ""
+            return say_error(argv, "Failure", f"{where}{e.strerror or e}.", EXIT_FAIL)
+        cannot_write(e)
+        return EXIT_FAIL
+    finally:
+        Parser.json_errors = False
+    return code
+
+
+def run(argv: list[str]) -> int:
+    """The command; an error it ends with as its sentence (or JSON object) and exit code."""
     try:
         if argv[:1] == ["attach"] and not {"-h", "--help"} & set(argv[1:argv.index("--")]
                                                                 if "--" in argv else argv[1:]):
@@ -201,20 +225,45 @@ def main(argv: list[str] | None = None) -> int:
         return say_error(argv, "Usage", str(e), EXIT_USAGE)
     except Failure as e:
         return say_error(argv, "Failure", str(e), EXIT_FAIL)
+    except CannotRun as e:
+        return say_error(argv, "Failure", str(e), e.code)
+    except Unsendable as e:  # found before anything was sent: the command line's mistake
+        return say_error(argv, "Usage", e.message, EXIT_USAGE)
+    except BusUnreachable as e:
+        return say_error(argv, e.name, e.sentence(), EXIT_FAIL)
     except VnetClientError as e:
         return say_error(argv, e.name, e.message, EXIT_AUTH if e.is_auth else EXIT_FAIL)
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        return output_closed()
+
+
+# what writing to a file or pipe that cannot take more fails with (EPIPE is a closed reader)
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EBADF,
+                          errno.EROFS, errno.ENXIO, errno.ECONNRESET})
+
+
+def is_write_error(e: OSError) -> bool:
+    """An OSError that writing our output raised (no file named: not an open() or a read)."""
+    return e.filename is None and e.errno in WRITE_ERRNOS
+
+
+def cannot_write(e: OSError) -> None:
+    """The output cannot be written (`vnet-client list > /dev/full`): one sentence, and
+    standard output pointed at /dev/null, so that the interpreter's last flush at exit does
+    not fail again."""
+    print(f"vnet-client: cannot write the output: {e.strerror or e}", file=sys.stderr)
+    to_devnull()
 
 
 def output_closed() -> int:
     """The reader of our output went away (`vnet-client list | head -1`): no traceback, and
     the status a shell reports for a command that SIGPIPE ended. What is still buffered goes
     nowhere, so the interpreter's last flush at exit cannot fail again."""
+    to_devnull()
+    return EXIT_PIPE
+
+
+def to_devnull() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
-    return EXIT_PIPE
-

@@ -7,6 +7,8 @@ import os
 import pwd
 from typing import Any, overload
 
+from vnet_common.limits import MAX_UID
+
 from .parser import Usage
 
 
@@ -17,7 +19,9 @@ def uid_of(user: None) -> None: ...
 def uid_of(user: str | None) -> int | None:
     if user is None:
         return None
-    if user.isdigit():
+    if user.isascii() and user.isdigit():  # not '²', which isdigit() takes too
+        if int(user) > MAX_UID:
+            raise Usage(f"{user} is not a uid: uids run from 0 to {MAX_UID}.")
         return int(user)
     try:
         return pwd.getpwnam(user).pw_uid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -11,9 +12,11 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from vnet_common.limits import MAX_NIC, MAX_QUEUES
+
 from ..base import Attachment
 from .output import table, user_name
-from .parser import EXIT_OK, Failure, Usage
+from .parser import EXIT_OK, Usage
 from .session import Session
 
 if TYPE_CHECKING:
@@ -35,6 +38,8 @@ example:
       -netdev tap,id=n0,fd={fd} -device virtio-net-pci,netdev=n0,mac={mac} disk.img
 
 The tap lives as long as COMMAND holds its fd: when QEMU exits it is gone.
+A COMMAND that is not found exits 127 (nothing is attached), one that cannot be run (not
+executable, not a program) 126, as in a shell.
 """
 
 
@@ -52,6 +57,19 @@ def add_commands(cmd: Command) -> None:
     sp = cmd("detach", "remove a port now (its owner or an administrator)")
     sp.add_argument("ifname")
     sp.set_defaults(func=run_detach)
+
+
+# The exit codes of a COMMAND that cannot be run, as a shell's: not found, and found but not
+# runnable (not executable, not a program, ...).
+EXIT_NOT_FOUND, EXIT_CANNOT_RUN = 127, 126
+
+
+class CannotRun(Exception):
+    """attach's COMMAND cannot be run: exit 127 (not found) or 126."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 PLACEHOLDER = re.compile(r"\{(fd|fds|vhostfds|mac|ifname|vde_sock)(\d*)\}")
@@ -99,11 +117,14 @@ def parse_attach(argv: list[str]) -> tuple[list[Group], list[str], argparse.Name
         except StopIteration:
             raise Usage(f"{flag} needs a value.") from None
 
-    def number(flag: str, text: str) -> int:
+    def number(flag: str, text: str, low: int, high: int) -> int:
         try:
-            return int(text)
+            n = int(text)
         except ValueError:
             raise Usage(f"{flag} takes a whole number, not '{text}'.") from None
+        if not low <= n <= high:
+            raise Usage(f"{flag} must be between {low} and {high}, not {text}.")
+        return n
 
     for tok in it:
         flag, _, rest = tok.partition("=")
@@ -127,9 +148,9 @@ def parse_attach(argv: list[str]) -> tuple[list[Group], list[str], argparse.Name
             g.vm = value(flag, inline)
             vm_all = vm_all or g.vm
         elif flag == "--nic":
-            g.nic = number(flag, value(flag, inline))
+            g.nic = number(flag, value(flag, inline), 0, MAX_NIC)
         elif flag == "--queues":
-            g.queues = number(flag, value(flag, inline))
+            g.queues = number(flag, value(flag, inline), 1, MAX_QUEUES)
         elif flag == "--vhost":
             g.vhost = True
         elif flag == "--vde":
@@ -187,7 +208,8 @@ def _attach(g: Group, vm: str) -> Callable[[BlockingClient], Attachment]:
 def run_attach(groups: list[Group], command: list[str], common: argparse.Namespace) -> int:
     exe = shutil.which(command[0])
     if exe is None:
-        raise Failure(f"command not found: {command[0]} (nothing was attached).")
+        raise CannotRun(f"command not found: {command[0]} (nothing was attached).",
+                        EXIT_NOT_FOUND)
     atts: list[Attachment | VdePlug] = []
     try:
         with Session(common) as s:
@@ -214,7 +236,12 @@ def run_attach(groups: list[Group], command: list[str], common: argparse.Namespa
         print(json.dumps(a.info) if common.json else f"vnet-client: {note}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(exe, argv)
+    try:
+        os.execv(exe, argv)
+    except OSError as e:  # the taps go with our fds when we exit
+        raise CannotRun(f"cannot run {command[0]}: {e.strerror or e} (the taps attached for it "
+                        "are closed again).",
+                        EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_RUN) from None
 
 
 def run_ports(args: argparse.Namespace) -> int:

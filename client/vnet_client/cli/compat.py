@@ -90,7 +90,7 @@ def _yesno(text: str, what: str) -> bool:
 
 
 def _num(text: str, what: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
+    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
         raise Usage(f"{what}={text!r} is not a tap count (1 or more).")
     return int(text)
 

@@ -10,7 +10,10 @@ import re
 import sys
 from collections.abc import Callable
 
+from vnet_common.limits import MAX_NIC
+
 from .accounts import uid_of
+from .output import read_text
 from .parser import EXIT_OK, Failure, Usage, add_common
 from .session import Session
 
@@ -109,14 +112,20 @@ def run_mac(args: argparse.Namespace) -> int:
                     "export, import, forget, transfer (see vnet-client mac --help).")
     if not (args.vm or args.export_ether_conf):
         raise Usage("mac needs --vm=NAME (or --export-ether-conf).")
+    if not 0 <= args.nic <= MAX_NIC:
+        raise Usage(f"--nic must be between 0 and {MAX_NIC}, not {args.nic}.")
     with Session(args) as s:
         if args.export_ether_conf:
             text = s.run(lambda c: c.export_ether_conf(args.br))
             if args.export_ether_conf == "-":
                 sys.stdout.write(text)
             else:
-                with open(args.export_ether_conf, "w") as f:
-                    f.write(text)
+                try:
+                    with open(args.export_ether_conf, "w", encoding="utf-8") as f:
+                        f.write(text)
+                except OSError as e:
+                    raise Failure(f"cannot write {args.export_ether_conf}: "
+                                  f"{e.strerror or e}.") from None
                 print(f"Wrote {args.export_ether_conf}.")
             return EXIT_OK
         mac = s.run(lambda c: c.get_mac(args.br, args.vm, args.nic))
@@ -165,14 +174,14 @@ def render_mac_table(network: str, macs: dict[str, str]) -> str:
 def read_mac_table(path: str) -> dict[str, str]:
     """What 'mac export' printed, as text lines or JSON, from a file or '-' (stdin).
     Keys and MACs are checked by vnetd; this only reads the shape."""
-    try:
-        if path == "-":
+    if path != "-":
+        text = read_text(path)
+    else:
+        try:
             text = sys.stdin.read()
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise Failure(f"cannot read {path}: {getattr(e, 'strerror', None) or e}.") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise Failure(f"cannot read standard input: {getattr(e, 'strerror', None) or e}."
+                          ) from None
     where = "standard input" if path == "-" else path
     if text.lstrip().startswith("{"):
         try:
@@ -202,10 +211,7 @@ ETHER_LINE = re.compile(r"\s*ether_(\d{1,4})\s*=\s*['\"]?([0-9A-Fa-f:]{17})['\"]
 
 
 def read_ether_conf(path: str, network: str) -> dict[str, str]:
-    try:
-        text = open(path, encoding="utf-8").read()
-    except OSError as e:
-        raise Failure(f"cannot read {path}: {e.strerror}.") from None
+    text = read_text(path)
     out: dict[str, str] = {}
     for n, line in enumerate(text.splitlines(), 1):
         s = line.strip()

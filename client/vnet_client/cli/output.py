@@ -9,6 +9,8 @@ import pwd
 import sys
 import time
 
+from .parser import Failure, wants_json
+
 
 def table(rows: list[list[str]], head: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
@@ -34,11 +36,26 @@ def when(expiry: int) -> str:
 
 def say_error(argv: list[str], name: str, message: str, code: int) -> int:
     """An error on stderr: the sentence, or with --json one object {"error", "message"}."""
-    own = argv[:argv.index("--")] if "--" in argv else argv
-    if "--json" in own:
+    if wants_json(argv):
         print(json.dumps({"error": name, "message": message}), file=sys.stderr)
     else:
         print(f"vnet-client: {message}", file=sys.stderr)
         if os.environ.get("VNET_CLIENT_DEBUG") and "." in name:
             print(f"  ({name})", file=sys.stderr)
     return code
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file's text; Failure, in one sentence, for one that cannot be read or is
+    not UTF-8 (naming the file, and the line of the first byte that is not)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise Failure(f"cannot read {path}: {e.strerror or e}.") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise Failure(f"cannot read {path}: it is not UTF-8 text (line {line} has the byte "
+                      f"0x{raw[e.start]:02x}).") from None

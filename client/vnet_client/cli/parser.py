@@ -4,6 +4,7 @@ itself, the options every command takes, and argparse with short mistakes."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from typing import Any, NoReturn
 
@@ -31,9 +32,18 @@ def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
                    "or $VNET_BUS_ADDRESS)", **d)
 
 
+def wants_json(argv: list[str]) -> bool:
+    """--json among the command's own arguments (not those of attach's COMMAND)."""
+    return "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with short mistakes: the error, a suggestion for a near miss, and where help
-    is, instead of the whole usage."""
+    is, instead of the whole usage; with --json, the one JSON object every error is."""
+
+    # Set by main() for a command line with --json: a subcommand's parser sees only its own
+    # part of it (`vnet-client --json show` gives show's parser nothing).
+    json_errors = False
 
     def error(self, message: str) -> NoReturn:
         hint = ""
@@ -51,6 +61,9 @@ class Parser(argparse.ArgumentParser):
             flags = [o for a in self._actions for o in a.option_strings]
             close = difflib.get_close_matches(m.group(1).split("=")[0], flags, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
+        if Parser.json_errors:
+            self.exit(EXIT_USAGE, json.dumps({"error": "Usage", "message": f"{message}.{hint}"})
+                      + "\n")
         lines = self.format_usage().strip().splitlines()
         usage = lines[0] + (" ..." if len(lines) > 1 else "")
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}.{hint}\n{usage}\n"

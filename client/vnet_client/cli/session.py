@@ -14,7 +14,9 @@ from ..blocking import BlockingClient
 class Session:
     """One client connection plus the authorization dance: a call refused with
     InteractiveAuthorizationRequired is retried once with a text agent on a terminal.
-    `run(lambda c: c.method(...))` makes a call (BlockingClient's methods)."""
+    `run(lambda c: c.method(...))` makes a call (BlockingClient's methods). The connection
+    is made by the first call, once its values are known to fit D-Bus: a value that does not
+    is a usage error, with a bus or without one."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -24,7 +26,6 @@ class Session:
         self.client = BlockingClient(bus_address=args.bus_address, interactive=interactive)
 
     def __enter__(self) -> Session:
-        self.client.connect()
         return self
 
     def __exit__(self, *exc: Any) -> None:
