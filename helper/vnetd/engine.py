@@ -446,8 +446,10 @@ class Engine:
             try:
                 if net.spoof_protection:  # guarded before it reaches the bridge
                     await self.firewall.port_attached(port)
-                await self.links.set(lk.index, master=bridge,
-                                     mtu=self.running[net.name].net.mtu, state="up")
+                # as every port: no IPv6 of the host's on it, its link-local groups to
+                # the guard (kernel/links.py)
+                self.links.fast.set(lk.index, master=bridge,
+                                    mtu=self.running[net.name].net.mtu, port=ifname)
             except BaseException:
                 self.ports.forget(port)
                 await self.firewall.port_gone(port)

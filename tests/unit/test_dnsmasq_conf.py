@@ -53,3 +53,13 @@ def test_every_path_dnsmasq_writes_is_below_vnetds_directories(options):
             assert value.startswith(("/run/qemu-vnet/", "/var/lib/qemu-vnet/")), (key, value)
     argv = dnsmasq.argv(PATHS)
     assert f"--conf-file={PATHS.conf}" in argv, "dnsmasq must not read /etc/dnsmasq.conf"
+
+
+def test_leases_belong_to_a_mac_never_to_a_client_id():
+    """A client-id can be copied off another guest's broadcast DISCOVERs; the MAC of a frame
+    is held to the port's by the guard. Both servers key leases by the MAC alone."""
+    from vnetd.render import dhcpd
+    net = Network.from_options("vnet2", {"subnet": "10.10.0.0/24"})
+    assert ("dhcp-ignore-clid", "") in settings(
+        dnsmasq.render_conf(net, PATHS, dhcp=True, user=("dnsmasq", "nogroup")))
+    assert "ignore-client-uids true;" in dhcpd.render_conf(net).splitlines()

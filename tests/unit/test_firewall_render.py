@@ -792,6 +792,8 @@ def test_every_bridge_drop_counts_into_the_ports_spoof_element():
             # not counted either: nobody holds a spare tap yet
             key = IIF if r["chain"] == "prerouting" else OIF
             assert e == [m(key, "@pending"), {"drop": None}]
+        elif r.get("comment") == "to a link-local group":
+            assert r["chain"] == "input" and e[-2:] == DROP_IN
         elif r["chain"] in ("forward", "input"):
             # the only drops not counted: a learning port's DHCP before its MAC is locked
             # (every learning port's first DISCOVER meets it; it is not spoofing)

@@ -66,7 +66,11 @@ def _failed(what: str, e: NetlinkError) -> Failed:
                   f"({e.args[1] if len(e.args) > 1 else e}).")
 
 
-RTM_NEWLINK, RTM_GETLINK = 16, 18
+RTM_NEWLINK, RTM_GETLINK, RTM_SETLINK = 16, 18, 19
+AF_BRIDGE = 7
+NLA_F_NESTED = 0x8000
+IFLA_PROTINFO, IFLA_BRPORT_GROUP_FWD_MASK = 12, 31
+PORT_GROUP_FWD_MASK = 0xFFFD  # every reserved group but PAUSE (0x01), which may not be set
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 1, 4, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -265,14 +269,14 @@ class FastLinkSetter:
         """`port`: the interface's name, when it is a port (a tap) for guests' frames: it
         gets no IPv6 of the host's own before it comes up (no link-local address, no routes
         to announce to every rtnetlink listener, nothing sent into the guest: DAD, MLD). The
-        bridge forwards the guests' IPv6 all the same."""
+        bridge forwards the guests' IPv6 all the same. Put on a bridge, it forwards the
+        reserved link-local groups it receives (see below)."""
         if port is not None:
             try:
                 ipv6_conf(port, "disable_ipv6", 1)
             except OSError as e:
                 raise Failed(f"Cannot turn the host's IPv6 off on port {port}: "
                              f"{e.strerror or e}.") from None
-        self.seq += 1
         attrs = b""
         if mtu is not None:
             attrs += _rtattr(IFLA_MTU, struct.pack("=I", mtu))
@@ -280,17 +284,29 @@ class FastLinkSetter:
             attrs += _rtattr(IFLA_MASTER, struct.pack("=I", master))
         if alias is not None:
             attrs += _rtattr(IFLA_IFALIAS, alias.encode() + b"\0")
-        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, IFF_UP if up else 0, IFF_UP)
-        msg = body + attrs
-        hdr = struct.pack("=IHHII", 16 + len(msg), RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK,
+        self._request(RTM_NEWLINK, socket.AF_UNSPEC, index, IFF_UP if up else 0, IFF_UP, attrs)
+        if port is not None and master:
+            # the reserved link-local groups (01:80:c2:00:00:0X: LLDP, 802.1X, ...) it sends
+            # are forwarded, through the bridge's prerouting hook and so the port's guard,
+            # not handed to the host on the port itself, where no rule of the bridge's sees
+            # them (all but PAUSE, which the kernel drops itself)
+            self._request(RTM_SETLINK, AF_BRIDGE, index, 0, 0, _rtattr(
+                IFLA_PROTINFO | NLA_F_NESTED,
+                _rtattr(IFLA_BRPORT_GROUP_FWD_MASK, struct.pack("=H", PORT_GROUP_FWD_MASK))))
+
+    def _request(self, kind: int, family: int, index: int, flags: int, change: int,
+                 attrs: bytes) -> None:
+        self.seq += 1
+        msg = struct.pack("=BxHiII", family, 0, index, flags, change) + attrs
+        hdr = struct.pack("=IHHII", 16 + len(msg), kind, NLM_F_REQUEST | NLM_F_ACK,
                           self.seq, 0)
         self.sock.send(hdr + msg)
         while True:
             data = self.sock.recv(65536)
             off = 0
             while off + 16 <= len(data):
-                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
-                if kind == NLMSG_ERROR and seq == self.seq:
+                length, typ, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
+                if typ == NLMSG_ERROR and seq == self.seq:
                     (err,) = struct.unpack_from("=i", data, off + 16)
                     if err:
                         raise Failed(f"The kernel refused to set up interface #{index}: "

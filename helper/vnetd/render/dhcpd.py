@@ -28,6 +28,7 @@ def render_conf(net: Network) -> str:
         "default-lease-time 3600;",
         "max-lease-time 7200;",
         "ping-check false;",
+        "ignore-client-uids true;",  # leases by MAC only: a client-id can be copied
         f"subnet {s.network_address} netmask {s.netmask} {{",
         f"  range {start} {end};",
         f"  option routers {net.gateway};",

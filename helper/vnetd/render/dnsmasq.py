@@ -71,6 +71,10 @@ def render_conf(net: Network, paths: Paths, dhcp: bool = True, upstream: bool | 
         lines += [
             "dhcp-authoritative",
             "no-ping",
+            # a lease belongs to a MAC, never to a client-id: another guest can copy a
+            # client-id off the wire (its broadcast DISCOVERs), but not send as a MAC the
+            # port guard does not give it
+            "dhcp-ignore-clid",
             f"dhcp-range={start},{end},{net.subnet.netmask},{LEASE_TIME}",
             f"dhcp-option=option:router,{net.gateway}",
             f"dhcp-option=option:dns-server,{net.gateway}",

@@ -883,7 +883,11 @@ def _inet_chains_and_rules() -> list[dict]:
     ]
     est = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
     dnat = _match({"ct": {"key": "status"}}, "dnat", "in")
-    # input: decisions only for traffic arriving on our bridges
+    # input: decisions only for traffic arriving on our bridges; VXLAN from a guest (to
+    # the gateway, say) never reaches an overlay, whatever it claims to come from
+    c.append(_rule(f, "input", _match(IIF, "@bridges"), _match(_pl("udp", "dport"),
+                                                                "@vx_ports"),
+                   _counter(), DROP, comment="VXLAN from a guest"))
     c.append(_rule(f, "input", _match(IIF, "@bridges"), _jump("from_bridge")))
     # VXLAN to our overlays' ports: from_underlay accepts each VNI from its peers only
     # (rules per network, render_ruleset); anything else to those ports is dropped
@@ -981,12 +985,22 @@ def _bridge_chains_and_rules() -> list[dict]:
           for hook in ("forward", "input")],
         _rule(b, "forward", _is(OIF, "guarded"), _jump("guard_out")),
         _rule(b, "output", _is(OIF, "guarded"), _jump("guard_out")),
+        # reserved link-local groups (01:80:c2:00:00:0X) that the bridge hands to the host
+        # on the port itself, past inet's rules for the bridge: ports forward them (their
+        # group_fwd_mask, kernel/links.py) so that the guard sees them; this is the rest
+        _rule(b, "input", _is(IIF, "guarded"),
+              _match({"&": [_pl("ether", "daddr"), "ff:ff:ff:ff:ff:f0"]}, "01:80:c2:00:00:00"),
+              *COUNT_DROP_IN, comment="to a link-local group"),
         _rule(b, c, _match({"&": [_pl("ether", "saddr"), "01:00:00:00:00:00"]},
                            "01:00:00:00:00:00"), *COUNT_DROP_IN, comment="multicast source MAC"),
         _rule(b, c, _match(_pl("ether", "type"), {"set": ["ip", "arp", "ip6"]}, "!="),
               *COUNT_DROP_IN, comment="not IPv4, ARP or IPv6 (VLAN tags, STP, ...)"),
         _rule(b, c, _match(_pl("udp", "sport"), {"set": [67, 547]}), *COUNT_DROP_IN,
               comment="rogue DHCP server"),
+        # DHCP never needs fragments; a first fragment that ends before the client hardware
+        # address would hide it from the guard's check (the rest alone never reassembles)
+        _rule(b, c, _match({"&": [_pl("ip", "frag-off"), 0x2000]}, 0, "!="),
+              _match(_pl("udp", "dport"), 67), *COUNT_DROP_IN, comment="fragmented DHCP"),
         _rule(b, c, _match(ICMP6, {"set": ["nd-router-advert", "nd-redirect"]}),
               *COUNT_DROP_IN, comment="rogue router"),
         _rule(b, c, _match(_pl("icmp", "type"), "redirect"), *COUNT_DROP_IN,
