@@ -316,6 +316,11 @@ class Ports:
             return True
         log.debug("reconcile: adopted port %s (%s/%s nic %d, uid %d)", rec.ifname, rec.network,
                   rec.vm, rec.nic, rec.uid)
+        if link.master is not None:  # as a port is set up now (one made by an older vnetd)
+            try:
+                self.links.fast.forward_link_local(link.index)
+            except Failed as e:
+                log.warning("port %s: %s", rec.ifname, e)
         if rec.kind == "attach":
             self.macs.remember(rec.network, rec.vm, rec.uid, rec.nic,
                                rec.mac if rec.registry_mac else None)

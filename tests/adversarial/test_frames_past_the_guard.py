@@ -197,3 +197,22 @@ def test_vxlan_from_a_guest_never_reaches_an_overlay(vnetd, agents):
     got = victim.collect(1.5)
     assert not [f for f in got if F.marker("vxlan-from-a-guest") in f], \
         "a guest's VXLAN datagram put a frame on the overlay"
+
+
+def group_fwd_mask(vnetd, ifname: str) -> int:
+    info = vnetd.ipj("-d", "link", "show", ifname)[0]["linkinfo"]["info_slave_data"]
+    return int(str(info["group_fwd_mask"]), 0)
+
+
+def test_a_port_an_older_vnetd_made_forwards_link_local_groups_after_a_restart(vnetd, agents):
+    held = agents(BOB, HOSTONLY, "llc-older")
+    assert held.error is None, held.hello
+    assert group_fwd_mask(vnetd, held.ifname) == 0xFFFD
+    vnetd.ip("link", "set", "dev", held.ifname, "type", "bridge_slave", "group_fwd_mask", "0")
+    assert group_fwd_mask(vnetd, held.ifname) == 0  # as an older vnetd left it
+    vnetd.stop()
+    vnetd.start()
+    deadline = time.monotonic() + 10
+    while group_fwd_mask(vnetd, held.ifname) != 0xFFFD and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert group_fwd_mask(vnetd, held.ifname) == 0xFFFD

@@ -286,13 +286,16 @@ class FastLinkSetter:
             attrs += _rtattr(IFLA_IFALIAS, alias.encode() + b"\0")
         self._request(RTM_NEWLINK, socket.AF_UNSPEC, index, IFF_UP if up else 0, IFF_UP, attrs)
         if port is not None and master:
-            # the reserved link-local groups (01:80:c2:00:00:0X: LLDP, 802.1X, ...) it sends
-            # are forwarded, through the bridge's prerouting hook and so the port's guard,
-            # not handed to the host on the port itself, where no rule of the bridge's sees
-            # them (all but PAUSE, which the kernel drops itself)
-            self._request(RTM_SETLINK, AF_BRIDGE, index, 0, 0, _rtattr(
-                IFLA_PROTINFO | NLA_F_NESTED,
-                _rtattr(IFLA_BRPORT_GROUP_FWD_MASK, struct.pack("=H", PORT_GROUP_FWD_MASK))))
+            self.forward_link_local(index)
+
+    def forward_link_local(self, index: int) -> None:
+        """The reserved link-local groups (01:80:c2:00:00:0X: LLDP, 802.1X, ...) that this
+        bridge port receives are forwarded, through the bridge's prerouting hook and so the
+        port's guard, not handed to the host on the port itself, where no rule of the
+        bridge's sees them (all but PAUSE, which the kernel drops itself)."""
+        self._request(RTM_SETLINK, AF_BRIDGE, index, 0, 0, _rtattr(
+            IFLA_PROTINFO | NLA_F_NESTED,
+            _rtattr(IFLA_BRPORT_GROUP_FWD_MASK, struct.pack("=H", PORT_GROUP_FWD_MASK))))
 
     def _request(self, kind: int, family: int, index: int, flags: int, change: int,
                  attrs: bytes) -> None:
