@@ -121,14 +121,16 @@ METHODS: tuple[Method, ...] = (
            "the VM's stable MAC. Members of group vnet may then connect with no call at all.",
            details=("network", "vm")),
     Method(MANAGER, "ExportEtherConf", _a("network:s"), _a("text:s"), INFO,
-           "The network's MACs as qemu-vlan's ether.conf (ether_<i>=MAC lines).",
+           "The network's MACs as qemu-vlan's ether.conf (ether_<i>=MAC lines); an "
+           "administrator (manage) gets every VM's, another caller its own VMs'.",
            details=("network",)),
     Method(MANAGER, "ImportMacs", _a("network:s", "macs:a{ss}"), _a("count:u"), MANAGE,
            "Take in 'VM' (NIC 0; from an old ether.conf: VM '<network>_<i>') or 'VM/NIC' -> "
            "MAC entries, as ExportMacs gives them; all or nothing.", details=("network",)),
     Method(MANAGER, "ExportMacs", _a("network:s"), _a("macs:a{ss}"), INFO,
            "The network's MAC registry, 'VM/NIC' -> MAC: ImportMacs on another host takes it "
-           "in, so VMs that move keep their MACs.", details=("network",)),
+           "in, so VMs that move keep their MACs. An administrator (manage) gets every VM's "
+           "entries, another caller its own VMs'.", details=("network",)),
     Method(MANAGER, "ForgetMac", _a("network:s", "vm:s"), _a("count:u"), MANAGE,
            "Drop every NIC's MAC of a VM from the network's registry (the network need not be "
            "defined any more); refused while a NIC of the VM is attached there.",

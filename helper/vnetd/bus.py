@@ -637,7 +637,7 @@ class Service:
 
     async def export_ether_conf(self, caller: Caller, network: str) -> Any:
         self.engine.get(network)
-        return self.engine.macs.export_ether_conf(network)
+        return self.engine.macs.export_ether_conf(network, await self._whose(caller, network))
 
     async def import_macs(self, caller: Caller, network: str, macs: dict[str, str]) -> Any:
         self.owns_network(caller, network)
@@ -645,7 +645,13 @@ class Service:
                      audit=f"{len(macs)} entr{'y' if len(macs) == 1 else 'ies'}")
 
     async def export_macs(self, caller: Caller, network: str) -> Any:
-        return self.engine.vms.export_macs(network)
+        return self.engine.vms.export_macs(network, await self._whose(caller, network))
+
+    async def _whose(self, caller: Caller, network: str) -> int | None:
+        """Whose registry entries a caller may read: every one for an administrator
+        (manage), else its own VMs' (which VM has which MAC is, as for leases, what an
+        attack on another guest starts from)."""
+        return None if await self.is_admin(caller, network) else caller.uid
 
     async def forget_mac(self, caller: Caller, network: str, vm: str) -> Any:
         if network in self.engine.defs:  # the network need not be defined any more

@@ -250,9 +250,17 @@ class MacRegistry:
         self._write(self.FILE, self.data)
         return len(rows)
 
-    def export(self, network: str) -> dict[str, str]:
-        """The network's entries, 'vm/nic' -> mac: what import_macs takes back."""
-        return dict(sorted(self.data.get(network, {}).items()))
+    def export(self, network: str, uid: int | None = None) -> dict[str, str]:
+        """The network's entries, 'vm/nic' -> mac: what import_macs takes back; with `uid`,
+        only those of the VMs that uid registered."""
+        return dict(sorted(self._entries(network, uid)))
+
+    def _entries(self, network: str, uid: int | None) -> list[tuple[str, str]]:
+        macs = self.data.get(network, {}).items()
+        if uid is None:
+            return list(macs)
+        mine = self.creators.get(network, {})
+        return [(k, mac) for k, mac in macs if mine.get(split_key(k)[0]) == uid]
 
     def forget(self, network: str, vm: str) -> int:
         """Drop every NIC entry of a VM on a network; how many there were."""
@@ -290,14 +298,14 @@ class MacRegistry:
         self.creators = creators
         return before
 
-    def export_ether_conf(self, network: str) -> str:
+    def export_ether_conf(self, network: str, uid: int | None = None) -> str:
         """qemu-vlan's ether.conf: ether_<i>=MAC. VMs named <network>_<i> (the original's tap
-        names, which is what an import creates) keep their index; others follow."""
-        macs = self.data.get(network, {})
+        names, which is what an import creates) keep their index; others follow. With `uid`,
+        only the VMs that uid registered."""
         indexed: dict[int, tuple[str, str]] = {}
         rest: list[tuple[str, str]] = []
         prefix = f"{network}_"
-        for k, mac in sorted(macs.items()):
+        for k, mac in sorted(self._entries(network, uid)):
             vm, nic = split_key(k)
             if nic == 0 and vm.startswith(prefix) and vm[len(prefix):].isdigit():
                 indexed[int(vm[len(prefix):])] = (k, mac)

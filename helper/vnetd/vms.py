@@ -26,9 +26,9 @@ class Vms(Operations):
         self.engine.get(network)
         return self.macs.get(network, vm, nic, uid)
 
-    def export_macs(self, network: str) -> dict[str, str]:
+    def export_macs(self, network: str, uid: int | None = None) -> dict[str, str]:
         self.engine.get(network)
-        return self.macs.export(network)
+        return self.macs.export(network, uid)
 
     def import_macs(self, network: str, entries: dict[str, str]) -> int:
         self.engine.get(network)

@@ -414,6 +414,41 @@ def test_leases_show_a_user_only_its_own_vms(daemon):
         run_client("undefine", "vnet3")
 
 
+EXPORTS = """
+async def main():
+    async with Client() as c:
+        macs = await c.call("ExportMacs", "s", ["vnet2"])
+        conf = await c.call("ExportEtherConf", "s", ["vnet2"])
+        print(json.dumps({"macs": macs[0], "conf": conf[0]}))
+asyncio.run(main())
+"""
+
+
+def test_the_mac_registry_shows_a_user_only_its_own_vms(daemon):
+    """Which VM has which MAC is what an attack on another guest starts from (a copied MAC,
+    a guessed name): ExportMacs and ExportEtherConf give an administrator every entry, any
+    other caller its own VMs'."""
+    with PolkitRule("60-vnet-adv-bob-attach", grant_rule(BOB, ATTACH_ACTION)):
+        macs = {}
+        for user, vm in ((ALICE, "alice-reg"), (BOB, "bob-reg")):
+            r = run_client("mac", "--br=vnet2", f"--vm={vm}", user=user)
+            assert r.returncode == 0, r.stderr
+            macs[vm] = r.stdout.strip()
+
+        def exports(user):
+            r = run_as(user, EXPORTS)
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+
+        bob = exports(BOB)
+        assert list(bob["macs"]) == ["bob-reg/0"], bob
+        assert macs["alice-reg"] not in json.dumps(bob) and "alice-reg" not in json.dumps(bob)
+        assert macs["bob-reg"] in bob["conf"]
+        every = exports(None)
+        assert {"alice-reg/0", "bob-reg/0"} <= set(every["macs"])
+        assert macs["alice-reg"] in every["conf"] and macs["bob-reg"] in every["conf"]
+
+
 # --- 6. the log: one user calling in a loop cannot fill it ------------------------------------
 
 FLOOD = """
