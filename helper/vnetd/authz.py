@@ -73,6 +73,9 @@ class Authorizer:
         self.clock = clock
         self._creds: OrderedDict[str, tuple[int, int | None]] = OrderedDict()
         self._cache: OrderedDict[CacheKey, float] = OrderedDict()  # key -> expiry, LRU order
+        # sender -> its keys in the cache: a disconnect (any name on the bus) costs its own
+        # entries, not a walk over all of them
+        self._by_sender: dict[str, set[CacheKey]] = {}
         self._bytes = 0
         self.polkit_calls = 0
         self.cache_hits = 0
@@ -80,7 +83,7 @@ class Authorizer:
     # --- cache maintenance (wired to bus signals by bus.py) -----------------------------
     def forget_sender(self, name: str) -> None:
         self._creds.pop(name, None)
-        gone = [k for k in self._cache if k[0] == name]
+        gone = list(self._by_sender.get(name, ()))
         for k in gone:
             self._drop(k)
         if gone:
@@ -90,6 +93,7 @@ class Authorizer:
         if self._cache:
             log.info("polkit configuration changed: dropped %d cached answers", len(self._cache))
         self._cache.clear()
+        self._by_sender.clear()
         self._bytes = 0
 
     @property
@@ -103,6 +107,11 @@ class Authorizer:
     def _drop(self, key: CacheKey) -> None:
         if self._cache.pop(key, None) is not None:
             self._bytes -= _key_size(key)
+            keys = self._by_sender.get(key[0])
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_sender[key[0]]
 
     def _cached(self, key: CacheKey) -> bool:
         expiry = self._cache.get(key)
@@ -122,6 +131,7 @@ class Authorizer:
             return
         self._drop(key)
         self._cache[key] = self.clock() + self.cache_seconds
+        self._by_sender.setdefault(key[0], set()).add(key)
         self._bytes += size
         while len(self._cache) > self.max_entries or self._bytes > self.max_bytes:
             self._drop(next(iter(self._cache)))  # the least recently used

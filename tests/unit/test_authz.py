@@ -205,3 +205,23 @@ def test_refusals_name_the_method_and_the_right_fix(action, method, says, never)
             assert "group 'vnet'" in text
         else:
             assert "polkit rule" in text and "org.qemuvnet.Vnet1.manage" in text
+
+
+def test_a_disconnect_drops_its_own_entries_through_an_index_that_follows_evictions():
+    """forget_sender runs for every name that leaves the bus: it looks up that sender's keys
+    instead of walking the whole cache; the index follows LRU evictions and expiry."""
+    now = [0.0]
+    bus = StubBus(*[(True, False, {})] * 200)
+    a = Authorizer(bus, cache_seconds=10, max_entries=50, clock=lambda: now[0])
+    for i in range(120):
+        check(a, Caller(f":1.{100 + i % 30}", 1001, 42, False), details={"network": f"n{i}"})
+    assert a.cache_size == 50
+    assert sum(map(len, a._by_sender.values())) == 50
+    a.forget_sender(":1.100")
+    assert all(k[0] != ":1.100" for k in a._cache) and ":1.100" not in a._by_sender
+    now[0] = 20.0  # everything expired: each lookup drops its key
+    for i in range(90, 120):
+        check(a, Caller(f":1.{100 + i % 30}", 1001, 42, False), details={"network": f"n{i}"})
+    for name in list(a._by_sender):
+        a.forget_sender(name)
+    assert a.cache_size == 0 and a._by_sender == {}
