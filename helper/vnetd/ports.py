@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -91,10 +92,12 @@ _PUBLIC = tuple((f.name, f.name.replace("_", "-")) for f in fields(Port)
                 if f.name not in ("registry_mac", "parked"))
 
 
-def port_name(network: str, vm: str, nic: int, attempt: int = 0) -> str:
-    """Deterministic, fits IFNAMSIZ, recognizably the network's: '<net[:8]>-<6 hex>'."""
-    h = hashlib.sha256(f"{network}/{vm}/{nic}/{attempt}".encode()).hexdigest()[:6]
-    return f"{network[:8]}-{h}"
+def port_name(network: str, vm: str, nic: int, attempt: int = 0, key: bytes = b"") -> str:
+    """Fits IFNAMSIZ, recognizably the network's: '<net[:8]>-<6 hex>', the hex keyed with a
+    secret of this vnetd (Ports' name key): names another user could compute ahead could be
+    taken by that user's own ports first, and a VM's attach would run out of names."""
+    h = hmac.new(key, f"{network}/{vm}/{nic}/{attempt}".encode(), hashlib.sha256)
+    return f"{network[:8]}-{h.hexdigest()[:6]}"
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,7 @@ class Ports:
         self.macs = macs
         self.store = store
         self.max_per_user = max_per_user
+        self.name_key = os.urandom(16)  # port_name's secret (adopted ports keep their names)
         self.by_name: dict[str, Port] = {}
         self.by_index: dict[int, Port] = {}
         # keyed views of by_name, so that no attach, quota check or holder exit scans every
@@ -623,10 +627,11 @@ class Ports:
         return port
 
     def _open_free(self, network: str, vm: str, nic: int, flags: int) -> tuple[str, int]:
-        """Create the tap under the first free deterministic name. IFF_TUN_EXCL makes the
-        kernel refuse a name that exists (EBUSY), so no lookup is needed first."""
+        """Create the tap under the first free one of the port's names (port_name).
+        IFF_TUN_EXCL makes the kernel refuse a name that exists (EBUSY), so no lookup is
+        needed first."""
         for attempt in range(16):
-            name = port_name(network, vm, nic, attempt)
+            name = port_name(network, vm, nic, attempt, self.name_key)
             if name in self.by_name:
                 continue
             try:

@@ -3,6 +3,7 @@ comes and goes, so attach, quota checks and holder exits never scan the host's p
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 from vnetd.ports import Port, Ports
@@ -35,3 +36,15 @@ def test_keyed_views_follow_add_and_drop(tmp_path):
     assert ports.on_network("n1") == [] and ports.of_uid(1000) == []
     assert ports._on_network == {} and ports._of_uid == {} and ports._of_holder == {}
     assert not ports._drop(b)  # a port dropped twice is no error and changes nothing
+
+
+def test_port_names_depend_on_a_secret_no_other_user_knows():
+    """A VM's port names cannot be computed ahead by another user (who would take them with
+    ports of its own): the same (network, vm, nic, attempt) gives different names under
+    different keys, and the same name under the same key."""
+    from vnetd.ports import port_name
+    a, b = os.urandom(16), os.urandom(16)
+    names_a = [port_name("vnet2", "web1", 0, i, a) for i in range(16)]
+    assert names_a == [port_name("vnet2", "web1", 0, i, a) for i in range(16)]
+    assert names_a != [port_name("vnet2", "web1", 0, i, b) for i in range(16)]
+    assert all(n.startswith("vnet2-") and len(n) <= 15 for n in names_a)
