@@ -632,7 +632,7 @@ class Service:
         return self.engine.vms.get_mac(network, vm, nic, caller.uid)
 
     async def vde_socket(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
-        sock, mac = await asyncio.to_thread(self.engine.vde_socket, network, vm, nic, caller.uid)
+        sock, mac = await self.engine.vde_socket(network, vm, nic, caller.uid)
         return Reply(sock, mac)
 
     async def export_ether_conf(self, caller: Caller, network: str) -> Any:

@@ -456,12 +456,14 @@ class Engine:
                 raise
             return net.name
 
-    def vde_socket(self, network: str, vm: str, nic: int, uid: int = 0) -> tuple[str, str]:
-        """A VDE switch socket with a free port, and the VM's stable MAC."""
+    async def vde_socket(self, network: str, vm: str, nic: int, uid: int = 0) -> tuple[str, str]:
+        """A VDE switch socket with a free port (the switches are asked in a thread), and
+        the VM's stable MAC (the registry is only ever changed on the event loop)."""
         net = self.get(network)
         if not net.vde:
             raise InvalidArgument(f"The network '{network}' has no VDE switches (define it "
                                   "with --vde).")
         if network not in self.running:
             raise NotRunning(f"The network '{network}' is not running: start it first.")
-        return self.vde.free_socket(net), self.vms.get_mac(network, vm, nic, uid)
+        sock = await asyncio.to_thread(self.vde.free_socket, net)
+        return sock, self.vms.get_mac(network, vm, nic, uid)
