@@ -6,7 +6,6 @@ Reads only: nothing here takes the engine's lock or changes state.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 from typing import Any
 
@@ -66,7 +65,7 @@ class Queries(Operations):
             evpn = await self.evpn.status(name)
             if evpn is not None and "overlay-state" in d:
                 d["overlay-state"]["evpn"] = evpn
-            warnings = await asyncio.to_thread(self.firewall.warnings)
+            warnings = await self.firewall.current_warnings()
             if warnings:
                 d["firewall-warnings"] = warnings
         elif self.ports.parked(name):  # stopped with VMs attached: they wait for its start

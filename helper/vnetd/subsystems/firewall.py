@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from ..ports import Port, Ports
     from ..resolver import Resolver
 
+WARNINGS_FOR = 5.0  # seconds a reading of the other tables' drop policies is reused
+
 log = logging.getLogger("vnetd.firewall")
 
 IPV4_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -83,6 +85,15 @@ class Firewall:
         # not thread-safe, and its netlink errors can end the whole process)
         self._nft_lock = threading.Lock()
         self._elements = nftnl.Elements()
+        # reads for callers (GetNetwork is open to everyone) have a context, a socket and a
+        # lock of their own: however many wait to read, a change (taken on the event loop for
+        # a port) never waits behind them. Concurrent reads of the same thing are one read.
+        self._read_nft = None
+        self._read_lock = threading.Lock()
+        self._read_elements = nftnl.Elements()
+        self._counting: dict[str, asyncio.Future] = {}  # network -> its counters being read
+        self._warnings: tuple[float, list[str]] | None = None  # (read at, sentences)
+        self._warning: asyncio.Future | None = None  # the read under way
         self._forwarding_before: dict[Path, str] = {}
         self.flowtables = False
 
@@ -98,6 +109,15 @@ class Firewall:
                 log.info("nftables flowtables are not supported by this kernel: forwarded "
                          "flows take the normal path")
         return self._nft
+
+    @property
+    def read_nft(self):
+        if self._read_nft is None:
+            import nftables
+
+            self._read_nft = nftables.Nftables()
+            self._read_nft.set_json_output(True)
+        return self._read_nft
 
     def _apply(self, cmd: dict, what: str) -> None:
         try:
@@ -232,22 +252,30 @@ class Firewall:
         await self.sync_all()
 
     async def status(self, name: str) -> dict[str, dict[str, int]]:
-        """The anti-spoofing drop counters of the network's ports, by port."""
+        """The anti-spoofing drop counters of the network's ports, by port; callers that ask
+        while they are being read share that read."""
+        reading = self._counting.get(name)
+        if reading is None:
+            reading = self._counting[name] = asyncio.ensure_future(self._status(name))
+            reading.add_done_callback(lambda _f: self._counting.pop(name, None))
+        return await asyncio.shield(reading)
+
+    async def _status(self, name: str) -> dict[str, dict[str, int]]:
         mine = [p.ifname for p in self.view.ports.on_network(name)
                 if p.ifname in self.applied_ports]
         if not mine or not self._protects(name):
             return {}
 
         def read() -> dict[str, dict[str, int]]:
-            with self._nft_lock:
+            with self._read_lock:
                 try:  # straight from the kernel, these elements alone
-                    got = self._elements.counters(fw.TABLE, "spoof", [nftnl.encode_key(
+                    got = self._read_elements.counters(fw.TABLE, "spoof", [nftnl.encode_key(
                         fw.SET_FIELDS["spoof"], n) for n in mine])
                     return {k.rstrip(b"\0").decode(): {"packets": p, "bytes": b}
                             for k, (p, b) in got.items()}
                 except RuntimeError as e:
                     log.debug("counters by netlink failed (%s); asking libnftables", e)
-                return fw.get_spoof_counters(mine, self.nft)
+                return fw.get_spoof_counters(mine, self.read_nft)
 
         try:  # these ports' elements only: the cost of one network, not of the host
             return await asyncio.to_thread(read)
@@ -269,8 +297,24 @@ class Firewall:
         return fw.parse_spoof_counters(listing)
 
     def _query(self, cmd: dict) -> dict:
-        with self._nft_lock:
-            return fw.query(cmd, self.nft)
+        with self._read_lock:
+            return fw.query(cmd, self.read_nft)
+
+    async def current_warnings(self) -> list[str]:
+        """warnings(), read in a thread at most once every WARNINGS_FOR seconds and once at a
+        time, whoever asks (GetNetwork is open to everyone; the other tables change seldom)."""
+        loop = asyncio.get_running_loop()
+        if self._warnings is not None and loop.time() - self._warnings[0] < WARNINGS_FOR:
+            return self._warnings[1]
+        if self._warning is None:
+            self._warning = asyncio.ensure_future(asyncio.to_thread(self.warnings))
+
+            def done(f: asyncio.Future) -> None:
+                self._warning = None
+                if not f.cancelled() and f.exception() is None:
+                    self._warnings = (loop.time(), f.result())
+            self._warning.add_done_callback(done)
+        return await asyncio.shield(self._warning)
 
     def warnings(self) -> list[str]:
         """Sentences for `show`: other tables whose drop policy also drops our traffic."""

@@ -1,0 +1,88 @@
+"""The firewall's reads for callers (GetNetwork is open to everyone): callers that ask while
+a read is under way share it, the other tables' drop policies are read at most once every
+WARNINGS_FOR seconds, and a read never holds the lock that changes take on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+from vnetd.subsystems import firewall as fwmod
+from vnetd.subsystems.firewall import Firewall
+
+
+def make() -> Firewall:
+    return Firewall(SimpleNamespace())
+
+
+def test_warnings_are_read_once_for_every_caller_meanwhile_and_then_reused():
+    f = make()
+    reads = []
+
+    def warnings():
+        reads.append(threading.get_ident())
+        time.sleep(0.05)  # a slow ruleset listing
+        return ["x drops forwarded traffic"]
+
+    f.warnings = warnings
+
+    async def main():
+        got = await asyncio.gather(*[f.current_warnings() for _ in range(50)])
+        assert all(g == ["x drops forwarded traffic"] for g in got)
+        assert len(reads) == 1
+        assert await f.current_warnings() == ["x drops forwarded traffic"]
+        assert len(reads) == 1  # reused within WARNINGS_FOR
+        f._warnings = (f._warnings[0] - fwmod.WARNINGS_FOR - 1, f._warnings[1])
+        await f.current_warnings()
+        assert len(reads) == 2
+    asyncio.run(main())
+
+
+def test_counters_of_one_network_are_one_read_for_every_caller_meanwhile():
+    f = make()
+    calls = []
+
+    async def status(name):
+        calls.append(name)
+        await asyncio.sleep(0.05)
+        return {f"{name}-p": {"packets": 1, "bytes": 60}}
+
+    f._status = status
+
+    async def main():
+        got = await asyncio.gather(*[f.status("a") for _ in range(30)],
+                                   *[f.status("b") for _ in range(30)])
+        assert calls == ["a", "b"]
+        assert got[0] == {"a-p": {"packets": 1, "bytes": 60}} and got[-1] == {
+            "b-p": {"packets": 1, "bytes": 60}}
+        await f.status("a")  # a new read once the last one is done
+        assert calls == ["a", "b", "a"]
+    asyncio.run(main())
+
+
+def test_a_caller_that_gives_up_does_not_cancel_the_read_for_the_others():
+    f = make()
+
+    async def status(name):
+        await asyncio.sleep(0.05)
+        return {"p": {"packets": 2, "bytes": 1}}
+
+    f._status = status
+
+    async def main():
+        first = asyncio.ensure_future(f.status("a"))
+        second = asyncio.ensure_future(f.status("a"))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        assert await second == {"p": {"packets": 2, "bytes": 1}}
+    asyncio.run(main())
+
+
+def test_reads_do_not_take_the_lock_of_changes():
+    f = make()
+    with f._nft_lock:  # a change under way cannot stall a read, nor a read a change
+        assert f._read_lock.acquire(timeout=1)
+        f._read_lock.release()
+    assert f._read_lock is not f._nft_lock and f._read_elements is not f._elements
