@@ -112,6 +112,8 @@ def test_monitor_prints_one_json_line_per_event(vnetd):
         run_client("undefine", "vnet9")
         run_client("undefine", "vnet19")
     assert mon.returncode == 0, err
+    # watched before it exists: said once on stderr (a typo would otherwise wait silently)
+    assert "no network 'vnet9' is defined (yet)" in err
     events = [json.loads(line) for line in out.splitlines()]
     assert [(e["event"], e["network"]) for e in events] == [("NetworkChanged", "vnet9")] * 3
     assert [e["state"] for e in events] == ["defined", "running", "stopped"], events

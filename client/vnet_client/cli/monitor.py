@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 
+from ..base import VnetClientError
 from .parser import EXIT_OK, Usage
 from .session import Session
 
@@ -30,6 +32,15 @@ def run_monitor(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         raise Usage("--count takes a number of events of at least 1.")
     with Session(args) as s:
+        if args.network is not None:
+            # a network defined later is watched all the same; say so, or a typo waits forever
+            try:
+                s.client.get_network(args.network)
+            except VnetClientError as e:
+                if not e.name.endswith(".NotFound"):
+                    raise
+                print(f"vnet-client: no network '{args.network}' is defined (yet): waiting "
+                      "for its events all the same.", file=sys.stderr, flush=True)
         n = 0
         for member, ev in s.client.events(args.network):
             if args.json:
