@@ -105,7 +105,9 @@ METHODS: tuple[Method, ...] = (
            _a("port:a{sv}", "fds:ah", "vhostfds:ah"), ATTACH,
            "Open a tap on the network for a VM and hand its fd(s) to the caller. Options: nic, "
            "queues (1-8, one fd each), vhost, mac (the guest's, when it is not the stable one), "
-           "holder-pid (the caller's parent, for helpers run by QEMU).",
+           "learn-mac (the guest's MAC is not known: the port takes the first source MAC its "
+           "guest sends that nobody else holds; not with mac), holder-pid (the caller's "
+           "parent, for helpers run by QEMU).",
            details=("network", "vm")),
     Method(MANAGER, "Detach", _a("ifname:s"), (), ATTACH,
            "Remove a port now, persistent or not. Its owner or an administrator (manage).",
@@ -161,13 +163,17 @@ METHODS: tuple[Method, ...] = (
            "name), target-port, ext-addr (traffic to that address), iface (traffic arriving on "
            "that interface), addr-of (traffic to that interface's addresses, followed as they "
            "change); or rule (qemu-vlan's 'interface,proto,port,address:port[/4|6]') with "
-           "interface-means (addresses, the default, or incoming). Refused if it overlaps "
+           "interface-means (addresses, the default, or incoming); or the command line's "
+           "words: external ('[EXT_ADDR:]PORT[-PORT]') and to ('TARGET:PORT') with proto and "
+           "family. Refused if it overlaps "
            "another forward. The "
            "caller owns it; other than root, one user owns at most vnetd's "
            "--max-forwards-per-user forwards.",
            details=("network",)),
     Method(MANAGER, "RemoveForward", _a("network:s", "forward:a{sv}"), (), FORWARD,
-           "Remove the forward of proto, family, port (and ext-addr).", details=("network",)),
+           "Remove the forward of proto, family, port (and ext-addr); or of proto, family "
+           "and external ('[EXT_ADDR:]PORT[-PORT]'), as the command line says it.",
+           details=("network",)),
     Method(MANAGER, "ListForwards", _a("network:s"), _a("forwards:aa{sv}"), INFO,
            "The network's forwards, with their owner's uid and the address each VM-name "
            "target resolves to now.",
