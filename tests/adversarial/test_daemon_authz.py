@@ -417,9 +417,9 @@ def test_leases_show_a_user_only_its_own_vms(daemon):
 EXPORTS = """
 async def main():
     async with Client() as c:
-        macs = await c.call("ExportMacs", "s", ["vnet2"])
-        conf = await c.call("ExportEtherConf", "s", ["vnet2"])
-        print(json.dumps({"macs": macs[0], "conf": conf[0]}))
+        macs = (await c.call("ExportMacs", "s", ["vnet2"])).body[0]
+        conf = (await c.call("ExportEtherConf", "s", ["vnet2"])).body[0]
+        print(json.dumps({"macs": macs, "conf": conf}))
 asyncio.run(main())
 """
 

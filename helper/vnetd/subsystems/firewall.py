@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from ..ports import Port, Ports
     from ..resolver import Resolver
 
-WARNINGS_FOR = 5.0  # seconds a reading of the other tables' drop policies is reused
-
 log = logging.getLogger("vnetd.firewall")
 
 IPV4_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -92,8 +90,7 @@ class Firewall:
         self._read_lock = threading.Lock()
         self._read_elements = nftnl.Elements()
         self._counting: dict[str, asyncio.Future] = {}  # network -> its counters being read
-        self._warnings: tuple[float, list[str]] | None = None  # (read at, sentences)
-        self._warning: asyncio.Future | None = None  # the read under way
+        self._warning: asyncio.Future | None = None  # the warnings' read under way
         self._forwarding_before: dict[Path, str] = {}
         self.flowtables = False
 
@@ -301,19 +298,11 @@ class Firewall:
             return fw.query(cmd, self.read_nft)
 
     async def current_warnings(self) -> list[str]:
-        """warnings(), read in a thread at most once every WARNINGS_FOR seconds and once at a
-        time, whoever asks (GetNetwork is open to everyone; the other tables change seldom)."""
-        loop = asyncio.get_running_loop()
-        if self._warnings is not None and loop.time() - self._warnings[0] < WARNINGS_FOR:
-            return self._warnings[1]
+        """warnings(), read in a thread, one read at a time whoever asks (GetNetwork is open
+        to everyone): callers that ask while it is under way share it."""
         if self._warning is None:
             self._warning = asyncio.ensure_future(asyncio.to_thread(self.warnings))
-
-            def done(f: asyncio.Future) -> None:
-                self._warning = None
-                if not f.cancelled() and f.exception() is None:
-                    self._warnings = (loop.time(), f.result())
-            self._warning.add_done_callback(done)
+            self._warning.add_done_callback(lambda _f: setattr(self, "_warning", None))
         return await asyncio.shield(self._warning)
 
     def warnings(self) -> list[str]:
