@@ -149,6 +149,7 @@ class Engine:
         self.reconcile = Reconciler(self)
         self.ports.listeners.append(self._port_event)
         self.ports.spares = self.spares
+        self.ports.firewall = self.firewall  # a tap made at attach is held as a spare is
         self.ports.identity_owner = self.resolver.owner_of_mac
         self.dhcp.listeners.append(self._lease_event)
 

@@ -211,6 +211,7 @@ class Ports:
         self._monitor: asyncio.Task | None = None
         self._monitor_sock: socket.socket | None = None
         self.spares: Spares | None = None  # taps made ahead of attaches (set by the engine)
+        self.firewall: Any = None  # (set by the engine) holds a tap made here as pending
         self._records: dict[str, Port] = {}
         # ports whose guest MAC is still to be learned, by ifindex: the FDB events of every
         # bridge on the host are checked against this, so it must cost O(1)
@@ -560,6 +561,7 @@ class Ports:
         fds: list[int] = []
         vhostfds: list[int] = []
         spare = self.spares.take(net.name) if self.spares is not None and queues == 1 else None
+        held = False
         try:
             if spare is not None:  # made ahead, already on the bridge: only its owner is left
                 ifname, first, index, tap_mac = spare.ifname, spare.fd, spare.index, \
@@ -577,6 +579,11 @@ class Ports:
                 raise Failed(f"Could not set up tap '{ifname}': {e.strerror}.") from None
             if spare is None:
                 tap_mac = read_tap_mac(fd=first, ifname=ifname)
+                if self.firewall is not None and net.spoof_protection:
+                    # nothing to or from it until its guard is in (as for a spare): frames
+                    # flooded meanwhile would wait in its queue for the holder
+                    await self.firewall.spares_added([ifname])
+                    held = True
                 self.links.fast.set(index, alias=model.alias_for(net.name),
                                     master=bridge_index, mtu=net.mtu, port=ifname)
             info: dict[str, Any] = {"vhost": False}
@@ -594,6 +601,8 @@ class Ports:
             for fd in fds + vhostfds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            if held:
+                await self.firewall.spares_gone([ifname])
             raise
         port = Port(ifname=ifname, ifindex=index, network=net.name, vm=vm, nic=nic, uid=uid,
                     mac=mac, mac_known=mac_known, holder_pid=holder, queues=queues,

@@ -7,6 +7,8 @@ neighbour entry for a guest never moves to the attacker's MAC.
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from tests.harness import frames as F
@@ -151,3 +153,38 @@ def test_ipv6_sources(vnetd, scene):
     assert "own-ll" in seen, f"positive control: {seen}"
     leaked = seen & (set(blocked) | {"echo-from-unbound"})
     assert not leaked, f"IPv6 from addresses the port does not hold got through: {leaked}"
+
+
+def test_a_first_fragment_to_a_group_does_not_hide_a_router_advertisement(vnetd, scene):
+    """A first fragment whose extension headers run past its end hides the ICMPv6 header
+    (and a router advertisement in it) from the rules that drop one: fragments to a
+    multicast group go nowhere; a control from the same port to the same group does."""
+    victim, attacker, _vll, _brmac = scene
+    # with br_netfilter calling ip6tables, IPv6 fragments crossing a bridge are reassembled
+    # first (and a lone first fragment waits there): a host without it is the one to test
+    calls = "net.bridge.bridge-nf-call-ip6tables"
+    before = vnetd.exec("sysctl", "-n", calls, check=False).stdout.strip()
+    if before:
+        vnetd.exec("sysctl", "-qw", f"{calls}=0")
+    try:
+        first_fragment_to_all_nodes(victim, attacker)
+    finally:
+        if before:
+            vnetd.exec("sysctl", "-qw", f"{calls}={before}")
+
+
+def first_fragment_to_all_nodes(victim, attacker):
+    all_nodes, all_mac = "ff02::1", "33:33:00:00:00:01"
+    all_ll = F.eui64_ll(attacker.mac)
+    # fragment header (next: destination options), offset 0, more fragments; then the
+    # first 8 bytes of a 96-byte destination options header whose ICMPv6 part never comes
+    frag = struct.pack("!BBHI", 60, 0, 0x0001, 0x5EC0DE) + bytes([58, 11]) + bytes(6)
+    first = F.ether(all_mac, attacker.mac, 0x86DD, F.ipv6(all_ll, all_nodes, 44, frag),
+                    tag="v6-first-fragment")
+    control = F.udp6_frame(attacker.mac, all_mac, all_ll, all_nodes, 5000, 5000, b"hello",
+                           tag="v6-control")
+    victim.clear()
+    attacker.send(first, control)
+    got = b"".join(victim.collect(1.0))
+    assert F.marker("v6-control") in got, "positive control: the group's frames arrive"
+    assert F.marker("v6-first-fragment") not in got, "a first fragment reached another guest"

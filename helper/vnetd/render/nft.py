@@ -1003,6 +1003,11 @@ def _bridge_chains_and_rules() -> list[dict]:
               _match(_pl("udp", "dport"), 67), *COUNT_DROP_IN, comment="fragmented DHCP"),
         _rule(b, c, _match(ICMP6, {"set": ["nd-router-advert", "nd-redirect"]}),
               *COUNT_DROP_IN, comment="rogue router"),
+        # a first fragment can end before its ICMPv6 header (behind long extension headers),
+        # and the two rules above would not see a router advertisement in it
+        _rule(b, c, _match(_pl("ip6", "daddr"), _prefix(ipaddress.ip_network("ff00::/8"))),
+              _match({"exthdr": {"name": "frag"}}, True), *COUNT_DROP_IN,
+              comment="fragment to a multicast group"),
         _rule(b, c, _match(_pl("icmp", "type"), "redirect"), *COUNT_DROP_IN,
               comment="ICMP redirect"),
         _rule(b, c, _match(_pl("arp", "htype"), 1, "!="), *COUNT_DROP_IN,
