@@ -225,6 +225,10 @@ class Engine:
             if net.vde:
                 self.ports.guard_tap(net, tname, "vde", 0, None)
             else:
+                owner = self.macs.reclaim(net.name, tname)
+                if owner is not None:  # registered before its network said so
+                    log.warning("VM name %s on %s belonged to uid %s: it is the name of a "
+                                "pre-created tap, the network's now", tname, net.name, owner)
                 self.ports.guard_tap(net, tname, "tap", 0,
                                      self.macs.get(net.name, tname, 0))
 

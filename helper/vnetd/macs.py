@@ -150,6 +150,16 @@ class MacRegistry:
             by_vm[vm] = uid
             self._store(self.CREATORS)
 
+    def reclaim(self, network: str, vm: str) -> int | None:
+        """Root owns the VM name from now on (a network's pre-created tap's); the uid that
+        owned it, if another."""
+        before = self.owner_uid(network, vm)
+        if before in (None, 0):
+            return None
+        self.creators[network][vm] = 0
+        self._store(self.CREATORS)
+        return before
+
     def owner_uid(self, network: str, vm: str) -> int | None:
         return self.creators.get(network, {}).get(vm)
 

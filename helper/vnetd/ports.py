@@ -92,6 +92,15 @@ _PUBLIC = tuple((f.name, f.name.replace("_", "-")) for f in fields(Port)
                 if f.name not in ("registry_mac", "parked"))
 
 
+def reserve_tap_names(net: model.Network, vm: str, uid: int) -> None:
+    """The VM names of a network's pre-created taps (`<network>_<n>`: the MAC its `-n` tap is
+    guarded with) are the network's: a user who registered one first would own the tap's MAC,
+    attach as it and read the leases of whoever uses the tap."""
+    if uid != 0 and vm in net.tap_names:
+        raise NotOwner(f"VM '{vm}' on {net.name} is the name of one of the network's "
+                       "pre-created taps, which belongs to the network: choose another name.")
+
+
 def port_name(network: str, vm: str, nic: int, attempt: int = 0, key: bytes = b"") -> str:
     """Fits IFNAMSIZ, recognizably the network's: '<net[:8]>-<6 hex>', the hex keyed with a
     secret of this vnetd (Ports' name key): names another user could compute ahead could be
@@ -525,6 +534,7 @@ class Ports:
                      caller_pid: int | None, opts: AttachOptions) -> tuple[Port, list[int],
                                                                           list[int], dict]:
         nic, queues = opts.nic, opts.queues
+        reserve_tap_names(net, vm, uid)
         self.macs.check_owner(net.name, vm, uid)  # before anything says who holds it
         p = self._by_nic.get((net.name, vm, nic))
         if p is not None and self._monitor_sock is not None:

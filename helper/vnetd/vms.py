@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from . import model
 from .errors import Busy, InvalidArgument
 from .operations import Operations
+from .ports import reserve_tap_names
 
 if TYPE_CHECKING:
     pass
@@ -23,7 +24,7 @@ class Vms(Operations):
     """The VMs' MACs on every network (`engine.vms`)."""
 
     def get_mac(self, network: str, vm: str, nic: int, uid: int = 0) -> str:
-        self.engine.get(network)
+        reserve_tap_names(self.engine.get(network), vm, uid)
         return self.macs.get(network, vm, nic, uid)
 
     def export_macs(self, network: str, uid: int | None = None) -> dict[str, str]:

@@ -441,12 +441,33 @@ def test_the_mac_registry_shows_a_user_only_its_own_vms(daemon):
             return json.loads(r.stdout)
 
         bob = exports(BOB)
-        assert list(bob["macs"]) == ["bob-reg/0"], bob
+        every = exports(None)
+        alices = {k for k in every["macs"] if k.split("/")[0] in ("alice-reg", "secretvm")}
+        assert "bob-reg/0" in bob["macs"] and "alice-reg/0" in alices
+        assert not alices & set(bob["macs"]), bob
         assert macs["alice-reg"] not in json.dumps(bob) and "alice-reg" not in json.dumps(bob)
         assert macs["bob-reg"] in bob["conf"]
-        every = exports(None)
         assert {"alice-reg/0", "bob-reg/0"} <= set(every["macs"])
         assert macs["alice-reg"] in every["conf"] and macs["bob-reg"] in every["conf"]
+
+
+def test_the_vm_names_of_pre_created_taps_are_the_networks(daemon):
+    """A `-n` tap is guarded with the MAC of VM <network>_<n>: a user who registered that name
+    first (before the network starts, say) would own the tap's MAC, could attach as it and
+    would read the leases of whoever uses the tap."""
+    run_client("define", "vnet5", "--taps=2", "--dhcp=none", check=True)
+    try:
+        with PolkitRule("60-vnet-adv-bob-attach", grant_rule(BOB, ATTACH_ACTION)):
+            before_start = calls(BOB, ("mac", "GetMac", "ssu", ["vnet5", "vnet5_1", 0]))
+            assert before_start["mac"].endswith(".NotOwner"), before_start
+            run_client("start", "vnet5", check=True)
+            r = run_client("attach", "--br=vnet5", "--vm=vnet5_0", "--", "true", user=BOB)
+            assert r.returncode != 0 and "pre-created tap" in r.stderr, r.stderr
+            assert calls(BOB, ("own", "GetMac", "ssu", ["vnet5", "bobs-vm", 0])) == {
+                "own": "ok"}  # positive control
+    finally:
+        run_client("stop", "vnet5")
+        run_client("undefine", "vnet5")
 
 
 # --- 6. the log: one user calling in a loop cannot fill it ------------------------------------
