@@ -135,11 +135,12 @@ Handler = Callable[..., Awaitable[Any]]
 
 
 class CallLog:
-    """How many per-call log lines a uid may have: BURST at once, then RATE a second (root
-    is not limited). A local user calling in a loop would otherwise fill the log, and push
-    everyone's lines past journald's rate limit (10,000 a service in 30 s by default), the
-    audit lines of other users' calls with them. Lines held back are counted and said in that
-    uid's next line. Bounded: MAX_UIDS buckets, the least recently used go first."""
+    """How many lines of refused calls a uid may have: BURST at once, then RATE a second
+    (root is not limited). A local user calling in a loop would otherwise fill the log, and
+    push everyone's lines past journald's rate limit (10,000 a service in 30 s by default),
+    the audit lines of other users' calls with them. A change that was made is always logged
+    (what it costs bounds how fast one can loop). Lines held back are counted and said in
+    that uid's next line. Bounded: MAX_UIDS buckets, the least recently used go first."""
 
     BURST = 200
     RATE = 20.0
@@ -169,6 +170,15 @@ class CallLog:
             b[2] += 1
             return None
         b[0] -= 1
+        held, b[2] = int(b[2]), 0
+        return held
+
+    def held(self, uid: int) -> int:
+        """The lines of this uid held back since its last line (said now, so counted no
+        more)."""
+        b = self._buckets.get(uid)
+        if b is None or not b[2]:
+            return 0
         held, b[2] = int(b[2]), 0
         return held
 
@@ -433,10 +443,11 @@ class Service:
             raise
         if not isinstance(result, Reply):
             result = Reply() if result is None else Reply(result)
-        if spec.action != api.INFO and (held := self.call_log.take(caller.uid)) is not None:
+        if spec.action != api.INFO:  # every change has its line (refusals are budgeted)
             log.info("uid=%d sender=%s pid=%s %s%s: ok%s%s", caller.uid, caller.sender,
                      caller.pid, spec.name, _fmt_args(args),
-                     f": {result.audit}" if result.audit else "", _held(held),
+                     f": {result.audit}" if result.audit else "",
+                     _held(self.call_log.held(caller.uid)),
                      extra={"VNET_METHOD": spec.name, "VNET_UID": caller.uid,
                             "VNET_PID": caller.pid, "VNET_SENDER": caller.sender,
                             "VNET_NETWORK": details.get("network"), "VNET_RESULT": "ok"})

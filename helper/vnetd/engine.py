@@ -435,8 +435,9 @@ class Engine:
                     "vnet-ifup and vnet-ifdown move only your own <network>_<n> taps (close "
                     "the port's descriptor or detach it instead).")
             if release:
-                if lk.master is not None:
-                    await self.links.set(lk.index, master=0)
+                if lk.master is not None:  # and down: off the bridge, an interface of the
+                    # host's that no rule of the bridges' covers
+                    await self.links.set(lk.index, master=0, state="down")
                 if port is not None and port.kind == "ifup":
                     self.ports.forget(port)
                     await self.firewall.port_gone(port)
@@ -454,7 +455,8 @@ class Engine:
                 # as every port: no IPv6 of the host's on it, its link-local groups to
                 # the guard (kernel/links.py)
                 self.links.fast.set(lk.index, master=bridge,
-                                    mtu=self.running[net.name].net.mtu, port=ifname)
+                                    mtu=self.running[net.name].net.mtu, port=ifname,
+                                    guarded=net.spoof_protection)
             except BaseException:
                 self.ports.forget(port)
                 await self.firewall.port_gone(port)

@@ -330,7 +330,9 @@ class Ports:
             return True
         log.debug("reconcile: adopted port %s (%s/%s nic %d, uid %d)", rec.ifname, rec.network,
                   rec.vm, rec.nic, rec.uid)
-        if link.master is not None:  # as a port is set up now (one made by an older vnetd)
+        if link.master is not None and (self.firewall is None
+                                        or self.firewall.protects(rec.network)):
+            # as a port is set up now (one made by an older vnetd)
             try:
                 self.links.fast.forward_link_local(link.index)
             except Failed as e:
@@ -595,7 +597,8 @@ class Ports:
                     await self.firewall.spares_added([ifname])
                     held = True
                 self.links.fast.set(index, alias=model.alias_for(net.name),
-                                    master=bridge_index, mtu=net.mtu, port=ifname)
+                                    master=bridge_index, mtu=net.mtu, port=ifname,
+                                    guarded=net.spoof_protection)
             info: dict[str, Any] = {"vhost": False}
             if opts.vhost:
                 if os.path.exists(VHOST_PATH):
@@ -709,7 +712,8 @@ class Ports:
                 continue
             try:
                 self.links.fast.set(p.ifindex, alias=model.alias_for(net.name),
-                                    master=bridge_index, mtu=net.mtu, port=p.ifname)
+                                    master=bridge_index, mtu=net.mtu, port=p.ifname,
+                                    guarded=net.spoof_protection)
             except VnetError as e:
                 log.warning("port %s could not come back on %s: %s", p.ifname, net.name,
                             e.message)

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 from . import model
 from .errors import Busy, InvalidArgument
 from .operations import Operations
-from .ports import reserve_tap_names
 
 if TYPE_CHECKING:
     pass
@@ -24,7 +23,10 @@ class Vms(Operations):
     """The VMs' MACs on every network (`engine.vms`)."""
 
     def get_mac(self, network: str, vm: str, nic: int, uid: int = 0) -> str:
-        reserve_tap_names(self.engine.get(network), vm, uid)
+        if vm in self.engine.get(network).tap_names:
+            # a pre-created tap's MAC (what its guard holds it to): anyone may know it, which
+            # registers nobody but the network (root) as the name's owner
+            uid = 0
         return self.macs.get(network, vm, nic, uid)
 
     def export_macs(self, network: str, uid: int | None = None) -> dict[str, str]:

@@ -458,11 +458,18 @@ def test_the_vm_names_of_pre_created_taps_are_the_networks(daemon):
     run_client("define", "vnet5", "--taps=2", "--dhcp=none", check=True)
     try:
         with PolkitRule("60-vnet-adv-bob-attach", grant_rule(BOB, ATTACH_ACTION)):
-            before_start = calls(BOB, ("mac", "GetMac", "ssu", ["vnet5", "vnet5_1", 0]))
-            assert before_start["mac"].endswith(".NotOwner"), before_start
+            # the tap's MAC is anyone's to know; asking registers the network, not the asker
+            r = run_client("mac", "--br=vnet5", "--vm=vnet5_1", user=BOB)
+            assert r.returncode == 0, r.stderr
+            tap_mac = r.stdout.strip()
             run_client("start", "vnet5", check=True)
+            r = run_client("attach", "--br=vnet5", "--vm=vnet5_1", "--", "true", user=BOB)
+            assert r.returncode != 0 and "pre-created tap" in r.stderr, r.stderr
             r = run_client("attach", "--br=vnet5", "--vm=vnet5_0", "--", "true", user=BOB)
             assert r.returncode != 0 and "pre-created tap" in r.stderr, r.stderr
+            listed = json.loads(run_client("ports", "--json", check=True).stdout)
+            tap = next(p for p in listed if p["ifname"] == "vnet5_1")
+            assert tap["mac"] == tap_mac and tap["uid"] == 0, tap
             assert calls(BOB, ("own", "GetMac", "ssu", ["vnet5", "bobs-vm", 0])) == {
                 "own": "ok"}  # positive control
     finally:

@@ -183,8 +183,14 @@ def first_fragment_to_all_nodes(victim, attacker):
                     tag="v6-first-fragment")
     control = F.udp6_frame(attacker.mac, all_mac, all_ll, all_nodes, 5000, 5000, b"hello",
                            tag="v6-control")
+    # a fragmented UDP datagram to the group (a large mDNS answer) still goes through
+    udp = struct.pack("!HHHH", 5353, 5353, 8 + 1400, 0) + bytes(64)
+    frag_udp = F.ether(all_mac, attacker.mac, 0x86DD, F.ipv6(
+        all_ll, all_nodes, 44, struct.pack("!BBHI", 17, 0, 0x0001, 0x5EC0DF) + udp),
+        tag="v6-udp-fragment")
     victim.clear()
-    attacker.send(first, control)
+    attacker.send(first, control, frag_udp)
     got = b"".join(victim.collect(1.0))
     assert F.marker("v6-control") in got, "positive control: the group's frames arrive"
+    assert F.marker("v6-udp-fragment") in got, "a UDP fragment to the group was dropped"
     assert F.marker("v6-first-fragment") not in got, "a first fragment reached another guest"

@@ -42,3 +42,11 @@ def test_the_buckets_are_bounded():
     for uid in range(1, CallLog.MAX_UIDS + 500):
         log.take(uid)
     assert len(log._buckets) == CallLog.MAX_UIDS
+
+
+def test_what_was_held_back_is_said_once():
+    log = CallLog(burst=1, rate=0.0, clock=Clock())
+    assert log.take(1000) == 0
+    assert log.take(1000) is None and log.take(1000) is None
+    assert log.held(1000) == 2  # said in the line of a change, which is never held back
+    assert log.held(1000) == 0 and log.held(1001) == 0

@@ -265,12 +265,14 @@ class FastLinkSetter:
         self.seq = 0
 
     def set(self, index: int, *, master: int | None = None, mtu: int | None = None,
-            alias: str | None = None, up: bool = True, port: str | None = None) -> None:
+            alias: str | None = None, up: bool = True, port: str | None = None,
+            guarded: bool = True) -> None:
         """`port`: the interface's name, when it is a port (a tap) for guests' frames: it
         gets no IPv6 of the host's own before it comes up (no link-local address, no routes
         to announce to every rtnetlink listener, nothing sent into the guest: DAD, MLD). The
-        bridge forwards the guests' IPv6 all the same. Put on a bridge, it forwards the
-        reserved link-local groups it receives (see below)."""
+        bridge forwards the guests' IPv6 all the same. Put on a bridge of a network whose
+        ports are `guarded`, it forwards the reserved link-local groups it receives to the
+        guard (see forward_link_local), from before it comes up."""
         if port is not None:
             try:
                 ipv6_conf(port, "disable_ipv6", 1)
@@ -284,15 +286,21 @@ class FastLinkSetter:
             attrs += _rtattr(IFLA_MASTER, struct.pack("=I", master))
         if alias is not None:
             attrs += _rtattr(IFLA_IFALIAS, alias.encode() + b"\0")
-        self._request(RTM_NEWLINK, socket.AF_UNSPEC, index, IFF_UP if up else 0, IFF_UP, attrs)
-        if port is not None and master:
+        mask = port is not None and bool(master) and guarded
+        self._request(RTM_NEWLINK, socket.AF_UNSPEC, index, IFF_UP if up and not mask else 0,
+                      IFF_UP, attrs)
+        if mask:
             self.forward_link_local(index)
+            if up:
+                self._request(RTM_NEWLINK, socket.AF_UNSPEC, index, IFF_UP, IFF_UP, b"")
 
     def forward_link_local(self, index: int) -> None:
         """The reserved link-local groups (01:80:c2:00:00:0X: LLDP, 802.1X, ...) that this
         bridge port receives are forwarded, through the bridge's prerouting hook and so the
         port's guard, not handed to the host on the port itself, where no rule of the
-        bridge's sees them (all but PAUSE, which the kernel drops itself)."""
+        bridge's sees them (all but PAUSE, which the kernel drops itself). Only where the
+        guard drops them: on a network without one, they would go on to the other ports and
+        out of a bridged network's NIC (802.1X, LACP to the LAN's switch)."""
         self._request(RTM_SETLINK, AF_BRIDGE, index, 0, 0, _rtattr(
             IFLA_PROTINFO | NLA_F_NESTED,
             _rtattr(IFLA_BRPORT_GROUP_FWD_MASK, struct.pack("=H", PORT_GROUP_FWD_MASK))))

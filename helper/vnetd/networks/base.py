@@ -96,7 +96,7 @@ class Context:
             index = socket.if_nametoindex(tname)
             rb.add(f"delete tap {tname}", functools.partial(self.links.delete, index))
             self.links.fast.set(index, alias=model.alias_for(net.name), master=master,
-                                mtu=net.mtu, port=tname)
+                                mtu=net.mtu, port=tname, guarded=net.spoof_protection)
 
     async def make_taps(self, net: Network, master: int, rb: Rollback) -> None:
         gid = self.tap_gid(net) if net.taps else None
@@ -112,8 +112,9 @@ class Context:
             lk = await self.links.get(tname)
             if lk is None:
                 await self.make_tap(net, tname, bridge, gid, Rollback())
-            elif lk.master != bridge or not lk.up:
-                await self.links.set(lk.index, master=bridge, state="up")
+            elif lk.master != bridge or not lk.up:  # set up as a new one is (mask and all)
+                self.links.fast.set(lk.index, master=bridge, mtu=net.mtu, port=tname,
+                                    guarded=net.spoof_protection)
 
     async def remove_links(self, net: Network, extra: tuple[str, ...] = ()) -> None:
         """The network's ports, pre-created taps, `extra` devices and bridge: only those

@@ -1004,10 +1004,11 @@ def _bridge_chains_and_rules() -> list[dict]:
         _rule(b, c, _match(ICMP6, {"set": ["nd-router-advert", "nd-redirect"]}),
               *COUNT_DROP_IN, comment="rogue router"),
         # a first fragment can end before its ICMPv6 header (behind long extension headers),
-        # and the two rules above would not see a router advertisement in it
+        # and the two rules above would not see a router advertisement in it: to a group,
+        # only UDP may come in fragments (a large mDNS answer), whose header nft can read
         _rule(b, c, _match(_pl("ip6", "daddr"), _prefix(ipaddress.ip_network("ff00::/8"))),
-              _match({"exthdr": {"name": "frag"}}, True), *COUNT_DROP_IN,
-              comment="fragment to a multicast group"),
+              _match({"exthdr": {"name": "frag"}}, True), _match(L4, "udp", "!="),
+              *COUNT_DROP_IN, comment="fragment to a multicast group"),
         _rule(b, c, _match(_pl("icmp", "type"), "redirect"), *COUNT_DROP_IN,
               comment="ICMP redirect"),
         _rule(b, c, _match(_pl("arp", "htype"), 1, "!="), *COUNT_DROP_IN,

@@ -18,6 +18,7 @@ import struct
 import threading
 from collections import Counter
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -89,6 +90,7 @@ class Firewall:
         self._read_nft = None
         self._read_lock = threading.Lock()
         self._read_elements = nftnl.Elements()
+        self._reader: ThreadPoolExecutor | None = None  # their one thread (made on first use)
         self._counting: dict[str, asyncio.Future] = {}  # network -> its counters being read
         self._warning: asyncio.Future | None = None  # the warnings' read under way
         self._forwarding_before: dict[Path, str] = {}
@@ -106,6 +108,13 @@ class Firewall:
                 log.info("nftables flowtables are not supported by this kernel: forwarded "
                          "flows take the normal path")
         return self._nft
+
+    async def _read(self, fn, *args):
+        """Run a read in the readers' own thread: however many callers read, they never
+        take the event loop's shared workers from the changes that need them."""
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft-read")
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
 
     @property
     def read_nft(self):
@@ -260,7 +269,7 @@ class Firewall:
     async def _status(self, name: str) -> dict[str, dict[str, int]]:
         mine = [p.ifname for p in self.view.ports.on_network(name)
                 if p.ifname in self.applied_ports]
-        if not mine or not self._protects(name):
+        if not mine or not self.protects(name):
             return {}
 
         def read() -> dict[str, dict[str, int]]:
@@ -275,19 +284,19 @@ class Firewall:
                 return fw.get_spoof_counters(mine, self.read_nft)
 
         try:  # these ports' elements only: the cost of one network, not of the host
-            return await asyncio.to_thread(read)
+            return await self._read(read)
         except (RuntimeError, ValueError):
             pass  # one of them has no element (going meanwhile): read the whole set
         wanted = set(mine)
         return {k: v for k, v in (await self.spoof_counters()).items() if k in wanted}
 
-    def _protects(self, network: str) -> bool:
+    def protects(self, network: str) -> bool:
         net = self.view.network(network)
         return net is None or net.spoof_protection
 
     async def spoof_counters(self) -> dict[str, dict[str, int]]:
         try:
-            listing = await asyncio.to_thread(self._query, fw.render_counters_query())
+            listing = await self._read(self._query, fw.render_counters_query())
         except (RuntimeError, ValueError) as e:
             log.warning("could not read the anti-spoofing counters: %s", e)
             return {}
@@ -301,7 +310,7 @@ class Firewall:
         """warnings(), read in a thread, one read at a time whoever asks (GetNetwork is open
         to everyone): callers that ask while it is under way share it."""
         if self._warning is None:
-            self._warning = asyncio.ensure_future(asyncio.to_thread(self.warnings))
+            self._warning = asyncio.ensure_future(self._read(self.warnings))
             self._warning.add_done_callback(lambda _f: setattr(self, "_warning", None))
         return await asyncio.shield(self._warning)
 
@@ -500,7 +509,7 @@ class Firewall:
             if n.spoof_protection:
                 self._held.update(fw._keyed(e) for e in fw.network_elems(n))
         for p in ports.values():
-            if self._protects(p.network):
+            if self.protects(p.network):
                 self._hold(p, 1)
         self._forwarding(any(n.mode == "nat" for n in running),
                          any(n.mode == "nat" and n.subnet6 for n in running))
@@ -583,7 +592,7 @@ class Firewall:
 
     async def _update(self, network: str, new: fw.FwPort) -> None:
         old = self.applied_ports.get(new.ifname)
-        protects = self._protects(network)
+        protects = self.protects(network)
         spare = new.ifname in self.pending
         self._hold(new, 1)
         try:
@@ -625,7 +634,7 @@ class Firewall:
         if old is not None:
             try:
                 await self._change("forget the port", fw.render_port_remove, old,
-                                   spoof_protection=self._protects(port.network),
+                                   spoof_protection=self.protects(port.network),
                                    keep=self._keep(old))
             except Failed as e:
                 log.warning("%s", e.message)

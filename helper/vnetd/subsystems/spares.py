@@ -258,7 +258,7 @@ class Spares:
             index = socket.if_nametoindex(ifname)
             tap_mac = read_tap_mac(fd=fd, ifname=ifname)
             self.setter.set(index, alias=model.alias_for(net.name), master=run.bridge,
-                            mtu=net.mtu, port=ifname)
+                            mtu=net.mtu, port=ifname, guarded=net.spoof_protection)
         except BaseException:
             os.close(fd)
             raise
