@@ -243,8 +243,9 @@ def test_unknown_options_and_commands_exit_2(argv, capsys):
 def test_main_help_mentions_exit_codes_and_examples(capsys):
     assert exit_code(["--help"]) == 0
     out = capsys.readouterr().out
-    assert ("Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized, 141 the reader of "
-            "the output\nwent away (as for SIGPIPE).") in out
+    assert ("Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized, 130 interrupted "
+            "(Ctrl-C),\n141 the reader of the output went away (as for SIGPIPE); attach: 127 "
+            "its COMMAND is not\nfound, 126 it cannot be run.") in out
     assert "examples:" in out
     assert "vnet-client define vnet2" in out
     assert "vnet-client --br=vnet3 -n4 --start" in out

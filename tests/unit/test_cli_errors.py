@@ -342,7 +342,7 @@ def test_without_json_a_usage_error_stays_text(capsys):
     assert exit_code(["--json", "list", "--bogus"]) == 2
     assert capsys.readouterr().err.startswith("{")
     assert exit_code(["list", "--bogus"]) == 2  # the next command line has no --json
-    assert capsys.readouterr().err.startswith("vnet-client: error: unrecognized arguments")
+    assert capsys.readouterr().err.startswith("vnet-client list: error: unrecognized argument")
     assert exit_code(["show"]) == 2
     assert capsys.readouterr().err.startswith("vnet-client show: error: the following")
 

@@ -4,7 +4,8 @@ Two forms:
   vnet-client SUBCOMMAND ...             (list, show, define, start, stop, undefine, ...)
   vnet-client --br=vnet3 -n4 --start     (the original qemu-vlan's flags)
 
-Exit codes: 0 ok, 1 failure, 2 usage, 4 not authorized, 141 output pipe closed.
+Exit codes: 0 ok, 1 failure, 2 usage, 4 not authorized, 130 Ctrl-C, 141 output pipe closed
+(attach: 126/127, its COMMAND cannot run / is not found).
 
 One module per noun (network, edit, attach, mac, host, forward, overlay, monitor, imports, compat:
 the qemu-vlan form), each adding its subcommands to the parser with `set_defaults(func=...)`;
@@ -38,6 +39,7 @@ from .output import say_error
 from .parser import (
     EXIT_AUTH,
     EXIT_FAIL,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PIPE,
     EXIT_USAGE,
@@ -69,8 +71,9 @@ examples:
 Authorization: listing is open to everyone; defining, starting and stopping networks needs
 the 'manage' right (an administrator's password by default). On a terminal a password prompt
 appears when polkit asks for one; --no-ask-password turns that off.
-Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized, 141 the reader of the output
-went away (as for SIGPIPE).
+Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized, 130 interrupted (Ctrl-C),
+141 the reader of the output went away (as for SIGPIPE); attach: 127 its COMMAND is not
+found, 126 it cannot be run.
 """
 
 
@@ -234,7 +237,7 @@ def run(argv: list[str]) -> int:
     except VnetClientError as e:
         return say_error(argv, e.name, e.message, EXIT_AUTH if e.is_auth else EXIT_FAIL)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 # what writing to a file or pipe that cannot take more fails with (EPIPE is a closed reader)

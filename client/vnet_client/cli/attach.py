@@ -16,7 +16,7 @@ from vnet_common.limits import MAX_NIC, MAX_QUEUES
 
 from ..base import Attachment
 from .output import table, user_name
-from .parser import EXIT_OK, Usage
+from .parser import EXIT_OK, Usage, add_examples
 from .session import Session
 
 if TYPE_CHECKING:
@@ -43,6 +43,14 @@ executable, not a program) 126, as in a shell.
 """
 
 
+PORTS_EPILOG = """\
+examples:
+  vnet-client ports                  # port, network, VM, NIC, MAC, owner, holder pid
+  vnet-client ports --json
+  vnet-client show vnet2 --ports     # one network's ports, with their spoof drop counters
+"""
+
+
 def add_commands(cmd: Command) -> None:
     """attach (its --help only: parse_attach reads its command line), ports, detach."""
     sp = cmd("attach", "attach a VM to a network and run COMMAND (QEMU) with the tap fd(s)")
@@ -50,12 +58,37 @@ def add_commands(cmd: Command) -> None:
                 "[--mac=MAC] [--vde] [--br=NET2 ...] -- COMMAND [ARGS...]")
     sp.description = ATTACH_HELP
     sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    # For --help (and completion) only: parse_attach reads attach's command line.
+    nic = sp.add_argument_group("a NIC (each --br starts one; the options after it are its own)")
+    nic.add_argument("--br", metavar="NET",
+                     help="the network to attach a NIC to (repeatable: one NIC each)")
+    nic.add_argument("--vm", metavar="NAME",
+                     help="the VM's name, which keys its stable MAC (and belongs to you once "
+                     "used); before the first --br it applies to every NIC")
+    nic.add_argument("--nic", metavar="N",
+                     help=f"which NIC of the VM on this network, 0-{MAX_NIC} (default 0): "
+                     "each has its own stable MAC")
+    nic.add_argument("--queues", metavar="N",
+                     help=f"a multi-queue tap with N queues, 1-{MAX_QUEUES} (default 1), one "
+                     "fd each: {fds}, for -netdev tap,fds={fds},queues=N")
+    nic.add_argument("--vhost", action="store_true",
+                     help="open /dev/vhost-net too, one fd per queue: {vhostfds}, for "
+                     "vhost=on,vhostfds={vhostfds} (empty where there is no vhost-net)")
+    nic.add_argument("--mac", metavar="MAC",
+                     help="the guest's MAC, when it is not the VM's stable one ({mac}); one "
+                     "that another VM holds on the network is refused")
+    nic.add_argument("--vde", action="store_true",
+                     help="no tap: a free port of one of the network's VDE switches (a "
+                     "network defined with --vde), {vde_sock}, for -netdev vde,sock={vde_sock}")
     sp = cmd("ports", "list your ports (administrators: everyone's)")
+    add_examples(sp, PORTS_EPILOG)
     sp.add_argument("--names", action="store_true",
                     help="only their VMs' names, one a line (for scripts and shell completion)")
     sp.set_defaults(func=run_ports)
     sp = cmd("detach", "remove a port now (its owner or an administrator)")
-    sp.add_argument("ifname")
+    add_examples(sp, "example:\n  vnet-client detach vnet2-3fa9c1    # a port's name, as "
+                 "'ports' lists it\n")
+    sp.add_argument("ifname", help="the port (tap) to remove, as 'vnet-client ports' names it")
     sp.set_defaults(func=run_detach)
 
 

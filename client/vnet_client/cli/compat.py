@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from vnet_common.limits import MAX_TAPS
+
 from ..base import VnetClientError
 from .accounts import group_exists, uid_of
 from .network import addressing, define_options, define_opts
@@ -18,7 +20,7 @@ from .session import Session
 if TYPE_CHECKING:
     from ..blocking import BlockingClient
 
-COMPAT_EPILOG = """\
+COMPAT_EPILOG = f"""\
 This is the qemu-vlan compatible form: qemu-vlan 1.0.0's options, short and long, its
 environment (QEMU_VLAN_NUM, QEMU_VLAN_DHCP, QEMU_VLAN_IF, QEMU_VLAN_VDE, QEMU_VLAN_CF, GROUP)
 and its configuration file (-c FILE, else /etc/qemu/BRIDGE/BRIDGE.conf when it exists; its
@@ -32,9 +34,11 @@ qemu-vlan sourced it), with its defaults: -n 4, no DHCP server, group qemu when 
                                            the MACs vnetd gives VMs vnet3_0..vnet3_15; to
                                            stdout, or appended to the ether.conf beside -c FILE
 --start on a network that exists starts it as defined; an option, variable or configuration
-line that asks for something else is refused, naming each difference.
-Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized, 141 the reader of the output
-went away (as for SIGPIPE).
+line that asks for something else is refused, naming each difference. --macaddr asks vnetd
+for each MAC: it takes at most {MAX_TAPS} taps (a network's most; a usage error past that) and says
+how far it got on stderr every 100 MACs.
+Exit codes: 0 ok, 1 failure, 2 usage error, 4 not authorized, 130 interrupted (Ctrl-C),
+141 the reader of the output went away (as for SIGPIPE).
 """
 
 
@@ -57,8 +61,8 @@ def build_compat_parser() -> argparse.ArgumentParser:
     action.add_argument("-S", "--stop", action="store_true", help="stop the network")
     action.add_argument("-m", "--macaddr", "--addr", action="store_true",
                         help="print ether_<i>=MAC lines for COUNT x 8 VMs (x 32 with --vde), "
-                        "the MACs vnetd gives VMs BRIDGE_<i>; with -c FILE append them to "
-                        "the ether.conf beside it")
+                        f"COUNT at most {MAX_TAPS}: the MACs vnetd gives VMs BRIDGE_<i>; with "
+                        "-c FILE append them to the ether.conf beside it")
     p.add_argument("--use-vnet", action="store_true", help="accepted and ignored, as qemu-vlan did")
     return p
 
@@ -240,9 +244,27 @@ def compat_macaddr_count(req: CompatRequest) -> int:
     return req.values["taps"] * (32 if req.values["vde"] else 8)
 
 
+# --macaddr asks vnetd for each MAC (a bus call each): past this many, a line on stderr every
+# this many
+MACADDR_PROGRESS = 100
+
+
+def check_macaddr_count(req: CompatRequest) -> None:
+    """--macaddr for no more taps than a network has (each MAC is a bus call): a usage error,
+    before any call, naming where the tap count came from."""
+    taps = req.values["taps"]
+    if taps > MAX_TAPS:
+        per_tap = 32 if req.values["vde"] else 8
+        raise Usage(f"--macaddr makes {per_tap} MACs per tap for at most {MAX_TAPS} taps (a "
+                    f"network's most), but {req.source['taps']} asks for {taps} taps "
+                    f"({taps * per_tap} MACs).")
+
+
 def run_compat(args: argparse.Namespace) -> int:
     name = args.br
     req = compat_request(args, dict(os.environ), group_exists)
+    if args.macaddr:
+        check_macaddr_count(req)
     for n in req.notes:
         print(f"vnet-client: {n}", file=sys.stderr)
     with Session(args) as s:
@@ -288,12 +310,15 @@ def run_compat_macaddr(s: Session, req: CompatRequest, args: argparse.Namespace)
     """qemu-vlan's --macaddr: ether_<i>=MAC for i in 0..COUNT-1, COUNT = taps x 8 (x 32 with
     VDE). The MACs are the ones vnetd gives VM BRIDGE_<i> (asking registers them), so the
     lines stay true; to stdout, or appended to the ether.conf beside -c FILE, as the
-    original appended to its own."""
+    original appended to its own. More than MACADDR_PROGRESS MACs (bus calls): a line on
+    stderr every MACADDR_PROGRESS."""
     name = req.br
-    count = compat_macaddr_count(req)
+    count = compat_macaddr_count(req)  # run_compat checked it (check_macaddr_count)
     macs = []
     for i in range(count):
         macs.append(s.run(_mac_of(name, f"{name}_{i}")))
+        if count > MACADDR_PROGRESS and (i + 1) % MACADDR_PROGRESS == 0:
+            print(f"vnet-client: {i + 1} of {count} MACs", file=sys.stderr, flush=True)
     text = ("##### Hardware MAC Address #####\n# to be used with qemu -device "
             "virtio-net,mac=MAC (qemu-vnet gives VM " + f"{name}_<i> this MAC)\n"
             + "".join(f"ether_{i}={m}\n" for i, m in enumerate(macs)))

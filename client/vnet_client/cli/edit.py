@@ -37,7 +37,7 @@ def add_commands(cmd: Any) -> None:
                      "one, and applied live where it can be")
     sp.epilog = EPILOG
     sp.formatter_class = argparse.RawDescriptionHelpFormatter
-    sp.add_argument("name")
+    sp.add_argument("name", help="the network")
     sp.add_argument("--from", dest="from_file", metavar="FILE",
                     help="take the new definition from a TOML file instead of an editor")
     sp.add_argument("--dry-run", action="store_true",

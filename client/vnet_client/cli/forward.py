@@ -8,14 +8,25 @@ from collections.abc import Callable
 from typing import Any
 
 from .output import table, user_name
-from .parser import EXIT_OK, Usage, add_common
+from .parser import EXIT_OK, Usage, add_common, add_examples
 from .session import Session
 
 Command = Callable[[str, str], argparse.ArgumentParser]
 
 
+FORWARD_EPILOG = """\
+examples:
+  vnet-client forward add vnet2 tcp 8080 172.16.12.5:80    # host port 8080 to a guest's 80
+  vnet-client forward add vnet2 tcp 2222 web1:22 --if eth0 # by VM name, from eth0 only
+  vnet-client forward add vnet2 -6 tcp 8080 [fd00:12::5]:80
+  vnet-client forward list vnet2
+  vnet-client forward remove vnet2 tcp 8080
+"""
+
+
 def add_commands(cmd: Command) -> None:
     fp = cmd("forward", "port forwarding from the host into a network")
+    add_examples(fp, FORWARD_EPILOG)
     fsub = fp.add_subparsers(dest="fwd_cmd", metavar="ACTION", required=True)
     fa = fsub.add_parser("add", help="forward PROTO [EXT_ADDR:]PORT[-PORT] to TARGET:PORT",
                          description="Forward host traffic into a network (applied live, "
@@ -23,10 +34,12 @@ def add_commands(cmd: Command) -> None:
                          "VM name (its static host or current lease). IPv6 addresses go in "
                          "brackets: [fd00:12::5]:80.")
     add_common(fa)
-    fa.add_argument("network")
-    fa.add_argument("proto", nargs="?", choices=["tcp", "udp"])
-    fa.add_argument("external", nargs="?", metavar="[EXT_ADDR:]PORT[-PORT]")
-    fa.add_argument("to", nargs="?", metavar="TARGET:PORT")
+    fa.add_argument("network", help="the network the target is on")
+    fa.add_argument("proto", nargs="?", choices=["tcp", "udp"], help="the protocol")
+    fa.add_argument("external", nargs="?", metavar="[EXT_ADDR:]PORT[-PORT]",
+                    help="the host's port or port range, only at EXT_ADDR if given")
+    fa.add_argument("to", nargs="?", metavar="TARGET:PORT",
+                    help="an address in the network or a VM's name, and its port")
     fa.add_argument("--if", dest="iface", metavar="IFACE",
                     help="only traffic arriving on IFACE (by incoming interface)")
     fa.add_argument("--addr-of", metavar="IFACE",
@@ -45,16 +58,17 @@ def add_commands(cmd: Command) -> None:
                          "user's forward only its owner or root removes. Example: vnet-client "
                          "forward remove vnet2 tcp 8080")
     add_common(fr)
-    fr.add_argument("network")
-    fr.add_argument("proto", choices=["tcp", "udp"])
-    fr.add_argument("external", metavar="[EXT_ADDR:]PORT[-PORT]")
+    fr.add_argument("network", help="the network")
+    fr.add_argument("proto", choices=["tcp", "udp"], help="the protocol")
+    fr.add_argument("external", metavar="[EXT_ADDR:]PORT[-PORT]",
+                    help="the forward's host side, as 'forward list' shows it")
     fr.add_argument("-6", dest="ipv6", action="store_true", help="an IPv6 forward")
     fl = fsub.add_parser("list", help="list the network's forwards",
                          description="List the network's port forwards: protocol, external "
                          "address and ports, target, owner. Example: vnet-client forward list "
                          "vnet2")
     add_common(fl)
-    fl.add_argument("network")
+    fl.add_argument("network", help="the network")
     fa.set_defaults(func=run_forward_add)
     fr.set_defaults(func=run_forward_remove)
     fl.set_defaults(func=run_forward_list)

@@ -7,14 +7,29 @@ import json
 from collections.abc import Callable
 
 from .output import table, when
-from .parser import EXIT_OK, add_common
+from .parser import EXIT_OK, add_common, add_examples
 from .session import Session
 
 Command = Callable[[str, str], argparse.ArgumentParser]
 
 
+HOST_EPILOG = """\
+examples:
+  vnet-client host add vnet2 --vm web1                  # first free address below the range
+  vnet-client host add vnet2 --vm web1 --ip 172.16.12.5
+  vnet-client host list vnet2
+  vnet-client host remove vnet2 --vm web1
+"""
+LEASES_EPILOG = """\
+examples:
+  vnet-client leases vnet2          # IP, MAC, hostname, VM, port, expiry
+  vnet-client leases vnet2 --json
+"""
+
+
 def add_host(cmd: Command) -> None:
     hp = cmd("host", "static hosts: fixed addresses and DNS names for VMs")
+    add_examples(hp, HOST_EPILOG)
     hsub = hp.add_subparsers(dest="host_cmd", metavar="ACTION", required=True)
     ha = hsub.add_parser("add", help="give a VM a fixed address (applied live)",
                          description="Give a VM a fixed address on the network (and the DNS "
@@ -22,7 +37,7 @@ def add_host(cmd: Command) -> None:
                          "right. Example: vnet-client host add vnet2 --vm web1 --ip "
                          "172.16.12.5")
     add_common(ha)
-    ha.add_argument("network")
+    ha.add_argument("network", help="the network")
     ha.add_argument("--vm", required=True, help="the VM (also its DNS name: VM.NETWORK)")
     ha.add_argument("--ip", help="the address (default: first free below the DHCP range)")
     ha.add_argument("--mac", help="the VM's MAC (default: its stable MAC on the network)")
@@ -31,13 +46,13 @@ def add_host(cmd: Command) -> None:
                          "when it next asks. Needs the 'manage' right. Example: vnet-client "
                          "host remove vnet2 --vm web1")
     add_common(hr)
-    hr.add_argument("network")
-    hr.add_argument("--vm", required=True)
+    hr.add_argument("network", help="the network")
+    hr.add_argument("--vm", required=True, help="the VM whose fixed address goes")
     hl = hsub.add_parser("list", help="list static hosts",
                          description="List the network's static hosts: VM, address, MAC. "
                          "Example: vnet-client host list vnet2 --json")
     add_common(hl)
-    hl.add_argument("network")
+    hl.add_argument("network", help="the network")
     ha.set_defaults(func=run_host_add)
     hr.set_defaults(func=run_host_remove)
     hl.set_defaults(func=run_host_list)
@@ -45,7 +60,8 @@ def add_host(cmd: Command) -> None:
 
 def add_leases(cmd: Command) -> None:
     sp = cmd("leases", "show the network's DHCP leases")
-    sp.add_argument("network")
+    add_examples(sp, LEASES_EPILOG)
+    sp.add_argument("network", help="the network")
     sp.set_defaults(func=run_leases)
 
 

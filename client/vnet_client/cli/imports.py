@@ -9,23 +9,38 @@ import sys
 from collections.abc import Callable
 
 from .accounts import file_group, group_exists, uid_of
-from .parser import EXIT_OK, Failure, Usage
+from .parser import EXIT_OK, Failure, Usage, add_examples
 from .session import Session
 
 Command = Callable[[str, str], argparse.ArgumentParser]
+
+
+IMPORT_QEMU_VLAN_EPILOG = """\
+examples:
+  vnet-client import-qemu-vlan /etc/qemu/vnet3 -n 4 --dry-run   # what it would define
+  vnet-client import-qemu-vlan /etc/qemu/vnet3 -n 4 -u alice --start
+  vnet-client import-qemu-vlan /etc/qemu/lan0 --if=eth0   # a bridged one: its NIC
+"""
+IMPORT_BRIDGE_CONF_EPILOG = """\
+examples:
+  vnet-client import-bridge-conf > 40-qemu-vnet-bridge-conf.rules
+  sudo install -m 644 40-qemu-vnet-bridge-conf.rules /etc/polkit-1/rules.d/
+  vnet-client import-bridge-conf /etc/qemu/bridge.conf --group kvm --json
+"""
 
 
 def add_commands(cmd: Command) -> None:
     """import-qemu-vlan, import-bridge-conf."""
     sp = cmd("import-qemu-vlan", "define a network from an old qemu-vlan configuration "
              "directory, keeping its MACs and static addresses")
+    add_examples(sp, IMPORT_QEMU_VLAN_EPILOG)
     sp.add_argument("dir", help="e.g. /etc/qemu/vnet3")
     sp.add_argument("--dry-run", action="store_true",
                     help="only print the definition and what could not be carried over")
     sp.add_argument("--start", action="store_true", help="start the network afterwards")
     sp.add_argument("--if", dest="iface", metavar="NIC",
                     help="a bridged network's physical interface (qemu-vlan did not save it)")
-    sp.add_argument("-n", "--num", type=int, metavar="COUNT",
+    sp.add_argument("-n", "--num", "--taps", type=int, metavar="COUNT",
                     help="the tap count qemu-vlan ran with (it did not save it): taps "
                     "NAME_0..NAME_{COUNT-1}")
     sp.add_argument("-u", "--user", metavar="USER",
@@ -37,8 +52,9 @@ def add_commands(cmd: Command) -> None:
     sp = cmd("import-bridge-conf", "turn qemu-bridge-helper's /etc/qemu/bridge.conf (allow "
              "lines, include files per group) into a polkit rules file giving the same groups "
              "the same networks")
+    add_examples(sp, IMPORT_BRIDGE_CONF_EPILOG)
     sp.add_argument("file", nargs="?", default="/etc/qemu/bridge.conf",
-                    help="default /etc/qemu/bridge.conf")
+                    help="qemu-bridge-helper's configuration (default /etc/qemu/bridge.conf)")
     sp.add_argument("--group", metavar="GROUP",
                     help="the group its allow lines are for (default: the group owning each "
                     "file, as qemu-bridge-helper's convention has it)")

@@ -14,7 +14,7 @@ from vnet_common.limits import MAX_NIC
 
 from .accounts import uid_of
 from .output import read_text
-from .parser import EXIT_OK, Failure, Usage, add_common
+from .parser import EXIT_OK, Failure, Usage, add_common, add_examples
 from .session import Session
 
 Command = Callable[[str, str], argparse.ArgumentParser]
@@ -32,6 +32,11 @@ examples:
 
 Exporting needs nothing; importing, forgetting and transferring need the 'manage' right.
 """
+IMPORT_ETHER_CONF_EPILOG = """\
+examples:
+  vnet-client import-ether-conf /etc/qemu/vnet3/ether.conf   # ether_<i> -> VM vnet3_<i>
+  vnet-client import-ether-conf old/ether.conf --br vnet3 --json
+"""
 
 
 def add_mac(cmd: Command) -> None:
@@ -43,14 +48,15 @@ def add_mac(cmd: Command) -> None:
                 "       vnet-client mac import NET FILE|-\n"
                 "       vnet-client mac forget NET VM\n"
                 "       vnet-client mac transfer NET VM USER")
-    sp.epilog = MAC_EPILOG
-    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_examples(sp, MAC_EPILOG)
     sp.add_argument("--br", metavar="NET", help="the network")
     sp.add_argument("--vm", metavar="NAME", help="the VM")
     sp.add_argument("--nic", type=int, default=0, help="NIC index (default 0)")
     sp.add_argument("--export-ether-conf", nargs="?", const="-", metavar="FILE",
-                    help="write qemu-vlan's ether.conf lines (ether_<i>=MAC) to FILE or stdout")
-    msub = sp.add_subparsers(dest="mac_cmd", metavar="ACTION")
+                    help="write qemu-vlan's ether.conf lines (ether_<i>=MAC) to FILE or "
+                    "stdout (--json: {\"ether_<i>\": MAC, ...} on stdout)")
+    # prog: its actions' usage and errors name 'vnet-client mac ACTION', not mac's usage
+    msub = sp.add_subparsers(dest="mac_cmd", metavar="ACTION", prog="vnet-client mac")
     me = msub.add_parser("export", usage="vnet-client mac export NET [--json]",
                          help="print the network's MAC registry, one 'VM/NIC MAC' "
                          "line per NIC (--json: one object)",
@@ -58,7 +64,7 @@ def add_mac(cmd: Command) -> None:
                          "per NIC, or with --json one JSON object. 'mac import' on another "
                          "host takes it in, so VMs that move keep their MACs.")
     add_common(me)
-    me.add_argument("network")
+    me.add_argument("network", help="the network")
     mi = msub.add_parser("import", usage="vnet-client mac import NET FILE|- [--json]",
                          help="take in what 'mac export' printed (lines or JSON); "
                          "all or nothing",
@@ -66,7 +72,7 @@ def add_mac(cmd: Command) -> None:
                          "lines or its JSON; a key without /NIC means NIC 0): all entries or "
                          "none. Refused if a MAC belongs to another VM on the network.")
     add_common(mi)
-    mi.add_argument("network")
+    mi.add_argument("network", help="the network")
     mi.add_argument("file", help="the file, or - for standard input")
     mf = msub.add_parser("forget", usage="vnet-client mac forget NET VM [--json]",
                          help="drop a VM's MACs (all its NICs) from the network's "
@@ -77,8 +83,9 @@ def add_mac(cmd: Command) -> None:
                          "Asked again later, the VM most likely gets the same MAC back (it is "
                          "derived from the names).")
     add_common(mf)
-    mf.add_argument("network")
-    mf.add_argument("forget_vm", metavar="VM")  # not "vm": that is mac's --vm
+    mf.add_argument("network", help="the network")
+    mf.add_argument("forget_vm", metavar="VM",  # not "vm": that is mac's --vm
+                    help="the VM whose MACs go")
     mt = msub.add_parser("transfer", usage="vnet-client mac transfer NET VM USER [--json]",
                          help="give a VM (its name and MACs on the network) to "
                          "another user",
@@ -87,14 +94,15 @@ def add_mac(cmd: Command) -> None:
                          "VM name belongs to the user who first registered it. Needs the "
                          "'manage' right; refused while the VM is attached to the network.")
     add_common(mt)
-    mt.add_argument("network")
-    mt.add_argument("transfer_vm", metavar="VM")
+    mt.add_argument("network", help="the network")
+    mt.add_argument("transfer_vm", metavar="VM", help="the VM to give away")
     mt.add_argument("user", help="the new owner: a user name or a uid")
     sp.set_defaults(func=run_mac)
 
 
 def add_import_ether_conf(cmd: Command) -> None:
     sp = cmd("import-ether-conf", "take in an old qemu-vlan ether.conf so VMs keep their MACs")
+    add_examples(sp, IMPORT_ETHER_CONF_EPILOG)
     sp.add_argument("file", help="e.g. /etc/qemu/vnet3/ether.conf")
     sp.add_argument("--br", metavar="NET",
                     help="the network (default: the file's directory name, e.g. vnet3)")
@@ -118,7 +126,10 @@ def run_mac(args: argparse.Namespace) -> int:
         if args.export_ether_conf:
             text = s.run(lambda c: c.export_ether_conf(args.br))
             if args.export_ether_conf == "-":
-                sys.stdout.write(text)
+                # --json: what the qemu-vlan form's --macaddr --json prints, a flat object
+                # as 'mac export --json' is
+                sys.stdout.write(json.dumps(ether_map(text), indent=2) + "\n" if args.json
+                                 else text)
             else:
                 try:
                     with open(args.export_ether_conf, "w", encoding="utf-8") as f:
@@ -126,7 +137,9 @@ def run_mac(args: argparse.Namespace) -> int:
                 except OSError as e:
                     raise Failure(f"cannot write {args.export_ether_conf}: "
                                   f"{e.strerror or e}.") from None
-                print(f"Wrote {args.export_ether_conf}.")
+                print(json.dumps({"network": args.br, "file": args.export_ether_conf,
+                                  "written": len(ether_map(text))}) if args.json
+                      else f"Wrote {args.export_ether_conf}.")
             return EXIT_OK
         mac = s.run(lambda c: c.get_mac(args.br, args.vm, args.nic))
         print(json.dumps({"network": args.br, "vm": args.vm, "nic": args.nic, "mac": mac})
@@ -210,6 +223,17 @@ def read_mac_table(path: str) -> dict[str, str]:
 ETHER_LINE = re.compile(r"\s*ether_(\d{1,4})\s*=\s*['\"]?([0-9A-Fa-f:]{17})['\"]?\s*(#.*)?")
 
 
+def ether_map(text: str) -> dict[str, str]:
+    """ether.conf's lines as one object, {"ether_<i>": MAC}, in the file's order (vnetd's
+    ExportEtherConf: comments and ether_<i>=MAC lines, a note after some)."""
+    out = {}
+    for line in text.splitlines():
+        m = ETHER_LINE.fullmatch(line)
+        if m:
+            out[f"ether_{int(m.group(1))}"] = m.group(2).lower()
+    return out
+
+
 def read_ether_conf(path: str, network: str) -> dict[str, str]:
     text = read_text(path)
     out: dict[str, str] = {}
@@ -231,6 +255,7 @@ def run_import_ether_conf(args: argparse.Namespace) -> int:
     macs = read_ether_conf(args.file, network)
     with Session(args) as s:
         n = s.run(lambda c: c.import_macs(network, macs))
-    print(f"Imported {n} MAC(s) into {network}: VM '{network}_<i>' keeps ether_<i>'s MAC.")
+    print(json.dumps({"network": network, "imported": n}) if args.json  # as 'mac import'
+          else f"Imported {n} MAC(s) into {network}: VM '{network}_<i>' keeps ether_<i>'s MAC.")
     return EXIT_OK
 

@@ -14,17 +14,18 @@ from ..blocking import INT64, asv
 from .accounts import group_exists, uid_of
 from .flags import FLAGS
 from .output import read_text, table, user_name
-from .parser import EXIT_FAIL, EXIT_OK, Failure, Usage
+from .parser import EXIT_FAIL, EXIT_OK, Failure, Usage, add_examples
 from .session import Session
 
 Command = Callable[[str, str], argparse.ArgumentParser]
 
 
 # define's network options are the table's (vnet_common.options, through its generated copy
-# flags.py): flags, types, choices, metavars, help. The command line's own: define takes -n for
-# --taps too; the qemu-vlan form takes the table's other spellings (`compat`) and has its own
-# defaults, so its help says them.
-DEFINE_ALSO = {"taps": ("-n",)}
+# flags.py): flags, types, choices, metavars, help. The command line's own: define takes the
+# qemu-vlan spellings of the tap options too (-n/--num, -u, -g: what import-qemu-vlan and the
+# qemu-vlan form take for them); the qemu-vlan form takes all of the table's other spellings
+# (`compat`) and has its own defaults, so its help says them.
+DEFINE_ALSO = {"taps": ("-n", "--num"), "tap-user": ("-u",), "tap-group": ("-g",)}
 COMPAT_HELP = {
     "taps": "pre-create COUNT persistent taps NAME_0..NAME_{COUNT-1} (qemu-vlan's -n, default "
             "$QEMU_VLAN_NUM or 4)",
@@ -36,6 +37,59 @@ COMPAT_HELP = {
            "$QEMU_VLAN_VDE",
 }
 OVERLAY_GROUP = "VXLAN overlay: one LAN across hosts (docs/overlay.md)"
+
+LIST_EPILOG = """\
+examples:
+  vnet-client list                 # NAME MODE STATE SUBNET GATEWAY AUTOSTART
+  vnet-client list --names         # one name a line
+  vnet-client list --json
+"""
+SHOW_EPILOG = """\
+examples:
+  vnet-client show vnet2           # definition, state, addresses, servers, number of ports
+  vnet-client show vnet2 --ports   # its ports: VM, NIC, MAC, owner, anti-spoofing drops
+  vnet-client show vnet2 --json    # everything, ports included
+"""
+DEFINE_EPILOG = """\
+examples:
+  vnet-client define vnet2 --mode=nat --start        # 172.16.12.0/24, gateway 172.16.12.1
+  vnet-client define lab --subnet=10.7.0.0/24 --subnet6=fd00:7::/64 --mode=host-only
+  vnet-client define vnet3 -n 4 -u alice -g kvm      # taps vnet3_0..vnet3_3, alice's
+  vnet-client define lan0 --mode=bridged --if=eth0   # guests on the physical network
+  vnet-client define vnet7 --vni 5007 --local 10.77.0.1 --peer 10.77.0.2   # an overlay
+  vnet-client define vnet5 --from vnet5.toml --dry-run   # check a file, define nothing
+
+Without --mtu the MTU is 1500; an overlay's is its underlay's MTU less 50 (70 over IPv6).
+"""
+EXPORT_EPILOG = """\
+examples:
+  vnet-client export vnet2 > vnet2.toml             # then on another host:
+  vnet-client define vnet2 --from vnet2.toml
+"""
+LIFECYCLE_EPILOGS = {
+    "start": """\
+example:
+  vnet-client start vnet2
+""",
+    "stop": """\
+examples:
+  vnet-client stop vnet2           # refused while VMs are attached, naming them
+  vnet-client stop vnet2 --force   # their ports wait, and come back when it starts again
+""",
+    "undefine": """\
+example:
+  vnet-client stop vnet2 && vnet-client undefine vnet2
+""",
+}
+AUTOSTART_EPILOG = """\
+examples:
+  vnet-client autostart vnet2 on
+  vnet-client autostart vnet2 off
+"""
+RELOAD_EPILOG = """\
+example:
+  sudoedit /etc/qemu-vnet/networks/vnet2.toml && vnet-client reload
+"""
 
 
 def dest(row: dict[str, Any]) -> str:
@@ -152,15 +206,18 @@ def print_network(n: dict[str, Any]) -> None:
 def add_commands(cmd: Command) -> None:
     """list, show, define, export."""
     sp = cmd("list", "list networks and their state")
+    add_examples(sp, LIST_EPILOG)
     sp.add_argument("--names", action="store_true",
                     help="only the names, one a line (for scripts and shell completion)")
     sp.set_defaults(func=run_list)
     sp = cmd("show", "show one network: definition, state, addresses")
-    sp.add_argument("name")
+    add_examples(sp, SHOW_EPILOG)
+    sp.add_argument("name", help="the network")
     sp.add_argument("--ports", action="store_true",
                     help="list the network's ports with their anti-spoofing drop counters")
     sp.set_defaults(func=run_show)
     sp = cmd("define", "define a network (it is saved in /etc/qemu-vnet/networks/NAME.toml)")
+    add_examples(sp, DEFINE_EPILOG)
     sp.add_argument("name", help="network (and bridge) name, at most 15 characters")
     define_options(sp)
     sp.add_argument("--start", action="store_true", help="start it right away")
@@ -172,7 +229,8 @@ def add_commands(cmd: Command) -> None:
                     "options are not allowed with it")
     sp.set_defaults(func=run_define)
     sp = cmd("export", "print a network's definition as TOML ('define --from' takes it back)")
-    sp.add_argument("name")
+    add_examples(sp, EXPORT_EPILOG)
+    sp.add_argument("name", help="the network")
     sp.set_defaults(func=run_export)
 
 
@@ -183,7 +241,8 @@ def add_lifecycle(cmd: Command) -> None:
                        ("stop", "stop a network and remove what start made"),
                        ("undefine", "remove a stopped network's definition")):
         sp = cmd(name, help)
-        sp.add_argument("name")
+        add_examples(sp, LIFECYCLE_EPILOGS[name])
+        sp.add_argument("name", help="the network")
         if name == "stop":
             sp.add_argument("--force", action="store_true",
                             help="stop it even with VMs attached: their ports leave the network "
@@ -191,11 +250,14 @@ def add_lifecycle(cmd: Command) -> None:
                                  "keeps running; the guests see their link go and return)")
         sp.set_defaults(func=run_lifecycle)
     sp = cmd("autostart", "start a network whenever vnetd starts (or not)")
-    sp.add_argument("name")
-    sp.add_argument("state", choices=["on", "off"])
+    add_examples(sp, AUTOSTART_EPILOG)
+    sp.add_argument("name", help="the network")
+    sp.add_argument("state", choices=["on", "off"],
+                    help="on: start it whenever vnetd starts; off: only when asked")
     sp.set_defaults(func=run_autostart)
-    cmd("reload", "re-read the definition files after editing them by hand").set_defaults(
-        func=run_reload)
+    sp = cmd("reload", "re-read the definition files after editing them by hand")
+    add_examples(sp, RELOAD_EPILOG)
+    sp.set_defaults(func=run_reload)
 
 
 def run_list(args: argparse.Namespace) -> int:

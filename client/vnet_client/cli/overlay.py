@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Callable
 
-from .parser import EXIT_OK, Usage, add_common
+from .parser import EXIT_OK, Usage, add_common, add_examples
 from .session import Session
 
 Command = Callable[[str, str], argparse.ArgumentParser]
@@ -24,6 +24,7 @@ examples (three hosts, underlay 10.77.0.0/24; host A is the gateway):
 
 def add_commands(cmd: Command) -> None:
     op = cmd("overlay", "a network's VXLAN overlay: its peers (other hosts)")
+    add_examples(op, OVERLAY_EPILOG)
     osub = op.add_subparsers(dest="ov_cmd", metavar="ACTION", required=True)
     for name, text in (("add-peer", "flood to (static) or peer with (evpn) another host, "
                         "live and stored"),
@@ -33,7 +34,7 @@ def add_commands(cmd: Command) -> None:
                              epilog=OVERLAY_EPILOG,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         add_common(oa)
-        oa.add_argument("network")
+        oa.add_argument("network", help="the network (one with an overlay)")
         oa.add_argument("address", help="the other host's underlay address")
         oa.set_defaults(func=run_peer)
     os_ = osub.add_parser("show", help="the overlay's device, MTU, peers, forwarding entries "
@@ -42,7 +43,7 @@ def add_commands(cmd: Command) -> None:
                           "MTU, peers, forwarding entries and, with evpn, the BGP sessions. "
                           "Example: vnet-client overlay show vnet7")
     add_common(os_)
-    os_.add_argument("network")
+    os_.add_argument("network", help="the network (one with an overlay)")
     os_.set_defaults(func=run_show)
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import textwrap
 from typing import Any, NoReturn
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
 EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of our output went away
 
 
@@ -45,6 +47,21 @@ class Parser(argparse.ArgumentParser):
     # part of it (`vnet-client --json show` gives show's parser nothing).
     json_errors = False
 
+    # A subcommand's parser reports the arguments it does not know itself, with its own usage
+    # and a near miss among its own options (argparse would leave them to the top level,
+    # which knows neither).
+    subcommand = False
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("parser_class", SubcommandParser)
+        return super().add_subparsers(**kwargs)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras and self.subcommand:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
     def error(self, message: str) -> NoReturn:
         hint = ""
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
@@ -68,3 +85,18 @@ class Parser(argparse.ArgumentParser):
         usage = lines[0] + (" ..." if len(lines) > 1 else "")
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}.{hint}\n{usage}\n"
                               f"See '{self.prog} --help'.\n")
+
+
+class SubcommandParser(Parser):
+    """The parser of a subcommand (and of an action under one: `mac export`)."""
+
+    subcommand = True
+
+
+def add_examples(p: argparse.ArgumentParser, epilog: str) -> None:
+    """A command's examples, printed as written after its options (RawDescriptionHelpFormatter,
+    which prints the description as written too: so it is wrapped here)."""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    if p.description and "\n" not in p.description:
+        p.description = textwrap.fill(p.description, 79)
+    p.epilog = epilog
