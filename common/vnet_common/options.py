@@ -94,8 +94,9 @@ OPTIONS: tuple[Option, ...] = (
            metavar="CIDR"),
     Option("subnet6", "cidr6", None, "--subnet6", "an IPv6 prefix too, e.g. fd00:12::/64",
            metavar="CIDR"),
-    Option("mtu", "int", DEFAULT_MTU, "--mtu", f"bridge and tap MTU (default {DEFAULT_MTU})",
-           metavar="N"),
+    Option("mtu", "int", DEFAULT_MTU, "--mtu",
+           f"bridge and tap MTU (default {DEFAULT_MTU}; an overlay's: its underlay's less 50, "
+           "70 over IPv6)", metavar="N"),
     Option("autostart", "bool", False, "--autostart", "start whenever vnetd starts",
            flag_value=True),
     Option("taps", "int", 0, "--taps",
