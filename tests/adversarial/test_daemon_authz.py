@@ -449,6 +449,12 @@ def test_the_mac_registry_shows_a_user_only_its_own_vms(daemon):
         assert macs["bob-reg"] in bob["conf"]
         assert {"alice-reg/0", "bob-reg/0"} <= set(every["macs"])
         assert macs["alice-reg"] in every["conf"] and macs["bob-reg"] in every["conf"]
+        # the command line says what was left out for whom
+        r = run_client("mac", "export", "vnet2", user=BOB)
+        assert r.returncode == 0 and "only for an administrator" in r.stderr, r.stderr
+        assert macs["alice-reg"] not in r.stdout and macs["bob-reg"] in r.stdout
+        r = run_client("mac", "export", "vnet2")
+        assert r.returncode == 0 and r.stderr == "" and macs["alice-reg"] in r.stdout
 
 
 def test_the_vm_names_of_pre_created_taps_are_the_networks(daemon):

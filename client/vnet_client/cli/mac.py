@@ -125,6 +125,7 @@ def run_mac(args: argparse.Namespace) -> int:
     with Session(args) as s:
         if args.export_ether_conf:
             text = s.run(lambda c: c.export_ether_conf(args.br))
+            note_only_yours(args.br)
             if args.export_ether_conf == "-":
                 # --json: what the qemu-vlan form's --macaddr --json prints, a flat object
                 # as 'mac export --json' is
@@ -147,6 +148,15 @@ def run_mac(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def note_only_yours(network: str) -> None:
+    """vnetd gives other users' VMs' entries to an administrator of the network only, and
+    says nothing when it leaves them out (a copy to another host would lose them quietly)."""
+    if os.geteuid() != 0:
+        print(f"vnet-client: the entries of other users' VMs are included only for an "
+              f"administrator of {network} (root, or whom polkit grants 'manage' without a "
+              "password).", file=sys.stderr)
+
+
 def run_mac_registry(args: argparse.Namespace) -> int:
     """mac export / import / forget / transfer: a network's whole MAC registry."""
     net = args.network
@@ -157,6 +167,7 @@ def run_mac_registry(args: argparse.Namespace) -> int:
     with Session(args) as s:
         if args.mac_cmd == "export":
             macs = s.run(lambda c: c.export_macs(net))
+            note_only_yours(net)
             sys.stdout.write(json.dumps(macs, indent=2, sort_keys=True) + "\n" if args.json
                              else render_mac_table(net, macs))
         elif args.mac_cmd == "import":
