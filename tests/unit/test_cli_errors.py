@@ -22,39 +22,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from jeepney.low_level import Endianness, Header, HeaderFields
 from jeepney.low_level import Message as JMessage
-from jeepney.low_level import MessageType as JMessageType
 from vnet_client import base, blocking, bridge_helper, cli, ifupdown
 
-ROOT = Path(__file__).resolve().parents[2]
-NO_BUS = "unix:path=/nonexistent/vnet-unit-test-bus"
+from tests.unit.cli_support import NO_BUS, ROOT, _no_system_bus, exit_code, reply  # noqa: F401
+
 NOT_UTF8 = b"a\xff".decode("utf-8", "surrogateescape")  # what Python makes of argv b'a\xff'
 TOO_BIG = "99999999999999999999"  # past 64 bits
 
-
-@pytest.fixture(autouse=True)
-def _no_system_bus(monkeypatch):
-    monkeypatch.setenv("VNET_BUS_ADDRESS", NO_BUS)
-    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", NO_BUS)
-    for var in ("QEMU_VLAN_NUM", "QEMU_VLAN_VDE", "QEMU_VLAN_DHCP", "QEMU_VLAN_IF",
-                "QEMU_VLAN_CF", "GROUP"):
-        monkeypatch.delenv(var, raising=False)
-
-
-def exit_code(argv: list[str]) -> int:
-    try:
-        return cli.main(argv)
-    except SystemExit as e:
-        return 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-
-
-def reply(sig: str = "", *body) -> JMessage:
-    fields = {HeaderFields.reply_serial: 1}
-    if sig:
-        fields[HeaderFields.signature] = sig
-    return JMessage(Header(Endianness.little, JMessageType.method_return, 0, 1, -1, -1, fields),
-                    body)
 
 
 NETWORK = {"name": ("s", "vnet9"), "mode": ("s", "nat"), "subnet": ("s", "172.16.19.0/24"),

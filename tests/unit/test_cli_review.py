@@ -14,42 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from pathlib import Path
 
 import pytest
-from jeepney.low_level import Endianness, Header, HeaderFields
 from jeepney.low_level import Message as JMessage
-from jeepney.low_level import MessageType as JMessageType
 from vnet_client import blocking, cli
 from vnet_common.limits import MAX_QUEUES, MAX_TAPS
 
-ROOT = Path(__file__).resolve().parents[2]
-NO_BUS = "unix:path=/nonexistent/vnet-unit-test-bus"
+from tests.unit.cli_support import NO_BUS, ROOT, _no_system_bus, exit_code, reply  # noqa: F401
+
 BR = "zzrev9"  # no /etc/qemu/zzrev9/zzrev9.conf: the qemu-vlan form reads none
 
-
-@pytest.fixture(autouse=True)
-def _no_system_bus(monkeypatch):
-    monkeypatch.setenv("VNET_BUS_ADDRESS", NO_BUS)
-    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", NO_BUS)
-    for var in ("QEMU_VLAN_NUM", "QEMU_VLAN_VDE", "QEMU_VLAN_DHCP", "QEMU_VLAN_IF",
-                "QEMU_VLAN_CF", "GROUP"):
-        monkeypatch.delenv(var, raising=False)
-
-
-def exit_code(argv: list[str]) -> int:
-    try:
-        return cli.main(argv)
-    except SystemExit as e:
-        return 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-
-
-def reply(sig: str = "", *body) -> JMessage:
-    fields = {HeaderFields.reply_serial: 1}
-    if sig:
-        fields[HeaderFields.signature] = sig
-    return JMessage(Header(Endianness.little, JMessageType.method_return, 0, 1, -1, -1, fields),
-                    body)
 
 
 ETHER_CONF = ("# ether.conf for vnet3, written by qemu-vnet\n"
