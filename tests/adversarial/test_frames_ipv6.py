@@ -194,3 +194,44 @@ def first_fragment_to_all_nodes(victim, attacker):
     assert F.marker("v6-control") in got, "positive control: the group's frames arrive"
     assert F.marker("v6-udp-fragment") in got, "a UDP fragment to the group was dropped"
     assert F.marker("v6-first-fragment") not in got, "a first fragment reached another guest"
+
+
+def router_ports(vnetd) -> set[str]:
+    """The ports the bridge's multicast snooping takes for multicast routers' (every group's
+    traffic goes to them)."""
+    out = vnetd.exec("bridge", "-d", "mdb", "show", "dev", NET).stdout
+    return {port for line in out.splitlines() if line.startswith("router ports on")
+            for port in line.split(":", 1)[1].split()}
+
+
+def mld_query(mac: str, src: str) -> bytes:
+    """A general MLD query, as a multicast router sends it: hop limit 1, router alert."""
+    msg = struct.pack("!BBHHH16s", 130, 0, 0, 1000, 0, bytes(16))
+    c = F._l4_checksum(F._pseudo6(src, "ff02::1", len(msg), 58), msg)
+    msg = msg[:2] + struct.pack("!H", c) + msg[4:]
+    hbh = bytes([58, 0, 5, 2, 0, 0, 1, 0])  # next: ICMPv6; router alert (MLD); PadN
+    return F.ether("33:33:00:00:00:01", mac, 0x86DD,
+                   F.ipv6(src, "ff02::1", 0, hbh + msg, hlim=1), tag="mld-query")
+
+
+def igmp_query(mac: str) -> bytes:
+    """A general IGMPv2 query from 0.0.0.0 (a querier with no address yet may send one)."""
+    msg = struct.pack("!BBH4s", 0x11, 100, 0, bytes(4))
+    msg = msg[:2] + struct.pack("!H", F.inet_checksum(msg)) + msg[4:]
+    opts = bytes([0x94, 4, 0, 0])  # router alert
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x46, 0, 24 + len(msg), 0, 0, 1, 2, 0, F.ip4("0.0.0.0"),
+                      F.ip4("224.0.0.1")) + opts
+    hdr = hdr[:10] + struct.pack("!H", F.inet_checksum(hdr)) + hdr[12:]
+    return F.ether("01:00:5e:00:00:01", mac, 0x0800, hdr + msg, tag="igmp-query")
+
+
+def test_a_guest_cannot_make_itself_the_bridges_multicast_router(vnetd, scene):
+    """A multicast query makes the port it came in on a router port of the bridge's snooping:
+    every group's traffic, the other guests' too, would go to that guest. Guests are not
+    multicast routers here: their queries go nowhere."""
+    victim, attacker, _vll, _brmac = scene
+    victim.clear()
+    attacker.send(mld_query(attacker.mac, F.eui64_ll(attacker.mac)), igmp_query(attacker.mac))
+    got = b"".join(victim.collect(1.0))
+    assert attacker.ifname not in router_ports(vnetd), router_ports(vnetd)
+    assert F.marker("mld-query") not in got and F.marker("igmp-query") not in got

@@ -1011,6 +1011,12 @@ def _bridge_chains_and_rules() -> list[dict]:
               *COUNT_DROP_IN, comment="fragment to a multicast group"),
         _rule(b, c, _match(_pl("icmp", "type"), "redirect"), *COUNT_DROP_IN,
               comment="ICMP redirect"),
+        # a query makes its port a router port of the bridge's multicast snooping, and every
+        # group's traffic, the other guests' too, goes there: guests are not its routers
+        _rule(b, c, _match(ICMP6, "mld-listener-query"), *COUNT_DROP_IN,
+              comment="MLD query"),
+        _rule(b, c, _match(_pl("igmp", "type"), "membership-query"), *COUNT_DROP_IN,
+              comment="IGMP query"),
         _rule(b, c, _match(_pl("arp", "htype"), 1, "!="), *COUNT_DROP_IN,
               comment="ARP for other hardware"),
         *_guard_rules(),
