@@ -37,6 +37,7 @@ from .kernel.links import Links
 from .macs import MacRegistry
 
 if TYPE_CHECKING:
+    from .subsystems.firewall import Firewall
     from .subsystems.spares import Spares
 
 log = logging.getLogger("vnetd.ports")
@@ -220,7 +221,7 @@ class Ports:
         self._monitor: asyncio.Task | None = None
         self._monitor_sock: socket.socket | None = None
         self.spares: Spares | None = None  # taps made ahead of attaches (set by the engine)
-        self.firewall: Any = None  # (set by the engine) holds a tap made here as pending
+        self.firewall: Firewall | None = None  # (set by the engine) holds a tap made here
         self._records: dict[str, Port] = {}
         # ports whose guest MAC is still to be learned, by ifindex: the FDB events of every
         # bridge on the host are checked against this, so it must cost O(1)
@@ -573,7 +574,7 @@ class Ports:
         fds: list[int] = []
         vhostfds: list[int] = []
         spare = self.spares.take(net.name) if self.spares is not None and queues == 1 else None
-        held = False
+        held: Firewall | None = None  # holds the tap made here as pending
         try:
             if spare is not None:  # made ahead, already on the bridge: only its owner is left
                 ifname, first, index, tap_mac = spare.ifname, spare.fd, spare.index, \
@@ -595,7 +596,7 @@ class Ports:
                     # nothing to or from it until its guard is in (as for a spare): frames
                     # flooded meanwhile would wait in its queue for the holder
                     await self.firewall.spares_added([ifname])
-                    held = True
+                    held = self.firewall
                 self.links.fast.set(index, alias=model.alias_for(net.name),
                                     master=bridge_index, mtu=net.mtu, port=ifname,
                                     guarded=net.spoof_protection)
@@ -614,8 +615,8 @@ class Ports:
             for fd in fds + vhostfds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            if held:
-                await self.firewall.spares_gone([ifname])
+            if held is not None:
+                await held.spares_gone([ifname])
             raise
         port = Port(ifname=ifname, ifindex=index, network=net.name, vm=vm, nic=nic, uid=uid,
                     mac=mac, mac_known=mac_known, holder_pid=holder, queues=queues,

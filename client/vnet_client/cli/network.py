@@ -300,13 +300,7 @@ def run_define(args: argparse.Namespace) -> int:
     opts = define_opts(args)
     with Session(args) as s:
         if args.dry_run:
-            n = s.run(lambda c: c.check_definition(args.name, **opts))
-            if args.json:
-                print(json.dumps(n, indent=2))
-            else:
-                print(f"Would define network {n['name']} ({addressing(n)}): every check "
-                      "passed; nothing was defined.")
-            return EXIT_OK
+            return say_checked(args, s.run(lambda c: c.check_definition(args.name, **opts)))
         s.run(lambda c: c.define(args.name, **opts))
         if args.start:
             start_defined(s, args.name)
@@ -316,6 +310,16 @@ def run_define(args: argparse.Namespace) -> int:
     else:
         print(f"Defined network {n['name']} ({addressing(n)})"
               f"{' and started it' if args.start else ''}.")
+    return EXIT_OK
+
+
+def say_checked(args: argparse.Namespace, n: dict[str, Any], source: str = "") -> int:
+    """What define --dry-run prints: the network that would be defined."""
+    if args.json:
+        print(json.dumps(n, indent=2))
+    else:
+        print(f"Would define network {n['name']} ({addressing(n)}){source}: every check "
+              "passed; nothing was defined.")
     return EXIT_OK
 
 
@@ -334,13 +338,8 @@ def run_define_from(args: argparse.Namespace) -> int:
     opts.pop("name", None)
     with Session(args) as s:
         if args.dry_run:  # the file's keys as they are, as Define would get them
-            n = s.run(lambda c: c.value("CheckDefinition", "sa{sv}", [args.name, asv(opts)]))
-            if args.json:
-                print(json.dumps(n, indent=2))
-            else:
-                print(f"Would define network {n['name']} ({addressing(n)}) from "
-                      f"{args.from_file}: every check passed; nothing was defined.")
-            return EXIT_OK
+            return say_checked(args, s.run(lambda c: c.value(
+                "CheckDefinition", "sa{sv}", [args.name, asv(opts)])), f" from {args.from_file}")
         s.run(lambda c: c.define_from(args.name, opts))
         if args.start:
             start_defined(s, args.name)

@@ -17,7 +17,7 @@ import socket
 import struct
 import threading
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -91,8 +91,7 @@ class Firewall:
         self._read_lock = threading.Lock()
         self._read_elements = nftnl.Elements()
         self._reader: ThreadPoolExecutor | None = None  # their one thread (made on first use)
-        self._counting: dict[str, asyncio.Future] = {}  # network -> its counters being read
-        self._warning: asyncio.Future | None = None  # the warnings' read under way
+        self._reading: dict[tuple, asyncio.Future] = {}  # what is being read -> its read
         self._forwarding_before: dict[Path, str] = {}
         self.flowtables = False
 
@@ -108,6 +107,15 @@ class Firewall:
                 log.info("nftables flowtables are not supported by this kernel: forwarded "
                          "flows take the normal path")
         return self._nft
+
+    def _shared(self, what: tuple, read: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
+        """One read of `what` at a time: callers that ask while it is under way share it
+        (one that gives up cancels nothing for the others)."""
+        reading = self._reading.get(what)
+        if reading is None:
+            reading = self._reading[what] = asyncio.ensure_future(read())
+            reading.add_done_callback(lambda _f: self._reading.pop(what, None))
+        return asyncio.shield(reading)
 
     async def _read(self, fn, *args):
         """Run a read in the readers' own thread: however many callers read, they never
@@ -260,11 +268,7 @@ class Firewall:
     async def status(self, name: str) -> dict[str, dict[str, int]]:
         """The anti-spoofing drop counters of the network's ports, by port; callers that ask
         while they are being read share that read."""
-        reading = self._counting.get(name)
-        if reading is None:
-            reading = self._counting[name] = asyncio.ensure_future(self._status(name))
-            reading.add_done_callback(lambda _f: self._counting.pop(name, None))
-        return await asyncio.shield(reading)
+        return await self._shared(("counters", name), lambda: self._status(name))
 
     async def _status(self, name: str) -> dict[str, dict[str, int]]:
         mine = [p.ifname for p in self.view.ports.on_network(name)
@@ -309,10 +313,7 @@ class Firewall:
     async def current_warnings(self) -> list[str]:
         """warnings(), read in a thread, one read at a time whoever asks (GetNetwork is open
         to everyone): callers that ask while it is under way share it."""
-        if self._warning is None:
-            self._warning = asyncio.ensure_future(self._read(self.warnings))
-            self._warning.add_done_callback(lambda _f: setattr(self, "_warning", None))
-        return await asyncio.shield(self._warning)
+        return await self._shared(("warnings",), lambda: self._read(self.warnings))
 
     def warnings(self) -> list[str]:
         """Sentences for `show`: other tables whose drop policy also drops our traffic."""
