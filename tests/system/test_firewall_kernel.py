@@ -370,9 +370,12 @@ def world(lab):
     ns = {"h": h, "o": o}
     sh("ip", "netns", "exec", h, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
        "net.ipv6.conf.all.forwarding=1")
-    for n in NETS:
-        sh("ip", "-n", h, "link", "add", n.name, "type", "bridge", "forward_delay", "0",
-           "stp_state", "0")
+    for i, n in enumerate(NETS):
+        # a MAC of its own, as vnetd gives every bridge: a bridge left to pick one takes its
+        # lowest port's, so the gateway's MAC would change under the guests as the tests'
+        # taps come and go (and a guest's neighbour entry would point at a tap that is gone)
+        sh("ip", "-n", h, "link", "add", n.name, "address", n.mac or f"52:54:00:7f:00:{i:02x}",
+           "type", "bridge", "forward_delay", "0", "stp_state", "0")
         sh("ip", "-n", h, "addr", "add", f"{n.gateway}/{n.subnet.prefixlen}", "dev", n.name)
         if n.subnet6:
             sh("ip", "-n", h, "addr", "add", f"{n.gateway6}/{n.subnet6.prefixlen}", "dev", n.name,
