@@ -326,10 +326,17 @@ class Store:
 
     @staticmethod
     def write_runtime_file(path: Path, data: bytes) -> None:
-        """Atomic (rename) but not fsynced: runtime state lives on tmpfs."""
+        """Atomic (rename) but not fsynced: runtime state lives on tmpfs. Root's only: a
+        port's record names its VM, MAC and user, a registry's last copy every VM's. (A few
+        system calls and no file object: a port's record is on the attach path.)"""
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.fchmod(fd, 0o600)  # a file left by an older vnetd keeps its mode otherwise
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
 
     def save_runtime_json(self, name: str, data: Any) -> None:

@@ -415,6 +415,64 @@ def test_leases_show_a_user_only_its_own_vms(daemon):
         run_client("undefine", "vnet3")
 
 
+SWEEP = """
+import os
+secrets, found = sys.argv[3:], []
+for top in sys.argv[1:3]:
+    for d, dirs, files in os.walk(top):
+        for f in files:
+            path = os.path.join(d, f)
+            if path == os.path.join(sys.argv[1], "vnetd.log"):
+                continue  # the harness's copy of the log (a host's goes to the journal)
+            try:
+                with open(path, "rb") as fh:
+                    text = fh.read().decode("utf-8", "replace").lower()
+            except OSError:
+                continue
+            found += [(path, s) for s in secrets if s.lower() in text]
+print(json.dumps(found))
+"""
+
+
+def test_vnetds_files_tell_a_user_nothing_of_another_users_vms(daemon):
+    """What ListPorts, Leases and ExportMacs keep from a user must not lie in a file it can
+    read: a port's runtime record (VM, MAC, uid), the DHCP server's lease file (MAC, address,
+    host name of every guest), the registry's last good copy. Before the fix Bob read
+    Alice's VM name and MAC from the port records and her guest's lease from the lease
+    file, both mode 0644 in directories anyone may enter."""
+    from tests.harness.guests import Guest
+    from tests.harness.users import HOLDER, spawn_as
+
+    run_client("define", "vnet3", "--mode=host-only", check=True)
+    run_client("start", "vnet3", check=True)
+    holder = guest = None
+    try:
+        holder = spawn_as(ALICE, HOLDER, "vnet3", "alicevm")
+        port = read_json(holder, 30)
+        assert "error" not in port, port
+        guest = Guest(daemon, "vnet3", mac=port["mac"])
+        assert guest.dhcp(), "alicevm's guest got no lease"
+        lease = next(le for le in json.loads(run_client("leases", "vnet3", "--json").stdout)
+                     if le.get("vm") == "alicevm")
+        r = run_as(BOB, SWEEP, str(daemon.dir), str(daemon.runtime_dir), "alicevm",
+                   port["mac"], lease["ip"])
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == []
+        # root still reads them all (the control: the sweep finds what is there)
+        r = run_as(None, SWEEP, str(daemon.dir), str(daemon.runtime_dir), "alicevm",
+                   port["mac"], lease["ip"])
+        found = {s for _path, s in json.loads(r.stdout)}
+        assert found == {"alicevm", port["mac"], lease["ip"]}, r.stdout
+    finally:
+        if guest is not None:
+            guest.close()
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        run_client("stop", "vnet3")
+        run_client("undefine", "vnet3")
+
+
 EXPORTS = """
 async def main():
     async with Client() as c:

@@ -87,6 +87,32 @@ def test_failed_rename_leaves_no_temp(tmp_path):
 
 
 # --- definitions ---------------------------------------------------------------------------
+def test_runtime_files_are_roots_alone_whatever_the_umask(tmp_path):
+    """A port's record names its VM, MAC and user, a registry's last copy every VM's: other
+    users read neither (they were 0644 under vnetd's umask 0022), not even a file an older
+    vnetd left with a wider mode."""
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "port.json"
+        Store.write_runtime_file(path, b'{"vm": "secret"}')
+        assert mode_of(path) == 0o600 and path.read_bytes() == b'{"vm": "secret"}'
+        (tmp_path / ".port.json.tmp").write_bytes(b"left over")
+        os.chmod(tmp_path / ".port.json.tmp", 0o644)
+        path.chmod(0o644)
+        Store.write_runtime_file(path, b"{}")
+        assert mode_of(path) == 0o600 and path.read_bytes() == b"{}"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["port.json"]
+    finally:
+        os.umask(old)
+
+
+def test_the_registrys_last_copy_is_roots_alone(st):
+    st.save_json("macs.json", {"vnet2": {"web1/0": "52:54:00:00:00:01"}})
+    st.save_json("macs.json", {})
+    assert mode_of(st.state_dir / "macs.json.prev") == 0o600
+    assert mode_of(st.state_dir / "macs.json") == 0o600
+
+
 def test_store_creates_its_directories(st):
     assert st.networks_dir.is_dir() and st.good_dir.is_dir()
     assert mode_of(st.networks_dir) == 0o755

@@ -159,15 +159,20 @@ class DhcpServers:
         if net.dhcp == "none" or net.name in self.children:
             return
         p = self.paths(net)
-        for d in (p.conf.parent, p.leases.parent):
+        # dnsmasq re-reads its hosts files after dropping root; dhcpd, unprivileged, goes
+        # through the lease directory to its own; nobody else reads a lease (which guest has
+        # which MAC, address and host name: Leases shows a user only its own VMs')
+        for d, mode in ((p.conf.parent, 0o755), (p.leases.parent, 0o711)):
             d.mkdir(parents=True, exist_ok=True)
-            os.chmod(d, 0o755)  # dnsmasq re-reads its hosts files after dropping root
+            os.chmod(d, mode)
         self._write_hosts(net)
         children: list[Child] = []
         user = dnsmasq_be.run_user()
         if net.dhcp == "dnsmasq":
-            if not p.leases.exists():
-                p.leases.touch(mode=0o644)
+            # dnsmasq opens it as root, before it drops root, and writes through that
+            # descriptor: root's alone (also one an older vnetd left readable)
+            p.leases.touch(mode=0o600)
+            os.chmod(p.leases, 0o600)
             atomic_write(p.conf, dnsmasq_be.render_conf(net, p, user=user).encode(),
                          durable=False)
             children.append(Child(f"dnsmasq[{net.name}]", dnsmasq_be.argv(p), p.pid,
