@@ -214,3 +214,32 @@ def test_a_bound_port_sends_only_its_own_address(vnetd, scene):
     assert table.get(vip) == victim.mac, table
     assert [ip for ip, mac in table.items() if mac == a] in ([], [aip]), table
     assert state(vnetd)["leases"] == before["leases"]
+
+
+def test_a_guest_cannot_flood_the_dhcp_server(vnetd, scene):
+    """DHCP client messages beyond a few a second are dropped at the guest's port: a DHCP
+    server answers every one (ISC dhcpd writes a lease record for each, into a file vnetd
+    reads), and each is a broadcast every other guest receives. The limiter is the port's:
+    another guest's DHCP goes on, and so does the attacker's own a moment later. Before the
+    fix all 200 DISCOVERs of the burst reached the other guest."""
+    from vnetd.render import nft as fw
+
+    victim, attacker, vip, brmac = scene
+    a = attacker.mac
+    flood = F.distinct([F.dhcp_client(F.DISCOVER, a, xid=0x53000000 + i, tag=f"flood{i}")
+                        for i in range(200)])
+    victim.clear()
+    attacker.send(*flood)
+    settle(0.5)
+    passed = F.tags(victim.collect(0.3), flood)
+    assert len(passed) <= fw.DHCP_BURST + 2 * fw.DHCP_RATE, len(passed)
+    assert len(passed) >= fw.DHCP_BURST // 2, "positive control: the burst itself passes"
+    # the victim asks right after, from its own port: answered
+    got = exchange(victim, [F.dhcp_client(F.DISCOVER, victim.mac, xid=0x53000F00,
+                                          tag="victim-discover")],
+                   {"dhcp.type": F.OFFER, "dhcp.xid": 0x53000F00})
+    assert offered(got, 0x53000F00), "the victim's own DHCP was answered"
+    settle(1.0)  # the limiter refills: a client that retries is served
+    got = exchange(attacker, [F.dhcp_client(F.DISCOVER, a, xid=0x53001000, tag="later")],
+                   {"dhcp.type": F.OFFER, "dhcp.xid": 0x53001000})
+    assert offered(got, 0x53001000)

@@ -563,7 +563,34 @@ def test_no_bridge_rule_depends_on_the_ports():
     anon = [n["match"]["right"]["set"] for n in walk(bridge) if isinstance(n, dict) and "match" in n
             and isinstance(n["match"]["right"], dict) and "set" in n["match"]["right"]]
     assert sorted(map(json.dumps, anon)) == sorted(map(json.dumps, [
-        ["ip", "arp", "ip6"], [67, 547], ["nd-router-advert", "nd-redirect"]]))
+        ["ip", "arp", "ip6"], [67, 547], [67, 547], [67, 547],
+        ["nd-router-advert", "nd-redirect"]]))
+
+
+def test_dhcp_from_a_port_is_limited_per_port():
+    """A guest's DHCP client messages beyond DHCP_RATE a second (DHCP_BURST at once) are
+    dropped and counted, by a limiter per port (a dynamic set keyed by the port: one guest's
+    flood does not use another's share); a VDE segment, many guests, gets ten times that.
+    Before the guard's other checks, so that no DHCP message escapes it."""
+    rules = [r for r in objects(fw.render_ruleset(NETS, (), KINDS), "rule")
+             if r["family"] == "bridge" and r["chain"] == "guard_in"]
+    limited = [r for r in rules if r.get("comment") == "DHCP faster than a client asks"]
+    assert len(limited) == 2
+    got = {}
+    for r in limited:
+        upd = next(e["set"] for e in r["expr"] if "set" in e and e["set"].get("op") == "update"
+                   and e["set"]["set"] == "@dhcp_rate")
+        assert upd["elem"] == {"meta": {"key": "iifname"}}
+        (lim,) = upd["stmt"]
+        seg = next(e["match"]["op"] for e in r["expr"] if "match" in e
+                   and e["match"]["right"] == "@seg")
+        got[seg] = (lim["limit"]["rate"], lim["limit"]["burst"], lim["limit"]["inv"])
+        assert r["expr"][-1] == {"drop": None}
+    assert got == {"==": (10 * fw.DHCP_RATE, 10 * fw.DHCP_BURST, True),
+                   "!=": (fw.DHCP_RATE, fw.DHCP_BURST, True)}
+    first = [r.get("comment") for r in rules]
+    assert first.index("DHCP faster than a client asks") == 1  # right after from_any_port
+    assert "dhcp_rate" in fw.BRIDGE_TEXT_SETS and "timeout 1m" in fw.BRIDGE_TEXT_SETS
 
 
 def test_a_port_change_is_set_elements_only():
@@ -644,7 +671,9 @@ def test_a_segment_may_not_claim_anyone_elses_identity():
                             [SEG, PORTS[0]])
     gin = rules_of(doc, "guard_in")
     # it leaves guard_in for good (goto) before any per-port check
-    assert gin[1]["expr"] == [m(IIF, "@seg"), {"goto": {"target": "seg_in"}}]
+    # (after the DHCP limiters, which hold a segment to ten times a port's rate)
+    assert [r.get("comment") for r in gin[1:3]] == ["DHCP faster than a client asks"] * 2
+    assert gin[3]["expr"] == [m(IIF, "@seg"), {"goto": {"target": "seg_in"}}]
     assert gin[0]["expr"] == [{"jump": {"target": "from_any_port"}}]
     seg = [r["expr"] for r in rules_of(doc, "seg_in")]
     assert seg == [
@@ -859,7 +888,8 @@ def test_bridge_text_makes_the_typeof_sets_and_recreates_an_older_table():
     assert lines[0] == "add table bridge qemu_vnet"
     assert all(ln.startswith("add set bridge qemu_vnet ") for ln in lines[1:])
     decl = {ln.split()[4]: ln.split(None, 5)[5] for ln in lines[1:]}
-    assert set(decl) == {*RAW, "spoof"}
+    assert set(decl) == {*RAW, "spoof", "dhcp_rate"}
+    assert "flags dynamic,timeout;" in decl["dhcp_rate"]
     assert "typeof iifname . @th,288,48;" in decl["port_mac_raw"]
     assert "typeof iifname . @th,64,128;" in decl["port_t6"]
     assert "typeof @th,64,128;" in decl["claimed6_raw"]

@@ -78,7 +78,9 @@ spare made ahead of an attach, until the port's guard replaces that) and sends f
 ``forward`` and ``output`` drop frames to a ``@pending`` tap and send frames to guarded ports
 to ``guard_out``. ``guard_in`` first jumps to ``from_any_port`` (what no guest
 may send: multicast source MACs, anything but IPv4/ARP/IPv6 (VLAN tags, STP), DHCP and DHCPv6
-server replies, router advertisements and redirects, ARP for other hardware), sends VDE
+server replies, router advertisements and redirects, ARP for other hardware), drops DHCP and
+DHCPv6 client messages beyond ``DHCP_RATE`` a second (a limiter per port in the dynamic set
+``dhcp_rate``; ten times that for a VDE segment), sends VDE
 segments (``@seg``) to ``seg_in`` (no identity a port or gateway holds: ``@taken``,
 ``@claimed4``, ``@claimed6``, ND targets in ``@claimed6_raw``), then drops: from a
 ``@locked`` port, a source MAC, ARP sender MAC or DHCP client hardware address that is not its
@@ -599,7 +601,15 @@ add set bridge {TABLE} port_mac_raw {{ typeof iifname . @th,288,48; }}
 add set bridge {TABLE} port_t6 {{ typeof iifname . @th,64,128; }}
 add set bridge {TABLE} claimed6_raw {{ typeof @th,64,128; }}
 add set bridge {TABLE} spoof {{ type ifname; size 1048576; flags dynamic; counter; }}
+add set bridge {TABLE} dhcp_rate {{ type ifname; size 1048576; flags dynamic,timeout; \
+timeout 1m; }}
 """
+
+# DHCP and DHCPv6 client messages a port may send: DHCP_RATE a second, DHCP_BURST at once
+# (a VDE segment, many guests behind one port, ten times that). A client sends a handful at
+# boot and one per renewal; a guest sending more costs the server, and ISC dhcpd writes one
+# lease record per answer (its file is rewritten once an hour at most, and vnetd reads it)
+DHCP_RATE, DHCP_BURST = 5, 20
 
 
 # each element set's key fields, for writing its elements without libnftables
@@ -615,6 +625,14 @@ SET_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _rate_over(name: str, rate: int, burst: int) -> dict:
+    """True for a frame beyond `rate` a second (`burst` at once) from its port: a limiter
+    per port in the dynamic set `name`, which forgets a port a minute after its last one."""
+    return {"set": {"op": "update", "elem": IIF, "set": f"@{name}",
+                    "stmt": [{"limit": {"rate": rate, "burst": burst, "per": "second",
+                                        "inv": True}}]}}
+
+
 def _guard_rules() -> list[dict]:
     """The chains every guarded port goes through, in order (see the module text)."""
     b = "bridge"
@@ -628,6 +646,10 @@ def _guard_rules() -> list[dict]:
     no_v4 = [_is_not(IIF, "v4_bound"), _is_not(IIF, "v4_sub")]
     return [
         _rule(b, g, _jump("from_any_port")),
+        *[_rule(b, g, *match, _match(_pl("udp", "dport"), {"set": [67, 547]}),
+                _rate_over("dhcp_rate", DHCP_RATE * k, DHCP_BURST * k), *COUNT_DROP_IN,
+                comment="DHCP faster than a client asks")
+          for match, k in (([_is(IIF, "seg")], 10), ([_is_not(IIF, "seg")], 1))],
         _rule(b, g, _is(IIF, "seg"), {"goto": {"target": seg}}),
         # the MAC: a locked port's own, a learning port's any that is not taken
         r(g, locked, _is_not(_cat(IIF, _pl("ether", "saddr")), "port_mac"),
