@@ -299,3 +299,30 @@ def test_unknown_dhcp_kind_over_dbus_is_a_named_error(vnetd):
 
     asyncio.run(go())
     assert run_client("define", "vnet6", "--dhcp=foo").returncode == 2  # the CLI's own check
+
+
+def test_dhcpd_lease_file_is_kept_small(vnetd, guests):
+    """ISC dhcpd appends a record per answer and rewrites its file once an hour at most;
+    vnetd parses that file twice a second. Past DHCPD_COMPACT_AT bytes vnetd restarts dhcpd,
+    which rewrites it with the live leases only: the file shrinks, the lease stays."""
+    from vnetd.subsystems.dhcp import DHCPD_COMPACT_AT
+
+    g = guests("vnet5")
+    lease = g.dhcp()
+    assert lease is not None, "no lease from dhcpd"
+    path = vnetd.state_dir / "vnet5" / "dhcpd" / "dhcpd.leases"
+    filler = "".join(
+        f"lease 172.16.15.{200 + i % 40} {{\n  starts 4 2026/01/01 00:00:00;\n"
+        f"  ends 4 2026/01/01 00:10:00;\n  binding state free;\n"
+        f"  hardware ethernet 52:54:00:ff:00:{i % 200:02x};\n}}\n" for i in range(12000))
+    with open(path, "a") as f:  # what a flood of answers leaves behind
+        f.write(filler)
+    assert path.stat().st_size > DHCPD_COMPACT_AT
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and path.stat().st_size > DHCPD_COMPACT_AT:
+        time.sleep(0.2)
+    assert path.stat().st_size < DHCPD_COMPACT_AT // 4, path.stat().st_size
+    assert "restarting dhcpd, which rewrites it" in vnetd.log()
+    assert g.dhcp() is not None  # dhcpd serves again
+    leases = json.loads(run_client("leases", "vnet5", "--json", check=True).stdout)
+    assert any(le["ip"] == lease["ip"] and le["mac"] == g.mac for le in leases), leases

@@ -37,6 +37,12 @@ READY_TIMEOUT = 3.0
 # a network's servers' pid files, in its runtime directory
 DNSMASQ_PID, DHCPD_PID = "dnsmasq.pid", "dhcpd.pid"
 LEASE_POLL = 0.5
+# ISC dhcpd appends a record per answer and rewrites its lease file (live leases only) when
+# it starts and once an hour at most: past this size vnetd restarts it, at most once a
+# COMPACT_EVERY seconds, so the file vnetd parses twice a second stays small whatever the
+# guests ask (each port may ask a few times a second: the guard's DHCP limit)
+DHCPD_COMPACT_AT = 1 << 20
+COMPACT_EVERY = 60.0
 
 
 def dns_query(name: str, qid: int) -> bytes:
@@ -56,6 +62,7 @@ class DhcpServers:
         self.kinds: dict[str, str] = {}
         self.leases_seen: dict[str, dict[str, Lease]] = {}
         self.lease_mtimes: dict[str, float] = {}
+        self._compacted: dict[str, float] = {}  # network -> when its dhcpd was last restarted
         # each network's lease file, as its kind of server names it: the poller looks at
         # every one twice a second, without building paths each time
         self._lease_paths: dict[str, tuple[str, str]] = {}
@@ -313,12 +320,14 @@ class DhcpServers:
                 if path is None or path[0] != kind:
                     path = self._lease_paths[name] = (kind, str(self.lease_file(net)))
                 try:
-                    mtime = os.lstat(path[1]).st_mtime
+                    st = os.lstat(path[1])
                 except OSError:
                     continue
-                if self.lease_mtimes.get(name) == mtime:
+                if kind == "dhcpd" and st.st_size > DHCPD_COMPACT_AT:
+                    await self._compact(net, st.st_size)
+                if self.lease_mtimes.get(name) == st.st_mtime:
                     continue
-                self.lease_mtimes[name] = mtime
+                self.lease_mtimes[name] = st.st_mtime
                 now = {le.mac: le for le in self.leases(net)}
                 old = self.leases_seen.get(name, {})
                 for mac, le in now.items():
@@ -330,6 +339,31 @@ class DhcpServers:
                     if mac not in now:
                         self._emit(name, le, "removed")
                 self.leases_seen[name] = now
+
+    async def _compact(self, net: Network, size: int) -> None:
+        """Restart the network's dhcpd, which rewrites its lease file with the live leases
+        only (the leases themselves are kept: dhcpd reads the file first)."""
+        now = time.monotonic()
+        children = self.children.get(net.name)
+        if children is None or now - self._compacted.get(net.name, -COMPACT_EVERY) \
+                < COMPACT_EVERY:
+            return
+        self._compacted[net.name] = now
+        for i, c in enumerate(children):
+            if c.name.startswith("dhcpd["):
+                log.warning("%s: the lease file has grown to %d bytes; restarting dhcpd, "
+                            "which rewrites it", net.name, size)
+                await c.stop()
+                fresh = self._dhcpd_child(net)
+                try:
+                    await fresh.start()
+                except (Failed, OSError) as e:
+                    log.error("%s: dhcpd did not start again: %s", net.name, e)
+                    return
+                if self.children.get(net.name) is not children:  # stopped meanwhile
+                    await fresh.stop()
+                    return
+                children[i] = fresh
 
     def _emit(self, network: str, lease: Lease, event: str) -> None:
         log.info("lease %s on %s: %s %s %s", event, network, lease.ip, lease.mac,
