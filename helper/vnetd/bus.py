@@ -13,7 +13,6 @@ import logging
 import os
 import pwd
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ from . import api, model
 from .authz import POLKIT_NAME, Authorizer, Caller
 from .engine import Engine
 from .errors import Failed, InvalidArgument, NotFound, NotOwner, VnetError
+from .linebudget import LineBudget
 from .model import Network
 
 BUS_DAEMON = "org.freedesktop.DBus"
@@ -134,53 +134,24 @@ class Reply:
 Handler = Callable[..., Awaitable[Any]]
 
 
-class CallLog:
+class CallLog(LineBudget):
     """How many lines of refused calls a uid may have: BURST at once, then RATE a second
     (root is not limited). A local user calling in a loop would otherwise fill the log, and
     push everyone's lines past journald's rate limit (10,000 a service in 30 s by default),
     the audit lines of other users' calls with them. A change that was made is always logged
     (what it costs bounds how fast one can loop). Lines held back are counted and said in
-    that uid's next line. Bounded: MAX_UIDS buckets, the least recently used go first."""
+    that uid's next line."""
 
     BURST = 200
     RATE = 20.0
-    MAX_UIDS = 4096
+    MAX_UIDS = LineBudget.MAX_KEYS
 
     def __init__(self, burst: float = BURST, rate: float = RATE,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.burst, self.rate, self.clock = burst, rate, clock
-        self._buckets: OrderedDict[int, list[float]] = OrderedDict()  # [tokens, at, held]
+        super().__init__(burst, rate, clock)
 
-    def take(self, uid: int) -> int | None:
-        """None: hold this line back. Otherwise log it, with the count of lines held back
-        since the last one of this uid."""
-        if uid == 0:
-            return 0
-        now = self.clock()
-        b = self._buckets.get(uid)
-        if b is None:
-            b = self._buckets[uid] = [self.burst, now, 0]
-            while len(self._buckets) > self.MAX_UIDS:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(uid)
-            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
-            b[1] = now
-        if b[0] < 1:
-            b[2] += 1
-            return None
-        b[0] -= 1
-        held, b[2] = int(b[2]), 0
-        return held
-
-    def held(self, uid: int) -> int:
-        """The lines of this uid held back since its last line (said now, so counted no
-        more)."""
-        b = self._buckets.get(uid)
-        if b is None or not b[2]:
-            return 0
-        held, b[2] = int(b[2]), 0
-        return held
+    def take(self, uid: int) -> int | None:  # type: ignore[override]
+        return 0 if uid == 0 else super().take(uid)
 
 
 class Service:

@@ -63,3 +63,12 @@ def test_leases_belong_to_a_mac_never_to_a_client_id():
     assert ("dhcp-ignore-clid", "") in settings(
         dnsmasq.render_conf(net, PATHS, dhcp=True, user=("dnsmasq", "nogroup")))
     assert "ignore-client-uids true;" in dhcpd.render_conf(net).splitlines()
+
+
+def test_no_line_per_dhcp_message_or_router_solicitation():
+    """A guest decides how many DHCP messages and router solicitations it sends; dnsmasq's
+    line for each would be relayed into vnetd's log (vnetd logs lease changes itself)."""
+    net = Network.from_options("vnet2", {"subnet": "10.10.0.0/24", "subnet6": "fd00:10::/64"})
+    for dhcp in (True, False):
+        conf = settings(dnsmasq.render_conf(net, PATHS, dhcp=dhcp, user=("dnsmasq", "nogroup")))
+        assert {("quiet-dhcp", ""), ("quiet-dhcp6", ""), ("quiet-ra", "")} <= set(conf)

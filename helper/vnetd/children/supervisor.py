@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..linebudget import LineBudget
 from .safefile import write_pid_file
 
 log = logging.getLogger("vnetd.children")
@@ -58,6 +59,7 @@ GATE = ('TMOUT= IFS= read -r go <&"$0"; eval "exec $0<&-"; '
         '[ "$go" = 1 ] && exec "$@"; exit 0')
 GATE_NAMES = (os.path.basename(GATE_SHELL), os.path.basename(os.path.realpath(GATE_SHELL)))
 EXEC_WAIT = 5.0  # seconds a start waits for the gate to run the program
+OUTPUT_BURST, OUTPUT_RATE = 100, 5.0  # a child's lines in vnetd's log (see _log_output)
 
 # Signals a child that runs as its own user (vnetd has no CAP_KILL) through the pidfd it was
 # handed: run as that same user, it can reach nothing that user does not own.
@@ -415,9 +417,19 @@ class Child:
                     EXEC_WAIT)
 
     async def _log_output(self, proc: Process) -> None:
+        """Its lines into vnetd's log, OUTPUT_BURST at once and OUTPUT_RATE a second at
+        most: what a child prints can follow from what guests send, and a flood here would
+        push everyone's lines past journald's rate limit, vnetd's audit lines with them."""
+        budget = LineBudget(OUTPUT_BURST, OUTPUT_RATE)
         with contextlib.suppress(Exception):
             async for line in proc.stdout:
-                log.info("%s: %s", self.name, line.decode(errors="replace").rstrip())
+                held = budget.take(0)
+                if held is not None:
+                    log.info("%s: %s%s", self.name, line.decode(errors="replace").rstrip(),
+                             f" ({held} earlier line(s) held back: too many)" if held else "")
+        held = budget.held(0)
+        if held:
+            log.info("%s: %d last line(s) held back: too many", self.name, held)
 
     async def _watch(self) -> None:
         while self.wanted:

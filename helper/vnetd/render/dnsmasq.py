@@ -63,6 +63,11 @@ def render_conf(net: Network, paths: Paths, dhcp: bool = True, upstream: bool | 
         "domain-needed",
         "bogus-priv",
         "strict-order",
+        # no line per DHCP message or router solicitation: a guest decides how many it
+        # sends, and each line is relayed into vnetd's log (vnetd logs lease changes itself)
+        "quiet-dhcp",
+        "quiet-dhcp6",
+        "quiet-ra",
     ]
     if not upstream:
         lines.append("no-resolv")

@@ -63,6 +63,8 @@ class DhcpServers:
         self.leases_seen: dict[str, dict[str, Lease]] = {}
         self.lease_mtimes: dict[str, float] = {}
         self._compacted: dict[str, float] = {}  # network -> when its dhcpd was last restarted
+        # network -> (the lease file's path, kind, inode, size, mtime), its leases
+        self._parsed: dict[str, tuple[tuple, tuple[Lease, ...]]] = {}
         # each network's lease file, as its kind of server names it: the poller looks at
         # every one twice a second, without building paths each time
         self._lease_paths: dict[str, tuple[str, str]] = {}
@@ -292,16 +294,33 @@ class DhcpServers:
                 shutil.rmtree(d, onerror=lambda _f, path, e: log.warning(
                     "cannot remove %s: %s", path, e[1]))
         self.lease_mtimes.pop(net_name, None)
+        self._parsed.pop(net_name, None)
 
     # --- leases -------------------------------------------------------------------------
     def leases(self, net: Network) -> list[Lease]:
+        """The network's leases, parsed once per version of the file: every port's guard,
+        every forward to a VM and every Leases call asks, and a lease event asks once per
+        port of the network."""
+        path = self.lease_file(net)
+        kind = self.kinds.get(net.name, net.dhcp)
+        try:
+            st = os.lstat(path)
+            version = (str(path), kind, st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            version = None
+        cached = self._parsed.get(net.name)
+        if version is not None and cached is not None and cached[0] == version:
+            return list(cached[1])
         # dhcpd's file is in a directory dhcpd writes: no symlink, FIFO or endless file
-        text = safefile.read_capped(self.lease_file(net))
+        text = safefile.read_capped(path)
         if text is None:
+            self._parsed.pop(net.name, None)
             return []
-        if self.kinds.get(net.name, net.dhcp) == "dhcpd":
-            return dhcpd_be.parse_leases(text)
-        return dnsmasq_be.parse_leases(text)
+        parsed = (dhcpd_be.parse_leases(text) if kind == "dhcpd"
+                  else dnsmasq_be.parse_leases(text))
+        if version is not None:
+            self._parsed[net.name] = (version, tuple(parsed))
+        return parsed
 
     def _ensure_poller(self) -> None:
         if self._poller is None:
@@ -334,7 +353,8 @@ class DhcpServers:
                     if mac not in old:
                         self._emit(name, le, "added")
                     elif old[mac] != le:
-                        self._emit(name, le, "changed")
+                        self._emit(name, le, "changed", renewal=(
+                            old[mac].ip, old[mac].hostname) == (le.ip, le.hostname))
                 for mac, le in old.items():
                     if mac not in now:
                         self._emit(name, le, "removed")
@@ -365,8 +385,10 @@ class DhcpServers:
                     return
                 children[i] = fresh
 
-    def _emit(self, network: str, lease: Lease, event: str) -> None:
-        log.info("lease %s on %s: %s %s %s", event, network, lease.ip, lease.mac,
-                 lease.hostname or "-")
+    def _emit(self, network: str, lease: Lease, event: str, renewal: bool = False) -> None:
+        # a renewal (only the expiry moved) is as frequent as a guest makes it: debug
+        log.log(logging.DEBUG if renewal else logging.INFO, "lease %s on %s: %s %s %s%s",
+                event, network, lease.ip, lease.mac, lease.hostname or "-",
+                " (renewed)" if renewal else "")
         for fn in self.listeners:
             fn(network, lease, event)
