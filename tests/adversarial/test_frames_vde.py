@@ -110,7 +110,14 @@ def attack(vnetd, network: str, victim, vip: str, gw: str, brmac: str, attacker,
     # and the host: the victim's address is the attacker's
     attacker.send(F.arp(2, amac, vip, brmac, gw, dst=brmac, tag="arp-victim-to-host"),
                   F.dhcp_client(F.RELEASE, amac, chaddr=victim.mac, ciaddr=vip, dst=gw,
-                                dst_mac=brmac, server=gw, xid=0x54000003))
+                                dst_mac=brmac, server=gw, xid=0x54000003),
+                  # broadcast, as a client without an address sends: the kernel hands it to
+                  # the server (the unicast one above, from 0.0.0.0, it drops as martian),
+                  # which keys the lease by the client hardware address alone
+                  F.dhcp_client(F.RELEASE, amac, chaddr=victim.mac, ciaddr=vip, server=gw,
+                                xid=0x54000004),
+                  F.dhcp_client(F.DECLINE, amac, chaddr=victim.mac, requested=vip,
+                                server=gw, xid=0x54000005))
     settle(1.0)
     seen = F.tags(victim.collect(0.3), F.distinct(allowed + blocked))
     assert {"own", "own-discover"} <= seen, f"positive control: {seen}"

@@ -87,7 +87,7 @@ INET_T = {"family": "inet", "name": "qemu_vnet"}
 BRIDGE_JSON_SETS = {"guarded", "pending", "seg", "locked", "unlocked", "bridged", "v4_bound",
                     "v4_sub", "port_mac", "port_ip4", "port_sub4", "port_ip6", "taken", "claimed4",
                     "claimed6"}
-RAW = ("port_mac_raw", "port_t6", "claimed6_raw")
+RAW = ("port_mac_raw", "port_t6", "claimed6_raw", "taken_raw")
 
 
 def test_ruleset_flushes_both_tables_in_place_and_never_the_spoof_counts():
@@ -523,8 +523,8 @@ def test_an_overlay_member_may_use_only_free_addresses_of_its_subnet():
 
 def test_a_bridged_port_is_held_to_its_mac_only():
     el = port_elems(BRIDGED)
-    assert {n for n, _ in el} == {"guarded", "spoof", "bridged", "locked", "taken", "port_mac",
-                                  "port_mac_raw", "claimed6", "claimed6_raw"}
+    assert {n for n, _ in el} == {"guarded", "spoof", "bridged", "locked", "taken", "taken_raw",
+                                  "port_mac", "port_mac_raw", "claimed6", "claimed6_raw"}
     doc = fw.render_ruleset(NETS, (), [BRIDGED])
     rules = rules_of(doc, "guard_in")
     ret = rules.index(next(r for r in rules if r["expr"] == [m(IIF, "@bridged"),
@@ -680,6 +680,7 @@ def test_a_segment_may_not_claim_anyone_elses_identity():
         [m(pl("ether", "saddr"), "@taken"), *DROP_IN],
         [m(pl("arp", "saddr ether"), "@taken"), *DROP_IN],
         [m(pl("arp", "saddr ip"), "@claimed4"), *DROP_IN],
+        [m(pl("udp", "dport"), 67), m(th(288, 48), "@taken_raw"), *DROP_IN],
         [m(pl("ip", "saddr"), "@claimed4"), *DROP_IN],
         [m(pl("ip6", "saddr"), "@claimed6"), *DROP_IN],
         [m(pl("icmpv6", "type"), "nd-neighbor-advert"), m(th(64, 128), "@claimed6_raw"),
@@ -690,6 +691,7 @@ def test_a_segment_may_not_claim_anyone_elses_identity():
     # what those sets hold: the gateway's identity and the ports'
     el = elements(doc)
     assert sorted(el["taken"]) == [MAC_A, "52:54:00:12:00:01"]
+    assert sorted(el["taken_raw"]) == ["0x5254000000aa", "0x525400120001"]
     assert {"172.16.12.1", "172.16.12.60"} <= set(el["claimed4"])
     gw_ll = fw.eui64_ll("52:54:00:12:00:01")
     assert {"fd00:12::1", gw_ll, LL_A} <= set(el["claimed6"])
@@ -729,6 +731,7 @@ def test_learning_its_mac_moves_a_port_from_unlocked_to_locked():
     assert before - after == {pe("unlocked", "vnet2-b")}
     assert after - before == {
         pe("locked", "vnet2-b"), pe("taken", "52:54:00:00:00:cc"),
+        pe("taken_raw", "0x5254000000cc"),
         pe("port_mac", cat("vnet2-b", "52:54:00:00:00:cc")),
         pe("port_mac_raw", cat("vnet2-b", "0x5254000000cc")),
         pe("port_ip6", cat("vnet2-b", LL_C)), pe("port_t6", cat("vnet2-b", LL_C_RAW)),
@@ -766,12 +769,14 @@ def test_port_update_deletes_only_what_went_and_what_no_one_else_holds():
     new_mac = dataclasses.replace(old, mac="52:54:00:00:00:ab")
     gone = elements(fw.render_port_update(new_mac, old), "delete")
     assert gone["taken"] == [MAC_A] and gone["claimed6"] == [LL_A]
+    assert gone["taken_raw"] == ["0x5254000000aa"]
     assert gone["claimed6_raw"] == [LL_A_RAW]
     kept = elements(fw.render_port_update(new_mac, old, keep=frozenset(fw.shared_elems(old))),
                     "delete")
-    assert not {"taken", "claimed4", "claimed6", "claimed6_raw"} & set(kept)
+    assert not {"taken", "taken_raw", "claimed4", "claimed6", "claimed6_raw"} & set(kept)
     assert kept["port_mac"] == [cat("vnet2-a", MAC_A)]
-    assert fw.shared_elems(old) == {("taken", MAC_A), ("claimed4", "172.16.12.60"),
+    assert fw.shared_elems(old) == {("taken", MAC_A), ("taken_raw", "0x5254000000aa"),
+                                    ("claimed4", "172.16.12.60"),
                                     ("claimed6", LL_A), ("claimed6_raw", LL_A_RAW)}
     with pytest.raises(ValueError, match="rename"):
         fw.render_port_update(dataclasses.replace(old, ifname="x"), old)
@@ -780,7 +785,7 @@ def test_port_update_deletes_only_what_went_and_what_no_one_else_holds():
 def test_port_update_new_port_and_without_protection():
     doc = fw.render_port_update(PORTS[0], None)
     assert elements(doc, "delete") == {}
-    assert set(elements(doc)) == {"guarded", "spoof", "locked", "taken", "port_mac",
+    assert set(elements(doc)) == {"guarded", "spoof", "locked", "taken", "taken_raw", "port_mac",
                                   "port_mac_raw", "v4_bound", "port_ip4", "claimed4",
                                   "port_ip6", "port_t6", "claimed6", "claimed6_raw"}
     assert fw.render_port_update(PORTS[2], None, spoof_protection=False) == {"nftables": []}
@@ -801,7 +806,7 @@ def test_port_remove_deletes_all_its_elements_and_only_elements():
     keep = frozenset(fw.shared_elems(PORTS[0]))
     left = pairs(fw.render_port_remove(PORTS[0], keep=keep), "delete")
     assert left == {e for e in port_elems(PORTS[0])
-                    if e[0] not in ("taken", "claimed4", "claimed6", "claimed6_raw")}
+                    if e[0] not in ("taken", "taken_raw", "claimed4", "claimed6", "claimed6_raw")}
     assert fw.render_port_remove(PORTS[2], spoof_protection=False) == {"nftables": []}
 
 
@@ -889,6 +894,7 @@ def test_bridge_text_makes_the_typeof_sets_and_recreates_an_older_table():
     assert all(ln.startswith("add set bridge qemu_vnet ") for ln in lines[1:])
     decl = {ln.split()[4]: ln.split(None, 5)[5] for ln in lines[1:]}
     assert set(decl) == {*RAW, "spoof", "dhcp_rate"}
+    assert "typeof @th,288,48;" in decl["taken_raw"]
     assert "flags dynamic,timeout;" in decl["dhcp_rate"]
     assert "typeof iifname . @th,288,48;" in decl["port_mac_raw"]
     assert "typeof iifname . @th,64,128;" in decl["port_t6"]

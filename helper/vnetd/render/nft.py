@@ -82,7 +82,8 @@ server replies, router advertisements and redirects, ARP for other hardware), dr
 DHCPv6 client messages beyond ``DHCP_RATE`` a second (a limiter per port in the dynamic set
 ``dhcp_rate``; ten times that for a VDE segment), sends VDE
 segments (``@seg``) to ``seg_in`` (no identity a port or gateway holds: ``@taken``,
-``@claimed4``, ``@claimed6``, ND targets in ``@claimed6_raw``), then drops: from a
+``@claimed4``, ``@claimed6``, ND targets in ``@claimed6_raw``, DHCP client hardware addresses
+in ``@taken_raw``), then drops: from a
 ``@locked`` port, a source MAC, ARP sender MAC or DHCP client hardware address that is not its
 own (``port_mac``, ``port_mac_raw``); from an ``@unlocked`` (learning) port, a MAC that is
 ``@taken``; ARP and IPv4 from an address that is not the port's (``@v4_bound``:
@@ -469,13 +470,13 @@ def render_forward_remove(f: FwForward) -> dict:
 # ports (and the kernel never re-validates jumps, which it does for every chain a verdict map
 # element names).
 #
-# Four sets compare raw header fields with a port's MAC or addresses (the DHCP client
+# Five sets compare raw header fields with a port's MAC or addresses (the DHCP client
 # hardware address, an ND target, an ND link-layer option): their keys are declared with
 # ``typeof`` over a raw payload, which libnftables 1.0.6 reads only in its text syntax, so
 # they are made by :data:`BRIDGE_TEXT_SETS` (text) before the JSON ruleset; so is ``spoof``,
 # the dynamic set whose elements count each port's drops.
 
-RAW_SETS = ("port_mac_raw", "port_t6", "claimed6_raw", "spoof")
+RAW_SETS = ("port_mac_raw", "port_t6", "claimed6_raw", "taken_raw", "spoof")
 
 
 def eui64_ll(mac: str) -> str:
@@ -508,6 +509,12 @@ def _mac_int(mac: str) -> str:
     return "0x" + _mac(mac).replace(":", "")
 
 
+def taken(mac: str) -> list[tuple[str, Any]]:
+    """A MAC no other port may take: as a source (``taken``) and as the client hardware
+    address of a DHCP message from a segment (``taken_raw``)."""
+    return [("taken", mac), ("taken_raw", _mac_int(mac))]
+
+
 def claimed6(addr: str) -> list[tuple[str, Any]]:
     """An IPv6 address no segment may take: as a source (``claimed6``) and as the target of
     an ND message (``claimed6_raw``)."""
@@ -527,7 +534,7 @@ def _port_elems(p: FwPort) -> list[tuple[str, Any]]:
         out.append(("unlocked", i))
     else:
         mac = _mac(p.mac)
-        out += [("locked", i), ("taken", mac), ("port_mac", _cat(i, mac)),
+        out += [("locked", i), *taken(mac), ("port_mac", _cat(i, mac)),
                 ("port_mac_raw", _cat(i, _mac_int(mac)))]
     if p.bridged:  # its addresses are the LAN's; its link-local is still its own
         return out + [x for a in port_allowed6(p) for x in claimed6(a)]
@@ -600,6 +607,7 @@ add table bridge {TABLE}
 add set bridge {TABLE} port_mac_raw {{ typeof iifname . @th,288,48; }}
 add set bridge {TABLE} port_t6 {{ typeof iifname . @th,64,128; }}
 add set bridge {TABLE} claimed6_raw {{ typeof @th,64,128; }}
+add set bridge {TABLE} taken_raw {{ typeof @th,288,48; }}
 add set bridge {TABLE} spoof {{ type ifname; size 1048576; flags dynamic; counter; }}
 add set bridge {TABLE} dhcp_rate {{ type ifname; size 1048576; flags dynamic,timeout; \
 timeout 1m; }}
@@ -621,6 +629,7 @@ SET_FIELDS: dict[str, tuple[str, ...]] = {
     "port_mac_raw": ("ifname", "raw48"),
     "port_t6": ("ifname", "raw128"),
     "claimed6_raw": ("raw128",),
+    "taken_raw": ("raw48",),
     "spoof": ("ifname",),
 }
 
@@ -714,6 +723,10 @@ def _guard_rules() -> list[dict]:
         r(seg, _is(_pl("arp", "saddr ether"), "taken"),
           comment="ARP sender MAC of a port or the gateway"),
         r(seg, _is(arp_ip, "claimed4"), comment="ARP for an address of a port or the gateway"),
+        # a DHCP server keys leases by the client hardware address: a release, decline or
+        # request in another VM's name would end or take its lease
+        r(seg, _match(_pl("udp", "dport"), 67), _is(DHCP_CHADDR, "taken_raw"),
+          comment="DHCP in the name of a port or the gateway"),
         r(seg, _is(ip_src, "claimed4"), comment="IPv4 source of a port or the gateway"),
         r(seg, _is(ip6_src, "claimed6"), comment="IPv6 source of a port or the gateway"),
         r(seg, _match(ICMP6, NA), _is(ND_TARGET, "claimed6_raw"),
@@ -775,7 +788,7 @@ def _keyed(pe: tuple[str, Any]) -> tuple[str, Any]:
     return pe[0], json.dumps(pe[1], sort_keys=True) if not isinstance(pe[1], str) else pe[1]
 
 
-SHARED = ("taken", "claimed4", "claimed6", "claimed6_raw")
+SHARED = ("taken", "taken_raw", "claimed4", "claimed6", "claimed6_raw")
 
 
 def shared_elems(p: FwPort) -> set[tuple[str, Any]]:
@@ -1095,7 +1108,7 @@ def network_elems(n: FwNetwork) -> list[tuple[str, str]]:
     for a in gateway_addresses(n):
         out += claimed6(a) if ":" in a else [("claimed4", a)]
     if n.mac is not None:
-        out.append(("taken", _mac(n.mac)))
+        out += taken(_mac(n.mac))
     return out
 
 
