@@ -15,11 +15,19 @@ Positive answers are cached per (sender unique name, action, details), for a sho
 The cache is bounded by entries and by bytes, least recently used first out; the bus surface
 validates every argument before it asks, so details are short names, never a caller's
 kilobytes. Entries go when the sender disconnects and when polkit emits Changed; answers that
-came from a password (a temporary authorization) are never cached.
+came from a password (a temporary authorization) are never cached. A refusal of a check that
+could not prompt is remembered for DENIED_SECONDS (a user asking in a loop costs polkit one
+check per few seconds, not one per call).
+
+Checks in flight are bounded: POLKIT_IN_FLIGHT in all (below the replies dbus-daemon lets one
+connection wait for), POLKIT_PER_UID per user (further ones wait for that user's own), and
+each times out, so one user calling from many connections, or an agent that never answers,
+cannot make everyone else's checks fail.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -29,7 +37,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from vnet_common.wire import ACTION_PREFIX, ACTIONS, ATTACH
 
-from .errors import AccessDenied, InteractiveAuthorizationRequired
+from .errors import AccessDenied, InteractiveAuthorizationRequired, VnetError
 
 log = logging.getLogger("vnetd.authz")
 
@@ -42,6 +50,14 @@ CACHE_SECONDS = 60.0  # how long a positive answer is trusted without asking pol
 CACHE_ENTRIES = 4096
 CACHE_BYTES = 1 << 20  # characters of keys held, all entries together
 CREDS_ENTRIES = 4096  # connections whose credentials are remembered
+# polkit checks in flight: vnetd's connection may wait for at most 128 replies (dbus-daemon's
+# max_replies_per_connection), and one user calling from many connections must not use them
+# all, or everyone else's checks fail. Per uid, further checks wait for that uid's own.
+POLKIT_IN_FLIGHT = 96
+POLKIT_PER_UID = 8
+POLKIT_TIMEOUT = 30.0  # seconds for a check without a password prompt
+POLKIT_PROMPT_TIMEOUT = 300.0  # with one (an agent that never answers holds a slot no longer)
+DENIED_SECONDS = 5.0  # a refusal without a prompt is remembered this long (per connection)
 
 CacheKey = tuple[str, str, tuple[tuple[str, str], ...]]
 
@@ -79,10 +95,15 @@ class Authorizer:
         self._bytes = 0
         self.polkit_calls = 0
         self.cache_hits = 0
+        self._in_flight = asyncio.Semaphore(POLKIT_IN_FLIGHT)
+        # uid -> [its semaphore, how many of its checks hold or wait for it]
+        self._per_uid: dict[int, list] = {}
+        # key -> (expiry, the refusal): refusals of checks that could not prompt
+        self._denied: OrderedDict[CacheKey, tuple[float, VnetError]] = OrderedDict()
 
     # --- cache maintenance (wired to bus signals by bus.py) -----------------------------
     def forget_sender(self, name: str) -> None:
-        self._creds.pop(name, None)
+        self._creds.pop(name, None)  # (its refusals expire on their own: a few seconds)
         gone = list(self._by_sender.get(name, ()))
         for k in gone:
             self._drop(k)
@@ -94,6 +115,7 @@ class Authorizer:
             log.info("polkit configuration changed: dropped %d cached answers", len(self._cache))
         self._cache.clear()
         self._by_sender.clear()
+        self._denied.clear()
         self._bytes = 0
 
     @property
@@ -172,19 +194,50 @@ class Authorizer:
         if self._cached(key):
             self.cache_hits += 1
             return
+        if not caller.interactive:
+            denied = self._denied.get(key)
+            if denied is not None and self.clock() < denied[0]:
+                self.cache_hits += 1
+                raise denied[1]
+        try:
+            await self._ask(caller, action, details, method, key)
+        except (AccessDenied, InteractiveAuthorizationRequired) as e:
+            if not caller.interactive:
+                self._denied[key] = (self.clock() + DENIED_SECONDS, e)
+                self._denied.move_to_end(key)
+                while len(self._denied) > self.max_entries:
+                    self._denied.popitem(last=False)
+            raise
+
+    async def _ask(self, caller: Caller, action: str, details: dict[str, str], method: str,
+                   key: CacheKey) -> None:
         flags = CHECK_ALLOW_USER_INTERACTION if caller.interactive else 0
         subject = ("system-bus-name", {"name": Variant("s", caller.sender)})
-        self.polkit_calls += 1
+        mine = self._per_uid.get(caller.uid)
+        if mine is None:
+            mine = self._per_uid[caller.uid] = [asyncio.Semaphore(POLKIT_PER_UID), 0]
+        mine[1] += 1
         try:
-            reply = await self.bus.call(Message(
-                destination=POLKIT_NAME, path=POLKIT_PATH, interface=POLKIT_IFACE,
-                member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
-                body=[subject, action, details, flags, ""],
-            ))
+            async with mine[0], self._in_flight:
+                self.polkit_calls += 1
+                reply = await asyncio.wait_for(self.bus.call(Message(
+                    destination=POLKIT_NAME, path=POLKIT_PATH, interface=POLKIT_IFACE,
+                    member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
+                    body=[subject, action, details, flags, ""],
+                )), POLKIT_PROMPT_TIMEOUT if caller.interactive else POLKIT_TIMEOUT)
+        except TimeoutError:
+            log.warning("polkit did not answer in time: denying %s to uid %d", action,
+                        caller.uid)
+            raise AccessDenied("The authorization service (polkit) did not answer in time; "
+                               "refused.") from None
         except Exception as e:  # the bus itself failed: deny
             log.error("polkit could not be asked (%s): denying %s to uid %d", e, action, caller.uid)
             raise AccessDenied("The authorization service (polkit) is not available; "
                                "refused.") from None
+        finally:
+            mine[1] -= 1
+            if not mine[1]:  # no uid keeps a semaphore it is not using
+                del self._per_uid[caller.uid]
         if reply.message_type != MessageType.METHOD_RETURN:
             log.error("polkit error for %s: %s %s", action, reply.error_name, reply.body)
             raise AccessDenied(

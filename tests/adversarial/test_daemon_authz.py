@@ -415,6 +415,100 @@ def test_leases_show_a_user_only_its_own_vms(daemon):
         run_client("undefine", "vnet3")
 
 
+POLKIT_FLOOD = """
+import time
+async def main():
+    conns, per, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    clients = [Client() for _ in range(conns)]
+    for c in clients:
+        await c.__aenter__()
+    kinds = {}
+    print(json.dumps({"ready": True}), flush=True)
+    end = time.monotonic() + seconds
+    async def worker(c):
+        while time.monotonic() < end:
+            try:
+                await c.list_ports()
+                kinds["ok"] = kinds.get("ok", 0) + 1
+            except VnetClientError as e:
+                kinds[e.name] = kinds.get(e.name, 0) + 1
+    await asyncio.gather(*(worker(c) for c in clients for _ in range(per)))
+    print(json.dumps(kinds), flush=True)
+asyncio.run(main())
+"""
+
+ATTACH_NEW_VMS = """
+async def main():
+    out = {"ok": 0, "refused": []}
+    for i in range(int(sys.argv[1])):
+        async with Client() as c:  # a new connection each time: polkit is asked each time
+            try:
+                a = await c.attach("vnet2", f"{sys.argv[2]}{i}")
+                a.close()
+                out["ok"] += 1
+            except VnetClientError as e:
+                out["refused"].append(e.message)
+        await asyncio.sleep(0.2)
+    print(json.dumps(out))
+asyncio.run(main())
+"""
+
+
+def test_one_user_cannot_make_everyone_elses_polkit_checks_fail(daemon):
+    """vnetd's bus connection may wait for at most 128 replies (dbus-daemon's
+    max_replies_per_connection). Bob keeping 160 calls in flight that each ask polkit (a
+    non-administrator's ListPorts asks about manage) made the checks beyond that fail, other
+    users' first attach among them: "polkit is not available; refused"."""
+    flood = spawn_as(BOB, POLKIT_FLOOD, "5", "32", "6")
+    try:
+        assert read_json(flood, 30) == {"ready": True}
+        r = run_as(ALICE, ATTACH_NEW_VMS, "10", "polkit-starve-", timeout=120)
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        bob = read_json(flood, 60)
+    finally:
+        flood.kill()
+        flood.wait()
+    assert got == {"ok": 10, "refused": []}, got
+    # Bob's own calls are answered (beyond vnetd's calls in flight per connection: refused as
+    # such), none refused for want of polkit
+    assert bob.get("ok", 0) > 0, bob
+    assert set(bob) <= {"ok", "org.freedesktop.DBus.Error.LimitsExceeded"}, bob
+
+
+HOLD_WITH_MAC = """
+async def main():
+    async with Client() as c:
+        a = await c.attach(sys.argv[1], sys.argv[2], mac=sys.argv[3])
+        print(json.dumps({"ifname": a.ifname, "mac": a.mac}), flush=True)
+        sys.stdin.read()
+asyncio.run(main())
+"""
+
+
+def test_a_name_whose_mac_another_vm_holds_gets_another_mac(daemon):
+    """A VM's stable MAC derives from its name, which anyone chooses: Bob searched offline
+    for a name whose MAC is Alice's port's (hers given with mac=, or learned, so not in the
+    registry), registered it, and his port was locked to her MAC, with her lease and her
+    traffic. Before the fix GetMac gave Bob exactly Alice's MAC."""
+    from vnetd.macs import derive_mac
+
+    target = derive_mac("vnet2", "bobsquat", 0)
+    alice = spawn_as(ALICE, HOLD_WITH_MAC, "vnet2", "alicevm-mac", target)
+    try:
+        port = read_json(alice, 30)
+        assert port.get("mac") == target, port
+        with PolkitRule("60-vnet-adv-bob-attach", grant_rule(BOB, ATTACH_ACTION)):
+            r = run_client("mac", "--br=vnet2", "--vm=bobsquat", user=BOB)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.strip() != target
+            assert r.stdout.strip() == derive_mac("vnet2", "bobsquat", 0, 1)
+    finally:
+        alice.kill()
+        alice.wait()
+        run_client("mac", "forget", "vnet2", "bobsquat")
+
+
 SWEEP = """
 import os
 secrets, found = sys.argv[3:], []
@@ -441,7 +535,7 @@ def test_vnetds_files_tell_a_user_nothing_of_another_users_vms(daemon):
     Alice's VM name and MAC from the port records and her guest's lease from the lease
     file, both mode 0644 in directories anyone may enter."""
     from tests.harness.guests import Guest
-    from tests.harness.users import HOLDER, spawn_as
+    from tests.harness.users import HOLDER
 
     run_client("define", "vnet3", "--mode=host-only", check=True)
     run_client("start", "vnet3", check=True)

@@ -69,13 +69,86 @@ def test_temporary_authorizations_are_never_cached():
         assert len(bus.calls) == 2 and a.cache_size == 0
 
 
-def test_negative_answers_are_never_cached():
-    bus = StubBus((False, True, {}), (True, False, {}))
-    a = Authorizer(bus)
-    with pytest.raises(InteractiveAuthorizationRequired):
-        check(a, ALICE)
-    check(a, ALICE)
+def test_refusals_without_a_prompt_are_remembered_a_few_seconds_only():
+    """A user asking in a loop (every ListPorts of a non-administrator asks about manage)
+    costs polkit one check per DENIED_SECONDS; a caller that may be prompted is always
+    asked (it may authenticate now)."""
+    from vnetd.authz import DENIED_SECONDS
+
+    clock = Clock()
+    bus = StubBus((False, True, {}), (True, False, {}), (False, False, {}), (False, False, {}))
+    a = Authorizer(bus, clock=clock)
+    for _ in range(2):
+        with pytest.raises(InteractiveAuthorizationRequired):
+            check(a, ALICE)
+    assert len(bus.calls) == 1
+    clock.now += DENIED_SECONDS + 0.1
+    check(a, ALICE)  # asked again, and granted now
     assert len(bus.calls) == 2
+    bob = Caller(":1.8", 1002, 43, interactive=True)
+    for _ in range(2):
+        with pytest.raises(AccessDenied):
+            check(a, bob)
+    assert len(bus.calls) == 4
+
+
+class HangingBus:
+    """Answers nothing until released; counts the checks in flight per uid (sender)."""
+
+    def __init__(self, uid_of):
+        self.uid_of = uid_of
+        self.now: dict[int, int] = {}
+        self.most: dict[int, int] = {}
+        self.release = None
+
+    async def call(self, msg):
+        uid = self.uid_of[msg.body[0][1]["name"].value]
+        self.now[uid] = self.now.get(uid, 0) + 1
+        self.most[uid] = max(self.most.get(uid, 0), self.now[uid])
+        try:
+            await self.release.wait()
+        finally:
+            self.now[uid] -= 1
+        return Reply([(True, False, {})])
+
+
+def test_one_user_cannot_take_every_polkit_check_in_flight():
+    """vnetd's connection may wait for 128 replies at most; Bob calling from many
+    connections waits for his own checks beyond POLKIT_PER_UID, and Alice's goes at once."""
+    from vnetd.authz import POLKIT_PER_UID
+
+    bobs = [Caller(f":1.{100 + i}", 1002, None, False) for i in range(40)]
+    alice = Caller(":1.7", 1001, 42, False)
+    bus = HangingBus({c.sender: c.uid for c in [*bobs, alice]})
+
+    async def scene():
+        bus.release = asyncio.Event()
+        a = Authorizer(bus)
+        flood = [asyncio.ensure_future(a.check(c, ATTACH, {"network": "vnet2"})) for c in bobs]
+        await asyncio.sleep(0.01)
+        assert bus.now[1002] == POLKIT_PER_UID
+        mine = asyncio.ensure_future(a.check(alice, ATTACH, {"network": "vnet2"}))
+        await asyncio.sleep(0.01)
+        assert bus.now.get(1001) == 1  # asked at once, beside Bob's
+        bus.release.set()
+        await asyncio.gather(mine, *flood)
+        assert bus.most[1002] == POLKIT_PER_UID and not a._per_uid
+
+    asyncio.run(scene())
+
+
+def test_a_check_polkit_never_answers_times_out(monkeypatch):
+    from vnetd import authz
+
+    monkeypatch.setattr(authz, "POLKIT_TIMEOUT", 0.05)
+    bus = HangingBus({ALICE.sender: ALICE.uid})
+
+    async def scene():
+        bus.release = asyncio.Event()
+        with pytest.raises(AccessDenied, match="did not answer in time"):
+            await Authorizer(bus).check(ALICE, ATTACH, {"network": "vnet2"})
+
+    asyncio.run(scene())
 
 
 def test_forget_sender_and_polkit_changed_drop_entries():

@@ -541,3 +541,19 @@ def test_vnetd_raises_its_limit_of_open_files_to_the_hard_one():
     r = subprocess.run([sys.executable, "-c", code, str(hard)], capture_output=True,
                        text=True, check=True)
     assert want > 256 and r.stdout.split() == [str(want), str(want)]
+
+
+def test_a_new_vms_mac_is_never_one_held_outside_the_registry():
+    """MACs derive from names anyone chooses: a user could search for a name whose MAC is the
+    one another VM's port holds without a registry entry (given with mac=, or learned), and
+    its port would then be locked to that VM's MAC. Such a MAC is skipped, as a registry
+    one is."""
+    from vnetd.macs import derive_mac
+
+    reg, _ = registry(limit=10)
+    held = {derive_mac("vnet2", "squatter", 0), derive_mac("vnet2", "squatter", 0, 1)}
+    reg.held_elsewhere = lambda network, mac: network == "vnet2" and mac in held
+    mac = reg.get("vnet2", "squatter", 0, uid=1001)
+    assert mac not in held and mac == derive_mac("vnet2", "squatter", 0, 2)
+    # on another network (another segment) the same MAC is free
+    assert reg.get("vnet3", "squatter", 0, uid=1001) == derive_mac("vnet3", "squatter", 0)
