@@ -183,6 +183,19 @@ TOOL = textwrap.dedent(r'''
         except OSError as e:
             print(f"FAILED {e}")
             sys.exit(1)
+    elif cmd == "hold-tcp":  # HOST PORT N TIMEOUT: open N connections, hold them, count
+        host, port, n, timeout = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), \
+            float(sys.argv[5])
+        held = []
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            s.settimeout(timeout)
+            try:
+                s.connect((host, port))
+                held.append(s)
+            except OSError:
+                s.close()
+        print(len(held), flush=True)
     elif cmd == "sniff":  # IFACE: report the FWT:<tag>; markers of frames seen until stdin EOF
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
         s.bind((sys.argv[2], 0))
@@ -647,6 +660,48 @@ def test_anti_spoofing_on_real_taps(lab, world):
     assert spoof_counters(lab, h) == {"fwtap1": 5}
     taps.stdin.close()
     taps.wait(timeout=5)
+
+
+def test_a_guest_holds_a_bounded_number_of_connections(lab, world, monkeypatch):
+    """The host's connection tracking table is one for all: a guest opening flows as fast as
+    it can would fill it, and every other guest's new connections would be dropped. Each
+    guest address holds at most CT_PER_GUEST (made small here) through the host; past that
+    its new connections are dropped and counted, and another guest's are not."""
+    h = world["h"]
+    monkeypatch.setattr(fw, "CT_PER_GUEST", 12)
+    lab.apply(h, fw.render_ruleset(NETS, FWDS, PORTS))
+    try:
+        r = lab.run_tool(world["g2a"], "hold-tcp", "10.77.0.2", "9000", "20", "0.5", timeout=60)
+        assert r.stdout.strip() == "12", (r.stdout, r.stderr)  # forwarded (nat)
+        r = lab.run_tool(world["g3"], "hold-tcp", "172.16.13.1", "53", "20", "0.5", timeout=60)
+        assert r.stdout.strip() == "12", (r.stdout, r.stderr)  # to the host (DNS)
+        # g2a's connections are gone with its process: it connects again, and so do others
+        assert talk(lab, world["g2a"], "tcp", "10.77.0.2", 9000) == "10.77.0.1 9000"
+        assert talk(lab, world["g2b"], "tcp", "10.77.0.2", 9000) == "10.77.0.1 9000"
+    finally:
+        monkeypatch.undo()
+        lab.apply(h, fw.render_ruleset(NETS, FWDS, PORTS))
+
+
+def test_a_guest_cannot_make_the_host_look_for_addresses_nobody_holds(lab, world):
+    """Sent to the gateway for unused addresses of its own subnet (a /64 has plenty), every
+    packet made the host solicit a neighbour and keep an entry for it, in the table all its
+    interfaces share (1,024 entries by default): before the fix each address below was in the
+    host's table afterwards. Guest to guest on the bridge still passes (the control)."""
+    h, g = world["h"], world["g2a"]
+    unused = [f"172.16.12.{200 + i}" for i in range(5)]
+    for a in unused:  # the guest routes them through its gateway, as an attacker would
+        sh("ip", "-n", g, "route", "replace", f"{a}/32", "via", "172.16.12.1")
+    try:
+        for a in unused:
+            assert talk(lab, g, "tcp", a, 80, timeout=0.3) is None
+        time.sleep(0.2)
+        table = sh("ip", "-n", h, "-j", "neigh", "show", "dev", "vnet2").stdout
+        assert not [a for a in unused if f'"{a}"' in table], table
+        assert talk(lab, world["g2b"], "tcp", "172.16.12.50", 80) == "172.16.12.51 80"
+    finally:
+        for a in unused:
+            sh("ip", "-n", g, "route", "del", f"{a}/32", check=False)
 
 
 def test_same_without_br_netfilter_calls(lab, world):

@@ -224,7 +224,8 @@ def test_forward_chain_accepts_dnat_and_drops_the_rest_of_ours():
     rules = [r["expr"] for r in objects(fw.render_ruleset(NETS), "rule")
              if r["chain"] == "forward" and r["family"] == "inet"]
     assert rules[0][-1] == {"return": None}  # not ours: not judged
-    assert {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}} in rules[2]
+    # after established/related and the connection limits (v4, v6)
+    assert {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}} in rules[4]
     assert rules[-1] == [{"counter": {"packets": 0, "bytes": 0}}, {"drop": None}]
 
 
@@ -591,6 +592,14 @@ def test_dhcp_from_a_port_is_limited_per_port():
     first = [r.get("comment") for r in rules]
     assert first.index("DHCP faster than a client asks") == 1  # right after from_any_port
     assert "dhcp_rate" in fw.BRIDGE_TEXT_SETS and "timeout 1m" in fw.BRIDGE_TEXT_SETS
+    # router solicitations (each makes the server advertise to everyone) likewise
+    rs = [r for r in rules if r.get("comment") == "router solicitations faster than a host asks"]
+    assert len(rs) == 2
+    for r in rs:
+        assert {"match": {"op": "==", "left": {"payload": {"protocol": "icmpv6", "field": "type"}},
+                          "right": "nd-router-solicit"}} in r["expr"]
+        upd = next(e["set"] for e in r["expr"] if "set" in e and e["set"]["set"] == "@rs_rate")
+        assert upd["stmt"][0]["limit"]["rate"] in (fw.RS_RATE, 10 * fw.RS_RATE)
 
 
 def test_a_port_change_is_set_elements_only():
@@ -671,9 +680,11 @@ def test_a_segment_may_not_claim_anyone_elses_identity():
                             [SEG, PORTS[0]])
     gin = rules_of(doc, "guard_in")
     # it leaves guard_in for good (goto) before any per-port check
-    # (after the DHCP limiters, which hold a segment to ten times a port's rate)
-    assert [r.get("comment") for r in gin[1:3]] == ["DHCP faster than a client asks"] * 2
-    assert gin[3]["expr"] == [m(IIF, "@seg"), {"goto": {"target": "seg_in"}}]
+    # (after the DHCP and router solicitation limiters, which hold a segment to ten times a
+    # port's rate)
+    assert [r.get("comment") for r in gin[1:5]] == ["DHCP faster than a client asks"] * 2 + \
+        ["router solicitations faster than a host asks"] * 2
+    assert gin[5]["expr"] == [m(IIF, "@seg"), {"goto": {"target": "seg_in"}}]
     assert gin[0]["expr"] == [{"jump": {"target": "from_any_port"}}]
     seg = [r["expr"] for r in rules_of(doc, "seg_in")]
     assert seg == [
@@ -893,7 +904,7 @@ def test_bridge_text_makes_the_typeof_sets_and_recreates_an_older_table():
     assert lines[0] == "add table bridge qemu_vnet"
     assert all(ln.startswith("add set bridge qemu_vnet ") for ln in lines[1:])
     decl = {ln.split()[4]: ln.split(None, 5)[5] for ln in lines[1:]}
-    assert set(decl) == {*RAW, "spoof", "dhcp_rate"}
+    assert set(decl) == {*RAW, "spoof", "dhcp_rate", "rs_rate"}
     assert "typeof @th,288,48;" in decl["taken_raw"]
     assert "flags dynamic,timeout;" in decl["dhcp_rate"]
     assert "typeof iifname . @th,288,48;" in decl["port_mac_raw"]
@@ -1057,3 +1068,59 @@ def test_apply_with_a_fake_context_raises_the_error_text():
                  nft=Fake(1, "Error: Could not process rule: File exists\n"))
     with pytest.raises(ValueError, match="only lists"):
         fw.query(fw.render_delete_all(), nft=ok)
+
+
+def test_a_guest_address_holds_at_most_ct_per_guest_connections():
+    """The host's connection tracking table is one for all: in from_bridge (to the host) and
+    forward, a guest's new connection beyond CT_PER_GUEST of its source address is dropped
+    and counted, right after established traffic is let through (nothing a guest starts
+    passes before it, port forwards' hairpin included). The count is a meter (a dynamic set
+    its rule declares: libnftables 1.0.6 cannot declare one in JSON)."""
+    doc = fw.render_ruleset(NETS)
+    for chain in ("from_bridge", "forward"):
+        rules = [r for r in objects(doc, "rule") if r["family"] == "inet" and r["chain"] == chain]
+        first = next(i for i, r in enumerate(rules)
+                     if r.get("comment") == "more connections than a guest may hold")
+        limits = rules[first:first + 2]
+        assert rules[first - 1]["expr"][-1] == {"accept": None}  # established/related only
+        assert {"ct": {"key": "state"}} == rules[first - 1]["expr"][0]["match"]["left"]
+        for r, (fam, proto) in zip(limits, ((4, "ip"), (6, "ip6")), strict=True):
+            assert r["expr"][0] == {"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
+                                              "right": "@bridges"}}
+            assert r["expr"][2]["match"]["op"] == "!="  # not 0.0.0.0 / :: (DHCP clients)
+            meter = r["expr"][3]["meter"]
+            assert meter["name"] == f"ct{fam}_{chain}" and meter["size"] == fw.CT_GUESTS
+            assert meter["key"] == {"payload": {"protocol": proto, "field": "saddr"}}
+            assert meter["stmt"] == {"ct count": {"val": fw.CT_PER_GUEST, "inv": True}}
+            assert r["expr"][-1] == {"drop": None}
+
+
+def test_traffic_routed_back_into_its_own_network_is_dropped():
+    """A guest's subnet is on its link: sent to the gateway's MAC for an address of its own
+    network, a frame only makes the host look for addresses nobody holds (a neighbour entry
+    each, in the table every interface shares). Dropped after port forwards (hairpin DNAT
+    goes back into the same network too) and before the same-network pair (what
+    br_netfilter hands over from guest to guest, to another guest's MAC)."""
+    net = dataclasses.replace(NETS[0], mac="52:54:00:12:00:01")
+    doc = fw.render_ruleset([net, *NETS[1:]])
+    el = elements(doc)
+    assert el["routed_back"] == [cat(net.name, net.name, "52:54:00:12:00:01")]
+    rules = [r for r in objects(doc, "rule") if r["family"] == "inet" and r["chain"] == "forward"]
+    comments = [r.get("comment") for r in rules]
+    back = comments.index("routed back into its own network")
+    assert comments.index("port forwards") < back
+    assert rules[back + 2]["expr"][0]["match"]["right"] == "@pass"
+    for r, (p, intra) in zip(rules[back:back + 2], (("ip", "@intra4"), ("ip6", "@intra6")),
+                             strict=True):
+        assert r["expr"][0]["match"]["left"] == {"concat": [
+            {"meta": {"key": "iifname"}}, {"meta": {"key": "oifname"}},
+            {"payload": {"protocol": "ether", "field": "daddr"}}]}
+        # only within its subnet: a route through a guest, beyond it, still passes
+        assert r["expr"][1]["match"] == {"op": "==", "left": {"concat": [
+            {"payload": {"protocol": p, "field": "saddr"}},
+            {"payload": {"protocol": p, "field": "daddr"}}]}, "right": intra}
+    # a network joining alone brings its element, and leaving takes it
+    add = elements(fw.render_network_change(net, [], add=True))
+    assert add["routed_back"] == el["routed_back"]
+    assert elements(fw.render_network_change(net, [], add=False), "delete")["routed_back"] == \
+        el["routed_back"]

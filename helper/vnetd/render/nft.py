@@ -17,14 +17,23 @@ one of our bridges is never judged here; our bridges' traffic that is not allowe
 chain          hook / priority                         does
 =============  ======================================  ============================================
 input          filter input, 0 (filter)                ``iifname @bridges jump from_bridge``
-from_bridge    (regular)                               established/related, DHCP (udp 67, 547),
+from_bridge    (regular)                               established/related; a new connection
+                                                       beyond ``CT_PER_GUEST`` of its source
+                                                       address (meters ``ct4_from_bridge``,
+                                                       ``ct6_from_bridge``): drop;
+                                                       DHCP (udp 67, 547),
                                                        DNS (udp/tcp 53) and ping to the bridge's
                                                        own gateway (``@gw4``/``@gw6``), ICMPv6
                                                        ND/RS/MLD; ``iifname @host_ok accept``;
                                                        ``counter drop``
 forward        filter forward, 0 (filter)              not ours (``iifname != @bridges oifname !=
-                                                       @bridges``): return; established/related,
-                                                       ``ct status dnat`` accept;
+                                                       @bridges``): return; established/related
+                                                       accept; from a bridge, a new connection
+                                                       beyond ``CT_PER_GUEST``: drop;
+                                                       ``ct status dnat`` accept; to the
+                                                       gateway's MAC, back out of the same
+                                                       bridge, within its subnet
+                                                       (``@routed_back``, ``@intra4/6``): drop;
                                                        ``iifname . oifname @pass`` accept (same
                                                        network, ``routed_with``);
                                                        ``iifname @nat_out oifname != @bridges``
@@ -47,7 +56,10 @@ rules): ``bridges``, ``nat_out`` (nat networks), ``host_ok`` (nat networks and h
 networks with ``allow_host``), ``pass`` (``ifname . ifname``: each network with itself and the
 ``routed_with`` pairs, both directions), ``gw4``/``gw6`` (``ifname . address`` of each gateway),
 ``intra4``/``intra6`` (``subnet . subnet``, interval), ``masq4`` (nat subnets) and ``masq6``
-(ULA ``subnet6`` of nat networks; a global prefix is routed without NAT).
+(ULA ``subnet6`` of nat networks; a global prefix is routed without NAT), ``routed_back``
+(``ifname . ifname . ether_addr``: each network with itself and its gateway's MAC); the meters
+``ct4_<chain>``/``ct6_<chain>`` (a connection count per guest address) are declared by their
+rules.
 
 Port forwards live in hash maps, two per key shape and family, because libnftables 1.0.6
 cannot declare a map whose *value* is a concatenation in JSON: ``fwdF[_S]_ip`` maps the key to
@@ -611,6 +623,8 @@ add set bridge {TABLE} taken_raw {{ typeof @th,288,48; }}
 add set bridge {TABLE} spoof {{ type ifname; size 1048576; flags dynamic; counter; }}
 add set bridge {TABLE} dhcp_rate {{ type ifname; size 1048576; flags dynamic,timeout; \
 timeout 1m; }}
+add set bridge {TABLE} rs_rate {{ type ifname; size 1048576; flags dynamic,timeout; \
+timeout 1m; }}
 """
 
 # DHCP and DHCPv6 client messages a port may send: DHCP_RATE a second, DHCP_BURST at once
@@ -618,6 +632,9 @@ timeout 1m; }}
 # boot and one per renewal; a guest sending more costs the server, and ISC dhcpd writes one
 # lease record per answer (its file is rewritten once an hour at most, and vnetd reads it)
 DHCP_RATE, DHCP_BURST = 5, 20
+# router solicitations likewise (a host sends three at most when its link comes up; each
+# makes dnsmasq send a router advertisement to the whole network)
+RS_RATE, RS_BURST = 2, 10
 
 
 # each element set's key fields, for writing its elements without libnftables
@@ -658,6 +675,10 @@ def _guard_rules() -> list[dict]:
         *[_rule(b, g, *match, _match(_pl("udp", "dport"), {"set": [67, 547]}),
                 _rate_over("dhcp_rate", DHCP_RATE * k, DHCP_BURST * k), *COUNT_DROP_IN,
                 comment="DHCP faster than a client asks")
+          for match, k in (([_is(IIF, "seg")], 10), ([_is_not(IIF, "seg")], 1))],
+        *[_rule(b, g, *match, _match(ICMP6, "nd-router-solicit"),
+                _rate_over("rs_rate", RS_RATE * k, RS_BURST * k), *COUNT_DROP_IN,
+                comment="router solicitations faster than a host asks")
           for match, k in (([_is(IIF, "seg")], 10), ([_is_not(IIF, "seg")], 1))],
         _rule(b, g, _is(IIF, "seg"), {"goto": {"target": seg}}),
         # the MAC: a locked port's own, a learning port's any that is not taken
@@ -875,6 +896,7 @@ def _inet_sets() -> list[dict]:
         _set_cmd("inet", "nat_out", "ifname"),
         _set_cmd("inet", "host_ok", "ifname"),
         _set_cmd("inet", "pass", ["ifname", "ifname"]),
+        _set_cmd("inet", "routed_back", ["ifname", "ifname", "ether_addr"]),
         _set_cmd("inet", "gw4", ["ifname", "ipv4_addr"]),
         _set_cmd("inet", "gw6", ["ifname", "ipv6_addr"]),
         _set_cmd("inet", "intra4", ["ipv4_addr", "ipv4_addr"], flags=["interval"]),
@@ -903,6 +925,30 @@ def _dnat_rule(chain: str, fam: int, shape: str) -> dict:
                            "port": {"map": {"key": key, "data": "@" + port_map}}}})
 
 
+# Connections a guest address may hold through the host (to it, or forwarded): the connection
+# tracking table is the host's, one for all (nf_conntrack_max, 65,536 on a small host), and a
+# guest opening flows as fast as it can would fill it, and every other guest's new
+# connections, and the host's, would be dropped. CT_GUESTS: addresses counted at once.
+CT_PER_GUEST = 4096
+CT_GUESTS = 65536
+NEW = _match({"ct": {"key": "state"}}, "new", "in")
+
+
+def _ct_limit(f: str, chain: str) -> list[dict]:
+    """A meter per chain and family (``ct4_<chain>``: a dynamic set that the rule itself
+    declares, with a connection count per guest address, which the kernel drops with the
+    address's last connection; libnftables 1.0.6 cannot declare a dynamic set in JSON). A
+    DHCP client without an address is no guest's address: 0.0.0.0 and :: are not counted,
+    and the guard's DHCP limit bounds them."""
+    return [_rule(f, chain, _match(IIF, "@bridges"), NEW,
+                  _match(_pl(proto, "saddr"), unspec, "!="),
+                  {"meter": {"name": f"ct{fam}_{chain}", "key": _pl(proto, "saddr"),
+                             "size": CT_GUESTS,
+                             "stmt": {"ct count": {"val": CT_PER_GUEST, "inv": True}}}},
+                  _counter(), DROP, comment="more connections than a guest may hold")
+            for fam, proto, unspec in ((4, "ip", "0.0.0.0"), (6, "ip6", "::"))]
+
+
 def _inet_chains_and_rules() -> list[dict]:
     f = "inet"
     c: list[dict] = [
@@ -929,6 +975,7 @@ def _inet_chains_and_rules() -> list[dict]:
     c.append(_rule(f, "input", _match(_pl("udp", "dport"), "@vx_ports"), _jump("from_underlay")))
     c += [
         _rule(f, "from_bridge", est, ACCEPT),
+        *_ct_limit(f, "from_bridge"),
         _rule(f, "from_bridge", _match(_pl("udp", "dport"), {"set": [67, 547]}), ACCEPT,
               comment="DHCP, DHCPv6"),
         _rule(f, "from_bridge", _match(_cat(IIF, _pl("ip", "daddr")), "@gw4"), TCP_UDP,
@@ -950,7 +997,17 @@ def _inet_chains_and_rules() -> list[dict]:
         _rule(f, "forward", _match(IIF, "@bridges", "!="), _match(OIF, "@bridges", "!="),
               RETURN),
         _rule(f, "forward", est, ACCEPT),
+        *_ct_limit(f, "forward"),
         _rule(f, "forward", dnat, ACCEPT, comment="port forwards"),
+        # sent to the gateway from its own subnet for an address of that subnet: a guest's own
+        # subnet is on its link, so this is a guest making the host look for addresses nobody
+        # holds (one neighbour entry each, in a table all interfaces share: a /64 would fill
+        # it). A route through a guest (to addresses beyond its subnet) still passes, and so
+        # does what br_netfilter hands over from guest to guest (to another guest's MAC)
+        *[_rule(f, "forward", _match(_cat(IIF, OIF, _pl("ether", "daddr")), "@routed_back"),
+                _match(_cat(_pl(p, "saddr"), _pl(p, "daddr")), intra), _counter(), DROP,
+                comment="routed back into its own network") for p, intra in
+          (("ip", "@intra4"), ("ip6", "@intra6"))],
         _rule(f, "forward", _match(_cat(IIF, OIF), "@pass"), ACCEPT),
         _rule(f, "forward", _match(IIF, "@nat_out"), _match(OIF, "@bridges", "!="), ACCEPT),
         _rule(f, "forward", _counter(), DROP),
@@ -1118,6 +1175,8 @@ def _network_inet_elems(n: FwNetwork) -> dict[str, list]:
     el: dict[str, list] = {"bridges": [n.name], "pass": [_cat(n.name, n.name)],
                            "gw4": [_cat(n.name, str(n.gateway))],
                            "intra4": [_cat(_prefix(n.subnet), _prefix(n.subnet))]}
+    if n.mac is not None:
+        el["routed_back"] = [_cat(n.name, n.name, _mac(n.mac))]
     if n.mode == "nat":
         el["nat_out"] = [n.name]
         el["masq4"] = [_prefix(n.subnet)]
