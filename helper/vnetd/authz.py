@@ -98,8 +98,10 @@ class Authorizer:
         self._in_flight = asyncio.Semaphore(POLKIT_IN_FLIGHT)
         # uid -> [its semaphore, how many of its checks hold or wait for it]
         self._per_uid: dict[int, list] = {}
-        # key -> (expiry, the refusal): refusals of checks that could not prompt
-        self._denied: OrderedDict[CacheKey, tuple[float, VnetError]] = OrderedDict()
+        # key -> (expiry, the refusal's class and text): polkit's refusals of checks that
+        # could not prompt (a fresh exception each time: one raised again keeps growing)
+        self._denied: OrderedDict[CacheKey, tuple[float, type[VnetError], str]] = OrderedDict()
+        self._serial = 0  # for the cancellation ids of checks
 
     # --- cache maintenance (wired to bus signals by bus.py) -----------------------------
     def forget_sender(self, name: str) -> None:
@@ -198,38 +200,58 @@ class Authorizer:
             denied = self._denied.get(key)
             if denied is not None and self.clock() < denied[0]:
                 self.cache_hits += 1
-                raise denied[1]
-        try:
-            await self._ask(caller, action, details, method, key)
-        except (AccessDenied, InteractiveAuthorizationRequired) as e:
-            if not caller.interactive:
-                self._denied[key] = (self.clock() + DENIED_SECONDS, e)
-                self._denied.move_to_end(key)
-                while len(self._denied) > self.max_entries:
-                    self._denied.popitem(last=False)
-            raise
+                raise denied[1](denied[2])
+        is_authorized, is_challenge, result_details = await self._ask(caller, action, details)
+        log.debug("polkit: %s for uid %d: authorized=%s challenge=%s %s", action, caller.uid,
+                  is_authorized, is_challenge, result_details)
+        if is_authorized:
+            if not any(k.startswith(("polkit.temporary_authorization",
+                                     "polkit.retains_authorization")) for k in result_details):
+                self._remember(key)
+            return
+        refusal = self._refusal(caller, action, method, is_challenge, result_details)
+        if not caller.interactive:  # polkit's own answer (never a failure to ask it)
+            self._denied[key] = (self.clock() + DENIED_SECONDS, type(refusal), refusal.message)
+            self._denied.move_to_end(key)
+            while len(self._denied) > self.max_entries:
+                self._denied.popitem(last=False)
+        raise refusal
 
-    async def _ask(self, caller: Caller, action: str, details: dict[str, str], method: str,
-                   key: CacheKey) -> None:
+    async def _ask(self, caller: Caller, action: str, details: dict[str, str]
+                   ) -> tuple[bool, bool, dict]:
+        """polkit's answer (authorized, challenge, details); AccessDenied if it cannot be had.
+        A check that times out is cancelled at polkit, which then answers the pending call:
+        dbus-daemon lets vnetd's connection wait for 128 replies, and never times one out."""
         flags = CHECK_ALLOW_USER_INTERACTION if caller.interactive else 0
         subject = ("system-bus-name", {"name": Variant("s", caller.sender)})
         mine = self._per_uid.get(caller.uid)
         if mine is None:
             mine = self._per_uid[caller.uid] = [asyncio.Semaphore(POLKIT_PER_UID), 0]
         mine[1] += 1
+        self._serial += 1
+        cancel_id = f"vnetd-{self._serial}"
         try:
             async with mine[0], self._in_flight:
                 self.polkit_calls += 1
-                reply = await asyncio.wait_for(self.bus.call(Message(
+                call = asyncio.ensure_future(self.bus.call(Message(
                     destination=POLKIT_NAME, path=POLKIT_PATH, interface=POLKIT_IFACE,
                     member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
-                    body=[subject, action, details, flags, ""],
-                )), POLKIT_PROMPT_TIMEOUT if caller.interactive else POLKIT_TIMEOUT)
+                    body=[subject, action, details, flags, cancel_id],
+                )))
+                try:
+                    reply = await asyncio.wait_for(
+                        asyncio.shield(call),
+                        POLKIT_PROMPT_TIMEOUT if caller.interactive else POLKIT_TIMEOUT)
+                except (TimeoutError, asyncio.CancelledError):
+                    await self._cancel(cancel_id, call)
+                    raise
         except TimeoutError:
             log.warning("polkit did not answer in time: denying %s to uid %d", action,
                         caller.uid)
             raise AccessDenied("The authorization service (polkit) did not answer in time; "
                                "refused.") from None
+        except asyncio.CancelledError:
+            raise
         except Exception as e:  # the bus itself failed: deny
             log.error("polkit could not be asked (%s): denying %s to uid %d", e, action, caller.uid)
             raise AccessDenied("The authorization service (polkit) is not available; "
@@ -243,14 +265,22 @@ class Authorizer:
             raise AccessDenied(
                 "The authorization service (polkit) is not available or failed; refused."
             )
-        is_authorized, is_challenge, result_details = reply.body[0]
-        log.debug("polkit: %s for uid %d: authorized=%s challenge=%s %s", action, caller.uid,
-                  is_authorized, is_challenge, result_details)
-        if is_authorized:
-            if not any(k.startswith(("polkit.temporary_authorization",
-                                     "polkit.retains_authorization")) for k in result_details):
-                self._remember(key)
-            return
+        return reply.body[0]
+
+    async def _cancel(self, cancel_id: str, call: asyncio.Future) -> None:
+        """Ask polkit to drop a check, and wait (a little) for the pending call to end, so
+        that its slot here and at dbus-daemon are freed together."""
+        try:
+            await asyncio.wait_for(self.bus.call(Message(
+                destination=POLKIT_NAME, path=POLKIT_PATH, interface=POLKIT_IFACE,
+                member="CancelCheckAuthorization", signature="s", body=[cancel_id],
+            )), 5)
+            await asyncio.wait_for(asyncio.shield(call), 5)
+        except Exception as e:  # polkit gone as well: nothing more to free
+            log.debug("cancelling polkit check %s: %s", cancel_id, e)
+
+    def _refusal(self, caller: Caller, action: str, method: str, is_challenge: bool,
+                 result_details: dict) -> VnetError:
         verb = action[len(ACTION_PREFIX):]
         what = _METHODS.get(method) or _VERBS.get(verb, verb)
         # group vnet grants the attach action only (its polkit rule); the others take a rule
@@ -259,16 +289,16 @@ class Authorizer:
                if action == ATTACH else
                f"ask an administrator to grant you {action} in a polkit rule")
         if is_challenge and not caller.interactive:
-            raise InteractiveAuthorizationRequired(
+            return InteractiveAuthorizationRequired(
                 f"Authentication is required to {what}: run the command on a terminal (a "
                 f"password prompt will appear) or {fix}.")
         if result_details.get("polkit.dismissed"):
-            raise AccessDenied(f"Authentication to {what} was dismissed.")
+            return AccessDenied(f"Authentication to {what} was dismissed.")
         if is_challenge:
-            raise AccessDenied(
+            return AccessDenied(
                 f"Authentication is required to {what}, but no polkit authentication agent "
                 f"answered: run the command on a terminal, or {fix}.")
-        raise AccessDenied(f"You are not allowed to {what}: {fix}.")
+        return AccessDenied(f"You are not allowed to {what}: {fix}.")
 
 
 _VERBS = {

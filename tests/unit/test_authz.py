@@ -93,22 +93,34 @@ def test_refusals_without_a_prompt_are_remembered_a_few_seconds_only():
 
 
 class HangingBus:
-    """Answers nothing until released; counts the checks in flight per uid (sender)."""
+    """Answers no check until released (or cancelled through CancelCheckAuthorization, as
+    polkit does: the pending call then gets an error); counts the checks in flight per uid."""
 
     def __init__(self, uid_of):
         self.uid_of = uid_of
         self.now: dict[int, int] = {}
         self.most: dict[int, int] = {}
         self.release = None
+        self.cancelled: dict[str, asyncio.Event] = {}
 
     async def call(self, msg):
+        if msg.member == "CancelCheckAuthorization":
+            self.cancelled.setdefault(msg.body[0], asyncio.Event()).set()
+            return Reply([])
         uid = self.uid_of[msg.body[0][1]["name"].value]
         self.now[uid] = self.now.get(uid, 0) + 1
         self.most[uid] = max(self.most.get(uid, 0), self.now[uid])
+        cancel = self.cancelled.setdefault(msg.body[4], asyncio.Event())
+        waits = [asyncio.ensure_future(self.release.wait()),
+                 asyncio.ensure_future(cancel.wait())]
         try:
-            await self.release.wait()
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.now[uid] -= 1
+            for w in waits:
+                w.cancel()
+        if cancel.is_set():
+            return Reply([], MessageType.ERROR, "org.freedesktop.PolicyKit1.Error.Cancelled")
         return Reply([(True, False, {})])
 
 
@@ -137,7 +149,10 @@ def test_one_user_cannot_take_every_polkit_check_in_flight():
     asyncio.run(scene())
 
 
-def test_a_check_polkit_never_answers_times_out(monkeypatch):
+def test_a_check_polkit_never_answers_times_out_and_is_cancelled_there(monkeypatch):
+    """dbus-daemon never times out a reply vnetd waits for, and lets its connection wait for
+    128: a check that times out is cancelled at polkit (by its cancellation id), which ends
+    the pending call, before its slot is given to another."""
     from vnetd import authz
 
     monkeypatch.setattr(authz, "POLKIT_TIMEOUT", 0.05)
@@ -145,10 +160,32 @@ def test_a_check_polkit_never_answers_times_out(monkeypatch):
 
     async def scene():
         bus.release = asyncio.Event()
+        a = Authorizer(bus)
         with pytest.raises(AccessDenied, match="did not answer in time"):
-            await Authorizer(bus).check(ALICE, ATTACH, {"network": "vnet2"})
+            await a.check(ALICE, ATTACH, {"network": "vnet2"})
+        assert bus.now[ALICE.uid] == 0  # the call at polkit ended
+        (cid,) = bus.cancelled
+        assert cid.startswith("vnetd-") and bus.cancelled[cid].is_set()
+        assert not a._per_uid
+        return a
 
-    asyncio.run(scene())
+    a = asyncio.run(scene())
+    # a failure to get an answer is not remembered as a refusal
+    bus2 = StubBus((True, False, {}))
+    a.bus = bus2
+    check(a, ALICE)
+    assert len(bus2.calls) == 1
+
+
+def test_a_remembered_refusal_is_a_fresh_exception_each_time():
+    """Raising one exception object again would grow its traceback with every call."""
+    a = Authorizer(StubBus((False, False, {})))
+    seen = []
+    for _ in range(3):
+        with pytest.raises(AccessDenied) as e:
+            check(a, ALICE)
+        seen.append(e.value)
+    assert len({id(x) for x in seen}) == 3 and len({x.message for x in seen}) == 1
 
 
 def test_forget_sender_and_polkit_changed_drop_entries():
