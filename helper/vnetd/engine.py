@@ -151,8 +151,7 @@ class Engine:
         self.ports.spares = self.spares
         self.ports.firewall = self.firewall  # a tap made at attach is held as a spare is
         self.ports.identity_owner = self.resolver.owner_of_mac
-        self.macs.held_elsewhere = lambda network, mac: (
-            self.resolver.owner_of_mac(network, mac) is not None)
+        self.macs.holder = self.resolver.owner_of_mac
         self.dhcp.listeners.append(self._lease_event)
 
     def network(self, name: str) -> Network | None:

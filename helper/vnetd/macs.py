@@ -59,9 +59,9 @@ class MacRegistry:
                  creators: dict[str, dict[str, int]] | None = None, save_creators=None,
                  total_limit: int = DEFAULT_TOTAL, per_user: int = DEFAULT_PER_USER):
         self.data = {n: dict(m) for n, m in data.items() if isinstance(m, dict)}
-        # (network, mac) -> whether something outside the registry holds it (the engine's
-        # resolver: a port's MAC, a static host's, the gateway's)
-        self.held_elsewhere: Callable[[str, str], bool] = lambda network, mac: False
+        # (network, mac) -> the VM (or "the gateway") that holds it, in the registry or
+        # outside it (the engine's resolver: a port's MAC, a static host's, the gateway's)
+        self.holder: Callable[[str, str], str | None] = lambda network, mac: None
         self._save = save
         self.limit = limit
         self.total_limit = total_limit
@@ -222,8 +222,9 @@ class MacRegistry:
         mac = derive_mac(network, vm, nic)
         # a MAC is derived from a name anyone may choose, so a user could search for a name
         # whose MAC is one a port, a static host or the gateway holds without the registry
-        # (given with mac=, or learned): that one is someone else's
-        while mac in used or self.held_elsewhere(network, mac):
+        # (given with mac=, or learned): that one is someone else's (this VM's own, say its
+        # static host's after a `mac forget`, stays its own)
+        while mac in used or self.holder(network, mac) not in (None, vm):
             attempt += 1
             mac = derive_mac(network, vm, nic, attempt)
         macs[k] = mac

@@ -552,8 +552,12 @@ def test_a_new_vms_mac_is_never_one_held_outside_the_registry():
 
     reg, _ = registry(limit=10)
     held = {derive_mac("vnet2", "squatter", 0), derive_mac("vnet2", "squatter", 0, 1)}
-    reg.held_elsewhere = lambda network, mac: network == "vnet2" and mac in held
+    reg.holder = lambda network, mac: "alicevm" if network == "vnet2" and mac in held else None
     mac = reg.get("vnet2", "squatter", 0, uid=1001)
     assert mac not in held and mac == derive_mac("vnet2", "squatter", 0, 2)
     # on another network (another segment) the same MAC is free
     assert reg.get("vnet3", "squatter", 0, uid=1001) == derive_mac("vnet3", "squatter", 0)
+    # a VM's own MAC outside the registry (its static host's, after `mac forget`) stays its own
+    own = derive_mac("vnet2", "web", 0)
+    reg.holder = lambda network, mac: "web" if mac == own else None
+    assert reg.get("vnet2", "web", 0, uid=1001) == own
