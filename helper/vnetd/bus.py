@@ -18,7 +18,7 @@ from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from vnet_common.names import validate_ifname, validate_network_name, validate_vm_name
+from vnet_common.names import key, validate_ifname, validate_network_name, validate_vm_name
 from vnet_common.toml import render_definition
 from vnet_common.wire import signature
 
@@ -125,10 +125,12 @@ def network_path(name: str) -> str:
 class Reply:
     """What a handler returns: body values, and fds to send and close after the write."""
 
-    def __init__(self, *body: Any, fds: list[int] | None = None, audit: str = ""):
+    def __init__(self, *body: Any, fds: list[int] | None = None, audit: str = "",
+                 changed: bool = True):
         self.body = list(body)
         self.fds = fds or []
         self.audit = audit  # what the log line should add about the result
+        self.changed = changed  # False: a call of a changing method that changed nothing
 
 
 Handler = Callable[..., Awaitable[Any]]
@@ -414,14 +416,17 @@ class Service:
             raise
         if not isinstance(result, Reply):
             result = Reply() if result is None else Reply(result)
-        if spec.action != api.INFO:  # every change has its line (refusals are budgeted)
-            log.info("uid=%d sender=%s pid=%s %s%s: ok%s%s", caller.uid, caller.sender,
-                     caller.pid, spec.name, _fmt_args(args),
-                     f": {result.audit}" if result.audit else "",
-                     _held(self.call_log.held(caller.uid)),
-                     extra={"VNET_METHOD": spec.name, "VNET_UID": caller.uid,
-                            "VNET_PID": caller.pid, "VNET_SENDER": caller.sender,
-                            "VNET_NETWORK": details.get("network"), "VNET_RESULT": "ok"})
+        # every change has its line (refusals are budgeted; a call that changed nothing,
+        # such as GetMac of a known VM, a debug line)
+        level = logging.INFO if result.changed else logging.DEBUG
+        if spec.action != api.INFO and log.isEnabledFor(level):
+            log.log(level, "uid=%d sender=%s pid=%s %s%s: ok%s%s", caller.uid, caller.sender,
+                    caller.pid, spec.name, _fmt_args(args),
+                    f": {result.audit}" if result.audit else "",
+                    _held(self.call_log.held(caller.uid)),
+                    extra={"VNET_METHOD": spec.name, "VNET_UID": caller.uid,
+                           "VNET_PID": caller.pid, "VNET_SENDER": caller.sender,
+                           "VNET_NETWORK": details.get("network"), "VNET_RESULT": "ok"})
         return Message(
             message_type=MessageType.METHOD_RETURN, reply_serial=msg.serial,
             destination=msg.sender, signature=spec.out_sig, body=result.body,
@@ -611,7 +616,8 @@ class Service:
         return [to_asv(p.to_dict()) for p in sorted(ports, key=lambda p: p.ifname)]
 
     async def get_mac(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
-        return self.engine.vms.get_mac(network, vm, nic, caller.uid)
+        known = key(vm, nic) in self.engine.macs.data.get(network, {})
+        return Reply(self.engine.vms.get_mac(network, vm, nic, caller.uid), changed=not known)
 
     async def vde_socket(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
         sock, mac = await self.engine.vde_socket(network, vm, nic, caller.uid)

@@ -102,6 +102,7 @@ class Hosts(Operations):
 
     def leases(self, network: str) -> builtins.list[dict[str, Any]]:
         net = self.engine.get(network)
+        vms = self.resolver.lease_vms(net)
         out = [{"mac": le.mac, "ip": le.ip, "hostname": le.hostname, "expiry": le.expiry,
-                **self.resolver.lease_vm(net, le.mac)} for le in self.dhcp.leases(net)]
+                **vms.get(le.mac, {})} for le in self.dhcp.leases(net)]
         return sorted(out, key=lambda d: tuple(int(x) for x in d["ip"].split(".")))

@@ -117,13 +117,16 @@ class Resolver:
             return True
         return any(le.hostname.lower() == target.lower() for le in self.leases(net))
 
-    def lease_vm(self, net: Network, mac: str) -> dict[str, Any]:
-        """For `leases`: the VM (and port) a leased MAC belongs to, if vnetd knows."""
-        for p in self.ports.on_network(net.name):
-            if p.mac == mac:
-                return {"vm": p.vm, "port": p.ifname}
+    def lease_vms(self, net: Network) -> dict[str, dict[str, Any]]:
+        """For `leases`: MAC -> the VM (and port) it belongs to, for every MAC vnetd knows
+        on the network: a port's first, then a static host's, then the registry's. One pass
+        over each (a lease file holds up to 65,536 leases, a registry thousands of entries,
+        and anyone may call Leases)."""
+        out: dict[str, dict[str, Any]] = {}
+        for k, m in self.macs.data.get(net.name, {}).items():
+            out.setdefault(m, {"vm": split_key(k)[0]})
         for h in net.hosts:
-            if h.mac == mac:
-                return {"vm": h.vm}
-        owner = self.macs.owner_of(net.name, mac)
-        return {"vm": split_key(owner)[0]} if owner else {}
+            out[h.mac] = {"vm": h.vm}
+        for p in self.ports.on_network(net.name):
+            out[p.mac] = {"vm": p.vm, "port": p.ifname}
+        return out

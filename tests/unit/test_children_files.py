@@ -94,6 +94,38 @@ def test_lease_readers_go_through_read_capped(tmp_path, monkeypatch):
                     tmp_path / "lib/vnet9/dhcpd/dhcpd.leases"]
 
 
+def test_a_lease_file_is_parsed_once_per_version(tmp_path, monkeypatch):
+    """Every port's guard asks for the leases on every lease event: one parse per version of
+    the file; a file changed within the last second is read again and compared (its time
+    moves in clock ticks, and dnsmasq rewrites it in place at the same size)."""
+    import os
+    import time
+
+    from vnetd.render import dnsmasq as dnsmasq_be
+    from vnetd.subsystems import dhcp
+
+    parses = []
+    real = dnsmasq_be.parse_leases
+    monkeypatch.setattr(dnsmasq_be, "parse_leases", lambda t: parses.append(t) or real(t))
+    servers = dhcp.DhcpServers(tmp_path / "run", tmp_path / "lib", lambda n: None)
+    net = Network.from_options("vnet9", {})
+    path = tmp_path / "lib/vnet9/dnsmasq.leases"
+    path.parent.mkdir(parents=True)
+    path.write_text("2000000000 52:54:00:00:00:01 10.0.0.5 a *\n")
+    old = time.time() - 10
+    os.utime(path, (old, old))
+    for _ in range(5):
+        assert [le.ip for le in servers.leases(net)] == ["10.0.0.5"]
+    assert len(parses) == 1
+    # rewritten in place, same size, same second: read again, parsed again
+    path.write_text("2000000000 52:54:00:00:00:01 10.0.0.6 a *\n")
+    assert [le.ip for le in servers.leases(net)] == ["10.0.0.6"]
+    assert len(parses) == 2
+    # recent but unchanged: read and compared, not parsed
+    assert [le.ip for le in servers.leases(net)] == ["10.0.0.6"]
+    assert len(parses) == 2
+
+
 # --- prepare_shared_file (dhcpd's lease file) ----------------------------------------------
 
 def shared(p: Path) -> bool:

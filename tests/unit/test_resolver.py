@@ -97,7 +97,15 @@ def test_knows_vm_and_lease_attribution():
     assert r.knows_vm(NET, "web") and r.knows_vm(NET, "db") and r.knows_vm(NET, "10.0.0.1")
     assert r.knows_vm(NET, "later")  # a forward may wait for a VM that named itself
     assert not r.knows_vm(NET, "ghost")
-    assert r.lease_vm(NET, "52:54:00:00:00:aa") == {"vm": "app", "port": "vnet3-app"}
-    assert r.lease_vm(NET, "52:54:00:00:00:0d") == {"vm": "db"}
-    assert r.lease_vm(NET, "52:54:00:00:00:0f") == {"vm": "old"}
-    assert r.lease_vm(NET, "52:54:00:00:00:77") == {}
+    vms = r.lease_vms(NET)
+    assert vms["52:54:00:00:00:aa"] == {"vm": "app", "port": "vnet3-app"}
+    assert vms["52:54:00:00:00:0d"] == {"vm": "db"}
+    assert vms["52:54:00:00:00:0f"] == {"vm": "old"}
+    assert "52:54:00:00:00:77" not in vms
+
+
+def test_lease_attribution_is_one_pass_and_a_port_wins():
+    """Leases maps every lease through one dictionary (anyone may call it, a lease file holds
+    up to 65,536 leases): a port's VM over a static host's over the registry's."""
+    r = resolver(ports=[port("app", "52:54:00:00:00:0d")])
+    assert r.lease_vms(NET)["52:54:00:00:00:0d"] == {"vm": "app", "port": "vnet3-app"}

@@ -9,6 +9,7 @@ Leases persist under the state directory, so a restarted server hands out the sa
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import shutil
@@ -63,8 +64,9 @@ class DhcpServers:
         self.leases_seen: dict[str, dict[str, Lease]] = {}
         self.lease_mtimes: dict[str, float] = {}
         self._compacted: dict[str, float] = {}  # network -> when its dhcpd was last restarted
-        # network -> (the lease file's path, kind, inode, size, mtime), its leases
-        self._parsed: dict[str, tuple[tuple, tuple[Lease, ...]]] = {}
+        # network -> (the lease file's path, kind, inode, size, mtime), its text's digest,
+        # its leases
+        self._parsed: dict[str, tuple[tuple, bytes, tuple[Lease, ...]]] = {}
         # each network's lease file, as its kind of server names it: the poller looks at
         # every one twice a second, without building paths each time
         self._lease_paths: dict[str, tuple[str, str]] = {}
@@ -300,26 +302,32 @@ class DhcpServers:
     def leases(self, net: Network) -> list[Lease]:
         """The network's leases, parsed once per version of the file: every port's guard,
         every forward to a VM and every Leases call asks, and a lease event asks once per
-        port of the network."""
+        port of the network. A file changed in the last second is read again and compared
+        (its time moves in clock ticks, and dnsmasq rewrites it in place)."""
         path = self.lease_file(net)
         kind = self.kinds.get(net.name, net.dhcp)
         try:
             st = os.lstat(path)
-            version = (str(path), kind, st.st_ino, st.st_size, st.st_mtime_ns)
+            version: tuple | None = (str(path), kind, st.st_ino, st.st_size, st.st_mtime_ns)
+            settled = time.time() - st.st_mtime > 1.0
         except OSError:
-            version = None
+            version, settled = None, False
         cached = self._parsed.get(net.name)
-        if version is not None and cached is not None and cached[0] == version:
-            return list(cached[1])
+        if cached is not None and settled and cached[0] == version:
+            return list(cached[2])
         # dhcpd's file is in a directory dhcpd writes: no symlink, FIFO or endless file
         text = safefile.read_capped(path)
         if text is None:
             self._parsed.pop(net.name, None)
             return []
-        parsed = (dhcpd_be.parse_leases(text) if kind == "dhcpd"
-                  else dnsmasq_be.parse_leases(text))
+        digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+        if cached is not None and cached[1] == digest and cached[0][:2] == (str(path), kind):
+            parsed = list(cached[2])
+        else:
+            parsed = (dhcpd_be.parse_leases(text) if kind == "dhcpd"
+                      else dnsmasq_be.parse_leases(text))
         if version is not None:
-            self._parsed[net.name] = (version, tuple(parsed))
+            self._parsed[net.name] = (version, digest, tuple(parsed))
         return parsed
 
     def _ensure_poller(self) -> None:
