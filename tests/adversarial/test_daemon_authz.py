@@ -381,6 +381,16 @@ def test_forged_bus_and_polkit_signals_are_ignored(daemon):
 # --- leases: who has which address is told to its owner and administrators only ---------------
 
 
+def register(network: str, vms) -> dict[str, str]:
+    """Each (user, vm) registers its VM's MAC on the network, as that user: vm -> MAC."""
+    macs = {}
+    for user, vm in vms:
+        r = run_client("mac", f"--br={network}", f"--vm={vm}", user=user)
+        assert r.returncode == 0, r.stderr
+        macs[vm] = r.stdout.strip()
+    return macs
+
+
 def test_leases_show_a_user_only_its_own_vms(daemon):
     from tests.harness.guests import Guest
 
@@ -389,11 +399,8 @@ def test_leases_show_a_user_only_its_own_vms(daemon):
     guests = []
     try:
         with PolkitRule("60-vnet-adv-bob-attach", grant_rule(BOB, ATTACH_ACTION)):
-            macs = {}
-            for user, vm in ((ALICE, "alicevm"), (BOB, "bobvm")):
-                r = run_client("mac", "--br=vnet3", f"--vm={vm}", user=user)
-                assert r.returncode == 0, r.stderr
-                macs[vm] = r.stdout.strip()
+            macs = register("vnet3", ((ALICE, "alicevm"), (BOB, "bobvm")))
+            for vm in macs:
                 g = Guest(daemon, "vnet3", mac=macs[vm])
                 guests.append(g)
                 assert g.dhcp(), f"{vm} got no lease"
@@ -582,11 +589,7 @@ def test_the_mac_registry_shows_a_user_only_its_own_vms(daemon):
     a guessed name): ExportMacs and ExportEtherConf give an administrator every entry, any
     other caller its own VMs'."""
     with PolkitRule("60-vnet-adv-bob-attach", grant_rule(BOB, ATTACH_ACTION)):
-        macs = {}
-        for user, vm in ((ALICE, "alice-reg"), (BOB, "bob-reg")):
-            r = run_client("mac", "--br=vnet2", f"--vm={vm}", user=user)
-            assert r.returncode == 0, r.stderr
-            macs[vm] = r.stdout.strip()
+        macs = register("vnet2", ((ALICE, "alice-reg"), (BOB, "bob-reg")))
 
         def exports(user):
             r = run_as(user, EXPORTS)

@@ -4,13 +4,14 @@ from the environment, the exit code a vnet-client process would have, and a cann
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from jeepney.low_level import Endianness, Header, HeaderFields
 from jeepney.low_level import Message as JMessage
 from jeepney.low_level import MessageType as JMessageType
-from vnet_client import cli
+from vnet_client import blocking, cli
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_BUS = "unix:path=/nonexistent/vnet-unit-test-bus"
@@ -38,3 +39,18 @@ def reply(sig: str = "", *body) -> JMessage:
         fields[HeaderFields.signature] = sig
     return JMessage(Header(Endianness.little, JMessageType.method_return, 0, 1, -1, -1, fields),
                     body)
+
+
+def record_sends(monkeypatch, answer: Callable[[str, JMessage, list], JMessage]
+                 ) -> list[tuple[str, tuple]]:
+    """vnetd's stand-in: every call that reached the wire, (member, body), in a list that
+    `answer(member, msg, calls)` replies from."""
+    calls: list[tuple[str, tuple]] = []
+
+    def send(self, msg: JMessage, member: str) -> JMessage:
+        msg.serialise(serial=1)  # as the connection would
+        calls.append((member, msg.body))
+        return answer(member, msg, calls)
+
+    monkeypatch.setattr(blocking.BlockingClient, "_send", send)
+    return calls

@@ -22,10 +22,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from jeepney.low_level import Message as JMessage
 from vnet_client import base, blocking, bridge_helper, cli, ifupdown
 
-from tests.unit.cli_support import NO_BUS, ROOT, _no_system_bus, exit_code, reply  # noqa: F401
+from tests.unit.cli_support import (  # noqa: F401
+    NO_BUS,
+    ROOT,
+    _no_system_bus,
+    exit_code,
+    record_sends,
+    reply,
+)
 
 NOT_UTF8 = b"a\xff".decode("utf-8", "surrogateescape")  # what Python makes of argv b'a\xff'
 TOO_BIG = "99999999999999999999"  # past 64 bits
@@ -43,15 +49,7 @@ REPLIES = {"CheckDefinition": reply("a{sv}", NETWORK), "Define": reply("s", "vne
 @pytest.fixture
 def sent(monkeypatch) -> list[tuple[str, tuple]]:
     """vnetd's stand-in: the calls that reached the wire, (member, body), and the replies."""
-    calls: list[tuple[str, tuple]] = []
-
-    def send(self, msg: JMessage, member: str) -> JMessage:
-        msg.serialise(serial=1)  # as the connection would
-        calls.append((member, msg.body))
-        return REPLIES[member]
-
-    monkeypatch.setattr(blocking.BlockingClient, "_send", send)
-    return calls
+    return record_sends(monkeypatch, lambda member, _msg, _calls: REPLIES[member])
 
 
 def toml(tmp_path: Path, text: str | bytes) -> str:

@@ -17,10 +17,17 @@ import re
 
 import pytest
 from jeepney.low_level import Message as JMessage
-from vnet_client import blocking, cli
+from vnet_client import cli
 from vnet_common.limits import MAX_QUEUES, MAX_TAPS
 
-from tests.unit.cli_support import NO_BUS, ROOT, _no_system_bus, exit_code, reply  # noqa: F401
+from tests.unit.cli_support import (  # noqa: F401
+    NO_BUS,
+    ROOT,
+    _no_system_bus,
+    exit_code,
+    record_sends,
+    reply,
+)
 
 BR = "zzrev9"  # no /etc/qemu/zzrev9/zzrev9.conf: the qemu-vlan form reads none
 
@@ -35,19 +42,14 @@ ETHER_CONF = ("# ether.conf for vnet3, written by qemu-vnet\n"
 @pytest.fixture
 def sent(monkeypatch) -> list[tuple[str, tuple]]:
     """vnetd's stand-in: the calls that reached the wire, (member, body)."""
-    calls: list[tuple[str, tuple]] = []
-
-    def send(self, msg: JMessage, member: str) -> JMessage:
-        msg.serialise(serial=1)  # as the connection would
-        calls.append((member, msg.body))
+    def answer(member: str, msg: JMessage, calls: list) -> JMessage:
         if member == "GetMac":
             return reply("s", f"52:54:00:00:{len(calls) // 256:02x}:{len(calls) % 256:02x}")
         if member == "ImportMacs":
             return reply("u", len(msg.body[1]))
         return {"ExportEtherConf": reply("s", ETHER_CONF)}[member]
 
-    monkeypatch.setattr(blocking.BlockingClient, "_send", send)
-    return calls
+    return record_sends(monkeypatch, answer)
 
 
 # --- 1. a typo in a subcommand's options: that subcommand says so -----------------------------
