@@ -12,11 +12,13 @@ dependencies).
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from vnet_common import frames
 from vnet_common.errors import ERROR_PREFIX
 from vnet_common.wire import BUS_NAME, MANAGER, MANAGER_PATH, signature  # noqa: F401  (public)
 
@@ -61,14 +63,100 @@ def asv(d: dict[str, Any]) -> dict[str, Variant]:
     return {k: variant(v) for k, v in d.items() if v is not None}
 
 
+def _wake(fut: Any) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Session:
+    """A private session with vnetd (OpenSession): calls written on a socket of our own, one
+    at a time, answered as the same calls on the bus would be, without dbus-daemon between."""
+
+    def __init__(self, fd: int):
+        import asyncio
+        import socket
+
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        self.serial = 0
+        self.lock = asyncio.Lock()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def call(self, msg: Message) -> Message:
+        from dbus_fast._private.unmarshaller import Unmarshaller
+
+        async with self.lock:
+            self.serial += 1
+            msg.serial = self.serial
+            try:  # a call is far smaller than a socket buffer: it goes at once, or not at all
+                self.sock.send(msg._marshall(True))
+            except OSError as e:
+                raise base.NotSent(str(e)) from None
+            data, fds = await self._read()
+            try:
+                reply = Unmarshaller(stream=io.BytesIO(data)).unmarshall()  # type: ignore[arg-type]
+                if reply is None or reply.reply_serial != msg.serial:
+                    raise EOFError("the session's answer does not answer the call")
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            reply.unix_fds = fds
+            return reply
+
+    async def _read(self) -> tuple[bytes, list[int]]:
+        buf, fds, need = bytearray(), list[int](), frames.HEADER
+        try:
+            while len(buf) < need:
+                chunk = await self._recv(need - len(buf), fds)
+                if not chunk:
+                    raise EOFError("vnetd ended the session")
+                buf += chunk
+                if need == frames.HEADER and len(buf) == frames.HEADER:
+                    need = frames.message_length(buf)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return bytes(buf), fds
+
+    async def _recv(self, n: int, fds: list[int]) -> bytes:
+        import array
+        import asyncio
+        import socket
+
+        while True:
+            try:
+                data, anc, _flags, _addr = self.sock.recvmsg(
+                    n, socket.CMSG_SPACE(frames.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                loop = asyncio.get_running_loop()
+                ready = loop.create_future()
+                loop.add_reader(self.sock.fileno(), _wake, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(self.sock.fileno())
+                continue
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", raw[:len(raw) - len(raw) % 4]))
+            return data
+
+
 class Client:
     """One connection to vnetd. `interactive` sets ALLOW_INTERACTIVE_AUTHORIZATION on calls,
-    so that polkit may ask for a password through a registered agent."""
+    so that polkit may ask for a password through a registered agent. A client that makes
+    many calls may open_session() once: its calls then go to vnetd on a socket of its own,
+    without dbus-daemon's two hops (an Attach in about half the time)."""
 
     def __init__(self, bus_address: str | None = None, interactive: bool = False):
         self.bus_address = bus_address or os.environ.get("VNET_BUS_ADDRESS") or None
         self.interactive = interactive
         self.bus: MessageBus | None = None
+        self.session: Session | None = None
 
     async def connect(self) -> Client:
         if self.bus_address:
@@ -91,9 +179,29 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        self.close_session()
         if self.bus is not None:
             self.bus.disconnect()
             self.bus = None
+
+    async def open_session(self) -> None:
+        """From now on, calls go to vnetd on a private session (vnetd's OpenSession), until
+        close_session(), close(), or the session ends (vnetd restarted: a call that had been
+        sent raises NoReply unless repeating it changes nothing, and the calls after it go
+        on the bus again)."""
+        reply = await self.call("OpenSession")
+        fds = list(reply.unix_fds)
+        keep = fds[reply.body[0]]
+        for fd in fds:
+            if fd != keep:
+                os.close(fd)
+        self.close_session()
+        self.session = Session(keep)
+
+    def close_session(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
 
     @property
     def _bus(self) -> MessageBus:
@@ -133,6 +241,20 @@ class Client:
     async def _send(self, msg: Message, member: str = "") -> Message:
         import asyncio
 
+        if self.session is not None and member != "OpenSession":
+            try:
+                return await asyncio.wait_for(self.session.call(msg), CALL_TIMEOUT)
+            except TimeoutError:
+                self.close_session()
+                raise base.timed_out(member) from None
+            except base.NotSent:  # vnetd ended the session before: the bus, for any call
+                self.close_session()
+                msg.serial = 0
+            except (OSError, EOFError, ValueError):
+                self.close_session()  # vnetd went away, or ended the session
+                if member not in RESENDABLE:
+                    raise VnetClientError(NO_REPLY, lost_reply(member)) from None
+                msg.serial = 0  # once more, on the bus
         try:
             return await asyncio.wait_for(self._bus.call(msg), CALL_TIMEOUT)
         except TimeoutError:

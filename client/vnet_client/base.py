@@ -36,7 +36,7 @@ UNAVAILABLE = (*NOT_DELIVERED, NO_REPLY)
 RESENDABLE = frozenset({
     "ListNetworks", "GetNetwork", "ExportDefinition", "ListPorts", "GetMac",
     "ExportEtherConf", "ExportMacs", "ListHosts", "Leases", "ListForwards", "GetInfo",
-    "CheckDefinition",
+    "CheckDefinition", "OpenSession",
 })
 CALL_TIMEOUT = 300.0  # a person may be typing a password
 RETRY_AFTER = 1.0  # seconds before the one retry when vnetd is not there
@@ -86,6 +86,11 @@ class VnetClientError(Exception):
     @property
     def needs_interaction(self) -> bool:
         return self.name == INTERACTION_REQUIRED
+
+
+class NotSent(Exception):
+    """A call could not be written on a session (vnetd had ended it): it never reached vnetd,
+    so it goes on the bus instead, whatever it is."""
 
 
 class Unsendable(VnetClientError):

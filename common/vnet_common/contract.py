@@ -109,6 +109,16 @@ METHODS: tuple[Method, ...] = (
            "guest sends that nobody else holds; not with mac), holder-pid (the caller's "
            "parent, for helpers run by QEMU).",
            details=("network", "vm")),
+    Method(MANAGER, "OpenSession", (), _a("session:h"), INFO,
+           "A socket of the caller's own to vnetd, for a caller that makes many calls: on it, "
+           "D-Bus method calls of these interfaces, written one after another with no bus and "
+           "no authentication exchange, are answered as the same calls on the bus from this "
+           "connection would be (same polkit subject and checks), without dbus-daemon's two "
+           "hops. A session ends with the caller's bus connection, at anything that is not a "
+           "D-Bus message of at most 1 MiB, or when an answer stays unread for 30 s. One "
+           "connection holds at most 4 sessions, one user 16 (QuotaExceeded). Calls are "
+           "answered in order, one at a time; OpenSession itself is a call on the bus.",
+           details=()),
     Method(MANAGER, "Detach", _a("ifname:s"), (), ATTACH,
            "Remove a port now, persistent or not. Its owner or an administrator (manage).",
            details=("ifname",)),

@@ -28,6 +28,7 @@ from .engine import Engine
 from .errors import Failed, InvalidArgument, NotFound, NotOwner, VnetError
 from .linebudget import LineBudget
 from .model import Network
+from .session import Sessions
 
 BUS_DAEMON = "org.freedesktop.DBus"
 
@@ -174,6 +175,7 @@ class Service:
             (api.MANAGER, "SetAutostart"): self.set_autostart,
             (api.MANAGER, "Reload"): self.reload,
             (api.MANAGER, "Attach"): self.attach,
+            (api.MANAGER, "OpenSession"): self.open_session,
             (api.MANAGER, "Detach"): self.detach,
             (api.MANAGER, "ListPorts"): self.list_ports,
             (api.MANAGER, "GetMac"): self.get_mac,
@@ -207,6 +209,7 @@ class Service:
         self.in_flight: dict[str, int] = {}
         self.polkit_owner: str | None = None  # polkitd's unique name on the bus, when it runs
         self._ignored_logged = 0.0
+        self.sessions = Sessions(self.serve_session)
         engine.listeners.append(self.emit_event)
 
     # --- wiring -------------------------------------------------------------------------
@@ -269,6 +272,7 @@ class Service:
                 self.polkit_owner = new or None
             if name.startswith(":") and not new:
                 self.authz.forget_sender(name)
+                self.sessions.forget(name)
         elif msg.interface == "org.freedesktop.PolicyKit1.Authority" and msg.member == "Changed":
             if self.polkit_owner is None or msg.sender != self.polkit_owner:
                 return self._ignored(msg)
@@ -337,19 +341,10 @@ class Service:
         return Message.new_error(msg, name, text)
 
     async def _dispatch(self, msg: Message) -> None:
-        reply: Message
-        fds: list[int] = []
         t0 = time.perf_counter()
+        reply, fds = await self.answer(msg, msg.sender or "")
         try:
-            reply, fds = await self._call(msg)
-        except VnetError as e:
-            reply = self._error(msg, e.dbus_name, e.message)
-        except Exception:
-            log.exception("internal error in %s.%s", msg.interface, msg.member)
-            reply = self._error(msg, Failed.dbus_name,
-                                "vnetd hit an internal error; the details are in its log.")
-        try:
-            if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            if reply is None:
                 return
             await self.bus.send(reply)
             if log.isEnabledFor(logging.DEBUG):
@@ -362,7 +357,40 @@ class Service:
                 except OSError:
                     pass
 
-    async def _call(self, msg: Message) -> tuple[Message, list[int]]:
+    async def answer(self, msg: Message, sender: str) -> tuple[Message | None, list[int]]:
+        """The answer to a method call from `sender` (None when none is expected), and the fds
+        it carries: the caller closes them once the answer is written. The bus and sessions
+        (vnetd.session) both answer through here."""
+        reply: Message
+        fds: list[int] = []
+        try:
+            reply, fds = await self._call(msg, sender)
+        except VnetError as e:
+            reply = self._error(msg, e.dbus_name, e.message)
+        except Exception:
+            log.exception("internal error in %s.%s", msg.interface, msg.member)
+            reply = self._error(msg, Failed.dbus_name,
+                                "vnetd hit an internal error; the details are in its log.")
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            return None, []
+        return reply, fds
+
+    async def serve_session(self, msg: Message, sender: str) -> tuple[Message | None,
+                                                                      list[int]]:
+        """A call on one of `sender`'s sessions: as on the bus, but for OpenSession."""
+        if msg.member == "OpenSession":
+            if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+                return None, []
+            return self._error(msg, "org.freedesktop.DBus.Error.NotSupported",
+                               "OpenSession is a call on the system bus, not on a session."), []
+        return await self.answer(msg, sender)
+
+    async def _call(self, msg: Message, sender: str) -> tuple[Message, list[int]]:
         path = msg.path or ""  # a method call always has a path and a member
         member = msg.member or ""
         iface = msg.interface
@@ -387,7 +415,7 @@ class Service:
                 f"{spec.name} takes arguments of type '{spec.in_sig}', not '{msg.signature}'.",
             ), []
         interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
-        caller = await self.authz.caller(msg.sender, interactive)
+        caller = await self.authz.caller(sender, interactive)
         args = [unwrap(a) for a in msg.body]
         if target is not None:
             args.insert(0, target)
@@ -429,7 +457,7 @@ class Service:
                            "VNET_NETWORK": details.get("network"), "VNET_RESULT": "ok"})
         return Message(
             message_type=MessageType.METHOD_RETURN, reply_serial=msg.serial,
-            destination=msg.sender, signature=spec.out_sig, body=result.body,
+            destination=msg.sender or None, signature=spec.out_sig, body=result.body,
             unix_fds=result.fds,
         ), result.fds
 
@@ -590,6 +618,10 @@ class Service:
         return Reply(to_asv(info), list(range(n)), list(range(n, n + len(vhostfds))),
                      fds=fds + vhostfds,
                      audit=f"opened tap {port.ifname} (mac {port.mac}) for uid {port.uid}")
+
+    async def open_session(self, caller: Caller) -> Reply:
+        fd = self.sessions.open(caller.sender, caller.uid)
+        return Reply(0, fds=[fd], changed=False)
 
     async def is_admin(self, caller: Caller, network: str | None = None) -> bool:
         if caller.is_root:

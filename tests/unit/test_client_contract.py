@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
 
 import pytest
 from dbus_fast import Message, MessageType, Variant
+from jeepney.fds import FileDescriptor
 from jeepney.low_level import Endianness, Header, HeaderFields
 from jeepney.low_level import Message as JMessage
 from jeepney.low_level import MessageType as JMessageType
@@ -61,8 +63,9 @@ CALLS: dict[str, list[tuple[tuple, dict]]] = {
     "remove_forward": [(("vnet2", FORWARD), {})],
     "list_forwards": [(("vnet2",), {})],
     "set_peer": [(("vnet2", "10.0.0.2"), {}), (("vnet2", "10.0.0.2"), {"add": False})],
+    "open_session": [((), {})],
 }
-NOT_CALLS = {"connect", "close", "call", "value", "reply", "events"}
+NOT_CALLS = {"connect", "close", "call", "value", "reply", "events", "close_session"}
 PORT = {"ifname": "vnet2-abc123", "mac": MAC, "network": "vnet2", "vm": "web1", "nic": 0}
 
 
@@ -74,6 +77,8 @@ def sample(sig: str, wrap):
         return {}
     if sig.startswith("a"):
         return []
+    if sig == "h":  # a real fd (one end of a socket pair), as a session's would be
+        return wrap("h", socket.socketpair()[0].detach())
     return {"s": "x", "o": "/x", "u": 0, "i": 0, "b": False}[sig]
 
 
@@ -89,11 +94,21 @@ def async_sent(method: str, args: tuple, kwargs: dict) -> list[tuple[str, str, s
         msg._marshall(True)  # the body must fit the signature
         sent.append((msg.path, msg.interface, msg.member, msg.signature))
         types = out_types(msg.member)
+        fds: list[int] = []
+
+        def wrap(sig, v):
+            if sig == "h":
+                fds.append(v)
+                return len(fds) - 1
+            return Variant(sig, v)
+
+        body = [sample(t, wrap) for t in types]
         return Message(message_type=MessageType.METHOD_RETURN, reply_serial=1,
-                       signature="".join(types), body=[sample(t, Variant) for t in types])
+                       signature="".join(types), body=body, unix_fds=fds)
 
     c._send = send
     asyncio.run(getattr(c, method)(*args, **kwargs))
+    c.close_session()
     return sent
 
 
@@ -109,10 +124,13 @@ def sync_sent(method: str, args: tuple, kwargs: dict) -> list[tuple[str, str, st
         types = out_types(f[HeaderFields.member])
         fields = {HeaderFields.reply_serial: 1, HeaderFields.signature: "".join(types)}
         return JMessage(Header(Endianness.little, JMessageType.method_return, 0, 1, -1, -1,
-                               fields), tuple(sample(t, lambda s, v: (s, v)) for t in types))
+                               fields),
+                        tuple(sample(t, lambda s, v: FileDescriptor(v) if s == "h" else (s, v))
+                              for t in types))
 
     c._send = send
     getattr(c, method)(*args, **kwargs)
+    c.close_session()
     return sent
 
 

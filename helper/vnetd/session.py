@@ -1,0 +1,247 @@
+"""Private sessions: a caller's own socket to vnetd, for callers that make many calls.
+
+A caller on the system bus calls OpenSession and is handed one end of a socket pair. On it
+it sends method calls of vnetd's interfaces as D-Bus messages, one after another, and vnetd
+answers each on the same socket, fds included. Nothing else changes: every call on a session
+is the call its opener would have made on the bus. The sender is the opener's bus name, so
+polkit is asked about the same subject, the same cached answers apply, the same checks,
+limits and log lines follow. Only the two hops through dbus-daemon go, which cost more than
+all of an Attach's work in vnetd.
+
+What bounds a session (a local user must not stall or bloat vnetd through one):
+- it lives only as long as its opener's bus connection (a session outliving it would keep
+  a polkit subject that is gone) and ends at the first message that is not D-Bus, or longer
+  than frames.MAX_MESSAGE;
+- calls are served one at a time, in order, and nothing more is read while an answer waits
+  to be written: what a session buffers is one message in and one answer out;
+- an answer the peer does not read within WRITE_TIMEOUT ends the session;
+- a bus connection opens at most PER_CONNECTION sessions, a uid at most PER_UID (root is
+  held only to TOTAL, the limit of all sessions together);
+- fds sent with a call are closed unread (no method takes any); OpenSession itself is a
+  call on the bus only.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import io
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+from dbus_fast import Message, MessageType
+from dbus_fast._private.unmarshaller import Unmarshaller
+from vnet_common.frames import HEADER, MAX_FDS, BadFrame, message_length
+
+from .errors import QuotaExceeded
+
+log = logging.getLogger("vnetd.session")
+
+PER_CONNECTION = 4  # sessions one bus connection may hold
+PER_UID = 16  # sessions one uid may hold, over all its connections
+TOTAL = 1024  # sessions in all (one fd each in vnetd)
+WRITE_TIMEOUT = 30.0  # seconds an answer may wait for its reader
+
+# (the call, the opener's bus name) -> (the answer, or None when none is expected; the fds it
+# carries, which the session closes once the answer is written)
+Serve = Callable[[Message, str], Awaitable[tuple[Message | None, list[int]]]]
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Session:
+    def __init__(self, owner: str, uid: int, sock: socket.socket, serve: Serve):
+        self.owner, self.uid, self.sock, self.serve = owner, uid, sock, serve
+        self.task: asyncio.Task | None = None
+        self.closed = False
+        self.calls = 0
+
+    async def run(self) -> None:
+        try:
+            while True:
+                got = await self._read()
+                if got is None:
+                    return
+                data, fds = got
+                _close_fds(fds)  # no method takes fds
+                try:
+                    msg = Unmarshaller(stream=io.BytesIO(data)).unmarshall()  # type: ignore[arg-type]
+                except Exception as e:  # whatever the bytes were, they were not D-Bus
+                    log.info("session of %s (uid %d) ended: not a D-Bus message (%s)",
+                             self.owner, self.uid, e)
+                    return
+                if msg is None or msg.message_type != MessageType.METHOD_CALL:
+                    continue  # replies and signals mean nothing here
+                self.calls += 1
+                reply, out_fds = await self.serve(msg, self.owner)
+                try:
+                    if reply is not None:
+                        await self._write(reply._marshall(True), out_fds)
+                finally:
+                    _close_fds(out_fds)  # (none left, unless the write failed before)
+        except BadFrame as e:
+            log.info("session of %s (uid %d) ended: %s", self.owner, self.uid, e)
+        except (OSError, TimeoutError) as e:
+            log.debug("session of %s (uid %d) ended: %r", self.owner, self.uid, e)
+        finally:
+            self._shut()
+
+    def close(self) -> None:
+        """End the session: its task is cancelled, and closes the socket once the socket is
+        out of the loop's hands (never a number that may already be someone else's)."""
+        task = self.task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        else:
+            self._shut()
+
+    def _shut(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+    # --- the socket -----------------------------------------------------------------------
+    async def _ready(self, write: bool, timeout: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        fd = self.sock.fileno()
+
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if write:
+            loop.add_writer(fd, wake)
+        else:
+            loop.add_reader(fd, wake)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            if write:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+
+    async def _recv(self, n: int, fds: list[int]) -> bytes:
+        while True:
+            try:
+                data, anc, _flags, _addr = self.sock.recvmsg(
+                    n, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                await self._ready(write=False)
+                continue
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", raw[:len(raw) - len(raw) % 4]))
+            return data
+
+    async def _read(self) -> tuple[bytes, list[int]] | None:
+        """One whole message and the fds that came with it; None at the end of the stream."""
+        buf = bytearray()
+        fds: list[int] = []
+        need = HEADER
+        try:
+            while len(buf) < need:
+                chunk = await self._recv(need - len(buf), fds)
+                if not chunk:
+                    _close_fds(fds)
+                    return None
+                buf += chunk
+                if need == HEADER and len(buf) == HEADER:
+                    need = message_length(buf)
+        except BaseException:
+            _close_fds(fds)
+            raise
+        return bytes(buf), fds
+
+    async def _write(self, data: bytes | bytearray, fds: list[int]) -> None:
+        """Write an answer; its fds go with the first byte, and vnetd's copies are closed
+        (and `fds` emptied) as soon as that byte is written: the fds are in the socket then,
+        and the peer, which cannot use them before the whole answer is there, always holds
+        the last copy. Closing the last copy of a port's tap makes the kernel remove the tap
+        (about 15 ms here), and that wait is the holder's, never vnetd's event loop's."""
+        view = memoryview(data)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WRITE_TIMEOUT
+        while view:
+            try:
+                if fds:
+                    sent = self.sock.sendmsg(
+                        [view[:1]],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                    _close_fds(fds)
+                    fds.clear()
+                else:
+                    sent = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError("the peer did not read its answer") from None
+                await self._ready(write=True, timeout=left)
+                continue
+            view = view[sent:]
+
+
+class Sessions:
+    """Every open session, by opener; serve answers a call as the bus would."""
+
+    def __init__(self, serve: Serve):
+        self.serve = serve
+        self.by_owner: dict[str, set[Session]] = {}
+        self.per_uid: dict[int, int] = {}
+        self.count = 0
+
+    def open(self, owner: str, uid: int) -> int:
+        """A new session for `owner`: the fd of the caller's end (the caller closes it after
+        sending it)."""
+        mine = self.by_owner.get(owner, set())
+        if self.count >= TOTAL:
+            raise QuotaExceeded(f"vnetd holds {TOTAL} sessions already; make the call on the "
+                                "bus instead.")
+        if uid != 0 and len(mine) >= PER_CONNECTION:
+            raise QuotaExceeded(f"One bus connection may open at most {PER_CONNECTION} "
+                                "sessions; use one of yours, or close one.")
+        if uid != 0 and self.per_uid.get(uid, 0) >= PER_UID:
+            raise QuotaExceeded(f"uid {uid} holds {PER_UID} sessions already, the most one "
+                                "user may; close one first.")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        session = Session(owner, uid, ours, self.serve)
+        self.by_owner.setdefault(owner, set()).add(session)
+        self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
+        self.count += 1
+        session.task = asyncio.get_running_loop().create_task(session.run())
+        session.task.add_done_callback(lambda _t: self._gone(session))
+        return theirs.detach()
+
+    def _gone(self, session: Session) -> None:
+        session.close()
+        mine = self.by_owner.get(session.owner)
+        if mine is None or session not in mine:
+            return
+        mine.discard(session)
+        if not mine:
+            del self.by_owner[session.owner]
+        n = self.per_uid.get(session.uid, 1) - 1
+        if n:
+            self.per_uid[session.uid] = n
+        else:
+            self.per_uid.pop(session.uid, None)
+        self.count -= 1
+
+    def forget(self, owner: str) -> None:
+        """The opener left the bus: its sessions end with it."""
+        for session in list(self.by_owner.get(owner, ())):
+            session.close()
+
+    def close_all(self) -> None:
+        for owner in list(self.by_owner):
+            self.forget(owner)

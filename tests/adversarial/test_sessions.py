@@ -1,0 +1,353 @@
+"""Attacks through private sessions (OpenSession): a session is its opener's bus connection
+without dbus-daemon, so it must carry exactly the opener's identity and rights, die with that
+connection, and give a local user no way to stall or bloat vnetd that the bus would not."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.harness.daemon import ALICE, BOB, PolkitRule, grant_rule, run_client
+from tests.harness.users import run_as, spawn_as
+
+ERR = "org.qemuvnet.Vnet1.Error."
+IAR = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+ATTACH_ACTION = "org.qemuvnet.Vnet1.attach"
+MANAGE_ACTION = "org.qemuvnet.Vnet1.manage"
+
+# raw session calls: D-Bus messages written and read by hand, as any program could
+RAW = """
+import array, io, socket, time
+from dbus_fast import Message, MessageFlag, Variant
+from dbus_fast._private.unmarshaller import Unmarshaller
+from vnet_common.frames import message_length
+def msg(member, sig="", body=(), serial=1, flags=MessageFlag.NONE):
+    return Message(path="/org/qemuvnet/Vnet1", interface="org.qemuvnet.Vnet1.Manager",
+                   member=member, signature=sig, body=list(body), serial=serial,
+                   flags=flags)._marshall(True)
+def read(sock, timeout=10.0):
+    '''(the answer, its fds); (None, []) when vnetd ended the session'''
+    sock.settimeout(timeout)
+    buf, fds = b"", []
+    while True:
+        data, anc, _f, _a = sock.recvmsg(65536, socket.CMSG_SPACE(64))
+        for _l, _k, raw in anc:
+            fds += list(array.array("i", raw))
+        if not data:
+            return None, fds
+        buf += data
+        if len(buf) >= 16 and len(buf) >= message_length(buf[:16]):
+            return Unmarshaller(stream=io.BytesIO(buf)).unmarshall(), fds
+def ended(sock, timeout=10.0):
+    try:
+        r, _ = read(sock, timeout)
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    return r is None
+def name(r):
+    return r.error_name or "ok"
+async def open_raw(c):
+    r = await c.call("OpenSession")
+    return socket.socket(fileno=r.unix_fds[r.body[0]])
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def network(vnetd):
+    run_client("define", "vnet2", "--dhcp=none", check=True)
+    run_client("start", "vnet2", check=True)
+    yield
+    run_client("stop", "vnet2")
+    run_client("undefine", "vnet2")
+
+
+ATTACH = RAW + """
+async def main():
+    async with Client() as c:
+        s = await open_raw(c)
+        out = {}
+        s.sendall(msg("Attach", "ssa{sv}", ["vnet2", sys.argv[1], {}], 1))
+        r, fds = read(s)
+        out["attach"] = name(r)
+        if not r.error_name:
+            out["ifname"] = r.body[0]["ifname"].value
+            out["uid"] = r.body[0]["uid"].value
+            out["tap"] = tap_name(fds[r.body[1][0]])
+        for fd in fds:
+            os.close(fd)
+        time.sleep(0.3)  # vnetd saw the tap go: it kept no copy of the fd
+        s.sendall(msg("ListPorts", serial=2))
+        r, _ = read(s)
+        out["ports_after_close"] = [p["ifname"].value for p in r.body[0]]
+        if len(sys.argv) > 2:  # another user's port, by its interface name
+            s.sendall(msg("Detach", "s", [sys.argv[2]], 3))
+            out["detach_other"] = name(read(s)[0])
+        s.sendall(msg("Define", "sa{sv}", ["vnet9", {"mode": Variant("s", "host-only")}], 4))
+        out["define"] = name(read(s)[0])
+        print(json.dumps(out))
+asyncio.run(main())
+"""
+
+HOLD = RAW + """
+async def main():
+    async with Client() as c:
+        a = await c.attach("vnet2", sys.argv[1])
+        print(json.dumps({"ifname": a.ifname}), flush=True)
+        sys.stdin.readline()
+asyncio.run(main())
+"""
+
+
+def test_a_session_call_is_the_openers_own_call(vnetd):
+    """Who calls on a session is whoever opened it: the port is Alice's, Bob on his session
+    cannot take her VM or detach her port, and polkit answers about each opener alone."""
+    holder = spawn_as(ALICE, HOLD, "alice-web")
+    try:
+        alices = json.loads(holder.stdout.readline())["ifname"]
+        r = run_as(ALICE, ATTACH, "web1", timeout=60)
+        assert r.returncode == 0, r.stderr
+        a = json.loads(r.stdout)
+        assert a["attach"] == "ok" and a["tap"] == a["ifname"], a
+        assert a["ports_after_close"] == [alices], a  # web1's port went with its fd
+        assert a["define"] == IAR, a  # manage: a password, as on the bus
+
+        b = json.loads(run_as(BOB, ATTACH, "bob-web", timeout=60).stdout)
+        assert b["attach"] == IAR, b  # not in group vnet: on his session as on the bus
+
+        with PolkitRule("90-vnet-test-session-bob", grant_rule(BOB, ATTACH_ACTION)):
+            r = run_as(BOB, ATTACH, "alice-web", alices, timeout=60)
+            assert r.returncode == 0, r.stderr
+            b = json.loads(r.stdout)
+        assert b["attach"] == ERR + "NotOwner", b  # Alice's VM name
+        assert b["ports_after_close"] == [], b  # Alice's port is not Bob's to see
+        assert b["detach_other"] == IAR, b  # another user's port: an administrator's
+        assert alices in run_client("ports").stdout
+
+        with PolkitRule("90-vnet-test-session", grant_rule(ALICE, MANAGE_ACTION)):
+            b = json.loads(run_as(BOB, ATTACH, "bob-web", timeout=60).stdout)
+            assert b["define"] == IAR, b  # Alice's rule is not Bob's
+            a = json.loads(run_as(ALICE, ATTACH, "web2", timeout=60).stdout)
+            assert a["define"] == "ok", a
+    finally:
+        holder.kill()
+        holder.wait()
+        run_client("undefine", "vnet9")
+
+
+ENDS_WITH_CONNECTION = RAW + """
+async def main():
+    c = await Client().connect()
+    s = await open_raw(c)
+    s.sendall(msg("GetMac", "ssu", ["vnet2", "web1", 0], 1))
+    before = name(read(s)[0])
+    c.close()  # the bus connection goes; the session was handed to this process alone
+    time.sleep(0.5)
+    try:
+        s.sendall(msg("GetMac", "ssu", ["vnet2", "web1", 0], 2))
+    except OSError:
+        pass
+    print(json.dumps({"before": before, "ended": ended(s)}))
+asyncio.run(main())
+"""
+
+
+def test_a_session_ends_with_its_openers_bus_connection(vnetd):
+    """A session that outlived its connection would act for a polkit subject that is gone
+    (and whose unique name polkit can no longer check)."""
+    r = run_as(ALICE, ENDS_WITH_CONNECTION, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"before": "ok", "ended": True}
+
+
+BAD_INPUT = RAW + """
+import struct
+async def main():
+    out = {}
+    async with Client() as c:
+        s = await open_raw(c)  # bytes that are not D-Bus
+        s.sendall(b"GET / HTTP/1.1" + bytes(64))
+        out["garbage"] = ended(s)
+        s = await open_raw(c)  # a header that promises 100 MiB: nothing more is read
+        head = bytes([0x6C, 1, 0, 1]) + struct.pack("<III", 100 << 20, 1, 0)
+        s.sendall(head)
+        out["huge"] = ended(s)
+        s = await open_raw(c)  # fds sent with a call are closed, not kept
+        r_end, w_end = os.pipe()
+        s.sendmsg([msg("GetMac", "ssu", ["vnet2", "web1", 0], 1)],
+                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w_end]))])
+        out["with_fd"] = name(read(s)[0])
+        os.close(w_end)
+        os.set_blocking(r_end, False)
+        time.sleep(0.2)
+        try:
+            out["pipe_closed_everywhere"] = os.read(r_end, 1) == b""
+        except BlockingIOError:
+            out["pipe_closed_everywhere"] = False  # a write end is still open somewhere
+        s.sendall(msg("OpenSession", serial=2))  # sessions are opened on the bus only
+        out["nested"] = name(read(s)[0])
+        s.sendall(msg("NoSuchMethod", serial=3))
+        out["unknown"] = name(read(s)[0])
+        s.sendall(msg("GetMac", "s", ["vnet2"], 4))
+        out["bad_signature"] = name(read(s)[0])
+        s.sendall(msg("GetMac", "ssu", ["vnet2", "web1", 0], 5,
+                      flags=MessageFlag.NO_REPLY_EXPECTED))
+        s.sendall(msg("GetMac", "ssu", ["vnet2", "web1", 0], 6))
+        r, _ = read(s)
+        out["no_reply_expected_then"] = r.reply_serial  # only the second is answered
+    print(json.dumps(out))
+asyncio.run(main())
+"""
+
+
+def test_what_is_not_a_call_ends_the_session_and_nothing_is_kept(vnetd):
+    r = run_as(ALICE, BAD_INPUT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {
+        "garbage": True, "huge": True, "with_fd": "ok", "pipe_closed_everywhere": True,
+        "nested": "org.freedesktop.DBus.Error.NotSupported",
+        "unknown": "org.freedesktop.DBus.Error.UnknownMethod",
+        "bad_signature": "org.freedesktop.DBus.Error.InvalidArgs",
+        "no_reply_expected_then": 6}
+    assert vnetd.alive()
+
+
+LIMITS = RAW + """
+async def main():
+    out = {"per_connection": [], "per_uid": []}
+    clients = [await Client().connect() for _ in range(5)]
+    socks = []
+    for i in range(5):  # 5 on one connection: the fifth is refused
+        try:
+            socks.append(await open_raw(clients[0]))
+            out["per_connection"].append("ok")
+        except VnetClientError as e:
+            out["per_connection"].append(e.name)
+    for c in clients[1:]:  # 4 more connections, 4 each: 16 in all, then no more
+        for i in range(4):
+            try:
+                socks.append(await open_raw(c))
+                out["per_uid"].append("ok")
+            except VnetClientError as e:
+                out["per_uid"].append(e.name)
+    socks.pop().close()  # one closed: one may be opened again
+    time.sleep(0.3)
+    try:
+        socks.append(await open_raw(clients[4]))
+        out["after_close"] = "ok"
+    except VnetClientError as e:
+        out["after_close"] = e.name
+    print(json.dumps(out))
+    for c in clients:
+        c.close()
+asyncio.run(main())
+"""
+
+
+def test_sessions_per_connection_and_per_user_are_bounded(vnetd):
+    r = run_as(BOB, LIMITS, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["per_connection"] == ["ok"] * 4 + [ERR + "QuotaExceeded"], out
+    # 4 on the first connection, then 12 more reach the user's 16
+    assert out["per_uid"] == ["ok"] * 12 + [ERR + "QuotaExceeded"] * 4, out
+    assert out["after_close"] == "ok", out
+
+
+STALL = RAW + """
+async def main():
+    async with Client() as c:
+        s = await open_raw(c)
+        # calls written back to back, no answer ever read: vnetd writes answers until the
+        # socket is full, then stops reading this session (and only this one)
+        s.setblocking(False)
+        sent = 0
+        call = msg("ListNetworks", serial=1)
+        try:
+            while sent < 200000:
+                s.send(call)
+                sent += 1
+        except BlockingIOError:
+            pass
+        print(json.dumps({"sent": sent}), flush=True)
+        sys.stdin.readline()
+asyncio.run(main())
+"""
+
+TIMED = """
+import time
+async def main():
+    async with Client() as c:
+        await c.open_session()
+        t = time.perf_counter()
+        for i in range(20):
+            (await c.attach("vnet2", f"v{i}")).close()
+        print(json.dumps({"ms": (time.perf_counter() - t) * 1000 / 20}))
+asyncio.run(main())
+"""
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_session_that_never_reads_stalls_only_itself(vnetd):
+    before = rss_kb(vnetd.proc.pid)
+    stallers = [spawn_as(BOB, STALL) for _ in range(4)]
+    try:
+        sent = [json.loads(p.stdout.readline())["sent"] for p in stallers]
+        assert all(n > 100 for n in sent), sent  # the socket took many calls, then was full
+        time.sleep(1)
+        r = run_as(ALICE, TIMED, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["ms"] < 50, r.stdout  # Alice's session is served
+        r = run_client("list", "--json")
+        assert r.returncode == 0 and "vnet2" in r.stdout
+        grown = rss_kb(vnetd.proc.pid) - before
+        # one call in and one answer out per session, whatever was written
+        assert grown < 8 * 1024, f"vnetd grew {grown} kB"
+    finally:
+        for p in stallers:
+            p.kill()
+            p.wait()
+    assert vnetd.alive()
+
+
+RESTART = """
+async def main():
+    async with Client() as c:
+        await c.open_session()
+        before = await c.get_mac("vnet2", "web1")
+        print(json.dumps({"open": True}), flush=True)
+        sys.stdin.readline()  # vnetd restarts meanwhile
+        out = {"before": before}
+        out["get_mac"] = await c.get_mac("vnet2", "web1")  # a read: once more, on the bus
+        out["session_after"] = c.session is not None
+        await c.open_session()
+        try:
+            a = await c.attach("vnet2", "web1")
+            out["attach"] = a.ifname
+            a.close()
+        except VnetClientError as e:
+            out["attach"] = e.name
+        print(json.dumps(out), flush=True)
+asyncio.run(main())
+"""
+
+
+def test_a_client_whose_session_ended_goes_on_over_the_bus(vnetd):
+    p = spawn_as(ALICE, RESTART)
+    try:
+        assert json.loads(p.stdout.readline()) == {"open": True}
+        vnetd.kill()
+        vnetd.start()
+        p.stdin.write("\n")
+        out = json.loads(p.stdout.readline())
+    finally:
+        p.kill()
+        p.wait()
+    assert out["get_mac"] == out["before"], out
+    assert out["session_after"] is False, out  # the dead session was dropped
+    assert out["attach"].startswith("vnet2-"), out  # a new session works
