@@ -107,15 +107,19 @@ class Session:
             return reply
 
     async def _read(self) -> tuple[bytes, list[int]]:
+        """The answer (one call at a time: whatever comes is this call's answer, so reads
+        take what is there rather than exactly what is missing)."""
         buf, fds, need = bytearray(), list[int](), frames.HEADER
         try:
             while len(buf) < need:
-                chunk = await self._recv(need - len(buf), fds)
+                chunk = await self._recv(1 << 16, fds)
                 if not chunk:
                     raise EOFError("vnetd ended the session")
                 buf += chunk
-                if need == frames.HEADER and len(buf) == frames.HEADER:
-                    need = frames.message_length(buf)
+                if need == frames.HEADER and len(buf) >= frames.HEADER:
+                    need = frames.message_length(buf[:frames.HEADER])
+            if len(buf) > need:
+                raise EOFError("vnetd sent more than the answer")
         except BaseException:
             for fd in fds:
                 os.close(fd)

@@ -123,18 +123,43 @@ def network_path(name: str) -> str:
     return f"{api.NETWORK_PATH}/{label_escape(name)}"
 
 
+async def finish(after: After) -> None:
+    """Run what a call left to do after its answer. It is shielded: the guard of a port
+    handed out is put in even when the task that answered is cancelled meanwhile (a session
+    that ends), and its failure is logged here, never raised into the transport."""
+    if after is None:
+        return
+    task = asyncio.ensure_future(after())
+    task.add_done_callback(_after_failed)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        pass  # said by _after_failed
+
+
+def _after_failed(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("after answering a call: %r", task.exception(), exc_info=task.exception())
+
+
 class Reply:
     """What a handler returns: body values, and fds to send and close after the write."""
 
     def __init__(self, *body: Any, fds: list[int] | None = None, audit: str = "",
-                 changed: bool = True):
+                 changed: bool = True, after: Callable[[], Awaitable[None]] | None = None):
         self.body = list(body)
         self.fds = fds or []
         self.audit = audit  # what the log line should add about the result
         self.changed = changed  # False: a call of a changing method that changed nothing
+        # what is left to do once the answer is written (an attached port's guard): the
+        # transport awaits it, whatever became of the answer
+        self.after = after
 
 
 Handler = Callable[..., Awaitable[Any]]
+After = Callable[[], Awaitable[None]] | None
 
 
 class CallLog(LineBudget):
@@ -209,7 +234,7 @@ class Service:
         self.in_flight: dict[str, int] = {}
         self.polkit_owner: str | None = None  # polkitd's unique name on the bus, when it runs
         self._ignored_logged = 0.0
-        self.sessions = Sessions(self.serve_session)
+        self.sessions = Sessions(self.serve_session, finish)
         engine.listeners.append(self.emit_event)
 
     # --- wiring -------------------------------------------------------------------------
@@ -342,8 +367,11 @@ class Service:
 
     async def _dispatch(self, msg: Message) -> None:
         t0 = time.perf_counter()
-        reply, fds = await self.answer(msg, msg.sender or "")
+        reply, fds, after = await self.answer(msg, msg.sender or "")
         try:
+            # on the bus, what follows an answer comes before it: when Attach returns, the
+            # port has its guard (a session answers first; see vnetd.session)
+            await finish(after)
             if reply is None:
                 return
             await self.bus.send(reply)
@@ -357,14 +385,17 @@ class Service:
                 except OSError:
                     pass
 
-    async def answer(self, msg: Message, sender: str) -> tuple[Message | None, list[int]]:
-        """The answer to a method call from `sender` (None when none is expected), and the fds
-        it carries: the caller closes them once the answer is written. The bus and sessions
-        (vnetd.session) both answer through here."""
+    async def answer(self, msg: Message, sender: str
+                     ) -> tuple[Message | None, list[int], After]:
+        """The answer to a method call from `sender` (None when none is expected), the fds
+        it carries, and what is left to do once it is written: the caller closes the fds once
+        the answer is written, then awaits finish(after), whatever became of the answer. The
+        bus and sessions (vnetd.session) both answer through here."""
         reply: Message
         fds: list[int] = []
+        after: After = None
         try:
-            reply, fds = await self._call(msg, sender)
+            reply, fds, after = await self._call(msg, sender)
         except VnetError as e:
             reply = self._error(msg, e.dbus_name, e.message)
         except Exception:
@@ -377,20 +408,21 @@ class Service:
                     os.close(fd)
                 except OSError:
                     pass
-            return None, []
-        return reply, fds
+            return None, [], after
+        return reply, fds, after
 
-    async def serve_session(self, msg: Message, sender: str) -> tuple[Message | None,
-                                                                      list[int]]:
+    async def serve_session(self, msg: Message, sender: str
+                            ) -> tuple[Message | None, list[int], After]:
         """A call on one of `sender`'s sessions: as on the bus, but for OpenSession."""
         if msg.member == "OpenSession":
             if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
-                return None, []
+                return None, [], None
             return self._error(msg, "org.freedesktop.DBus.Error.NotSupported",
-                               "OpenSession is a call on the system bus, not on a session."), []
+                               "OpenSession is a call on the system bus, not on a session."
+                               ), [], None
         return await self.answer(msg, sender)
 
-    async def _call(self, msg: Message, sender: str) -> tuple[Message, list[int]]:
+    async def _call(self, msg: Message, sender: str) -> tuple[Message, list[int], After]:
         path = msg.path or ""  # a method call always has a path and a member
         member = msg.member or ""
         iface = msg.interface
@@ -398,22 +430,22 @@ class Service:
         if path == api.MANAGER_PATH:
             iface = iface or api.MANAGER
             if iface != api.MANAGER:
-                return self._unknown(msg), []
+                return self._unknown(msg), [], None
         elif path.startswith(api.NETWORK_PATH + "/"):
             iface = iface or api.NETWORK
             target = label_unescape(path[len(api.NETWORK_PATH) + 1:])
             if iface != api.NETWORK or target not in self.engine.defs:
-                return self._unknown(msg), []
+                return self._unknown(msg), [], None
         else:
-            return self._unknown(msg), []
+            return self._unknown(msg), [], None
         spec = self.methods.get((iface, member))
         if spec is None:
-            return self._unknown(msg), []
+            return self._unknown(msg), [], None
         if msg.signature != spec.in_sig:
             return self._error(
                 msg, "org.freedesktop.DBus.Error.InvalidArgs",
                 f"{spec.name} takes arguments of type '{spec.in_sig}', not '{msg.signature}'.",
-            ), []
+            ), [], None
         interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
         caller = await self.authz.caller(sender, interactive)
         args = [unwrap(a) for a in msg.body]
@@ -444,22 +476,28 @@ class Service:
             raise
         if not isinstance(result, Reply):
             result = Reply() if result is None else Reply(result)
-        # every change has its line (refusals are budgeted; a call that changed nothing,
-        # such as GetMac of a known VM, a debug line)
-        level = logging.INFO if result.changed else logging.DEBUG
-        if spec.action != api.INFO and log.isEnabledFor(level):
-            log.log(level, "uid=%d sender=%s pid=%s %s%s: ok%s%s", caller.uid, caller.sender,
-                    caller.pid, spec.name, _fmt_args(args),
-                    f": {result.audit}" if result.audit else "",
-                    _held(self.call_log.held(caller.uid)),
-                    extra={"VNET_METHOD": spec.name, "VNET_UID": caller.uid,
-                           "VNET_PID": caller.pid, "VNET_SENDER": caller.sender,
-                           "VNET_NETWORK": details.get("network"), "VNET_RESULT": "ok"})
+        done = result
+
+        async def after() -> None:
+            if done.after is not None:  # first: an attached port's guard
+                await done.after()
+            # every change has its line (refusals are budgeted; a call that changed nothing,
+            # such as GetMac of a known VM, a debug line)
+            level = logging.INFO if done.changed else logging.DEBUG
+            if spec.action != api.INFO and log.isEnabledFor(level):
+                log.log(level, "uid=%d sender=%s pid=%s %s%s: ok%s%s", caller.uid,
+                        caller.sender, caller.pid, spec.name, _fmt_args(args),
+                        f": {done.audit}" if done.audit else "",
+                        _held(self.call_log.held(caller.uid)),
+                        extra={"VNET_METHOD": spec.name, "VNET_UID": caller.uid,
+                               "VNET_PID": caller.pid, "VNET_SENDER": caller.sender,
+                               "VNET_NETWORK": details.get("network"), "VNET_RESULT": "ok"})
+
         return Message(
             message_type=MessageType.METHOD_RETURN, reply_serial=msg.serial,
             destination=msg.sender or None, signature=spec.out_sig, body=result.body,
             unix_fds=result.fds,
-        ), result.fds
+        ), result.fds, (None if spec.action == api.INFO and result.after is None else after)
 
     def _details(self, spec: api.Method, args: list[Any], target: str | None) -> dict[str, str]:
         """polkit details from the named arguments (what a rules file may test). Every method
@@ -610,13 +648,14 @@ class Service:
     # --- ports ------------------------------------------------------------------------
     async def attach(self, caller: Caller, network: str, vm: str,
                      options: dict[str, Any]) -> Reply:
-        port, fds, vhostfds, info = await self.engine.attach(network, vm, caller.uid, caller.pid,
-                                                             options)
+        port, fds, vhostfds, info, guard = await self.engine.attach(
+            network, vm, caller.uid, caller.pid, options)
         # the signal follows the reply (which _dispatch sends before the loop turns)
         asyncio.get_running_loop().call_soon(self.emit_port_changed, port, "attached")
         n = len(fds)
+        # the port's guard follows the answer: only the answer is the caller's wait
         return Reply(to_asv(info), list(range(n)), list(range(n, n + len(vhostfds))),
-                     fds=fds + vhostfds,
+                     fds=fds + vhostfds, after=guard,
                      audit=f"opened tap {port.ifname} (mac {port.mac}) for uid {port.uid}")
 
     async def open_session(self, caller: Caller) -> Reply:

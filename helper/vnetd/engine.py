@@ -13,10 +13,9 @@ import asyncio
 import builtins
 import functools
 import logging
-import os
 import pwd
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from . import macs as macs_mod
@@ -348,7 +347,8 @@ class Engine:
 
     async def attach(self, network: str, vm: str, uid: int, pid: int | None,
                      options: dict[str, Any]
-                     ) -> tuple[Port, builtins.list[int], builtins.list[int], dict]:
+                     ) -> tuple[Port, builtins.list[int], builtins.list[int], dict,
+                                Callable[[], Awaitable[None]] | None]:
         net = self.get(network)
         model.validate_vm_name(vm)
         opts = parse_attach_options(options)
@@ -365,17 +365,34 @@ class Engine:
                 self.macs.defer = False
                 if self.macs.dirty:
                     self._write_macs_soon()
+            guard = None
             if net.spoof_protection:
-                # one transaction: the port's guard (a spare's replaces its pending hold)
+                guard = functools.partial(self.guard_port, port)
+            return port, fds, vhostfds, info, guard
+
+    async def guard_port(self, port: Port) -> None:
+        """An attached port's guard, in one transaction (a spare's replaces its pending
+        hold). It follows the answer that handed the port out: until it is in, the tap is
+        pending (held on the bridge: nothing passes to or from it), as every tap vnetd makes
+        is from before it exists, so a guest gets through nothing meanwhile. A port that went
+        meanwhile leaves only its pending hold to drop; a guard the kernel refuses cuts the
+        port (its tap is deleted, the holder's fd is dead) rather than let it pass unguarded
+        or stay silently held."""
+        try:
+            async with self.lock:
+                if self.ports.by_name.get(port.ifname) is not port:
+                    await self.firewall.spares_gone([port.ifname])
+                    return
                 try:
                     await self.firewall.port_attached(port)
-                except BaseException:
-                    for fd in fds + vhostfds:
-                        os.close(fd)
+                except VnetError as e:
+                    log.error("port %s (%s/%s, uid %d) is cut off: %s", port.ifname,
+                              port.network, port.vm, port.uid, e.message)
                     await self.ports.detach(port)
-                    await self.firewall.spares_gone([port.ifname])  # a spare's hold, if any
-                    raise
-            return port, fds, vhostfds, info
+                    await self.firewall.spares_gone([port.ifname])
+                    self._emit("port", port, "detached")
+        finally:
+            self.spares.restock(port.network)  # after the guard: making a spare takes the lock
 
     def _write_macs_soon(self) -> None:
         if self._macs_writer is None or self._macs_writer.done():

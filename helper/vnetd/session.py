@@ -2,11 +2,14 @@
 
 A caller on the system bus calls OpenSession and is handed one end of a socket pair. On it
 it sends method calls of vnetd's interfaces as D-Bus messages, one after another, and vnetd
-answers each on the same socket, fds included. Nothing else changes: every call on a session
-is the call its opener would have made on the bus. The sender is the opener's bus name, so
-polkit is asked about the same subject, the same cached answers apply, the same checks,
-limits and log lines follow. Only the two hops through dbus-daemon go, which cost more than
-all of an Attach's work in vnetd.
+answers each on the same socket, fds included. Every call on a session is the call its
+opener would have made on the bus. The sender is the opener's bus name, so polkit is asked
+about the same subject, the same cached answers apply, the same checks, limits and log
+lines follow. The two hops through dbus-daemon go, and one thing is reordered: what a call
+leaves to do after its answer (an attached port's guard, the audit line) follows the answer
+here, where on the bus it precedes it. Until its guard is in, a port is pending (nothing
+passes to or from its tap), so a session's Attach returns sooner and its port carries
+traffic from a moment later (well under a millisecond; a guest is not running yet then).
 
 What bounds a session (a local user must not stall or bloat vnetd through one):
 - it lives only as long as its opener's bus connection (a session outliving it would keep
@@ -30,6 +33,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from dbus_fast import Message, MessageType
 from dbus_fast._private.unmarshaller import Unmarshaller
@@ -45,8 +49,10 @@ TOTAL = 1024  # sessions in all (one fd each in vnetd)
 WRITE_TIMEOUT = 30.0  # seconds an answer may wait for its reader
 
 # (the call, the opener's bus name) -> (the answer, or None when none is expected; the fds it
-# carries, which the session closes once the answer is written)
-Serve = Callable[[Message, str], Awaitable[tuple[Message | None, list[int]]]]
+# carries, which the session closes once the answer is written; what is left to do then,
+# which the session hands to `finish`)
+Serve = Callable[[Message, str], Awaitable[tuple[Message | None, list[int], Any]]]
+Finish = Callable[[Any], Awaitable[None]]
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -58,8 +64,10 @@ def _close_fds(fds: list[int]) -> None:
 
 
 class Session:
-    def __init__(self, owner: str, uid: int, sock: socket.socket, serve: Serve):
-        self.owner, self.uid, self.sock, self.serve = owner, uid, sock, serve
+    def __init__(self, owner: str, uid: int, sock: socket.socket, serve: Serve,
+                 finish: Finish):
+        self.owner, self.uid, self.sock = owner, uid, sock
+        self.serve, self.finish = serve, finish
         self.task: asyncio.Task | None = None
         self.closed = False
         self.calls = 0
@@ -81,12 +89,13 @@ class Session:
                 if msg is None or msg.message_type != MessageType.METHOD_CALL:
                     continue  # replies and signals mean nothing here
                 self.calls += 1
-                reply, out_fds = await self.serve(msg, self.owner)
+                reply, out_fds, after = await self.serve(msg, self.owner)
                 try:
                     if reply is not None:
                         await self._write(reply._marshall(True), out_fds)
                 finally:
                     _close_fds(out_fds)  # (none left, unless the write failed before)
+                    await self.finish(after)
         except BadFrame as e:
             log.info("session of %s (uid %d) ended: %s", self.owner, self.uid, e)
         except (OSError, TimeoutError) as e:
@@ -193,8 +202,8 @@ class Session:
 class Sessions:
     """Every open session, by opener; serve answers a call as the bus would."""
 
-    def __init__(self, serve: Serve):
-        self.serve = serve
+    def __init__(self, serve: Serve, finish: Finish):
+        self.serve, self.finish = serve, finish
         self.by_owner: dict[str, set[Session]] = {}
         self.per_uid: dict[int, int] = {}
         self.count = 0
@@ -214,7 +223,7 @@ class Sessions:
                                 "user may; close one first.")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
-        session = Session(owner, uid, ours, self.serve)
+        session = Session(owner, uid, ours, self.serve, self.finish)
         self.by_owner.setdefault(owner, set()).add(session)
         self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
         self.count += 1

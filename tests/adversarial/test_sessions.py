@@ -9,8 +9,11 @@ import time
 
 import pytest
 
+from tests.harness import frames as F
 from tests.harness.daemon import ALICE, BOB, PolkitRule, grant_rule, run_client
 from tests.harness.users import run_as, spawn_as
+
+from .lab import FRAMES_PATH, fdb_ports_of
 
 ERR = "org.qemuvnet.Vnet1.Error."
 IAR = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
@@ -351,3 +354,51 @@ def test_a_client_whose_session_ended_goes_on_over_the_bus(vnetd):
     assert out["get_mac"] == out["before"], out
     assert out["session_after"] is False, out  # the dead session was dropped
     assert out["attach"].startswith("vnet2-"), out  # a new session works
+
+
+WINDOW = RAW + """
+sys.path.insert(0, sys.argv[2])
+import frames as F
+async def main():
+    victim = sys.argv[1]
+    async with Client() as c:
+        s = await open_raw(c)
+        s.sendall(msg("Attach", "ssa{sv}", ["vnet2", "window1", {}], 1))
+        r, fds = read(s)  # on a session the answer comes first, the port's guard after it
+        fd = fds[r.body[1][0]]
+        own, ifname = r.body[0]["mac"].value, r.body[0]["ifname"].value
+        spoofed = F.udp4_frame(victim, F.BROADCAST, "0.0.0.0", "255.255.255.255", 68, 67,
+                               tag="spoofed")
+        sent, t = 0, time.monotonic()
+        while time.monotonic() - t < 0.05:  # from the answer on: before and after the guard
+            F.write_frame(fd, spoofed)
+            sent += 1
+        time.sleep(0.3)
+        F.write_frame(fd, F.udp4_frame(own, F.BROADCAST, "0.0.0.0", "255.255.255.255", 68, 67,
+                                       tag="own"))
+        print(json.dumps({"sent": sent, "ifname": ifname}), flush=True)
+        sys.stdin.readline()
+asyncio.run(main())
+"""
+
+
+def test_the_moment_between_a_sessions_answer_and_its_guard_lets_nothing_through(vnetd,
+                                                                                 agents):
+    """Bob writes frames with Alice's MAC from the instant his session's Attach answers,
+    before its guard is in (the tap is still pending then) and after: none reaches Alice's
+    VM, and the bridge never learns her MAC on his port; his own frames pass once guarded."""
+    victim = agents(ALICE, "vnet2", "window-victim")
+    assert victim.error is None, victim.hello
+    victim.clear()
+    with PolkitRule("90-vnet-test-session-window", grant_rule(BOB, ATTACH_ACTION)):
+        bob = spawn_as(BOB, WINDOW, victim.mac, str(FRAMES_PATH.parent))
+        try:
+            out = json.loads(bob.stdout.readline())
+            got = victim.collect(0.5)
+            assert out["sent"] > 10, out
+            assert "spoofed" not in F.tags(got), "a spoofed frame reached the victim"
+            assert "own" in F.tags(got), "positive control: Bob's own frame, once guarded"
+            assert out["ifname"] not in fdb_ports_of(vnetd, "vnet2", victim.mac)
+        finally:
+            bob.kill()
+            bob.wait()

@@ -58,6 +58,7 @@ def test_a_stop_while_a_spare_is_made_waits_for_it_and_leaves_nothing(monkeypatc
         sp = Spares(fw, lambda coro: None, size=2, lock=asyncio.Lock())
         await sp.apply(_run())
         assert sp.take("sp1") is None  # the first attach: stocking starts
+        sp.restock("sp1")  # (the engine says so once the attach's port has its guard)
         await asyncio.sleep(0.05)
         assert len(fw.pending) == 1  # held as pending, its tap being made
         stop = asyncio.ensure_future(sp.remove("sp1"))
@@ -88,6 +89,7 @@ def test_names_taken_again_and_again_end_the_stocking_with_a_warning(monkeypatch
         sp = Spares(fw, lambda coro: None, size=2, lock=asyncio.Lock())
         await sp.apply(_run())
         sp.take("sp1")
+        sp.restock("sp1")
         await _settle()
         await _settle()
         assert len(tries) == spares_mod.NAME_TRIES  # then it stops trying
@@ -103,3 +105,34 @@ def _closed(fd: int) -> bool:
     except OSError:
         return True
     return False
+
+
+def test_an_attach_restocks_after_its_guard_or_at_the_latest_after_a_second(monkeypatch):
+    made = []
+
+    def make(self, run, ifname):
+        made.append(ifname)
+        r, w = os.pipe()
+        os.close(w)
+        return Spare(ifname, r, 99, None)
+
+    monkeypatch.setattr(Spares, "_make", make)
+    monkeypatch.setattr(spares_mod, "RESTOCK_LATEST", 0.3)
+
+    async def main():
+        sp = Spares(Firewall(), lambda coro: None, size=1, lock=asyncio.Lock())
+        await sp.apply(_run())
+        assert sp.take("sp1") is None
+        await asyncio.sleep(0.05)
+        assert made == []  # nothing is made before the attach's guard is in
+        sp.restock("sp1")
+        await _settle()
+        assert len(made) == 1 and sp.count("sp1") == 1
+        spare = sp.take("sp1")
+        assert spare is not None
+        os.close(spare.fd)
+        await asyncio.sleep(0.4)  # no restock() came (a guard that never ran): on time anyway
+        await _settle()
+        assert len(made) == 2 and sp.count("sp1") == 1
+        await sp.remove("sp1")
+    asyncio.run(main())

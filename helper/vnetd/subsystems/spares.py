@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vnetd.spares")
 
 DEFAULT = 2
+RESTOCK_LATEST = 1.0  # seconds: a network an attach took from is stocked again by then
 MOST = 16  # a network's spares at most (--spare-taps)
 
 
@@ -95,6 +96,7 @@ class Spares:
         self.spares: dict[str, list[Spare]] = {}
         self._runs: dict[str, Running] = {}  # the running networks that may have spares
         self._stocked: set[str] = set()  # those that keep them: a VM attached since start
+        self._restock: set[str] = set()  # those an attach took from, until restock()
         self.lock = lock or asyncio.Lock()  # the engine's
         self.setter = FastLinkSetter()  # its own socket: used in the filler's thread
         self._wanted: dict[str, None] = {}  # networks to stock, in turn
@@ -151,17 +153,30 @@ class Spares:
 
     # --- attaches ------------------------------------------------------------------------
     def take(self, network: str) -> Spare | None:
-        """A spare tap of the network (its fd is the caller's from now on), if one is ready;
-        the network is stocked again soon."""
+        """A spare tap of the network (its fd is the caller's from now on), if one is ready.
+        The network is stocked again at restock(), which the engine calls once the attach's
+        port has its guard (making a spare takes the engine's lock, and the guard comes
+        first); at the latest after RESTOCK_LATEST seconds."""
         stock = self.spares.get(network)
         if not stock:
             if network in self._runs:  # the first attach (or more than spares were ready)
                 self._stocked.add(network)
-                self._soon(network)
+                self._due(network)
             return None
         spare = stock.pop()
-        self._soon(network)
+        self._due(network)
         return spare
+
+    def _due(self, network: str) -> None:
+        if network not in self._restock:
+            self._restock.add(network)
+            asyncio.get_running_loop().call_later(RESTOCK_LATEST, self.restock, network)
+
+    def restock(self, network: str) -> None:
+        """Stock the network again, if an attach took from it (or found it empty)."""
+        if network in self._restock:
+            self._restock.discard(network)
+            self._soon(network)
 
     def discard(self, spare: Spare) -> None:
         """A spare taken for an attach that failed: it goes (its tap with its fd)."""
