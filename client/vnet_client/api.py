@@ -90,10 +90,7 @@ class Session:
         async with self.lock:
             self.serial += 1
             msg.serial = self.serial
-            try:  # a call is far smaller than a socket buffer: it goes at once, or not at all
-                self.sock.send(msg._marshall(True))
-            except OSError as e:
-                raise base.NotSent(str(e)) from None
+            await self._send_all(msg._marshall(True))
             data, fds = await self._read()
             try:
                 reply = Unmarshaller(stream=io.BytesIO(data)).unmarshall()  # type: ignore[arg-type]
@@ -105,6 +102,31 @@ class Session:
                 raise
             reply.unix_fds = fds
             return reply
+
+    async def _send_all(self, data: bytes | bytearray) -> None:
+        """The whole call; base.NotSent if not a byte of it went (vnetd had ended the
+        session: it never saw the call)."""
+        import asyncio
+
+        view, first = memoryview(data), True
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                loop = asyncio.get_running_loop()
+                ready = loop.create_future()
+                loop.add_writer(self.sock.fileno(), _wake, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(self.sock.fileno())
+                continue
+            except OSError as e:
+                if first:
+                    raise base.NotSent(str(e)) from None
+                raise
+            first = False
+            view = view[sent:]
 
     async def _read(self) -> tuple[bytes, list[int]]:
         """The answer (one call at a time: whatever comes is this call's answer, so reads
@@ -254,7 +276,7 @@ class Client:
             except base.NotSent:  # vnetd ended the session before: the bus, for any call
                 self.close_session()
                 msg.serial = 0
-            except (OSError, EOFError, ValueError):
+            except Exception:  # vnetd went away or ended the session, or a broken answer
                 self.close_session()  # vnetd went away, or ended the session
                 if member not in RESENDABLE:
                     raise VnetClientError(NO_REPLY, lost_reply(member)) from None

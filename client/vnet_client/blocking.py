@@ -183,6 +183,12 @@ class Session:
 
     def close(self) -> None:
         self.sock.close()
+        for fd in self.parser.fds:  # come, but not yet part of an answer
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.parser.fds.clear()
 
     def call(self, msg: Message, timeout: float) -> Message:
         import array
@@ -192,10 +198,14 @@ class Session:
 
         self.serial += 1
         self.sock.settimeout(timeout)
+        data = msg.serialise(serial=self.serial)
         try:
-            self.sock.sendall(msg.serialise(serial=self.serial))
+            sent = self.sock.send(data)  # the first part: if none of it went, nothing did
+        except TimeoutError:
+            raise
         except OSError as e:
             raise base.NotSent(str(e)) from None
+        self.sock.sendall(data[sent:])
         while True:
             reply = self.parser.get_next_message()
             if reply is not None:
@@ -307,7 +317,7 @@ class BlockingClient:
                 raise base.timed_out(member) from None
             except base.NotSent:  # vnetd ended the session before: the bus, for any call
                 self.close_session()
-            except (OSError, EOFError, ValueError):
+            except Exception:  # vnetd went away or ended the session, or a broken answer
                 self.close_session()  # vnetd went away, or ended the session
                 if member not in base.RESENDABLE:
                     raise VnetClientError(base.NO_REPLY, base.lost_reply(member)) from None

@@ -493,11 +493,22 @@ class Service:
                                "VNET_PID": caller.pid, "VNET_SENDER": caller.sender,
                                "VNET_NETWORK": details.get("network"), "VNET_RESULT": "ok"})
 
-        return Message(
-            message_type=MessageType.METHOD_RETURN, reply_serial=msg.serial,
-            destination=msg.sender or None, signature=spec.out_sig, body=result.body,
-            unix_fds=result.fds,
-        ), result.fds, (None if spec.action == api.INFO and result.after is None else after)
+        try:
+            reply = Message(
+                message_type=MessageType.METHOD_RETURN, reply_serial=msg.serial,
+                destination=msg.sender or None, signature=spec.out_sig, body=result.body,
+                unix_fds=result.fds,
+            )
+        except BaseException:  # the change was made: its fds go, its guard and line follow
+            for fd in result.fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            await finish(after)
+            raise
+        return reply, result.fds, (None if spec.action == api.INFO and result.after is None
+                                   else after)
 
     def _details(self, spec: api.Method, args: list[Any], target: str | None) -> dict[str, str]:
         """polkit details from the named arguments (what a rules file may test). Every method

@@ -375,13 +375,16 @@ class Engine:
         hold). It follows the answer that handed the port out: until it is in, the tap is
         pending (held on the bridge: nothing passes to or from it), as every tap vnetd makes
         is from before it exists, so a guest gets through nothing meanwhile. A port that went
-        meanwhile leaves only its pending hold to drop; a guard the kernel refuses cuts the
+        meanwhile leaves only its pending hold to drop (unless a new port has taken its name,
+        whose hold it then is); a guard the kernel refuses cuts the
         port (its tap is deleted, the holder's fd is dead) rather than let it pass unguarded
         or stay silently held."""
         try:
             async with self.lock:
-                if self.ports.by_name.get(port.ifname) is not port:
-                    await self.firewall.spares_gone([port.ifname])
+                now = self.ports.by_name.get(port.ifname)
+                if now is not port:
+                    if now is None:  # (a port that took the name since holds it: its own)
+                        await self.firewall.spares_gone([port.ifname])
                     return
                 try:
                     await self.firewall.port_attached(port)

@@ -17,7 +17,13 @@ What bounds a session (a local user must not stall or bloat vnetd through one):
   than frames.MAX_MESSAGE;
 - calls are served one at a time, in order, and nothing more is read while an answer waits
   to be written: what a session buffers is one message in and one answer out;
-- an answer the peer does not read within WRITE_TIMEOUT ends the session;
+- an answer the peer does not read within WRITE_TIMEOUT ends the session, and so does a call
+  begun and not finished within MESSAGE_TIMEOUT (what it holds meanwhile is one message);
+- the loop is given back after every call, so a session whose calls never wait (cached
+  refusals, bad arguments) does not keep it from everyone else;
+- the sender of every call is the opener, whatever the header the caller wrote says;
+- a session that ends while a call is being served (its opener left the bus) is shut down,
+  not cancelled: the call runs to its end, as on the bus;
 - a bus connection opens at most PER_CONNECTION sessions, a uid at most PER_UID (root is
   held only to TOTAL, the limit of all sessions together);
 - fds sent with a call are closed unread (no method takes any); OpenSession itself is a
@@ -47,6 +53,7 @@ PER_CONNECTION = 4  # sessions one bus connection may hold
 PER_UID = 16  # sessions one uid may hold, over all its connections
 TOTAL = 1024  # sessions in all (one fd each in vnetd)
 WRITE_TIMEOUT = 30.0  # seconds an answer may wait for its reader
+MESSAGE_TIMEOUT = 10.0  # seconds from a call's first byte to its last
 
 # (the call, the opener's bus name) -> (the answer, or None when none is expected; the fds it
 # carries, which the session closes once the answer is written; what is left to do then,
@@ -86,29 +93,47 @@ class Session:
                     log.info("session of %s (uid %d) ended: not a D-Bus message (%s)",
                              self.owner, self.uid, e)
                     return
-                if msg is None or msg.message_type != MessageType.METHOD_CALL:
-                    continue  # replies and signals mean nothing here
-                self.calls += 1
-                reply, out_fds, after = await self.serve(msg, self.owner)
-                try:
-                    if reply is not None:
-                        await self._write(reply._marshall(True), out_fds)
-                finally:
-                    _close_fds(out_fds)  # (none left, unless the write failed before)
-                    await self.finish(after)
+                if msg is not None and msg.message_type == MessageType.METHOD_CALL:
+                    await self._serve(msg)
+                # every other turn of the loop's too: a session whose calls never wait (bad
+                # arguments, cached refusals) must not keep the loop to itself
+                await asyncio.sleep(0)
         except BadFrame as e:
             log.info("session of %s (uid %d) ended: %s", self.owner, self.uid, e)
         except (OSError, TimeoutError) as e:
             log.debug("session of %s (uid %d) ended: %r", self.owner, self.uid, e)
+        except Exception:
+            log.exception("session of %s (uid %d) ended", self.owner, self.uid)
         finally:
             self._shut()
 
+    async def _serve(self, msg: Message) -> None:
+        self.calls += 1
+        # the caller wrote the header: whatever it says, the sender is the opener
+        msg.sender, msg.destination = self.owner, None
+        reply, out_fds, after = await self.serve(msg, self.owner)
+        # what the call left to do (an attached port's guard) starts now, beside the write:
+        # an answer its reader leaves unread must not hold the guard back
+        follow = asyncio.ensure_future(self.finish(after)) if after is not None else None
+        try:
+            if reply is not None:
+                await self._write(reply._marshall(True), out_fds)
+        finally:
+            _close_fds(out_fds)  # (none left, unless the write failed before)
+            if follow is not None:
+                await asyncio.shield(follow)
+
     def close(self) -> None:
-        """End the session: its task is cancelled, and closes the socket once the socket is
-        out of the loop's hands (never a number that may already be someone else's)."""
+        """End the session. A call being served is never cancelled halfway (its handler may
+        be in the middle of a change): the socket is shut down, so that the session ends
+        at its next read or write, and it is closed by its task once the loop no longer
+        watches it (never a number that may already be someone else's)."""
         task = self.task
         if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         else:
             self._shut()
 
@@ -139,13 +164,17 @@ class Session:
             else:
                 loop.remove_reader(fd)
 
-    async def _recv(self, n: int, fds: list[int]) -> bytes:
+    async def _recv(self, n: int, fds: list[int], deadline: float | None = None) -> bytes:
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 data, anc, _flags, _addr = self.sock.recvmsg(
                     n, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
-                await self._ready(write=False)
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    raise TimeoutError("a message was begun and not finished in time") from None
+                await self._ready(write=False, timeout=left)
                 continue
             for level, kind, raw in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -157,9 +186,12 @@ class Session:
         buf = bytearray()
         fds: list[int] = []
         need = HEADER
+        deadline = None  # from a message's first byte on, the rest within MESSAGE_TIMEOUT
         try:
             while len(buf) < need:
-                chunk = await self._recv(need - len(buf), fds)
+                chunk = await self._recv(need - len(buf), fds, deadline)
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + MESSAGE_TIMEOUT
                 if not chunk:
                     _close_fds(fds)
                     return None

@@ -402,3 +402,85 @@ def test_the_moment_between_a_sessions_answer_and_its_guard_lets_nothing_through
         finally:
             bob.kill()
             bob.wait()
+
+
+FORGED = RAW + """
+import struct, threading
+async def main():
+    out = {}
+    async with Client() as c:
+        s = await open_raw(c)
+        # a sender header of the caller's own making: a name that is not even valid
+        raw = bytes(Message(path="/org/qemuvnet/Vnet1", interface="org.qemuvnet.Vnet1.Manager",
+                            member="Attach", signature="ssa{sv}",
+                            body=["vnet2", "forged1", {}], serial=1, sender=":1.1")._marshall(True))
+        s.sendall(raw.replace(b":1.1", b"!!!!", 1))
+        r, fds = read(s)
+        out["forged_sender"] = name(r)
+        out["uid"] = r.body[0]["uid"].value if not r.error_name else None
+        for fd in fds:
+            os.close(fd)
+        # a call begun and never finished: the session ends (what it holds is bounded in time)
+        s = await open_raw(c)
+        whole = msg("GetMac", "ssu", ["vnet2", "web1", 0], 2)
+        s.sendall(whole[:20])
+        t = time.monotonic()
+        out["unfinished_ended"] = ended(s, timeout=20)
+        out["after_s"] = round(time.monotonic() - t)
+        # calls that never wait, as fast as one can write and read them: vnetd's loop is
+        # everyone's, so another caller on the bus is answered meanwhile
+        s = await open_raw(c)
+        bad = msg("GetMac", "s", ["vnet2"], 3)
+        stop = time.monotonic() + 3
+        def writer():
+            try:
+                while time.monotonic() < stop:
+                    s.sendall(bad * 64)
+            except OSError:
+                pass
+        def reader():
+            s.settimeout(1)
+            try:
+                while time.monotonic() < stop + 0.5:
+                    s.recv(1 << 16)
+            except OSError:
+                pass
+        threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+        for th in threads:
+            th.start()
+        print(json.dumps(out), flush=True)
+        for th in threads:
+            th.join()
+asyncio.run(main())
+"""
+
+TIMED_LIST = """
+import time
+async def main():
+    async with Client() as c:
+        worst = 0.0
+        for i in range(20):
+            t = time.perf_counter()
+            await c.list_networks()
+            worst = max(worst, time.perf_counter() - t)
+            await asyncio.sleep(0.05)
+        print(json.dumps({"worst_ms": worst * 1000}))
+asyncio.run(main())
+"""
+
+
+def test_a_sessions_caller_cannot_forge_its_sender_hold_a_call_open_or_keep_the_loop(vnetd):
+    p = spawn_as(ALICE, FORGED)
+    try:
+        out = json.loads(p.stdout.readline())
+        assert out["forged_sender"] == "ok", out  # answered as the opener, the header ignored
+        assert out["uid"] == int(run_as(ALICE, "print(os.getuid())").stdout), out
+        assert out["unfinished_ended"] is True and 5 <= out["after_s"] <= 15, out
+        r = run_as(BOB, TIMED_LIST, timeout=60)  # during the flood of calls that never wait
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["worst_ms"] < 500, r.stdout
+    finally:
+        p.kill()
+        p.wait()
+    assert vnetd.alive()
+    assert "Traceback" not in vnetd.log()

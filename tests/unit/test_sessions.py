@@ -91,6 +91,15 @@ def test_a_port_gone_before_its_guard_only_drops_its_pending_hold():
     assert e.restocked == ["vnet2"]
 
 
+def test_a_late_guard_leaves_the_pending_hold_of_a_new_port_of_the_same_name_alone():
+    """Its port went before the guard came (an answer its reader left unread), and the same
+    VM's new port took the name: that port's pending hold is its own, not to be dropped."""
+    newer = SimpleNamespace(**vars(PORT))
+    e = engine(FakePorts(newer), FakeFirewall())
+    asyncio.run(Engine.guard_port(e, PORT))
+    assert e.firewall.calls == []
+
+
 def test_a_guard_the_kernel_refuses_cuts_the_port():
     e = engine(FakePorts(PORT), FakeFirewall(refuse=True))
     asyncio.run(Engine.guard_port(e, PORT))
