@@ -103,23 +103,28 @@ class Session:
             reply.unix_fds = fds
             return reply
 
+    async def _ready(self, write: bool) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        fd = self.sock.fileno()
+        (loop.add_writer if write else loop.add_reader)(fd, _wake, ready)
+        try:
+            await ready
+        finally:
+            (loop.remove_writer if write else loop.remove_reader)(fd)
+
     async def _send_all(self, data: bytes | bytearray) -> None:
         """The whole call; base.NotSent if not a byte of it went (vnetd had ended the
         session: it never saw the call)."""
-        import asyncio
 
         view, first = memoryview(data), True
         while view:
             try:
                 sent = self.sock.send(view)
             except (BlockingIOError, InterruptedError):
-                loop = asyncio.get_running_loop()
-                ready = loop.create_future()
-                loop.add_writer(self.sock.fileno(), _wake, ready)
-                try:
-                    await ready
-                finally:
-                    loop.remove_writer(self.sock.fileno())
+                await self._ready(write=True)
                 continue
             except OSError as e:
                 if first:
@@ -150,7 +155,6 @@ class Session:
 
     async def _recv(self, n: int, fds: list[int]) -> bytes:
         import array
-        import asyncio
         import socket
 
         while True:
@@ -158,13 +162,7 @@ class Session:
                 data, anc, _flags, _addr = self.sock.recvmsg(
                     n, socket.CMSG_SPACE(frames.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
-                loop = asyncio.get_running_loop()
-                ready = loop.create_future()
-                loop.add_reader(self.sock.fileno(), _wake, ready)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(self.sock.fileno())
+                await self._ready(write=False)
                 continue
             for level, kind, raw in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
