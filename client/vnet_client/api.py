@@ -97,8 +97,7 @@ class Session:
                 if reply is None or reply.reply_serial != msg.serial:
                     raise EOFError("the session's answer does not answer the call")
             except BaseException:
-                for fd in fds:
-                    os.close(fd)
+                frames.close_fds(fds)
                 raise
             reply.unix_fds = fds
             return reply
@@ -148,8 +147,7 @@ class Session:
             if len(buf) > need:
                 raise EOFError("vnetd sent more than the answer")
         except BaseException:
-            for fd in fds:
-                os.close(fd)
+            frames.close_fds(fds)
             raise
         return bytes(buf), fds
 

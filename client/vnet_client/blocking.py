@@ -31,6 +31,7 @@ from jeepney import DBusAddress, MessageFlag, MessageType, new_method_call
 from jeepney.fds import FileDescriptor
 from jeepney.io.blocking import DBusConnection, open_dbus_connection
 from jeepney.low_level import HeaderFields, Message
+from vnet_common import frames
 from vnet_common.wire import BUS_NAME, MANAGER, MANAGER_PATH, signature
 
 from . import base
@@ -156,14 +157,14 @@ def _fd_ints(body: Any) -> Any:
     return body
 
 
-def _close_fds(body: Any) -> None:
+def _close_body_fds(body: Any) -> None:
     """Close the FileDescriptors a message we do not keep brought."""
     if isinstance(body, tuple | list):
         for x in body:
-            _close_fds(x)
+            _close_body_fds(x)
     elif isinstance(body, dict):
         for x in body.values():
-            _close_fds(x)
+            _close_body_fds(x)
     elif isinstance(body, FileDescriptor):
         body.close()
 
@@ -183,18 +184,12 @@ class Session:
 
     def close(self) -> None:
         self.sock.close()
-        for fd in self.parser.fds:  # come, but not yet part of an answer
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        frames.close_fds(self.parser.fds)  # come, but not yet part of an answer
         self.parser.fds.clear()
 
     def call(self, msg: Message, timeout: float) -> Message:
         import array
         import socket
-
-        from vnet_common import frames
 
         self.serial += 1
         self.sock.settimeout(timeout)
@@ -210,7 +205,7 @@ class Session:
             reply = self.parser.get_next_message()
             if reply is not None:
                 if reply.header.fields.get(HeaderFields.reply_serial) != self.serial:
-                    _close_fds(reply.body)
+                    _close_body_fds(reply.body)
                     raise EOFError("the session's answer does not answer the call")
                 return reply
             data, anc, _flags, _addr = self.sock.recvmsg(
@@ -219,8 +214,7 @@ class Session:
                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
                    for fd in array.array("i", raw[:len(raw) - len(raw) % 4])]
             if not data:
-                for fd in fds:
-                    os.close(fd)
+                frames.close_fds(fds)
                 raise EOFError("vnetd ended the session")
             self.parser.add_data(data, fds)
 
@@ -298,11 +292,11 @@ class BlockingClient:
         if (reply.header.message_type == MessageType.error
                 and base.send_again(_error_name(reply), member)):
             # vnetd may be restarting (systemd's Restart=, or D-Bus activation): once more
-            _close_fds(reply.body)
+            _close_body_fds(reply.body)
             time.sleep(base.RETRY_AFTER)
             reply = self._send(msg, member)
         if reply.header.message_type == MessageType.error:
-            _close_fds(reply.body)
+            _close_body_fds(reply.body)
             name = _error_name(reply)
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else name
             raise base.error_for(name, text, member)
@@ -456,7 +450,7 @@ class BlockingClient:
             if (msg.header.message_type != MessageType.signal
                     or fields.get(HeaderFields.interface) != MANAGER
                     or member not in base.EVENT_FIELDS):
-                _close_fds(msg.body)
+                _close_body_fds(msg.body)
                 continue
             ev = dict(zip(base.EVENT_FIELDS[member], msg.body, strict=False))
             if network is None or ev.get("network") == network:

@@ -10,12 +10,23 @@ Standard library only.
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Iterable
 
 HEADER = 16  # endianness, type, flags, version, body length, serial, fields length
 MAX_MESSAGE = 1 << 20  # bytes in one message on a session (the bus allows 128 MiB)
 MAX_FDS = 16  # fds taken from one read (Attach hands out at most 2 x 8 queues)
 PROTOCOL_VERSION = 1
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close fds a message brought or was to carry; one already closed is no error."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class BadFrame(ValueError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import pwd
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from vnet_common.frames import close_fds
 from vnet_common.names import key, validate_ifname, validate_network_name, validate_vm_name
 from vnet_common.toml import render_definition
 from vnet_common.wire import signature
@@ -243,11 +243,7 @@ class Service:
 
     def on_message(self, msg: Message) -> Message | bool | None:
         if msg.message_type in (MessageType.SIGNAL, MessageType.METHOD_CALL):
-            for fd in msg.unix_fds:  # nothing vnetd is sent takes fds: never keep them
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_fds(msg.unix_fds)  # nothing vnetd is sent takes fds: never keep them
         if msg.message_type == MessageType.SIGNAL:
             self._on_signal(msg)
             return True
@@ -379,11 +375,7 @@ class Service:
                 log.debug("%s from %s answered in %.2f ms", msg.member, msg.sender,
                           (time.perf_counter() - t0) * 1000)
         finally:
-            for fd in fds:  # only now, after the reply carrying them was written
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_fds(fds)  # only now, after the reply carrying them was written
 
     async def answer(self, msg: Message, sender: str
                      ) -> tuple[Message | None, list[int], After]:
@@ -403,11 +395,7 @@ class Service:
             reply = self._error(msg, Failed.dbus_name,
                                 "vnetd hit an internal error; the details are in its log.")
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
-            for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_fds(fds)
             return None, [], after
         return reply, fds, after
 
@@ -500,11 +488,7 @@ class Service:
                 unix_fds=result.fds,
             )
         except BaseException:  # the change was made: its fds go, its guard and line follow
-            for fd in result.fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_fds(result.fds)
             await finish(after)
             raise
         return reply, result.fds, (None if spec.action == api.INFO and result.after is None

@@ -36,14 +36,13 @@ import array
 import asyncio
 import io
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dbus_fast import Message, MessageType
 from dbus_fast._private.unmarshaller import Unmarshaller
-from vnet_common.frames import HEADER, MAX_FDS, BadFrame, message_length
+from vnet_common.frames import HEADER, MAX_FDS, BadFrame, close_fds, message_length
 
 from .errors import QuotaExceeded
 
@@ -62,14 +61,6 @@ Serve = Callable[[Message, str], Awaitable[tuple[Message | None, list[int], Any]
 Finish = Callable[[Any], Awaitable[None]]
 
 
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 class Session:
     def __init__(self, owner: str, uid: int, sock: socket.socket, serve: Serve,
                  finish: Finish):
@@ -86,7 +77,7 @@ class Session:
                 if got is None:
                     return
                 data, fds = got
-                _close_fds(fds)  # no method takes fds
+                close_fds(fds)  # no method takes fds
                 try:
                     msg = Unmarshaller(stream=io.BytesIO(data)).unmarshall()  # type: ignore[arg-type]
                 except Exception as e:  # whatever the bytes were, they were not D-Bus
@@ -119,9 +110,9 @@ class Session:
             if reply is not None:
                 await self._write(reply._marshall(True), out_fds)
         finally:
-            _close_fds(out_fds)  # (none left, unless the write failed before)
+            close_fds(out_fds)  # (none left, unless the write failed before)
             if follow is not None:
-                await asyncio.shield(follow)
+                await follow  # (finish shields what it runs: a cancel here leaves it be)
 
     def close(self) -> None:
         """End the session. A call being served is never cancelled halfway (its handler may
@@ -193,13 +184,13 @@ class Session:
                 if deadline is None:
                     deadline = asyncio.get_running_loop().time() + MESSAGE_TIMEOUT
                 if not chunk:
-                    _close_fds(fds)
+                    close_fds(fds)
                     return None
                 buf += chunk
                 if need == HEADER and len(buf) == HEADER:
                     need = message_length(buf)
         except BaseException:
-            _close_fds(fds)
+            close_fds(fds)
             raise
         return bytes(buf), fds
 
@@ -218,7 +209,7 @@ class Session:
                     sent = self.sock.sendmsg(
                         [view[:1]],
                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-                    _close_fds(fds)
+                    close_fds(fds)
                     fds.clear()
                 else:
                     sent = self.sock.send(view)
