@@ -265,7 +265,8 @@ class Client:
 
         if self.session is not None and member != "OpenSession":
             try:
-                return await asyncio.wait_for(self.session.call(msg), CALL_TIMEOUT)
+                async with asyncio.timeout(CALL_TIMEOUT):  # (inline: no task per call)
+                    return await self.session.call(msg)
             except TimeoutError:
                 self.close_session()
                 raise base.timed_out(member) from None
@@ -278,7 +279,8 @@ class Client:
                     raise VnetClientError(NO_REPLY, lost_reply(member)) from None
                 msg.serial = 0  # once more, on the bus
         try:
-            return await asyncio.wait_for(self._bus.call(msg), CALL_TIMEOUT)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                return await self._bus.call(msg)
         except TimeoutError:
             raise base.timed_out(member) from None
         except (OSError, EOFError) as e:

@@ -521,15 +521,20 @@ class Ports:
         return p
 
     # --- identity -----------------------------------------------------------------------
-    def check_mac(self, net: model.Network, vm: str, mac: str) -> None:
+    def check_mac(self, net: model.Network, vm: str, mac: str, uid: int) -> None:
         """A MAC a VM may use on a network: not the gateway's, not another VM's (the
-        registry, a static host, an attached port)."""
+        registry, a static host, an attached port). The refusal names the VM that has it
+        only to that VM's owner (or root, or for an administrator's static host): another
+        user's VM names are theirs, as their ports are."""
         if mac == net.mac:
             raise NotOwner(f"{mac} is the MAC of the gateway of {net.name}; a VM cannot use "
                            "it.")
         owner = self.identity_owner(net.name, mac)
         if owner is not None and owner != vm:
-            raise NotOwner(f"The MAC {mac} belongs to VM '{owner}' on {net.name}; use the "
+            whose = self.macs.owner_uid(net.name, owner)
+            named = f"VM '{owner}'" if uid == 0 or whose in (None, uid) else \
+                "another user's VM"
+            raise NotOwner(f"The MAC {mac} belongs to {named} on {net.name}; use the "
                            f"VM's own MAC (vnet-client mac {net.name} {vm}).")
 
     # --- attach / detach ----------------------------------------------------------------
@@ -563,7 +568,7 @@ class Ports:
         if mac is None and host is not None:
             mac = host.mac  # the static host says which MAC this VM has on this network
         if mac is not None:
-            self.check_mac(net, vm, mac)
+            self.check_mac(net, vm, mac, uid)
         self.macs.claim(net.name, vm, uid)
         registry_mac = mac is None
         if mac is None:

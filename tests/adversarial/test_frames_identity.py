@@ -87,7 +87,12 @@ def test_another_vms_mac_is_not_owner(vnetd, agents):
                    ("mine3", {"mac": own_other.mac}))
     assert [g["answer"] for g in got] == [NOT_OWNER] * 3, got
     msg = refused_via_cli("--vm=mine4", f"--mac={victim.mac}")
-    assert "Traceback" not in msg
+    # the refusal does not tell Bob the name of Alice's VM (her ports are hidden from him)
+    assert "victim2" not in msg and "another user's VM" in msg, msg
+    # Alice, whose VM it is, is told which one
+    r = run_client("attach", f"--br={NET}", "--vm=alices-third", f"--mac={victim.mac}", "--",
+                   "true", user=ALICE)
+    assert r.returncode != 0 and "VM 'victim2'" in r.stderr, r.stderr
     # the bridge's MAC (the gateway's) is nobody's to take
     r = agents(BOB, NET, "mine5", mac=brmac)
     assert r.error is not None, "a port was handed out with the gateway's MAC"
