@@ -277,13 +277,13 @@ class Ports:
     def _record(self, ifname: str):
         return self.store.runtime_dir / self.DIR / f"{ifname}.json"
 
-    def _write(self, port: Port) -> None:
+    def _write(self, port: Port, new: bool = False) -> None:
         d = port.to_dict()
         if port.registry_mac:
             d["registry-mac"] = True
         if port.parked:
             d["parked"] = True
-        self.store.write_runtime_file(self._record(port.ifname), json.dumps(d).encode())
+        self.store.write_runtime_file(self._record(port.ifname), json.dumps(d).encode(), new)
 
     def _forget(self, ifname: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -629,7 +629,7 @@ class Ports:
         self._add(port)
         if holder:
             self._watch(holder)
-        self._write(port)
+        self._write(port, new=True)  # (a record a crash left under its name is replaced)
         info.update(port.to_dict())
         info["mtu"] = net.mtu
         return port, fds, vhostfds, info

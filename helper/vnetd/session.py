@@ -53,6 +53,7 @@ PER_UID = 16  # sessions one uid may hold, over all its connections
 TOTAL = 1024  # sessions in all (one fd each in vnetd)
 WRITE_TIMEOUT = 30.0  # seconds an answer may wait for its reader
 MESSAGE_TIMEOUT = 10.0  # seconds from a call's first byte to its last
+READ_CHUNK = 1 << 16  # bytes a read takes at most beyond what the message still needs
 
 # (the call, the opener's bus name) -> (the answer, or None when none is expected; the fds it
 # carries, which the session closes once the answer is written; what is left to do then,
@@ -69,6 +70,7 @@ class Session:
         self.task: asyncio.Task | None = None
         self.closed = False
         self.calls = 0
+        self.pending = bytearray()  # bytes read past the last message
 
     async def run(self) -> None:
         try:
@@ -173,26 +175,33 @@ class Session:
             return data
 
     async def _read(self) -> tuple[bytes, list[int]] | None:
-        """One whole message and the fds that came with it; None at the end of the stream."""
-        buf = bytearray()
+        """One whole message and the fds that came with it; None at the end of the stream.
+        A read takes what is there (up to READ_CHUNK), so a call usually comes in one system
+        call; bytes of a next message stay in `pending` for the next read."""
+        buf, self.pending = self.pending, bytearray()
         fds: list[int] = []
         need = HEADER
-        deadline = None  # from a message's first byte on, the rest within MESSAGE_TIMEOUT
+        loop = asyncio.get_running_loop()
+        # from a message's first byte on, the rest within MESSAGE_TIMEOUT
+        deadline = loop.time() + MESSAGE_TIMEOUT if buf else None
         try:
-            while len(buf) < need:
-                chunk = await self._recv(need - len(buf), fds, deadline)
-                if deadline is None:
-                    deadline = asyncio.get_running_loop().time() + MESSAGE_TIMEOUT
+            while True:
+                if need == HEADER and len(buf) >= HEADER:
+                    need = message_length(buf[:HEADER])
+                if len(buf) >= need:
+                    break
+                chunk = await self._recv(max(need - len(buf), READ_CHUNK), fds, deadline)
                 if not chunk:
                     close_fds(fds)
                     return None
+                if deadline is None:
+                    deadline = loop.time() + MESSAGE_TIMEOUT
                 buf += chunk
-                if need == HEADER and len(buf) == HEADER:
-                    need = message_length(buf)
         except BaseException:
             close_fds(fds)
             raise
-        return bytes(buf), fds
+        self.pending = buf[need:]
+        return bytes(buf[:need]), fds
 
     async def _write(self, data: bytes | bytearray, fds: list[int]) -> None:
         """Write an answer; its fds go with the first byte, and vnetd's copies are closed

@@ -48,3 +48,22 @@ def test_port_names_depend_on_a_secret_no_other_user_knows():
     assert names_a == [port_name("vnet2", "web1", 0, i, a) for i in range(16)]
     assert names_a != [port_name("vnet2", "web1", 0, i, b) for i in range(16)]
     assert all(n.startswith("vnet2-") and len(n) <= 15 for n in names_a)
+
+
+def test_a_record_left_empty_by_a_crash_is_ignored_and_the_rest_read(tmp_path):
+    """A new port's record is made in place: a crash between its creation and its write
+    leaves it empty (its tap never left vnetd, and died with it). Loading the records
+    ignores that one and reads the others; the next port of that name replaces it."""
+    from vnetd.store import Store
+
+    store = SimpleNamespace(runtime_dir=tmp_path, write_runtime_file=Store.write_runtime_file)
+    ports = Ports(links=None, macs=None, store=store)
+    (tmp_path / Ports.DIR).mkdir()
+    good = port("n1-a", "n1", 1000, 11, vm="web")
+    ports._write(good, new=True)
+    ports._record("n1-b").write_bytes(b"")
+    assert set(ports.load_records()) == {"n1-a"}
+    again = port("n1-b", "n1", 1001, 12, vm="db")
+    ports._write(again, new=True)
+    assert set(ports.load_records()) == {"n1-a", "n1-b"}
+    assert ports.load_records()["n1-b"].vm == "db"

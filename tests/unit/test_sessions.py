@@ -136,3 +136,38 @@ def test_a_failure_after_an_answer_is_logged_not_raised(caplog):
 
     asyncio.run(bus.finish(after))
     assert "after answering a call" in caplog.text and "boom" in caplog.text
+
+
+def test_calls_written_back_to_back_are_each_answered_once_in_order():
+    """A read takes what is there: a second call that came in the same read as the first
+    waits in the session's buffer and is answered next, as is one split across reads."""
+    import socket
+
+    from vnetd.session import Session
+
+    served: list[int] = []
+
+    async def serve(msg, sender):
+        served.append(msg.serial)
+        return Message.new_method_return(msg, "s", [sender]), [], None
+
+    async def finish(after):
+        pass
+
+    async def run():
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        s = Session(":1.7", 1000, ours, serve, finish)
+        task = asyncio.ensure_future(s.run())
+        calls = [Message(destination="org.qemuvnet.Vnet1", path="/p", interface="i.f", member="M",
+                         serial=n)
+                 ._marshall(False) for n in (1, 2, 3)]
+        theirs.sendall(calls[0] + calls[1] + calls[2][:20])
+        await asyncio.sleep(0.05)
+        theirs.sendall(calls[2][20:])
+        await asyncio.sleep(0.05)
+        theirs.close()
+        await asyncio.wait_for(task, 2)
+
+    asyncio.run(run())
+    assert served == [1, 2, 3]

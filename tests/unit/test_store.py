@@ -106,6 +106,23 @@ def test_runtime_files_are_roots_alone_whatever_the_umask(tmp_path):
         os.umask(old)
 
 
+def test_a_new_runtime_file_is_made_in_place_and_an_old_one_replaced(tmp_path):
+    """A new port's record is made in place (O_EXCL, no rename), still root's alone; one a
+    crash left under the same name is replaced atomically, whatever its mode."""
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "vnet2-p1.json"
+        Store.write_runtime_file(path, b'{"vm": "a"}', new=True)
+        assert mode_of(path) == 0o600 and path.read_bytes() == b'{"vm": "a"}'
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["vnet2-p1.json"]
+        path.chmod(0o644)
+        Store.write_runtime_file(path, b'{"vm": "b"}', new=True)
+        assert mode_of(path) == 0o600 and path.read_bytes() == b'{"vm": "b"}'
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["vnet2-p1.json"]
+    finally:
+        os.umask(old)
+
+
 def test_the_registrys_last_copy_is_roots_alone(st):
     st.save_json("macs.json", {"vnet2": {"web1/0": "52:54:00:00:00:01"}})
     st.save_json("macs.json", {})
