@@ -14,7 +14,6 @@ import builtins
 import functools
 import logging
 import pwd
-import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -32,6 +31,7 @@ from .errors import (
 )
 from .forwards import Forwards
 from .hosts import Hosts
+from .kernel import links as links_mod
 from .kernel.links import Link, Links
 from .macs import MacRegistry
 from .model import Network
@@ -341,7 +341,7 @@ class Engine:
             raise NotRunning(f"The network '{net.name}' is not running: start it first "
                              f"(vnet-client start {net.name}).")
         try:
-            return socket.if_nametoindex(net.bridge)
+            return links_mod.ifindex(net.bridge)
         except OSError:
             raise NotRunning(f"The bridge of '{net.name}' is gone; restart the network.") from None
 

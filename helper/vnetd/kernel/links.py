@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import ipaddress
 import logging
 import os
@@ -22,6 +23,23 @@ from ..errors import Failed
 from ..model import ALIAS_PREFIX
 
 log = logging.getLogger("vnetd.links")
+
+SIOCGIFINDEX = 0x8933
+_ioctl_sock: socket.socket | None = None
+
+
+def ifindex(name: str) -> int:
+    """socket.if_nametoindex in one system call: the ioctl on a socket kept for it (the
+    attach path asks for its bridge's index each time). OSError if there is no such
+    link."""
+    global _ioctl_sock
+    raw = name.encode()
+    if not raw or len(raw) > 15 or b"\0" in raw:  # (never a prefix of a longer name)
+        raise OSError(errno.ENODEV, f"no link named {name!r}")
+    if _ioctl_sock is None:
+        _ioctl_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    req = struct.pack("16si", raw, 0)
+    return struct.unpack_from("16si", fcntl.ioctl(_ioctl_sock.fileno(), SIOCGIFINDEX, req))[1]
 
 
 @dataclass(frozen=True)
