@@ -45,12 +45,16 @@ class RoutedDriver:
             # to reach, no routes announced to every rtnetlink listener when it comes up);
             # the guests' own IPv6 is bridged all the same
             ctx.links.sysctl_ipv6(net.bridge, disable_ipv6=1)
-        for iface in _gateways(net):
-            await ctx.links.add_address(br.index, iface)
         await ctx.make_taps(net, br.index, rb)
         if dev is not None:  # the overlay's underlay
             await vxlan.start(ctx, net, br.index, dev, rb)
         await ctx.links.up(br.index)
+        # the addresses last, on the bridge that is up: the kernel then announces each
+        # address with its routes in one go, and every rtnetlink listener on the host
+        # (each network's DHCP server listens for address and route changes) wakes once
+        # per network started, not once for the address and again for its routes
+        for iface in _gateways(net):
+            await ctx.links.add_address(br.index, iface)
         return Running(net, br.index, dev.ifname if dev is not None else None)
 
     async def adopt(self, ctx: Context, net: Network, bridge: Link) -> Running:
