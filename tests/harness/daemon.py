@@ -205,15 +205,21 @@ class Daemon:
             return ""
 
     def children(self) -> list[int]:
-        """Processes (DHCP servers...) started for this daemon: they outlive vnetd by design."""
+        """Processes (DHCP servers...) started for this daemon: they outlive vnetd by design.
+        Their command lines name its directory, or its runtime directory when that is on a
+        tmpfs of its own (the benchmarks': missed, their servers outlived every run)."""
+        mine = [str(self.dir).encode()]
+        if self._tmpfs_dir is not None:
+            mine.append(str(self._tmpfs_dir).encode())
         out = []
         for p in os.listdir("/proc"):
             if not p.isdigit():
                 continue
             try:
                 with open(f"/proc/{p}/cmdline", "rb") as f:
-                    if str(self.dir).encode() in f.read():
-                        out.append(int(p))
+                    cmdline = f.read()
+                if any(m in cmdline for m in mine):
+                    out.append(int(p))
             except OSError:
                 pass
         return out
