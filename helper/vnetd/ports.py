@@ -295,7 +295,11 @@ class Ports:
         folder.mkdir(parents=True, exist_ok=True)
         for path in folder.glob("*.json"):
             try:
-                d = json.loads(path.read_text())
+                raw = path.read_bytes()
+                if not raw:  # made in place by an attach that was killed before writing
+                    path.unlink(missing_ok=True)  # it: its tap never left vnetd, and died
+                    continue
+                d = json.loads(raw)
             except (OSError, ValueError):
                 log.error("ignoring an unreadable port record %s", path)
                 continue

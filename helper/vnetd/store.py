@@ -331,9 +331,9 @@ class Store:
         system calls and no file object: a port's record is on the attach path.)
 
         `new`: the file should not exist yet (a new port's record), so it is made in place,
-        in three system calls rather than five; a reader after a crash between its creation
-        and its write finds it empty, and an empty record is ignored. If it does exist (left
-        by a crash), it is replaced atomically as any other."""
+        in three system calls rather than five. A crash between its creation and its write
+        leaves it empty, and the ports' adoption removes an empty record. If it does exist
+        (left by a crash), it is replaced atomically as any other."""
         if new:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW

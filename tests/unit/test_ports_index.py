@@ -53,7 +53,7 @@ def test_port_names_depend_on_a_secret_no_other_user_knows():
 def test_a_record_left_empty_by_a_crash_is_ignored_and_the_rest_read(tmp_path):
     """A new port's record is made in place: a crash between its creation and its write
     leaves it empty (its tap never left vnetd, and died with it). Loading the records
-    ignores that one and reads the others; the next port of that name replaces it."""
+    removes that one and reads the others."""
     from vnetd.store import Store
 
     store = SimpleNamespace(runtime_dir=tmp_path, write_runtime_file=Store.write_runtime_file)
@@ -63,6 +63,7 @@ def test_a_record_left_empty_by_a_crash_is_ignored_and_the_rest_read(tmp_path):
     ports._write(good, new=True)
     ports._record("n1-b").write_bytes(b"")
     assert set(ports.load_records()) == {"n1-a"}
+    assert not ports._record("n1-b").exists()  # (no record left without its port)
     again = port("n1-b", "n1", 1001, 12, vm="db")
     ports._write(again, new=True)
     assert set(ports.load_records()) == {"n1-a", "n1-b"}
