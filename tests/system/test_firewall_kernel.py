@@ -196,6 +196,8 @@ TOOL = textwrap.dedent(r'''
             except OSError:
                 s.close()
         print(len(held), flush=True)
+        if sys.argv[6:] == ["keep"]:  # and hold them until stdin ends
+            sys.stdin.read()
     elif cmd == "sniff":  # IFACE: report the FWT:<tag>; markers of frames seen until stdin EOF
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
         s.bind((sys.argv[2], 0))
@@ -669,6 +671,7 @@ def test_a_guest_holds_a_bounded_number_of_connections(lab, world, monkeypatch):
     its new connections are dropped and counted, and another guest's are not."""
     h = world["h"]
     monkeypatch.setattr(fw, "CT_PER_GUEST", 12)
+    monkeypatch.setattr(fw, "DNS_TCP_PER_GUEST", 100)  # (the next test's limit)
     lab.apply(h, fw.render_ruleset(NETS, FWDS, PORTS))
     try:
         r = lab.run_tool(world["g2a"], "hold-tcp", "10.77.0.2", "9000", "20", "0.5", timeout=60)
@@ -681,6 +684,27 @@ def test_a_guest_holds_a_bounded_number_of_connections(lab, world, monkeypatch):
     finally:
         monkeypatch.undo()
         lab.apply(h, fw.render_ruleset(NETS, FWDS, PORTS))
+
+
+def test_a_guest_holds_a_bounded_number_of_dns_connections_over_tcp(lab, world):
+    """dnsmasq serves at most 20 DNS connections over TCP at once and keeps an idle one for
+    up to 150 s: one guest holding 20 stalled TCP DNS for every other guest of its network.
+    A guest address holds at most DNS_TCP_PER_GUEST (per family); its next one is reset at
+    once (not left to time out), and another guest of the same network still connects."""
+    gw = next(n for n in NETS if n.name == "vnet2")
+    for host in (str(gw.gateway), str(gw.gateway6)):
+        holder = lab.tool(world["g2a"], "hold-tcp", host, "53", "10", "0.5", "keep",
+                          wait_ready=False)
+        try:
+            assert readline(holder, 30) == str(fw.DNS_TCP_PER_GUEST), host
+            r = lab.run_tool(world["g2a"], "tcp", host, "53", "1.5")
+            assert r.returncode != 0 and "refused" in r.stdout, (host, r.stdout)
+            assert talk(lab, world["g2b"], "tcp", host, 53) is not None, host
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=10)
+        # once it lets them go, the guest connects again
+        assert talk(lab, world["g2a"], "tcp", host, 53) is not None, host
 
 
 def test_a_guest_cannot_make_the_host_look_for_addresses_nobody_holds(lab, world):

@@ -1095,6 +1095,31 @@ def test_a_guest_address_holds_at_most_ct_per_guest_connections():
             assert r["expr"][-1] == {"drop": None}
 
 
+def test_a_guest_address_holds_at_most_dns_tcp_per_guest_dns_connections_over_tcp():
+    """dnsmasq serves at most 20 DNS connections over TCP at once: in from_bridge, right
+    after the connection limit, a guest address's new one to port 53 beyond
+    DNS_TCP_PER_GUEST is reset and counted (a meter per family, as for connections)."""
+    doc = fw.render_ruleset(NETS)
+    rules = [r for r in objects(doc, "rule")
+             if r["family"] == "inet" and r["chain"] == "from_bridge"]
+    first = next(i for i, r in enumerate(rules)
+                 if r.get("comment") == "more DNS connections over TCP than a guest may hold")
+    assert rules[first - 1].get("comment") == "more connections than a guest may hold"
+    for r, (fam, proto) in zip(rules[first:first + 2], ((4, "ip"), (6, "ip6")), strict=True):
+        assert r["expr"][0]["match"]["right"] == "new"
+        assert r["expr"][1] == {"match": {"op": "==", "right": 53, "left": {
+            "payload": {"protocol": "tcp", "field": "dport"}}}}
+        assert r["expr"][2]["match"]["op"] == "!="  # not 0.0.0.0 / ::
+        meter = r["expr"][3]["meter"]
+        assert meter["name"] == f"dns{fam}_from_bridge" and meter["size"] == fw.CT_GUESTS
+        assert meter["key"] == {"payload": {"protocol": proto, "field": "saddr"}}
+        assert meter["stmt"] == {"ct count": {"val": fw.DNS_TCP_PER_GUEST, "inv": True}}
+        assert r["expr"][-1] == {"reject": {"type": "tcp reset"}}
+    # before anything that accepts DNS
+    dns = next(i for i, r in enumerate(rules) if r.get("comment") == "DNS")
+    assert first + 1 < dns
+
+
 def test_traffic_routed_back_into_its_own_network_is_dropped():
     """A guest's subnet is on its link: sent to the gateway's MAC for an address of its own
     network, a frame only makes the host look for addresses nobody holds (a neighbour entry

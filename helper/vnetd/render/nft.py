@@ -21,6 +21,10 @@ from_bridge    (regular)                               established/related; a ne
                                                        beyond ``CT_PER_GUEST`` of its source
                                                        address (meters ``ct4_from_bridge``,
                                                        ``ct6_from_bridge``): drop;
+                                                       a DNS connection over TCP beyond
+                                                       ``DNS_TCP_PER_GUEST`` of its source
+                                                       address (``dns4_from_bridge``,
+                                                       ``dns6_from_bridge``): reset;
                                                        DHCP (udp 67, 547),
                                                        DNS (udp/tcp 53) and ping to the bridge's
                                                        own gateway (``@gw4``/``@gw6``), ICMPv6
@@ -932,6 +936,10 @@ def _dnat_rule(chain: str, fam: int, shape: str) -> dict:
 CT_PER_GUEST = 4096
 CT_GUESTS = 65536
 NEW = _match({"ct": {"key": "state"}}, "new", "in")
+# DNS over TCP to a gateway, per guest address: dnsmasq serves at most 20 TCP connections at
+# once and keeps an idle one up to 150 s, so one guest holding 20 stalled TCP DNS for every
+# other guest of the host's networks' servers; past this many, a guest's new one is reset
+DNS_TCP_PER_GUEST = 4
 
 
 def _ct_limit(f: str, chain: str) -> list[dict]:
@@ -946,6 +954,20 @@ def _ct_limit(f: str, chain: str) -> list[dict]:
                              "size": CT_GUESTS,
                              "stmt": {"ct count": {"val": CT_PER_GUEST, "inv": True}}}},
                   _counter(), DROP, comment="more connections than a guest may hold")
+            for fam, proto, unspec in ((4, "ip", "0.0.0.0"), (6, "ip6", "::"))]
+
+
+def _dns_tcp_limit(f: str, chain: str) -> list[dict]:
+    """A meter per family (``dns4_<chain>``, ``dns6_<chain>``) that counts a guest address's
+    DNS connections over TCP to the host; past DNS_TCP_PER_GUEST, a new one is reset (at
+    once, so its resolver tries UDP or another server rather than wait)."""
+    return [_rule(f, chain, NEW, _match(_pl("tcp", "dport"), 53),
+                  _match(_pl(proto, "saddr"), unspec, "!="),
+                  {"meter": {"name": f"dns{fam}_{chain}", "key": _pl(proto, "saddr"),
+                             "size": CT_GUESTS,
+                             "stmt": {"ct count": {"val": DNS_TCP_PER_GUEST, "inv": True}}}},
+                  _counter(), {"reject": {"type": "tcp reset"}},
+                  comment="more DNS connections over TCP than a guest may hold")
             for fam, proto, unspec in ((4, "ip", "0.0.0.0"), (6, "ip6", "::"))]
 
 
@@ -976,6 +998,7 @@ def _inet_chains_and_rules() -> list[dict]:
     c += [
         _rule(f, "from_bridge", est, ACCEPT),
         *_ct_limit(f, "from_bridge"),
+        *_dns_tcp_limit(f, "from_bridge"),
         _rule(f, "from_bridge", _match(_pl("udp", "dport"), {"set": [67, 547]}), ACCEPT,
               comment="DHCP, DHCPv6"),
         _rule(f, "from_bridge", _match(_cat(IIF, _pl("ip", "daddr")), "@gw4"), TCP_UDP,
