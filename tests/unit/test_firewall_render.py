@@ -1110,7 +1110,8 @@ def test_a_guest_address_holds_at_most_dns_tcp_per_guest_dns_connections_over_tc
         assert r["expr"][1] == {"match": {"op": "==", "right": 53, "left": {
             "payload": {"protocol": "tcp", "field": "dport"}}}}
         assert r["expr"][2]["match"]["op"] == "!="  # not 0.0.0.0 / ::
-        meter = r["expr"][3]["meter"]
+        assert r["expr"][3]["match"]["right"] == f"@gw{fam}"  # its gateway's DNS only
+        meter = r["expr"][4]["meter"]
         assert meter["name"] == f"dns{fam}_from_bridge" and meter["size"] == fw.CT_GUESTS
         assert meter["key"] == {"payload": {"protocol": proto, "field": "saddr"}}
         assert meter["stmt"] == {"ct count": {"val": fw.DNS_TCP_PER_GUEST, "inv": True}}

@@ -21,9 +21,10 @@ from_bridge    (regular)                               established/related; a ne
                                                        beyond ``CT_PER_GUEST`` of its source
                                                        address (meters ``ct4_from_bridge``,
                                                        ``ct6_from_bridge``): drop;
-                                                       a DNS connection over TCP beyond
-                                                       ``DNS_TCP_PER_GUEST`` of its source
-                                                       address (``dns4_from_bridge``,
+                                                       a DNS connection over TCP to the
+                                                       gateway beyond ``DNS_TCP_PER_GUEST``
+                                                       of its source address
+                                                       (``dns4_from_bridge``,
                                                        ``dns6_from_bridge``): reset;
                                                        DHCP (udp 67, 547),
                                                        DNS (udp/tcp 53) and ping to the bridge's
@@ -959,10 +960,12 @@ def _ct_limit(f: str, chain: str) -> list[dict]:
 
 def _dns_tcp_limit(f: str, chain: str) -> list[dict]:
     """A meter per family (``dns4_<chain>``, ``dns6_<chain>``) that counts a guest address's
-    DNS connections over TCP to the host; past DNS_TCP_PER_GUEST, a new one is reset (at
-    once, so its resolver tries UDP or another server rather than wait)."""
+    DNS connections over TCP to its gateway (``@gw4``/``@gw6``: our dnsmasq, never a server
+    of the host's own that a bridged network's LAN may use); past DNS_TCP_PER_GUEST, a new
+    one is reset (at once, so its resolver tries UDP or another server rather than wait)."""
     return [_rule(f, chain, NEW, _match(_pl("tcp", "dport"), 53),
                   _match(_pl(proto, "saddr"), unspec, "!="),
+                  _match(_cat(IIF, _pl(proto, "daddr")), f"@gw{fam}"),
                   {"meter": {"name": f"dns{fam}_{chain}", "key": _pl(proto, "saddr"),
                              "size": CT_GUESTS,
                              "stmt": {"ct count": {"val": DNS_TCP_PER_GUEST, "inv": True}}}},
