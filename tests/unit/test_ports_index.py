@@ -50,7 +50,7 @@ def test_port_names_depend_on_a_secret_no_other_user_knows():
     assert all(n.startswith("vnet2-") and len(n) <= 15 for n in names_a)
 
 
-def test_a_record_left_empty_by_a_crash_is_ignored_and_the_rest_read(tmp_path):
+def test_a_record_left_empty_by_a_crash_is_removed_and_the_rest_read(tmp_path):
     """A new port's record is made in place: a crash between its creation and its write
     leaves it empty (its tap never left vnetd, and died with it). Loading the records
     removes that one and reads the others."""

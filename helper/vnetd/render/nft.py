@@ -160,7 +160,7 @@ import copy
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -943,35 +943,40 @@ NEW = _match({"ct": {"key": "state"}}, "new", "in")
 DNS_TCP_PER_GUEST = 4
 
 
-def _ct_limit(f: str, chain: str) -> list[dict]:
-    """A meter per chain and family (``ct4_<chain>``: a dynamic set that the rule itself
-    declares, with a connection count per guest address, which the kernel drops with the
-    address's last connection; libnftables 1.0.6 cannot declare a dynamic set in JSON). A
-    DHCP client without an address is no guest's address: 0.0.0.0 and :: are not counted,
-    and the guard's DHCP limit bounds them."""
-    return [_rule(f, chain, _match(IIF, "@bridges"), NEW,
-                  _match(_pl(proto, "saddr"), unspec, "!="),
-                  {"meter": {"name": f"ct{fam}_{chain}", "key": _pl(proto, "saddr"),
+def _per_guest(f: str, chain: str, name: str, limit: int,
+               matches: Callable[[int, str, str], list[dict]], verdict: dict,
+               comment: str) -> list[dict]:
+    """A rule per family whose meter (``<name>4_<chain>``, ``<name>6_<chain>``: a dynamic
+    set that the rule itself declares, libnftables 1.0.6 cannot declare one in JSON) counts
+    the connections of each guest source address that `matches` selects (given the family,
+    its payload protocol and its unspecified address), which the kernel drops with the
+    address's last connection; past `limit`, `verdict`."""
+    return [_rule(f, chain, *matches(fam, proto, unspec),
+                  {"meter": {"name": f"{name}{fam}_{chain}", "key": _pl(proto, "saddr"),
                              "size": CT_GUESTS,
-                             "stmt": {"ct count": {"val": CT_PER_GUEST, "inv": True}}}},
-                  _counter(), DROP, comment="more connections than a guest may hold")
+                             "stmt": {"ct count": {"val": limit, "inv": True}}}},
+                  _counter(), verdict, comment=comment)
             for fam, proto, unspec in ((4, "ip", "0.0.0.0"), (6, "ip6", "::"))]
+
+
+def _ct_limit(f: str, chain: str) -> list[dict]:
+    """Connections per guest address through the host (``ct4_<chain>``): past
+    CT_PER_GUEST, dropped. A DHCP client without an address is no guest's address: 0.0.0.0
+    and :: are not counted, and the guard's DHCP limit bounds them."""
+    return _per_guest(f, chain, "ct", CT_PER_GUEST, lambda fam, proto, unspec: [
+        _match(IIF, "@bridges"), NEW, _match(_pl(proto, "saddr"), unspec, "!=")],
+        DROP, "more connections than a guest may hold")
 
 
 def _dns_tcp_limit(f: str, chain: str) -> list[dict]:
-    """A meter per family (``dns4_<chain>``, ``dns6_<chain>``) that counts a guest address's
-    DNS connections over TCP to its gateway (``@gw4``/``@gw6``: our dnsmasq, never a server
-    of the host's own that a bridged network's LAN may use); past DNS_TCP_PER_GUEST, a new
-    one is reset (at once, so its resolver tries UDP or another server rather than wait)."""
-    return [_rule(f, chain, NEW, _match(_pl("tcp", "dport"), 53),
-                  _match(_pl(proto, "saddr"), unspec, "!="),
-                  _match(_cat(IIF, _pl(proto, "daddr")), f"@gw{fam}"),
-                  {"meter": {"name": f"dns{fam}_{chain}", "key": _pl(proto, "saddr"),
-                             "size": CT_GUESTS,
-                             "stmt": {"ct count": {"val": DNS_TCP_PER_GUEST, "inv": True}}}},
-                  _counter(), {"reject": {"type": "tcp reset"}},
-                  comment="more DNS connections over TCP than a guest may hold")
-            for fam, proto, unspec in ((4, "ip", "0.0.0.0"), (6, "ip6", "::"))]
+    """DNS connections over TCP per guest address to its gateway (``dns4_<chain>``;
+    ``@gw4``/``@gw6``: our dnsmasq, never a server of the host's own that a bridged
+    network's LAN may use): past DNS_TCP_PER_GUEST, a new one is reset (at once, so its
+    resolver tries UDP or another server rather than wait)."""
+    return _per_guest(f, chain, "dns", DNS_TCP_PER_GUEST, lambda fam, proto, unspec: [
+        NEW, _match(_pl("tcp", "dport"), 53), _match(_pl(proto, "saddr"), unspec, "!="),
+        _match(_cat(IIF, _pl(proto, "daddr")), f"@gw{fam}")],
+        {"reject": {"type": "tcp reset"}}, "more DNS connections over TCP than a guest may hold")
 
 
 def _inet_chains_and_rules() -> list[dict]:
