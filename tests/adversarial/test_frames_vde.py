@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from vnetd.networks.routed import FDB_MAX_LEARNED
 
 from tests.harness import frames as F
 from tests.harness.daemon import ALICE, BOB, run_client
@@ -19,6 +20,7 @@ from .lab import (
     Agent,
     bridge_mac,
     dhcp_bind,
+    fdb,
     fdb_ports_of,
     leases,
     neigh_macs,
@@ -26,6 +28,7 @@ from .lab import (
     require_tools,
     respond,
     settle,
+    wait_for,
 )
 
 VDE_NET, TAP_NET = "vnet3", "vnet4"
@@ -160,3 +163,33 @@ asyncio.run(main())
 """, TAP_NET, taps[0])
     assert r.returncode == 0, r.stderr
     attack(vnetd, TAP_NET, victim, vip, gw, brmac, attacker, r.stdout.strip())
+
+
+def test_a_segment_cannot_fill_the_bridges_forwarding_database(vnetd, agents, inside):
+    """Behind a VDE switch's tap, guests send from any MAC they make up, and without a bound
+    the bridge learns each one: kernel memory for five minutes apiece, and an event to every
+    forwarding-database listener, vnetd among them. A network's bridge learns at most
+    FDB_MAX_LEARNED; frames from MACs past that still pass, and the network still works."""
+    victim, vip, gw, brmac = victim_on(vnetd, agents, VDE_NET)
+    switches = show(VDE_NET)["vde"]
+    attacker = inside(ALICE, "vde", switches[0]["sock"])
+    invented = [f"02:ad:{i >> 16 & 0xFF:02x}:{i >> 8 & 0xFF:02x}:{i & 0xFF:02x}:01"
+                for i in range(FDB_MAX_LEARNED + 1000)]
+    prefix = gw.rsplit(".", 1)[0]  # (a segment's guests use addresses no port holds)
+    for at in range(0, len(invented), 500):
+        attacker.send(*[F.udp4_frame(mac, "02:ee:ee:ee:ee:ee", f"{prefix}.200",
+                                     f"{prefix}.201", 9, 9, b"fdb flood")
+                        for mac in invented[at:at + 500]])
+    seen = set(invented)
+
+    def learned() -> int:
+        return sum(1 for mac, _port, _state in fdb(vnetd, VDE_NET) if mac in seen)
+
+    wait_for(lambda: learned() >= FDB_MAX_LEARNED - 64, timeout=20)
+    settle(1)
+    got = learned()
+    assert FDB_MAX_LEARNED - 64 <= got <= FDB_MAX_LEARNED, got  # the flood came, bounded
+    counted = show(VDE_NET)["learned-macs"]
+    assert counted == {"count": FDB_MAX_LEARNED, "most": FDB_MAX_LEARNED}, counted
+    # past the bound frames still pass: the guarded victim still reaches its gateway
+    assert ping(victim, vip, brmac, gw, seq=41)

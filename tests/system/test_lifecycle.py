@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import sys
 import time
+
+from vnetd.networks.routed import FDB_MAX_LEARNED
 
 from tests.harness.daemon import ALICE, uid_of
 
@@ -255,3 +258,34 @@ def test_the_host_has_no_ipv6_on_an_ipv4_network_nor_on_any_port(vnetd, client):
         for net in ("vnet11", "vnet12"):
             client("stop", net, "--force")
             client("undefine", net)
+
+
+def test_a_bridge_learns_a_bounded_number_of_macs_and_an_adopted_one_is_bounded_too(vnetd,
+                                                                                  client):
+    """A network's bridge learns at most FDB_MAX_LEARNED source MACs (the attack itself, a
+    VDE segment inventing MACs, is in tests/adversarial); a bridge found running without
+    the bound (an older vnetd's) gets it when vnetd adopts it."""
+    client("define", "vnet8", "--mode=host-only", "--start", check=True)
+    bounded = {"count": 0, "most": FDB_MAX_LEARNED}
+    shown = json.loads(client("show", "vnet8", "--json", check=True).stdout)["learned-macs"]
+    assert shown == bounded, shown
+    text = client("show", "vnet8", check=True).stdout
+    assert f"learned-macs: 0 of at most {FDB_MAX_LEARNED}" in text, text
+    index = vnetd.ipj("link", "show", "vnet8")[0]["ifindex"]
+    vnetd.exec(sys.executable, "-c", "import sys; from vnetd.kernel.links import "
+               "FastLinkSetter; FastLinkSetter().bridge_fdb_max_learned(int(sys.argv[1]), 0)",
+               str(index))
+    unbounded = json.loads(client("show", "vnet8", "--json", check=True).stdout)
+    assert unbounded["learned-macs"] == {"count": 0, "most": 0}  # (the test's own doing)
+    vnetd.kill()
+    vnetd.start()
+    deadline = time.monotonic() + 10
+    while True:  # answered first, adopted meanwhile
+        shown = json.loads(client("show", "vnet8", "--json", check=True).stdout)
+        if shown["state"] == "running" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    shown = shown.get("learned-macs")
+    assert shown == bounded, shown
+    client("stop", "vnet8", check=True)
+    client("undefine", "vnet8", check=True)

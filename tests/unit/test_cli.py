@@ -344,6 +344,16 @@ def test_show_labels_the_values_of_its_lists_and_names_users(capsys):
     assert "root (0)" in out
 
 
+def test_show_says_how_many_macs_a_bridge_learned_and_where_the_kernel_cannot_count(capsys):
+    from vnet_client.cli.network import print_network
+
+    print_network({"name": "ux1", "learned-macs": {"count": 12, "most": 4096}})
+    print_network({"name": "ux2", "learned-macs": None})
+    out = capsys.readouterr().out
+    assert "learned-macs: 12 of at most 4096" in out
+    assert "learned-macs: not counted (the kernel cannot bound them before 6.7)" in out
+
+
 @pytest.mark.parametrize("argv", [
     ["forward", "add", "vnet2", "-6", "tcp", "8080", "[fd00:12::5]:80"],
     ["forward", "add", "-6", "vnet2", "tcp", "8080", "[fd00:12::5]:80"],

@@ -96,6 +96,9 @@ IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_IFALIAS = 1, 3, 4, 10, 20
 IFLA_LINKINFO, IFLA_INFO_KIND, IFLA_INFO_DATA = 18, 1, 2
 IFLA_TUN_OWNER, IFLA_TUN_PERSIST = 1, 6
+# a bridge's count of learned forwarding entries and the most it may learn (kernel 6.7 on; an
+# older kernel ignores the attribute when set and does not report it)
+IFLA_BR_FDB_N_LEARNED, IFLA_BR_FDB_MAX_LEARNED = 48, 49
 IFF_UP = 1
 NLA_TYPE_MASK = 0x3FFF  # an attribute's type without its nested / byte-order flags
 
@@ -255,6 +258,33 @@ def overlapping_addresses(
     return out
 
 
+def bridge_fdb_learned(index: int) -> tuple[int, int] | None:
+    """(forwarding entries learned, the most it may learn: 0 for no bound) of bridge #index,
+    or None where the kernel does not count them (before 6.7: no bound is possible)."""
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        sock.send(struct.pack("=IHHII", 16 + len(body), RTM_GETLINK, NLM_F_REQUEST, 1, 0)
+                  + body)
+        data = sock.recv(1 << 16)
+    if len(data) < 32:
+        return None
+    length, kind = struct.unpack_from("=IH", data, 0)
+    if kind == NLMSG_ERROR:
+        (err,) = struct.unpack_from("=i", data, 16)
+        raise Failed(f"The kernel cannot show interface #{index}: {os.strerror(-err)}.")
+    info = _attrs(data, 32, min(length, len(data))).get(IFLA_LINKINFO)
+    if info is None:
+        return None
+    li = _attrs(info, 0, len(info))
+    if _cstr(li.get(IFLA_INFO_KIND)) != "bridge" or IFLA_INFO_DATA not in li:
+        return None
+    bd = _attrs(li[IFLA_INFO_DATA], 0, len(li[IFLA_INFO_DATA]))
+    learned, most = _u32(bd.get(IFLA_BR_FDB_N_LEARNED)), _u32(bd.get(IFLA_BR_FDB_MAX_LEARNED))
+    return None if learned is None or most is None else (learned, most)
+
+
 def ipv6_conf(ifname: str, key: str, value: int) -> None:
     """/proc/sys/net/ipv6/conf/IF/KEY of this namespace; nothing where the host runs without
     IPv6 (ipv6.disable=1: no such directory)."""
@@ -311,6 +341,15 @@ class FastLinkSetter:
             self.forward_link_local(index)
             if up:
                 self._request(RTM_NEWLINK, socket.AF_UNSPEC, index, IFF_UP, IFF_UP, b"")
+
+    def bridge_fdb_max_learned(self, index: int, limit: int) -> None:
+        """The most forwarding entries bridge #index learns (0: no bound): past it, frames
+        from a source MAC it does not know are forwarded without teaching it anything. A
+        kernel before 6.7 ignores this (see `bridge_fdb_learned`)."""
+        data = _rtattr(IFLA_BR_FDB_MAX_LEARNED, struct.pack("=I", limit))
+        info = _rtattr(IFLA_INFO_KIND, b"bridge\0") + _rtattr(IFLA_INFO_DATA | NLA_F_NESTED, data)
+        self._request(RTM_NEWLINK, socket.AF_UNSPEC, index, 0, 0,
+                      _rtattr(IFLA_LINKINFO | NLA_F_NESTED, info))
 
     def forward_link_local(self, index: int) -> None:
         """The reserved link-local groups (01:80:c2:00:00:0X: LLDP, 802.1X, ...) that this
@@ -390,7 +429,9 @@ class Links:
         """Every link whose alias says vnetd made it (start-up reconcile only)."""
         return dump_links(ALIAS_PREFIX)
 
-    async def create_bridge(self, name: str, mac: str, mtu: int, alias: str) -> Link:
+    async def create_bridge(self, name: str, mac: str, mtu: int, alias: str,
+                            fdb_max_learned: int = 0) -> Link:
+        """`fdb_max_learned`: the most source MACs the bridge learns (0: no bound)."""
         try:
             await self.nl.link(
                 "add", ifname=name, kind="bridge", br_forward_delay=0, br_stp_state=0,
@@ -399,7 +440,13 @@ class Links:
         except NetlinkError as e:
             raise _failed(f"create bridge {name}", e) from None
         link = await self._made(name)
-        await self.set(link.index, ifalias=alias)
+        try:
+            await self.set(link.index, ifalias=alias)
+            if fdb_max_learned:
+                self.fast.bridge_fdb_max_learned(link.index, fdb_max_learned)
+        except BaseException:  # nothing half-made: the caller's rollback starts after this
+            await self.delete(link.index)
+            raise
         return link
 
     # --- VXLAN overlay ------------------------------------------------------------------

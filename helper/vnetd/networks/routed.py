@@ -8,12 +8,22 @@ import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from .. import model
+from ..kernel.links import bridge_fdb_learned
 from ..model import Network
 from . import vxlan
 from .base import Context, Rollback, Running, gateway_ifaces
 
 if TYPE_CHECKING:
     from ..kernel.links import Link
+
+
+# The most source MACs a network's bridge learns (kernel 6.7 on). Without a bound, a guest
+# that may send from any MAC (behind a VDE switch's tap, on a network without spoof
+# protection) makes the kernel keep an entry for each one it invents, about 128 bytes each
+# for five minutes, and tell every forwarding-database listener (vnetd among them) of each.
+# Past the bound, frames from a MAC the bridge does not know still pass; it learns nothing
+# more until entries age out. 4,096 entries are 512 KiB of kernel memory at most.
+FDB_MAX_LEARNED = 4096
 
 
 def _gateways(net: Network) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
@@ -35,7 +45,8 @@ class RoutedDriver:
             dev, net = await vxlan.underlay(ctx, net)
         with ctx.store.intent(net.bridge):
             br = await ctx.links.create_bridge(net.bridge, net.mac, net.mtu,
-                                               model.alias_for(net.name))
+                                               model.alias_for(net.name),
+                                               fdb_max_learned=FDB_MAX_LEARNED)
         rb.add(f"delete bridge {net.bridge}", lambda: ctx.links.delete(br.index))
         if net.subnet6 is not None:
             # the gateway owns its prefix: no SLAAC from its own router advertisements
@@ -63,6 +74,8 @@ class RoutedDriver:
             net, under = await vxlan.ensure(ctx, net, bridge)
         if bridge.mtu != net.mtu:
             await ctx.links.set(bridge.index, mtu=net.mtu)
+        ctx.links.fast.bridge_fdb_max_learned(bridge.index, FDB_MAX_LEARNED)  # (an older
+        # vnetd's bridge learned without a bound)
         if net.subnet6 is None:  # as start leaves it (a bridge an older vnetd made, too)
             ctx.links.sysctl_ipv6(net.bridge, disable_ipv6=1)
         for want in _gateways(net):  # one that is there already is no error: no dump of
@@ -77,6 +90,9 @@ class RoutedDriver:
         await ctx.remove_links(net, (net.overlay.ifname,) if net.overlay is not None else ())
 
     async def status(self, ctx: Context, run: Running) -> dict[str, Any]:
-        if run.net.overlay is None:
-            return {}
-        return {"overlay-state": await vxlan.state(ctx, run.net)}
+        learned = bridge_fdb_learned(run.bridge)
+        d: dict[str, Any] = {"learned-macs": None if learned is None else
+                             {"count": learned[0], "most": learned[1]}}
+        if run.net.overlay is not None:
+            d["overlay-state"] = await vxlan.state(ctx, run.net)
+        return d
