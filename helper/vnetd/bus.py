@@ -683,7 +683,8 @@ class Service:
 
     async def get_mac(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
         known = key(vm, nic) in self.engine.macs.data.get(network, {})
-        return Reply(self.engine.vms.get_mac(network, vm, nic, caller.uid), changed=not known)
+        return Reply(await self.engine.vms.get_mac(network, vm, nic, caller.uid),
+                     changed=not known)
 
     async def vde_socket(self, caller: Caller, network: str, vm: str, nic: int) -> Any:
         sock, mac = await self.engine.vde_socket(network, vm, nic, caller.uid)

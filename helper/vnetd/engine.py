@@ -397,6 +397,15 @@ class Engine:
         finally:
             self.spares.restock(port.network)  # after the guard: making a spare takes the lock
 
+    async def macs_written(self) -> None:
+        """Until what the registry holds now is on disk (off the event loop: see write_macs).
+        A write that fails is logged and tried again with the next change, as after an
+        attach; the MAC given out stays the VM's (it is derived from its name)."""
+        self._write_macs_soon()
+        writer = self._macs_writer
+        if writer is not None:
+            await asyncio.shield(writer)
+
     def _write_macs_soon(self) -> None:
         if self._macs_writer is None or self._macs_writer.done():
             self._macs_writer = asyncio.get_running_loop().create_task(self.write_macs())
@@ -494,4 +503,4 @@ class Engine:
         if network not in self.running:
             raise NotRunning(f"The network '{network}' is not running: start it first.")
         sock = await asyncio.to_thread(self.vde.free_socket, net)
-        return sock, self.vms.get_mac(network, vm, nic, uid)
+        return sock, await self.vms.get_mac(network, vm, nic, uid)

@@ -22,12 +22,22 @@ if TYPE_CHECKING:
 class Vms(Operations):
     """The VMs' MACs on every network (`engine.vms`)."""
 
-    def get_mac(self, network: str, vm: str, nic: int, uid: int = 0) -> str:
+    async def get_mac(self, network: str, vm: str, nic: int, uid: int = 0) -> str:
+        """The VM's stable MAC. A new one is on disk before the answer, written off the event
+        loop (two fsynced files that grow with the registry: written in the loop, any user
+        naming new VMs would hold up every other call meanwhile)."""
         if vm in self.engine.get(network).tap_names:
             # a pre-created tap's MAC (what its guard holds it to): anyone may know it, which
             # registers nobody but the network (root) as the name's owner
             uid = 0
-        return self.macs.get(network, vm, nic, uid)
+        self.macs.defer = True
+        try:
+            mac = self.macs.get(network, vm, nic, uid)
+        finally:
+            self.macs.defer = False
+        if self.macs.dirty:
+            await self.engine.macs_written()
+        return mac
 
     def export_macs(self, network: str, uid: int | None = None) -> dict[str, str]:
         self.engine.get(network)

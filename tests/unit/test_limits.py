@@ -5,7 +5,9 @@ keys). Pure code and the engine over a stub of the kernel: no root, no bus."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import tomllib
 from dataclasses import replace
 
@@ -278,11 +280,11 @@ def test_import_is_all_or_nothing_and_bounded():
 
 async def test_forget_mac_is_refused_while_the_vm_is_attached(engine):
     await engine.definitions.define(net("n1"), 0)
-    engine.vms.get_mac("n1", "web", 0)
+    await engine.vms.get_mac("n1", "web", 0)
 
     port = Port(ifname="n1-abcdef", ifindex=77, network="n1", vm="web", nic=0, uid=0,
-                mac=engine.vms.get_mac("n1", "web", 0), mac_known=True, holder_pid=None, queues=1,
-                created=0.0)
+                mac=await engine.vms.get_mac("n1", "web", 0), mac_known=True, holder_pid=None,
+                queues=1, created=0.0)
     engine.ports._add(port)
     with pytest.raises(Busy, match="n1-abcdef"):
         await engine.vms.forget_mac("n1", "web")
@@ -295,7 +297,7 @@ async def test_forget_mac_is_refused_while_the_vm_is_attached(engine):
 
 async def test_forget_mac_is_refused_while_a_static_host_uses_it(engine):
     await engine.definitions.define(net("n1"), 0)
-    mac = engine.vms.get_mac("n1", "db", 0)
+    mac = await engine.vms.get_mac("n1", "db", 0)
     await engine.hosts.add("n1", "db", {"ip": "10.1.0.5"})
     with pytest.raises(Busy, match="static host.*host remove n1 --vm db"):
         await engine.vms.forget_mac("n1", "db")
@@ -307,13 +309,45 @@ async def test_forget_mac_is_refused_while_a_static_host_uses_it(engine):
 async def test_the_engine_bounds_the_registry_for_getmac(engine):
     await engine.definitions.define(net("n1"), 0)
     for i in range(3):
-        engine.vms.get_mac("n1", f"vm{i}", 0)
+        await engine.vms.get_mac("n1", f"vm{i}", 0)
     with pytest.raises(QuotaExceeded):
-        engine.vms.get_mac("n1", "vm3", 0)
-    assert engine.vms.get_mac("n1", "vm0", 0) == derive_mac("n1", "vm0", 0)
+        await engine.vms.get_mac("n1", "vm3", 0)
+    assert await engine.vms.get_mac("n1", "vm0", 0) == derive_mac("n1", "vm0", 0)
     assert sorted(engine.vms.export_macs("n1")) == ["vm0/0", "vm1/0", "vm2/0"]
     with pytest.raises(NotFound):
         engine.vms.export_macs("nosuch")
+
+
+async def test_a_new_vms_mac_is_written_off_the_event_loop_before_the_answer(engine):
+    """Naming a new VM writes the registry (two fsynced files, as large as the registry):
+    on a slow disk, written in the event loop, one user naming VMs would hold up every
+    other call meanwhile. The loop goes on while the files are written, and the answer
+    comes once they are on disk."""
+    await engine.definitions.define(net("n1"), 0)
+    real = engine.store.save_json
+
+    def slow_disk(name, data):
+        time.sleep(0.3)  # an fsync that takes its time
+        real(name, data)
+
+    engine.store.save_json = slow_disk
+    ticks = 0
+
+    async def others():  # everyone else's calls, meanwhile
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.02)
+            ticks += 1
+
+    beside = asyncio.ensure_future(others())
+    try:
+        mac = await engine.vms.get_mac("n1", "web", 0, ALICE)
+    finally:
+        beside.cancel()
+    assert ticks >= 10, f"the event loop stood still while the registry was written ({ticks})"
+    on_disk = engine.store.load_json(MacRegistry.FILE, {})
+    assert on_disk["n1"]["web/0"] == mac  # written before the answer
+    assert engine.store.load_json(MacRegistry.CREATORS, {})["n1"]["web"] == ALICE
 
 
 # --- the command line --------------------------------------------------------------------------
