@@ -22,7 +22,7 @@ SIZES = (0, 1000, 4000)
 
 def main() -> None:
     r = MacRegistry({}, lambda data: None, limit=5000, per_user=5000)
-    r.defer = True  # the writes are measured apart
+    r.defer = 1  # the writes are measured apart
     out: dict = {"bench": "registry", "new_vm_us": {}, "write_ms": {}}
     filled = 0
     for size in SIZES:

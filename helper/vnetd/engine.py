@@ -116,6 +116,11 @@ class Engine:
         self.running: dict[str, Running] = {}
         self.lock = asyncio.Lock()
         self._macs_writer: asyncio.Task | None = None
+        # rounds of the registry's writer: each takes every change marked before it, and
+        # GetMac waits for the round that takes its own (not for the writer to run dry)
+        self._macs_taken = 0
+        self._macs_done = 0
+        self._macs_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # networks found running at start-up that `settle` has not adopted yet
         self.adopting: dict[str, Link] = {}
         self.problems: list[str] = []
@@ -357,12 +362,12 @@ class Engine:
             bridge = self._running_bridge(net)
             # a new VM's MAC and owner are written right after the answer, not before it
             # (its port's runtime record holds them meanwhile: see Ports.adopt)
-            self.macs.defer = True
+            self.macs.defer += 1
             try:
                 port, fds, vhostfds, info = await self.ports.attach(
                     self.running[network].net, bridge, vm, uid, pid, opts)
             finally:
-                self.macs.defer = False
+                self.macs.defer -= 1
                 if self.macs.dirty:
                     self._write_macs_soon()
             guard = None
@@ -398,13 +403,26 @@ class Engine:
             self.spares.restock(port.network)  # after the guard: making a spare takes the lock
 
     async def macs_written(self) -> None:
-        """Until what the registry holds now is on disk (off the event loop: see write_macs).
-        A write that fails is logged and tried again with the next change, as after an
-        attach; the MAC given out stays the VM's (it is derived from its name)."""
+        """Until what the registry holds now is on disk (off the event loop: see write_macs):
+        the writer's next round takes it, and only that round is waited for, however many
+        changes others make meanwhile. A write that fails is logged and tried again with
+        the next change, as after an attach; the MAC given out stays the VM's (it is
+        derived from its name)."""
+        target = self._macs_taken + 1
+        fut = asyncio.get_running_loop().create_future()
+        self._macs_waiters.append((target, fut))
         self._write_macs_soon()
-        writer = self._macs_writer
-        if writer is not None:
-            await asyncio.shield(writer)
+        await fut
+
+    def _round_done(self, done: int) -> None:
+        self._macs_done = done
+        waiting = []
+        for target, fut in self._macs_waiters:
+            if target > done:
+                waiting.append((target, fut))
+            elif not fut.done():
+                fut.set_result(None)
+        self._macs_waiters = waiting
 
     def _write_macs_soon(self) -> None:
         if self._macs_writer is None or self._macs_writer.done():
@@ -416,22 +434,38 @@ class Engine:
         earlier one."""
         while True:
             jobs = self.macs.take_dirty()
-            if not jobs:
+            if not jobs:  # nothing left unwritten: no one waits for anything more
+                self._round_done(self._macs_taken)
+                for _target, fut in self._macs_waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+                self._macs_waiters = []
                 return
+            self._macs_taken += 1
+            done = self._macs_taken
             try:
                 for job in jobs:
                     await asyncio.to_thread(job)
-            except OSError as e:
+            except Exception as e:  # (any: the marks are put back, whatever went wrong)
                 log.error("could not write the MAC registry (will try again with the next "
                           "change): %s", e)
                 self.macs.dirty.update((MacRegistry.FILE, MacRegistry.CREATORS))
+                self._round_done(done)
                 return
+            self._round_done(done)
 
     async def flush(self) -> None:
-        """Before vnetd exits: whatever is still to be written."""
-        if self._macs_writer is not None:
-            await asyncio.shield(self._macs_writer)
-        await self.write_macs()
+        """Before vnetd exits: whatever is still to be written (also what a call made while
+        the last round was being written), trying a failing write a few times."""
+        for _ in range(3):
+            writer = self._macs_writer
+            if writer is None or writer.done():
+                if not self.macs.dirty:
+                    return
+                self._write_macs_soon()
+                writer = self._macs_writer
+            if writer is not None:
+                await asyncio.shield(writer)
 
     async def detach(self, port: Port) -> None:
         async with self.lock:

@@ -83,9 +83,10 @@ class MacRegistry:
         # {network: {vm: uid}}: who first asked for a VM's MAC (its entries count for them)
         self.creators = {n: dict(m) for n, m in (creators or {}).items() if isinstance(m, dict)}
         self._save_creators = save_creators or (lambda data: None)
-        # while `defer` is set, a new entry or owner is only marked here (the attach path,
-        # which answers first: vnetd writes the files right after, see `take_dirty`)
-        self.defer = False
+        # while `defer` is above 0, a new entry or owner is only marked here (the attach path,
+        # which answers first, and GetMac: vnetd writes the files off its event loop, see
+        # `take_dirty`); a count, since an attach holds it across awaits
+        self.defer = 0
         self.dirty: set[str] = set()
         # every write carries the number of the state it saves; one lock orders the writes of
         # the event loop and of the deferred writer's thread, and an older state is never
@@ -102,7 +103,7 @@ class MacRegistry:
             ix = _Index(names_of=Counter(owners.values()))
             for k, mac in self.data.get(network, {}).items():
                 vm = split_key(k)[0]
-                ix.by_mac[mac] = k
+                ix.by_mac.setdefault(mac, k)  # (a hand-edited file may give one MAC twice)
                 ix.per_vm[vm] += 1
                 ix.entries_of[owners.get(vm)] += 1
             self._ix[network] = ix
@@ -149,9 +150,12 @@ class MacRegistry:
         if mac is not None:
             macs = self.data.get(network, {})
             k = key(vm, nic)
-            if k not in macs and mac not in self._index(network).by_mac:
+            ix = self._index(network)
+            if k not in macs and mac not in ix.by_mac:
                 self.data.setdefault(network, {})[k] = mac
-                self._changed(network)
+                ix.by_mac[mac] = k  # (kept, not counted again: start-up remembers each port)
+                ix.per_vm[vm] += 1
+                ix.entries_of[self.creators.get(network, {}).get(vm)] += 1
                 self._store(self.FILE)
         if vm not in self.creators.get(network, {}):
             self._note_creator(network, vm, uid)

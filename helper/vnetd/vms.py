@@ -30,11 +30,11 @@ class Vms(Operations):
             # a pre-created tap's MAC (what its guard holds it to): anyone may know it, which
             # registers nobody but the network (root) as the name's owner
             uid = 0
-        self.macs.defer = True
+        self.macs.defer += 1
         try:
             mac = self.macs.get(network, vm, nic, uid)
         finally:
-            self.macs.defer = False
+            self.macs.defer -= 1
         if self.macs.dirty:
             await self.engine.macs_written()
         return mac

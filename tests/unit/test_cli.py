@@ -349,8 +349,10 @@ def test_show_says_how_many_macs_a_bridge_learned_and_where_the_kernel_cannot_co
 
     print_network({"name": "ux1", "learned-macs": {"count": 12, "most": 4096}})
     print_network({"name": "ux2", "learned-macs": None})
+    print_network({"name": "ux3", "learned-macs": {"count": 3, "most": 0}})
     out = capsys.readouterr().out
     assert "learned-macs: 12 of at most 4096" in out
+    assert "learned-macs: 3 (no bound)" in out
     assert "learned-macs: not counted (the kernel cannot bound them before 6.7)" in out
 
 

@@ -350,6 +350,41 @@ async def test_a_new_vms_mac_is_written_off_the_event_loop_before_the_answer(eng
     assert engine.store.load_json(MacRegistry.CREATORS, {})["n1"]["web"] == ALICE
 
 
+async def test_getmac_waits_for_its_own_write_not_for_everyone_elses(engine):
+    """Others naming VMs all the while keep the registry's writer busy: a GetMac waits for
+    the round of writes that takes its own entry, not until the writer has nothing left
+    (which, under steady load, would be never: its call would time out)."""
+    await engine.definitions.define(net("n1"), 0)
+    engine.macs.limit = engine.macs.per_user = 10_000  # (the fixture's is 3)
+    real = engine.store.save_json
+
+    def slow_disk(name, data):
+        time.sleep(0.1)
+        real(name, data)
+
+    engine.store.save_json = slow_disk
+    busy = True
+
+    async def others():
+        i = 0
+        while busy:
+            asyncio.ensure_future(engine.vms.get_mac("n1", f"other{i}", 0, BOB))
+            i += 1
+            await asyncio.sleep(0.01)
+
+    beside = asyncio.ensure_future(others())
+    try:
+        await asyncio.sleep(0.3)  # the writer is busy by now, and stays so
+        mac = await asyncio.wait_for(engine.vms.get_mac("n1", "web", 0, ALICE), 2.0)
+        assert not beside.done()  # (the others went on all the while)
+    finally:
+        busy = False
+        await beside
+    assert engine.store.load_json(MacRegistry.FILE, {})["n1"]["web/0"] == mac
+    await engine.flush()  # and at exit, everything is written
+    assert len(engine.store.load_json(MacRegistry.FILE, {})["n1"]) == len(engine.macs.data["n1"])
+
+
 # --- the command line --------------------------------------------------------------------------
 def parse(argv):
     return cli.build_parser().parse_args(argv)

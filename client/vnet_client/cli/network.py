@@ -195,8 +195,9 @@ def print_network(n: dict[str, Any]) -> None:
         elif k == "owner":
             v = user_name(v)
         elif k == "learned-macs":
-            v = (f"{v['count']} of at most {v['most']}" if isinstance(v, dict) else
-                 "not counted (the kernel cannot bound them before 6.7)")
+            v = ("not counted (the kernel cannot bound them before 6.7)" if not isinstance(
+                v, dict) else f"{v['count']} of at most {v['most']}" if v["most"] else
+                f"{v['count']} (no bound)")
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             v = "; ".join(" ".join(f"{kk}={vv}" for kk, vv in d.items()) for d in v)
         elif isinstance(v, list):

@@ -445,7 +445,10 @@ class Links:
             if fdb_max_learned:
                 self.fast.bridge_fdb_max_learned(link.index, fdb_max_learned)
         except BaseException:  # nothing half-made: the caller's rollback starts after this
-            await self.delete(link.index)
+            try:
+                await self.delete(link.index)
+            except Failed as e:  # (the first trouble is the one to tell)
+                log.error("%s", e.message)
             raise
         return link
 

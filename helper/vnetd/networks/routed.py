@@ -5,9 +5,11 @@ it, and an overlay's VXLAN device joins it."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import model
+from ..errors import Failed
 from ..kernel.links import bridge_fdb_learned
 from ..model import Network
 from . import vxlan
@@ -15,6 +17,8 @@ from .base import Context, Rollback, Running, gateway_ifaces
 
 if TYPE_CHECKING:
     from ..kernel.links import Link
+
+log = logging.getLogger("vnetd.routed")
 
 
 # The most source MACs a network's bridge learns (kernel 6.7 on). Without a bound, a guest
@@ -74,8 +78,10 @@ class RoutedDriver:
             net, under = await vxlan.ensure(ctx, net, bridge)
         if bridge.mtu != net.mtu:
             await ctx.links.set(bridge.index, mtu=net.mtu)
-        ctx.links.fast.bridge_fdb_max_learned(bridge.index, FDB_MAX_LEARNED)  # (an older
-        # vnetd's bridge learned without a bound)
+        try:  # (an older vnetd's bridge learned without a bound)
+            ctx.links.fast.bridge_fdb_max_learned(bridge.index, FDB_MAX_LEARNED)
+        except Failed as e:  # a bound it cannot have is no reason to tear the network down
+            log.warning("%s: %s", net.name, e.message)
         if net.subnet6 is None:  # as start leaves it (a bridge an older vnetd made, too)
             ctx.links.sysctl_ipv6(net.bridge, disable_ipv6=1)
         for want in _gateways(net):  # one that is there already is no error: no dump of
@@ -90,9 +96,14 @@ class RoutedDriver:
         await ctx.remove_links(net, (net.overlay.ifname,) if net.overlay is not None else ())
 
     async def status(self, ctx: Context, run: Running) -> dict[str, Any]:
-        learned = bridge_fdb_learned(run.bridge)
-        d: dict[str, Any] = {"learned-macs": None if learned is None else
-                             {"count": learned[0], "most": learned[1]}}
+        d: dict[str, Any] = {}
+        try:
+            learned = bridge_fdb_learned(run.bridge)
+            d["learned-macs"] = (None if learned is None else
+                                 {"count": learned[0], "most": learned[1]})
+        except Failed:
+            pass  # the bridge is gone: show says what is left without this
+
         if run.net.overlay is not None:
             d["overlay-state"] = await vxlan.state(ctx, run.net)
         return d
