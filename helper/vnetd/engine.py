@@ -116,6 +116,7 @@ class Engine:
         self.running: dict[str, Running] = {}
         self.lock = asyncio.Lock()
         self._macs_writer: asyncio.Task | None = None
+        self._leases_due: set[str] = set()  # networks whose lease pass waits to run
         # rounds of the registry's writer: each takes every change marked before it, and
         # GetMac waits for the round that takes its own (not for the writer to run dry)
         self._macs_taken = 0
@@ -207,8 +208,17 @@ class Engine:
             self.schedule(self.firewall.port_attached(port))
 
     def _lease_event(self, network: str, lease, event: str) -> None:
+        """Guests decide how often leases change: the events of a network that come while
+        its last pass waits (for the lock) join that pass, so that renewals from many
+        guests cost one pass over the network's ports, not one each."""
         self._emit("lease", network, lease, event)
-        self.schedule(self.firewall.leases_changed(network))
+        if network not in self._leases_due:
+            self._leases_due.add(network)
+            self.schedule(self._leases_changed(network))
+
+    async def _leases_changed(self, network: str) -> None:
+        self._leases_due.discard(network)  # (events from now on come to the next pass)
+        await self.firewall.leases_changed(network)
 
     async def _cut_off(self, port: Port) -> None:
         """A port's holder changed its tap's own address (or sent as another VM): off the

@@ -39,6 +39,10 @@ class Resolver:
     def leases(self, net: Network) -> list[Lease]:
         return self.dhcp.leases(net)
 
+    def one_reading(self):
+        """A pass over many ports: each network's leases are read once (DhcpServers)."""
+        return self.dhcp.one_reading()
+
     def vm_macs(self, network: str, vm: str) -> set[str]:
         """The VM's registry MACs and the MACs of the ports that hold it."""
         macs = {m for k, m in self.macs.data.get(network, {}).items() if split_key(k)[0] == vm}
@@ -70,7 +74,7 @@ class Resolver:
         lease: DHCP gives a lease only to that client hardware address), the leased IPv4
         address it keeps beside a static one given since (until the guest renews and gets
         the static one), and its leased IPv6 addresses."""
-        leases = [le for le in self.leases(net) if le.mac == mac and _live(le)]
+        leases = [le for le in self.dhcp.leases_of(net, mac) if _live(le)]
         leased4 = next((le.ip for le in leases if ":" not in le.ip), None)
         leased6 = [le.ip for le in leases if ":" in le.ip]
         static = next((h for h in net.hosts if h.mac == mac), None)

@@ -350,6 +350,28 @@ async def test_a_new_vms_mac_is_written_off_the_event_loop_before_the_answer(eng
     assert engine.store.load_json(MacRegistry.CREATORS, {})["n1"]["web"] == ALICE
 
 
+async def test_lease_events_of_a_network_wait_for_one_pass(engine):
+    """Guests decide how often leases change, and each change re-checks every port of the
+    network: events that come while a pass waits for the lock join it (one pass per
+    network), instead of one pass each queued behind the lock without end."""
+    passes = []
+
+    async def counted(network):
+        passes.append(network)
+
+    engine.firewall.leases_changed = counted
+    async with engine.lock:  # (something else holds it: the passes wait)
+        for _ in range(100):
+            engine._lease_event("n1", None, "renewed")
+        engine._lease_event("n2", None, "added")
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert sorted(passes) == ["n1", "n2"]
+    engine._lease_event("n1", None, "renewed")  # after the pass: a pass of its own
+    await asyncio.sleep(0.05)
+    assert sorted(passes) == ["n1", "n1", "n2"]
+
+
 async def test_getmac_waits_for_its_own_write_not_for_everyone_elses(engine):
     """Others naming VMs all the while keep the registry's writer busy: a GetMac waits for
     the round of writes that takes its own entry, not until the writer has nothing left

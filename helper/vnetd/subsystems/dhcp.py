@@ -9,6 +9,7 @@ Leases persist under the state directory, so a restarted server hands out the sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,7 +19,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..children import identity, safefile
 from ..children.supervisor import Child, open_recorded, reap
@@ -66,7 +67,9 @@ class DhcpServers:
         self._compacted: dict[str, float] = {}  # network -> when its dhcpd was last restarted
         # network -> (the lease file's path, kind, inode, size, mtime), its text's digest,
         # its leases
-        self._parsed: dict[str, tuple[tuple, bytes, tuple[Lease, ...]]] = {}
+        # network -> (file version, digest, leases, leases by MAC)
+        self._parsed: dict[str, tuple[Any, ...]] = {}
+        self._pinned: dict[str, tuple] | None = None  # see one_reading
         # each network's lease file, as its kind of server names it: the poller looks at
         # every one twice a second, without building paths each time
         self._lease_paths: dict[str, tuple[str, str]] = {}
@@ -301,9 +304,40 @@ class DhcpServers:
     # --- leases -------------------------------------------------------------------------
     def leases(self, net: Network) -> list[Lease]:
         """The network's leases, parsed once per version of the file: every port's guard,
-        every forward to a VM and every Leases call asks, and a lease event asks once per
-        port of the network. A file changed in the last second is read again and compared
-        (its time moves in clock ticks, and dnsmasq rewrites it in place)."""
+        every forward to a VM and every Leases call asks. A file changed in the last second
+        is read again and compared (its time moves in clock ticks, and dnsmasq rewrites it
+        in place), except within one_reading."""
+        return list(self._reading(net)[2])
+
+    def leases_of(self, net: Network, mac: str) -> tuple[Lease, ...]:
+        """The leases of one MAC (a port's), without a walk over the others."""
+        return self._reading(net)[3].get(mac, ())
+
+    @contextlib.contextmanager
+    def one_reading(self):
+        """Within, each network's lease file is read once: a pass over every port of a
+        network (a lease event) asks for each port's leases, and a file dnsmasq rewrote a
+        moment ago would otherwise be read and hashed again for each one. The pass sees the
+        file as it was when it began; a change meanwhile brings another event."""
+        outer = self._pinned is not None
+        if not outer:
+            self._pinned = {}
+        try:
+            yield
+        finally:
+            if not outer:
+                self._pinned = None
+
+    def _reading(self, net: Network) -> tuple[Any, ...]:
+        pinned = self._pinned
+        if pinned is not None and net.name in pinned:
+            return pinned[net.name]
+        got = self._read(net)
+        if pinned is not None:
+            pinned[net.name] = got
+        return got
+
+    def _read(self, net: Network) -> tuple[Any, ...]:
         path = self.lease_file(net)
         kind = self.kinds.get(net.name, net.dhcp)
         try:
@@ -314,21 +348,26 @@ class DhcpServers:
             version, settled = None, False
         cached = self._parsed.get(net.name)
         if cached is not None and settled and cached[0] == version:
-            return list(cached[2])
+            return cached
         # dhcpd's file is in a directory dhcpd writes: no symlink, FIFO or endless file
         text = safefile.read_capped(path)
         if text is None:
             self._parsed.pop(net.name, None)
-            return []
+            return ((), b"", (), {})
         digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+        got: tuple[Any, ...]
         if cached is not None and cached[1] == digest and cached[0][:2] == (str(path), kind):
-            parsed = list(cached[2])
+            got = (version, digest, cached[2], cached[3])
         else:
-            parsed = (dhcpd_be.parse_leases(text) if kind == "dhcpd"
-                      else dnsmasq_be.parse_leases(text))
-        if version is not None:
-            self._parsed[net.name] = (version, digest, tuple(parsed))
-        return parsed
+            parsed = tuple(dhcpd_be.parse_leases(text) if kind == "dhcpd"
+                           else dnsmasq_be.parse_leases(text))
+            by_mac: dict[str, list[Lease]] = {}
+            for le in parsed:
+                by_mac.setdefault(le.mac, []).append(le)
+            got = (version, digest, parsed, {m: tuple(v) for m, v in by_mac.items()})
+        if got[0] is not None:
+            self._parsed[net.name] = got
+        return got
 
     def _ensure_poller(self) -> None:
         if self._poller is None:

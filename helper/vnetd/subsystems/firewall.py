@@ -659,8 +659,12 @@ class Firewall:
                 log.info("forward %s now goes to %s%s", f.describe(), new[0].target,
                          f" for {', '.join(str(x.ext_addr) for x in new)}" if f.addr_of
                          else "")
-        for p in self.view.ports.on_network(network):
-            old_p = self.applied_ports.get(p.ifname)
-            new_p = self._fw_port(p)
-            if old_p is not None and old_p != new_p:
-                await self._update(network, new_p)
+        changed = []
+        with self.view.resolver.one_reading():  # (the lease file once, not once a port)
+            for p in self.view.ports.on_network(network):
+                old_p = self.applied_ports.get(p.ifname)
+                new_p = self._fw_port(p)
+                if old_p is not None and old_p != new_p:
+                    changed.append(new_p)
+        for new_p in changed:
+            await self._update(network, new_p)
