@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import pwd
+import reprlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,6 +46,12 @@ STD_IFACES = """  <interface name="org.freedesktop.DBus.Introspectable">
 MAX_DEPTH = 16  # containers and variants nested in one argument
 MAX_IN_FLIGHT = 32  # calls one sender may have waiting for an answer at once
 MAX_STRING = 4096  # characters in any one string argument
+# what all the arguments of one call hold together: a call of up to the bus's 32 MiB is
+# decoded before vnetd sees it, and anyone may send one (before polkit is asked): past these,
+# it is refused at once, rather than turned into Python values for a second or more and held
+# while polkit answers (sessions take at most 1 MiB a call to begin with)
+MAX_ITEMS = 65536  # members of containers, in all
+MAX_CHARS = 1 << 20  # characters of strings, in all
 IGNORED_SIGNAL_LOG_EVERY = 10.0  # seconds between warnings about signals from the wrong sender
 
 # Arguments checked before polkit is asked (by name, as the contract table names them): a call
@@ -80,22 +87,44 @@ def to_asv(d: dict[str, Any]) -> dict[str, Variant]:
     return {k: to_variant(v) for k, v in d.items() if v is not None}
 
 
-def unwrap(v: Any, depth: int = 0) -> Any:
-    """Plain Python values from what dbus-fast decoded (nested at most MAX_DEPTH deep)."""
+class Budget:
+    """What is left of one call's MAX_ITEMS and MAX_CHARS while its arguments are unwrapped."""
+
+    __slots__ = ("items", "chars")
+
+    def __init__(self) -> None:
+        self.items, self.chars = MAX_ITEMS, MAX_CHARS
+
+
+def unwrap(v: Any, depth: int = 0, budget: Budget | None = None) -> Any:
+    """Plain Python values from what dbus-fast decoded (nested at most MAX_DEPTH deep; all of
+    one call's arguments, given one `budget`, within MAX_ITEMS and MAX_CHARS: a call past
+    them is refused before its values are built)."""
+    if budget is None:
+        budget = Budget()
     if depth > MAX_DEPTH:
         raise InvalidArgument("The arguments are nested too deeply.")
-    if isinstance(v, str) and len(v) > MAX_STRING:
-        raise InvalidArgument(f"A string argument is longer than {MAX_STRING} characters.")
-    if isinstance(v, dict | list) and len(v) > 65536:
-        raise InvalidArgument("An argument holds more than 65536 items.")
+    if isinstance(v, str):
+        if len(v) > MAX_STRING:
+            raise InvalidArgument(f"A string argument is longer than {MAX_STRING} characters.")
+        budget.chars -= len(v)
+        if budget.chars < 0:
+            raise InvalidArgument(f"The arguments hold more than {MAX_CHARS} characters of "
+                                  "text in all.")
+        return v
+    if isinstance(v, dict | list):
+        budget.items -= len(v)
+        if budget.items < 0:
+            raise InvalidArgument(f"The arguments hold more than {MAX_ITEMS} items in all.")
     if isinstance(v, Variant):
         if "h" in v.signature:
             raise InvalidArgument("File descriptors are not accepted in options.")
-        return unwrap(v.value, depth + 1)
+        return unwrap(v.value, depth + 1, budget)
     if isinstance(v, dict):
-        return {unwrap(k, depth + 1): unwrap(x, depth + 1) for k, x in v.items()}
+        return {unwrap(k, depth + 1, budget): unwrap(x, depth + 1, budget)
+                for k, x in v.items()}
     if isinstance(v, list):
-        return [unwrap(x, depth + 1) for x in v]
+        return [unwrap(x, depth + 1, budget) for x in v]
     return v
 
 
@@ -436,7 +465,8 @@ class Service:
             ), [], None
         interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
         caller = await self.authz.caller(sender, interactive)
-        args = [unwrap(a) for a in msg.body]
+        budget = Budget()
+        args = [unwrap(a, 0, budget) for a in msg.body]
         if target is not None:
             args.insert(0, target)
         for arg, value in zip(spec.args, args[1:] if target is not None else args,
@@ -808,9 +838,16 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+_SHORT = reprlib.Repr()  # (Python 3.11 takes no limits in the constructor)
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist = 3, 8, 8
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
 def _fmt_args(args: list[Any]) -> str:
+    """A call's arguments for a log line: each cut short as it is written (never the repr
+    of a whole megabyte cut afterwards)."""
     parts = []
     for a in args:
-        r = repr(a)
+        r = _SHORT.repr(a)
         parts.append(r if len(r) <= 80 else r[:77] + "...")
     return "(" + ", ".join(parts) + ")"

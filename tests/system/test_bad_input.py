@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.harness.daemon import BOB
+from tests.harness.users import run_as
+
 INVALID = "org.qemuvnet.Vnet1.Error.InvalidArgument"
 EXISTS = "org.qemuvnet.Vnet1.Error.Exists"
 NOT_FOUND = "org.qemuvnet.Vnet1.Error.NotFound"
@@ -139,3 +142,34 @@ def test_hostile_dbus_arguments_are_refused(vnetd):
     asyncio.run(go())
     assert vnetd.alive()
     assert "vnet5" not in vnetd.link_names()
+
+
+def test_a_call_too_large_for_its_arguments_is_refused_before_polkit(vnetd):
+    """Anyone on the system bus (Bob is not in group vnet) may send a call of up to 32 MiB,
+    and it used to be turned into Python values whole (about a second of vnetd's loop for
+    the largest) and held while polkit was asked: each argument was bounded, not a call's
+    arguments together. Now a call whose arguments hold more than 65,536 items, or 1 MiB
+    of text, in all, is refused at once with InvalidArgument; a sensible one still goes
+    through to polkit (Bob may not attach: refused there)."""
+    r = run_as(BOB, """
+from dbus_fast import Variant
+async def main():
+    async with Client() as c:
+        for options in (
+                {f"k{i}": Variant("as", ["x"] * 30000) for i in range(3)},  # 90,000 items
+                {f"k{i}": Variant("s", "y" * 4000) for i in range(300)},  # 1.2 MB of text
+                {"mac": Variant("s", "52:54:00:12:34:56")}):  # (a sensible one)
+            try:
+                await c.call("Attach", "ssa{sv}", ["vnet2", "big", options])
+                print("accepted")
+            except VnetClientError as e:
+                print(e.name.rsplit(".", 1)[-1], e.message)
+asyncio.run(main())
+""", timeout=120)
+    assert r.returncode == 0, r.stderr
+    items, text, sensible = r.stdout.splitlines()
+    assert items == "InvalidArgument The arguments hold more than 65536 items in all.", items
+    assert text.startswith("InvalidArgument The arguments hold more than 1048576 characters"), \
+        text
+    assert not sensible.startswith("InvalidArgument"), sensible  # polkit's answer, not ours
+    assert vnetd.alive()

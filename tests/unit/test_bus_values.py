@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from vnetd import api
 from vnetd.bus import (
     MAX_DEPTH,
+    Budget,
     label_escape,
     label_unescape,
     network_path,
@@ -200,3 +201,19 @@ def test_every_allowed_character_escapes_to_a_valid_label():
         name = "a" + c
         assert LABEL.fullmatch(label_escape(name))
         assert label_unescape(label_escape(name)) == name
+
+
+def test_one_calls_arguments_are_bounded_together():
+    """Each argument within its own bounds, but all of one call's together too: items and
+    characters of text are counted across the arguments sharing a Budget."""
+    budget = Budget()
+    unwrap(Variant("as", ["x"] * 40000), 0, budget)
+    with pytest.raises(InvalidArgument, match="more than 65536 items in all"):
+        unwrap(Variant("as", ["x"] * 40000), 0, budget)
+    budget = Budget()
+    unwrap({"a": Variant("s", "y" * 4000)}, 0, budget)
+    with pytest.raises(InvalidArgument, match="more than 1048576 characters of text"):
+        unwrap({f"k{i}": Variant("s", "y" * 4000) for i in range(300)}, 0, budget)
+    # what a real call carries at its largest (an import of a full network's MACs) passes
+    macs = {f"vm{i}/0": f"52:54:00:00:{i >> 8:02x}:{i & 255:02x}" for i in range(4096)}
+    assert unwrap(macs, 0, Budget()) == macs
