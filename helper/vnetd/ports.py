@@ -43,6 +43,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("vnetd.ports")
 
 RTMGRP_LINK, RTMGRP_NEIGH = 1, 4
+# A port's holder decides how many link events its tap makes (every TUNSETOFFLOAD on its fd is
+# one): the monitor reads at most this many batches of events at a time, then lets the loop
+# serve everyone else before it reads on; and after lost events (ENOBUFS) it re-checks every
+# port at most once a RESCAN_EVERY seconds.
+MONITOR_BATCHES = 32
+RESCAN_EVERY = 1.0
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWNEIGH = 16, 17, 28
 IFLA_ADDRESS = 1
 SIOCGIFHWADDR = 0x8927
@@ -220,6 +226,8 @@ class Ports:
         self._pidfds: dict[int, int] = {}  # holder pid -> pidfd (one per holder process)
         self._monitor: asyncio.Task | None = None
         self._monitor_sock: socket.socket | None = None
+        self._rescanned = 0.0  # when the ports were last re-checked after lost events
+        self._rescan: asyncio.TimerHandle | None = None  # one waiting, if any
         self.spares: Spares | None = None  # taps made ahead of attaches (set by the engine)
         self.firewall: Firewall | None = None  # (set by the engine) holds a tap made here
         self._records: dict[str, Port] = {}
@@ -370,22 +378,13 @@ class Ports:
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_netlink)
 
     def _on_netlink(self) -> None:
-        while True:
+        for _ in range(MONITOR_BATCHES):  # (what is left is read at the loop's next turn)
             try:
                 data = self._monitor_sock.recv(1 << 16)  # type: ignore[union-attr]
             except BlockingIOError:
                 return
             except OSError as e:  # ENOBUFS: events were lost; re-check every port
-                log.warning("netlink monitor: %s; re-checking ports", e)
-                for p in list(self.by_name.values()):
-                    try:
-                        socket.if_indextoname(p.ifindex)
-                    except OSError:
-                        self._gone(p.ifindex)
-                        continue
-                    now = read_tap_mac(ifname=p.ifname)
-                    if p.tap_mac and now and now != p.tap_mac:
-                        self._cut(p, now)
+                self._rescan_soon(e)
                 continue
             off = 0
             while off + 16 <= len(data):
@@ -407,6 +406,33 @@ class Ports:
                 elif kind == RTM_NEWNEIGH and self.learning:
                     self._fdb_entry(data[off + 16:off + length])
                 off += (length + 3) & ~3
+
+    def _rescan_soon(self, e: OSError) -> None:
+        """Events were lost: every port is checked again (gone? re-MACed?), at once, or, if
+        that was done less than RESCAN_EVERY ago, once that much time has passed."""
+        if self._rescan is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._rescanned + RESCAN_EVERY - loop.time()
+        log.warning("netlink monitor: %s; re-checking ports%s", e,
+                    f" in {wait:.1f} s" if wait > 0 else "")
+        if wait > 0:
+            self._rescan = loop.call_later(wait, self._recheck)
+        else:
+            self._recheck()
+
+    def _recheck(self) -> None:
+        self._rescan = None
+        self._rescanned = asyncio.get_running_loop().time()
+        for p in list(self.by_name.values()):
+            try:
+                socket.if_indextoname(p.ifindex)
+            except OSError:
+                self._gone(p.ifindex)
+                continue
+            now = read_tap_mac(ifname=p.ifname)
+            if p.tap_mac and now and now != p.tap_mac:
+                self._cut(p, now)
 
     def _still_bridged(self, index: int) -> bool:
         port = self.by_index.get(index)
