@@ -59,6 +59,7 @@ class _Index:
     dropped by every other change to it (rebuilt at the next check)."""
     by_mac: dict[str, str] = field(default_factory=dict)  # mac -> "vm/nic"
     per_vm: Counter = field(default_factory=Counter)  # vm -> its entries
+    of_vm: dict[str, list[str]] = field(default_factory=dict)  # vm -> its MACs
     entries_of: Counter = field(default_factory=Counter)  # creator (None: none) -> entries
     names_of: Counter = field(default_factory=Counter)  # uid -> VM names it created
 
@@ -105,6 +106,7 @@ class MacRegistry:
                 vm = split_key(k)[0]
                 ix.by_mac.setdefault(mac, k)  # (a hand-edited file may give one MAC twice)
                 ix.per_vm[vm] += 1
+                ix.of_vm.setdefault(vm, []).append(mac)
                 ix.entries_of[owners.get(vm)] += 1
             self._ix[network] = ix
         return ix
@@ -155,6 +157,7 @@ class MacRegistry:
                 self.data.setdefault(network, {})[k] = mac
                 ix.by_mac[mac] = k  # (kept, not counted again: start-up remembers each port)
                 ix.per_vm[vm] += 1
+                ix.of_vm.setdefault(vm, []).append(mac)
                 ix.entries_of[self.creators.get(network, {}).get(vm)] += 1
                 self._store(self.FILE)
         if vm not in self.creators.get(network, {}):
@@ -274,9 +277,14 @@ class MacRegistry:
         macs[k] = mac
         ix.by_mac[mac] = k
         ix.per_vm[vm] += 1
+        ix.of_vm.setdefault(vm, []).append(mac)
         ix.entries_of[self.creators[network].get(vm)] += 1
         self._store(self.FILE)
         return mac
+
+    def macs_of(self, network: str, vm: str) -> list[str]:
+        """The VM's MACs on the network (every NIC's), without a walk over the others."""
+        return list(self._index(network).of_vm.get(vm, ()))
 
     def owner_of(self, network: str, mac: str) -> str | None:
         return self._index(network).by_mac.get(mac)

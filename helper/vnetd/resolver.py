@@ -45,7 +45,7 @@ class Resolver:
 
     def vm_macs(self, network: str, vm: str) -> set[str]:
         """The VM's registry MACs and the MACs of the ports that hold it."""
-        macs = {m for k, m in self.macs.data.get(network, {}).items() if split_key(k)[0] == vm}
+        macs = set(self.macs.macs_of(network, vm))
         macs |= {p.mac for p in self.ports.on_network(network)
                  if p.vm == vm and p.mac_known and p.kind != "vde"}
         return macs

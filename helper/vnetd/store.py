@@ -280,7 +280,9 @@ class Store:
 
     def save_json(self, name: str, data: Any) -> None:
         path = self.state_dir / name
-        text = json.dumps(data, indent=1, sort_keys=True).encode()
+        # compact: json's C encoder (the MAC registry's files grow to megabytes, and an
+        # indented dump, pure Python, holds the interpreter lock twice as long)
+        text = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         if path.exists():  # keep the last good copy (a copy: damage in place must not reach it)
             try:
                 self.write_runtime_file(path.with_name(path.name + ".prev"), path.read_bytes())

@@ -72,6 +72,8 @@ def test_the_kept_counts_are_what_a_walk_counts(ops):
             assert +kept.per_vm == +fresh.per_vm, o
             assert +kept.entries_of == +fresh.entries_of, o
             assert +kept.names_of == +fresh.names_of, o
+            assert ({v: sorted(m) for v, m in kept.of_vm.items() if m}
+                    == {v: sorted(m) for v, m in fresh.of_vm.items()}), o
             for mac, k in fresh.by_mac.items():
                 assert r.owner_of(n, mac) == k
 
