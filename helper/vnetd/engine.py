@@ -546,5 +546,5 @@ class Engine:
                                   "with --vde).")
         if network not in self.running:
             raise NotRunning(f"The network '{network}' is not running: start it first.")
-        sock = await asyncio.to_thread(self.vde.free_socket, net)
+        sock = await self.vde.free_socket(net)
         return sock, await self.vms.get_mac(network, vm, nic, uid)

@@ -631,18 +631,48 @@ def test_active_ports_sends_nothing_to_another_users_socket(tmp_path):
     assert fs.received == b""
 
 
-def test_free_socket_with_unknown_free_ports(tmp_path, monkeypatch):
+async def test_free_socket_with_unknown_free_ports(tmp_path, monkeypatch):
     net = Network.from_options("vnet9", {"vde": True, "taps": 2})
     v = vde_mod.VdeSwitches(tmp_path)
     monkeypatch.setattr(v, "switches", lambda n: [
         {"tap": "vnet9_1", "sock": "/s1", "state": "running", "free": 0},
         {"tap": "vnet9_2", "sock": "/s2", "state": "running"}])
-    assert v.free_socket(net) == "/s2"
+    assert await v.free_socket(net) == "/s2"
     monkeypatch.setattr(v, "switches", lambda n: [
         {"tap": "vnet9_1", "sock": "/s1", "state": "running", "free": 0},
         {"tap": "vnet9_2", "sock": "/s2", "state": "crash-loop"}])
-    with pytest.raises(Busy):
-        v.free_socket(net)
+    with pytest.raises(Busy):  # (asked afresh: VdeSocket never takes a recent answer)
+        await v.free_socket(net)
+
+
+async def test_the_switches_are_asked_once_for_everyone_in_a_thread_of_their_own(tmp_path,
+                                                                                 monkeypatch):
+    """Anyone may look at a VDE network (GetNetwork), and asking its switches takes up to a
+    second each: callers at the same time share one asking, in vnetd's one thread for it
+    (never the loop's shared workers, which write the MAC registry and make taps), and an
+    answer is given again for a moment."""
+    import threading
+    import time
+
+    net = Network.from_options("vnet9", {"vde": True, "taps": 2})
+    v = vde_mod.VdeSwitches(tmp_path)
+    v.nets[net.name] = net
+    threads = []
+
+    def slow(n):
+        threads.append(threading.current_thread().name)
+        time.sleep(0.2)
+        return [{"tap": "vnet9_1", "sock": "/s1", "state": "running", "free": 3}]
+
+    monkeypatch.setattr(v, "switches", slow)
+    answers = await asyncio.gather(*(v.status("vnet9") for _ in range(20)))
+    assert len(threads) == 1 and threads[0].startswith("vde-ask"), threads
+    assert all(a == answers[0] for a in answers) and answers[0][0]["free"] == 3
+    answers[0][0]["free"] = 0  # (each caller has its own copy)
+    assert (await v.status("vnet9"))[0]["free"] == 3 and len(threads) == 1  # recent
+    await asyncio.sleep(vde_mod.ASKED_FRESH)
+    await v.status("vnet9")
+    assert len(threads) == 2
 
 
 def test_give_tap_ebusy_is_a_failure(monkeypatch):

@@ -18,6 +18,7 @@ import grp
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,12 @@ log = logging.getLogger("vnetd.vde")
 # Pid files of the children whose own directories others may write (the VDE switches). The
 # name starts with '_', so no network's runtime directory (/run/qemu-vnet/<network>) can be it.
 PID_DIR = "_pids"
+# The switches are asked how many ports are in use through their management sockets (up to
+# 64 switches a network, a second each at worst), in a thread of their own: anyone may ask
+# (GetNetwork), and the event loop's shared workers write the MAC registry and make taps. Those
+# who ask while an asking is under way share it, and an answer is given again for ASKED_FRESH
+# seconds to whoever only looks (not to VdeSocket, which picks a switch by it).
+ASKED_FRESH = 0.5
 
 
 def give_tap(tap: str, uid: int) -> None:
@@ -69,6 +76,9 @@ class VdeSwitches:
         self.children: dict[str, list[Child]] = {}
         self.uid: int | None = None  # the switches' user, once one was started
         self.nets: dict[str, Network] = {}  # the networks whose switches run, as started
+        self._asker: ThreadPoolExecutor | None = None
+        self._asking: dict[str, asyncio.Future] = {}  # network -> the asking under way
+        self._asked: dict[str, tuple[float, list[dict]]] = {}  # network -> (when, answer)
 
     # --- the subsystem protocol (subsystems/__init__.py) -----------------------------------------
     name = "vde"
@@ -93,7 +103,30 @@ class VdeSwitches:
 
     async def status(self, name: str) -> list[dict] | None:
         net = self.nets.get(name)
-        return await asyncio.to_thread(self.switches, net) if net is not None else None
+        return await self.ask(net) if net is not None else None
+
+    async def ask(self, net: Network, fresh: bool = False) -> list[dict]:
+        """The network's switches as `switches` tells them, asked in vnetd's one thread for
+        them; shared with whoever asks meanwhile, and, unless `fresh`, an answer of the last
+        ASKED_FRESH seconds."""
+        loop = asyncio.get_running_loop()
+        done = self._asked.get(net.name)
+        if not fresh and done is not None and loop.time() - done[0] < ASKED_FRESH:
+            return [dict(d) for d in done[1]]
+        asking = self._asking.get(net.name)
+        if asking is None:
+            if self._asker is None:
+                self._asker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vde-ask")
+            asking = self._asking[net.name] = asyncio.ensure_future(
+                loop.run_in_executor(self._asker, self.switches, net))
+            asking.add_done_callback(lambda f: self._answered(net.name, f))
+        return [dict(d) for d in await asyncio.shield(asking)]
+
+    def _answered(self, name: str, f: asyncio.Future) -> None:
+        if self._asking.get(name) is f:
+            del self._asking[name]
+            if not f.cancelled() and f.exception() is None and name in self.nets:
+                self._asked[name] = (asyncio.get_running_loop().time(), f.result())
 
     def pidfile(self, tap: str) -> Path:
         return self.pid_dir / f"vde_switch-{tap}.pid"
@@ -159,6 +192,7 @@ class VdeSwitches:
 
     async def stop(self, net: Network) -> None:
         self.nets.pop(net.name, None)
+        self._asked.pop(net.name, None)
         for c in self.children.pop(net.name, []):
             await c.stop()
         self._remove_sockets(net)
@@ -187,11 +221,11 @@ class VdeSwitches:
             out.append(d)
         return out
 
-    def free_socket(self, net: Network) -> str:
+    async def free_socket(self, net: Network) -> str:
         """The switch with the most free ports; failing that, a running one whose free ports
         are unknown (its management socket did not answer, or is not vnetd's to use: see
         mgmt_group_name)."""
-        switches = self.switches(net)
+        switches = await self.ask(net, fresh=True)
         best = max(switches, key=lambda d: d.get("free", 0), default=None)
         if best is not None and best.get("free"):
             return best["sock"]
