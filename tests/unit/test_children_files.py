@@ -742,3 +742,30 @@ def test_vde_switch_macs_go_to_their_own_switch(tmp_path, monkeypatch):
     assert [a[a.index("--macaddr") + 1] for a in argvs] == ["52:54:00:09:00:00",
                                                            "52:54:00:09:00:01"]
     assert all(a.count("--macaddr") == 1 and "--hub" in a for a in argvs)
+
+
+def test_lease_lines_of_a_network_are_budgeted_and_every_event_still_goes_out(caplog):
+    """Guests behind a VDE switch may use any MAC, so as many leases as they like: a line per
+    lease would push vnetd's audit lines past journald's rate limit. At most a burst of
+    lines per network, then a few a second, the next line saying how many were held back;
+    every event still reaches the firewall and the bus."""
+    import logging
+
+    from vnetd.render.dnsmasq import Lease
+    from vnetd.subsystems import dhcp
+
+    servers = dhcp.DhcpServers(Path("/nonexistent/run"), Path("/nonexistent/lib"),
+                               lambda n: None)
+    heard = []
+    servers.listeners.append(lambda network, lease, event: heard.append((network, event)))
+    with caplog.at_level(logging.INFO, logger="vnetd.dhcp"):
+        for i in range(200):
+            servers._emit("vnet3", Lease(mac=f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}",
+                                         ip=f"10.0.0.{i % 250}", hostname="", expiry=0),
+                          "added")
+        servers._emit("vnet4", Lease(mac="02:00:00:00:09:09", ip="10.1.0.9", hostname="",
+                                     expiry=0), "added")
+    lines = [r.getMessage() for r in caplog.records if r.name == "vnetd.dhcp"]
+    assert len([x for x in lines if " on vnet3:" in x]) <= dhcp.LEASE_LINES_BURST + 1, lines
+    assert any(" on vnet4:" in x for x in lines)  # (another network's budget is its own)
+    assert len(heard) == 201

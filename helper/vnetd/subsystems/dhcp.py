@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..children import identity, safefile
 from ..children.supervisor import Child, open_recorded, reap
 from ..errors import Failed
+from ..linebudget import LineBudget
 from ..model import Network
 from ..render import dhcpd as dhcpd_be
 from ..render import dnsmasq as dnsmasq_be
@@ -54,6 +55,9 @@ def dns_query(name: str, qid: int) -> bytes:
     return q + b"\0" + struct.pack(">HH", 1, 1)
 
 
+LEASE_LINES_BURST, LEASE_LINES_RATE = 20, 2.0  # lease lines per network: at once, a second
+
+
 class DhcpServers:
     def __init__(self, runtime_dir: Path, state_dir: Path,
                  lookup: Callable[[str], Network | None]):
@@ -69,6 +73,10 @@ class DhcpServers:
         # its leases
         # network -> (file version, digest, leases, leases by MAC)
         self._parsed: dict[str, tuple[Any, ...]] = {}
+        # a line per new, changed or gone lease, per network: guests behind a VDE switch may
+        # use any MAC, and so make as many leases as they like (as many lines, which would
+        # push vnetd's audit lines past journald's rate limit)
+        self._lines = LineBudget(LEASE_LINES_BURST, LEASE_LINES_RATE)
         self._pinned: dict[str, tuple] | None = None  # see one_reading
         # each network's lease file, as its kind of server names it: the poller looks at
         # every one twice a second, without building paths each time
@@ -433,9 +441,15 @@ class DhcpServers:
                 children[i] = fresh
 
     def _emit(self, network: str, lease: Lease, event: str, renewal: bool = False) -> None:
-        # a renewal (only the expiry moved) is as frequent as a guest makes it: debug
-        log.log(logging.DEBUG if renewal else logging.INFO, "lease %s on %s: %s %s %s%s",
-                event, network, lease.ip, lease.mac, lease.hostname or "-",
-                " (renewed)" if renewal else "")
+        # a renewal (only the expiry moved) is as frequent as a guest makes it: debug; the
+        # rest within the network's budget of lines
+        if renewal:
+            log.debug("lease %s on %s: %s %s %s (renewed)", event, network, lease.ip,
+                      lease.mac, lease.hostname or "-")
+        elif (held := self._lines.take(network)) is not None:
+            log.info("lease %s on %s: %s %s %s%s", event, network, lease.ip, lease.mac,
+                     lease.hostname or "-",
+                     f" ({held} lease line(s) of {network} held back before this one)"
+                     if held else "")
         for fn in self.listeners:
             fn(network, lease, event)
