@@ -782,10 +782,8 @@ class Service:
     async def leases(self, caller: Caller, network: str) -> Any:
         """Administrators (manage) see every lease; others the leases of their own VMs (who
         has which address and MAC is what an attack on another guest starts from)."""
-        leases = self.engine.hosts.leases(network)
-        if not await self.is_admin(caller, network):
-            owner = self.engine.macs.owner_uid
-            leases = [d for d in leases if "vm" in d and owner(network, d["vm"]) == caller.uid]
+        admin = await self.is_admin(caller, network)
+        leases = self.engine.hosts.leases(network, None if admin else caller.uid)
         return [to_asv(d) for d in leases]
 
     # --- port forwarding ----------------------------------------------------------------
