@@ -120,7 +120,6 @@ class Engine:
         # rounds of the registry's writer: each takes every change marked before it, and
         # GetMac waits for the round that takes its own (not for the writer to run dry)
         self._macs_taken = 0
-        self._macs_done = 0
         self._macs_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # networks found running at start-up that `settle` has not adopted yet
         self.adopting: dict[str, Link] = {}
@@ -425,7 +424,8 @@ class Engine:
         await fut
 
     def _round_done(self, done: int) -> None:
-        self._macs_done = done
+        """The writer's round `done` is over: whoever waited for it (or an earlier one) goes
+        on."""
         waiting = []
         for target, fut in self._macs_waiters:
             if target > done:
@@ -445,7 +445,6 @@ class Engine:
         while True:
             jobs = self.macs.take_dirty()
             if not jobs:  # nothing left unwritten: no one waits for anything more
-                self._round_done(self._macs_taken)
                 for _target, fut in self._macs_waiters:
                     if not fut.done():
                         fut.set_result(None)

@@ -103,7 +103,6 @@ class RoutedDriver:
                                  {"count": learned[0], "most": learned[1]})
         except Failed:
             pass  # the bridge is gone: show says what is left without this
-
         if run.net.overlay is not None:
             d["overlay-state"] = await vxlan.state(ctx, run.net)
         return d

@@ -39,10 +39,8 @@ log = logging.getLogger("vnetd.vde")
 PID_DIR = "_pids"
 # The switches are asked how many ports are in use through their management sockets (up to
 # 64 switches a network, a second each at worst), in a thread of their own: anyone may ask
-# (GetNetwork), and the event loop's shared workers write the MAC registry and make taps. Those
-# who ask while an asking is under way share it, and an answer is given again for ASKED_FRESH
-# seconds to whoever only looks (not to VdeSocket, which picks a switch by it).
-ASKED_FRESH = 0.5
+# (GetNetwork), and the event loop's shared workers write the MAC registry and make taps.
+# Those who ask while an asking is under way share it.
 
 
 def give_tap(tap: str, uid: int) -> None:
@@ -78,7 +76,6 @@ class VdeSwitches:
         self.nets: dict[str, Network] = {}  # the networks whose switches run, as started
         self._asker: ThreadPoolExecutor | None = None
         self._asking: dict[str, asyncio.Future] = {}  # network -> the asking under way
-        self._asked: dict[str, tuple[float, list[dict]]] = {}  # network -> (when, answer)
 
     # --- the subsystem protocol (subsystems/__init__.py) -----------------------------------------
     name = "vde"
@@ -105,14 +102,10 @@ class VdeSwitches:
         net = self.nets.get(name)
         return await self.ask(net) if net is not None else None
 
-    async def ask(self, net: Network, fresh: bool = False) -> list[dict]:
+    async def ask(self, net: Network) -> list[dict]:
         """The network's switches as `switches` tells them, asked in vnetd's one thread for
-        them; shared with whoever asks meanwhile, and, unless `fresh`, an answer of the last
-        ASKED_FRESH seconds."""
+        them, and shared with whoever asks meanwhile (each gets a copy)."""
         loop = asyncio.get_running_loop()
-        done = self._asked.get(net.name)
-        if not fresh and done is not None and loop.time() - done[0] < ASKED_FRESH:
-            return [dict(d) for d in done[1]]
         asking = self._asking.get(net.name)
         if asking is None:
             if self._asker is None:
@@ -125,8 +118,6 @@ class VdeSwitches:
     def _answered(self, name: str, f: asyncio.Future) -> None:
         if self._asking.get(name) is f:
             del self._asking[name]
-            if not f.cancelled() and f.exception() is None and name in self.nets:
-                self._asked[name] = (asyncio.get_running_loop().time(), f.result())
 
     def pidfile(self, tap: str) -> Path:
         return self.pid_dir / f"vde_switch-{tap}.pid"
@@ -192,7 +183,6 @@ class VdeSwitches:
 
     async def stop(self, net: Network) -> None:
         self.nets.pop(net.name, None)
-        self._asked.pop(net.name, None)
         for c in self.children.pop(net.name, []):
             await c.stop()
         self._remove_sockets(net)
@@ -225,7 +215,7 @@ class VdeSwitches:
         """The switch with the most free ports; failing that, a running one whose free ports
         are unknown (its management socket did not answer, or is not vnetd's to use: see
         mgmt_group_name)."""
-        switches = await self.ask(net, fresh=True)
+        switches = await self.ask(net)
         best = max(switches, key=lambda d: d.get("free", 0), default=None)
         if best is not None and best.get("free"):
             return best["sock"]
