@@ -8,6 +8,7 @@ the same bridge; their own ordinary traffic does.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from vnetd.networks.routed import FDB_MAX_LEARNED
@@ -170,6 +171,10 @@ def test_a_segment_cannot_fill_the_bridges_forwarding_database(vnetd, agents, in
     the bridge learns each one: kernel memory for five minutes apiece, and an event to every
     forwarding-database listener, vnetd among them. A network's bridge learns at most
     FDB_MAX_LEARNED; frames from MACs past that still pass, and the network still works."""
+    if show(VDE_NET)["learned-macs"] is None:  # (asserted in test_lifecycle)
+        pytest.skip(f"kernel {os.uname().release} cannot bound a bridge's learned MACs "
+                    "(6.7 and later can): a segment's guests can still fill it there, as "
+                    "docs/security.md says")
     victim, vip, gw, brmac = victim_on(vnetd, agents, VDE_NET)
     switches = show(VDE_NET)["vde"]
     attacker = inside(ALICE, "vde", switches[0]["sock"])

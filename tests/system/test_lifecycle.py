@@ -9,6 +9,7 @@ import pwd
 import sys
 import time
 
+import pytest
 from vnetd.networks.routed import FDB_MAX_LEARNED
 
 from tests.harness.daemon import ALICE, uid_of
@@ -260,6 +261,11 @@ def test_the_host_has_no_ipv6_on_an_ipv4_network_nor_on_any_port(vnetd, client):
             client("undefine", net)
 
 
+def kernel_before(major: int, minor: int) -> bool:
+    numbers = os.uname().release.split("-")[0].split(".")
+    return (int(numbers[0]), int(numbers[1])) < (major, minor)
+
+
 def test_a_bridge_learns_a_bounded_number_of_macs_and_an_adopted_one_is_bounded_too(vnetd,
                                                                                   client):
     """A network's bridge learns at most FDB_MAX_LEARNED source MACs (the attack itself, a
@@ -268,6 +274,12 @@ def test_a_bridge_learns_a_bounded_number_of_macs_and_an_adopted_one_is_bounded_
     client("define", "vnet8", "--mode=host-only", "--start", check=True)
     bounded = {"count": 0, "most": FDB_MAX_LEARNED}
     shown = json.loads(client("show", "vnet8", "--json", check=True).stdout)["learned-macs"]
+    if shown is None:  # what show says where the kernel cannot bound them (Debian 12's 6.1)
+        client("stop", "vnet8", check=True)
+        client("undefine", "vnet8", check=True)
+        assert kernel_before(6, 7), "the kernel counts learned MACs, but show says null"
+        pytest.skip(f"kernel {os.uname().release} cannot bound a bridge's learned MACs "
+                    "(6.7 and later can); show says so (null)")
     assert shown == bounded, shown
     text = client("show", "vnet8", check=True).stdout
     assert f"learned-macs: 0 of at most {FDB_MAX_LEARNED}" in text, text
