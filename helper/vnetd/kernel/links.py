@@ -54,9 +54,6 @@ class Link:
     address: str | None
     tun_owner: int | None = None
     tun_persist: bool = False
-    # a bridge's (entries learned, the most it learns: 0 for no bound); None where the kernel
-    # does not count them (before 6.7), or where the link was not read by parse_link
-    fdb_learned: tuple[int, int] | None = None
 
 
 def _to_link(msg) -> Link:
@@ -133,7 +130,6 @@ def parse_link(data: bytes, off: int, length: int) -> Link:
     at = _attrs(data, off + 32, off + length)
     kind = None
     owner, persist = None, False
-    fdb = None
     info = at.get(IFLA_LINKINFO)
     if info is not None:
         li = _attrs(info, 0, len(info))
@@ -143,16 +139,12 @@ def parse_link(data: bytes, off: int, length: int) -> Link:
             owner = _u32(td.get(IFLA_TUN_OWNER))
             owner = None if owner in (None, 0xFFFFFFFF) else owner
             persist = bool(td.get(IFLA_TUN_PERSIST, b"\0")[:1] != b"\0")
-        elif kind == "bridge" and IFLA_INFO_DATA in li:
-            bd = _attrs(li[IFLA_INFO_DATA], 0, len(li[IFLA_INFO_DATA]))
-            n, most = _u32(bd.get(IFLA_BR_FDB_N_LEARNED)), _u32(bd.get(IFLA_BR_FDB_MAX_LEARNED))
-            fdb = None if n is None or most is None else (n, most)
     mac = at.get(IFLA_ADDRESS)
     return Link(index=index, ifname=_cstr(at.get(IFLA_IFNAME)) or "", kind=kind,
                 alias=_cstr(at.get(IFLA_IFALIAS)) or None, master=_u32(at.get(IFLA_MASTER)),
                 up=bool(flags & IFF_UP), mtu=_u32(at.get(IFLA_MTU)) or 0,
                 address=":".join(f"{b:02x}" for b in mac) if mac else None,
-                tun_owner=owner, tun_persist=persist, fdb_learned=fdb)
+                tun_owner=owner, tun_persist=persist)
 
 
 NLM_F_DUMP_INTR = 0x10  # the dump saw its objects change: it may miss some
@@ -282,7 +274,15 @@ def bridge_fdb_learned(index: int) -> tuple[int, int] | None:
     if kind == NLMSG_ERROR:
         (err,) = struct.unpack_from("=i", data, 16)
         raise Failed(f"The kernel cannot show interface #{index}: {os.strerror(-err)}.")
-    return parse_link(data, 0, min(length, len(data))).fdb_learned
+    info = _attrs(data, 32, min(length, len(data))).get(IFLA_LINKINFO)
+    if info is None:
+        return None
+    li = _attrs(info, 0, len(info))
+    if _cstr(li.get(IFLA_INFO_KIND)) != "bridge" or IFLA_INFO_DATA not in li:
+        return None
+    bd = _attrs(li[IFLA_INFO_DATA], 0, len(li[IFLA_INFO_DATA]))
+    learned, most = _u32(bd.get(IFLA_BR_FDB_N_LEARNED)), _u32(bd.get(IFLA_BR_FDB_MAX_LEARNED))
+    return None if learned is None or most is None else (learned, most)
 
 
 def ipv6_conf(ifname: str, key: str, value: int) -> None:
