@@ -52,7 +52,9 @@ def uid_of(user: str) -> int:
 
 
 class PolkitRule:
-    """A temporary polkit rules file; polkitd re-reads its rules directories on change."""
+    """A temporary polkit rules file, in force from entering to leaving: each change returns
+    once polkitd has re-read its rules (its Changed signal), not after a guessed while. A
+    rule that lingered past its test once let the next test's refusal be a yes."""
 
     def __init__(self, name: str, body: str):
         self.path = RULES_DIR / f"{name}.rules"
@@ -60,14 +62,54 @@ class PolkitRule:
 
     def __enter__(self) -> PolkitRule:
         RULES_DIR.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(self.body)
-        os.chmod(self.path, 0o644)
-        time.sleep(0.6)  # polkitd reloads on inotify; give it a moment
+        fresh = self.path.with_name(f".{self.path.name}.tmp")  # not a *.rules: not read
+        fresh.write_text(self.body)
+        os.chmod(fresh, 0o644)
+        polkit_rules_changed(lambda: os.replace(fresh, self.path))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
-        time.sleep(0.6)
+        if self.path.exists():  # (a test may have taken it away itself)
+            polkit_rules_changed(lambda: self.path.unlink(missing_ok=True))
+
+
+POLKIT_RELOAD_TIMEOUT = 20.0
+POLKIT_QUIET = 0.2  # a reload's signals come together; this long without one: all came
+
+
+def polkit_rules_changed(change) -> None:
+    """Run `change` (one change to polkit's rules directory) and return once polkitd has
+    re-read its rules: after its Changed signal, and a moment without another (a new file
+    can be two events, each a reload). Without a running polkitd, it reads them as it
+    starts: nothing to wait for. AssertionError if polkitd stays silent."""
+    from jeepney import DBusAddress, MatchRule, new_method_call
+    from jeepney.bus_messages import message_bus
+    from jeepney.io.blocking import open_dbus_connection
+
+    rule = MatchRule(type="signal", interface="org.freedesktop.PolicyKit1.Authority",
+                     member="Changed")
+    with open_dbus_connection(bus="SYSTEM") as conn:
+        bus = DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
+                          interface="org.freedesktop.DBus")
+        owned = conn.send_and_get_reply(
+            new_method_call(bus, "NameHasOwner", "s", ("org.freedesktop.PolicyKit1",)),
+            timeout=10).body[0]
+        with conn.filter(rule) as signals:
+            conn.send_and_get_reply(message_bus.AddMatch(rule), timeout=10)
+            change()
+            if not owned:
+                return
+            try:
+                conn.recv_until_filtered(signals, timeout=POLKIT_RELOAD_TIMEOUT)
+            except TimeoutError:
+                raise AssertionError(
+                    f"polkitd did not re-read its rules within {POLKIT_RELOAD_TIMEOUT:.0f} s "
+                    "of a change to them") from None
+            while True:
+                try:
+                    conn.recv_until_filtered(signals, timeout=POLKIT_QUIET)
+                except TimeoutError:
+                    return
 
 
 def grant_rule(user: str, action: str) -> str:
