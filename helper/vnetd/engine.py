@@ -104,14 +104,10 @@ class Engine:
         self.links = links
         self.max_networks_per_user = max_networks_per_user
         self.max_forwards_per_user = max_forwards_per_user
-        self.macs = MacRegistry(
-            store.load_json(MacRegistry.FILE, {}, valid=macs_mod.valid),
-            lambda data: store.save_json(MacRegistry.FILE, data),
-            limit=max_macs_per_network,
-            creators=store.load_json(MacRegistry.CREATORS, {}, valid=macs_mod.valid_creators),
-            save_creators=lambda data: store.save_json(MacRegistry.CREATORS, data),
-            total_limit=max_macs, per_user=max_macs_per_user,
-        )
+        entries, owners = macs_mod.load(store)
+        self.macs = MacRegistry(entries, macs_mod.saver(store), limit=max_macs_per_network,
+                                creators=owners, total_limit=max_macs,
+                                per_user=max_macs_per_user)
         self.defs: dict[str, Network] = {}  # as declared: never holds run-time facts
         self.running: dict[str, Running] = {}
         self.lock = asyncio.Lock()
@@ -458,7 +454,7 @@ class Engine:
             except Exception as e:  # (any: the marks are put back, whatever went wrong)
                 log.error("could not write the MAC registry (will try again with the next "
                           "change): %s", e)
-                self.macs.dirty.update((MacRegistry.FILE, MacRegistry.CREATORS))
+                self.macs.dirty.update(job.network for job in jobs)
                 self._round_done(done)
                 return
             self._round_done(done)

@@ -4,13 +4,19 @@ A MAC is derived from a hash of network/vm/nic, so the same VM gets the same MAC
 with an empty registry; a collision inside the network is resolved by rehashing with a
 counter, and every MAC given out is remembered in the state directory, so it never changes
 once given (the original qemu-vlan's MACs depended on the shell's PID).
-The registry file also carries MACs imported from an old ether.conf, or from another host's
+The registry also carries MACs imported from an old ether.conf, or from another host's
 registry (ExportMacs/ImportMacs: a VM that moves keeps its MACs).
+
+On disk, each network's entries and owners are one file, `<network>.macs.json` in the state
+directory (a name no network can take: see vnet_common.names): a change to one network
+writes that network's file only, however many networks and entries the host holds. The
+single `macs.json` and `mac-creators.json` of earlier versions are split into these files
+at start-up (load), and then removed.
 
 Bounds, so that callers allowed to ask for MACs cannot grow the registry without end or crowd
 each other out: each network holds at most `limit` entries, the whole registry (networks
 undefined since included) at most `total_limit`, and a user other than root brings in at
-most `per_user` entries per network (who first asked for a VM is kept in mac-creators.json).
+most `per_user` entries per network (who first asked for a VM is kept with the entries).
 
 Ownership: a VM name on a network belongs to the uid that first registered it (asked for its
 MAC or attached it), root included; another uid's calls for that VM are refused (NotOwner)
@@ -19,8 +25,9 @@ until an administrator forgets it (ForgetMac).
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -37,7 +44,9 @@ from vnet_common.names import (
     validate_vm_name,
 )
 
-from .errors import Exists, InvalidArgument, NotFound, NotOwner, QuotaExceeded
+from .errors import Exists, InvalidArgument, NotFound, NotOwner, QuotaExceeded, VnetError
+
+log = logging.getLogger("vnetd.macs")
 
 QEMU_OUI = "52:54:00"
 DEFAULT_LIMIT = 4096  # entries per network
@@ -64,14 +73,34 @@ class _Index:
     names_of: Counter = field(default_factory=Counter)  # uid -> VM names it created
 
 
+SUFFIX = ".macs.json"  # <network>.macs.json: one network's entries and owners
+LEGACY = "macs.json"  # the whole registry in one file (earlier versions)
+LEGACY_CREATORS = "mac-creators.json"
+
+# save(network, entries, owners): write one network's file (both empty: remove it)
+Save = Callable[[str, dict[str, str], dict[str, int]], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A deferred write of one network's file, with a copy of its state as it was taken."""
+
+    network: str
+    macs: dict[str, str]
+    creators: dict[str, int]
+    version: int
+    registry: MacRegistry
+
+    def __call__(self) -> None:
+        self.registry._write(self.network, self.macs, self.creators, self.version)
+
+
 class MacRegistry:
-    """{network: {"vm/nic": mac}}, persisted through a save callback after each change."""
+    """{network: {"vm/nic": mac}} and {network: {vm: uid}}, persisted a network at a time
+    through a save callback after each change."""
 
-    FILE = "macs.json"
-    CREATORS = "mac-creators.json"
-
-    def __init__(self, data: dict[str, dict[str, str]], save, limit: int = DEFAULT_LIMIT,
-                 creators: dict[str, dict[str, int]] | None = None, save_creators=None,
+    def __init__(self, data: dict[str, dict[str, str]], save: Save, limit: int = DEFAULT_LIMIT,
+                 creators: dict[str, dict[str, int]] | None = None,
                  total_limit: int = DEFAULT_TOTAL, per_user: int = DEFAULT_PER_USER):
         self.data = {n: dict(m) for n, m in data.items() if isinstance(m, dict)}
         # (network, mac) -> the VM (or "the gateway") that holds it, in the registry or
@@ -83,17 +112,16 @@ class MacRegistry:
         self.per_user = per_user
         # {network: {vm: uid}}: who first asked for a VM's MAC (its entries count for them)
         self.creators = {n: dict(m) for n, m in (creators or {}).items() if isinstance(m, dict)}
-        self._save_creators = save_creators or (lambda data: None)
         # while `defer` is above 0, a new entry or owner is only marked here (the attach path,
         # which answers first, and GetMac: vnetd writes the files off its event loop, see
         # `take_dirty`); a count, since an attach holds it across awaits
         self.defer = 0
-        self.dirty: set[str] = set()
+        self.dirty: set[str] = set()  # networks whose file is to be written
         # every write carries the number of the state it saves; one lock orders the writes of
-        # the event loop and of the deferred writer's thread, and an older state is never
-        # written over a newer one
+        # the event loop and of the deferred writer's thread, and an older state of a
+        # network is never written over a newer one
         self._version = 0
-        self._written = {self.FILE: 0, self.CREATORS: 0}
+        self._written: dict[str, int] = {}  # network -> the state its file holds
         self._io = threading.Lock()
         self._ix: dict[str, _Index] = {}  # network -> its counts (see _Index)
 
@@ -115,32 +143,33 @@ class MacRegistry:
         """Anything but `get` changed the network's entries or owners: counted again."""
         self._ix.pop(network, None)
 
-    def _write(self, which: str, data: Any, version: int | None = None) -> None:
+    def _write(self, network: str, macs: dict[str, str], creators: dict[str, int],
+               version: int | None = None) -> None:
         if version is None:
             self._version += 1
             version = self._version
         with self._io:
-            if version <= self._written[which]:
+            if version <= self._written.get(network, 0):
                 return  # a newer state is on disk already
-            (self._save if which == self.FILE else self._save_creators)(data)
-            self._written[which] = version
+            self._save(network, macs, creators)
+            self._written[network] = version
 
-    def _store(self, which: str) -> None:
+    def _store(self, network: str) -> None:
         if self.defer:
-            self.dirty.add(which)
+            self.dirty.add(network)
         else:
-            self._write(which, self.data if which == self.FILE else self.creators)
+            self._write(network, self.data.get(network, {}), self.creators.get(network, {}))
 
-    def take_dirty(self) -> list[Callable[[], None]]:
-        """The deferred writes, each a function that saves a copy of the state as it is now,
-        and clear the marks: the caller runs them (off the event loop: the copies are their
-        own, and a state written meanwhile by a later change is not overwritten)."""
-        jobs: list[Callable[[], None]] = []
-        for which in sorted(self.dirty):
+    def take_dirty(self) -> list[Job]:
+        """The deferred writes, one per network changed, each saving a copy of that
+        network's state as it is now, and clear the marks: the caller runs them (off the
+        event loop: the copies are their own, and a state written meanwhile by a later
+        change is not overwritten). Only the networks changed are copied and written."""
+        jobs: list[Job] = []
+        for network in sorted(self.dirty):
             self._version += 1
-            src = self.data if which == self.FILE else self.creators
-            copy = {n: dict(m) for n, m in src.items()}
-            jobs.append(functools.partial(self._write, which, copy, self._version))
+            jobs.append(Job(network, dict(self.data.get(network, {})),
+                            dict(self.creators.get(network, {})), self._version, self))
         self.dirty.clear()
         return jobs
 
@@ -159,7 +188,7 @@ class MacRegistry:
                 ix.per_vm[vm] += 1
                 ix.of_vm.setdefault(vm, []).append(mac)
                 ix.entries_of[self.creators.get(network, {}).get(vm)] += 1
-                self._store(self.FILE)
+                self._store(network)
         if vm not in self.creators.get(network, {}):
             self._note_creator(network, vm, uid)
 
@@ -186,7 +215,9 @@ class MacRegistry:
                 "frees the entries of your VMs that are gone (or ask the administrator to "
                 "raise vnetd's --max-macs-per-user).")
 
-    def _note_creator(self, network: str, vm: str, uid: int) -> None:
+    def _note_creator(self, network: str, vm: str, uid: int, store: bool = True) -> None:
+        """`uid` owns the VM name if no one does yet; `store`: and the network's file is
+        written (or marked), unless the caller does that itself."""
         by_vm = self.creators.setdefault(network, {})
         if vm not in by_vm:
             ix = self._index(network)
@@ -196,7 +227,8 @@ class MacRegistry:
             if moved:
                 ix.entries_of[None] -= moved
                 ix.entries_of[uid] += moved
-            self._store(self.CREATORS)
+            if store:
+                self._store(network)
 
     def reclaim(self, network: str, vm: str) -> int | None:
         """Root owns the VM name from now on (a network's pre-created tap's); the uid that
@@ -206,7 +238,7 @@ class MacRegistry:
             return None
         self.creators[network][vm] = 0
         self._changed(network)
-        self._store(self.CREATORS)
+        self._store(network)
         return before
 
     def owner_uid(self, network: str, vm: str) -> int | None:
@@ -261,7 +293,7 @@ class MacRegistry:
             self._note_creator(network, vm, uid)
             return macs[k]
         self._check_room(network, uid, vm)
-        self._note_creator(network, vm, uid)
+        self._note_creator(network, vm, uid, store=False)  # (one write for both, below)
         macs = self.data.setdefault(network, {})
         ix = self._index(network)
         used = ix.by_mac
@@ -279,7 +311,7 @@ class MacRegistry:
         ix.per_vm[vm] += 1
         ix.of_vm.setdefault(vm, []).append(mac)
         ix.entries_of[self.creators[network].get(vm)] += 1
-        self._store(self.FILE)
+        self._store(network)
         return mac
 
     def macs_of(self, network: str, vm: str) -> list[str]:
@@ -315,9 +347,9 @@ class MacRegistry:
         if new and self.total() + new > self.total_limit:
             self._check_room(network, 0, "", new)  # raises: the whole registry is full
         macs.update(rows)
-        self.data[network] = macs
+        self._write(network, macs, self.creators.get(network, {}))  # first: a failed write
+        self.data[network] = macs  # changes nothing
         self._changed(network)
-        self._write(self.FILE, self.data)
         return len(rows)
 
     def export(self, network: str, uid: int | None = None) -> dict[str, str]:
@@ -341,17 +373,10 @@ class MacRegistry:
         if not gone:
             raise NotFound(f"VM '{vm}' has no MAC in the registry of network {network}.")
         kept = {k: m for k, m in macs.items() if k not in gone}
-        data = {n: m for n, m in self.data.items() if n != network}
-        if kept:
-            data[network] = kept
-        self._write(self.FILE, data)  # first: a failed write changes nothing
-        self.data = data
+        owners = {v: u for v, u in self.creators.get(network, {}).items() if v != vm}
+        self._write(network, kept, owners)  # first: a failed write changes nothing
+        _put(self.data, self.creators, network, kept, owners)
         self._changed(network)
-        if self.creators.get(network, {}).pop(vm, None) is not None:
-            if not self.creators[network]:
-                del self.creators[network]
-            self._changed(network)
-            self._write(self.CREATORS, self.creators)
         return len(gone)
 
     def transfer(self, network: str, vm: str, uid: int) -> int | None:
@@ -364,10 +389,9 @@ class MacRegistry:
         if before is None and not has_macs:
             raise NotFound(f"VM '{vm}' is not known on network {network}: it has neither an "
                            "owner nor a MAC in the registry.")
-        creators = {n: dict(m) for n, m in self.creators.items()}
-        creators.setdefault(network, {})[vm] = uid
-        self._write(self.CREATORS, creators)  # first: a failed write changes nothing
-        self.creators = creators
+        owners = {**self.creators.get(network, {}), vm: uid}
+        self._write(network, self.data.get(network, {}), owners)  # first: a failed write
+        self.creators[network] = owners  # changes nothing
         self._changed(network)
         return before
 
@@ -412,3 +436,86 @@ def valid(data: Any) -> bool:
         isinstance(n, str) and isinstance(m, dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items())
         for n, m in data.items())
+
+
+def valid_file(data: Any) -> bool:
+    """A network's file: {"macs": {"vm/nic": mac}, "creators": {vm: uid}}."""
+    return (isinstance(data, dict) and set(data) <= {"macs", "creators"}
+            and valid({"": data.get("macs", {})})
+            and valid_creators({"": data.get("creators", {})}))
+
+
+def file_name(network: str) -> str:
+    return network + SUFFIX
+
+
+def saver(store) -> Save:
+    """save(network, entries, owners) into `store`'s state directory (vnetd.store.Store):
+    the network's file, written atomically and durably; removed once it holds nothing."""
+    def save(network: str, macs: dict[str, str], creators: dict[str, int]) -> None:
+        if macs or creators:
+            store.save_json(file_name(network), {"macs": macs, "creators": creators})
+        else:
+            store.remove_json(file_name(network))
+    return save
+
+
+def load(store) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, int]]]:
+    """The registry's entries and owners from `store`'s state directory. A file that is
+    damaged is replaced by its last good copy (Store.load_json). The single files of
+    earlier versions, if any, are split into one file per network first (the networks they
+    hold take their entries from them: a crash may have come in the middle of a split), and
+    removed once every network's file is written."""
+    data: dict[str, dict[str, str]] = {}
+    creators: dict[str, dict[str, int]] = {}
+    names = set()
+    for entry in os.scandir(store.state_dir):
+        for suffix in (SUFFIX, SUFFIX + ".prev"):  # (a file gone with its copy left)
+            if entry.name.endswith(suffix) and len(entry.name) > len(suffix):
+                names.add(entry.name[:-len(suffix)])
+    for network in sorted(names):
+        try:
+            validate_network_name(network)
+        except VnetError:
+            log.warning("MAC registry: ignoring %s: '%s' is no network name",
+                        file_name(network), network)
+            continue
+        d = store.load_json(file_name(network), None, valid=valid_file)
+        if d:
+            _put(data, creators, network, d.get("macs", {}), d.get("creators", {}))
+    legacy = store.load_json(LEGACY, None, valid=valid)
+    legacy_creators = store.load_json(LEGACY_CREATORS, None, valid=valid_creators)
+    if legacy is None and legacy_creators is None:
+        return data, creators
+    legacy, legacy_creators = legacy or {}, legacy_creators or {}
+    save = saver(store)
+    moved = 0
+    for network in sorted(set(legacy) | set(legacy_creators)):
+        try:
+            validate_network_name(network)
+        except VnetError:
+            log.warning("MAC registry: dropping the entries of '%s' in %s: no network name",
+                        network, LEGACY)
+            continue
+        macs, owners = legacy.get(network, {}), legacy_creators.get(network, {})
+        save(network, macs, owners)
+        _put(data, creators, network, macs, owners)
+        moved += 1
+    store.remove_json(LEGACY)  # (only once every network's own file is written)
+    store.remove_json(LEGACY_CREATORS)
+    log.info("MAC registry: split %s and %s into a file per network (%d networks)", LEGACY,
+             LEGACY_CREATORS, moved)
+    return data, creators
+
+
+def _put(data: dict[str, dict[str, str]], creators: dict[str, dict[str, int]],
+         network: str, macs: dict[str, str], owners: dict[str, int]) -> None:
+    """A network's entries and owners, as held in memory (no empty map is kept)."""
+    if macs:
+        data[network] = dict(macs)
+    else:
+        data.pop(network, None)
+    if owners:
+        creators[network] = dict(owners)
+    else:
+        creators.pop(network, None)

@@ -290,6 +290,20 @@ class Store:
                 pass
         atomic_write(path, text, 0o600)
 
+    def remove_json(self, name: str) -> None:
+        """A durable state file gone, and its last good copy first (or load_json would
+        bring the file back from it)."""
+        path = self.state_dir / name
+        with contextlib.suppress(FileNotFoundError):
+            path.with_name(path.name + ".prev").unlink()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
     # --- runtime state (gone at reboot, kept across daemon restarts) ---------------------
     def load_runtime_json(self, name: str, default: Any) -> Any:
         try:

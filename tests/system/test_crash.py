@@ -19,8 +19,8 @@ step a given delay hits still varies a little from run to run. Profiles: VNET_CR
 (default, 110 kills, about a minute) or nightly (1000); VNET_CRASH_KILLS=N overrides;
 VNET_CRASH_OPS=start,stop limits the kills to some operations (the kinds of WEIGHTS).
 
-A second group damages definition files and macs.json on disk before a restart: the damage is
-reported and the last good copy used, never a crash loop.
+A second group damages definition files and a network's MAC registry file on disk before a
+restart: the damage is reported and the last good copy used, never a crash loop.
 """
 
 from __future__ import annotations
@@ -872,17 +872,18 @@ class World:
             problems.append(f"port records {sorted(records)}, ports "
                             f"{sorted(live_ports | tap_ports)}")
 
-        # 7. MACs handed out: the same from vnetd, and in the registry on disk
-        try:
-            reg = json.loads((v.state_dir / "macs.json").read_text())
-        except FileNotFoundError:
-            reg = {}  # no MAC handed out yet (any that was is missing below)
-        except (OSError, ValueError) as e:
-            reg = {}
-            problems.append(f"macs.json unreadable: {e}")
+        # 7. MACs handed out: the same from vnetd, and in the registry on disk (a file per
+        # network, <network>.macs.json)
+        reg: dict[str, dict] = {}
+        for f in v.state_dir.glob("*.macs.json"):
+            try:
+                reg[f.name[:-len(".macs.json")]] = json.loads(f.read_text())["macs"]
+            except (OSError, ValueError, KeyError) as e:
+                problems.append(f"{f.name} unreadable: {e}")
         for (net_name, vm, nic), mac in sorted(self.macs.items()):
             if reg.get(net_name, {}).get(f"{vm}/{nic}") != mac:
-                problems.append(f"MAC of {net_name}/{vm} nic {nic} ({mac}) is not in macs.json "
+                problems.append(f"MAC of {net_name}/{vm} nic {nic} ({mac}) is not in "
+                                f"{net_name}.macs.json "
                                 f"(has {reg.get(net_name, {}).get(f'{vm}/{nic}')})")
             if net_name in listed:
                 got = self.q("GetMac", "ssu", net_name, vm, nic)
@@ -1143,7 +1144,7 @@ def test_damaged_mac_registry_is_reported_and_the_last_good_copy_used(vnetd, wor
         w.macs[("ck4", vm, 0)] = mac
     for _ in range(4):  # the registry's previous copy has all but the last of these
         w.run(w.op_mac("ck4"))
-    path = vnetd.state_dir / "macs.json"
+    path = vnetd.state_dir / "ck4.macs.json"  # the network's entries and owners
     good = path.read_bytes()
     damaged = b"[]" if damage == "wrong-shape" else DAMAGE[damage](good)
     path.write_bytes(damaged)
@@ -1157,15 +1158,15 @@ def test_damaged_mac_registry_is_reported_and_the_last_good_copy_used(vnetd, wor
     # out in between (which would have written the registry again)
     vnetd.kill()
     vnetd.start()
-    files = sorted(p.name for p in path.parent.glob("macs*"))
+    files = sorted(p.name for p in path.parent.glob("*macs*"))
     for (net, vm, nic), mac in sorted(w.macs.items()):
         got = w.q("GetMac", "ssu", net, vm, nic)
         assert got == mac, (f"{net}/{vm} nic {nic} was {mac}, is {got} after two restarts "
                             f"(the state directory had {files} after the second)")
     # and on disk again, with all of them, after the next hand-out
     w.run(w.op_mac("ck4"))
-    reg = json.loads(path.read_text())
     for (net, vm, nic), mac in w.macs.items():
-        assert reg[net][f"{vm}/{nic}"] == mac
-    bad = path.with_name("macs.json.bad")
+        reg = json.loads((path.parent / f"{net}.macs.json").read_text())["macs"]
+        assert reg[f"{vm}/{nic}"] == mac
+    bad = path.with_name("ck4.macs.json.bad")
     assert bad.exists() and bad.read_bytes() == damaged, "the damaged file was not kept aside"

@@ -110,21 +110,21 @@ def test_an_owner_a_crash_kept_from_disk_comes_back_from_the_held_port(vnetd):
     holder, and adopting the port after the restart puts the owner back."""
     run_client("start", NET, check=True)
     holder = spawn_as(ALICE, HOLDER, NET, "crashed1")
-    creators = vnetd.state_dir / "mac-creators.json"
+    registry = vnetd.state_dir / f"{NET}.macs.json"  # the network's entries and owners
     try:
         assert "ifname" in read_json(holder)
         deadline = time.monotonic() + 5
-        while not creators.exists() or json.loads(creators.read_text()).get(NET, {}).get(
+        while not registry.exists() or json.loads(registry.read_text())["creators"].get(
                 "crashed1") != uid_of(ALICE):
             assert time.monotonic() < deadline, "the new VM's owner was never written"
             time.sleep(0.05)
         vnetd.kill()
-        data = json.loads(creators.read_text())  # as if the kill came before the write
-        del data[NET]["crashed1"]
-        creators.write_text(json.dumps(data))
+        data = json.loads(registry.read_text())  # as if the kill came before the write
+        del data["creators"]["crashed1"]
+        registry.write_text(json.dumps(data))
         vnetd.start()
         assert mac(BOB, "crashed1") == ERR + "NotOwner"
-        assert json.loads(creators.read_text())[NET]["crashed1"] == uid_of(ALICE)
+        assert json.loads(registry.read_text())["creators"]["crashed1"] == uid_of(ALICE)
         # without the held port, the name would have been free: the control
         assert mac(BOB, "crashed1-other").count(":") == 5
     finally:

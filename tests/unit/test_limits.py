@@ -183,11 +183,16 @@ def test_vnetd_takes_the_limits_as_options():
 
 # --- the MAC registry ---------------------------------------------------------------------
 class Saved:
+    """The registry's writes, a network's file each: its entries in `writes`, its owners in
+    `owners`."""
+
     def __init__(self):
         self.writes: list[dict] = []
+        self.owners: list[dict] = []
 
-    def __call__(self, data):
-        self.writes.append(json.loads(json.dumps(data)))
+    def __call__(self, network, macs, creators):
+        self.writes.append({network: json.loads(json.dumps(macs))})
+        self.owners.append({network: json.loads(json.dumps(creators))})
 
 
 def registry(limit: int = 3, data=None) -> tuple[MacRegistry, Saved]:
@@ -345,9 +350,9 @@ async def test_a_new_vms_mac_is_written_off_the_event_loop_before_the_answer(eng
     finally:
         beside.cancel()
     assert ticks >= 10, f"the event loop stood still while the registry was written ({ticks})"
-    on_disk = engine.store.load_json(MacRegistry.FILE, {})
-    assert on_disk["n1"]["web/0"] == mac  # written before the answer
-    assert engine.store.load_json(MacRegistry.CREATORS, {})["n1"]["web"] == ALICE
+    on_disk = engine.store.load_json("n1.macs.json", {})
+    assert on_disk["macs"]["web/0"] == mac  # written before the answer
+    assert on_disk["creators"]["web"] == ALICE
 
 
 async def test_lease_events_of_a_network_wait_for_one_pass(engine):
@@ -402,9 +407,9 @@ async def test_getmac_waits_for_its_own_write_not_for_everyone_elses(engine):
     finally:
         busy = False
         await beside
-    assert engine.store.load_json(MacRegistry.FILE, {})["n1"]["web/0"] == mac
+    assert engine.store.load_json("n1.macs.json", {})["macs"]["web/0"] == mac
     await engine.flush()  # and at exit, everything is written
-    assert len(engine.store.load_json(MacRegistry.FILE, {})["n1"]) == len(engine.macs.data["n1"])
+    assert len(engine.store.load_json("n1.macs.json", {})["macs"]) == len(engine.macs.data["n1"])
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -486,9 +491,10 @@ def test_show_and_forward_list_name_the_owner(capsys):
 def _reg(**kw):
     from vnetd.macs import MacRegistry
 
-    saved = {}
-    return MacRegistry({}, lambda d: saved.update(macs=d), creators={},
-                       save_creators=lambda d: saved.update(creators=d), **kw), saved
+    saved: dict = {"macs": {}, "creators": {}}
+    return MacRegistry({}, lambda n, m, c: (saved["macs"].update({n: m}),
+                                            saved["creators"].update({n: c})),
+                       creators={}, **kw), saved
 
 
 def test_one_user_cannot_crowd_a_network_out():
@@ -569,23 +575,21 @@ def test_vnetd_refuses_a_bad_number_of_spare_taps(value, words, capsys):
 
 # --- the attach path's deferred writes --------------------------------------------------------
 def test_a_deferred_new_vm_is_written_later_and_never_over_a_newer_state():
-    writes: list[tuple[str, dict]] = []
-    reg = MacRegistry({}, lambda d: writes.append(("macs", json.loads(json.dumps(d)))),
-                      creators={}, save_creators=lambda d: writes.append(
-                          ("creators", json.loads(json.dumps(d)))))
+    writes: list[tuple[str, dict, dict]] = []
+    reg = MacRegistry({}, lambda n, m, c: writes.append((n, *json.loads(json.dumps([m, c])))),
+                      creators={})
     reg.defer = True
     mac = reg.get("vnet2", "web1", 0, uid=1000)
     reg.defer = False
-    assert writes == [] and reg.dirty == {"macs.json", "mac-creators.json"}
+    assert writes == [] and reg.dirty == {"vnet2"}
     jobs = reg.take_dirty()
-    assert reg.dirty == set() and len(jobs) == 2
-    reg.get("vnet2", "web2", 0, uid=1001)  # a later change, written at once
-    assert [w[0] for w in writes] == ["creators", "macs"]
-    for job in jobs:  # the deferred jobs, run after: their older copies are not written
+    assert reg.dirty == set() and len(jobs) == 1
+    reg.get("vnet2", "web2", 0, uid=1001)  # a later change, written at once: one write
+    assert len(writes) == 1
+    for job in jobs:  # the deferred job, run after: its older copy is not written
         job()
-    assert len(writes) == 2
-    assert writes[-1] == ("macs", {"vnet2": {"web1/0": mac, "web2/0": reg.lookup(
-        "vnet2", "web2", 0)}})
+    assert writes == [("vnet2", {"web1/0": mac, "web2/0": reg.lookup("vnet2", "web2", 0)},
+                       {"web1": 1000, "web2": 1001})]
     reg.defer = True
     reg.get("vnet2", "web3", 0, uid=1000)
     reg.defer = False
@@ -593,15 +597,40 @@ def test_a_deferred_new_vm_is_written_later_and_never_over_a_newer_state():
     reg.data["vnet2"]["later/0"] = "52:54:00:00:00:99"  # the copy is the job's own
     for job in jobs:
         job()
-    assert writes[-2] == ("creators", {"vnet2": {"web1": 1000, "web2": 1001, "web3": 1000}})
-    assert writes[-1][0] == "macs" and "web3/0" in writes[-1][1]["vnet2"]
+    assert writes[-1][0] == "vnet2" and "web3/0" in writes[-1][1]
+    assert writes[-1][2] == {"web1": 1000, "web2": 1001, "web3": 1000}
     assert "later/0" not in json.dumps(writes)
 
 
+def test_a_change_writes_its_own_networks_file_only():
+    """The registry is a file per network: however many networks and entries the host
+    holds, a new VM's round writes (and copies) the one network it changed."""
+    writes: list[tuple[str, dict, dict]] = []
+    reg = MacRegistry({f"n{i}": {f"vm{j}/0": f"52:54:00:00:{i:02x}:{j:02x}" for j in range(50)}
+                       for i in range(20)},
+                      lambda n, m, c: writes.append((n, dict(m), dict(c))), creators={},
+                      limit=100, total_limit=10_000)
+    reg.defer = 1
+    reg.get("n7", "new", 0, uid=1000)
+    reg.get("n7", "new", 1, uid=1000)
+    reg.claim("n9", "named", 1001)
+    reg.defer = 0
+    jobs = reg.take_dirty()
+    assert sorted(j.network for j in jobs) == ["n7", "n9"]
+    for job in jobs:
+        job()
+    assert [w[0] for w in writes] == ["n7", "n9"]
+    assert len(writes[0][1]) == 52 and writes[0][2] == {"new": 1000}
+    assert writes[1] == ("n9", reg.data["n9"], {"named": 1001})
+    reg.forget("n3", "vm0")  # written at once, its own network's file
+    assert writes[-1][0] == "n3" and "vm0/0" not in writes[-1][1] and len(writes[-1][1]) == 49
+
+
 def test_an_adopted_port_gives_back_an_owner_but_never_takes_one():
-    saved: dict = {}
-    reg = MacRegistry({}, lambda d: saved.update(macs=d), creators={"vnet2": {"db": 1001}},
-                      save_creators=lambda d: saved.update(creators=d))
+    saved: dict = {"macs": {}, "creators": {}}
+    reg = MacRegistry({}, lambda n, m, c: (saved["macs"].update({n: m}),
+                                           saved["creators"].update({n: c})),
+                      creators={"vnet2": {"db": 1001}})
     reg.remember("vnet2", "web1", 1000)
     assert reg.owner_uid("vnet2", "web1") == 1000 and saved["creators"]["vnet2"]["web1"] == 1000
     reg.remember("vnet2", "db", 1000)  # owned by another: unchanged

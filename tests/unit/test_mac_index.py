@@ -62,7 +62,7 @@ def run(r: MacRegistry, o: tuple) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(op, max_size=40))
 def test_the_kept_counts_are_what_a_walk_counts(ops):
-    r = MacRegistry({}, lambda data: None, limit=6, per_user=3)
+    r = MacRegistry({}, lambda *written: None, limit=6, per_user=3)
     for o in ops:
         run(r, o)
         for n in NETS:

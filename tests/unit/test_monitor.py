@@ -35,7 +35,7 @@ class Flood:
 
 def ports(tmp_path) -> Ports:
     store = Store(tmp_path / "etc", tmp_path / "var", tmp_path / "run")
-    return Ports(None, MacRegistry({}, lambda data: None), store)
+    return Ports(None, MacRegistry({}, lambda *written: None), store)
 
 
 async def test_a_flood_of_link_events_gives_the_loop_back(tmp_path):

@@ -24,7 +24,7 @@ def port(vm: str, mac: str, known: bool = True, kind: str = "attach") -> Port:
 
 def resolver(ports=(), leases=()) -> Resolver:
     macs = MacRegistry({"vnet3": {"web/0": "52:54:00:00:00:01", "web/1": "52:54:00:00:00:02",
-                                  "old/0": "52:54:00:00:00:0f"}}, lambda data: None)
+                                  "old/0": "52:54:00:00:00:0f"}}, lambda *written: None)
     fake_ports = SimpleNamespace(on_network=lambda n: list(ports) if n == "vnet3" else [])
     fake_dhcp = SimpleNamespace(leases=lambda net: list(leases),
                                 leases_of=lambda net, mac: tuple(le for le in leases

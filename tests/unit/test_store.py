@@ -364,3 +364,76 @@ def test_save_after_a_fallback_works(st):
     assert st.load_json("ports.json", None) == {"v": 1}
     st.save_json("ports.json", {"v": 4})
     assert st.load_json("ports.json", None) == {"v": 4}
+
+
+# --- the MAC registry on disk: a file per network -------------------------------------------
+def _registry(st):
+    from vnetd import macs as macs_mod
+
+    data, owners = macs_mod.load(st)
+    return macs_mod.MacRegistry(data, macs_mod.saver(st), creators=owners), macs_mod
+
+
+def test_the_registry_of_earlier_versions_is_split_into_a_file_per_network(st, caplog):
+    """macs.json and mac-creators.json of an earlier version: each network gets its own
+    file with its entries and owners, and the single files go, once all are written."""
+    old = {"vnet2": {"web/0": "52:54:00:00:00:01", "web/1": "52:54:00:00:00:02"},
+           "lab": {"db/0": "52:54:00:00:00:03"}, "no way": {"x/0": "52:54:00:00:00:04"}}
+    st.save_json("macs.json", old)
+    st.save_json("macs.json", old)  # (its last good copy too, which must go with it)
+    st.save_json("mac-creators.json", {"vnet2": {"web": 1000}, "gone": {"old": 1001}})
+    reg, _ = _registry(st)
+    assert reg.data == {"vnet2": old["vnet2"], "lab": old["lab"]}  # ("no way": no network)
+    assert reg.creators == {"vnet2": {"web": 1000}, "gone": {"old": 1001}}
+    names = sorted(p.name for p in st.state_dir.iterdir() if "macs" in p.name)
+    assert names == ["gone.macs.json", "lab.macs.json", "vnet2.macs.json"]
+    assert json.loads((st.state_dir / "vnet2.macs.json").read_text()) == {
+        "macs": old["vnet2"], "creators": {"web": 1000}}
+    assert mode_of(st.state_dir / "vnet2.macs.json") == 0o600
+    assert not (st.state_dir / "mac-creators.json").exists()
+    assert "no network name" in caplog.text
+    again, _ = _registry(st)  # and the next start reads the same from the new files
+    assert (again.data, again.creators) == (reg.data, reg.creators)
+
+
+def test_a_registry_split_cut_short_is_done_again_from_the_old_files(st):
+    """A crash after some networks' files were written and before the old files went: the
+    old files still hold everything, and their networks take their entries from them."""
+    st.save_json("macs.json", {"vnet2": {"web/0": "52:54:00:00:00:01"}})
+    st.save_json("vnet2.macs.json", {"macs": {"stale/0": "52:54:00:00:00:09"}, "creators": {}})
+    st.save_json("lab.macs.json", {"macs": {"db/0": "52:54:00:00:00:03"}, "creators": {}})
+    reg, _ = _registry(st)
+    assert reg.data == {"vnet2": {"web/0": "52:54:00:00:00:01"},
+                        "lab": {"db/0": "52:54:00:00:00:03"}}
+    assert not (st.state_dir / "macs.json").exists()
+
+
+def test_a_damaged_network_file_falls_back_to_its_last_good_copy(st, caplog):
+    reg, _ = _registry(st)
+    mac = reg.get("vnet2", "web", 0, 1000)
+    reg.get("lab", "db", 0, 1000)
+    reg.get("vnet2", "web2", 0, 1000)  # (the last good copy holds web alone)
+    (st.state_dir / "vnet2.macs.json").write_text('{"macs": {"web/0": 7}}')  # wrong shape
+    again, _ = _registry(st)
+    assert again.data["vnet2"] == {"web/0": mac} and again.creators["vnet2"] == {"web": 1000}
+    assert again.data["lab"] == reg.data["lab"]  # the other networks are untouched
+    assert (st.state_dir / "vnet2.macs.json.bad").exists() and "unreadable" in caplog.text
+
+
+def test_a_network_whose_last_vm_is_forgotten_leaves_no_file(st):
+    reg, _ = _registry(st)
+    reg.get("vnet2", "web", 0, 1000)
+    reg.get("vnet2", "web", 1, 1000)
+    assert (st.state_dir / "vnet2.macs.json").exists()
+    assert reg.forget("vnet2", "web") == 2
+    assert not [p.name for p in st.state_dir.iterdir() if "vnet2" in p.name]
+    again, _ = _registry(st)  # (nor a last copy to bring it back)
+    assert again.data == {} and again.creators == {}
+
+
+def test_a_registry_file_whose_name_is_no_network_is_left_alone(st, caplog):
+    (st.state_dir / "x y.macs.json").write_text('{"macs": {"a/0": "52:54:00:00:00:01"}}')
+    (st.state_dir / ".macs.json").write_text("{}")
+    reg, _ = _registry(st)
+    assert reg.data == {} and "'x y' is no network name" in caplog.text
+    assert (st.state_dir / "x y.macs.json").exists()
