@@ -14,8 +14,10 @@ Positive answers are cached per (sender unique name, action, details), for a sho
 (a user taken out of group 'vnet', a rule file edited), and an expired entry is asked again.
 The cache is bounded by entries and by bytes, least recently used first out; the bus surface
 validates every argument before it asks, so details are short names, never a caller's
-kilobytes. Entries go when the sender disconnects and when polkit emits Changed; answers that
-came from a password (a temporary authorization) are never cached. A refusal of a check that
+kilobytes. Entries go when the sender disconnects and when polkit emits Changed, and an
+answer to a check that was at polkit when it emitted Changed is used for that call only (it
+may have been given under the rules from before); answers that came from a password (a
+temporary authorization) are never cached. A refusal of a check that
 could not prompt is remembered for DENIED_SECONDS (a user asking in a loop costs polkit one
 check per few seconds, not one per call).
 
@@ -102,6 +104,9 @@ class Authorizer:
         # could not prompt (a fresh exception each time: one raised again keeps growing)
         self._denied: OrderedDict[CacheKey, tuple[float, type[VnetError], str]] = OrderedDict()
         self._serial = 0  # for the cancellation ids of checks
+        # polkit's configuration changes seen: an answer to a check asked before a change
+        # (polkit may have answered under the old rules) is used once, never kept
+        self._generation = 0
 
     # --- cache maintenance (wired to bus signals by bus.py) -----------------------------
     def forget_sender(self, name: str) -> None:
@@ -113,6 +118,7 @@ class Authorizer:
             log.debug("forgot %d cached answer(s) for %s: it disconnected", len(gone), name)
 
     def polkit_changed(self) -> None:
+        self._generation += 1
         if self._cache:
             log.info("polkit configuration changed: dropped %d cached answers", len(self._cache))
         self._cache.clear()
@@ -201,16 +207,20 @@ class Authorizer:
             if denied is not None and self.clock() < denied[0]:
                 self.cache_hits += 1
                 raise denied[1](denied[2])
+        generation = self._generation
         is_authorized, is_challenge, result_details = await self._ask(caller, action, details)
+        current = generation == self._generation  # (no Changed from polkit meanwhile)
         log.debug("polkit: %s for uid %d: authorized=%s challenge=%s %s", action, caller.uid,
                   is_authorized, is_challenge, result_details)
         if is_authorized:
-            if not any(k.startswith(("polkit.temporary_authorization",
-                                     "polkit.retains_authorization")) for k in result_details):
+            if current and not any(k.startswith(("polkit.temporary_authorization",
+                                                 "polkit.retains_authorization"))
+                                   for k in result_details):
                 self._remember(key)
             return
         refusal = self._refusal(caller, action, method, is_challenge, result_details)
-        if not caller.interactive:  # polkit's own answer (never a failure to ask it)
+        # polkit's own answer (never a failure to ask it), under the rules in force now
+        if not caller.interactive and current:
             self._denied[key] = (self.clock() + DENIED_SECONDS, type(refusal), refusal.message)
             self._denied.move_to_end(key)
             while len(self._denied) > self.max_entries:

@@ -335,3 +335,35 @@ def test_a_disconnect_drops_its_own_entries_through_an_index_that_follows_evicti
     for name in list(a._by_sender):
         a.forget_sender(name)
     assert a.cache_size == 0 and a._by_sender == {}
+
+
+class ChangingBus(StubBus):
+    """polkit's configuration changes while a check is at polkit: its Changed signal reaches
+    vnetd before the answer, which was given under the rules from before."""
+
+    def __init__(self, authz_of, *results):
+        super().__init__(*results)
+        self.authz_of = authz_of
+
+    async def call(self, msg):
+        self.authz_of().polkit_changed()
+        await asyncio.sleep(0)
+        return await super().call(msg)
+
+
+def test_an_answer_polkit_gave_before_its_rules_changed_is_not_kept():
+    """A rule taken away while a check was at polkit: the yes from before it went must not
+    be kept for the cache's minute (nor a refusal from before a rule that grants)."""
+    holder: list[Authorizer] = []
+    bus = ChangingBus(lambda: holder[0], (True, False, {}), (True, False, {}),
+                      (False, False, {}), (False, False, {}))
+    a = Authorizer(bus)
+    holder.append(a)
+    check(a, ALICE)  # authorized, but under the rules from before the change
+    assert a.cache_size == 0
+    check(a, ALICE)
+    assert len(bus.calls) == 2  # asked again, not answered from the cache
+    for _ in range(2):
+        with pytest.raises(AccessDenied):
+            check(a, ALICE)
+    assert len(bus.calls) == 4  # nor a refusal remembered
