@@ -5,11 +5,23 @@ namespace per test module."""
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 from tests.harness import daemon as hd
 from tests.harness import services
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # A run stopped with SIGTERM (a CI time limit, `kill`) unwinds as an interrupted one:
+    # the tests' context managers and fixtures clean up (a polkit rule granting a test user
+    # more, left in /etc, would outlive the session) instead of the process just ending.
+    signal.signal(signal.SIGTERM, _terminated)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,6 +40,9 @@ def system_services(request):
     lock.__enter__()
     request.addfinalizer(lambda: lock.__exit__(None, None, None))
     services.start(with_vnetd=False)
+    stale = hd.sweep_stale_rules()
+    if stale:  # (reported: a session that ended without cleaning up says so)
+        print(f"removed polkit rules a killed test session left: {', '.join(stale)}")
     # One daemon owns org.qemuvnet.Vnet1 at a time: a host vnetd yields to the tests and is
     # started again afterwards.
     host_vnetd = services.stop_vnetd()

@@ -63,7 +63,7 @@ class PolkitRule:
     def __enter__(self) -> PolkitRule:
         RULES_DIR.mkdir(parents=True, exist_ok=True)
         fresh = self.path.with_name(f".{self.path.name}.tmp")  # not a *.rules: not read
-        fresh.write_text(self.body)
+        fresh.write_text(f"{RULE_MARK} (pid {os.getpid()})\n{self.body}")
         os.chmod(fresh, 0o644)
         polkit_rules_changed(lambda: os.replace(fresh, self.path))
         return self
@@ -71,6 +71,30 @@ class PolkitRule:
     def __exit__(self, *exc: object) -> None:
         if self.path.exists():  # (a test may have taken it away itself)
             polkit_rules_changed(lambda: self.path.unlink(missing_ok=True))
+
+
+# the first line of every rules file the tests write: a session that was killed (SIGKILL, or
+# a machine stopped) leaves its file behind, and polkitd would go on granting what it grants
+# in the next session's tests; sweep_stale_rules takes such files away before any test runs
+RULE_MARK = "// qemu-vnet test harness rule: removed when its test ends"
+
+
+def sweep_stale_rules() -> list[str]:
+    """Remove the rules files an earlier, killed test session left (their first line is
+    RULE_MARK; one session runs at a time), once polkitd has re-read its rules: their
+    names."""
+    stale = []
+    for path in sorted(RULES_DIR.glob("*.rules")) if RULES_DIR.is_dir() else ():
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                first = f.readline()
+        except OSError:
+            continue
+        if first.startswith(RULE_MARK):
+            stale.append(path)
+    for path in stale:
+        polkit_rules_changed(lambda path=path: path.unlink(missing_ok=True))
+    return [p.name for p in stale]
 
 
 POLKIT_RELOAD_TIMEOUT = 20.0

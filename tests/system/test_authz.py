@@ -83,3 +83,40 @@ def test_polkit_absent_denies_non_root(vnetd, client):
         assert r.returncode == 0, r.stderr
         client("undefine", "vnet8", check=True)
     services.ensure_polkitd()
+
+
+def _bob_may_attach(network: str) -> bool:
+    """polkit's own answer for Bob attaching to `network` (pkcheck on a process of his)."""
+    import subprocess
+
+    from tests.harness.daemon import as_user
+
+    sleeper = subprocess.Popen(as_user(BOB, ["sleep", "60"]))
+    try:
+        r = subprocess.run(["pkcheck", "--action-id", "org.qemuvnet.Vnet1.attach", "--process",
+                            str(sleeper.pid), "--detail", "network", network],
+                           capture_output=True, text=True, timeout=30)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert r.returncode in (0, 1, 2), r.stderr  # yes, no, a password: anything else is broken
+    return r.returncode == 0
+
+
+def test_a_rule_a_killed_test_session_left_behind_is_swept_before_tests_run(system_services):
+    """A test session killed while a rule gave Bob more (SIGKILL, a stopped machine) leaves
+    its file in /etc/polkit-1/rules.d, and polkitd goes on granting: the next session's
+    tests of refusals would pass Bob through. Every harness rule carries a mark, and the
+    session removes marked files before its first test (and SIGTERM unwinds a session)."""
+    from tests.harness import daemon as hd
+
+    path = hd.RULES_DIR / "60-vnet-test-left-behind.rules"
+    left = f"{hd.RULE_MARK} (pid 999999999)\n" + grant_rule(BOB, "org.qemuvnet.Vnet1.attach")
+    hd.polkit_rules_changed(lambda: path.write_text(left))
+    try:
+        assert _bob_may_attach("vnet7")  # what the file left behind grants
+        assert path.name in hd.sweep_stale_rules()
+        assert not path.exists()
+        assert not _bob_may_attach("vnet7")
+    finally:
+        path.unlink(missing_ok=True)
