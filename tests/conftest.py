@@ -43,6 +43,9 @@ def system_services(request):
     stale = hd.sweep_stale_rules()
     if stale:  # (reported: a session that ended without cleaning up says so)
         print(f"removed polkit rules a killed test session left: {', '.join(stale)}")
+    stale = hd.sweep_stale_namespaces()
+    if stale:
+        print(f"removed network namespaces a killed test session left: {', '.join(stale)}")
     # One daemon owns org.qemuvnet.Vnet1 at a time: a host vnetd yields to the tests and is
     # started again afterwards.
     host_vnetd = services.stop_vnetd()

@@ -97,6 +97,21 @@ def sweep_stale_rules() -> list[str]:
     return [p.name for p in stale]
 
 
+def sweep_stale_namespaces() -> list[str]:
+    """Delete the network namespaces of a killed test session's daemons and guests (vnt-*,
+    vng-*) that no process is in any more (one session runs at a time): their names."""
+    gone = []
+    for line in sh("ip", "netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if not name.startswith(("vnt-", "vng-")):
+            continue
+        if sh("ip", "netns", "pids", name, check=False).stdout.strip():
+            continue  # something still runs there: not ours to take
+        sh("ip", "netns", "del", name, check=False)
+        gone.append(name)
+    return gone
+
+
 POLKIT_RELOAD_TIMEOUT = 20.0
 POLKIT_QUIET = 0.2  # a reload's signals come together; this long without one: all came
 
