@@ -53,8 +53,9 @@ def uid_of(user: str) -> int:
 
 class PolkitRule:
     """A temporary polkit rules file, in force from entering to leaving: each change returns
-    once polkitd has re-read its rules (its Changed signal), not after a guessed while. A
-    rule that lingered past its test once let the next test's refusal be a yes."""
+    once polkitd has re-read its rules (its Changed signal), not after a guessed while (a
+    polkitd slower than the guess would answer the next call under the old rules). Its
+    first line is RULE_MARK, so that a killed session's file is swept before the next."""
 
     def __init__(self, name: str, body: str):
         self.path = RULES_DIR / f"{name}.rules"
