@@ -27,6 +27,7 @@ from . import api, model
 from .authz import POLKIT_NAME, Authorizer, Caller
 from .engine import Engine
 from .errors import Failed, InvalidArgument, NotFound, NotOwner, VnetError
+from .fairlock import caller_key
 from .linebudget import LineBudget
 from .model import Network
 from .session import Sessions
@@ -465,6 +466,8 @@ class Service:
             ), [], None
         interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
         caller = await self.authz.caller(sender, interactive)
+        # the engine's lock serves callers in turn: this task (and what it starts) is theirs
+        caller_key.set(caller.uid)
         budget = Budget()
         args = [unwrap(a, 0, budget) for a in msg.body]
         if target is not None:

@@ -29,6 +29,7 @@ from .errors import (
     QuotaExceeded,
     VnetError,
 )
+from .fairlock import FairLock
 from .forwards import Forwards
 from .hosts import Hosts
 from .kernel import links as links_mod
@@ -110,7 +111,7 @@ class Engine:
                                 per_user=max_macs_per_user)
         self.defs: dict[str, Network] = {}  # as declared: never holds run-time facts
         self.running: dict[str, Running] = {}
-        self.lock = asyncio.Lock()
+        self.lock = FairLock()  # waiters served by caller in turn (fairlock.py)
         self._macs_writer: asyncio.Task | None = None
         self._leases_due: set[str] = set()  # networks whose lease pass waits to run
         # rounds of the registry's writer: each takes every change marked before it, and

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import model
 from ..errors import VnetError
+from ..fairlock import FairLock
 from ..kernel import tap as tapdev
 from ..kernel.links import FastLinkSetter
 from ..ports import read_tap_mac
@@ -88,7 +89,7 @@ class Spares:
     def __init__(self, firewall: Firewall,
                  schedule: Callable[[Coroutine[Any, Any, None]], None], size: int = DEFAULT,
                  has_ports: Callable[[str], bool] = lambda network: False,
-                 lock: asyncio.Lock | None = None):
+                 lock: asyncio.Lock | FairLock | None = None):
         self.firewall = firewall
         self.schedule = schedule  # runs a coroutine soon, under the engine's lock
         self.size = size
