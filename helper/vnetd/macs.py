@@ -487,17 +487,21 @@ def load(store) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, int]]]:
     legacy_creators = store.load_json(LEGACY_CREATORS, None, valid=valid_creators)
     if legacy is None and legacy_creators is None:
         return data, creators
-    legacy, legacy_creators = legacy or {}, legacy_creators or {}
     save = saver(store)
     moved = 0
-    for network in sorted(set(legacy) | set(legacy_creators)):
+    for network in sorted(set(legacy or {}) | set(legacy_creators or {})):
         try:
             validate_network_name(network)
         except VnetError:
             log.warning("MAC registry: dropping the entries of '%s' in %s: no network name",
                         network, LEGACY)
             continue
-        macs, owners = legacy.get(network, {}), legacy_creators.get(network, {})
+        # an old file that is there holds all of its part; one that is gone was removed by
+        # a split cut short after it had written every network's file, which then holds it
+        macs = (legacy.get(network, {}) if legacy is not None
+                else data.get(network, {}))
+        owners = (legacy_creators.get(network, {}) if legacy_creators is not None
+                  else creators.get(network, {}))
         save(network, macs, owners)
         _put(data, creators, network, macs, owners)
         moved += 1

@@ -437,3 +437,17 @@ def test_a_registry_file_whose_name_is_no_network_is_left_alone(st, caplog):
     reg, _ = _registry(st)
     assert reg.data == {} and "'x y' is no network name" in caplog.text
     assert (st.state_dir / "x y.macs.json").exists()
+
+
+def test_a_registry_split_cut_between_removing_the_old_files_keeps_every_entry(st):
+    """The split removes macs.json, then mac-creators.json: a crash between the two leaves
+    the owners' old file alone, and the entries are in the network files by then. Taking
+    the missing old file for 'no entries' would have emptied them."""
+    st.save_json("macs.json", {"vnet2": {"web/0": "52:54:00:00:00:01"}})
+    st.save_json("mac-creators.json", {"vnet2": {"web": 1000}})
+    first, _ = _registry(st)
+    st.save_json("mac-creators.json", {"vnet2": {"web": 1000}})  # (as the crash left it)
+    again, _ = _registry(st)
+    assert again.data == first.data == {"vnet2": {"web/0": "52:54:00:00:00:01"}}
+    assert again.creators == {"vnet2": {"web": 1000}}
+    assert not (st.state_dir / "mac-creators.json").exists()
