@@ -29,7 +29,7 @@ from .errors import (
     QuotaExceeded,
     VnetError,
 )
-from .fairlock import FairLock
+from .fairlock import FairLock, caller_key
 from .forwards import Forwards
 from .hosts import Hosts
 from .kernel import links as links_mod
@@ -244,6 +244,7 @@ class Engine:
                                      self.macs.get(net.name, tname, 0))
 
     async def _locked(self, coro) -> None:
+        caller_key.set(None)  # vnetd's own work, whoever's call or event scheduled it
         async with self.lock:
             try:
                 await coro

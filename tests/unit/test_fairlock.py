@@ -105,3 +105,24 @@ def test_many_callers_at_random_never_hold_it_together():
     for seed in range(20):
         rng = random.Random(seed)
         asyncio.run(scene())
+
+
+async def test_vnetds_own_scheduled_work_is_its_own_caller_whoever_scheduled_it(tmp_path):
+    """A user's call that starts background work (a lease pass, a guard for a learned MAC)
+    does not make that work wait in the user's own queue for the lock."""
+    from vnetd.engine import Engine
+    from vnetd.store import Store
+
+    from tests.unit.test_limits import NoLinks
+
+    e = Engine(Store(tmp_path / "etc", tmp_path / "var", tmp_path / "run"), NoLinks())
+    seen = []
+
+    async def work():
+        seen.append(caller_key.get())
+
+    caller_key.set(1000)  # (as the bus sets it for a call of uid 1000)
+    e.schedule(work())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert seen == [None]

@@ -82,3 +82,23 @@ def test_reads_do_not_take_the_lock_of_changes():
         assert f._read_lock.acquire(timeout=1)
         f._read_lock.release()
     assert f._read_lock is not f._nft_lock and f._read_elements is not f._elements
+
+
+def test_a_learned_mac_of_a_port_that_went_meanwhile_adds_nothing():
+    """A port's learned MAC is guarded by a change that waits its turn for the engine's
+    lock; the port may be gone (or its name a new port's) by then: nothing is added for
+    it, or its elements would outlive it."""
+    from vnetd.ports import Port
+
+    gone = Port(ifname="vnet3-web", ifindex=9, network="vnet3", vm="web", nic=0, uid=1000,
+                mac="52:54:00:00:00:01", mac_known=False, holder_pid=None, queues=1,
+                created=0.0, kind="attach")
+    f = Firewall(SimpleNamespace(ports=SimpleNamespace(by_name={})))
+    changes = []
+
+    async def change(*args, **kw):
+        changes.append(args)
+
+    f._change = change
+    asyncio.run(f.port_attached(gone))
+    assert changes == [] and "vnet3-web" not in f.applied_ports

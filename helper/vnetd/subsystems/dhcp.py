@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..children import identity, safefile
 from ..children.supervisor import Child, open_recorded, reap
 from ..errors import Failed
+from ..fairlock import caller_key
 from ..linebudget import LineBudget
 from ..model import Network
 from ..render import dhcpd as dhcpd_be
@@ -383,6 +384,7 @@ class DhcpServers:
 
     async def _poll(self) -> None:
         """Watch the lease files; announce each lease that appears, changes or goes."""
+        caller_key.set(None)  # vnetd's own work, whoever's call started the first server
         while True:
             await asyncio.sleep(LEASE_POLL)
             for name in [*self.children, *self.inherited]:

@@ -587,7 +587,11 @@ class Firewall:
             await asyncio.to_thread(self._apply, {"nftables": cmds}, what)
 
     async def port_attached(self, port: Port) -> None:
-        """A new port, or one whose MAC was just learned."""
+        """A new port, or one whose MAC was just learned. One that went (or whose name a
+        new port took) before this ran has nothing to guard: its elements are gone or
+        the new port's."""
+        if self.view.ports.by_name.get(port.ifname) is not port:
+            return
         new = self._fw_port(port)
         await self._update(port.network, new)
 

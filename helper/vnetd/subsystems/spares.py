@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import model
 from ..errors import VnetError
-from ..fairlock import FairLock
+from ..fairlock import FairLock, caller_key
 from ..kernel import tap as tapdev
 from ..kernel.links import FastLinkSetter
 from ..ports import read_tap_mac
@@ -197,6 +197,7 @@ class Spares:
 
     async def _fill(self) -> None:
         """Stock the networks that want spares, one tap at a time, in turn."""
+        caller_key.set(None)  # vnetd's own work, whoever's attach asked for it
         while self._wanted:
             name = next(iter(self._wanted))
             del self._wanted[name]
