@@ -321,6 +321,8 @@ class Service:
             name, _old, new = msg.body
             if name == POLKIT_NAME:
                 self.polkit_owner = new or None
+                # a polkitd that (re)starts sends no Changed, and may read other rules
+                self.authz.polkit_changed()
             if name.startswith(":") and not new:
                 self.authz.forget_sender(name)
                 self.sessions.forget(name)

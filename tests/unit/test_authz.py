@@ -367,3 +367,31 @@ def test_an_answer_polkit_gave_before_its_rules_changed_is_not_kept():
         with pytest.raises(AccessDenied):
             check(a, ALICE)
     assert len(bus.calls) == 4  # nor a refusal remembered
+
+
+def test_a_polkitd_that_restarts_empties_the_cache():
+    """A polkitd that (re)starts sends no Changed, and may have read other rules (an
+    upgrade, an edited rules file while it was down): its arrival on the bus counts as
+    one."""
+    from dbus_fast import Message
+    from vnetd.bus import Service
+
+    bus = StubBus((True, False, {}), (True, False, {}))
+    a = Authorizer(bus)
+    s = Service.__new__(Service)
+    s.authz, s.polkit_owner, s._ignored_logged = a, ":1.3", 0.0
+    check(a, ALICE)
+    assert a.cache_size == 1
+    s._on_signal(Message.new_signal("/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                    "NameOwnerChanged", "sss",
+                                    ["org.freedesktop.PolicyKit1", ":1.3", ":1.99"]))
+    # (new_signal leaves the sender empty: only the bus daemon's own is believed)
+    assert a.cache_size == 1 and s.polkit_owner == ":1.3"
+    msg = Message.new_signal("/org/freedesktop/DBus", "org.freedesktop.DBus",
+                             "NameOwnerChanged", "sss",
+                             ["org.freedesktop.PolicyKit1", ":1.3", ":1.99"])
+    msg.sender = "org.freedesktop.DBus"
+    s._on_signal(msg)
+    assert s.polkit_owner == ":1.99" and a.cache_size == 0
+    check(a, ALICE)
+    assert len(bus.calls) == 2  # asked the new polkitd
