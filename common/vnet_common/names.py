@@ -36,7 +36,7 @@ GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # a group name vnetd accepts (
 # not be one of vnetd's own entries there (a network called "vde" would put its dnsmasq
 # configuration where the VDE switches may write), nor a VXLAN device's name (vx<VNI>).
 RESERVED_NAMES = frozenset({"vde", "ports", "intents", "last-good", "dhcpd"})
-_RESERVED_RE = re.compile(r"vx[0-9]+|.*\.(json|conf|pid|toml|tmp)|bridged-.*|frr-.*")
+_RESERVED_RE = re.compile(r"vx[0-9]+|.*\.(json|conf|pid|toml|tmp|prev|bad)|bridged-.*|frr-.*")
 
 
 def printable(value: object) -> str:

@@ -617,7 +617,8 @@ def test_bridged_mode_needs_an_interface_and_no_dhcp_or_forwards():
 
 
 @pytest.mark.parametrize("name", ["vde", "ports", "intents", "last-good", "vx5007", "macs.json",
-                                  "bridged-x", "frr-evpn", "dhcpd"])
+                                  "macs.json.prev", "n.macs.json.bad", "bridged-x",
+                                  "frr-evpn", "dhcpd"])
 def test_names_vnetd_uses_itself_are_reserved(name):
     from vnetd.model import validate_network_name
 
