@@ -70,8 +70,12 @@ class PolkitRule:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.path.exists():  # (a test may have taken it away itself)
+        if not self.path.exists():  # (a test may have taken it away itself)
+            return
+        try:
             polkit_rules_changed(lambda: self.path.unlink(missing_ok=True))
+        finally:  # gone even if the bus could not be asked (the wait is what failed)
+            self.path.unlink(missing_ok=True)
 
 
 # the first line of every rules file the tests write: a session that was killed (SIGKILL, or
@@ -82,8 +86,8 @@ RULE_MARK = "// qemu-vnet test harness rule: removed when its test ends"
 
 def sweep_stale_rules() -> list[str]:
     """Remove the rules files an earlier, killed test session left (their first line is
-    RULE_MARK; one session runs at a time), once polkitd has re-read its rules: their
-    names."""
+    RULE_MARK with another process's pid; one session runs at a time), once polkitd has
+    re-read its rules: their names."""
     stale = []
     for path in sorted(RULES_DIR.glob("*.rules")) if RULES_DIR.is_dir() else ():
         try:
@@ -91,8 +95,8 @@ def sweep_stale_rules() -> list[str]:
                 first = f.readline()
         except OSError:
             continue
-        if first.startswith(RULE_MARK):
-            stale.append(path)
+        if first.startswith(RULE_MARK) and f"(pid {os.getpid()})" not in first:
+            stale.append(path)  # (this session's own rules are in force on purpose)
     for path in stale:
         polkit_rules_changed(lambda path=path: path.unlink(missing_ok=True))
     return [p.name for p in stale]
@@ -126,8 +130,8 @@ def polkit_rules_changed(change) -> None:
     from jeepney.bus_messages import message_bus
     from jeepney.io.blocking import open_dbus_connection
 
-    rule = MatchRule(type="signal", interface="org.freedesktop.PolicyKit1.Authority",
-                     member="Changed")
+    rule = MatchRule(type="signal",
+                     interface="org.freedesktop.PolicyKit1.Authority", member="Changed")
     with open_dbus_connection(bus="SYSTEM") as conn:
         bus = DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
                           interface="org.freedesktop.DBus")
@@ -145,7 +149,8 @@ def polkit_rules_changed(change) -> None:
                 raise AssertionError(
                     f"polkitd did not re-read its rules within {POLKIT_RELOAD_TIMEOUT:.0f} s "
                     "of a change to them") from None
-            while True:
+            deadline = time.monotonic() + POLKIT_RELOAD_TIMEOUT  # (Changed for other reasons
+            while time.monotonic() < deadline:  # may keep coming: never wait on without end)
                 try:
                     conn.recv_until_filtered(signals, timeout=POLKIT_QUIET)
                 except TimeoutError:

@@ -112,7 +112,9 @@ def test_a_rule_a_killed_test_session_left_behind_is_swept_before_tests_run(syst
 
     path = hd.RULES_DIR / "60-vnet-test-left-behind.rules"
     left = f"{hd.RULE_MARK} (pid 999999999)\n" + grant_rule(BOB, "org.qemuvnet.Vnet1.attach")
-    hd.polkit_rules_changed(lambda: path.write_text(left))
+    fresh = path.with_name(f".{path.name}.tmp")  # (in place whole: one change, one reload)
+    fresh.write_text(left)
+    hd.polkit_rules_changed(lambda: os.replace(fresh, path))
     try:
         assert _bob_may_attach("vnet7")  # what the file left behind grants
         assert path.name in hd.sweep_stale_rules()
