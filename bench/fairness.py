@@ -20,6 +20,7 @@ import time
 
 from _common import bench_daemon, emit, summary_ms
 
+from tests.adversarial.test_daemon_fairness import STORM  # (Bob's storm, as the test's)
 from tests.harness.daemon import ALICE, BOB, PolkitRule, grant_rule, run_client
 from tests.harness.users import read_json, run_as, spawn_as
 
@@ -42,26 +43,6 @@ async def main():
 asyncio.run(main())
 """
 
-STORM = """
-import time
-async def one(c, port, deadline, took):
-    spec = {"proto": "tcp", "port": port, "target": "10.216.0.5", "target-port": 80}
-    while time.monotonic() < deadline:
-        for call in (c.add_forward, c.remove_forward):
-            t = time.perf_counter()
-            await call("bobnet", spec)
-            took.append(time.perf_counter() - t)
-async def main():
-    seconds, width, base = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    async with Client() as c:
-        print(json.dumps({"ready": True}), flush=True)
-        took = []
-        deadline = time.monotonic() + seconds
-        await asyncio.gather(*(one(c, base + k, deadline, took) for k in range(width)))
-        print(json.dumps({"took": took}), flush=True)
-asyncio.run(main())
-"""
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -74,7 +55,7 @@ def main() -> None:
         d.start(["--log-level", "info"])
         run_client("define", "alicenet", "--subnet=10.215.0.0/24", "--dhcp=none", check=True)
         run_client("start", "alicenet", check=True)
-        run_client("define", "bobnet", "--subnet=10.216.0.0/24", "--dhcp=none", user=BOB,
+        run_client("define", "bobnet", "--subnet=10.214.0.0/24", "--dhcp=none", user=BOB,
                    check=True)
         run_client("start", "bobnet", user=BOB, check=True)
         alone = json.loads(run_as(ALICE, ATTACHES, str(a.seconds / 2), timeout=300).stdout)
