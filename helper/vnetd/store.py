@@ -67,9 +67,13 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = Tru
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # nothing half-made is left behind
         raise
-    if not durable:
-        return
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """A directory's entries (a file renamed in, or removed) flushed to the disk."""
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
     finally:
@@ -124,11 +128,7 @@ class Store:
             (self.good_dir / d.name / f.file_name).unlink()
         with contextlib.suppress(FileNotFoundError):
             (d / f.file_name).unlink()
-            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(d)
 
     def delete(self, name: str) -> None:
         """The definition file goes first (that is the undefine, atomically); its forwards and
@@ -298,11 +298,7 @@ class Store:
             path.with_name(path.name + ".prev").unlink()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(path.parent)
 
     # --- runtime state (gone at reboot, kept across daemon restarts) ---------------------
     def load_runtime_json(self, name: str, default: Any) -> Any:

@@ -126,18 +126,14 @@ def polkit_rules_changed(change) -> None:
     re-read its rules: after its Changed signal, and a moment without another (a new file
     can be two events, each a reload). Without a running polkitd, it reads them as it
     starts: nothing to wait for. AssertionError if polkitd stays silent."""
-    from jeepney import DBusAddress, MatchRule, new_method_call
+    from jeepney import MatchRule
     from jeepney.bus_messages import message_bus
     from jeepney.io.blocking import open_dbus_connection
 
     rule = MatchRule(type="signal",
                      interface="org.freedesktop.PolicyKit1.Authority", member="Changed")
+    owned = services.has_owner("org.freedesktop.PolicyKit1")
     with open_dbus_connection(bus="SYSTEM") as conn:
-        bus = DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
-                          interface="org.freedesktop.DBus")
-        owned = conn.send_and_get_reply(
-            new_method_call(bus, "NameHasOwner", "s", ("org.freedesktop.PolicyKit1",)),
-            timeout=10).body[0]
         with conn.filter(rule) as signals:
             conn.send_and_get_reply(message_bus.AddMatch(rule), timeout=10)
             change()
