@@ -731,7 +731,7 @@ class Service:
 
     async def import_macs(self, caller: Caller, network: str, macs: dict[str, str]) -> Any:
         self.owns_network(caller, network)
-        return Reply(self.engine.vms.import_macs(network, macs),
+        return Reply(await self.engine.vms.import_macs(network, macs),
                      audit=f"{len(macs)} entr{'y' if len(macs) == 1 else 'ies'}")
 
     async def export_macs(self, caller: Caller, network: str) -> Any:

@@ -95,6 +95,37 @@ class Job:
         self.registry._write(self.network, self.macs, self.creators, self.version)
 
 
+@dataclass(frozen=True)
+class Change:
+    """A change to one network's entries or owners (a forget, a transfer, an import),
+    checked and planned but not made: `write` puts the network's state after it on disk
+    (vnetd runs it in a thread: a durable write must not hold up the event loop), and only
+    then does `commit` make it the registry's, so a write that fails changes nothing.
+    Nothing else may change the network between the two (the engine's lock, and GetMac
+    waits: see Vms)."""
+
+    network: str
+    macs: dict[str, str]
+    creators: dict[str, int]
+    version: int
+    result: Any
+    registry: MacRegistry
+
+    def write(self) -> None:
+        self.registry._write(self.network, self.macs, self.creators, self.version)
+
+    def commit(self) -> Any:
+        _put(self.registry.data, self.registry.creators, self.network, self.macs,
+             self.creators)
+        self.registry._changed(self.network)
+        return self.result
+
+    def make(self) -> Any:
+        """Write and commit, here and now (on the caller's thread)."""
+        self.write()
+        return self.commit()
+
+
 class MacRegistry:
     """{network: {"vm/nic": mac}} and {network: {vm: uid}}, persisted a network at a time
     through a save callback after each change."""
@@ -117,12 +148,14 @@ class MacRegistry:
         # `take_dirty`); a count, since an attach holds it across awaits
         self.defer = 0
         self.dirty: set[str] = set()  # networks whose file is to be written
-        # every write carries the number of the state it saves; one lock orders the writes of
-        # the event loop and of the deferred writer's thread, and an older state of a
-        # network is never written over a newer one
+        # every write carries the number of the state it saves; a lock per network orders
+        # the writes of its file (from the deferred writer's thread, a change's own thread,
+        # the event loop), and an older state of a network is never written over a newer
+        # one; writes of different networks do not wait for each other
         self._version = 0
         self._written: dict[str, int] = {}  # network -> the state its file holds
-        self._io = threading.Lock()
+        self._io = threading.Lock()  # (guards _io_of)
+        self._io_of: dict[str, threading.Lock] = {}
         self._ix: dict[str, _Index] = {}  # network -> its counts (see _Index)
 
     def _index(self, network: str) -> _Index:
@@ -149,6 +182,8 @@ class MacRegistry:
             self._version += 1
             version = self._version
         with self._io:
+            lock = self._io_of.setdefault(network, threading.Lock())
+        with lock:
             if version <= self._written.get(network, 0):
                 return  # a newer state is on disk already
             self._save(network, macs, creators)
@@ -321,8 +356,20 @@ class MacRegistry:
     def owner_of(self, network: str, mac: str) -> str | None:
         return self._index(network).by_mac.get(mac)
 
+    def _plan(self, network: str, macs: dict[str, str], creators: dict[str, int],
+              result: Any) -> Change:
+        """A change to be written as the network's state `macs` and `creators`. Its state
+        number is taken now: a deferred write of an older state (taken before) never
+        lands over it."""
+        self._version += 1
+        return Change(network, macs, creators, self._version, result, self)
+
     def import_macs(self, network: str, entries: dict[str, str]) -> int:
         """Take in 'vm' (NIC 0) or 'vm/nic' -> mac entries; all or nothing."""
+        return self.plan_import(network, entries).make()
+
+    def plan_import(self, network: str, entries: dict[str, str]) -> Change:
+        """import_macs, checked and planned (see Change): how many entries it takes in."""
         validate_network_name(network)
         macs = dict(self.data.get(network, {}))
         holders = {m: k for k, m in macs.items()}
@@ -347,10 +394,7 @@ class MacRegistry:
         if new and self.total() + new > self.total_limit:
             self._check_room(network, 0, "", new)  # raises: the whole registry is full
         macs.update(rows)
-        self._write(network, macs, self.creators.get(network, {}))  # first: a failed write
-        self.data[network] = macs  # changes nothing
-        self._changed(network)
-        return len(rows)
+        return self._plan(network, macs, dict(self.creators.get(network, {})), len(rows))
 
     def export(self, network: str, uid: int | None = None) -> dict[str, str]:
         """The network's entries, 'vm/nic' -> mac: what import_macs takes back; with `uid`,
@@ -366,6 +410,10 @@ class MacRegistry:
 
     def forget(self, network: str, vm: str) -> int:
         """Drop every NIC entry of a VM on a network; how many there were."""
+        return self.plan_forget(network, vm).make()
+
+    def plan_forget(self, network: str, vm: str) -> Change:
+        """forget, checked and planned (see Change)."""
         validate_network_name(network)
         validate_vm_name(vm)
         macs = self.data.get(network, {})
@@ -374,14 +422,15 @@ class MacRegistry:
             raise NotFound(f"VM '{vm}' has no MAC in the registry of network {network}.")
         kept = {k: m for k, m in macs.items() if k not in gone}
         owners = {v: u for v, u in self.creators.get(network, {}).items() if v != vm}
-        self._write(network, kept, owners)  # first: a failed write changes nothing
-        _put(self.data, self.creators, network, kept, owners)
-        self._changed(network)
-        return len(gone)
+        return self._plan(network, kept, owners, len(gone))
 
     def transfer(self, network: str, vm: str, uid: int) -> int | None:
         """Make `uid` the owner of a VM name (its MACs go with it); the owner it had (None:
         it had none). A VM vnetd knows nothing of on that network is NotFound."""
+        return self.plan_transfer(network, vm, uid).make()
+
+    def plan_transfer(self, network: str, vm: str, uid: int) -> Change:
+        """transfer, checked and planned (see Change)."""
         validate_network_name(network)
         validate_vm_name(vm)
         before = self.owner_uid(network, vm)
@@ -390,10 +439,7 @@ class MacRegistry:
             raise NotFound(f"VM '{vm}' is not known on network {network}: it has neither an "
                            "owner nor a MAC in the registry.")
         owners = {**self.creators.get(network, {}), vm: uid}
-        self._write(network, self.data.get(network, {}), owners)  # first: a failed write
-        self.creators[network] = owners  # changes nothing
-        self._changed(network)
-        return before
+        return self._plan(network, dict(self.data.get(network, {})), owners, before)
 
     def export_ether_conf(self, network: str, uid: int | None = None) -> str:
         """qemu-vlan's ether.conf: ether_<i>=MAC. VMs named <network>_<i> (the original's tap

@@ -8,24 +8,55 @@ attached (its port belongs to its holder).
 
 from __future__ import annotations
 
+import asyncio
 import pwd
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import model
-from .errors import Busy, InvalidArgument
+from .errors import Busy, Failed, InvalidArgument
+from .macs import Change
 from .operations import Operations
 
 if TYPE_CHECKING:
-    pass
+    from .engine import Engine
 
 
 class Vms(Operations):
-    """The VMs' MACs on every network (`engine.vms`)."""
+    """The VMs' MACs on every network (`engine.vms`).
+
+    Every write of the registry is made off the event loop (a durable write of a network's
+    file: in the loop, one caller's change would hold up every other call meanwhile).
+    A forget, a transfer or an import is written first and made after (macs.Change), under
+    the engine's lock, where attach gives out MACs; GetMac, which does not take that lock,
+    waits for such a change of its network to be over before it looks."""
+
+    def __init__(self, engine: Engine):
+        super().__init__(engine)
+        self._changing: dict[str, asyncio.Future] = {}  # network -> its change being written
+
+    async def _make(self, change: Change) -> Any:
+        """Write the change's network file off the event loop; only then is it made (a
+        write that fails changes nothing, and says so)."""
+        loop = asyncio.get_running_loop()
+        done = self._changing[change.network] = loop.create_future()
+        try:
+            try:
+                await asyncio.to_thread(change.write)
+            except OSError as e:
+                raise Failed(f"Could not write the MAC registry of {change.network} "
+                             f"({e.strerror or e}); nothing was changed.") from None
+            return change.commit()
+        finally:
+            del self._changing[change.network]
+            done.set_result(None)
+
+    async def _settled(self, network: str) -> None:
+        while (busy := self._changing.get(network)) is not None:
+            await asyncio.shield(busy)
 
     async def get_mac(self, network: str, vm: str, nic: int, uid: int = 0) -> str:
-        """The VM's stable MAC. A new one is on disk before the answer, written off the event
-        loop (two fsynced files that grow with the registry: written in the loop, any user
-        naming new VMs would hold up every other call meanwhile)."""
+        """The VM's stable MAC. A new one is on disk before the answer."""
+        await self._settled(network)
         if vm in self.engine.get(network).tap_names:
             # a pre-created tap's MAC (what its guard holds it to): anyone may know it, which
             # registers nobody but the network (root) as the name's owner
@@ -43,9 +74,10 @@ class Vms(Operations):
         self.engine.get(network)
         return self.macs.export(network, uid)
 
-    def import_macs(self, network: str, entries: dict[str, str]) -> int:
+    async def import_macs(self, network: str, entries: dict[str, str]) -> int:
         self.engine.get(network)
-        return self.macs.import_macs(network, entries)
+        async with self.engine.lock:  # attach gives out MACs under it
+            return await self._make(self.macs.plan_import(network, entries))
 
     async def forget_mac(self, network: str, vm: str) -> int:
         """Drop a VM's MACs on a network (defined or not: an undefined network's MACs stay
@@ -59,7 +91,7 @@ class Vms(Operations):
             if host is not None:
                 raise Busy(f"VM '{vm}' has a static host on {network} with the MAC {host.mac}: "
                            f"remove it first (vnet-client host remove {network} --vm {vm}).")
-            return self.macs.forget(network, vm)
+            return await self._make(self.macs.plan_forget(network, vm))
 
     def _refuse_attached(self, network: str, vm: str) -> None:
         held = sorted(p.ifname for p in self.ports.on_network(network) if p.vm == vm)
@@ -78,4 +110,4 @@ class Vms(Operations):
             raise InvalidArgument(f"There is no user with uid {uid} on this host.") from None
         async with self.engine.lock:  # attach checks owners under it
             self._refuse_attached(network, vm)
-            return self.macs.transfer(network, vm, uid)
+            return await self._make(self.macs.plan_transfer(network, vm, uid))
