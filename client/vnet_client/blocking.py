@@ -73,6 +73,8 @@ def plain(sig: str, v: Any) -> Any:
     c = sig[0]
     if c == "v":
         return plain(*v)
+    if sig == "a{sv}":  # (most of what vnetd sends: a list of hundreds of them, at times)
+        return {k: x[1] if x[0] in _BASIC else plain(*x) for k, x in v.items()}
     if sig.startswith("a{"):
         kt, vt = _complete_types(sig[2:-1])
         return {plain(kt, k): plain(vt, x) for k, x in v.items()}

@@ -583,7 +583,7 @@ class Service:
 
     # --- handlers -----------------------------------------------------------------------
     async def list_networks(self, caller: Caller) -> Any:
-        return [to_asv(d) for d in self.engine.queries.list()]
+        return self.engine.queries.rows(to_asv)
 
     async def get_network(self, caller: Caller, name: str) -> Any:
         """Everyone may look at a network; its ports (VM, MAC, uid) are shown whole only to

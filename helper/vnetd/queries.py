@@ -7,12 +7,16 @@ Reads only: nothing here takes the engine's lock or changes state.
 from __future__ import annotations
 
 import builtins
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .model import Network
 from .networks import driver_for
 from .operations import Operations
 from .ports import Port
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 
 def _port_row(p: Port) -> dict[str, Any]:
@@ -24,12 +28,17 @@ def _port_row(p: Port) -> dict[str, Any]:
 class Queries(Operations):
     """The networks as callers read them (`engine.queries`)."""
 
+    def __init__(self, engine: Engine):
+        super().__init__(engine)
+        # network -> (its definition, its record while it runs, its state; its row as the
+        # bus sends it): a row is made again only when one of those changed
+        self._rows: dict[str, tuple[Network, Network | None, str, Any]] = {}
+
     def summary(self, net: Network) -> dict[str, Any]:
         d = net.to_dict()
         d["mtu"] = (self.engine.network(net.name) or net).mtu
         d["owner"] = net.owner
-        d["state"] = ("adopting" if net.name in self.engine.adopting else
-                      "running" if net.name in self.engine.running else "stopped")
+        d["state"] = self._state(net.name)
         if net.mode == "bridged":  # the LAN's addresses, not ours: no subnet, gateway, range
             d.pop("subnet", None)
         else:
@@ -42,6 +51,29 @@ class Queries(Operations):
 
     def list(self) -> builtins.list[dict[str, Any]]:
         return [self.summary(n) for _, n in sorted(self.engine.defs.items())]
+
+    def rows(self, encode: Callable[[dict[str, Any]], Any]) -> builtins.list[Any]:
+        """list(), each summary as `encode` makes it (the bus's variants). A network's row
+        is kept, and made again only once its definition or state changed (both are
+        replaced, never changed in place), so that a list of hundreds of networks costs
+        little more than a list of their names."""
+        kept, rows = self._rows, {}
+        out = []
+        for name, net in sorted(self.engine.defs.items()):
+            run = self.engine.running.get(name)
+            live = run.net if run is not None else None
+            state = self._state(name)
+            row = kept.get(name)
+            if row is None or row[0] is not net or row[1] is not live or row[2] != state:
+                row = (net, live, state, encode(self.summary(net)))
+            rows[name] = row
+            out.append(row[3])
+        self._rows = rows  # (networks gone since are dropped)
+        return out
+
+    def _state(self, name: str) -> str:
+        return ("adopting" if name in self.engine.adopting else
+                "running" if name in self.engine.running else "stopped")
 
     async def show(self, name: str) -> dict[str, Any]:
         net = self.engine.get(name)
