@@ -28,6 +28,7 @@ from .authz import POLKIT_NAME, Authorizer, Caller
 from .engine import Engine
 from .errors import Failed, InvalidArgument, NotFound, NotOwner, VnetError
 from .fairlock import caller_key
+from .kernel import tap as tapdev
 from .linebudget import LineBudget
 from .model import Network
 from .session import Sessions
@@ -407,7 +408,9 @@ class Service:
                 log.debug("%s from %s answered in %.2f ms", msg.member, msg.sender,
                           (time.perf_counter() - t0) * 1000)
         finally:
-            close_fds(fds)  # only now, after the reply carrying them was written
+            # only now, after the reply carrying them was written; and not here: the caller
+            # may have closed its copies already, and a tap's last close takes milliseconds
+            tapdev.close_later(fds)
 
     async def answer(self, msg: Message, sender: str
                      ) -> tuple[Message | None, list[int], After]:
@@ -427,7 +430,7 @@ class Service:
             reply = self._error(msg, Failed.dbus_name,
                                 "vnetd hit an internal error; the details are in its log.")
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
-            close_fds(fds)
+            tapdev.close_later(fds)  # (the last copies: see close_later)
             return None, [], after
         return reply, fds, after
 
@@ -523,7 +526,7 @@ class Service:
                 unix_fds=result.fds,
             )
         except BaseException:  # the change was made: its fds go, its guard and line follow
-            close_fds(result.fds)
+            tapdev.close_later(result.fds)
             await finish(after)
             raise
         return reply, result.fds, (None if spec.action == api.INFO and result.after is None

@@ -513,7 +513,7 @@ class Engine:
                     self.ports.forget(port)
                     await self.firewall.port_gone(port)
                 return net.name
-            if uid != 0 and len(self.ports.of_uid(uid)) >= self.ports.max_per_user:
+            if uid != 0 and self.ports.held_by(uid) >= self.ports.max_per_user:
                 raise QuotaExceeded(f"You already hold {self.ports.max_per_user} ports, the "
                                     "most one user may; detach some first.")
             bridge = self._running_bridge(net)

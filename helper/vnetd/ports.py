@@ -540,6 +540,10 @@ class Ports:
     def of_uid(self, uid: int) -> list[Port]:
         return list(self._of_uid.get(uid, {}).values())
 
+    def held_by(self, uid: int) -> int:
+        """How many ports `uid` holds (counted, not listed: root may hold thousands)."""
+        return len(self._of_uid.get(uid, ()))
+
     def on_network(self, network: str) -> list[Port]:
         return list(self._on_network.get(network, {}).values())
 
@@ -583,7 +587,7 @@ class Ports:
         if p is not None:
             raise Busy(f"VM '{vm}' NIC {nic} is already attached to {net.name} as {p.ifname} "
                        f"(uid {p.uid}); detach it or use another --nic.")
-        if len(self.of_uid(uid)) >= self.max_per_user and uid != 0:
+        if uid != 0 and self.held_by(uid) >= self.max_per_user:
             raise QuotaExceeded(f"You already hold {self.max_per_user} ports, the most one user "
                                 "may; detach some first.")
         holder = caller_pid

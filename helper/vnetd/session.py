@@ -45,6 +45,7 @@ from dbus_fast._private.unmarshaller import Unmarshaller
 from vnet_common.frames import HEADER, MAX_FDS, BadFrame, close_fds, message_length
 
 from .errors import QuotaExceeded
+from .kernel import tap as tapdev
 
 log = logging.getLogger("vnetd.session")
 
@@ -112,7 +113,7 @@ class Session:
             if reply is not None:
                 await self._write(reply._marshall(True), out_fds)
         finally:
-            close_fds(out_fds)  # (none left, unless the write failed before)
+            tapdev.close_later(out_fds)  # (none left, unless the write failed before)
             if follow is not None:
                 await follow  # (finish shields what it runs: a cancel here leaves it be)
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import queue
 import struct
+import threading
+from collections.abc import Iterable
 
 TUN_PATH = "/dev/net/tun"
 
@@ -87,3 +90,41 @@ def clear_persist(name: str) -> None:
         fcntl.ioctl(fd, TUNSETPERSIST, 0)
     finally:
         os.close(fd)
+
+
+# --- closing what was handed out ----------------------------------------------------------
+# The last close of a tap makes the kernel remove it, which takes it about 15 ms here (up to
+# 35 ms measured), under the kernel's network lock. Whose close is the last is the holder's
+# to decide: a caller that closes its fd the moment the reply carrying it arrives leaves the
+# last copy to vnetd. Made on the event loop, every such close stalled every other caller
+# for that long, as often as one user liked to attach. vnetd's copies of fds it has handed
+# out (or meant to) are therefore closed by one thread of their own. What that thread has
+# yet to close is bounded by the ports' quotas: a port stays its holder's (and counts for
+# it) until its tap is gone.
+_closing: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
+_closer: threading.Thread | None = None
+_closer_lock = threading.Lock()
+
+
+def _close_forever() -> None:
+    while True:
+        for fd in _closing.get():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def close_later(fds: Iterable[int]) -> None:
+    """Close these fds on the closing thread (they stay open, and their numbers taken,
+    until it has)."""
+    global _closer
+    batch = list(fds)
+    if not batch:
+        return
+    with _closer_lock:
+        if _closer is None:
+            _closer = threading.Thread(target=_close_forever, name="vnetd-close",
+                                       daemon=True)
+            _closer.start()
+    _closing.put(batch)
