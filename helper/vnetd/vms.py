@@ -36,7 +36,11 @@ class Vms(Operations):
 
     async def _make(self, change: Change) -> Any:
         """Write the change's network file off the event loop; only then is it made (a
-        write that fails changes nothing, and says so)."""
+        write that fails changes nothing, and says so). A caller cancelled meanwhile (vnetd
+        stopping) does not cut it in two: what is on disk is made."""
+        return await asyncio.shield(self._write_then_make(change))
+
+    async def _write_then_make(self, change: Change) -> Any:
         loop = asyncio.get_running_loop()
         done = self._changing[change.network] = loop.create_future()
         try:
