@@ -408,9 +408,7 @@ class Service:
                 log.debug("%s from %s answered in %.2f ms", msg.member, msg.sender,
                           (time.perf_counter() - t0) * 1000)
         finally:
-            # only now, after the reply carrying them was written; and not here: the caller
-            # may have closed its copies already, and a tap's last close takes milliseconds
-            tapdev.close_later(fds)
+            close_fds(fds)  # only now, after the reply carrying them was written
 
     async def answer(self, msg: Message, sender: str
                      ) -> tuple[Message | None, list[int], After]:

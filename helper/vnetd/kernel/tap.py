@@ -92,15 +92,14 @@ def clear_persist(name: str) -> None:
         os.close(fd)
 
 
-# --- closing what was handed out ----------------------------------------------------------
-# The last close of a tap makes the kernel remove it, which takes it about 15 ms here (up to
-# 35 ms measured), under the kernel's network lock. Whose close is the last is the holder's
-# to decide: a caller that closes its fd the moment the reply carrying it arrives leaves the
-# last copy to vnetd. Made on the event loop, every such close stalled every other caller
-# for that long, as often as one user liked to attach. vnetd's copies of fds it has handed
-# out (or meant to) are therefore closed by one thread of their own. What that thread has
-# yet to close is bounded by the ports' quotas: a port stays its holder's (and counts for
-# it) until its tap is gone.
+# --- closing what nobody else holds ------------------------------------------------------
+# The last close of a tap makes the kernel remove it, which takes it about 15 ms here (48 ms
+# seen under load), under the kernel's network lock. A port's fds that vnetd made and never
+# handed over (a call that wants no reply, a reply that could not be made or written) are
+# vnetd's alone: closed on the event loop, each of them stalled every other caller that
+# long, as often as one user liked to ask. They are closed by one thread of their own.
+# What it has yet to close is bounded by the ports' quotas: a port stays its holder's (and
+# counts for it) until its tap is gone.
 _closing: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
 _closer: threading.Thread | None = None
 _closer_lock = threading.Lock()
