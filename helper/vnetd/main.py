@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     if fds is not None:
         log.debug("open files: up to %d", fds)
     # SIGUSR2: every thread's Python stack on stderr, even with the event loop stuck
+    # (faulthandler reads the other threads' frames without their lock: meant for a vnetd
+    # that is stuck; sent while a thread runs Python, it can crash the process)
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     try:
         return asyncio.run(run(args))

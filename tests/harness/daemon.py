@@ -268,8 +268,16 @@ class Daemon:
         if not self.alive():
             return f"vnetd is not running:\n{self.log()[-6000:]}"
         mark = len(self.log())
-        for sig in (signal.SIGUSR1, signal.SIGUSR2):
-            self.proc.send_signal(sig)
+        self.proc.send_signal(signal.SIGUSR1)
+        # SIGUSR2 only once SIGUSR1's lines are written and the loop waits again:
+        # faulthandler reads every thread's frames from a signal handler, and a thread that
+        # runs Python meanwhile (the loop logging the tasks) can make that read crash vnetd
+        # (seen once in CI, with both signals sent back to back)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and "pending task(s)" not in self.log()[mark:]:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        self.proc.send_signal(signal.SIGUSR2)
         time.sleep(1)
         log = self.log()
         # does it answer a new caller? (a deaf connection, or one call lost on the way)
