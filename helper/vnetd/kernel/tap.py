@@ -13,6 +13,8 @@ import struct
 import threading
 from collections.abc import Iterable
 
+from vnet_common.frames import close_fds
+
 TUN_PATH = "/dev/net/tun"
 
 IFF_TUN = 0x0001
@@ -107,11 +109,7 @@ _closer_lock = threading.Lock()
 
 def _close_forever() -> None:
     while True:
-        for fd in _closing.get():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(_closing.get())
 
 
 def close_later(fds: Iterable[int]) -> None:
