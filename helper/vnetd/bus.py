@@ -18,7 +18,6 @@ from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from vnet_common.frames import close_fds
 from vnet_common.names import key, validate_ifname, validate_network_name, validate_vm_name
 from vnet_common.toml import render_definition
 from vnet_common.wire import signature
@@ -28,7 +27,8 @@ from .authz import POLKIT_NAME, Authorizer, Caller
 from .engine import Engine
 from .errors import Failed, InvalidArgument, NotFound, NotOwner, VnetError
 from .fairlock import caller_key
-from .kernel import tap as tapdev
+from .handover import send_handing_over
+from .kernel import closing
 from .linebudget import LineBudget
 from .model import Network
 from .session import Sessions
@@ -273,8 +273,11 @@ class Service:
         self.bus.add_message_handler(self.on_message)
 
     def on_message(self, msg: Message) -> Message | bool | None:
-        if msg.message_type in (MessageType.SIGNAL, MessageType.METHOD_CALL):
-            close_fds(msg.unix_fds)  # nothing vnetd is sent takes fds: never keep them
+        if msg.unix_fds:
+            # nothing vnetd is sent takes fds (no call, no signal, no reply to its own calls):
+            # never kept, never closed on the loop (a sender chooses what their last close
+            # costs: kernel/closing.py)
+            closing.discard(msg.unix_fds)
         if msg.message_type == MessageType.SIGNAL:
             self._on_signal(msg)
             return True
@@ -403,12 +406,16 @@ class Service:
             await finish(after)
             if reply is None:
                 return
-            await self.bus.send(reply)
+            # its fds (vnetd's copies) are closed between its first byte and the rest: the
+            # caller, never vnetd, closes a port's tap last (vnetd.handover)
+            await (send_handing_over(self.bus, reply, fds) if fds else self.bus.send(reply))
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s from %s answered in %.2f ms", msg.member, msg.sender,
                           (time.perf_counter() - t0) * 1000)
         finally:
-            close_fds(fds)  # only now, after the reply carrying them was written
+            # none are left once handed over; if the reply was not sent, they are vnetd's
+            # alone (the last copies: see close_later)
+            closing.close_later(fds)
 
     async def answer(self, msg: Message, sender: str
                      ) -> tuple[Message | None, list[int], After]:
@@ -428,7 +435,7 @@ class Service:
             reply = self._error(msg, Failed.dbus_name,
                                 "vnetd hit an internal error; the details are in its log.")
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
-            tapdev.close_later(fds)  # (the last copies: see close_later)
+            closing.close_later(fds)  # (the last copies: see close_later)
             return None, [], after
         return reply, fds, after
 
@@ -524,7 +531,7 @@ class Service:
                 unix_fds=result.fds,
             )
         except BaseException:  # the change was made: its fds go, its guard and line follow
-            tapdev.close_later(result.fds)
+            closing.close_later(result.fds)
             await finish(after)
             raise
         return reply, result.fds, (None if spec.action == api.INFO and result.after is None

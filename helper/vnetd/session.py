@@ -45,7 +45,7 @@ from dbus_fast._private.unmarshaller import Unmarshaller
 from vnet_common.frames import HEADER, MAX_FDS, BadFrame, close_fds, message_length
 
 from .errors import QuotaExceeded
-from .kernel import tap as tapdev
+from .kernel import closing
 
 log = logging.getLogger("vnetd.session")
 
@@ -80,7 +80,7 @@ class Session:
                 if got is None:
                     return
                 data, fds = got
-                close_fds(fds)  # no method takes fds
+                closing.discard(fds)  # no method takes fds (kernel/closing.py)
                 try:
                     msg = Unmarshaller(stream=io.BytesIO(data)).unmarshall()  # type: ignore[arg-type]
                 except Exception as e:  # whatever the bytes were, they were not D-Bus
@@ -113,7 +113,7 @@ class Session:
             if reply is not None:
                 await self._write(reply._marshall(True), out_fds)
         finally:
-            tapdev.close_later(out_fds)  # (none left, unless the write failed before)
+            closing.close_later(out_fds)  # (none left, unless the write failed before)
             if follow is not None:
                 await follow  # (finish shields what it runs: a cancel here leaves it be)
 
@@ -193,13 +193,13 @@ class Session:
                     break
                 chunk = await self._recv(max(need - len(buf), READ_CHUNK), fds, deadline)
                 if not chunk:
-                    close_fds(fds)
+                    closing.discard(fds)
                     return None
                 if deadline is None:
                     deadline = loop.time() + MESSAGE_TIMEOUT
                 buf += chunk
         except BaseException:
-            close_fds(fds)
+            closing.discard(fds)
             raise
         self.pending = buf[need:]
         return bytes(buf[:need]), fds

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import queue
 import struct
-import threading
-from collections.abc import Iterable
-
-from vnet_common.frames import close_fds
 
 TUN_PATH = "/dev/net/tun"
 
@@ -92,36 +87,3 @@ def clear_persist(name: str) -> None:
         fcntl.ioctl(fd, TUNSETPERSIST, 0)
     finally:
         os.close(fd)
-
-
-# --- closing what nobody else holds ------------------------------------------------------
-# The last close of a tap makes the kernel remove it, which takes it about 15 ms here (48 ms
-# seen under load), under the kernel's network lock. A port's fds that vnetd made and never
-# handed over (a call that wants no reply, a reply that could not be made or written) are
-# vnetd's alone: closed on the event loop, each of them stalled every other caller that
-# long, as often as one user liked to ask. They are closed by one thread of their own.
-# What it has yet to close is bounded by the ports' quotas: a port stays its holder's (and
-# counts for it) until its tap is gone.
-_closing: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
-_closer: threading.Thread | None = None
-_closer_lock = threading.Lock()
-
-
-def _close_forever() -> None:
-    while True:
-        close_fds(_closing.get())
-
-
-def close_later(fds: Iterable[int]) -> None:
-    """Close these fds on the closing thread (they stay open, and their numbers taken,
-    until it has)."""
-    global _closer
-    batch = list(fds)
-    if not batch:
-        return
-    with _closer_lock:
-        if _closer is None:
-            _closer = threading.Thread(target=_close_forever, name="vnetd-close",
-                                       daemon=True)
-            _closer.start()
-    _closing.put(batch)
