@@ -23,6 +23,7 @@ from .authz import CACHE_SECONDS, Authorizer
 from .bus import Service
 from .children import identity
 from .engine import Engine
+from .kernel import closing
 from .kernel.links import Links
 from .store import Store
 from .subsystems import spares as spares_mod
@@ -166,6 +167,8 @@ async def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop_on, sig)
+    # SIGURG ends a wait in the close of an fd a caller sent (kernel/closing.py)
+    closing.arm()
     # SIGUSR1: log what every pending task waits on (the loop runs, something never ends)
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _log_tasks)
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())

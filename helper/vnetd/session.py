@@ -26,8 +26,9 @@ What bounds a session (a local user must not stall or bloat vnetd through one):
   not cancelled: the call runs to its end, as on the bus;
 - a bus connection opens at most PER_CONNECTION sessions, a uid at most PER_UID (root is
   held only to TOTAL, the limit of all sessions together);
-- fds sent with a call are closed unread (no method takes any); OpenSession itself is a
-  call on the bus only.
+- fds sent with a call are closed unread (no method takes any), off the event loop
+  (kernel/closing.py); a call that brings more than MAX_FDS (as many as an answer carries)
+  ends the session; OpenSession itself is a call on the bus only.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ PER_CONNECTION = 4  # sessions one bus connection may hold
 PER_UID = 16  # sessions one uid may hold, over all its connections
 TOTAL = 1024  # sessions in all (one fd each in vnetd)
 WRITE_TIMEOUT = 30.0  # seconds an answer may wait for its reader
+SCM_MAX_FD = 253  # the most fds the kernel passes with one write (include/net/scm.h)
 MESSAGE_TIMEOUT = 10.0  # seconds from a call's first byte to its last
 READ_CHUNK = 1 << 16  # bytes a read takes at most beyond what the message still needs
 
@@ -162,8 +164,10 @@ class Session:
         loop = asyncio.get_running_loop()
         while True:
             try:
+                # room for every fd one write can carry: any the read left, the kernel
+                # would drop here, on the loop, and the last copy of one may wait to close
                 data, anc, _flags, _addr = self.sock.recvmsg(
-                    n, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+                    n, socket.CMSG_SPACE(SCM_MAX_FD * 4), socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 left = None if deadline is None else deadline - loop.time()
                 if left is not None and left <= 0:
@@ -195,6 +199,9 @@ class Session:
                 if not chunk:
                     closing.discard(fds)
                     return None
+                if len(fds) > MAX_FDS:  # (no method takes any: what a caller sends is
+                    # closed unread, and no more than an answer carries is gathered)
+                    raise BadFrame(f"{len(fds)} fds sent with one call (at most {MAX_FDS})")
                 if deadline is None:
                     deadline = loop.time() + MESSAGE_TIMEOUT
                 buf += chunk

@@ -4,7 +4,9 @@ connection, and give a local user no way to stall or bloat vnetd that the bus wo
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
 
 import pytest
@@ -484,3 +486,127 @@ def test_a_sessions_caller_cannot_forge_its_sender_hold_a_call_open_or_keep_the_
         p.wait()
     assert vnetd.alive()
     assert "Traceback" not in vnetd.log()
+
+
+FD_FLOOD = RAW + """
+import os, struct
+def lingering(keep, seconds):
+    '''A TCP socket whose last close waits `seconds`: its peer never reads.'''
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    s = socket.socket()
+    s.connect(srv.getsockname())
+    s.setblocking(False)
+    try:
+        while True:
+            s.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, seconds))
+    keep.append(srv)
+    return s
+def nested(keep, seconds):
+    '''A unix socket whose own queue holds the only copy of a lingering socket: its last
+    close drops that copy, and that is the lingering socket's last close.'''
+    ls = lingering(keep, seconds)
+    x, y = socket.socketpair()
+    x.sendmsg([b"."], rights([ls.fileno()]))
+    ls.close()
+    x.close()
+    return y
+def rights(fds):
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+async def main():
+    keep = []
+    async with Client() as c:
+        s = await open_raw(c)
+        if sys.argv[1] == "many-at-once":
+            # one write with more fds than one read of vnetd takes, the last one holding a
+            # lingering socket: what a read leaves, the kernel drops in the reader's thread.
+            # Bob's own copies must be gone by the time vnetd reads them: he first makes it
+            # stop reading (calls whose answers he leaves unread, until they fill the socket)
+            calls = 400
+            s.sendall(b"".join(msg("ListNetworks", serial=10 + i) for i in range(calls)))
+            time.sleep(1)
+            y = nested(keep, 3)
+            nulls = [os.open("/dev/null", os.O_RDONLY) for _ in range(40)]
+            call = msg("GetMac", "ssu", ["vnet2", "web1", 0], 1)
+            s.sendmsg([call[:1]], rights(nulls + [y.fileno()]))
+            y.close()
+            for n in nulls:
+                os.close(n)
+            print(json.dumps({"sent": 41}), flush=True)
+            buf, got = b"", 0  # now the answers, and vnetd reads on
+            s.settimeout(10)
+            while got < calls:
+                data = s.recv(1 << 16)
+                if not data:
+                    break
+                buf += data
+                while len(buf) >= 16 and len(buf) >= message_length(buf[:16]):
+                    buf, got = buf[message_length(buf[:16]):], got + 1
+            try:
+                s.sendall(call[1:])
+                print(json.dumps({"ended": ended(s)}), flush=True)
+            except OSError:
+                print(json.dumps({"ended": True}), flush=True)
+        else:
+            # one call begun and never finished, 16 fds with each of its bytes
+            null = os.open("/dev/null", os.O_RDONLY)
+            head = bytearray(msg("GetMac", "ssu", ["vnet2", "w" * 200000, 0], 1))
+            n = 0
+            try:
+                for i in range(1000):
+                    s.sendmsg([head[i:i + 1]], rights([null] * 16))
+                    n += 1
+                    time.sleep(0.001)
+            except OSError:
+                pass
+            print(json.dumps({"sent": n * 16}), flush=True)
+        time.sleep(30)
+asyncio.run(main())
+"""
+
+
+def _fds_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.parametrize("how", ["many-at-once", "one-byte-at-a-time"])
+def test_fds_sent_on_a_session_neither_stall_nor_bloat_vnetd(vnetd, how):
+    """Bob (not in group vnet) may open a session. fds he sends on it: more than vnetd reads
+    at once made the kernel drop the rest in vnetd's own thread (a lingering socket among
+    them held its loop 3 s), and a call never finished gathered every fd sent with its bytes
+    (16,000 of them held open by vnetd for the session's 10 s). A call that brings more fds
+    than any answer carries ends the session, all of them closed off the loop."""
+    from vnet_client import Client
+
+    base = _fds_of(vnetd.proc.pid)
+    attack = spawn_as(BOB, FD_FLOOD, how)
+    try:
+        sent = json.loads(attack.stdout.readline())
+        took = []
+
+        async def calls() -> None:
+            async with Client() as c:
+                await c.open_session()  # vnetd's own answers, no dbus-daemon between
+                end = time.monotonic() + 1.5
+                while time.monotonic() < end:
+                    t = time.perf_counter()
+                    await c.list_networks()
+                    took.append(time.perf_counter() - t)
+                    await asyncio.sleep(0.005)
+
+        asyncio.run(calls())
+        held = _fds_of(vnetd.proc.pid) - base
+        last = json.loads(attack.stdout.readline()) if how == "many-at-once" else None
+    finally:
+        attack.kill()
+        attack.wait()
+    assert max(took) < 0.5, (
+        f"a call of root took {max(took) * 1000:.0f} ms while Bob sent {sent} fds ({how})")
+    assert held < 64, f"vnetd held {held} more fds while Bob's call was unfinished ({how})"
+    if how == "many-at-once":
+        assert last == {"ended": True}  # (more fds than an answer carries: the session ends)
+    assert vnetd.alive()

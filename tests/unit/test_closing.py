@@ -4,6 +4,7 @@ close the caller chose the cost of)."""
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import struct
@@ -114,3 +115,28 @@ def test_a_slow_discard_does_not_hold_up_closing_vnetds_own_fds(monkeypatch):
     finally:
         gate.set()
     _wait_closed(held)
+
+
+def test_a_close_that_waits_is_interrupted_and_the_fds_after_it_are_closed():
+    """A unix socket whose queue holds the only copy of a lingering socket: turning its own
+    lingering off does nothing for that one, whose last close comes with this one's. The
+    wait is interrupted after PATIENCE, and what was sent after it is closed then."""
+    closing.arm()
+    srv, s = _lingering(30)
+    x, y = socket.socketpair()
+    x.sendmsg([b"."], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]))])
+    s.close()
+    x.close()
+    held = y.detach()
+    after = list(os.pipe())
+    try:
+        before = closing.discard.interrupted
+        t = time.monotonic()
+        closing.discard([held])
+        closing.discard(after)
+        _wait_closed(after, seconds=closing.PATIENCE * 4)
+        took = time.monotonic() - t
+        assert closing.discard.interrupted > before
+        assert took >= closing.PATIENCE * 0.9  # (it did wait, until interrupted)
+    finally:
+        srv.close()

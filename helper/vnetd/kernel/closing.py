@@ -16,34 +16,62 @@ A close can wait, and the event loop must never wait for one:
   one such message held every caller up for its linger time. `discard` closes them on
   another thread, and turns lingering off on each socket first.
 
-The two threads are separate, so that a close a caller made slow never holds up the removal
-of a port's tap.
+Turning lingering off is not always possible: a unix socket's queue may hold the only copy
+of a lingering socket (sent through it and never read), and its last close then drops that
+copy, which waits out the linger time. A close of a caller's fd that takes longer than
+PATIENCE is interrupted with a signal (SIGURG, which vnetd catches and ignores: `arm`), which
+ends a linger wait. The two threads are separate, so that a close a caller made slow never
+holds up the removal of a port's tap.
+
+What no signal ends: a file whose close waits for another process to answer (a FUSE file's
+flush). dbus-daemon waits on such a file too (it closes its copy of every fd it passes on);
+meanwhile the fds sent after it stay open, a session's at most MAX_FDS per call.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
+import signal
 import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from vnet_common.frames import close_fds
 
+log = logging.getLogger("vnetd.closing")
+
 NO_LINGER = struct.pack("ii", 0, 0)
+PATIENCE = 1.0  # seconds a caller's fd may take to close before the close is interrupted
+INTERRUPT = signal.SIGURG  # (caught and ignored once armed: it only ends a wait)
+_armed = False
+
+
+def arm() -> None:
+    """Catch INTERRUPT (and do nothing with it), so that sending it to the thread that closes
+    callers' fds ends a wait in a close. From the main thread, at start-up."""
+    global _armed
+    signal.signal(INTERRUPT, lambda _sig, _frame: None)
+    _armed = True
 
 
 class _Closer:
-    """One thread that closes batches of fds in the order given, started on first use."""
+    """One thread that closes fds in the order given, started on first use. With `patience`,
+    a close that takes longer is interrupted (see arm), by a watchdog thread of its own."""
 
-    def __init__(self, name: str, close: Callable[[list[int]], None]):
+    def __init__(self, name: str, close: Callable[[int], None], patience: float | None = None):
         self.name = name
         self._close = close
+        self.patience = patience
         self._queue: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.busy_since: float | None = None  # when the close going on now began
+        self.interrupted = 0
 
     def __call__(self, fds: Iterable[int]) -> None:
         batch = list(fds)
@@ -54,11 +82,34 @@ class _Closer:
                 self._thread = threading.Thread(target=self._forever, name=self.name,
                                                 daemon=True)
                 self._thread.start()
+                if self.patience is not None:
+                    threading.Thread(target=self._watch, args=(self._thread, self.patience),
+                                     name=f"{self.name}-watch", daemon=True).start()
         self._queue.put(batch)
 
     def _forever(self) -> None:
         while True:
-            self._close(self._queue.get())
+            batch = self._queue.get()
+            for fd in batch:
+                self.busy_since = time.monotonic()
+                try:
+                    self._close(fd)
+                finally:
+                    self.busy_since = None
+
+    def _watch(self, thread: threading.Thread, patience: float) -> None:
+        while True:
+            time.sleep(patience / 2)
+            since = self.busy_since
+            if since is None or time.monotonic() - since < patience or not _armed:
+                continue
+            self.interrupted += 1
+            log.warning("an fd a caller sent has taken %.0f s to close; interrupting it",
+                        time.monotonic() - since)
+            try:
+                signal.pthread_kill(thread.ident or 0, INTERRUPT)
+            except (OSError, ValueError):  # the thread is gone: nothing to interrupt
+                return
 
 
 def unlinger(fd: int) -> None:
@@ -76,13 +127,16 @@ def unlinger(fd: int) -> None:
         pass
 
 
-def _close_received(fds: list[int]) -> None:
-    for fd in fds:
-        unlinger(fd)
-    close_fds(fds)
+def _close(fd: int) -> None:
+    close_fds((fd,))
+
+
+def _close_received(fd: int) -> None:
+    unlinger(fd)
+    close_fds((fd,))
 
 
 # vnetd's own fds nobody else holds (their last close may remove a tap)
-close_later = _Closer("vnetd-close", close_fds)
-# fds callers sent with a call: never taken, closed without lingering
-discard = _Closer("vnetd-discard", _close_received)
+close_later = _Closer("vnetd-close", _close)
+# fds callers sent with a call: never taken, closed without lingering, never for long
+discard = _Closer("vnetd-discard", _close_received, patience=PATIENCE)
