@@ -376,7 +376,7 @@ class Engine:
             finally:
                 self.macs.defer -= 1
                 if self.macs.dirty:
-                    self._write_macs_soon()
+                    self.write_macs_soon()
             guard = None
             if net.spoof_protection:
                 guard = functools.partial(self.guard_port, port)
@@ -418,7 +418,7 @@ class Engine:
         target = self._macs_taken + 1
         fut = asyncio.get_running_loop().create_future()
         self._macs_waiters.append((target, fut))
-        self._write_macs_soon()
+        self.write_macs_soon()
         await fut
 
     def _round_done(self, done: int) -> None:
@@ -432,7 +432,7 @@ class Engine:
                 fut.set_result(None)
         self._macs_waiters = waiting
 
-    def _write_macs_soon(self) -> None:
+    def write_macs_soon(self) -> None:
         if self._macs_writer is None or self._macs_writer.done():
             self._macs_writer = asyncio.get_running_loop().create_task(self.write_macs())
 
@@ -469,7 +469,7 @@ class Engine:
             if writer is None or writer.done():
                 if not self.macs.dirty:
                     return
-                self._write_macs_soon()
+                self.write_macs_soon()
                 writer = self._macs_writer
             if writer is not None:
                 await asyncio.shield(writer)
