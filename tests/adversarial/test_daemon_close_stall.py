@@ -28,6 +28,7 @@ import time
 
 import pytest
 
+from tests.harness import fdkinds
 from tests.harness.daemon import ALICE, BOB, run_client
 from tests.harness.users import read_json, spawn_as
 
@@ -123,25 +124,9 @@ def test_closing_each_tap_at_once_does_not_stall_vnetd_for_others(vnetd, how):
     assert not [p for p in ports if p["network"] == "stallnet"], (
         f"ports still attached 20 s after the attack: {ports}")
 
-LINGER = """
-import array, socket, struct
+LINGER = fdkinds.SOURCE + """
+import array
 from dbus_fast import Message, MessageFlag
-def lingering(keep):
-    \"\"\"A TCP socket whose last close waits its linger time: its peer never reads.\"\"\"
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    s = socket.socket()
-    s.connect(srv.getsockname())
-    s.setblocking(False)
-    try:
-        while True:
-            s.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, int(sys.argv[1])))
-    keep.append(srv)
-    return s
 def call():
     return Message(destination="org.qemuvnet.Vnet1", path="/org/qemuvnet/Vnet1",
                    interface="org.qemuvnet.Vnet1.Manager", member="ListNetworks",
@@ -153,7 +138,7 @@ async def main():
             await c.open_session()
         print(json.dumps({"ready": True}), flush=True)
         for i in range(int(sys.argv[2])):
-            s = lingering(keep)
+            s = lingering(keep, int(sys.argv[1]))
             msg = call()
             if sys.argv[3] == "session":  # straight to vnetd, on his own session
                 msg.serial = 1000 + i

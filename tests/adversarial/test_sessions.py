@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.harness import fdkinds
 from tests.harness import frames as F
 from tests.harness.daemon import ALICE, BOB, PolkitRule, grant_rule, run_client
 from tests.harness.users import run_as, spawn_as
@@ -488,33 +489,7 @@ def test_a_sessions_caller_cannot_forge_its_sender_hold_a_call_open_or_keep_the_
     assert "Traceback" not in vnetd.log()
 
 
-FD_FLOOD = RAW + """
-import os, struct
-def lingering(keep, seconds):
-    '''A TCP socket whose last close waits `seconds`: its peer never reads.'''
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    s = socket.socket()
-    s.connect(srv.getsockname())
-    s.setblocking(False)
-    try:
-        while True:
-            s.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, seconds))
-    keep.append(srv)
-    return s
-def nested(keep, seconds):
-    '''A unix socket whose own queue holds the only copy of a lingering socket: its last
-    close drops that copy, and that is the lingering socket's last close.'''
-    ls = lingering(keep, seconds)
-    x, y = socket.socketpair()
-    x.sendmsg([b"."], rights([ls.fileno()]))
-    ls.close()
-    x.close()
-    return y
+FD_FLOOD = RAW + fdkinds.SOURCE + """
 def rights(fds):
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
 async def main():

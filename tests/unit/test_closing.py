@@ -4,29 +4,20 @@ close the caller chose the cost of)."""
 
 from __future__ import annotations
 
-import array
 import os
-import socket
-import struct
 import threading
 import time
 
 from vnetd.kernel import closing
 
-
-def _closed(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return True
-    return False
+from tests.harness.fdkinds import is_open, lingering, nested
 
 
 def _wait_closed(fds: list[int], seconds: float = 5) -> None:
     end = time.monotonic() + seconds
-    while not all(_closed(fd) for fd in fds) and time.monotonic() < end:
+    while any(is_open(fd) for fd in fds) and time.monotonic() < end:
         time.sleep(0.01)
-    still = [fd for fd in fds if not _closed(fd)]
+    still = [fd for fd in fds if is_open(fd)]
     assert not still, f"fds {still} are still open"
 
 
@@ -52,26 +43,9 @@ def test_fds_given_to_close_later_are_closed_off_the_calling_thread():
     closing.close_later([])  # nothing to close: no batch at all
 
 
-def _lingering(seconds: int) -> tuple[socket.socket, socket.socket]:
-    """A TCP connection whose peer never reads, its send queue full, SO_LINGER set: its
-    last close waits `seconds` for the queue to drain, which it never does."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)  # (never accepted)
-    s = socket.socket()
-    s.connect(srv.getsockname())
-    s.setblocking(False)
-    try:
-        while True:
-            s.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, seconds))
-    return srv, s
-
-
 def test_a_lingering_socket_a_caller_sent_is_closed_without_waiting():
-    srv, s = _lingering(30)
+    keep: list = []
+    s = lingering(keep, 30)
     fd = s.detach()  # (what vnetd has: the number, the last copy)
     r, w = os.pipe()
     try:
@@ -85,7 +59,7 @@ def test_a_lingering_socket_a_caller_sent_is_closed_without_waiting():
         # closed only once that close has returned)
         _wait_closed([fd, r, w, *after], seconds=3)
     finally:
-        srv.close()
+        keep[0].close()
 
 
 def test_unlinger_leaves_anything_but_a_socket_as_it_is():
@@ -111,7 +85,7 @@ def test_a_slow_discard_does_not_hold_up_closing_vnetds_own_fds(monkeypatch):
         mine = list(os.pipe())
         closing.close_later(mine)
         _wait_closed(mine, seconds=3)
-        assert not any(_closed(fd) for fd in held)
+        assert all(is_open(fd) for fd in held)
     finally:
         gate.set()
     _wait_closed(held)
@@ -122,12 +96,8 @@ def test_a_close_that_waits_is_interrupted_and_the_fds_after_it_are_closed():
     lingering off does nothing for that one, whose last close comes with this one's. The
     wait is interrupted after PATIENCE, and what was sent after it is closed then."""
     closing.arm()
-    srv, s = _lingering(30)
-    x, y = socket.socketpair()
-    x.sendmsg([b"."], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]))])
-    s.close()
-    x.close()
-    held = y.detach()
+    keep: list = []
+    held = nested(keep, 30).detach()
     after = list(os.pipe())
     try:
         before = closing.discard.interrupted
@@ -139,4 +109,4 @@ def test_a_close_that_waits_is_interrupted_and_the_fds_after_it_are_closed():
         assert closing.discard.interrupted > before
         assert took >= closing.PATIENCE * 0.9  # (it did wait, until interrupted)
     finally:
-        srv.close()
+        keep[0].close()

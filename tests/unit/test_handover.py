@@ -15,6 +15,8 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio.message_bus import _MessageWriter
 from vnetd import handover
 
+from tests.harness.fdkinds import is_open
+
 
 class _Bus:
     """What dbus-fast's writer reads of its bus, on one end of a socket pair."""
@@ -47,14 +49,6 @@ def _reply(fds: list[int]) -> Message:
                    unix_fds=fds)
 
 
-def _open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 def test_the_fds_go_with_the_first_byte_and_vnetds_copies_are_closed_before_the_rest():
     async def main() -> None:
         here, peer = socket.socketpair()
@@ -79,7 +73,7 @@ def test_the_fds_go_with_the_first_byte_and_vnetds_copies_are_closed_before_the_
             os.close = real
         assert fds == []  # handed over: nothing left for the caller to close
         assert reply.serial == 1
-        assert not any(_open(fd) for fd in (pipes[0][0], pipes[1][0]))
+        assert not any(is_open(fd) for fd in (pipes[0][0], pipes[1][0]))
         # closed when only the first byte was there to read
         assert seen_open == [True, True]
         first, anc, _flags, _addr = peer.recvmsg(1 << 16, socket.CMSG_SPACE(8 * 4))
@@ -112,7 +106,7 @@ def test_a_writer_it_does_not_know_gets_the_reply_whole_and_the_fds_closed_once_
         await handover.send_handing_over(bus, reply, fds)
         await asyncio.sleep(0)  # (the done callback's turn)
         assert bus.sent == [reply] and reply.unix_fds == [] and fds == []
-        assert not _open(r)
+        assert not is_open(r)
         os.close(w)
         here.close()
         peer.close()

@@ -13,6 +13,8 @@ from vnetd.networks import Running
 from vnetd.subsystems import spares as spares_mod
 from vnetd.subsystems.spares import Spare, Spares
 
+from tests.harness.fdkinds import is_open
+
 
 class Firewall:
     def __init__(self):
@@ -67,7 +69,7 @@ def test_a_stop_while_a_spare_is_made_waits_for_it_and_leaves_nothing(monkeypatc
         go.set()
         await asyncio.wait_for(stop, 5)
         await _settle()
-        assert made and all(_closed(fd) for fd in made)
+        assert made and not any(is_open(fd) for fd in made)
         assert not fw.pending and sp.count("sp1") == 0
         assert not sp._making
         gone = [names for what, names in fw.log if what == "gone"]
@@ -97,14 +99,6 @@ def test_names_taken_again_and_again_end_the_stocking_with_a_warning(monkeypatch
         assert sp.count("sp1") == 0
     asyncio.run(main())
     assert any("names in a row were taken" in r.getMessage() for r in caplog.records)
-
-
-def _closed(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return True
-    return False
 
 
 def test_an_attach_restocks_after_its_guard_or_at_the_latest_after_a_second(monkeypatch):

@@ -24,8 +24,8 @@ ends a linger wait. The two threads are separate, so that a close a caller made 
 holds up the removal of a port's tap.
 
 What no signal ends: a file whose close waits for another process to answer (a FUSE file's
-flush). dbus-daemon waits on such a file too (it closes its copy of every fd it passes on);
-meanwhile the fds sent after it stay open, a session's at most MAX_FDS per call.
+flush). dbus-daemon would wait on such a file too (it closes its copy of every fd it passes
+on). Meanwhile the fds sent after it stay open, a session's at most MAX_FDS per call.
 """
 
 from __future__ import annotations
@@ -98,14 +98,17 @@ class _Closer:
                     self.busy_since = None
 
     def _watch(self, thread: threading.Thread, patience: float) -> None:
+        told = None  # the close last logged (one that no signal ends is logged once)
         while True:
             time.sleep(patience / 2)
             since = self.busy_since
             if since is None or time.monotonic() - since < patience or not _armed:
                 continue
             self.interrupted += 1
-            log.warning("an fd a caller sent has taken %.0f s to close; interrupting it",
-                        time.monotonic() - since)
+            if since != told:
+                told = since
+                log.warning("an fd a caller sent has taken %.1f s to close; interrupting it",
+                            time.monotonic() - since)
             try:
                 signal.pthread_kill(thread.ident or 0, INTERRUPT)
             except (OSError, ValueError):  # the thread is gone: nothing to interrupt
