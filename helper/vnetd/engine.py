@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import functools
 import logging
 import pwd
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from . import macs as macs_mod
@@ -369,14 +370,9 @@ class Engine:
             bridge = self._running_bridge(net)
             # a new VM's MAC and owner are written right after the answer, not before it
             # (its port's runtime record holds them meanwhile: see Ports.adopt)
-            self.macs.defer += 1
-            try:
+            with self.macs_written_after():
                 port, fds, vhostfds, info = await self.ports.attach(
                     self.running[network].net, bridge, vm, uid, pid, opts)
-            finally:
-                self.macs.defer -= 1
-                if self.macs.dirty:
-                    self.write_macs_soon()
             guard = None
             if net.spoof_protection:
                 guard = functools.partial(self.guard_port, port)
@@ -418,7 +414,7 @@ class Engine:
         target = self._macs_taken + 1
         fut = asyncio.get_running_loop().create_future()
         self._macs_waiters.append((target, fut))
-        self.write_macs_soon()
+        self._write_macs_soon()
         await fut
 
     def _round_done(self, done: int) -> None:
@@ -432,7 +428,19 @@ class Engine:
                 fut.set_result(None)
         self._macs_waiters = waiting
 
-    def write_macs_soon(self) -> None:
+    @contextlib.contextmanager
+    def macs_written_after(self) -> Iterator[None]:
+        """What the registry takes meanwhile is written once the block is over, off the
+        event loop (write_macs), once per network changed, not durably change by change."""
+        self.macs.defer += 1
+        try:
+            yield
+        finally:
+            self.macs.defer -= 1
+            if self.macs.dirty:
+                self._write_macs_soon()
+
+    def _write_macs_soon(self) -> None:
         if self._macs_writer is None or self._macs_writer.done():
             self._macs_writer = asyncio.get_running_loop().create_task(self.write_macs())
 
@@ -469,7 +477,7 @@ class Engine:
             if writer is None or writer.done():
                 if not self.macs.dirty:
                     return
-                self.write_macs_soon()
+                self._write_macs_soon()
                 writer = self._macs_writer
             if writer is not None:
                 await asyncio.shield(writer)
@@ -513,9 +521,7 @@ class Engine:
                     self.ports.forget(port)
                     await self.firewall.port_gone(port)
                 return net.name
-            if uid != 0 and self.ports.held_by(uid) >= self.ports.max_per_user:
-                raise QuotaExceeded(f"You already hold {self.ports.max_per_user} ports, the "
-                                    "most one user may; detach some first.")
+            self.ports.check_quota(uid)
             bridge = self._running_bridge(net)
             port = self.ports.guard_tap(net, ifname, "ifup", uid, None)
             if port is None:

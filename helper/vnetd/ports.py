@@ -544,6 +544,12 @@ class Ports:
         """How many ports `uid` holds (counted, not listed: root may hold thousands)."""
         return len(self._of_uid.get(uid, ()))
 
+    def check_quota(self, uid: int) -> None:
+        """QuotaExceeded if `uid` (not root) holds as many ports as one user may."""
+        if uid != 0 and self.held_by(uid) >= self.max_per_user:
+            raise QuotaExceeded(f"You already hold {self.max_per_user} ports, the most one user "
+                                "may; detach some first.")
+
     def on_network(self, network: str) -> list[Port]:
         return list(self._on_network.get(network, {}).values())
 
@@ -587,9 +593,7 @@ class Ports:
         if p is not None:
             raise Busy(f"VM '{vm}' NIC {nic} is already attached to {net.name} as {p.ifname} "
                        f"(uid {p.uid}); detach it or use another --nic.")
-        if uid != 0 and self.held_by(uid) >= self.max_per_user:
-            raise QuotaExceeded(f"You already hold {self.max_per_user} ports, the most one user "
-                                "may; detach some first.")
+        self.check_quota(uid)
         holder = caller_pid
         if opts.holder is not None:
             if caller_pid is None or opts.holder not in ancestors(caller_pid):

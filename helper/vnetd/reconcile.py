@@ -55,14 +55,9 @@ class Reconciler(Operations):
             # crash kept from being written) is written once per network, off the event
             # loop, while vnetd answers: one durable write per port here held the first
             # answer after a crash 3 s at 5,000 ports (the records stay until then)
-            self.macs.defer += 1
-            try:
+            with self.engine.macs_written_after():
                 await self._reconcile_links()
-            finally:
-                self.macs.defer -= 1
             self.ports.end_reconcile()
-        if self.macs.dirty:
-            self.engine.write_macs_soon()
         await self.ports.start_monitor()
         if not self.engine.adopting:
             await self.settle()
