@@ -33,7 +33,7 @@ from vnet_common.names import validate_nic
 from . import model
 from .errors import Busy, Failed, InvalidArgument, NotFound, NotOwner, QuotaExceeded, VnetError
 from .kernel import tap as tapdev
-from .kernel.links import Links
+from .kernel.links import FastLinkSetter, Links
 from .macs import MacRegistry
 
 if TYPE_CHECKING:
@@ -207,6 +207,21 @@ def _mac_attr(attrs: bytes, want: int) -> str | None:
     return None
 
 
+def _forward_link_local(due: list[tuple[str, int]], still_ours: Callable[[int], bool]) -> None:
+    """`Links.forward_link_local` for each (ifname, index) still ours (on a thread)."""
+    setter = FastLinkSetter()
+    try:
+        for ifname, index in due:
+            if not still_ours(index):
+                continue  # gone meanwhile
+            try:
+                setter.forward_link_local(index)
+            except Failed as e:
+                log.warning("port %s: %s", ifname, e)
+    finally:
+        setter.sock.close()
+
+
 class Ports:
     def __init__(self, links: Links, macs: MacRegistry, store, max_per_user: int = 64):
         self.links = links
@@ -231,6 +246,8 @@ class Ports:
         self.spares: Spares | None = None  # taps made ahead of attaches (set by the engine)
         self.firewall: Firewall | None = None  # (set by the engine) holds a tap made here
         self._records: dict[str, Port] = {}
+        # adopted ports whose link-local forwarding is set once vnetd answers: (ifname, index)
+        self._link_local_due: list[tuple[str, int]] = []
         # ports whose guest MAC is still to be learned, by ifindex: the FDB events of every
         # bridge on the host are checked against this, so it must cost O(1)
         self.learning: dict[int, Port] = {}
@@ -337,7 +354,9 @@ class Ports:
                 await self.links.delete(link.index)
             self._drop(rec)
             return True
-        now = read_tap_mac(ifname=rec.ifname)
+        # its address as the kernel listed it: a change since comes as an event, read once
+        # vnetd answers (the monitor listens from before the list; see open_monitor)
+        now = link.address
         if rec.tap_mac and now and now != rec.tap_mac:
             self._cut(rec, now)
             return True
@@ -345,11 +364,8 @@ class Ports:
                   rec.vm, rec.nic, rec.uid)
         if link.master is not None and (self.firewall is None
                                         or self.firewall.protects(rec.network)):
-            # as a port is set up now (one made by an older vnetd)
-            try:
-                self.links.fast.forward_link_local(link.index)
-            except Failed as e:
-                log.warning("port %s: %s", rec.ifname, e)
+            # as a port is set up now (one made by an older vnetd), once vnetd answers
+            self._link_local_due.append((rec.ifname, link.index))
         if rec.kind == "attach":
             self.macs.remember(rec.network, rec.vm, rec.uid, rec.nic,
                                rec.mac if rec.registry_mac else None)
@@ -365,17 +381,35 @@ class Ports:
                 self._forget(name)
         self._records = {}
 
+    async def forward_adopted_link_local(self) -> None:
+        """Give the adopted ports the link-local set-up a new port gets (see
+        `Links.forward_link_local`): one request per port (which held the first answer after
+        a restart 0.1 s at 5,000 ports), on a thread with a netlink socket of its own, while
+        vnetd answers."""
+        due, self._link_local_due = self._link_local_due, []
+        if due:
+            await asyncio.to_thread(_forward_link_local, due, self.by_index.__contains__)
+
     # --- netlink events -----------------------------------------------------------------
-    async def start_monitor(self) -> None:
-        """Listen to link and neighbour events on a raw rtnetlink socket. Every tap creation
-        makes several RTM_NEWLINK events; only those of our ports are parsed further (a
-        dictionary lookup by ifindex), which keeps the rest nearly free on the attach path."""
+    def open_monitor(self) -> None:
+        """Listen to link and neighbour events on a raw rtnetlink socket, from now on: what
+        comes before `start_monitor` waits in the socket (start-up opens it before it lists
+        the links, so that a port's change after the list is not missed)."""
+        if self._monitor_sock is not None:
+            return
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                              socket.NETLINK_ROUTE)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         sock.bind((0, RTMGRP_LINK | RTMGRP_NEIGH))
         self._monitor_sock = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_netlink)
+
+    async def start_monitor(self) -> None:
+        """Read the events of the monitor (`open_monitor`). Every tap creation makes several
+        RTM_NEWLINK events; only those of our ports are parsed further (a dictionary lookup
+        by ifindex), which keeps the rest nearly free on the attach path."""
+        self.open_monitor()
+        assert self._monitor_sock is not None
+        asyncio.get_running_loop().add_reader(self._monitor_sock.fileno(), self._on_netlink)
 
     def _on_netlink(self) -> None:
         for _ in range(MONITOR_BATCHES):  # (what is left is read at the loop's next turn)

@@ -50,6 +50,7 @@ class Reconciler(Operations):
         for p in self.engine.problems:
             log.error("definition problem: %s", p)
         async with self.engine.lock:
+            self.ports.open_monitor()  # before the links are listed: no change is missed
             self.ports.begin_reconcile()
             # what adopted ports put back into the MAC registry (their records kept what a
             # crash kept from being written) is written once per network, off the event
@@ -72,6 +73,7 @@ class Reconciler(Operations):
         with them serving, and they are replaced afterwards in the background, one network
         at a time under the lock (`_replace_inherited`); a network without them gets new
         ones before it counts as adopted, several networks at a time."""
+        await self.ports.forward_adopted_link_local()
         links_done = []
         for name in sorted(self.engine.adopting):
             async with self.engine.lock:

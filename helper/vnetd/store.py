@@ -211,7 +211,8 @@ class Store:
                 continue
             good = self.good_dir / path.name
             try:
-                text = path.read_text(encoding="utf-8")
+                raw = path.read_bytes()
+                text = raw.decode("utf-8")
                 net = self._add_forwards(self.parse(name, text), problems)
             except (VnetError, UnicodeDecodeError, OSError) as e:
                 reason = e.message if isinstance(e, VnetError) else str(e)
@@ -230,7 +231,7 @@ class Store:
                     problems.append(f"{path}: cannot be used: {reason}.")
                 continue
             nets[name] = net
-            if tomllib.loads(text).get("forwards"):
+            if "forwards" in text and tomllib.loads(text).get("forwards"):
                 # forwards written inline by hand move to their directory, one file each
                 inline = self.parse(name, text).forwards
                 for f in inline:
@@ -239,8 +240,14 @@ class Store:
                 nets[name] = net
                 self.save(net)
                 continue
+            try:
+                kept = good.read_bytes()
+            except FileNotFoundError:
+                kept = None
+            if kept == raw:
+                continue  # its last good copy is this very text (as vnetd writes both)
             data = render_toml(net.to_dict(forwards=False), HEADER).encode()
-            if not good.exists() or good.read_bytes() != data:
+            if kept != data:
                 atomic_write(good, data, 0o600)
         return nets, problems
 

@@ -153,3 +153,29 @@ def test_the_host_neighbour_entry_and_fdb_stay_with_the_owner(vnetd, agents):
     settle(0.5)
     assert neigh_macs(vnetd, NET).get(vip) in (None, victim.mac)
     assert attacker.ifname not in fdb_ports_of(vnetd, NET, victim.mac)
+
+
+def test_a_port_remaced_while_vnetd_is_away_is_cut_off_when_it_returns(vnetd, agents):
+    """A holder that re-MACs its tap while no vnetd watches (between a stop and a start) is
+    cut off when vnetd returns: its port is not adopted, its frames go nowhere."""
+    victim, attacker, vip, brmac = setup_pair(vnetd, agents, "victim4", "evil4")
+    bystander = agents(ALICE, NET, "bystander4")
+    assert attacker.ifname in [p[0] for p in ports()]
+    vnetd.stop()  # its networks and ports go on without it
+    try:
+        assert attacker.setmac(victim.mac)["fd"] == "ok"
+    finally:
+        log_mark = len(vnetd.log())
+        vnetd.start()
+    assert attacker.ifname not in [p[0] for p in ports()], "the re-MACed port was adopted"
+    log = vnetd.log()[log_mark:]
+    assert any("cut off port " + attacker.ifname in line and victim.mac in line.lower()
+               for line in log.splitlines()), f"no audit line for {attacker.ifname}:\n{log[-2000:]}"
+    attacker.clear()
+    bystander.clear()
+    attacker.send(F.udp4_frame(victim.mac, F.BROADCAST, "0.0.0.0", "255.255.255.255", 68, 67,
+                               tag="after-return"), check=False)
+    settle()
+    assert "after-return" not in F.tags(bystander.collect(0.3)), \
+        "a frame from the re-MACed port got through after the restart"
+    assert victim_traffic(victim, brmac, vip, 5, 0x51000006) == (True, True)

@@ -96,6 +96,7 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_IFALIAS = 1, 3, 4, 10, 20
 IFLA_LINKINFO, IFLA_INFO_KIND, IFLA_INFO_DATA = 18, 1, 2
+IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS = 29, 1 << 3
 IFLA_TUN_OWNER, IFLA_TUN_PERSIST = 1, 6
 # a bridge's count of learned forwarding entries and the most it may learn (kernel 6.7 on; an
 # older kernel ignores the attribute when set and does not report it)
@@ -125,13 +126,38 @@ def _u32(raw: bytes | None) -> int | None:
     return None if raw is None or len(raw) < 4 else struct.unpack_from("=I", raw)[0]
 
 
-def parse_link(data: bytes, off: int, length: int) -> Link:
-    """One RTM_NEWLINK message (at `off`, `length` bytes) as a Link."""
+def parse_link(data: bytes, off: int, length: int, want_alias: bytes = b"") -> Link | None:
+    """One RTM_NEWLINK message (at `off`, `length` bytes) as a Link; None if `want_alias`
+    is given and its alias does not start with it. One pass over the attributes, keeping only
+    those a Link holds (a link has some fifty; a dump of thousands reads them all)."""
     _fam, _type, index, flags, _change = struct.unpack_from("=BxHiII", data, off + 16)
-    at = _attrs(data, off + 32, off + length)
+    unpack = _RTA.unpack_from
+    ifname = alias = mac = b""
+    mtu = master = None
+    info = None
+    a, end = off + 32, off + length
+    while a + 4 <= end:
+        alen, akind = unpack(data, a)
+        if alen < 4:
+            break
+        akind &= NLA_TYPE_MASK
+        if akind == IFLA_IFNAME:
+            ifname = data[a + 4:a + alen]
+        elif akind == IFLA_IFALIAS:
+            alias = data[a + 4:a + alen]
+        elif akind == IFLA_ADDRESS:
+            mac = data[a + 4:a + alen]
+        elif akind == IFLA_MTU:
+            mtu = data[a + 4:a + alen]
+        elif akind == IFLA_MASTER:
+            master = data[a + 4:a + alen]
+        elif akind == IFLA_LINKINFO:
+            info = data[a + 4:a + alen]
+        a += (alen + 3) & ~3
+    if want_alias and not alias.startswith(want_alias):
+        return None
     kind = None
     owner, persist = None, False
-    info = at.get(IFLA_LINKINFO)
     if info is not None:
         li = _attrs(info, 0, len(info))
         kind = _cstr(li.get(IFLA_INFO_KIND))
@@ -140,12 +166,14 @@ def parse_link(data: bytes, off: int, length: int) -> Link:
             owner = _u32(td.get(IFLA_TUN_OWNER))
             owner = None if owner in (None, 0xFFFFFFFF) else owner
             persist = bool(td.get(IFLA_TUN_PERSIST, b"\0")[:1] != b"\0")
-    mac = at.get(IFLA_ADDRESS)
-    return Link(index=index, ifname=_cstr(at.get(IFLA_IFNAME)) or "", kind=kind,
-                alias=_cstr(at.get(IFLA_IFALIAS)) or None, master=_u32(at.get(IFLA_MASTER)),
-                up=bool(flags & IFF_UP), mtu=_u32(at.get(IFLA_MTU)) or 0,
-                address=":".join(f"{b:02x}" for b in mac) if mac else None,
+    return Link(index=index, ifname=_cstr(ifname) or "", kind=kind,
+                alias=_cstr(alias) or None, master=_u32(master),
+                up=bool(flags & IFF_UP), mtu=_u32(mtu) or 0,
+                address=mac.hex(":") if mac else None,
                 tun_owner=owner, tun_persist=persist)
+
+
+_RTA = struct.Struct("=HH")
 
 
 NLM_F_DUMP_INTR = 0x10  # the dump saw its objects change: it may miss some
@@ -193,8 +221,9 @@ def dump_links(alias_prefix: str) -> list[Link]:
     link; this looks at the alias first and reads the rest only of the links it keeps). A
     dump the kernel marks interrupted (links changed meanwhile) is taken again."""
     want = alias_prefix.encode()
-    unpack_rta = struct.Struct("=HH").unpack_from
-    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+    # IFLA_EXT_MASK: no statistics (a kernel that does not know the flag sends them anyway)
+    body = (struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+            + _rtattr(IFLA_EXT_MASK, struct.pack("=I", RTEXT_FILTER_SKIP_STATS)))
     out: list[Link] = []
     for _ in range(9):
         out = []
@@ -204,16 +233,9 @@ def dump_links(alias_prefix: str) -> list[Link]:
                     return out
                 break
             data, off, length = item
-            a, end = off + 32, off + length
-            while a + 4 <= end:  # the alias first: most links are not ours
-                alen, akind = unpack_rta(data, a)
-                if alen < 4:
-                    break
-                if akind == IFLA_IFALIAS:
-                    if data[a + 4:a + alen].startswith(want):
-                        out.append(parse_link(data, off, length))
-                    break
-                a += (alen + 3) & ~3
+            link = parse_link(data, off, length, want_alias=want)
+            if link is not None:
+                out.append(link)
     return out
 
 
