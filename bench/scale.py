@@ -12,7 +12,11 @@ held here), then measures what must stay flat as the host grows, and what a cras
   network is back (target <= 5 s), and the ports it still knows (target: all);
 - stop p50.
 
-    sudo /opt/qemu-vnet/bin/python bench/scale.py [--networks 100] [--ports 1000]
+    sudo /opt/qemu-vnet/bin/python bench/scale.py [--networks 100] [--ports 1000] [--dhcp none]
+
+`--dhcp none` starts the networks without a DHCP/DNS server: what vnetd's own costs are when
+no dnsmasq runs per network (every dnsmasq wakes at every route change on the host, which
+is what makes a start cost more with hundreds of them).
 """
 
 from __future__ import annotations
@@ -76,13 +80,13 @@ def cli_ms(*args: str, runs: int = 9) -> float:
     return round(statistics.median(samples) * 1000, 1)
 
 
-async def build(n_nets: int, n_ports: int) -> tuple[dict, list]:
+async def build(n_nets: int, n_ports: int, dhcp: str = "dnsmasq") -> tuple[dict, list]:
     out: dict = {}
     held = []
     async with Client() as c:
         starts = []
         for i in range(n_nets):
-            await c.define(f"sc{i}", mode="host-only", subnet=subnet(i))
+            await c.define(f"sc{i}", mode="host-only", subnet=subnet(i), dhcp=dhcp)
             t = time.perf_counter()
             await c.start(f"sc{i}")
             starts.append(time.perf_counter() - t)
@@ -188,10 +192,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--networks", type=int, default=100)
     ap.add_argument("--ports", type=int, default=1000)
+    ap.add_argument("--dhcp", choices=("dnsmasq", "none"), default="dnsmasq",
+                    help="the networks' DHCP/DNS server (none: vnetd's costs alone)")
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * a.ports + 1024)), hard))
-    result: dict = {"networks": a.networks, "ports": a.ports}
+    result: dict = {"networks": a.networks, "ports": a.ports, "dhcp": a.dhcp}
     with bench_daemon("bench") as d:
         d.stop()
         d.start(LOG + ["--max-ports-per-user", str(10 * a.ports), "--max-networks-per-user",
@@ -203,7 +209,7 @@ def main() -> None:
                        capture_output=True)
         empty = {"list": cli_ms("list"), "ports": cli_ms("ports"), "show": cli_ms("show", "solo")}
         rss0, fd0, kids0 = rss_kib(d.proc.pid), fds(d.proc.pid), children_rss_kib(d.proc.pid)
-        built, held = asyncio.run(build(a.networks, a.ports))
+        built, held = asyncio.run(build(a.networks, a.ports, a.dhcp))
         result.update(built)
         rss1, fd1, kids1 = rss_kib(d.proc.pid), fds(d.proc.pid), children_rss_kib(d.proc.pid)
         result["vnetd_fds"] = {"empty": fd0, "loaded": fd1}

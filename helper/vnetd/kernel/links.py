@@ -247,15 +247,28 @@ def dump_addresses(family: int = socket.AF_UNSPEC, index: int = 0
     point-to-point links) else IFA_ADDRESS."""
     out: list[tuple[int, int, bytes, int]] = []
     unpack_ifa = struct.Struct("=BBBBI").unpack_from
+    unpack = _RTA.unpack_from
     for item in _dump(RTM_GETADDR, struct.pack("=BBBBI", family, 0, 0, 0, index), "addresses",
                       RTM_NEWADDR, strict=bool(index)):
         if isinstance(item, bool):
             break
         data, off, length = item
         fam, plen, _f, _scope, index = unpack_ifa(data, off + 16)
-        at = _attrs(data, off + 24, off + length)
-        raw = at.get(IFA_LOCAL) or at.get(IFA_ADDRESS)
-        if raw is not None and fam in (socket.AF_INET, socket.AF_INET6):
+        if fam != socket.AF_INET and fam != socket.AF_INET6:
+            continue
+        raw = None
+        a, end = off + 24, off + length
+        while a + 4 <= end:  # (the kernel puts these two first: stop at IFA_LOCAL)
+            alen, akind = unpack(data, a)
+            if alen < 4:
+                break
+            if akind == IFA_LOCAL:
+                raw = data[a + 4:a + alen]
+                break
+            if akind == IFA_ADDRESS:
+                raw = data[a + 4:a + alen]
+            a += (alen + 3) & ~3
+        if raw is not None:
             out.append((index, fam, raw, plen))
     return out
 
