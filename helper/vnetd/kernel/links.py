@@ -105,10 +105,13 @@ IFF_UP = 1
 NLA_TYPE_MASK = 0x3FFF  # an attribute's type without its nested / byte-order flags
 
 
+_RTA = struct.Struct("=HH")  # an attribute's header: length, type
+
+
 def _attrs(data: bytes, a: int, end: int) -> dict[int, bytes]:
     """The netlink attributes between a and end, by type (the last of a type wins)."""
     out = {}
-    unpack = struct.Struct("=HH").unpack_from
+    unpack = _RTA.unpack_from
     while a + 4 <= end:
         alen, akind = unpack(data, a)
         if alen < 4:
@@ -171,9 +174,6 @@ def parse_link(data: bytes, off: int, length: int, want_alias: bytes = b"") -> L
                 up=bool(flags & IFF_UP), mtu=_u32(mtu) or 0,
                 address=mac.hex(":") if mac else None,
                 tun_owner=owner, tun_persist=persist)
-
-
-_RTA = struct.Struct("=HH")
 
 
 NLM_F_DUMP_INTR = 0x10  # the dump saw its objects change: it may miss some
