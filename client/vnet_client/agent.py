@@ -10,12 +10,17 @@ registered; only then is the call made.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported when an agent starts: most commands never need one
     import subprocess
+
+
+def _which(name: str) -> str | None:
+    import shutil  # (only here: most commands never look for an agent, and shutil costs ms)
+
+    return shutil.which(name)
 
 
 class TextAgent:
@@ -24,12 +29,12 @@ class TextAgent:
 
     @staticmethod
     def wanted() -> bool:
-        return os.geteuid() != 0 and sys.stdin.isatty() and shutil.which("pkttyagent") is not None
+        return os.geteuid() != 0 and sys.stdin.isatty() and _which("pkttyagent") is not None
 
     def start(self) -> bool:
         import subprocess
 
-        exe = shutil.which("pkttyagent")
+        exe = _which("pkttyagent")
         if exe is None:
             return False
         r, w = os.pipe()

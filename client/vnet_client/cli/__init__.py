@@ -45,6 +45,7 @@ from .parser import (
     EXIT_USAGE,
     Failure,
     Parser,
+    RawDescriptionHelpFormatter,
     Usage,
     add_common,
     wants_json,
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vnet-client",
         description="Manage qemu-vnet virtual networks and attach QEMU VMs to them without "
         "root. Talks to the vnetd service over D-Bus; polkit decides who may do what.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, formatter_class=RawDescriptionHelpFormatter,
     )
     add_common(p, top=True)
     p.add_argument("--version", action="version", version=f"vnet-client (qemu-vnet) {__version__}")

@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -16,7 +15,7 @@ from vnet_common.limits import MAX_NIC, MAX_QUEUES
 
 from ..base import Attachment
 from .output import table, user_name
-from .parser import EXIT_OK, Usage, add_examples
+from .parser import EXIT_OK, RawDescriptionHelpFormatter, Usage, add_examples
 from .session import Session
 
 if TYPE_CHECKING:
@@ -57,7 +56,7 @@ def add_commands(cmd: Command) -> None:
     sp.usage = ("vnet-client attach --br=NET --vm=NAME [--nic=N] [--queues=N] [--vhost] "
                 "[--mac=MAC] [--vde] [--br=NET2 ...] -- COMMAND [ARGS...]")
     sp.description = ATTACH_HELP
-    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.formatter_class = RawDescriptionHelpFormatter
     # For --help (and completion) only: parse_attach reads attach's command line.
     nic = sp.add_argument_group("a NIC (each --br starts one; the options after it are its own)")
     nic.add_argument("--br", metavar="NET",
@@ -239,6 +238,8 @@ def _attach(g: Group, vm: str) -> Callable[[BlockingClient], Attachment]:
 
 
 def run_attach(groups: list[Group], command: list[str], common: argparse.Namespace) -> int:
+    import shutil  # (here: every other command would pay for importing it, bz2 and lzma)
+
     exe = shutil.which(command[0])
     if exe is None:
         raise CannotRun(f"command not found: {command[0]} (nothing was attached).",

@@ -14,7 +14,7 @@ from vnet_common.limits import MAX_TAPS
 from ..base import VnetClientError
 from .accounts import group_exists, uid_of
 from .network import addressing, define_options, define_opts
-from .parser import EXIT_OK, Failure, Parser, Usage, add_common
+from .parser import EXIT_OK, Failure, Parser, RawDescriptionHelpFormatter, Usage, add_common
 from .session import Session
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def build_compat_parser() -> argparse.ArgumentParser:
         prog="vnet-client",
         usage="vnet-client --br=BRIDGE [-n COUNT] [options] --start|--stop|--macaddr",
         description="qemu-vlan compatible form.", epilog=COMPAT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     add_common(p, top=True)
     p.add_argument("-b", "--br", required=True, metavar="BRIDGE",

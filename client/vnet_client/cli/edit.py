@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from ..base import VnetClientError
-from .parser import EXIT_OK, Failure
+from .parser import EXIT_OK, Failure, RawDescriptionHelpFormatter
 from .session import Session
 
 EPILOG = """\
@@ -36,7 +36,7 @@ def add_commands(cmd: Any) -> None:
     sp = cmd("edit", "change a network's definition in your editor, checked as define checks "
                      "one, and applied live where it can be")
     sp.epilog = EPILOG
-    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.formatter_class = RawDescriptionHelpFormatter
     sp.add_argument("name", help="the network")
     sp.add_argument("--from", dest="from_file", metavar="FILE",
                     help="take the new definition from a TOML file instead of an editor")

@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Callable
 
-from .parser import EXIT_OK, Usage, add_common, add_examples
+from .parser import EXIT_OK, RawDescriptionHelpFormatter, Usage, add_common, add_examples
 from .session import Session
 
 Command = Callable[[str, str], argparse.ArgumentParser]
@@ -32,7 +32,7 @@ def add_commands(cmd: Command) -> None:
                         "stored")):
         oa = osub.add_parser(name, help=text, description=text.capitalize() + ".",
                              epilog=OVERLAY_EPILOG,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+                             formatter_class=RawDescriptionHelpFormatter)
         add_common(oa)
         oa.add_argument("network", help="the network (one with an overlay)")
         oa.add_argument("address", help="the other host's underlay address")

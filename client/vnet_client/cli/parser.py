@@ -4,14 +4,77 @@ itself, the options every command takes, and argparse with short mistakes."""
 from __future__ import annotations
 
 import argparse
+import gettext
 import json
+import os
 import re
+import sys
 import textwrap
 from typing import Any, NoReturn
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 4
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
 EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of our output went away
+
+
+# --- argparse, cheaper to build ---------------------------------------------------------------
+# Every command builds the whole parser (some 250 options in 35 commands) before it runs, and
+# argparse pays at each option for two things whose answer cannot change while the command
+# runs: a gettext lookup of its own words (some 8 stat calls for catalogues that do not
+# exist), and the terminal's width (it imports shutil for that). Both are asked once here:
+# a third of what building the parser cost, on every command.
+_translated: dict[str, str] = {}
+
+
+def _gettext(message: str) -> str:
+    """gettext.gettext, once per message (argparse's words)."""
+    out = _translated.get(message)
+    if out is None:
+        out = _translated[message] = gettext.gettext(message)
+    return out
+
+
+def _ngettext(singular: str, plural: str, n: int) -> str:
+    return _gettext(singular) if n == 1 else _gettext(plural)
+
+
+argparse._ = _gettext  # type: ignore[attr-defined]
+argparse.ngettext = _ngettext  # type: ignore[attr-defined]
+
+_width: int | None = None
+
+
+def _help_width() -> int:
+    """The width argparse wraps help to, found as it does (shutil.get_terminal_size: $COLUMNS,
+    else the terminal on stdout, else 80; less 2), once."""
+    global _width
+    if _width is None:
+        try:
+            columns = int(os.environ.get("COLUMNS", "0"))
+        except ValueError:
+            columns = 0
+        if columns <= 0:
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):
+                columns = 0
+        _width = (columns or 80) - 2
+    return _width
+
+
+class _Width:
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,  # type: ignore[call-arg]
+                         _help_width() if width is None else width)
+
+
+class HelpFormatter(_Width, argparse.HelpFormatter):
+    """argparse's, with the width found once."""
+
+
+class RawDescriptionHelpFormatter(_Width, argparse.RawDescriptionHelpFormatter):
+    """argparse's, with the width found once."""
 
 
 class Usage(Exception):
@@ -51,6 +114,10 @@ class Parser(argparse.ArgumentParser):
     # and a near miss among its own options (argparse would leave them to the top level,
     # which knows neither).
     subcommand = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def add_subparsers(self, **kwargs: Any) -> Any:
         kwargs.setdefault("parser_class", SubcommandParser)
@@ -96,7 +163,7 @@ class SubcommandParser(Parser):
 def add_examples(p: argparse.ArgumentParser, epilog: str) -> None:
     """A command's examples, printed as written after its options (RawDescriptionHelpFormatter,
     which prints the description as written too: so it is wrapped here)."""
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.formatter_class = RawDescriptionHelpFormatter
     if p.description and "\n" not in p.description:
         p.description = textwrap.fill(p.description, 79)
     p.epilog = epilog
