@@ -397,3 +397,45 @@ def test_a_closed_output_pipe_ends_quietly(argv):
         os.close(w)
     assert p.stderr == ""
     assert p.returncode == 141
+
+
+def _in_a_fresh_python(code: str, **env: str) -> str:
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, env=os.environ | env, check=True)
+    return p.stdout
+
+
+def test_building_the_parser_imports_no_shutil_and_asks_gettext_once_a_word():
+    """What every command pays before it runs: no shutil (argparse imports it to ask the
+    terminal's width at each option), and one gettext lookup per distinct word of argparse's
+    (not one per option, each a few stat calls)."""
+    out = _in_a_fresh_python(
+        "import gettext, sys\n"
+        "calls = []\n"
+        "real = gettext.gettext\n"
+        "gettext.gettext = lambda m: calls.append(m) or real(m)\n"
+        "from vnet_client import cli\n"
+        "cli.build_parser()\n"
+        "print('shutil' in sys.modules, len(calls), len(set(calls)))\n")
+    shutil_imported, calls, distinct = out.split()
+    assert shutil_imported == "False"
+    assert int(calls) == int(distinct) > 0
+
+
+@pytest.mark.parametrize("columns", [50, 120])
+def test_help_is_wrapped_to_the_columns_asked_for(columns):
+    out = _in_a_fresh_python(
+        "import sys\n"
+        "from vnet_client import cli\n"
+        "sys.argv = ['vnet-client', 'list', '--help']\n"
+        "try:\n"
+        "    cli.main()\n"
+        "except SystemExit:\n"
+        "    pass\n", COLUMNS=str(columns))
+    head, _, rest = out.partition("\n\n")
+    options = rest.split("options:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert max(len(line) for line in options) <= columns
+    # the usage fits one line of 120, not of 50 (as argparse wraps it: columns - 2)
+    assert len(head.splitlines()) == (1 if columns == 120 else 4)
