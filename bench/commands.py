@@ -8,9 +8,9 @@
 - what importing the CLI costs (`python -X importtime`), and that it imports neither
   dbus-fast nor asyncio.
 
-The client's modules are byte-compiled first, as an installed package has them (pip compiles
-on install, the Debian package's postinst too): in a source checkout the test users cannot
-write __pycache__, and compiling the CLI's modules at every start would add about 15 ms.
+The modules are byte-compiled first (`_common.byte_compile`), as an installed package has
+them: in a source checkout the test users cannot write __pycache__, and compiling the CLI's
+modules at every start would add about 15 ms.
 
     sudo /opt/qemu-vnet/bin/python bench/commands.py [--runs 50]
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 
@@ -64,19 +63,10 @@ def import_cost() -> dict:
             "imports_asyncio": "asyncio" in cost}
 
 
-def byte_compile() -> None:
-    code = ("import compileall, os, vnet_client, vnet_common\n"
-            "for m in (vnet_client, vnet_common):\n"
-            "    compileall.compile_dir(os.path.dirname(m.__file__), quiet=1)\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    subprocess.run([str(VENV / "bin/python"), "-c", code], check=True, env=env)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=50)
     a = ap.parse_args()
-    byte_compile()
     client = str(VENV / "bin/vnet-client")
     with bench_daemon("cmds") as d:
         d.stop()
