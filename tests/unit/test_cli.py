@@ -439,3 +439,41 @@ def test_help_is_wrapped_to_the_columns_asked_for(columns):
     assert max(len(line) for line in options) <= columns
     # the usage fits one line of 120, not of 50 (as argparse wraps it: columns - 2)
     assert len(head.splitlines()) == (1 if columns == 120 else 4)
+
+
+def _options(p: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """Each subcommand's option strings and destinations, by name."""
+    sub = next(a for a in p._actions if a.dest == "cmd")
+    return {name: sorted(o for a in sp._actions for o in (a.option_strings or [a.dest]))
+            for name, sp in (sub.choices or {}).items()}
+
+
+def test_a_command_builds_its_own_options_alone():
+    """`vnet-client list` does not build the other commands' options; it builds its own
+    as the whole parser has them, and every command is still there by name (for --help and
+    for a typo's 'did you mean')."""
+    full, only = _options(cli.build_parser()), _options(cli.build_parser(only="list"))
+    assert list(only) == list(full) and len(full) > 20
+    assert only["list"] == full["list"] and "--json" in only["list"]
+    assert all(only[name] == ["--help", "-h"] for name in only if name != "list")
+    assert full["define"] != ["--help", "-h"]
+    args = cli.build_parser(only="define").parse_args(["define", "lab", "--mode=host-only"])
+    assert (args.cmd, args.name, args.mode) == ("define", "lab", "host-only")
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["list"], "list"), (["--json", "show", "x"], "show"),
+    (["--bus-address", "unix:path=/x", "define", "x"], "define"),
+    (["--bus-address=unix:path=/x", "--no-ask-password", "start", "x"], "start"),
+    (["--help"], ""), ([], ""), (["lisst"], "lisst"),
+])
+def test_the_command_a_command_line_invokes(argv, command):
+    assert cli.invoked(argv) == command
+
+
+def test_the_top_level_help_lists_every_command_without_building_them(capsys):
+    for only in (None, ""):
+        with pytest.raises(SystemExit):
+            cli.build_parser(only=only).parse_args(["--help"])
+    full, bare = capsys.readouterr().out.split("usage: ")[1:]
+    assert full == bare and "import-ether-conf" in bare
