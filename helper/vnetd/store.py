@@ -213,7 +213,8 @@ class Store:
             try:
                 raw = path.read_bytes()
                 text = raw.decode("utf-8")
-                net = self._add_forwards(self.parse(name, text), problems)
+                parsed = self.parse(name, text)
+                net = self._add_forwards(parsed, problems)
             except (VnetError, UnicodeDecodeError, OSError) as e:
                 reason = e.message if isinstance(e, VnetError) else str(e)
                 if good.exists():
@@ -231,10 +232,9 @@ class Store:
                     problems.append(f"{path}: cannot be used: {reason}.")
                 continue
             nets[name] = net
-            if "forwards" in text and tomllib.loads(text).get("forwards"):
+            if parsed.forwards:
                 # forwards written inline by hand move to their directory, one file each
-                inline = self.parse(name, text).forwards
-                for f in inline:
+                for f in parsed.forwards:
                     self.save_forward(name, f)
                 net = self._add_forwards(net.with_changes(forwards=()), problems)
                 nets[name] = net

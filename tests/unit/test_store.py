@@ -451,3 +451,22 @@ def test_a_registry_split_cut_between_removing_the_old_files_keeps_every_entry(s
     assert again.data == first.data == {"vnet2": {"web/0": "52:54:00:00:00:01"}}
     assert again.creators == {"vnet2": {"web": 1000}}
     assert not (st.state_dir / "mac-creators.json").exists()
+
+
+@pytest.mark.parametrize("key", ['[[forwards]]', '[["forward\\u0073"]]'])
+def test_forwards_written_inline_move_to_their_directory_however_the_key_is_spelled(st, key):
+    """A forward written inline by hand moves to its own file on loading, and is kept there
+    (the definition is then saved without it). TOML spells a key in several ways; one that
+    never has the word 'forwards' in the file is still the key `forwards`."""
+    st.save(Network.from_options("lab", {"subnet": "10.7.0.0/24"}))
+    path = st.path_of("lab")
+    path.write_text(path.read_text() + f'\n{key}\nproto = "udp"\nport = "8078"\n'
+                    'target = "10.7.0.77"\ntarget-port = 8078\n')
+    nets, problems = st.load_all()
+    assert problems == []
+    assert [(f.proto, f.port_lo, f.target) for f in nets["lab"].forwards] == [
+        ("udp", 8078, "10.7.0.77")]
+    assert (st.forwards_dir("lab") / "udp4-any-any-8078.toml").exists()
+    assert "forward" not in path.read_text()
+    again, _ = Store(st.config_dir, st.state_dir).load_all()  # a restart keeps it
+    assert again == nets
