@@ -284,16 +284,28 @@ def test_mac_transfer_parses_and_names_unknown_users():
 
 @pytest.mark.parametrize("before", [["--no-ask-password"], ["--json"],
                                     ["--bus-address", "unix:path=/x"],
-                                    ["--bus-address=unix:path=/x", "--json"]])
+                                    ["--bus-address=unix:path=/x", "--json"],
+                                    ["--bus", "unix:path=/x"], ["--no-ask", "--js"],
+                                    ["--bus=unix:path=/x", "--json"]])
 def test_global_options_before_attach(before):
+    """Also shortened, as argparse takes them (`--bus`, `--js`)."""
     argv = cli.hoist_global_options([*before, "attach", "--br=vnet2", "--vm", "x", "--", "true"])
     assert argv[0] == "attach"
     groups, command, common = cli.parse_attach(argv[1:])
     assert command == ["true"] and groups[0].network == "vnet2"
-    assert common.no_ask_password == ("--no-ask-password" in before)
-    assert common.json == ("--json" in before)
-    assert common.bus_address == ("unix:path=/x" if len(before) > 1 or "=" in before[0]
+    assert common.no_ask_password == any(w.startswith("--no") for w in before)
+    assert common.json == any(w.startswith("--js") for w in before)
+    assert common.bus_address == ("unix:path=/x" if any(w.startswith("--bus") for w in before)
                                   else None)
+
+
+@pytest.mark.parametrize("word, words", [
+    ("--json", 1), ("--js", 1), ("--no-ask-password", 1), ("--no", 1), ("--bus-address", 2),
+    ("--bus", 2), ("--b", 2), ("--bus-address=x", 1), ("--bus=x", 1), ("--json=1", 0),
+    ("--", 0), ("-", 0), ("--version", 0), ("--mode", 0), ("list", 0), ("-j", 0),
+])
+def test_the_options_every_command_takes_and_the_words_they_span(word, words):
+    assert cli.global_option_words(word) == words
 
 
 def test_global_options_before_other_commands_are_left_to_argparse():
@@ -362,6 +374,7 @@ def test_show_says_how_many_macs_a_bridge_learned_and_where_the_kernel_cannot_co
     ["forward", "add", "vnet2", "tcp", "-6", "8080", "[fd00:12::5]:80"],
     ["forward", "add", "vnet2", "tcp", "8080", "[fd00:12::5]:80", "-6"],
     ["--json", "forward", "add", "vnet2", "--if", "eth0", "-6", "tcp", "8080", "[fd00:12::5]:80"],
+    ["--bus", "unix:path=/x", "forward", "add", "vnet2", "-6", "tcp", "8080", "[fd00:12::5]:80"],
 ])
 def test_forward_add_takes_its_options_anywhere(argv):
     from vnet_client.cli import build_parser, forward_add_options_last
@@ -466,9 +479,16 @@ def test_a_command_builds_its_own_options_alone():
     (["--bus-address", "unix:path=/x", "define", "x"], "define"),
     (["--bus-address=unix:path=/x", "--no-ask-password", "start", "x"], "start"),
     (["--help"], ""), ([], ""), (["lisst"], "lisst"),
+    (["--bus", "unix:path=/x", "list"], "list"), (["--bus-addr", "/x", "show", "lab"], "show"),
+    (["--b", "/x", "list"], "list"), (["--bus=unix:path=/x", "list"], "list"),
 ])
 def test_the_command_a_command_line_invokes(argv, command):
+    """As argparse reads the line: also with an option's name shortened (`--bus`)."""
     assert cli.invoked(argv) == command
+    if command and command != "lisst":
+        args = cli.build_parser(only=command).parse_args(argv + (["x"] if command in (
+            "show", "define", "start") and argv[-1] == command else []))
+        assert args.cmd == command and callable(args.func)
 
 
 def test_the_top_level_help_lists_every_command_without_building_them(capsys):

@@ -161,31 +161,48 @@ def invoked(argv: list[str]) -> str:
     i = 0
     while i < len(argv):
         a = argv[i]
-        if a == "--bus-address":
-            i += 2
-        elif a.startswith("-"):
-            i += 1
-        else:
+        if not a.startswith("-"):
             return a
+        i += global_option_words(a) or 1
     return ""
 
 
 GLOBAL_FLAGS = ("--json", "--no-ask-password")
+GLOBAL_OPTIONS = (*GLOBAL_FLAGS, "--bus-address")  # (the one that takes a value)
+
+
+def _global_option(word: str) -> str | None:
+    """The option every command takes that `word` names, as argparse reads it: by its whole
+    name or any unambiguous beginning of it (`--bus`, `--js`); None for any other word."""
+    name = word.partition("=")[0]
+    if len(name) < 3 or not name.startswith("--"):
+        return None
+    known = [o for o in GLOBAL_OPTIONS if o.startswith(name)]
+    return known[0] if len(known) == 1 else None
+
+
+def global_option_words(word: str) -> int:
+    """How many words an option every command takes spans when it starts with `word`: 1 for
+    a flag or `--bus-address=ADDR`, 2 for `--bus-address ADDR`, 0 for any other word."""
+    option = _global_option(word)
+    if option is None:
+        return 0
+    if option in GLOBAL_FLAGS:
+        return 0 if "=" in word else 1
+    return 1 if "=" in word else 2
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:
     """`vnet-client --no-ask-password attach ...` as `vnet-client attach --no-ask-password
-    ...`: attach has a parser of its own, so the options every command takes move behind it."""
-    i = 0
-    while i < len(argv):
-        if argv[i] in GLOBAL_FLAGS or argv[i].startswith("--bus-address="):
-            i += 1
-        elif argv[i] == "--bus-address":
-            i += 2
-        else:
-            break
+    ...`: attach has a parser of its own, so the options every command takes move behind it,
+    by their whole names (attach's parser takes no shortened one)."""
+    i, moved = 0, []
+    while i < len(argv) and (n := global_option_words(argv[i])):
+        _, eq, value = argv[i].partition("=")
+        moved += [f"{_global_option(argv[i])}{eq}{value}", *argv[i + 1:i + n]]
+        i += n
     if i and argv[i:i + 1] == ["attach"]:
-        return ["attach", *argv[:i], *argv[i + 1:]]
+        return ["attach", *moved, *argv[i + 1:]]
     return argv
 
 
@@ -198,8 +215,8 @@ def forward_add_options_last(argv: list[str]) -> list[str]:
     -6`: argparse gives its optional positionals (PROTO PORT TARGET may be left out for
     --rule) nothing once an option comes between them, so the options move behind them."""
     at = 0  # past the options every command takes
-    while at < len(argv) and (argv[at] in GLOBAL_FLAGS or argv[at].startswith("--bus-address")):
-        at += 2 if argv[at] == "--bus-address" else 1
+    while at < len(argv) and (n := global_option_words(argv[at])):
+        at += n
     if argv[at:at + 2] != ["forward", "add"]:
         return argv
     head, tail = argv[:at + 2], argv[at + 2:]
