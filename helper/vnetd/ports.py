@@ -208,8 +208,14 @@ def _mac_attr(attrs: bytes, want: int) -> str | None:
 
 
 def _forward_link_local(due: list[tuple[str, int]], still_ours: Callable[[int], bool]) -> None:
-    """`Links.forward_link_local` for each (ifname, index) still ours (on a thread)."""
-    setter = FastLinkSetter()
+    """`Links.forward_link_local` for each (ifname, index) still ours (on a thread). What
+    fails is logged, never raised: the adoption of every network waits for this."""
+    try:
+        setter = FastLinkSetter()
+    except OSError as e:
+        log.error("the link-local set-up of %d adopted port(s) was not made: no netlink socket "
+                  "(%s)", len(due), e)
+        return
     try:
         for ifname, index in due:
             if not still_ours(index):
@@ -218,6 +224,8 @@ def _forward_link_local(due: list[tuple[str, int]], still_ours: Callable[[int], 
                 setter.forward_link_local(index)
             except Failed as e:
                 log.warning("port %s: %s", ifname, e)
+            except OSError as e:
+                log.warning("port %s: its link-local set-up was not made (%s)", ifname, e)
     finally:
         setter.sock.close()
 

@@ -68,3 +68,34 @@ def test_a_record_left_empty_by_a_crash_is_removed_and_the_rest_read(tmp_path):
     ports._write(again, new=True)
     assert set(ports.load_records()) == {"n1-a", "n1-b"}
     assert ports.load_records()["n1-b"].vm == "db"
+
+
+def test_the_adopted_ports_link_local_set_up_never_stops_the_adoption(monkeypatch, caplog):
+    """After a restart, the adoption of every network waits for the adopted ports' link-local
+    set-up (a thread with a netlink socket of its own): a socket that cannot be had (fds
+    exhausted) or a request that fails is logged, and the rest of the ports still get it."""
+    import errno
+
+    from vnetd import ports as ports_mod
+
+    def no_socket():
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(ports_mod, "FastLinkSetter", no_socket)
+    ports_mod._forward_link_local([("p1", 1), ("p2", 2)], lambda index: True)
+    assert "2 adopted port(s) was not made" in caplog.text
+
+    done: list[int] = []
+
+    class Setter:
+        sock = SimpleNamespace(close=lambda: done.append(-1))
+
+        def forward_link_local(self, index: int) -> None:
+            if index == 1:
+                raise OSError(errno.ENOBUFS, "No buffer space available")
+            done.append(index)
+
+    monkeypatch.setattr(ports_mod, "FastLinkSetter", Setter)
+    ports_mod._forward_link_local([("p1", 1), ("p2", 2), ("p3", 3)], lambda index: index != 3)
+    assert done == [2, -1]  # p3 went meanwhile; the socket is closed
+    assert "port p1: its link-local set-up was not made" in caplog.text
