@@ -221,7 +221,8 @@ def dump_links(alias_prefix: str) -> list[Link]:
     link; this looks at the alias first and reads the rest only of the links it keeps). A
     dump the kernel marks interrupted (links changed meanwhile) is taken again."""
     want = alias_prefix.encode()
-    # IFLA_EXT_MASK: no statistics (a kernel that does not know the flag sends them anyway)
+    # IFLA_EXT_MASK: without the IPv6 and VF statistics (the link's own counters still come;
+    # a kernel that does not know the flag sends them all)
     body = (struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
             + _rtattr(IFLA_EXT_MASK, struct.pack("=I", RTEXT_FILTER_SKIP_STATS)))
     out: list[Link] = []
