@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import pwd
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
@@ -78,6 +79,14 @@ class View:
 
     def schedule(self, coro: Coroutine[Any, Any, None]) -> None:
         self._engine.schedule(coro)
+
+
+def tap_exists(port: Port) -> bool:
+    """The port's tap is still there (its name still names its interface)."""
+    try:
+        return socket.if_nametoindex(port.ifname) == port.ifindex
+    except OSError:
+        return False
 
 
 def _who(uid: int) -> str:
@@ -220,8 +229,9 @@ class Engine:
     async def _cut_off(self, port: Port) -> None:
         """A port's holder changed its tap's own address (or sent as another VM): off the
         bridge at once (which also drops the bridge's entries for it), and a tap vnetd
-        handed out is deleted."""
-        await self.firewall.port_gone(port)
+        handed out is deleted. Its guard (or its pending hold, if it had no guard yet) goes
+        only then: until the tap is off the bridge, the guard is all that stops its
+        frames."""
         try:
             if port.kind == "attach":
                 await self.links.delete(port.ifindex)
@@ -229,6 +239,14 @@ class Engine:
                 await self.links.set(port.ifindex, master=0)
         except Exception as e:  # gone meanwhile
             log.info("cutting off %s: %s", port.ifname, e)
+        await self._unguard(port)
+
+    async def _unguard(self, port: Port) -> None:
+        """The firewall's elements of a port whose tap is gone or off its bridge: its guard,
+        and the pending hold of one that went before its guard was in."""
+        await self.firewall.port_gone(port)
+        if port.ifname not in self.ports.by_name:  # (else a new port took the name)
+            await self.firewall.spares_gone([port.ifname])
 
     def _guard_taps(self, net: Network) -> None:
         """The taps a network brings (`-n` taps, VDE switches' taps) are guarded as ports:
@@ -391,7 +409,10 @@ class Engine:
             async with self.lock:
                 now = self.ports.by_name.get(port.ifname)
                 if now is not port:
-                    if now is None:  # (a port that took the name since holds it: its own)
+                    # a port cut off before its guard keeps its pending hold until its tap is
+                    # off the bridge (_cut_off lets it go then); one whose tap is gone has
+                    # nothing left to hold (a port that took the name since holds its own)
+                    if now is None and not tap_exists(port):
                         await self.firewall.spares_gone([port.ifname])
                     return
                 try:
@@ -483,8 +504,11 @@ class Engine:
                 await asyncio.shield(writer)
 
     async def detach(self, port: Port) -> None:
+        """Remove a port now: its tap first (or off the bridge), then its guard. The kernel's
+        event of the tap's removal finds the port gone already, so its guard goes here."""
         async with self.lock:
             await self.ports.detach(port)
+            await self._unguard(port)
 
     async def enslave(self, ifname: str, uid: int, release: bool = False) -> str:
         """vnet-ifup/-ifdown: put a tap the caller owns on (or off) the bridge its name says."""
