@@ -675,6 +675,8 @@ class Ports:
                     index = socket.if_nametoindex(ifname)
             except OSError as e:
                 raise Failed(f"Could not set up tap '{ifname}': {e.strerror}.") from None
+            if spare is None and queues > 1:
+                await self._check_queues(ifname, index, queues, uid)
             if spare is None:
                 tap_mac = read_tap_mac(fd=first, ifname=ifname)
                 if self.firewall is not None and net.spoof_protection:
@@ -713,6 +715,23 @@ class Ports:
         info.update(port.to_dict())
         info["mtu"] = net.mtu
         return port, fds, vhostfds, info
+
+    async def _check_queues(self, ifname: str, index: int, queues: int, uid: int) -> None:
+        """A multi-queue tap has no owner between its creation and TUNSETOWNER, and the kernel
+        lets anyone attach a queue to a tap that has none: another local user who watches for
+        new links could join the port that way, before it is the caller's. After TUNSETOWNER
+        no one else can; so the tap must hold exactly the queues vnetd attached, or it is
+        deleted (the other process's queue dies with it) and the attach fails."""
+        have = self.links.fast.tun_queues(index)
+        if have is None or have == queues:
+            return
+        log.warning("audit: tap %s for uid %d had %d queues, not the %d vnetd attached: "
+                    "another process joined it before it had an owner; deleted", ifname, uid,
+                    have, queues)
+        with contextlib.suppress(VnetError):
+            await self.links.delete(index)
+        raise Failed(f"Another process joined the new tap '{ifname}' before it was yours; it "
+                     "was deleted. Try again.")
 
     def guard_tap(self, net: model.Network, ifname: str, kind: str, uid: int,
                   mac: str | None) -> Port | None:

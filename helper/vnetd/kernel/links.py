@@ -98,6 +98,7 @@ IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_IFALIAS = 1, 3, 4, 10, 20
 IFLA_LINKINFO, IFLA_INFO_KIND, IFLA_INFO_DATA = 18, 1, 2
 IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS = 29, 1 << 3
 IFLA_TUN_OWNER, IFLA_TUN_PERSIST = 1, 6
+IFLA_TUN_NUM_QUEUES, IFLA_TUN_NUM_DISABLED_QUEUES = 8, 9
 # a bridge's count of learned forwarding entries and the most it may learn (kernel 6.7 on; an
 # older kernel ignores the attribute when set and does not report it)
 IFLA_BR_FDB_N_LEARNED, IFLA_BR_FDB_MAX_LEARNED = 48, 49
@@ -387,6 +388,35 @@ class FastLinkSetter:
         info = _rtattr(IFLA_INFO_KIND, b"bridge\0") + _rtattr(IFLA_INFO_DATA | NLA_F_NESTED, data)
         self._request(RTM_NEWLINK, socket.AF_UNSPEC, index, 0, 0,
                       _rtattr(IFLA_LINKINFO | NLA_F_NESTED, info))
+
+    def tun_queues(self, index: int) -> int | None:
+        """How many fds are attached to tap #index, as queues (enabled or not); None where the
+        kernel does not say (before 4.15)."""
+        self.seq += 1
+        msg = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0)
+        self.sock.send(struct.pack("=IHHII", 16 + len(msg), RTM_GETLINK, NLM_F_REQUEST,
+                                   self.seq, 0) + msg)
+        while True:
+            data = self.sock.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, typ, _flags, got, _pid = struct.unpack_from("=IHHII", data, off)
+                if length < 16:
+                    break
+                if got == self.seq and typ == NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", data, off + 16)[0]
+                    raise Failed(f"The kernel cannot say how many queues tap #{index} has: "
+                                 f"{errno.errorcode.get(err, err)} ({os.strerror(err)}).")
+                if got == self.seq and typ == RTM_NEWLINK:
+                    top = _attrs(data, off + 32, off + length)
+                    info = top.get(IFLA_LINKINFO)
+                    li = _attrs(info, 0, len(info)) if info is not None else {}
+                    raw = li.get(IFLA_INFO_DATA)
+                    td = _attrs(raw, 0, len(raw)) if raw is not None else {}
+                    queues = _u32(td.get(IFLA_TUN_NUM_QUEUES))
+                    disabled = _u32(td.get(IFLA_TUN_NUM_DISABLED_QUEUES))
+                    return None if queues is None else queues + (disabled or 0)
+                off += (length + 3) & ~3
 
     def forward_link_local(self, index: int) -> None:
         """The reserved link-local groups (01:80:c2:00:00:0X: LLDP, 802.1X, ...) that this
