@@ -415,6 +415,8 @@ class Engine:
                     if now is None and not tap_exists(port):
                         await self.firewall.spares_gone([port.ifname])
                     return
+                if port.parked:  # its network stopped first: its guard comes with its return
+                    return
                 try:
                     await self.firewall.port_attached(port)
                 except VnetError as e:

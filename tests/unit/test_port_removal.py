@@ -8,6 +8,7 @@ kernel that records what is done, in order: no root, no bus."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from vnetd import engine as engine_mod
@@ -116,3 +117,34 @@ async def test_a_port_cut_off_before_its_guard_keeps_its_pending_hold_until_its_
     await e._cut_off(p)
     assert kernel.done[0] == "delete tap #42" and kernel.done[-1] == "let the spare taps go"
     assert p.ifname not in e.firewall.pending
+
+
+async def test_a_port_parked_before_its_guard_gets_it_when_its_network_returns(world):
+    """A network stopped between an attach and its guard parks the port: no guard is put on
+    a parked port (it was counted twice when the network came back, and its VM's shared
+    elements outlived it), and its pending hold stays until the network's return replaces
+    it with the guard, in one transaction."""
+    from vnetd.model import Network
+
+    e, kernel = world
+    p = port()
+    e.ports._add(p)
+    await e.firewall.spares_added([p.ifname])
+    p.parked = True
+    kernel.done.clear()
+    await e.guard_port(p)
+    assert kernel.done == [] and p.ifname in e.firewall.pending
+    assert p.ifname not in e.firewall.applied_ports
+
+    async def nothing() -> None:
+        pass
+
+    e.firewall._host_settings = nothing
+    p.parked = False
+    sent = []
+    e.firewall._apply = lambda cmd, what: sent.append(json.dumps(cmd))
+    await e.firewall._join(Network.from_options("vnet2", {"subnet": "172.16.12.0/24"}))
+    assert p.ifname not in e.firewall.pending and p.ifname in e.firewall.applied_ports
+    assert '"delete": {"element": {"family": "bridge", "table": "qemu_vnet", "name": ' \
+           '"pending"' in sent[0] and p.ifname in sent[0]
+    assert max(e.firewall._held.values()) == 1  # counted once

@@ -65,7 +65,7 @@ def engine(ports, firewall):
                            restocked=restocked)
 
 
-PORT = SimpleNamespace(ifname="vnet2-abc123", network="vnet2", vm="web1", uid=1000)
+PORT = SimpleNamespace(ifname="vnet2-abc123", network="vnet2", vm="web1", uid=1000, parked=False)
 
 
 def test_a_port_gets_its_guard_after_the_answer_under_the_lock():

@@ -206,14 +206,18 @@ class Firewall:
         gateway = fw.network_elems(fwn) if fwn.spoof_protection else []
         cmds += fw.render_elements("add", gateway)["nftables"]
         ports = {p.ifname: self._fw_port(p) for p in self.view.ports.on_network(net.name)}
+        # a port attached just before its network stopped got no guard meanwhile (parked), and
+        # is still pending: its guard replaces that here
+        held = {name for name in ports if name in self.pending} if fwn.spoof_protection else set()
         if fwn.spoof_protection:
             for fp in ports.values():
-                cmds += fw.render_port_update(fp, None)["nftables"]
+                cmds += fw.render_port_update(fp, None, pending=fp.ifname in held)["nftables"]
         await asyncio.to_thread(self._apply, {"nftables": cmds}, f"let {net.name} in")
         log.debug("%s joined the ruleset: %d command(s)", net.name, len(cmds))
         self.applied_nets[net.name] = fwn
         self.applied_forwards.update(forwards)
         self._held.update(fw._keyed(e) for e in gateway)
+        self.pending.difference_update(held)
         for fp in ports.values():
             self.applied_ports[fp.ifname] = fp
             if fwn.spoof_protection:
