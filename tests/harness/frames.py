@@ -490,6 +490,9 @@ def vde_stream(frame: bytes) -> bytes:
 #   {"op": "collect", "seconds": s, "until": {}} wait s (or until a frame matches), return
 #                                                and forget the capture
 #   {"op": "setmac", "mac": m}                   SIOCSIFHWADDR through the fd and a socket
+#   {"op": "setmac_send", "mac": m, "frames": [hex, ...], "seconds": s}  SIOCSIFHWADDR
+#                                                through the fd, then write the frames over
+#                                                and over until a write fails or s is up
 #   {"op": "respond", "mac": m, "ip4": [..], "ip6": [..]}  answer ARP and NS for these
 #   {"op": "watch", "cores": [hex, ...]}         from now on count frames instead of keeping
 #                                                them; count apart those with these cores
@@ -677,6 +680,22 @@ def _agent(argv: list[str]) -> None:  # pragma: no cover - runs as a test user
                 except OSError as e:
                     out[how] = f"{type(e).__name__}: {e}"
             say(out)
+        elif op == "setmac_send":
+            # re-MAC through the fd, then write the frames again and again, as fast as one
+            # process can, for `seconds` or until the port is cut off (the write fails)
+            set_hwaddr_via_fd(fd, hello["ifname"], req["mac"])
+            frames = [bytes.fromhex(h) for h in req["frames"]]
+            n, stopped = 0, None
+            deadline = time.monotonic() + req["seconds"]
+            while stopped is None and time.monotonic() < deadline:
+                for frame in frames:
+                    try:
+                        emit(frame)
+                        n += 1
+                    except OSError as e:
+                        stopped = f"{type(e).__name__}: {e}"
+                        break
+            say({"sent": n, "stopped": stopped})
         elif op == "exit":
             break
     if plug is not None:
