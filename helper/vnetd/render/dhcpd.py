@@ -59,22 +59,68 @@ def argv(net: Network, conf: Path, leases: Path, uid: int, gid: int) -> list[str
             DHCPD, "-f", "-4", "-cf", str(conf), "-lf", str(leases), "--no-pid", net.bridge]
 
 
-_LEASE = re.compile(r"lease\s+(\S+)\s*\{(.*?)\}", re.S)
+# dhcpd.leases as dhcpd writes it: words, quoted strings (a guest's own words, such as the
+# hostname it sent, with only '"', '\\' and unprintable bytes escaped: braces and semicolons
+# inside them are text), braces and semicolons
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{};]|[^\s{};"]+', re.S)
+_COMMENT = re.compile(r"^[ \t]*#.*$", re.M)
+# a hostname as a lease shows it: what DNS allows (dnsmasq drops any other a guest sends)
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _hostname(token: str) -> str:
+    """A quoted client-hostname, if it is a hostname at all ('' otherwise: it is shown to
+    users, and a guest chose it)."""
+    name = token[1:-1]
+    return name if len(name) <= 253 and _HOSTNAME.fullmatch(name) else ""
 
 
 def parse_leases(text: str) -> list[Lease]:
-    """dhcpd.leases: the last block per address wins; only active bindings count."""
+    """dhcpd.leases: the last block per address wins; only active bindings count. Read as
+    dhcpd writes it, token by token: a quoted string (a guest's hostname) cannot end a block
+    or start one, whatever it holds."""
     latest: dict[str, Lease] = {}
-    for ip, body in _LEASE.findall(text):
-        if "binding state active" not in body:
-            latest.pop(ip, None)
+    tokens = _TOKEN.findall(_COMMENT.sub("", text))
+    i, depth = 0, 0
+    while i < len(tokens):
+        t = tokens[i]
+        if depth == 0 and t == "lease" and i + 2 < len(tokens) and tokens[i + 2] == "{":
+            ip, i = tokens[i + 1], i + 3
+            statements: list[list[str]] = [[]]
+            inner = 0
+            while i < len(tokens) and not (tokens[i] == "}" and inner == 0):
+                t = tokens[i]
+                inner += (t == "{") - (t == "}")
+                if t in ("{", "}", ";") and inner == 0:
+                    statements.append([])
+                elif t not in ("{", "}", ";"):
+                    statements[-1].append(t)
+                i += 1
+            i += 1  # (its closing brace)
+            _lease(latest, ip, [s for s in statements if s])
             continue
-        mac = re.search(r"hardware ethernet\s+([0-9a-fA-F:]+);", body)
-        host = re.search(r'client-hostname\s+"([^"]*)";', body)
-        ends = re.search(r"ends\s+\d\s+(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d);", body)
-        expiry = 0
-        if ends:
-            expiry = calendar.timegm(time.strptime(ends.group(1), "%Y/%m/%d %H:%M:%S"))
-        latest[ip] = Lease(mac=mac.group(1).lower() if mac else "", ip=ip,
-                           hostname=host.group(1) if host else "", expiry=expiry)
+        depth += (t == "{") - (t == "}")
+        i += 1
     return list(latest.values())
+
+
+def _lease(latest: dict[str, Lease], ip: str, statements: list[list[str]]) -> None:
+    """One lease block's statements into `latest` (an inactive binding removes the address)."""
+    mac, host, expiry, active = "", "", 0, False
+    for st in statements:
+        if st[:3] == ["binding", "state", "active"]:
+            active = True
+        elif st[:2] == ["hardware", "ethernet"] and len(st) == 3:
+            mac = st[2].lower()
+        elif st[0] == "client-hostname" and len(st) == 2 and st[1].startswith('"'):
+            host = _hostname(st[1])
+        elif st[0] == "ends" and len(st) == 4:
+            try:
+                expiry = calendar.timegm(time.strptime(f"{st[2]} {st[3]}", "%Y/%m/%d %H:%M:%S"))
+            except ValueError:
+                expiry = 0
+    if not active:
+        latest.pop(ip, None)
+        return
+    latest[ip] = Lease(mac=mac, ip=ip, hostname=host, expiry=expiry)
