@@ -57,6 +57,9 @@ CREDS_ENTRIES = 4096  # connections whose credentials are remembered
 # all, or everyone else's checks fail. Per uid, further checks wait for that uid's own.
 POLKIT_IN_FLIGHT = 96
 POLKIT_PER_UID = 8
+# a uid's calls waiting for polkit, in flight or queued behind its 8: each holds its message
+# (up to the argument budget), and one user may call from many connections
+POLKIT_WAITING_PER_UID = 32
 POLKIT_TIMEOUT = 30.0  # seconds for a check without a password prompt
 POLKIT_PROMPT_TIMEOUT = 300.0  # with one (an agent that never answers holds a slot no longer)
 DENIED_SECONDS = 5.0  # a refusal without a prompt is remembered this long (per connection)
@@ -237,6 +240,9 @@ class Authorizer:
         mine = self._per_uid.get(caller.uid)
         if mine is None:
             mine = self._per_uid[caller.uid] = [asyncio.Semaphore(POLKIT_PER_UID), 0]
+        if mine[1] >= POLKIT_WAITING_PER_UID:
+            raise AccessDenied(f"{POLKIT_WAITING_PER_UID} of your calls are waiting for the "
+                               "authorization service (polkit) already; refused.")
         mine[1] += 1
         self._serial += 1
         cancel_id = f"vnetd-{self._serial}"

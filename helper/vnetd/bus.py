@@ -118,8 +118,9 @@ class Budget:
 
 def unwrap(v: Any, depth: int = 0, budget: Budget | None = None) -> Any:
     """Plain Python values from what dbus-fast decoded (nested at most MAX_DEPTH deep; all of
-    one call's arguments, given one `budget`, within MAX_ITEMS and MAX_CHARS: a call past
-    them is refused before its values are built)."""
+    one call's arguments, given one `budget`, within MAX_ITEMS and MAX_CHARS, bytes counted
+    as characters: a call past them is refused before vnetd builds anything of its own from
+    them, or holds them while polkit is asked)."""
     if budget is None:
         budget = Budget()
     if depth > MAX_DEPTH:
@@ -131,6 +132,12 @@ def unwrap(v: Any, depth: int = 0, budget: Budget | None = None) -> Any:
         if budget.chars < 0:
             raise InvalidArgument(f"The arguments hold more than {MAX_CHARS} characters of "
                                   "text in all.")
+        return v
+    if isinstance(v, bytes | bytearray):  # (no method takes bytes; an option may hold them)
+        budget.chars -= len(v)
+        if budget.chars < 0:
+            raise InvalidArgument(f"The arguments hold more than {MAX_CHARS} characters of "
+                                  "text and bytes in all.")
         return v
     if isinstance(v, dict | list):
         budget.items -= len(v)
@@ -151,6 +158,23 @@ def unwrap(v: Any, depth: int = 0, budget: Budget | None = None) -> Any:
 def label_escape(name: str) -> str:
     """A network name as one object-path element ([A-Za-z0-9_] only), systemd style."""
     return "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):02x}" for c in name) or "_"
+
+
+# the longest object-path element a network's name makes: 15 characters, each escaped
+LABEL_MAX = 3 * 15
+
+
+def network_of(path: str) -> str | None:
+    """The network a path under NETWORK_PATH names, or None. A path may be as long as a
+    message (32 MiB): one too long to name a network is not read further."""
+    label = path[len(api.NETWORK_PATH) + 1:]
+    return label_unescape(label) if len(label) <= LABEL_MAX else None
+
+
+def _clip(text: str | None, n: int = 80) -> str:
+    """A caller's name of something, as an error repeats it: at most n characters."""
+    text = text or ""
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def label_unescape(label: str) -> str:
@@ -403,8 +427,7 @@ class Service:
         if path == api.MANAGER_PATH:
             ifaces.append(api.interface_xml(api.MANAGER))
         elif path.startswith(api.NETWORK_PATH + "/"):
-            name = label_unescape(path[len(api.NETWORK_PATH) + 1:])
-            if name in self.engine.defs:
+            if network_of(path) in self.engine.defs:
                 ifaces.append(api.interface_xml(api.NETWORK))
         nodes = "".join(f'\n  <node name="{c}"/>' for c in self._children(path))
         xml = (f"{api.DOCTYPE}\n<node>\n{STD_IFACES}\n" + "\n".join(ifaces)
@@ -479,7 +502,7 @@ class Service:
                 return self._unknown(msg), [], None
         elif path.startswith(api.NETWORK_PATH + "/"):
             iface = iface or api.NETWORK
-            target = label_unescape(path[len(api.NETWORK_PATH) + 1:])
+            target = network_of(path)
             if iface != api.NETWORK or target not in self.engine.defs:
                 return self._unknown(msg), [], None
         else:
@@ -584,8 +607,11 @@ class Service:
             return None
 
     def _unknown(self, msg: Message) -> Message:
+        # (what the caller named is repeated clipped: a reply larger than the bus takes would
+        # cost vnetd its connection)
         return self._error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
-                           f"No method {msg.interface}.{msg.member} at {msg.path}.")
+                           f"No method {_clip(msg.interface)}.{_clip(msg.member)} at "
+                           f"{_clip(msg.path)}.")
 
     def emit_event(self, kind: str, *args: Any) -> None:
         """The engine's one event stream, as signals."""

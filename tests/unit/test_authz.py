@@ -126,8 +126,9 @@ class HangingBus:
 
 def test_one_user_cannot_take_every_polkit_check_in_flight():
     """vnetd's connection may wait for 128 replies at most; Bob calling from many
-    connections waits for his own checks beyond POLKIT_PER_UID, and Alice's goes at once."""
-    from vnetd.authz import POLKIT_PER_UID
+    connections waits for his own checks beyond POLKIT_PER_UID, and Alice's goes at once.
+    Each call waiting holds its message: past POLKIT_WAITING_PER_UID, his are refused."""
+    from vnetd.authz import POLKIT_PER_UID, POLKIT_WAITING_PER_UID
 
     bobs = [Caller(f":1.{100 + i}", 1002, None, False) for i in range(40)]
     alice = Caller(":1.7", 1001, 42, False)
@@ -142,8 +143,14 @@ def test_one_user_cannot_take_every_polkit_check_in_flight():
         mine = asyncio.ensure_future(a.check(alice, ATTACH, {"network": "vnet2"}))
         await asyncio.sleep(0.01)
         assert bus.now.get(1001) == 1  # asked at once, beside Bob's
+        # past his 32 waiting (each holding its call), Bob's further calls are refused
+        refused = [f for f in flood if f.done()]
+        assert len(refused) == len(bobs) - POLKIT_WAITING_PER_UID
+        for f in refused:
+            with pytest.raises(AccessDenied, match="32 of your calls are waiting"):
+                f.result()
         bus.release.set()
-        await asyncio.gather(mine, *flood)
+        await asyncio.gather(mine, *[f for f in flood if f not in refused])
         assert bus.most[1002] == POLKIT_PER_UID and not a._per_uid
 
     asyncio.run(scene())

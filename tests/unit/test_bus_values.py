@@ -217,3 +217,46 @@ def test_one_calls_arguments_are_bounded_together():
     # what a real call carries at its largest (an import of a full network's MACs) passes
     macs = {f"vm{i}/0": f"52:54:00:00:{i >> 8:02x}:{i & 255:02x}" for i in range(4096)}
     assert unwrap(macs, 0, Budget()) == macs
+
+
+def test_a_path_too_long_to_name_a_network_is_not_read():
+    """An object path may be as long as a message (32 MiB on the system bus), and `_` is a
+    path character: unescaping a few MiB of them held the event loop for seconds, before
+    any limit of vnetd's. A path element longer than any network name makes is no
+    network's, unread."""
+    import time
+
+    from vnetd.bus import LABEL_MAX, network_of
+
+    longest = network_path("a" * 15)
+    assert network_of(longest) == "a" * 15
+    escaped = network_path("-" * 15)
+    assert len(escaped) - len(api.NETWORK_PATH) - 1 == LABEL_MAX
+    assert network_of(escaped) == "-" * 15
+    t = time.perf_counter()
+    assert network_of(api.NETWORK_PATH + "/" + "_" * (8 << 20)) is None
+    assert time.perf_counter() - t < 0.05
+
+
+def test_an_unknown_method_error_repeats_what_the_caller_named_clipped():
+    """The error names the interface, member and path the caller gave, each clipped: one
+    near the bus's largest message would have made a reply larger than the bus takes, which
+    costs vnetd its connection."""
+    from types import SimpleNamespace
+
+    from vnetd.bus import Service
+
+    msg = Message(destination="org.qemuvnet.Vnet1", path="/x/" + "y" * (1 << 20),
+                  interface="a.b", member="M" * 255, serial=7, sender=":1.5")
+    fake = SimpleNamespace(_error=lambda m, name, text: Message.new_error(m, name, text))
+    err = Service._unknown(fake, msg)
+    assert len(err.body[0]) < 400 and err.body[0].startswith("No method a.b.MMM")
+
+
+def test_bytes_count_against_a_calls_budget():
+    """No method takes bytes, but an option may hold them (`ay` in a variant): they count as
+    text does, so a call cannot carry 30 MiB past the budget (and hold them while polkit is
+    asked)."""
+    unwrap({"x": Variant("ay", bytes(1000))}, 0, Budget())
+    with pytest.raises(InvalidArgument, match="text and bytes"):
+        unwrap({"x": Variant("ay", bytes(30 << 20))}, 0, Budget())
