@@ -549,6 +549,12 @@ class Engine:
                 return net.name
             self.ports.check_quota(uid)
             bridge = self._running_bridge(net)
+            if uid != 0 and ifname not in net.tap_names:  # (a pre-created tap's is root's)
+                # the port is VM <tap name> (qemu-vlan's NAME_<n>, whose MAC ether.conf gave):
+                # that VM is the tap owner's, as any VM name is its first registrant's, so that
+                # no one else attaches as it (with the MAC the port learned) or reads its leases
+                with self.macs_written_after():
+                    self.macs.claim(net.name, ifname, uid)
             port = self.ports.guard_tap(net, ifname, "ifup", uid, None)
             if port is None:
                 raise NotFound(f"There is no interface named '{ifname}'.")

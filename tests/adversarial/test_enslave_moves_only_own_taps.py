@@ -64,3 +64,35 @@ def test_a_port_cannot_be_moved_onto_the_network_its_name_seems_to_say(vnetd, ag
     assert master(vnetd, thief.ifname) == LAB_X
     assert thief.ifname in [p[0] for p in ports()]
 
+
+
+def test_a_vnet_ifup_tap_is_its_owners_vm(vnetd):
+    """A tap vnet-ifup puts on a network is VM <tap name> there (qemu-vlan's NAME_<n>): that
+    VM name is the tap owner's, as any VM name is its first registrant's. Otherwise Bob could
+    register it once Alice's tap was on the bridge, then attach as that VM with the MAC her
+    port learned (and read her leases); and a name Bob registered first is his, so Alice's
+    vnet-ifup of a tap by that name is refused, naming him, rather than share it."""
+    from tests.harness.daemon import uid_of
+
+    for tap in ("lab_7", "lab_8"):
+        vnetd.exec("ip", "tuntap", "add", "dev", tap, "mode", "tap", "user",
+                   str(uid_of(ALICE)))
+    try:
+        r = ifupdown(ALICE, "vnet-ifup", "lab_7")
+        assert r.returncode == 0, r.stderr
+        r = run_client("mac", "--br=lab", "--vm=lab_7", user=BOB)
+        assert r.returncode != 0 and "belongs to another user" in r.stderr, (r.stdout, r.stderr)
+        r = run_client("attach", "--br=lab", "--vm=lab_7", "--nic=1", "--", "true", user=BOB)
+        assert r.returncode != 0 and "belongs to another user" in r.stderr, (r.stdout, r.stderr)
+        # a name Bob registered first stays his: Alice's tap of that name is not put on
+        r = run_client("mac", "--br=lab", "--vm=lab_8", user=BOB)
+        assert r.returncode == 0, r.stderr
+        r = ifupdown(ALICE, "vnet-ifup", "lab_8")
+        assert r.returncode != 0 and "belongs to another user" in r.stderr, r.stderr
+        assert master(vnetd, "lab_8") is None
+    finally:
+        ifupdown(ALICE, "vnet-ifdown", "lab_7")
+        for tap in ("lab_7", "lab_8"):
+            vnetd.exec("ip", "link", "del", tap, check=False)
+        run_client("mac", "forget", LAB, "lab_7")
+        run_client("mac", "forget", LAB, "lab_8")

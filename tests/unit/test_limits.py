@@ -681,3 +681,4 @@ def test_a_new_vms_mac_is_never_one_held_outside_the_registry():
     own = derive_mac("vnet2", "web", 0)
     reg.holder = lambda network, mac: "web" if mac == own else None
     assert reg.get("vnet2", "web", 0, uid=1001) == own
+
