@@ -39,7 +39,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from vnet_common.wire import ACTION_PREFIX, ACTIONS, ATTACH
 
-from .errors import AccessDenied, InteractiveAuthorizationRequired, VnetError
+from .errors import AccessDenied, InteractiveAuthorizationRequired, LimitsExceeded, VnetError
 
 log = logging.getLogger("vnetd.authz")
 
@@ -241,8 +241,9 @@ class Authorizer:
         if mine is None:
             mine = self._per_uid[caller.uid] = [asyncio.Semaphore(POLKIT_PER_UID), 0]
         if mine[1] >= POLKIT_WAITING_PER_UID:
-            raise AccessDenied(f"{POLKIT_WAITING_PER_UID} of your calls are waiting for the "
-                               "authorization service (polkit) already; refused.")
+            raise LimitsExceeded(f"{POLKIT_WAITING_PER_UID} of your calls are waiting for "
+                                 "the authorization service (polkit) already; try again once "
+                                 "they are answered.")
         mine[1] += 1
         self._serial += 1
         cancel_id = f"vnetd-{self._serial}"

@@ -39,6 +39,12 @@ class AccessDenied(VnetError):
     dbus_name = "org.freedesktop.DBus.Error.AccessDenied"
 
 
+class LimitsExceeded(VnetError):
+    """A caller is past a limit on calls at once (in flight, or waiting for polkit)."""
+
+    dbus_name = "org.freedesktop.DBus.Error.LimitsExceeded"
+
+
 class InteractiveAuthorizationRequired(VnetError):
     dbus_name = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 

@@ -8,7 +8,7 @@ import pytest
 from dbus_fast import MessageType
 from vnet_common.wire import ATTACH, MANAGE
 from vnetd.authz import Authorizer, Caller
-from vnetd.errors import AccessDenied, InteractiveAuthorizationRequired
+from vnetd.errors import AccessDenied, InteractiveAuthorizationRequired, LimitsExceeded
 
 
 class Reply:
@@ -147,7 +147,7 @@ def test_one_user_cannot_take_every_polkit_check_in_flight():
         refused = [f for f in flood if f.done()]
         assert len(refused) == len(bobs) - POLKIT_WAITING_PER_UID
         for f in refused:
-            with pytest.raises(AccessDenied, match="32 of your calls are waiting"):
+            with pytest.raises(LimitsExceeded, match="32 of your calls are waiting"):
                 f.result()
         bus.release.set()
         await asyncio.gather(mine, *[f for f in flood if f not in refused])
