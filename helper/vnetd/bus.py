@@ -18,13 +18,7 @@ from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from vnet_common.names import (
-    key,
-    parse_key,
-    validate_ifname,
-    validate_network_name,
-    validate_vm_name,
-)
+from vnet_common.names import key, validate_ifname, validate_network_name, validate_vm_name
 from vnet_common.toml import render_definition
 from vnet_common.wire import signature
 
@@ -724,13 +718,6 @@ class Service:
         raise NotOwner(f"{what} belongs to {_who(owner)}: only its owner or root may change "
                        "it.")
 
-    def owns_vm(self, caller: Caller, network: str, vm: str) -> None:
-        """A VM name is its first registrant's, as a network or a forward is its maker's:
-        on a network root owns, a user with `manage` (a delegate) still may not forget,
-        give away, re-key or re-address another user's VM."""
-        owner = self.engine.macs.owner_uid(network, vm)
-        self._owns(caller, owner or 0, f"VM '{vm}' on {network}")
-
     def owns_network(self, caller: Caller, name: str) -> Network:
         net = self.engine.get(name)
         self._owns(caller, net.owner, f"The network '{name}'")
@@ -796,8 +783,6 @@ class Service:
 
     async def import_macs(self, caller: Caller, network: str, macs: dict[str, str]) -> Any:
         self.owns_network(caller, network)
-        for entry in macs:
-            self.owns_vm(caller, network, parse_key(entry)[0])
         return Reply(await self.engine.vms.import_macs(network, macs),
                      audit=f"{len(macs)} entr{'y' if len(macs) == 1 else 'ies'}")
 
@@ -813,14 +798,12 @@ class Service:
     async def forget_mac(self, caller: Caller, network: str, vm: str) -> Any:
         if network in self.engine.defs:  # the network need not be defined any more
             self.owns_network(caller, network)
-        self.owns_vm(caller, network, vm)
         n = await self.engine.vms.forget_mac(network, vm)
         return Reply(n, audit=f"forgot {n} MAC(s)")
 
     async def transfer_vm(self, caller: Caller, network: str, vm: str, uid: int) -> Any:
         if network in self.engine.defs:  # the network need not be defined any more
             self.owns_network(caller, network)
-        self.owns_vm(caller, network, vm)
         before = await self.engine.vms.transfer(network, vm, uid)
         return Reply(uid, audit=f"VM {vm} from uid {'none' if before is None else before} "
                                 f"to uid {uid}")
@@ -835,7 +818,6 @@ class Service:
     async def add_host(self, caller: Caller, network: str, vm: str,
                        options: dict[str, Any]) -> Any:
         self.owns_network(caller, network)
-        self.owns_vm(caller, network, vm)
         host = await self.engine.hosts.add(network, vm, options)
         d = host.to_dict()
         kept = self.engine.resolver.kept_lease(self.engine.get(network), vm)
@@ -849,7 +831,6 @@ class Service:
 
     async def remove_host(self, caller: Caller, network: str, vm: str) -> None:
         self.owns_network(caller, network)
-        self.owns_vm(caller, network, vm)
         await self.engine.hosts.remove(network, vm)
 
     async def list_hosts(self, caller: Caller, network: str) -> Any:
