@@ -393,30 +393,21 @@ class FastLinkSetter:
         """How many fds are attached to tap #index, as queues (enabled or not); None where the
         kernel does not say (before 4.15)."""
         self.seq += 1
-        msg = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0)
-        self.sock.send(struct.pack("=IHHII", 16 + len(msg), RTM_GETLINK, NLM_F_REQUEST,
-                                   self.seq, 0) + msg)
-        while True:
-            data = self.sock.recv(65536)
-            off = 0
-            while off + 16 <= len(data):
-                length, typ, _flags, got, _pid = struct.unpack_from("=IHHII", data, off)
-                if length < 16:
-                    break
-                if got == self.seq and typ == NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", data, off + 16)[0]
-                    raise Failed(f"The kernel cannot say how many queues tap #{index} has: "
-                                 f"{errno.errorcode.get(err, err)} ({os.strerror(err)}).")
-                if got == self.seq and typ == RTM_NEWLINK:
-                    top = _attrs(data, off + 32, off + length)
-                    info = top.get(IFLA_LINKINFO)
-                    li = _attrs(info, 0, len(info)) if info is not None else {}
-                    raw = li.get(IFLA_INFO_DATA)
-                    td = _attrs(raw, 0, len(raw)) if raw is not None else {}
-                    queues = _u32(td.get(IFLA_TUN_NUM_QUEUES))
-                    disabled = _u32(td.get(IFLA_TUN_NUM_DISABLED_QUEUES))
-                    return None if queues is None else queues + (disabled or 0)
-                off += (length + 3) & ~3
+        typ, data, off, length = _ifinfo_request(
+            self.sock, self.seq, RTM_GETLINK, NLM_F_REQUEST, socket.AF_UNSPEC, index, 0, 0, b"",
+            want=(NLMSG_ERROR, RTM_NEWLINK))
+        if typ == NLMSG_ERROR:
+            err = -struct.unpack_from("=i", data, off + 16)[0]
+            raise Failed(f"The kernel cannot say how many queues tap #{index} has: "
+                         f"{errno.errorcode.get(err, err)} ({os.strerror(err)}).")
+        top = _attrs(data, off + 32, off + length)
+        info = top.get(IFLA_LINKINFO)
+        li = _attrs(info, 0, len(info)) if info is not None else {}
+        raw = li.get(IFLA_INFO_DATA)
+        td = _attrs(raw, 0, len(raw)) if raw is not None else {}
+        queues = _u32(td.get(IFLA_TUN_NUM_QUEUES))
+        disabled = _u32(td.get(IFLA_TUN_NUM_DISABLED_QUEUES))
+        return None if queues is None else queues + (disabled or 0)
 
     def forward_link_local(self, index: int) -> None:
         """The reserved link-local groups (01:80:c2:00:00:0X: LLDP, 802.1X, ...) that this
@@ -438,22 +429,31 @@ class FastLinkSetter:
                          f"{errno.errorcode.get(err, err)} ({os.strerror(err)}).")
 
 
-def _link_request(sock: socket.socket, seq: int, kind: int, family: int, index: int,
-                  flags: int, change: int, attrs: bytes) -> int:
-    """Send one ifinfomsg request and read until its acknowledgement: its errno (0: done)."""
+def _ifinfo_request(sock: socket.socket, seq: int, kind: int, nl_flags: int, family: int,
+                    index: int, flags: int, change: int, attrs: bytes,
+                    want: tuple[int, ...] = (NLMSG_ERROR,)) -> tuple[int, bytes, int, int]:
+    """Send one ifinfomsg request and read until the first answer to it of a type in `want`:
+    (its type, the buffer it is in, its offset there, its length)."""
     msg = struct.pack("=BxHiII", family, 0, index, flags, change) + attrs
-    sock.send(struct.pack("=IHHII", 16 + len(msg), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0)
-              + msg)
+    sock.send(struct.pack("=IHHII", 16 + len(msg), kind, nl_flags, seq, 0) + msg)
     while True:
         data = sock.recv(65536)
         off = 0
         while off + 16 <= len(data):
             length, typ, _flags, got, _pid = struct.unpack_from("=IHHII", data, off)
-            if typ == NLMSG_ERROR and got == seq:
-                return -struct.unpack_from("=i", data, off + 16)[0]
+            if typ in want and got == seq:
+                return typ, data, off, length
             if length < 16:
                 break
             off += (length + 3) & ~3
+
+
+def _link_request(sock: socket.socket, seq: int, kind: int, family: int, index: int,
+                  flags: int, change: int, attrs: bytes) -> int:
+    """Send one ifinfomsg request and read until its acknowledgement: its errno (0: done)."""
+    _typ, data, off, _length = _ifinfo_request(sock, seq, kind, NLM_F_REQUEST | NLM_F_ACK,
+                                               family, index, flags, change, attrs)
+    return -struct.unpack_from("=i", data, off + 16)[0]
 
 
 def delete_link(index: int) -> bool:
