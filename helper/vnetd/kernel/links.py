@@ -55,6 +55,8 @@ class Link:
     address: str | None
     tun_owner: int | None = None
     tun_persist: bool = False
+    # fds attached as queues, enabled or not (read by parse_link; None: the kernel did not say)
+    tun_queues: int | None = None
 
 
 def _to_link(msg) -> Link:
@@ -161,7 +163,7 @@ def parse_link(data: bytes, off: int, length: int, want_alias: bytes = b"") -> L
     if want_alias and not alias.startswith(want_alias):
         return None
     kind = None
-    owner, persist = None, False
+    owner, persist, queues = None, False, None
     if info is not None:
         li = _attrs(info, 0, len(info))
         kind = _cstr(li.get(IFLA_INFO_KIND))
@@ -170,11 +172,14 @@ def parse_link(data: bytes, off: int, length: int, want_alias: bytes = b"") -> L
             owner = _u32(td.get(IFLA_TUN_OWNER))
             owner = None if owner in (None, 0xFFFFFFFF) else owner
             persist = bool(td.get(IFLA_TUN_PERSIST, b"\0")[:1] != b"\0")
+            queues = _u32(td.get(IFLA_TUN_NUM_QUEUES))
+            if queues is not None:
+                queues += _u32(td.get(IFLA_TUN_NUM_DISABLED_QUEUES)) or 0
     return Link(index=index, ifname=_cstr(ifname) or "", kind=kind,
                 alias=_cstr(alias) or None, master=_u32(master),
                 up=bool(flags & IFF_UP), mtu=_u32(mtu) or 0,
                 address=mac.hex(":") if mac else None,
-                tun_owner=owner, tun_persist=persist)
+                tun_owner=owner, tun_persist=persist, tun_queues=queues)
 
 
 NLM_F_DUMP_INTR = 0x10  # the dump saw its objects change: it may miss some
@@ -400,14 +405,8 @@ class FastLinkSetter:
             err = -struct.unpack_from("=i", data, off + 16)[0]
             raise Failed(f"The kernel cannot say how many queues tap #{index} has: "
                          f"{errno.errorcode.get(err, err)} ({os.strerror(err)}).")
-        top = _attrs(data, off + 32, off + length)
-        info = top.get(IFLA_LINKINFO)
-        li = _attrs(info, 0, len(info)) if info is not None else {}
-        raw = li.get(IFLA_INFO_DATA)
-        td = _attrs(raw, 0, len(raw)) if raw is not None else {}
-        queues = _u32(td.get(IFLA_TUN_NUM_QUEUES))
-        disabled = _u32(td.get(IFLA_TUN_NUM_DISABLED_QUEUES))
-        return None if queues is None else queues + (disabled or 0)
+        link = parse_link(data, off, length)
+        return link.tun_queues if link is not None else None
 
     def forward_link_local(self, index: int) -> None:
         """The reserved link-local groups (01:80:c2:00:00:0X: LLDP, 802.1X, ...) that this
