@@ -108,7 +108,7 @@ METHODS: tuple[Method, ...] = (
            "learn-mac (the guest's MAC is not known: the port takes the first source MAC its "
            "guest sends that nobody else holds; not with mac), holder-pid (the caller's "
            "parent, for helpers run by QEMU).",
-           details=("network", "vm")),
+           details=("network",)),
     Method(MANAGER, "OpenSession", (), _a("session:h"), INFO,
            "A socket of the caller's own to vnetd, for a caller that makes many calls: on it, "
            "D-Bus method calls of these interfaces, written one after another with no bus and "
@@ -127,11 +127,11 @@ METHODS: tuple[Method, ...] = (
     Method(MANAGER, "GetMac", _a("network:s", "vm:s", "nic:u"), _a("mac:s"), ATTACH,
            "The stable MAC of a VM's NIC on a network (given out and remembered if new; a "
            "network's registry holds at most vnetd's --max-macs-per-network entries).",
-           details=("network", "vm")),
+           details=("network",)),
     Method(MANAGER, "VdeSocket", _a("network:s", "vm:s", "nic:u"), _a("sock:s", "mac:s"),
            ATTACH, "A VDE switch of the network with a free port (for -netdev vde,sock=) and "
            "the VM's stable MAC. Members of group vnet may then connect with no call at all.",
-           details=("network", "vm")),
+           details=("network",)),
     Method(MANAGER, "ExportEtherConf", _a("network:s"), _a("text:s"), INFO,
            "The network's MACs as qemu-vlan's ether.conf (ether_<i>=MAC lines); an "
            "administrator (manage) gets every VM's, another caller its own VMs'.",

@@ -93,9 +93,11 @@ def markdown() -> str:
         "element: characters other than `[A-Za-z0-9]` become `_xx`, their hex code)",
         "",
         "Every method is authorized by polkit with the caller's *system-bus-name* subject; "
-        "the polkit details carry `network` (and `vm`, `ifname`) so rules can allow a user "
-        "only some networks. Calls from uid 0 skip polkit. Dictionaries are `a{sv}` with "
-        "the keys of `vnet-client ... --json`.",
+        "the polkit details carry `network` (and `vm` for the `manage` methods about one VM, "
+        "`ifname` for taps) so rules can allow a user only some networks. The `attach` "
+        "action is asked per network, never per VM: a VM name belongs to the user who "
+        "first registered it on the network. Calls from uid 0 skip polkit. Dictionaries "
+        "are `a{sv}` with the keys of `vnet-client ... --json`.",
         "",
         "## Polkit actions and who gets them by default",
         "",

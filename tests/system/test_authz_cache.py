@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.harness.daemon import BOB, PolkitRule, grant_rule, run_client
+from tests.harness.daemon import ALICE, BOB, PolkitRule, grant_rule, run_client, uid_of
 from tests.harness.users import read_json, spawn_as
 
 LONG_LIVED = """
@@ -72,3 +72,32 @@ def test_disconnect_drops_the_senders_answers(vnetd):
         while f"for {name}: it disconnected" not in vnetd.log() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert f"forgot 1 cached answer(s) for {name}: it disconnected" in vnetd.log()
+
+
+def test_a_clients_new_vms_are_answered_from_its_networks_answer(vnetd):
+    """polkit is asked whether the caller may attach to the network, not to each VM: a
+    long-lived client's new VMs cost no polkit check (polkitd takes about 3 ms a check, more
+    than a known VM's whole attach). Each VM name is still its first registrant's."""
+    mark = len(vnetd.log())
+    proc = spawn_as(ALICE, LONG_LIVED)
+    try:
+        read_json(proc)
+        for i in range(5):
+            assert ask(proc, f"fresh{i}") == {"ok": True}
+    finally:
+        proc.kill()
+        proc.wait()
+    asked = vnetd.log()[mark:].count(
+        f"polkit: org.qemuvnet.Vnet1.attach for uid {uid_of(ALICE)}:")
+    assert asked == 1, vnetd.log()[mark:][-3000:]
+    # the names are Alice's now: Bob, allowed the network, may not take one of them
+    with PolkitRule("90-vnet-test-bob-attach", grant_rule(BOB, "org.qemuvnet.Vnet1.attach")):
+        proc = spawn_as(BOB, LONG_LIVED)
+        try:
+            read_json(proc)
+            assert ask(proc, "fresh3") == {"ok": False,
+                                           "error": "org.qemuvnet.Vnet1.Error.NotOwner"}
+            assert ask(proc, "bobs") == {"ok": True}
+        finally:
+            proc.kill()
+            proc.wait()
