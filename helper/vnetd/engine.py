@@ -135,7 +135,8 @@ class Engine:
         # ("port", port, state), ("lease", network, lease, event)
         self.listeners: list[Callable[..., None]] = []
         self.ports = Ports(links, self.macs, store, max_ports_per_user)
-        self.dhcp = DhcpServers(store.runtime_dir, store.state_dir, self.network)
+        self.dhcp = DhcpServers(store.runtime_dir, store.state_dir, self.network,
+                                self.macs.dns_names)
         self.resolver = Resolver(self.network, self.macs, self.ports, self.dhcp)
         self.firewall = Firewall(View(self))
         self.vde = VdeSwitches(store.runtime_dir)
@@ -163,12 +164,34 @@ class Engine:
         self.ports.firewall = self.firewall  # a tap made at attach is held as a spare is
         self.ports.identity_owner = self.resolver.owner_of_mac
         self.macs.holder = self.resolver.owner_of_mac
+        self.macs.on_change = self._names_changed
+        self._names_due: set[str] = set()  # networks whose DNS names wait to be re-read
         self.dhcp.listeners.append(self._lease_event)
 
     def network(self, name: str) -> Network | None:
         """A network's definition in force: while it runs, with what only run time knows."""
         run = self.running.get(name)
         return run.net if run is not None else self.defs.get(name)
+
+    def _names_changed(self, network: str) -> None:
+        """The MAC registry changed a network's VMs: its DHCP server re-reads their DNS
+        names, once for all the changes made until then, after the answer that made them
+        and under the lock."""
+        if network in self._names_due:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # (start-up, before the loop: the server starts with them)
+            return
+        self._names_due.add(network)
+
+        async def reread() -> None:
+            self._names_due.discard(network)
+            try:
+                await self.dhcp.names_changed(network)
+            except (OSError, VnetError) as e:
+                log.error("%s: the DHCP server's names stay as they were: %s", network, e)
+        self.schedule(reread())
 
     def schedule(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` soon, under the lock (for events from the kernel and the servers)."""

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vnet_common.names import (
+    LABEL_RE,
     key,
     parse_key,
     split_key,
@@ -71,6 +72,8 @@ class _Index:
     of_vm: dict[str, list[str]] = field(default_factory=dict)  # vm -> its MACs
     entries_of: Counter = field(default_factory=Counter)  # creator (None: none) -> entries
     names_of: Counter = field(default_factory=Counter)  # uid -> VM names it created
+    # a VM name in lower case (DNS names ignore case) -> (its owner, the name as registered)
+    folded: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 SUFFIX = ".macs.json"  # <network>.macs.json: one network's entries and owners
@@ -137,6 +140,8 @@ class MacRegistry:
         # (network, mac) -> the VM (or "the gateway") that holds it, in the registry or
         # outside it (the engine's resolver: a port's MAC, a static host's, the gateway's)
         self.holder: Callable[[str, str], str | None] = lambda network, mac: None
+        # called with a network whose entries or owners changed (its DNS names follow them)
+        self.on_change: Callable[[str], None] = lambda network: None
         self._save = save
         self.limit = limit
         self.total_limit = total_limit
@@ -163,6 +168,8 @@ class MacRegistry:
         if ix is None:
             owners = self.creators.get(network, {})
             ix = _Index(names_of=Counter(owners.values()))
+            for vm, uid in sorted(owners.items()):
+                ix.folded.setdefault(vm.lower(), (uid, vm))
             for k, mac in self.data.get(network, {}).items():
                 vm = split_key(k)[0]
                 ix.by_mac.setdefault(mac, k)  # (a hand-edited file may give one MAC twice)
@@ -175,6 +182,7 @@ class MacRegistry:
     def _changed(self, network: str) -> None:
         """Anything but `get` changed the network's entries or owners: counted again."""
         self._ix.pop(network, None)
+        self.on_change(network)
 
     def _write(self, network: str, macs: dict[str, str], creators: dict[str, int],
                version: int | None = None) -> None:
@@ -224,6 +232,7 @@ class MacRegistry:
                 ix.of_vm.setdefault(vm, []).append(mac)
                 ix.entries_of[self.creators.get(network, {}).get(vm)] += 1
                 self._store(network)
+                self.on_change(network)
         if vm not in self.creators.get(network, {}):
             self._note_creator(network, vm, uid)
 
@@ -258,6 +267,7 @@ class MacRegistry:
             ix = self._index(network)
             by_vm[vm] = uid
             ix.names_of[uid] += 1
+            ix.folded.setdefault(vm.lower(), (uid, vm))
             moved = ix.per_vm[vm]  # entries of the VM from before it had an owner
             if moved:
                 ix.entries_of[None] -= moved
@@ -280,13 +290,23 @@ class MacRegistry:
         return self.creators.get(network, {}).get(vm)
 
     def check_owner(self, network: str, vm: str, uid: int) -> None:
-        """Refuse `uid` a VM name another uid registered first (root may use any)."""
+        """Refuse `uid` a VM name another uid registered first, also in another case (one
+        name in DNS); root may use any."""
+        if uid == 0:
+            return
         owner = self.owner_uid(network, vm)
-        if owner is not None and owner != uid and uid != 0:
+        if owner is not None and owner != uid:
             raise NotOwner(
                 f"VM '{vm}' on {network} belongs to another user (uid {owner}), who registered "
                 "it first: choose another VM name, or ask an administrator to forget it "
                 f"('vnet-client mac forget {network} {vm}').")
+        if owner is None and network in self.creators:
+            folded, other = self._index(network).folded.get(vm.lower(), (uid, vm))
+            if folded != uid:
+                raise NotOwner(
+                    f"VM '{vm}' on {network} would share its DNS name with VM '{other}' of "
+                    f"another user (uid {folded}): names that differ only in case are one "
+                    "name in DNS. Choose another VM name.")
 
     def claim(self, network: str, vm: str, uid: int) -> None:
         """Register `uid` as the owner of a VM name that has none yet (bounded like the MAC
@@ -295,6 +315,7 @@ class MacRegistry:
         if vm in by_vm:
             self.check_owner(network, vm, uid)
             return
+        self.check_owner(network, vm, uid)
         if uid != 0 and self._index(network).names_of[uid] >= self.per_user:
             raise QuotaExceeded(
                 f"uid {uid} has named {self.per_user} VMs on network {network}, the limit per "
@@ -347,7 +368,25 @@ class MacRegistry:
         ix.of_vm.setdefault(vm, []).append(mac)
         ix.entries_of[self.creators[network].get(vm)] += 1
         self._store(network)
+        if nic == 0:
+            self.on_change(network)
         return mac
+
+    def dns_names(self, network: str) -> dict[str, str]:
+        """MAC -> DNS name of each VM's first NIC on the network: the VM's name in lower case,
+        where that is a DNS label (letters, digits and '-'). A guest's DHCP server gives its
+        lease that name, never one the guest asks for, so no guest takes another VM's name.
+        VM names that differ only in case are one user's (`claim`); of those, the first in
+        order has the name."""
+        out: dict[str, str] = {}
+        taken: set[str] = set()
+        for k, mac in sorted(self.data.get(network, {}).items()):
+            vm, nic = split_key(k)
+            name = vm.lower()
+            if nic == 0 and name not in taken and LABEL_RE.fullmatch(vm):
+                taken.add(name)
+                out[mac] = name
+        return out
 
     def macs_of(self, network: str, vm: str) -> list[str]:
         """The VM's MACs on the network (every NIC's), without a walk over the others."""

@@ -43,12 +43,14 @@ HEADER = (
 FORWARD_HEADER = "qemu-vnet port forward (one per file; 'vnet-client forward' manages them)."
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True,
+                 group: int | None = None) -> None:
     """Replace `path` with `data` at once (readers see the old file or the new one, never
     a part). `durable`: also flushed to the disk, file and directory, so a power cut keeps
     it; files in the runtime directory (a tmpfs, /run, made again by every start) skip that,
     since nothing there outlives a power cut anyway, and a process killed mid-way leaves the
-    page cache whole."""
+    page cache whole. `group`: the file's group (a child's, that reads it after dropping
+    root)."""
     path = Path(path)
     # a fresh name, created exclusively and never through a link: safe even in a directory
     # someone else could write into
@@ -57,6 +59,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = Tru
     try:
         try:
             _write_all(fd, data)
+            if group is not None:  # (one vnetd is a member of: no CAP_CHOWN needed)
+                os.fchown(fd, -1, group)
             os.fchmod(fd, mode)
             if durable:
                 os.fsync(fd)

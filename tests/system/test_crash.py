@@ -854,9 +854,19 @@ class World:
             if name in running and net.dhcp != "none":
                 hf = v.runtime_dir / name / "hosts.dhcp"
                 lines = sorted(hf.read_text().split()) if hf.exists() else None
+                static = [x for x in lines or [] if x.count(",") == 2]
                 want = sorted(f"{mac},{ip},{vm.lower()}" for vm, (mac, ip) in net.hosts.items())
-                if lines != want:
+                if lines is None or static != want:
                     problems.append(f"{hf} holds {lines}, the definition says {want}")
+                # the other lines name registered VMs (MAC,name of a VM's first NIC)
+                registry = self.q("ExportMacs", "s", name)
+                for line in lines or []:
+                    if line.count(",") == 1:
+                        mac, vm_name = line.split(",")
+                        if not any(registry.get(k) == mac and k.rpartition("/")[0].lower()
+                                   == vm_name and k.endswith("/0") for k in registry):
+                            problems.append(f"{hf} names {mac} {vm_name}, which is no "
+                                            f"registered VM's first NIC: {registry}")
 
         # 6. ports: the ones their holder has, each once; records for exactly those
         ports = self.q("ListPorts")

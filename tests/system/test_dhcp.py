@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.harness.daemon import run_client
+from tests.harness.daemon import ALICE, BOB, PolkitRule, grant_rule, run_client
 from tests.harness.guests import Guest
 
 
@@ -73,10 +73,49 @@ def test_static_host_gets_its_address_and_its_name_resolves(guests):
     assert mine and mine[0]["ip"] == "172.16.12.5" and mine[0]["vm"] == "web1"
     hosts = json.loads(run_client("host", "list", "vnet2", "--json", check=True).stdout)
     assert hosts == [{"vm": "web1", "mac": "52:54:00:00:12:05", "ip": "172.16.12.5"}]
-    # a dynamic client's DHCP hostname resolves too
-    d = guests("vnet2")
-    lease = d.dhcp(configure=True, hostname="dyn7")
-    assert g.resolve("dyn7.vnet2", "172.16.12.1") == lease["ip"], g.last_resolve_output
+    # a VM without a static host resolves by its name too, whatever name its guest sends
+    mac = run_client("mac", "--br=vnet2", "--vm=dyn7", check=True).stdout.strip()
+    d = guests("vnet2", mac)
+    lease = _until_named(lambda: d.dhcp(configure=True, hostname="other7"),
+                         g, "dyn7.vnet2")
+    assert g.resolve("dyn7.vnet2", "172.16.12.1") == lease["ip"]
+    assert g.resolve("other7.vnet2", "172.16.12.1") is None
+
+
+def _until_named(take, g: Guest, name: str, timeout: float = 5.0) -> dict:
+    """Take a lease (again) until `name` resolves: a VM registered a moment ago reaches the
+    DHCP server's names just after the answer that registered it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lease = take()
+        if g.resolve(name, "172.16.12.1", tries=1) or time.monotonic() > deadline:
+            return lease
+        time.sleep(0.1)
+
+
+def test_a_guest_cannot_take_another_vms_dns_name(guests):
+    """Alice's VM web8 resolves to her guest's address. Bob's guest (his VM bob8) asks for
+    the name web8 in DHCP after her: dnsmasq gave a name to the newest lease that asked for
+    it, so web8.vnet2 led to Bob's guest. Now a lease's name is its VM's, from the MAC
+    registry, whatever the guest sends; and a VM name that differs only in case from
+    another user's (one name in DNS) is refused."""
+    alice_mac = run_client("mac", "--br=vnet2", "--vm=web8", user=ALICE,
+                           check=True).stdout.strip()
+    with PolkitRule("90-vnet-test-bob-attach", grant_rule(BOB, "org.qemuvnet.Vnet1.attach")):
+        bob_mac = run_client("mac", "--br=vnet2", "--vm=bob8", user=BOB,
+                             check=True).stdout.strip()
+        refused = run_client("mac", "--br=vnet2", "--vm=WEB8", user=BOB)
+    alice = guests("vnet2", alice_mac)
+    a = _until_named(lambda: alice.dhcp(configure=True, hostname="web8"), alice, "web8.vnet2")
+    bob = guests("vnet2", bob_mac)
+    b = bob.dhcp(configure=True, hostname="web8")
+    assert a["ip"] != b["ip"]
+    time.sleep(0.3)
+    assert alice.resolve("web8.vnet2", "172.16.12.1") == a["ip"]  # Alice's, not Bob's
+    _until_named(lambda: bob.dhcp(hostname="web8"), alice, "bob8.vnet2")
+    assert alice.resolve("bob8.vnet2", "172.16.12.1") == b["ip"]
+    assert refused.returncode != 0 and "NotOwner" in refused.stderr, refused.stderr
+    assert "differ only in case" in refused.stderr
 
 
 def test_static_host_added_live_without_dropping_leases(guests):

@@ -72,3 +72,20 @@ def test_no_line_per_dhcp_message_or_router_solicitation():
     for dhcp in (True, False):
         conf = settings(dnsmasq.render_conf(net, PATHS, dhcp=dhcp, user=("dnsmasq", "nogroup")))
         assert {("quiet-dhcp", ""), ("quiet-dhcp6", ""), ("quiet-ra", "")} <= set(conf)
+
+
+def test_a_leases_name_is_its_vms_never_the_one_its_guest_sends():
+    """A guest may send any name in DHCP, also another VM's; dnsmasq gave a name to the
+    newest lease that asked for it. Names come from the hosts file alone: the static hosts',
+    then each registered VM's (MAC,name), where no static host has the MAC or the name."""
+    net = Network.from_options("vnet2", {"subnet": "10.10.0.0/24", "hosts": [
+        {"vm": "Web1", "mac": "52:54:00:00:00:05", "ip": "10.10.0.5"}]})
+    assert ("dhcp-ignore-names", "") in settings(
+        dnsmasq.render_conf(net, PATHS, dhcp=True, user=("dnsmasq", "nogroup")))
+    names = {"52:54:00:00:00:05": "other",  # the static host's MAC: its own name stays
+             "52:54:00:00:00:07": "web1",  # the static host's name: not twice
+             "52:54:00:00:00:09": "db1"}
+    assert dnsmasq.render_hosts_dhcp(net, names) == (
+        "52:54:00:00:00:05,10.10.0.5,web1\n"
+        "52:54:00:00:00:09,db1\n")
+    assert dnsmasq.render_hosts_dhcp(net) == "52:54:00:00:00:05,10.10.0.5,web1\n"

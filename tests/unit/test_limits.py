@@ -497,6 +497,40 @@ def _reg(**kw):
                        creators={}, **kw), saved
 
 
+def test_each_vm_has_one_dns_name_and_no_user_takes_anothers_in_another_case():
+    """A VM's first NIC is named as the VM, in lower case, where that is a DNS label; names
+    differing only in case are one name in DNS, so another user cannot register one (it
+    would take the name, or make it ambiguous)."""
+    from vnetd.errors import NotOwner
+
+    reg, _ = _reg(limit=100, per_user=10)
+    changed: list[str] = []
+    reg.on_change = changed.append
+    web = reg.get("vnet2", "Web1", 0, uid=1000)
+    assert changed == ["vnet2"]
+    reg.get("vnet2", "Web1", 1, uid=1000)  # a second NIC: no name of its own
+    reg.get("vnet2", "Web1", 0, uid=1000)  # known: nothing changed
+    assert changed == ["vnet2"]
+    snake = reg.get("vnet2", "db_1", 0, uid=1000)  # not a DNS label: no name
+    for vm in ("web1", "WEB1"):
+        with pytest.raises(NotOwner, match="differ only in case"):
+            reg.get("vnet2", vm, 0, uid=1001)
+        with pytest.raises(NotOwner, match="differ only in case"):
+            reg.claim("vnet2", vm, 1001)
+    reg.claim("vnet2", "web1", 1000)  # its owner may (the first in order keeps the name)
+    mine = reg.get("vnet2", "web1", 0, uid=1000)
+    names = reg.dns_names("vnet2")
+    assert names[web] == "web1" and mine not in names and snake not in names
+    assert sorted(names.values()) == ["web1"]
+    assert reg.get("vnet2", "web1", 0, uid=1000) == mine
+    assert reg.get("other", "web1", 0, uid=1001)  # another network: another name space
+    assert changed[-1] == "other"
+    reg.forget("vnet2", "Web1")
+    assert reg.dns_names("vnet2")[mine] == "web1"  # the name passes to the next in order
+    roots = reg.get("vnet2", "WEB1", 0, uid=0)  # root may use any name ('WEB1' < 'web1')
+    assert reg.dns_names("vnet2") == {roots: "web1"}
+
+
 def test_one_user_cannot_crowd_a_network_out():
     from vnetd.errors import QuotaExceeded
 

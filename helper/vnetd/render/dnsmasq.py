@@ -80,6 +80,10 @@ def render_conf(net: Network, paths: Paths, dhcp: bool = True, upstream: bool | 
             # client-id off the wire (its broadcast DISCOVERs), but not send as a MAC the
             # port guard does not give it
             "dhcp-ignore-clid",
+            # a lease's DNS name is its VM's (the MAC registry's and the static hosts', in
+            # the hosts file), never the one its guest sends: a guest could send any other
+            # VM's name, and dnsmasq gives a name to the newest lease that asks for it
+            "dhcp-ignore-names",
             f"dhcp-range={start},{end},{net.subnet.netmask},{LEASE_TIME}",
             f"dhcp-option=option:router,{net.gateway}",
             f"dhcp-option=option:dns-server,{net.gateway}",
@@ -98,9 +102,17 @@ def render_conf(net: Network, paths: Paths, dhcp: bool = True, upstream: bool | 
     return "\n".join(lines) + "\n"
 
 
-def render_hosts_dhcp(net: Network) -> str:
-    """dhcp-hostsfile: MAC,IP,name per static host (re-read on SIGHUP)."""
-    return "".join(f"{h.mac},{h.ip},{h.vm.lower()}\n" for h in net.hosts)
+def render_hosts_dhcp(net: Network, names: dict[str, str] | None = None) -> str:
+    """dhcp-hostsfile (re-read on SIGHUP): MAC,IP,name per static host, then MAC,name per
+    VM of the MAC registry (`names`, see MacRegistry.dns_names) that is not a static host:
+    with dhcp-ignore-names, these are the only names leases get."""
+    lines = [f"{h.mac},{h.ip},{h.vm.lower()}\n" for h in net.hosts]
+    static_macs = {h.mac for h in net.hosts}
+    static_names = {h.vm.lower() for h in net.hosts}
+    for mac, name in sorted((names or {}).items()):
+        if mac not in static_macs and name not in static_names:
+            lines.append(f"{mac},{name}\n")
+    return "".join(lines)
 
 
 def render_hosts_dns(net: Network) -> str:

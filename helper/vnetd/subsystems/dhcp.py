@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import hashlib
 import logging
 import os
@@ -59,10 +60,26 @@ def dns_query(name: str, qid: int) -> bytes:
 LEASE_LINES_BURST, LEASE_LINES_RATE = 20, 2.0  # lease lines per network: at once, a second
 
 
+def dnsmasq_user() -> tuple[tuple[str, str], int]:
+    """dnsmasq's user and group after it drops root, and the group's gid. The group is
+    vnetd's DHCP servers' (dhcpd's, which vnetd joins at start-up): the files dnsmasq
+    re-reads as that user (its hosts files, which name VMs, their MACs and addresses) are
+    that group's and root's alone, as vnetd can make them without CAP_CHOWN."""
+    gid = identity.dhcpd_ids()[1]
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group, gid = "nogroup", 65534
+    return (dnsmasq_be.run_user()[0], group), gid
+
+
 class DhcpServers:
     def __init__(self, runtime_dir: Path, state_dir: Path,
-                 lookup: Callable[[str], Network | None]):
+                 lookup: Callable[[str], Network | None],
+                 names: Callable[[str], dict[str, str]] = lambda network: {}):
         self.lookup = lookup  # a network's current definition, by name
+        self.names = names  # a network's DNS names of VMs, by MAC (MacRegistry.dns_names)
+        self._hosts_written: dict[str, str] = {}  # network -> its dhcp-hostsfile's text
         self.runtime_dir = Path(runtime_dir)
         self.state_dir = Path(state_dir)
         self.children: dict[str, list[Child]] = {}
@@ -101,10 +118,25 @@ class DhcpServers:
             return self.state_dir / net.name / "dhcpd" / "dhcpd.leases"
         return self.paths(net).leases
 
-    def _write_hosts(self, net: Network) -> None:
+    def _write_hosts(self, net: Network) -> bool:
+        """Both hosts files; whether the DHCP one's text changed. dnsmasq re-reads them
+        after dropping root: they are its user's alone (they name VMs, their MACs and
+        addresses, which a user may see of its own VMs only)."""
         p = self.paths(net)
-        atomic_write(p.hosts_dhcp, dnsmasq_be.render_hosts_dhcp(net).encode(), durable=False)
-        atomic_write(p.hosts_dns, dnsmasq_be.render_hosts_dns(net).encode(), durable=False)
+        text = dnsmasq_be.render_hosts_dhcp(
+            net, self.names(net.name) if net.dhcp == "dnsmasq" else None)
+        changed = self._hosts_written.get(net.name) != text
+        (_user, group), gid = dnsmasq_user()
+        try:
+            atomic_write(p.hosts_dhcp, text.encode(), mode=0o440, durable=False, group=gid)
+            self._hosts_written[net.name] = text
+            atomic_write(p.hosts_dns, dnsmasq_be.render_hosts_dns(net).encode(), mode=0o440,
+                         durable=False, group=gid)
+        except OSError as e:
+            raise Failed(f"Cannot write the DNS/DHCP hosts files of '{net.name}' for group "
+                         f"'{group}' ({e.strerror or e}): vnetd joins that group at start-up, "
+                         "which needs CAP_SETGID.") from None
+        return changed
 
     # --- the subsystem protocol (subsystems/__init__.py) -----------------------------------------
     name = "dhcp"
@@ -190,7 +222,7 @@ class DhcpServers:
             os.chmod(d, mode)
         self._write_hosts(net)
         children: list[Child] = []
-        user = dnsmasq_be.run_user()
+        user, _gid = dnsmasq_user()
         if net.dhcp == "dnsmasq":
             # dnsmasq opens it as root, before it drops root, and writes through that
             # descriptor: root's alone (also one an older vnetd left readable)
@@ -294,6 +326,18 @@ class DhcpServers:
             else:
                 await c.reload()
 
+    async def names_changed(self, network: str) -> None:
+        """The network's VMs changed in the MAC registry: its dnsmasq re-reads the names
+        (SIGHUP) if they are not the ones it has. A server a previous vnetd left keeps its
+        names until it is replaced (with the network's next change)."""
+        net = self.lookup(network)
+        if (net is None or net.dhcp != "dnsmasq" or network not in self.children
+                or network in self.inherited or self.kinds.get(network) != "dnsmasq"):
+            return
+        if self._write_hosts(net):
+            for c in self.children[network]:
+                await c.reload()
+
     def forget(self, net_name: str) -> None:
         """An undefined network: its runtime directory (configs, pid files) and its state
         directory (leases) go, so a network defined later under that name starts clean.
@@ -301,6 +345,7 @@ class DhcpServers:
         if net_name in self.children or net_name in self.inherited:
             log.error("%s: its servers still run; its directories are kept", net_name)
             return
+        self._hosts_written.pop(net_name, None)
         for d in (self.runtime_dir / net_name, self.state_dir / net_name):
             if d.is_symlink():
                 d.unlink()
