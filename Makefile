@@ -74,8 +74,9 @@ venv: check-root
 
 install-files: check-root venv
 	@getent group vnet >/dev/null || groupadd --system vnet
-	@# the children's own users (docs/sandboxing.md): ISC dhcpd and vde_switch never run as root
-	@for u in vnet-dhcp vnet-vde; do getent passwd $$u >/dev/null || useradd --system \
+	@# the children's own users (docs/sandboxing.md): dnsmasq, ISC dhcpd and vde_switch never
+	@# run as root
+	@for u in vnet-dns vnet-dhcp vnet-vde; do getent passwd $$u >/dev/null || useradd --system \
 	  --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $$u; done
 	@install -d -m 755 $(BINDIR) $(SBINDIR) $(LIBEXECDIR) $(DBUS_SYSD) $(DBUS_SVCD) $(DBUS_IFACES) \
 	  $(POLKIT_ACT) $(POLKIT_RUL) $(UNITDIR) /etc/qemu-vnet/networks $(LOGDIR)

@@ -57,6 +57,9 @@ from .vms import Vms
 log = logging.getLogger("vnetd")
 
 ADOPT_WAIT = 60  # seconds a change waits for the networks a restart found running
+# seconds from a change of a network's VMs to its DHCP server re-reading their DNS names (a
+# guest asks for its lease seconds after its VM's first attach)
+NAMES_DELAY = 0.05
 
 
 class View:
@@ -175,12 +178,12 @@ class Engine:
 
     def _names_changed(self, network: str) -> None:
         """The MAC registry changed a network's VMs: its DHCP server re-reads their DNS
-        names, once for all the changes made until then, after the answer that made them
-        and under the lock."""
+        names NAMES_DELAY later, once for all the changes made until then (a burst of new
+        VMs costs one), under the lock and off every answer's way."""
         if network in self._names_due:
             return
         try:
-            asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # (start-up, before the loop: the server starts with them)
             return
         self._names_due.add(network)
@@ -191,7 +194,7 @@ class Engine:
                 await self.dhcp.names_changed(network)
             except (OSError, VnetError) as e:
                 log.error("%s: the DHCP server's names stay as they were: %s", network, e)
-        self.schedule(reread())
+        loop.call_later(NAMES_DELAY, lambda: self.schedule(reread()))
 
     def schedule(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` soon, under the lock (for events from the kernel and the servers)."""

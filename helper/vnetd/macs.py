@@ -50,6 +50,9 @@ from .errors import Exists, InvalidArgument, NotFound, NotOwner, QuotaExceeded, 
 log = logging.getLogger("vnetd.macs")
 
 QEMU_OUI = "52:54:00"
+# names no VM's lease is given in DNS: clients look them up to configure themselves (a web
+# proxy, an IPv6 transition router), so whoever held one would be every guest's proxy
+RESERVED_NAMES = frozenset({"wpad", "isatap", "localhost"})
 DEFAULT_LIMIT = 4096  # entries per network
 DEFAULT_TOTAL = 65536  # entries in all
 DEFAULT_PER_USER = 1024  # entries one user (not root) brings into one network
@@ -72,8 +75,8 @@ class _Index:
     of_vm: dict[str, list[str]] = field(default_factory=dict)  # vm -> its MACs
     entries_of: Counter = field(default_factory=Counter)  # creator (None: none) -> entries
     names_of: Counter = field(default_factory=Counter)  # uid -> VM names it created
-    # a VM name in lower case (DNS names ignore case) -> (its owner, the name as registered)
-    folded: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # a VM name in lower case (DNS names ignore case) -> {owner: the name as registered}
+    folded: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
 SUFFIX = ".macs.json"  # <network>.macs.json: one network's entries and owners
@@ -169,7 +172,7 @@ class MacRegistry:
             owners = self.creators.get(network, {})
             ix = _Index(names_of=Counter(owners.values()))
             for vm, uid in sorted(owners.items()):
-                ix.folded.setdefault(vm.lower(), (uid, vm))
+                ix.folded.setdefault(vm.lower(), {}).setdefault(uid, vm)
             for k, mac in self.data.get(network, {}).items():
                 vm = split_key(k)[0]
                 ix.by_mac.setdefault(mac, k)  # (a hand-edited file may give one MAC twice)
@@ -267,7 +270,7 @@ class MacRegistry:
             ix = self._index(network)
             by_vm[vm] = uid
             ix.names_of[uid] += 1
-            ix.folded.setdefault(vm.lower(), (uid, vm))
+            ix.folded.setdefault(vm.lower(), {}).setdefault(uid, vm)
             moved = ix.per_vm[vm]  # entries of the VM from before it had an owner
             if moved:
                 ix.entries_of[None] -= moved
@@ -301,11 +304,12 @@ class MacRegistry:
                 "it first: choose another VM name, or ask an administrator to forget it "
                 f"('vnet-client mac forget {network} {vm}').")
         if owner is None and network in self.creators:
-            folded, other = self._index(network).folded.get(vm.lower(), (uid, vm))
-            if folded != uid:
+            variants = self._index(network).folded.get(vm.lower(), {})
+            if variants and uid not in variants:
+                other, name = next(iter(variants.items()))
                 raise NotOwner(
-                    f"VM '{vm}' on {network} would share its DNS name with VM '{other}' of "
-                    f"another user (uid {folded}): names that differ only in case are one "
+                    f"VM '{vm}' on {network} would share its DNS name with VM '{name}' of "
+                    f"another user (uid {other}): names that differ only in case are one "
                     "name in DNS. Choose another VM name.")
 
     def claim(self, network: str, vm: str, uid: int) -> None:
@@ -374,19 +378,22 @@ class MacRegistry:
 
     def dns_names(self, network: str) -> dict[str, str]:
         """MAC -> DNS name of each VM's first NIC on the network: the VM's name in lower case,
-        where that is a DNS label (letters, digits and '-'). A guest's DHCP server gives its
-        lease that name, never one the guest asks for, so no guest takes another VM's name.
-        VM names that differ only in case are one user's (`claim`); of those, the first in
-        order has the name."""
-        out: dict[str, str] = {}
-        taken: set[str] = set()
-        for k, mac in sorted(self.data.get(network, {}).items()):
+        where that is a DNS label (letters, digits and '-') and not one clients look up to
+        configure themselves (RESERVED_NAMES). A guest's DHCP server gives its lease that
+        name, never one the guest asks for, so no guest takes another VM's name. VM names
+        that differ only in case are one user's (check_owner); where an administrator made
+        others (or an older vnetd let them be), the name goes to the VM named exactly so,
+        else to the first in order."""
+        best: dict[str, tuple[bool, str, str]] = {}  # name -> (not exact, vm, mac)
+        for k, mac in self.data.get(network, {}).items():
             vm, nic = split_key(k)
             name = vm.lower()
-            if nic == 0 and name not in taken and LABEL_RE.fullmatch(vm):
-                taken.add(name)
-                out[mac] = name
-        return out
+            if nic != 0 or name in RESERVED_NAMES or not LABEL_RE.fullmatch(vm):
+                continue
+            candidate = (vm != name, vm, mac)
+            if name not in best or candidate < best[name]:
+                best[name] = candidate
+        return {mac: name for name, (_, _, mac) in best.items()}
 
     def macs_of(self, network: str, vm: str) -> list[str]:
         """The VM's MACs on the network (every NIC's), without a walk over the others."""

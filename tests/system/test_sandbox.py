@@ -80,11 +80,18 @@ def test_dhcpd_runs_as_vnet_dhcp_with_two_capabilities(vnetd):
 
 
 def test_dnsmasq_drops_to_its_user(vnetd):
+    """dnsmasq runs as vnet-dns, in its own group alone: it reads the hosts files (VM names,
+    MACs, addresses), and it can write nothing of dhcpd's (group vnet-dhcp's lease files)."""
+    import grp
+
     pids = children_named(vnetd, "dnsmasq")  # the DNS-only one next to dhcpd
     assert pids
     for pid in pids:
-        assert user_of(pid) == "dnsmasq"
+        assert user_of(pid) == "vnet-dns"
         assert caps(pid) <= {"net_admin", "net_raw", "net_bind_service"}
+        st = status(pid)
+        gids = {int(g) for g in st["Gid"].split()} | {int(g) for g in st["Groups"].split()}
+        assert gids == {grp.getgrnam("vnet-dns").gr_gid}, st
 
 
 def test_vde_switch_runs_as_vnet_vde_without_capabilities(vnetd):

@@ -517,18 +517,37 @@ def test_each_vm_has_one_dns_name_and_no_user_takes_anothers_in_another_case():
             reg.get("vnet2", vm, 0, uid=1001)
         with pytest.raises(NotOwner, match="differ only in case"):
             reg.claim("vnet2", vm, 1001)
-    reg.claim("vnet2", "web1", 1000)  # its owner may (the first in order keeps the name)
+    reg.claim("vnet2", "web1", 1000)  # its owner may
     mine = reg.get("vnet2", "web1", 0, uid=1000)
     names = reg.dns_names("vnet2")
-    assert names[web] == "web1" and mine not in names and snake not in names
+    assert names[mine] == "web1" and web not in names and snake not in names
     assert sorted(names.values()) == ["web1"]
     assert reg.get("vnet2", "web1", 0, uid=1000) == mine
     assert reg.get("other", "web1", 0, uid=1001)  # another network: another name space
     assert changed[-1] == "other"
-    reg.forget("vnet2", "Web1")
-    assert reg.dns_names("vnet2")[mine] == "web1"  # the name passes to the next in order
-    roots = reg.get("vnet2", "WEB1", 0, uid=0)  # root may use any name ('WEB1' < 'web1')
-    assert reg.dns_names("vnet2") == {roots: "web1"}
+    roots = reg.get("vnet2", "WEB1", 0, uid=0)  # root may use any name
+    assert reg.dns_names("vnet2") == {mine: "web1"}  # named exactly so: it keeps the name
+    reg.forget("vnet2", "web1")
+    assert reg.dns_names("vnet2") == {roots: "web1"}  # then the first in order ('WEB1')
+    # names clients look up to configure themselves are nobody's (whoever held wpad would
+    # be every guest's web proxy)
+    for vm in ("wpad", "ISATAP", "localhost"):
+        assert reg.get("vnet2", vm, 0, uid=1002) not in reg.dns_names("vnet2")
+
+
+def test_a_user_keeps_its_own_names_in_every_case_where_others_share_one():
+    """Where an administrator (ImportMacs, TransferVm) left two users with names that
+    differ only in case, each may still use its own in any case; a third may not."""
+    from vnetd.errors import NotOwner
+
+    reg, _ = _reg(limit=100, per_user=10)
+    reg.get("vnet2", "web", 0, uid=1000)
+    reg.get("vnet2", "Web", 0, uid=0)
+    assert reg.transfer("vnet2", "Web", 1001) == 0
+    reg.claim("vnet2", "WEB", 1000)
+    reg.claim("vnet2", "wEB", 1001)
+    with pytest.raises(NotOwner, match="differ only in case"):
+        reg.claim("vnet2", "weB", 1002)
 
 
 def test_one_user_cannot_crowd_a_network_out():

@@ -3,15 +3,17 @@
 vnetd runs as root but without CAP_CHOWN, CAP_KILL or CAP_DAC_OVERRIDE (systemd/vnetd.service).
 Each child runs as its own unprivileged user:
 
-* dnsmasq drops to `dnsmasq` (Debian's dnsmasq-base creates it) by itself, after binding;
+* dnsmasq drops to `vnet-dns` by itself, after binding; its group owns the hosts files
+  dnsmasq re-reads (they name VMs), which no other child may read;
 * ISC dhcpd is started already as `vnet-dhcp`, with only CAP_NET_RAW and CAP_NET_BIND_SERVICE
   as ambient capabilities (its own `-user` drop would need CAP_CHOWN);
 * vde_switch runs as `vnet-vde`, group `vnet`, with no capabilities at all.
 
-`make install-files` creates `vnet-dhcp` and `vnet-vde`; on a host without them the children
-fall back to dnsmasq's user (never root). To hand a directory to a child without CAP_CHOWN,
-vnetd joins the child's group at start-up (CAP_SETGID) and gives the directory that group:
-changing the group of one's own file to a group one belongs to needs no capability.
+`make install-files` creates `vnet-dns`, `vnet-dhcp` and `vnet-vde`; on a host without them
+the children fall back to dnsmasq's user (never root). To hand a directory to a child without
+CAP_CHOWN, vnetd joins the child's group at start-up (CAP_SETGID) and gives the directory
+that group: changing the group of one's own file to a group one belongs to needs no
+capability.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from . import safefile
 
 log = logging.getLogger("vnetd")
 
+DNS_USER = "vnet-dns"
 DHCP_USER = "vnet-dhcp"
 VDE_USER = "vnet-vde"
 VNET_GROUP = "vnet"
@@ -59,6 +62,10 @@ def dhcpd_ids() -> tuple[int, int]:
     return user_ids(DHCP_USER)
 
 
+def dnsmasq_ids() -> tuple[int, int]:
+    return user_ids(DNS_USER)
+
+
 def vde_ids(group: str = VNET_GROUP) -> tuple[int, int]:
     """vde_switch's user, with the network's tap group (the VDE sockets' group)."""
     uid, gid = user_ids(VDE_USER)
@@ -68,7 +75,7 @@ def vde_ids(group: str = VNET_GROUP) -> tuple[int, int]:
 
 def join_child_groups() -> None:
     """Add the children's groups to vnetd's supplementary groups (see the module text)."""
-    want = {dhcpd_ids()[1], user_ids(VDE_USER)[1]}
+    want = {dnsmasq_ids()[1], dhcpd_ids()[1], user_ids(VDE_USER)[1]}
     for name in (VNET_GROUP, FRR_GROUP):
         g = group_id(name)
         if g is not None:
@@ -79,7 +86,7 @@ def join_child_groups() -> None:
     try:
         os.setgroups(sorted(have | want))
     except PermissionError:
-        log.warning("cannot join groups %s (no CAP_SETGID); DHCP by dhcpd and VDE switches "
+        log.warning("cannot join groups %s (no CAP_SETGID); DHCP servers and VDE switches "
                     "may fail", sorted(want - have))
 
 

@@ -14,6 +14,7 @@ import grp
 import hashlib
 import logging
 import os
+import pwd
 import shutil
 import socket
 import struct
@@ -61,16 +62,15 @@ LEASE_LINES_BURST, LEASE_LINES_RATE = 20, 2.0  # lease lines per network: at onc
 
 
 def dnsmasq_user() -> tuple[tuple[str, str], int]:
-    """dnsmasq's user and group after it drops root, and the group's gid. The group is
-    vnetd's DHCP servers' (dhcpd's, which vnetd joins at start-up): the files dnsmasq
-    re-reads as that user (its hosts files, which name VMs, their MACs and addresses) are
-    that group's and root's alone, as vnetd can make them without CAP_CHOWN."""
-    gid = identity.dhcpd_ids()[1]
+    """dnsmasq's user and group after it drops root (`vnet-dns`, see identity.py), and the
+    group's gid: the files dnsmasq re-reads as that user (its hosts files, which name VMs,
+    their MACs and addresses) are that group's and root's alone, which vnetd, a member,
+    can make them without CAP_CHOWN."""
+    uid, gid = identity.dnsmasq_ids()
     try:
-        group = grp.getgrgid(gid).gr_name
+        return (pwd.getpwuid(uid).pw_name, grp.getgrgid(gid).gr_name), gid
     except KeyError:
-        group, gid = "nogroup", 65534
-    return (dnsmasq_be.run_user()[0], group), gid
+        return dnsmasq_be.run_user(), grp.getgrnam(dnsmasq_be.run_user()[1]).gr_gid
 
 
 class DhcpServers:
@@ -129,9 +129,9 @@ class DhcpServers:
         (_user, group), gid = dnsmasq_user()
         try:
             atomic_write(p.hosts_dhcp, text.encode(), mode=0o440, durable=False, group=gid)
-            self._hosts_written[net.name] = text
             atomic_write(p.hosts_dns, dnsmasq_be.render_hosts_dns(net).encode(), mode=0o440,
                          durable=False, group=gid)
+            self._hosts_written[net.name] = text
         except OSError as e:
             raise Failed(f"Cannot write the DNS/DHCP hosts files of '{net.name}' for group "
                          f"'{group}' ({e.strerror or e}): vnetd joins that group at start-up, "
