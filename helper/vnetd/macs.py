@@ -315,11 +315,9 @@ class MacRegistry:
     def claim(self, network: str, vm: str, uid: int) -> None:
         """Register `uid` as the owner of a VM name that has none yet (bounded like the MAC
         entries: a user names at most `per_user` VMs per network)."""
-        by_vm = self.creators.get(network, {})
-        if vm in by_vm:
-            self.check_owner(network, vm, uid)
-            return
         self.check_owner(network, vm, uid)
+        if vm in self.creators.get(network, {}):
+            return
         if uid != 0 and self._index(network).names_of[uid] >= self.per_user:
             raise QuotaExceeded(
                 f"uid {uid} has named {self.per_user} VMs on network {network}, the limit per "

@@ -120,8 +120,8 @@ class DhcpServers:
 
     def _write_hosts(self, net: Network) -> bool:
         """Both hosts files; whether the DHCP one's text changed. dnsmasq re-reads them
-        after dropping root: they are its user's alone (they name VMs, their MACs and
-        addresses, which a user may see of its own VMs only)."""
+        after dropping root: they are its group's and root's alone (they name VMs, their
+        MACs and addresses, which a user may see of its own VMs only)."""
         p = self.paths(net)
         text = dnsmasq_be.render_hosts_dhcp(
             net, self.names(net.name) if net.dhcp == "dnsmasq" else None)
