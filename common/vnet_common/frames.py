@@ -15,7 +15,7 @@ import struct
 from collections.abc import Iterable
 
 HEADER = 16  # endianness, type, flags, version, body length, serial, fields length
-MAX_MESSAGE = 1 << 20  # bytes in one message on a session (the bus allows 128 MiB)
+MAX_MESSAGE = 1 << 20  # bytes in one message vnetd reads, on a session or on the bus
 MAX_FDS = 16  # fds taken from one read (Attach hands out at most 2 x 8 queues)
 PROTOCOL_VERSION = 1
 

@@ -48,10 +48,10 @@ STD_IFACES = """  <interface name="org.freedesktop.DBus.Introspectable">
 MAX_DEPTH = 16  # containers and variants nested in one argument
 MAX_IN_FLIGHT = 32  # calls one sender may have waiting for an answer at once
 MAX_STRING = 4096  # characters in any one string argument
-# what all the arguments of one call hold together: a call of up to the bus's 32 MiB is
-# decoded before vnetd sees it, and anyone may send one (before polkit is asked): past these,
-# it is refused at once, rather than turned into Python values for a second or more and held
-# while polkit answers (sessions take at most 1 MiB a call to begin with)
+# what all the arguments of one call hold together: a call of up to 1 MiB (what vnetd reads,
+# on the bus or on a session: busreader, frames.MAX_MESSAGE) is decoded before vnetd sees it,
+# and anyone may send one (before polkit is asked): past these, it is refused at once, rather
+# than turned into Python values and held while polkit answers
 MAX_ITEMS = 65536  # members of containers, in all
 MAX_CHARS = 1 << 20  # characters of strings, in all
 IGNORED_SIGNAL_LOG_EVERY = 10.0  # seconds between warnings about signals from the wrong sender
@@ -166,7 +166,7 @@ LABEL_MAX = 3 * 15
 
 def network_of(path: str) -> str | None:
     """The network a path under NETWORK_PATH names, or None. A path may be as long as a
-    message (32 MiB): one too long to name a network is not read further."""
+    message (1 MiB, what vnetd reads): one too long to name a network is not read further."""
     label = path[len(api.NETWORK_PATH) + 1:]
     return label_unescape(label) if len(label) <= LABEL_MAX else None
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from . import __version__, api, journal
+from . import __version__, api, busreader, journal
 from .authz import CACHE_SECONDS, Authorizer
 from .bus import Service
 from .children import identity
@@ -130,6 +130,7 @@ async def run(args: argparse.Namespace) -> int:
                     spare_taps=args.spare_taps, **limits)
     await engine.reconcile.startup()
 
+    busreader.install()  # the bus is read by vnetd's own reader: see busreader
     if args.bus_address:
         bus = MessageBus(bus_address=args.bus_address, negotiate_unix_fd=True)
     else:
