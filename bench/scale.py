@@ -5,7 +5,11 @@ held here), then measures what must stay flat as the host grows, and what a cras
 
 - network start p50 of the first 10 and of the last 10 started (target: last <= 1.2 x first);
 - attach p50 of a new VM, first 100 and last 100 (target: last <= 1.2 x first), and of the
-  same VM again (a known VM re-attaching after its port went) with few and with M ports;
+  same VM again (a known VM re-attaching after its port went) with few and with M ports.
+  Each network's first attach comes before those (one VM per network, counted among the M
+  ports, its p50 given apart): it makes the tap itself and stocks the network's spare taps,
+  where every later attach takes a spare, so the first 100 and the last 100 compare the same
+  path at a few ports and at M;
 - vnetd's RSS with everything up, per network and per port;
 - `vnet-client list` and `show` at that size against an empty host (target <= 1.5 x);
 - after SIGKILL: time until vnetd answers ListPorts again (target <= 1 s), until every
@@ -92,21 +96,24 @@ async def build(n_nets: int, n_ports: int, dhcp: str = "dnsmasq") -> tuple[dict,
             starts.append(time.perf_counter() - t)
         out["network_start_p50_ms"] = {"first_10": p50_ms(starts[:10]),
                                        "last_10": p50_ms(starts[-10:])}
-        new = []
+        firsts, new = [], []
         for j in range(n_ports):
             t = time.perf_counter()
             a = await c.attach(f"sc{j % n_nets}", f"vm{j}")
-            new.append(time.perf_counter() - t)
+            (firsts if j < n_nets else new).append(time.perf_counter() - t)
             held.append(a)
-            if j == 99:  # the same VM again with few ports on the host
+            if j == n_nets - 1:  # every network stocked with spares before the first 100
+                await asyncio.sleep(1.0)
+            if j == n_nets + 99:  # the same VM again with few ports on the host
                 out["_again_few"] = await again_rounds(c, held, n_nets)
+        out["attach_first_on_a_network_p50_ms"] = p50_ms(firsts)
         out["attach_new_vm_p50_ms"] = {"first_100": p50_ms(new[:100]),
                                        "last_100": p50_ms(new[-100:])}
         few, few_rounds = out.pop("_again_few")
         many, many_rounds = await again_rounds(c, held, n_nets)
-        out["attach_same_vm_again_p50_ms"] = {"at_100_ports": few, f"at_{n_ports}_ports": many}
-        out["attach_same_vm_again_rounds_p50_ms"] = {"at_100_ports": few_rounds,
-                                                     f"at_{n_ports}_ports": many_rounds}
+        few_at, many_at = f"at_{n_nets + 100}_ports", f"at_{n_ports}_ports"
+        out["attach_same_vm_again_p50_ms"] = {few_at: few, many_at: many}
+        out["attach_same_vm_again_rounds_p50_ms"] = {few_at: few_rounds, many_at: many_rounds}
     return out, held
 
 
@@ -245,9 +252,9 @@ def main() -> None:
     result["ratios"] = {
         "network_start_last_to_first": round(s["last_10"] / s["first_10"], 2),
         "attach_new_last_to_first": round(n["last_100"] / n["first_100"], 2),
-        "attach_same_vm_loaded_to_100": round(
+        "attach_same_vm_many_to_few": round(
             result["attach_same_vm_again_p50_ms"][f"at_{a.ports}_ports"]
-            / result["attach_same_vm_again_p50_ms"]["at_100_ports"], 2),
+            / result["attach_same_vm_again_p50_ms"][f"at_{a.networks + 100}_ports"], 2),
         "list_loaded_to_empty": round(loaded["list"] / empty["list"], 2),
         "show_loaded_to_empty": round(loaded["show"] / empty["show"], 2)}
     result["targets"] = {"start_ratio": 1.2, "attach_ratio": 1.2, "first_answer_s": 1,
@@ -260,7 +267,7 @@ def main() -> None:
         "all_back": result["restart_after_sigkill"]["all_networks_back_s"] <= 5,
         "nothing_lost": result["restart_after_sigkill"]["ports_still_known"]
         == f"{a.ports}/{a.ports}",
-        "attach_same_vm_ratio": r["attach_same_vm_loaded_to_100"] <= 1.2,
+        "attach_same_vm_ratio": r["attach_same_vm_many_to_few"] <= 1.2,
         "list_ratio": r["list_loaded_to_empty"] <= 1.5,
         "show_ratio": r["show_loaded_to_empty"] <= 1.5}
     emit("scale", result)
