@@ -7,7 +7,8 @@ vnetd's code sees it: a call whose argument is an array of eight million variant
 loop, and every caller behind it on the bus, for 5 s here. This reader takes the bytes off
 the socket as they come (no more than one read's worth at a time for a message it drops),
 and decodes only messages within the limit (dbus-fast's Unmarshaller on the framed bytes, as
-sessions do: at most 35 to 70 ms for 1 MiB of the smallest values). A call it drops gets the
+sessions do: some 0.1 s here for 1 MiB of the smallest values), one per turn of the loop, so
+that what else waits (sessions, the kernel's events) goes between two. A call it drops gets the
 error LimitsExceeded, when its caller wants an answer; its header's fields, where the
 caller's bus name is, are read for that only if they fit in MAX_FIELDS.
 
@@ -19,6 +20,7 @@ replaces (for vnetd's own process only). Standard library and dbus-fast only.
 from __future__ import annotations
 
 import array
+import asyncio
 import io
 import logging
 import socket
@@ -36,6 +38,7 @@ from .kernel import closing
 log = logging.getLogger("vnetd.bus")
 
 READ_CHUNK = 1 << 16  # bytes one read takes
+DROP_CHUNK = 1 << 20  # bytes one read takes of a message being dropped
 MAX_FIELDS = 1 << 12  # bytes of header fields read to answer a message that is dropped
 LOG_EVERY = 10.0  # seconds between log lines about dropped messages
 METHOD_CALL, NO_REPLY_EXPECTED = 1, 0x1
@@ -108,22 +111,44 @@ class BoundedReader:
         self.fds: list[int] = []  # came with the message being read
         self.drop = 0  # bytes of a message too long still to come, dropped as they come
         self.dropped = 0  # messages dropped, in all
+        self.due = False  # a turn is scheduled
+        self.ended = False
         self._logged = 0.0
 
     def __call__(self) -> None:
+        """One turn: the next message read whole is decoded and processed, after a read if
+        none is (a turn takes at most one message, and another turn follows while more are
+        here, so the loop turns between two: a burst of calls never holds it for more than
+        one of them)."""
+        if self.ended:
+            return
+        self.due = False
         try:
-            while self._read_once():
-                pass
+            if not self._deliver_one() and self._read_once():
+                self._deliver_one()
+            if not self.due and self._complete():
+                self.due = True
+                asyncio.get_running_loop().call_soon(self)
         except Exception as e:  # the bus connection is over: dbus-fast ends it
+            self.ended = True
             closing.discard(self.fds)
             self.fds = []
             self.finalize(e)
 
+    def _complete(self) -> bool:
+        """Whether a whole message (or one to drop) waits in the buffer."""
+        if len(self.buf) < HEADER:
+            return False
+        _order, _kind, _flags, _serial, length = header_of(self.buf[:HEADER])
+        return length > self.limit or len(self.buf) >= length
+
     def _read_once(self) -> bool:
-        """One read; False when the socket has nothing more for now."""
+        """One read (a larger one while a message is being dropped); False when the socket
+        has nothing more for now."""
         try:
             data, anc, _flags, _addr = self.sock.recvmsg(
-                READ_CHUNK, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+                DROP_CHUNK if self.drop > READ_CHUNK else READ_CHUNK,
+                socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return False
         for level, kind, raw in anc:
@@ -131,10 +156,6 @@ class BoundedReader:
                 self.fds.extend(array.array("i", raw[:len(raw) - len(raw) % 4]))
         if not data:
             raise EOFError("the bus closed vnetd's connection")
-        self._take(data)
-        return True
-
-    def _take(self, data: bytes) -> None:
         view = memoryview(data)
         if self.drop:
             n = min(self.drop, len(view))
@@ -142,14 +163,19 @@ class BoundedReader:
             view = view[n:]
             self._discard_fds()
         self.buf += view
+        return True
+
+    def _deliver_one(self) -> bool:
+        """Decode and process the first message in the buffer, if it is all here (dropping
+        the ones too long before it); False if none is."""
         while len(self.buf) >= HEADER:
             order, kind, flags, serial, length = header_of(self.buf[:HEADER])
             if length > self.limit:
                 if not self._refuse_long(order, kind, flags, serial, length):
-                    return  # (its fields are not all here yet)
+                    return False  # (its fields are not all here yet)
                 continue
             if len(self.buf) < length:
-                return
+                return False
             data, fds = bytes(self.buf[:length]), self.fds
             del self.buf[:length]
             self.fds = []
@@ -161,6 +187,8 @@ class BoundedReader:
                 self.process(msg)
             except Exception:
                 log.exception("processing a message from the bus")
+            return True
+        return False
 
     def _refuse_long(self, order: str, kind: int, flags: int, serial: int,
                      length: int) -> bool:

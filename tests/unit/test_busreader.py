@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -43,14 +44,25 @@ class Harness:
         self.reader = BoundedReader(self.ours, self.got.append, self.ended.append,
                                     lambda *a: self.refused.append(a), limit=limit)
 
+        self.loop = asyncio.new_event_loop()
+
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
         if fds:
             socket.send_fds(self.bus, [data], fds)
         else:
             self.bus.sendall(data)
-        self.reader()
+        self.pump()
+
+    def pump(self) -> None:
+        """A readable socket's turn, and the turns it schedules."""
+        async def turns() -> None:
+            self.reader()
+            for _ in range(50):
+                await asyncio.sleep(0)
+        self.loop.run_until_complete(turns())
 
     def close(self) -> None:
+        self.loop.close()
         self.ours.close()
         self.bus.close()
 
@@ -71,6 +83,19 @@ def test_messages_within_the_limit_are_read_in_order_whole_or_in_pieces(h):
     assert [m.serial for m in h.got] == [1, 2]
     assert len(h.got[1].body[0]) == 20 and h.got[1].sender == ":1.42"
     assert not h.refused and not h.ended
+
+
+def test_the_loop_turns_between_two_messages_that_came_in_one_read(h):
+    order: list[str] = []
+
+    def process(msg: Message) -> None:
+        order.append(f"message {msg.serial}")
+        # what the first message starts runs before the second message is decoded
+        asyncio.get_running_loop().call_soon(order.append, f"after {msg.serial}")
+
+    h.reader.process = process
+    h.send(call(1, 10) + call(2, 10) + call(3, 10))
+    assert order == ["message 1", "after 1", "message 2", "after 2", "message 3", "after 3"]
 
 
 def test_a_message_past_the_limit_is_dropped_and_its_caller_answered(h):
@@ -132,7 +157,7 @@ def test_the_fds_of_a_message_read_go_with_it(h):
 
 def test_the_end_of_the_connection_and_bytes_that_are_no_message_end_it(h):
     h.bus.close()
-    h.reader()
+    h.pump()
     assert len(h.ended) == 1 and isinstance(h.ended[0], EOFError)
     other = Harness()
     try:
@@ -202,9 +227,13 @@ def test_the_reader_answers_a_dropped_call_on_the_bus_it_reads():
         reader = aio_bus.build_message_reader(a, Bus()._process_message, lambda e: None, True)
         a.setblocking(False)
         data = call(21, 300000)
-        for i in range(0, len(data), 1 << 16):  # (the socket holds less than the call)
-            b.sendall(data[i:i + (1 << 16)])
-            reader()
+
+        async def feed() -> None:
+            for i in range(0, len(data), 1 << 16):  # (the socket holds less than the call)
+                b.sendall(data[i:i + (1 << 16)])
+                reader()
+                await asyncio.sleep(0)
+        asyncio.run(feed())
     finally:
         aio_bus.build_message_reader = before
         a.close()
