@@ -202,6 +202,9 @@ def main() -> None:
     ap.add_argument("--dhcp", choices=("dnsmasq", "none"), default="dnsmasq",
                     help="the networks' DHCP/DNS server (none: vnetd's costs alone)")
     a = ap.parse_args()
+    if a.ports < a.networks + 200:
+        ap.error(f"--ports must be at least --networks + 200 ({a.networks + 200}): each "
+                 "network's first attach, then 100 measured at few ports and 100 at many")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * a.ports + 1024)), hard))
     result: dict = {"networks": a.networks, "ports": a.ports, "dhcp": a.dhcp}
