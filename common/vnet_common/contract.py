@@ -236,7 +236,11 @@ ERRORS_DOC = (
     ("org.freedesktop.DBus.Error.AccessDenied", "polkit said no (or is not running)"),
     ("org.freedesktop.DBus.Error.InteractiveAuthorizationRequired", "a password could help: "
      "call again with the ALLOW_INTERACTIVE_AUTHORIZATION flag and an agent"),
-    ("org.freedesktop.DBus.Error.InvalidArgs", "the arguments' D-Bus types are wrong"),
+    ("org.freedesktop.DBus.Error.InvalidArgs", "the arguments' D-Bus types are wrong, or "
+     "the call could not be decoded"),
+    ("org.freedesktop.DBus.Error.LimitsExceeded", "too much at once: a call longer than "
+     "1 MiB (not read), or too many of the caller's calls waiting for an answer or for "
+     "polkit; nothing was changed"),
 )
 
 ACTIONS_DOC = (
